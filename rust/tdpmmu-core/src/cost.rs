@@ -1,0 +1,55 @@
+//! Modeled costs in nanoseconds. Defaults and sources live in `python/tdpmmu/costs.py`
+//! (from the project's costs.md §6); the core only needs the numbers.
+
+use crate::error::{Error, Result};
+
+macro_rules! cost_model {
+    ($($name:ident = $default:expr),* $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub struct CostModel { $(pub $name: f64),* }
+        impl Default for CostModel {
+            fn default() -> Self { Self { $($name: $default),* } }
+        }
+        pub const COST_FIELDS: &[&str] = &[$(stringify!($name)),*];
+        impl CostModel {
+            /// Set one field by name; unknown names and negative/non-finite values are errors.
+            pub fn set(&mut self, name: &str, value: f64) -> Result<()> {
+                if !value.is_finite() || value < 0.0 {
+                    return Err(Error::Config(format!(
+                        "costs[{name:?}]: must be a finite number >= 0, got {value}"
+                    )));
+                }
+                match name {
+                    $(stringify!($name) => self.$name = value,)*
+                    _ => return Err(Error::Config(format!(
+                        "costs: unknown field {name:?}; allowed: {}", COST_FIELDS.join(", ")
+                    ))),
+                }
+                Ok(())
+            }
+            pub fn get(&self, name: &str) -> Option<f64> {
+                match name { $(stringify!($name) => Some(self.$name),)* _ => None }
+            }
+        }
+    };
+}
+
+cost_model!(
+    exit_entry_ns = 1200.0,
+    fault_handling_ns = 2000.0,
+    host_page_alloc_ns = 7500.0,
+    host_zero_4k_ns = 1000.0,
+    tlb_flush_base_ns = 1000.0,
+    tlb_flush_per_vcpu_ns = 200.0,
+    spte_update_ns = 60.0,
+);
+
+impl CostModel {
+    pub fn tlb_flush(&self, vcpus: u32) -> f64 {
+        self.tlb_flush_base_ns + self.tlb_flush_per_vcpu_ns * vcpus as f64
+    }
+    /// First touch of a host backing page of `pages_4k` 4K pages.
+    pub fn host_page(&self, pages_4k: u64) -> f64 {
+        self.host_page_alloc_ns + self.host_zero_4k_ns * (pages_4k.saturating_sub(1)) as f64
+    }
+}

@@ -1,0 +1,153 @@
+//! Memslots: guest-physical ranges backed by host pages of one size.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Result, bad_arg};
+use crate::spte::pages_per_level;
+
+/// Host pfn of the first guest data page (host physical address 16 TiB).
+pub const DATA_BASE_PFN: u64 = 1 << 32;
+/// Data pfns are handed out per slot in 1 GiB steps so every slot is 1G-aligned on the host.
+pub const DATA_PFN_ALIGN: u64 = 1 << 18;
+
+#[derive(Debug)]
+pub struct Memslot {
+    pub id: u32,
+    pub gfn: u64,
+    pub npages: u64,
+    /// Backing page level: 1 = 4K, 2 = 2M, 3 = 1G.
+    pub level: u8,
+    pub host_pfn: u64,
+    pub gmem: bool,
+    /// One bit per backing page: set once the host page was allocated (first touch).
+    touched: Box<[AtomicU64]>,
+}
+
+impl Memslot {
+    pub fn new(id: u32, gfn: u64, npages: u64, level: u8, host_pfn: u64, gmem: bool) -> Self {
+        let backing_pages = npages / pages_per_level(level);
+        let words = backing_pages.div_ceil(64) as usize;
+        let touched = (0..words).map(|_| AtomicU64::new(0)).collect();
+        Self { id, gfn, npages, level, host_pfn, gmem, touched }
+    }
+
+    #[inline(always)]
+    pub fn end(&self) -> u64 {
+        self.gfn + self.npages
+    }
+
+    #[inline(always)]
+    pub fn contains(&self, gfn: u64) -> bool {
+        gfn >= self.gfn && gfn < self.end()
+    }
+
+    #[inline(always)]
+    pub fn pfn(&self, gfn: u64) -> u64 {
+        self.host_pfn + (gfn - self.gfn)
+    }
+
+    pub fn backing_bytes(&self) -> u64 {
+        pages_per_level(self.level) * 4096
+    }
+
+    /// Mark the backing page holding `gfn` as allocated; true if this is its first touch.
+    #[inline(always)]
+    pub fn touch(&self, gfn: u64) -> bool {
+        let page = (gfn - self.gfn) >> (9 * (self.level as u32 - 1));
+        let bit = 1u64 << (page % 64);
+        let w = &self.touched[(page / 64) as usize];
+        // Plain load first: after warm-up nearly every fault hits an already-touched page.
+        if w.load(Ordering::Relaxed) & bit != 0 {
+            return false;
+        }
+        w.fetch_or(bit, Ordering::Relaxed) & bit == 0
+    }
+
+    pub fn touched_pages(&self) -> u64 {
+        self.touched.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+    }
+}
+
+/// Backing page size in bytes → level.
+pub fn backing_level(bytes: u64, arg: &str) -> Result<u8> {
+    match bytes {
+        4096 => Ok(1),
+        0x20_0000 => Ok(2),
+        0x4000_0000 => Ok(3),
+        _ => Err(bad_arg(
+            arg,
+            format!("backing page size must be 4096 (4K), 2097152 (2M) or 1073741824 (1G), got {bytes}"),
+        )),
+    }
+}
+
+/// The memslot list, sorted by gfn (KVM keeps an interval tree; sorted + binary search is
+/// the same answer).
+#[derive(Debug, Default)]
+pub struct Memslots {
+    pub slots: Vec<Memslot>,
+    pub generation: u64,
+    pub next_id: u32,
+    pub next_data_pfn: u64,
+}
+
+impl Memslots {
+    pub fn new() -> Self {
+        Self { slots: Vec::new(), generation: 0, next_id: 0, next_data_pfn: DATA_BASE_PFN }
+    }
+
+    #[inline(always)]
+    pub fn find(&self, gfn: u64) -> Option<&Memslot> {
+        let i = self.slots.partition_point(|s| s.end() <= gfn);
+        self.slots.get(i).filter(|s| s.contains(gfn))
+    }
+
+    pub fn by_id(&self, id: u32) -> Option<&Memslot> {
+        self.slots.iter().find(|s| s.id == id)
+    }
+
+    /// Validate an addition; does not change anything.
+    pub fn check_add(&self, gfn: u64, npages: u64, level: u8, max_gfn: u64) -> Result<()> {
+        let align = pages_per_level(level);
+        if npages == 0 {
+            return Err(bad_arg("npages", "must be > 0"));
+        }
+        if gfn % align != 0 {
+            return Err(bad_arg("gfn", format!("must be a multiple of the backing page ({align} pages), got {gfn:#x}")));
+        }
+        if npages % align != 0 {
+            return Err(bad_arg("npages", format!("must be a multiple of the backing page ({align} pages), got {npages}")));
+        }
+        if gfn.checked_add(npages).is_none_or(|e| e > max_gfn) {
+            return Err(bad_arg(
+                "npages",
+                format!("slot [{gfn:#x}, {gfn:#x}+{npages:#x}) must end at or below the guest's gfn limit {max_gfn:#x}"),
+            ));
+        }
+        if let Some(s) = self.slots.iter().find(|s| gfn < s.end() && s.gfn < gfn + npages) {
+            return Err(bad_arg(
+                "gfn",
+                format!("range [{gfn:#x}, {:#x}) overlaps memslot {} [{:#x}, {:#x})", gfn + npages, s.id, s.gfn, s.end()),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn add(&mut self, gfn: u64, npages: u64, level: u8, gmem: bool) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let host_pfn = self.next_data_pfn;
+        self.next_data_pfn += npages.div_ceil(DATA_PFN_ALIGN) * DATA_PFN_ALIGN;
+        let slot = Memslot::new(id, gfn, npages, level, host_pfn, gmem);
+        let pos = self.slots.partition_point(|s| s.gfn < gfn);
+        self.slots.insert(pos, slot);
+        self.generation += 2;
+        id
+    }
+
+    pub fn remove(&mut self, id: u32) -> Option<Memslot> {
+        let pos = self.slots.iter().position(|s| s.id == id)?;
+        self.generation += 2;
+        Some(self.slots.remove(pos))
+    }
+}

@@ -1,0 +1,159 @@
+//! A memstress-shaped guest workload (KVM selftests' `memstress.c`): each vCPU is a real
+//! thread that touches every page of its slice once; an access whose mapping does not allow it
+//! takes the fault path (an EPT violation), others are served by the "hardware" walk.
+
+use std::sync::Barrier;
+use std::time::Instant;
+
+use crate::error::{Result, bad_arg};
+use crate::spte::{access_allowed, is_shadow_present, is_last};
+use crate::stats::Ctx;
+use crate::vm::{Ret, Vm};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VcpuResult {
+    pub wall_s: f64,
+    pub modeled_ns: f64,
+    pub faults: u64,
+    pub pages: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MemstressArgs {
+    pub vcpus: u32,
+    pub pages_per_vcpu: u64,
+    pub base_gfn: u64,
+    pub overlap: bool,
+    pub random_access: bool,
+    pub write_percent: u32,
+    pub seed: u64,
+    pub private: Option<bool>,
+}
+
+/// Park–Miller "minimal standard" generator, as the selftests' `guest_random_u32`.
+#[derive(Debug, Clone, Copy)]
+pub struct Lcg(u32);
+impl Lcg {
+    pub fn new(seed: u64) -> Self {
+        Self(((seed % 0x7fff_fffe) + 1) as u32)
+    }
+    #[inline(always)]
+    pub fn next(&mut self) -> u32 {
+        self.0 = ((self.0 as u64 * 48271) % 0x7fff_ffff) as u32;
+        self.0
+    }
+}
+
+/// Accesses between two acquisitions of `mmu_lock` (KVM takes it per fault; batching changes
+/// no outcome because every fault re-validates its walk).
+const LOCK_BATCH: usize = 64;
+
+impl Vm {
+    pub fn run_memstress(&self, a: &MemstressArgs) -> Result<Vec<VcpuResult>> {
+        self.ensure_alive()?;
+        if a.vcpus == 0 || a.vcpus > self.cfg.vcpus {
+            return Err(bad_arg("vcpus", format!("must be in 1..={}, got {}", self.cfg.vcpus, a.vcpus)));
+        }
+        if a.pages_per_vcpu == 0 {
+            return Err(bad_arg("pages_per_vcpu", "must be > 0"));
+        }
+        if a.write_percent > 100 {
+            return Err(bad_arg("write_percent", format!("must be in 0..=100, got {}", a.write_percent)));
+        }
+        let span = if a.overlap { a.pages_per_vcpu } else { a.pages_per_vcpu * a.vcpus as u64 };
+        self.check_range(a.base_gfn, span)?;
+        let is_private = self.check_private(a.private)?;
+        {
+            let st = self.mmu_lock.read();
+            let mut g = a.base_gfn;
+            while g < a.base_gfn + span {
+                let Some(s) = st.memslots.find(g) else {
+                    return Err(bad_arg("base_gfn", format!("gfn {g:#x} of the workload is not in any memslot")));
+                };
+                g = s.end();
+            }
+        }
+        let barrier = Barrier::new(a.vcpus as usize);
+        let results: Vec<(VcpuResult, Ctx, Option<crate::error::Error>)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..a.vcpus)
+                .map(|v| {
+                    let barrier = &barrier;
+                    sc.spawn(move || {
+                        barrier.wait();
+                        self.memstress_vcpu(a, v, is_private)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("vCPU thread panicked")).collect()
+        });
+        if self.arena_has_deferred() {
+            self.grace_period();
+        }
+        let mut out = Vec::with_capacity(results.len());
+        let mut first_err = None;
+        for (r, ctx, e) in results {
+            self.totals.merge(&ctx);
+            if let Some(msg) = ctx.bug {
+                let fin = self.finish(&Ctx { bug: Some(msg), ..Ctx::default() });
+                first_err = first_err.or(fin.err());
+            }
+            first_err = first_err.or(e);
+            out.push(r);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    fn memstress_vcpu(&self, a: &MemstressArgs, v: u32, is_private: bool) -> (VcpuResult, Ctx, Option<crate::error::Error>) {
+        let mut ctx = Ctx::default();
+        let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
+        let base = if a.overlap { a.base_gfn } else { a.base_gfn + v as u64 * a.pages_per_vcpu };
+        let mirror = self.has_mirror && is_private;
+        let bits = self.root_gfn_bits(mirror);
+        let mut res = VcpuResult::default();
+        let start = Instant::now();
+        let mut i = 0u64;
+        let mut err = None;
+        'outer: while i < a.pages_per_vcpu {
+            let st = self.mmu_lock.read();
+            for _ in 0..LOCK_BATCH {
+                if i >= a.pages_per_vcpu {
+                    break;
+                }
+                let off = if a.random_access { rng.next() as u64 % a.pages_per_vcpu } else { i };
+                let write = a.write_percent == 100 || (rng.next() % 100) < a.write_percent;
+                let gfn = base + off;
+                loop {
+                    // The "hardware" walk: no exit if the current mapping allows the access.
+                    let root = if mirror { &self.vcpu_mirror_root } else { &self.vcpu_root }[v as usize]
+                        .load(std::sync::atomic::Ordering::Acquire);
+                    if root != crate::arena::NO_TABLE {
+                        let (level, s) = self.lookup(root, gfn, bits);
+                        if is_shadow_present(s) && is_last(s, level) && access_allowed(s, write, false) {
+                            break;
+                        }
+                    }
+                    res.faults += 1;
+                    match self.page_fault(&st, &mut ctx, gfn, is_private, write, false, v as usize, false) {
+                        Ok(r) if r.ret == Ret::Retry => continue,
+                        Ok(_) => break,
+                        Err(e) => {
+                            err = Some(e);
+                            break 'outer;
+                        }
+                    }
+                }
+                if ctx.bug.is_some() {
+                    break 'outer;
+                }
+                i += 1;
+                res.pages += 1;
+            }
+        }
+        res.wall_s = start.elapsed().as_secs_f64();
+        res.modeled_ns = ctx.modeled_ns;
+        (res, ctx, err)
+    }
+}

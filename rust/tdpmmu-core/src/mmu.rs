@@ -1,0 +1,212 @@
+//! SPTE updates and their side effects (spec §4, §5.3): the atomic setter used under the read
+//! lock, the plain setter used under the write lock, `handle_changed_spte`,
+//! `handle_removed_pt`, linking a child table and splitting a huge page.
+
+use std::sync::atomic::Ordering;
+
+use crate::arena::{Arena, SP_MIRROR, TABLE_BASE_PFN};
+use crate::iter::TdpIter;
+use crate::spte::{
+    self, FROZEN_SPTE, SHADOW_NONPRESENT_VALUE, is_frozen, is_last, is_mmio, is_shadow_present,
+    make_nonleaf_spte, make_small_spte, pages_per_level, spte_to_pfn,
+};
+use crate::stats::{C, Ctx};
+use crate::vm::Vm;
+
+/// The cmpxchg lost (or a hook reported contention): KVM's -EBUSY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+impl Vm {
+    #[inline(always)]
+    pub(crate) fn is_mirror_table(&self, table: u32) -> bool {
+        self.arena.meta(table).flags.load(Ordering::Relaxed) & SP_MIRROR != 0
+    }
+
+    /// `tdp_mmu_set_spte_atomic` (mmu_lock held for read). On failure `it.old_spte` holds the
+    /// current value (the v6.19+ behaviour; the mirror path refreshes it too).
+    #[inline]
+    pub(crate) fn set_spte_atomic(
+        &self,
+        ctx: &mut Ctx,
+        it: &mut TdpIter<'_>,
+        new: u64,
+    ) -> Result<(), Busy> {
+        debug_assert!(!is_frozen(it.old_spte));
+        let sptep = it.sptep();
+        let table = it.table();
+        if self.has_mirror && self.is_mirror_table(table) && !is_frozen(new) {
+            return self.set_external_spte_present(ctx, it, new);
+        }
+        match sptep.compare_exchange(it.old_spte, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                self.handle_changed_spte(ctx, it.gfn, it.old_spte, new, it.level, true);
+                Ok(())
+            }
+            Err(cur) => {
+                it.old_spte = cur;
+                Err(Busy)
+            }
+        }
+    }
+
+    /// `tdp_mmu_iter_set_spte` / `tdp_mmu_set_spte` (mmu_lock held for write).
+    pub(crate) fn set_spte(&self, ctx: &mut Ctx, it: &mut TdpIter<'_>, new: u64) {
+        let old = it.old_spte;
+        if is_frozen(old) || is_frozen(new) {
+            ctx.bug("non-atomic SPTE write involving FROZEN_SPTE");
+        }
+        it.sptep().store(new, Ordering::Release);
+        self.handle_changed_spte(ctx, it.gfn, old, new, it.level, false);
+        let table = it.table();
+        if self.has_mirror && self.is_mirror_table(table) {
+            if is_shadow_present(new) {
+                ctx.bug("non-atomic write installed a present mirror SPTE");
+            }
+            self.remove_external_spte(ctx, it.gfn, old, it.level);
+        }
+        it.old_spte = new;
+    }
+
+    /// Bookkeeping for one SPTE change (`handle_changed_spte`).
+    pub(crate) fn handle_changed_spte(
+        &self,
+        ctx: &mut Ctx,
+        gfn: u64,
+        old: u64,
+        new: u64,
+        level: u8,
+        shared: bool,
+    ) {
+        let was_present = is_shadow_present(old);
+        let is_present = is_shadow_present(new);
+        let was_leaf = was_present && is_last(old, level);
+        let is_leaf = is_present && is_last(new, level);
+        let pfn_changed = spte_to_pfn(old) != spte_to_pfn(new);
+        if gfn % pages_per_level(level) != 0 {
+            ctx.bug(format!("SPTE change at unaligned gfn {gfn:#x} for level {level}"));
+        }
+        if was_leaf && is_leaf && pfn_changed {
+            // KVM calls BUG() here: a present leaf must never be re-pointed in place.
+            ctx.bug(format!("present leaf at gfn {gfn:#x} changed pfn in place"));
+            return;
+        }
+        if old == new {
+            return;
+        }
+        if !was_present && !is_present {
+            // Only MMIO and FROZEN transitions are legitimate between non-present values.
+            debug_assert!(is_mmio(old) || is_mmio(new) || is_frozen(new) || is_frozen(old));
+            return;
+        }
+        if was_leaf != is_leaf {
+            ctx.page_stats(level, if is_leaf { 1 } else { -1 });
+        }
+        if was_present && !was_leaf && (is_leaf || !is_present || pfn_changed) {
+            let child = (spte_to_pfn(old) - TABLE_BASE_PFN) as u32;
+            self.handle_removed_pt(ctx, child, shared);
+        }
+    }
+
+    /// Tear down a table that was just unlinked (`handle_removed_pt`): every entry is frozen
+    /// and its old value accounted, children recursively, then the table is freed after the
+    /// grace period.
+    pub(crate) fn handle_removed_pt(&self, ctx: &mut Ctx, table: u32, shared: bool) {
+        let meta = self.arena.meta(table);
+        let level = meta.level.load(Ordering::Relaxed);
+        let base = meta.gfn.load(Ordering::Relaxed);
+        let mirror = self.has_mirror && self.is_mirror_table(table);
+        ctx.add(C::tdp_mmu_pages, -1);
+        if mirror && shared {
+            ctx.bug("shared (atomic) teardown of a mirror page table");
+        }
+        for i in 0..spte::ENTRIES_PER_TABLE {
+            let gfn = base + i as u64 * pages_per_level(level);
+            let e = self.arena.entry(table, i);
+            let old = if shared {
+                loop {
+                    let old = e.swap(FROZEN_SPTE, Ordering::AcqRel);
+                    if !is_frozen(old) {
+                        break old;
+                    }
+                    // Another thread is mid-install in this dying table; wait for it.
+                    std::hint::spin_loop();
+                }
+            } else {
+                let old = e.load(Ordering::Acquire);
+                if !is_shadow_present(old) {
+                    continue;
+                }
+                e.store(FROZEN_SPTE, Ordering::Release);
+                old
+            };
+            self.handle_changed_spte(ctx, gfn, old, FROZEN_SPTE, level, shared);
+            if mirror {
+                self.remove_external_spte(ctx, gfn, old, level);
+            }
+        }
+        if mirror {
+            self.free_external_spt(ctx, base, level + 1, table);
+        }
+        self.arena.free_deferred(table);
+    }
+
+    /// `tdp_mmu_link_sp`: make the child table visible with one atomic update.
+    pub(crate) fn link_sp(
+        &self,
+        ctx: &mut Ctx,
+        it: &mut TdpIter<'_>,
+        child: u32,
+    ) -> Result<(), Busy> {
+        self.set_spte_atomic(ctx, it, make_nonleaf_spte(Arena::pfn(child)))?;
+        ctx.inc(C::tdp_mmu_pages);
+        Ok(())
+    }
+
+    /// `tdp_mmu_split_huge_page` (shared): fill the child with the 512 smaller mappings of the
+    /// huge SPTE, then replace the huge SPTE with a link. No TLB flush is needed: the
+    /// translation does not change.
+    pub(crate) fn split_huge_page(
+        &self,
+        ctx: &mut Ctx,
+        it: &mut TdpIter<'_>,
+        child: u32,
+    ) -> Result<(), Busy> {
+        let huge = it.old_spte;
+        let child_level = it.level - 1;
+        for i in 0..spte::ENTRIES_PER_TABLE {
+            let s = make_small_spte(huge, child_level, i, self.cfg.nx_huge_pages);
+            self.arena.entry(child, i).store(s, Ordering::Relaxed);
+        }
+        ctx.cost(self.costs.spte_update_ns * spte::ENTRIES_PER_TABLE as f64);
+        self.link_sp(ctx, it, child)?;
+        // The children were written behind handle_changed_spte's back.
+        ctx.page_stats(child_level, spte::ENTRIES_PER_TABLE as i64);
+        ctx.inc(C::huge_page_splits);
+        Ok(())
+    }
+
+    /// Zap one entry to SHADOW_NONPRESENT_VALUE under the write lock (or atomically with
+    /// retry when `shared`). Returns false if the entry was no longer present.
+    pub(crate) fn zap_entry(&self, ctx: &mut Ctx, it: &mut TdpIter<'_>, shared: bool) -> bool {
+        if shared {
+            loop {
+                if !is_shadow_present(it.old_spte) {
+                    return false;
+                }
+                if is_frozen(it.old_spte) {
+                    std::hint::spin_loop();
+                    it.reread();
+                    continue;
+                }
+                if self.set_spte_atomic(ctx, it, SHADOW_NONPRESENT_VALUE).is_ok() {
+                    break;
+                }
+            }
+        } else {
+            self.set_spte(ctx, it, SHADOW_NONPRESENT_VALUE);
+        }
+        ctx.cost(self.costs.spte_update_ns);
+        true
+    }
+}
