@@ -1,0 +1,5 @@
+import sys
+
+from tdpmmu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""Counter snapshots with KVM's stat names (``pf_taken``, ``pf_fixed``, ``pages_4k``, ...)."""
+
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+
+__all__ = ["Stats"]
+
+
+class Stats(Mapping[str, int | float]):
+    """An immutable snapshot of a VM's counters, read as a mapping: ``stats["pf_fixed"]``.
+
+    Counters are ints; ``modeled_ns`` (the modeled clock, all vCPUs and host work) is a float.
+    Taking a snapshot does not change the VM; subtract two snapshots to get a delta.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, int | float]) -> None:
+        # A private copy: later VM activity must not show through an old snapshot.
+        self._data: Mapping[str, int | float] = MappingProxyType(dict(data))
+
+    def __getitem__(self, key: str) -> int | float:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __sub__(self, other: Mapping[str, int | float]) -> "Stats":
+        """Per-counter difference ``self - other`` (keys missing in ``other`` count as 0)."""
+        return Stats({k: v - other.get(k, 0) for k, v in self._data.items()})
+
+    def to_dict(self) -> dict[str, int | float]:
+        return dict(self._data)
+
+    def __repr__(self) -> str:
+        # Zero counters are the majority on most VMs; listing them would bury the signal.
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._data.items() if v)
+        zeros = sum(1 for v in self._data.values() if not v)
+        return f"Stats({shown}{'; ' if shown and zeros else ''}{f'{zeros} zero' if zeros else ''})"

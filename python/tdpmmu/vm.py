@@ -1,0 +1,135 @@
+"""``tdpmmu.VM``: the native VM with Python-side argument normalization and conveniences.
+
+Hot paths (``fault``, ``fault_batch``, ``run_memstress``, ...) are inherited unchanged from the
+native class so they stay one native call each.
+"""
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import cast
+
+from tdpmmu import _core
+from tdpmmu.costs import CostModel
+from tdpmmu.sizes import format_size, parse_backing, parse_size
+from tdpmmu.stats import Stats
+
+__all__ = ["DEFAULT_HOOKS", "VM"]
+
+#: Hook design each VM type uses when ``hooks=None`` (architecture §3: upstream behaviour).
+DEFAULT_HOOKS: dict[str, str] = {
+    "default": "none",
+    "sw_protected": "none",
+    "snp": "gmem",
+    "tdx": "mirror",
+}
+
+
+def _cost_model(costs: CostModel | Mapping[str, float] | None) -> CostModel:
+    if costs is None:
+        return CostModel()
+    if isinstance(costs, CostModel):
+        return costs
+    if isinstance(costs, Mapping):
+        return CostModel().replace(**costs)
+    raise TypeError(f"costs: expected a tdpmmu.CostModel, a mapping or None, got {costs!r}")
+
+
+class VM(_core.Vm):
+    """One simulated VM: its memslots, roots, page tables, vCPUs and modeled clock.
+
+    The default memslot (slot 0) covers all of ``memory`` from gfn 0 with host pages of size
+    ``backing``. See the README's API tour for the operations.
+    """
+
+    _costs: CostModel
+    _backing: int
+
+    def __new__(
+        cls,
+        vm_type: str = "default",
+        memory: str | int = "1GiB",
+        vcpus: int = 1,
+        levels: int = 4,
+        backing: str | int = "4K",
+        hooks: str | None = None,
+        costs: CostModel | Mapping[str, float] | None = None,
+        seed: int = 0,
+        trace: bool = False,
+        nx_huge_pages: bool = False,
+        slot_zap_all: bool = True,
+    ) -> "VM":
+        if not isinstance(vm_type, str):
+            raise TypeError(f"vm_type: expected str, got {type(vm_type).__name__}")
+        memory_bytes = parse_size(memory, "memory")
+        if memory_bytes == 0 or memory_bytes % 4096:
+            raise _core.ConfigError(
+                f"memory: must be a positive multiple of 4 KiB (4096 bytes), got {memory!r}"
+            )
+        backing_bytes = parse_backing(backing, "backing")
+        if hooks is None:
+            # An unknown vm_type is reported by the engine, which owns the list of types.
+            hooks = DEFAULT_HOOKS.get(vm_type, "none")
+        elif not isinstance(hooks, str):
+            raise TypeError(f"hooks: expected a design name (str) or None, got {hooks!r}")
+        model = _cost_model(costs)
+        self = cast(
+            "VM",
+            super().__new__(
+                cls,
+                vm_type,
+                memory_bytes,
+                vcpus,
+                levels,
+                backing_bytes,
+                hooks,
+                model.to_dict(),
+                seed,
+                trace,
+                nx_huge_pages,
+                slot_zap_all,
+            ),
+        )
+        self._costs = model
+        self._backing = backing_bytes
+        return self
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the counters (KVM names) and ``modeled_ns``."""
+        return Stats(self.stats_dict())
+
+    @property
+    def costs(self) -> CostModel:
+        """The cost model this VM charges its modeled clock with."""
+        return self._costs
+
+    @property
+    def backing(self) -> int:
+        """Host page size (bytes) behind the default memslot."""
+        return self._backing
+
+    def add_memslot(
+        self, gfn: int, npages: int, backing: str | int = "4K", gmem: bool = False
+    ) -> int:
+        """Add a memslot of ``npages`` 4 KiB pages at ``gfn``; returns its slot id."""
+        return super().add_memslot(gfn, npages, parse_backing(backing, "backing"), gmem)
+
+    def __enter__(self) -> "VM":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Nothing to release early yet: the page-table arena goes with the object. KVM-ordered
+        # teardown (vm.destroy) arrives with the VM types that need it (TDX, SNP).
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"VM(vm_type={self.vm_type!r}, memory={format_size(self.memory)!r}, "
+            f"vcpus={self.vcpus}, levels={self.levels}, backing={format_size(self._backing)!r}, "
+            f"hooks={self.hooks_name!r}{', bugged=True' if self.bugged else ''})"
+        )
