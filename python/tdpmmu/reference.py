@@ -340,7 +340,9 @@ def _costs_from(costs: Any) -> dict[str, float]:
     elif hasattr(costs, "as_dict"):
         items = costs.as_dict()
     else:
-        raise ConfigError(f"costs must be None, a mapping or a CostModel, not {type(costs).__name__}")
+        raise ConfigError(
+            f"costs must be None, a mapping or a CostModel, not {type(costs).__name__}"
+        )
     for key, value in items.items():
         merged[str(key)] = float(value)
     return merged
@@ -376,7 +378,9 @@ _BACKING_LEVEL = {4096: PG_LEVEL_4K, 2 << 20: PG_LEVEL_2M, 1 << 30: PG_LEVEL_1G}
 def _backing_bytes(value: int | str, what: str = "backing") -> int:
     size = parse_size(value, what)
     if size not in _BACKING_LEVEL:
-        raise ConfigError(f"{what} must be 4K, 2M or 1G (4096, 2097152 or 1073741824 bytes), got {value!r}")
+        raise ConfigError(
+            f"{what} must be 4K, 2M or 1G (4096, 2097152 or 1073741824 bytes), got {value!r}"
+        )
     return size
 
 
@@ -600,9 +604,13 @@ class ReferenceVM:
         slot_zap_all: bool = True,
     ) -> None:
         if vm_type != "default":
-            raise ConfigError(f"vm_type: the reference model implements only 'default', not {vm_type!r}")
+            raise ConfigError(
+                f"vm_type: the reference model implements only 'default', not {vm_type!r}"
+            )
         if hooks not in (None, "none"):
-            raise ConfigError(f"hooks: a default VM has no external page-table hooks, got {hooks!r}")
+            raise ConfigError(
+                f"hooks: a default VM has no external page-table hooks, got {hooks!r}"
+            )
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
             raise ConfigError(f"vcpus must be an int >= 1, got {vcpus!r}")
         if levels not in (4, 5):
@@ -611,7 +619,8 @@ class ReferenceVM:
         memory_bytes = parse_size(memory, "memory")
         if memory_bytes <= 0 or memory_bytes % backing_bytes:
             raise ConfigError(
-                f"memory must be a positive multiple of the backing page size ({backing_bytes}), got {memory!r}"
+                f"memory must be a positive multiple of the backing page size ({backing_bytes}),"
+                f" got {memory!r}"
             )
 
         self.vm_type = vm_type
@@ -728,7 +737,9 @@ class ReferenceVM:
         root = self._kvm_mmu_load(0)
         cur, end = gfn, gfn + npages
         while cur < end:
-            fault = _PageFault(gfn=cur, write=False, exec=False, prefetch=True, slot=self._gfn_to_memslot(cur))
+            fault = _PageFault(
+                gfn=cur, write=False, exec=False, prefetch=True, slot=self._gfn_to_memslot(cur)
+            )
             ret = self._kvm_tdp_page_fault(root, fault)
             while ret == Ret.RETRY:  # pre-fault loops on RETRY; cannot happen single-threaded
                 ret = self._kvm_tdp_page_fault(root, fault)
@@ -765,7 +776,9 @@ class ReferenceVM:
         self._end_of_operation()
 
     # -- memslots ------------------------------------------------------------------------
-    def add_memslot(self, gfn: int, npages: int, backing: int | str = 4096, gmem: bool = False) -> int:
+    def add_memslot(
+        self, gfn: int, npages: int, backing: int | str = 4096, gmem: bool = False
+    ) -> int:
         backing_bytes = _backing_bytes(backing)
         if gmem:
             raise ValueError("gmem: a default VM cannot have guest_memfd memslots")
@@ -800,12 +813,11 @@ class ReferenceVM:
         return [
             {
                 "pfn": r.pfn,
-                "hpa": r.pfn << PAGE_SHIFT,
                 "role": r.role,
                 "level": r.level,
+                "mirror": r.is_mirror,
                 "refcount": r.refcount,
                 "invalid": r.invalid,
-                "is_mirror": r.is_mirror,
                 "scheduled_to_zap": r.scheduled_to_zap,
             }
             for r in self._roots
@@ -858,7 +870,9 @@ class ReferenceVM:
         if isinstance(npages, bool) or not isinstance(npages, int):
             raise TypeError(f"npages must be an int, got {type(npages).__name__}")
         if npages < 0 or gfn + npages > self.max_gfn:
-            raise ValueError(f"npages {npages} is out of range (0 <= gfn + npages <= {self.max_gfn:#x})")
+            raise ValueError(
+                f"npages {npages} is out of range (0 <= gfn + npages <= {self.max_gfn:#x})"
+            )
 
     def _check_vcpu(self, vcpu: int) -> None:
         if isinstance(vcpu, bool) or not isinstance(vcpu, int) or not 0 <= vcpu < self.vcpus:
@@ -866,7 +880,9 @@ class ReferenceVM:
 
     def _check_private(self, private: bool | None) -> None:
         if private:
-            raise ValueError("private: a default VM has no private memory (use private=None or False)")
+            raise ValueError(
+                "private: a default VM has no private memory (use private=None or False)"
+            )
 
     def _check_all_in_memslots(self, gfn: int, npages: int) -> None:
         cur, end = gfn, gfn + npages
@@ -931,14 +947,18 @@ class ReferenceVM:
         index = spte_to_pfn(spte) - TABLE_BASE_PFN
         sp = self._live.get(index)
         if sp is None:
-            raise InvariantError(f"non-leaf SPTE {spte:#x} points to pfn {spte_to_pfn(spte):#x}, not a live table")
+            raise InvariantError(
+                f"non-leaf SPTE {spte:#x} points to pfn {spte_to_pfn(spte):#x}, not a live table"
+            )
         return sp
 
     def _kvm_flush_remote_tlbs(self) -> None:
         """Every request flushes; cost grows with the number of vCPUs."""
         self._count("remote_tlb_flush_requests")
         self._count("remote_tlb_flush")
-        self._charge(self.costs["tlb_flush_base_ns"] + self.costs["tlb_flush_per_vcpu_ns"] * self.vcpus)
+        self._charge(
+            self.costs["tlb_flush_base_ns"] + self.costs["tlb_flush_per_vcpu_ns"] * self.vcpus
+        )
 
     # ==================================================================================
     # Memslots
@@ -1101,7 +1121,9 @@ class ReferenceVM:
             return
         if not was_present and not is_present:
             if not (is_mmio_spte(old) or is_mmio_spte(new) or is_frozen_spte(new)):
-                raise InvariantError(f"non-present to non-present change at gfn {gfn:#x}: {old:#x} -> {new:#x}")
+                raise InvariantError(
+                    f"non-present to non-present change at gfn {gfn:#x}: {old:#x} -> {new:#x}"
+                )
             return
         if is_leaf != was_leaf:
             self._kvm_update_page_stats(level, 1 if is_leaf else -1)
@@ -1200,7 +1222,8 @@ class ReferenceVM:
             slot.touched.add(backing_page)
             self._count("host_pages_allocated")
             self._charge(
-                self.costs["host_page_alloc_ns"] + self.costs["host_zero_4k_ns"] * (slot.backing_pages - 1)
+                self.costs["host_page_alloc_ns"]
+                + self.costs["host_zero_4k_ns"] * (slot.backing_pages - 1)
             )
 
     def _kvm_mmu_hugepage_adjust(self, fault: _PageFault) -> None:
@@ -1225,8 +1248,7 @@ class ReferenceVM:
 
     def _kvm_tdp_mmu_map(self, root: MmuPage, fault: _PageFault) -> Any:
         """Walk towards ``fault.gfn``, linking or splitting tables down to the goal level."""
-        it = _TdpIter(self, root, PG_LEVEL_4K, fault.gfn, fault.gfn + 1)
-        for it in it:
+        for it in _TdpIter(self, root, PG_LEVEL_4K, fault.gfn, fault.gfn + 1):
             if self.nx_huge_pages:
                 self._disallowed_hugepage_adjust(fault, it.old_spte, it.level)
             if is_frozen_spte(it.old_spte):
@@ -1310,7 +1332,8 @@ class ReferenceVM:
         elif not self._tdp_mmu_set_spte_atomic(it, new):
             return Ret.RETRY
         elif is_shadow_present_pte(old) and (
-            not is_last_spte(old, it.level) or (old & SPTE_MMU_WRITABLE and not new & SPTE_MMU_WRITABLE)
+            not is_last_spte(old, it.level)
+            or (old & SPTE_MMU_WRITABLE and not new & SPTE_MMU_WRITABLE)
         ):
             self._kvm_flush_remote_tlbs()  # kvm_flush_remote_tlbs_gfn(gfn, level)
 
@@ -1410,7 +1433,9 @@ class ReferenceVM:
                 fail(f"root pfn {root.pfn:#x} is not a live table")
             if root.level != self.levels:
                 fail(f"root pfn {root.pfn:#x} has level {root.level}")
-            expected = refs.get(root.index, 0) + (0 if root.invalid and not root.scheduled_to_zap else 1)
+            expected = refs.get(root.index, 0) + (
+                0 if root.invalid and not root.scheduled_to_zap else 1
+            )
             if root.refcount != expected or root.refcount <= 0:
                 fail(f"root pfn {root.pfn:#x} refcount {root.refcount}, expected {expected}")
             if not root.invalid:
@@ -1432,7 +1457,9 @@ class ReferenceVM:
                 if is_frozen_spte(spte):
                     fail(f"FROZEN_SPTE at rest in table pfn {sp.pfn:#x}[{i}]")
                 if not is_shadow_present_pte(spte):
-                    if spte != SHADOW_NONPRESENT_VALUE and not (level == PG_LEVEL_4K and is_mmio_spte(spte)):
+                    if spte != SHADOW_NONPRESENT_VALUE and not (
+                        level == PG_LEVEL_4K and is_mmio_spte(spte)
+                    ):
                         fail(f"odd non-present SPTE {spte:#x} at level {level} gfn {gfn:#x}")
                     continue
                 if is_last_spte(spte, level):
@@ -1448,9 +1475,14 @@ class ReferenceVM:
                 if child.index in seen:
                     fail(f"table pfn {child.pfn:#x} is linked twice")
                 if child.level != level - 1 or child.gfn != gfn:
-                    fail(f"table pfn {child.pfn:#x} has level {child.level}/gfn {child.gfn:#x}, "
-                         f"linked at level {level} gfn {gfn:#x}")
-                if child.role & ~ROLE_LEVEL_MASK & ~ROLE_INVALID != sp.role & ~ROLE_LEVEL_MASK & ~ROLE_INVALID:
+                    fail(
+                        f"table pfn {child.pfn:#x} has level {child.level}/gfn {child.gfn:#x}, "
+                        f"linked at level {level} gfn {gfn:#x}"
+                    )
+                if (
+                    child.role & ~ROLE_LEVEL_MASK & ~ROLE_INVALID
+                    != sp.role & ~ROLE_LEVEL_MASK & ~ROLE_INVALID
+                ):
                     fail(f"table pfn {child.pfn:#x} role {child.role:#x} differs from its parent's")
                 seen.add(child.index)
                 non_root_tables += 1
@@ -1466,7 +1498,10 @@ class ReferenceVM:
             if self._stats[name] != count:
                 fail(f"{name} = {self._stats[name]} but {count} present leaves are mapped")
         if self._stats["tdp_mmu_pages"] != non_root_tables:
-            fail(f"tdp_mmu_pages = {self._stats['tdp_mmu_pages']} but {non_root_tables} tables are linked")
+            fail(
+                f"tdp_mmu_pages = {self._stats['tdp_mmu_pages']}"
+                f" but {non_root_tables} tables are linked"
+            )
         if self._stats["roots_allocated"] - self._stats["roots_freed"] != len(self._roots):
             fail("roots_allocated - roots_freed != number of roots")
         if self._stats["host_pages_allocated"] < 0:
@@ -1484,7 +1519,11 @@ class ReferenceVM:
             fail(f"level-{level} leaf at gfn {gfn:#x} in a slot backed by {slot.backing} bytes")
         pfn = slot.pfn(gfn)
         allowed = {
-            make_leaf_spte(pfn, level, exec=x, prefetch=p) for x in (True, False) for p in (True, False)
+            make_leaf_spte(pfn, level, exec=x, prefetch=p)
+            for x in (True, False)
+            for p in (True, False)
         }
         if spte not in allowed:
-            fail(f"leaf {spte:#x} at level {level} gfn {gfn:#x} is not a valid leaf for pfn {pfn:#x}")
+            fail(
+                f"leaf {spte:#x} at level {level} gfn {gfn:#x} is not a valid leaf for pfn {pfn:#x}"
+            )
