@@ -125,9 +125,11 @@ def demand_paging(
         costs=costs,
         seed=seed,
     )
+    # memstress's -o: the region keeps its size and each vCPU's slice becomes all of it.
+    slice_pages = total // PAGE_SIZE if overlap else per_vcpu_bytes // PAGE_SIZE
     per_vcpu = vm.run_memstress(
         vcpus,
-        per_vcpu_bytes // PAGE_SIZE,
+        slice_pages,
         0,
         overlap,
         False,  # in order, as demand_paging_test
