@@ -1,0 +1,604 @@
+"""Unit tests of the pure-Python reference model (``tdpmmu.reference``) on its own.
+
+Each test pins one KVM behaviour from shared/spec/kvm-tdp-mmu.md §10 (numbers in the test
+names) or one choice of docs/model.md, and would fail if the model broke that rule.  They do
+not need the native module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _load_reference() -> ModuleType:
+    try:
+        from tdpmmu import reference
+
+        return reference
+    except ImportError:
+        # The package __init__ needs the native module; the reference itself does not.
+        path = Path(__file__).resolve().parents[1] / "python" / "tdpmmu" / "reference.py"
+        spec = importlib.util.spec_from_file_location("_tdpmmu_reference_standalone", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+ref = _load_reference()
+ReferenceVM = ref.ReferenceVM
+Ret = ref.Ret
+SVE = ref.SHADOW_NONPRESENT_VALUE
+FROZEN = ref.FROZEN_SPTE
+TABLE_BASE_PFN = ref.TABLE_BASE_PFN
+DATA_BASE_PFN = ref.DATA_BASE_PFN
+GiB = 1 << 18  # in 4 KiB pages
+MiB2 = 512
+
+
+def leaf4k(pfn: int) -> int:
+    return (pfn << 12) | 0x8600_0000_0000_0B77
+
+
+def nonleaf(table_index: int) -> int:
+    return ((TABLE_BASE_PFN + table_index) << 12) | 0x8000_0000_0000_0907
+
+
+def flushes(vm: object) -> int:
+    return int(vm.stats["remote_tlb_flush"])  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------
+# §10.1 fresh tables are non-present with SVE; zapped entries are SVE, never 0
+# ------------------------------------------------------------------------------------------
+
+
+def test_01_fresh_tables_are_all_sve() -> None:
+    vm = ReferenceVM(memory="64MiB", levels=4)
+    vm.fault(0x1234)
+    tables = vm.tables()
+    assert len(tables) == 4  # root + L3 + L2 + L1
+    for index, table in enumerate(tables):
+        # Exactly one entry is in use in each table (the path to gfn 0x1234).
+        used = [i for i, e in enumerate(table) if e != SVE]
+        assert len(used) == 1, (index, used)
+    assert all(e == SVE for e in tables[0][1:])
+    vm.check()
+
+
+def test_01_zapped_entries_are_sve_not_zero() -> None:
+    vm = ReferenceVM(memory="64MiB")
+    for gfn in range(8):
+        vm.fault(gfn)
+    assert vm.zap_gfn_range(0, 8) == 8
+    for gfn in range(8):
+        assert vm.spte(gfn) == SVE
+        assert vm.walk(gfn)[-1] == (1, SVE)
+    assert all(e != 0 for t in vm.tables() for e in t)
+    vm.check()
+
+
+def test_01_reused_tables_are_refilled_with_sve() -> None:
+    vm = ReferenceVM(memory="64MiB")
+    vm.fault(5)
+    vm.zap_all_fast()  # old tables end FROZEN (shared teardown) and become reusable
+    assert any(e == FROZEN for t in vm.tables() for e in t)
+    vm.fault(700)
+    for table in vm.tables():
+        assert FROZEN not in table
+    vm.check()
+
+
+# ------------------------------------------------------------------------------------------
+# §10.2 constants, §10.3 encodings
+# ------------------------------------------------------------------------------------------
+
+
+def test_02_frozen_constant_and_predicates() -> None:
+    assert FROZEN == 0x8000_0000_0000_05A0
+    assert SVE == 1 << 63
+    assert not ref.is_shadow_present_pte(FROZEN)
+    assert not ref.is_mmio_spte(FROZEN)  # EPT MMIO: mask RWX|SVE, value W|X
+    assert FROZEN & 0x7 == 0  # no RWX: not present to the CPU
+    assert FROZEN & (0x7 | 1 << 63) not in (0x6, 0)  # neither EPT's nor TDX's MMIO value
+    assert ref.is_frozen_spte(FROZEN)
+    for other in (FROZEN | 1, FROZEN & ~(1 << 63), SVE, FROZEN | 1 << 11):
+        assert not ref.is_frozen_spte(other)
+
+
+def test_03_leaf_encodings() -> None:
+    assert ref.make_leaf_spte(0x12345, 1) == leaf4k(0x12345)
+    assert ref.make_leaf_spte(0x200, 2) == leaf4k(0x200) | 1 << 7
+    assert ref.make_leaf_spte(0x40000, 3) == leaf4k(0x40000) | 1 << 7
+    assert ref.make_leaf_spte(0x200, 2, exec=False) == (leaf4k(0x200) | 1 << 7) & ~4
+    assert ref.make_leaf_spte(7, 1, prefetch=True) == (7 << 12) | 0x8600_0000_0000_0A77
+    assert ref.make_nonleaf_spte(0x100001) == (0x100001 << 12) | 0x8000_0000_0000_0907
+
+
+def test_03_mmio_encoding() -> None:
+    gen = 0x5_1234  # low byte 0x34, high bits 0x512
+    spte = ref.make_mmio_spte(0xABCDE, gen)
+    assert spte == (0x34 << 3) | 0x6 | (0xABCDE << 12) | (0x512 << 52)
+    assert ref.is_mmio_spte(spte)
+    assert not ref.is_shadow_present_pte(spte)
+    assert spte >> 63 == 0
+    assert ref.mmio_spte_generation(spte) == gen
+
+
+def test_03_fault_installs_the_documented_sptes() -> None:
+    vm = ReferenceVM(memory="64MiB", levels=4)
+    r = vm.fault(0x1234)
+    assert r.ret == Ret.FIXED and r.level == 1
+    assert r.spte == leaf4k(DATA_BASE_PFN + 0x1234)
+    # Tables in allocation order: root (0), then L3 (1), L2 (2), L1 (3).
+    assert vm.walk(0x1234) == [
+        (4, nonleaf(1)),
+        (3, nonleaf(2)),
+        (2, nonleaf(3)),
+        (1, leaf4k(DATA_BASE_PFN + 0x1234)),
+    ]
+
+
+def test_03_huge_leaves_and_slot_host_pfns() -> None:
+    vm = ReferenceVM(memory="2GiB", backing="1G", levels=5)
+    r = vm.fault(GiB + 77)
+    assert r.level == 3
+    assert r.spte == leaf4k(DATA_BASE_PFN + GiB) | 1 << 7
+    assert [lvl for lvl, _ in vm.walk(GiB + 77)] == [5, 4, 3]
+    # A second slot starts at the next 1 GiB-aligned host pfn after slot 0's pages.
+    slot = vm.add_memslot(4 * GiB, 512, backing="2M")
+    assert slot == 1
+    assert vm.memslots()[1] == (1, 4 * GiB, 512, 2 << 20, False, DATA_BASE_PFN + 2 * GiB)
+    third = vm.add_memslot(8 * GiB, 4, backing=4096)
+    assert vm.memslots()[2][5] == DATA_BASE_PFN + 3 * GiB
+    assert third == 2
+    r = vm.fault(4 * GiB + 3)
+    assert r.level == 2 and r.spte == leaf4k(DATA_BASE_PFN + 2 * GiB) | 1 << 7
+    vm.check()
+
+
+def test_memslot_ids_never_reused_and_generation_grows_by_two() -> None:
+    vm = ReferenceVM(memory="64MiB", slot_zap_all=False)
+    assert vm.memslot_generation == 2  # slot 0 was added
+    a = vm.add_memslot(GiB, 8)
+    vm.delete_memslot(a)
+    b = vm.add_memslot(GiB, 8)
+    assert (a, b) == (1, 2)
+    assert vm.memslot_generation == 8
+    with pytest.raises(ValueError):
+        vm.add_memslot(GiB + 4, 8)  # overlaps slot 2
+    with pytest.raises(ValueError):
+        vm.add_memslot(4 * GiB + 1, 512, backing="2M")  # not aligned to its backing
+    with pytest.raises(ValueError):
+        vm.delete_memslot(a)
+
+
+# ------------------------------------------------------------------------------------------
+# §10.18 iterator: pre-order, never descends into non-present entries, re-reads
+# ------------------------------------------------------------------------------------------
+
+
+def _expected_preorder(vm: object, sp: object, start: int, end: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    level = sp.level  # type: ignore[attr-defined]
+    size = ref.pages_per_hpage(level)
+    for i, spte in enumerate(sp.spt):  # type: ignore[attr-defined]
+        gfn = sp.gfn + i * size  # type: ignore[attr-defined]
+        if gfn + size <= start or gfn >= end:
+            continue
+        out.append((level, gfn))
+        if level > 1 and ref.is_shadow_present_pte(spte) and not ref.is_last_spte(spte, level):
+            out += _expected_preorder(vm, vm._spte_to_child_sp(spte), start, end)  # type: ignore[attr-defined]
+    return out
+
+
+def test_18_iterator_is_preorder_and_skips_non_present() -> None:
+    vm = ReferenceVM(memory="1GiB", backing="2M", nx_huge_pages=True)
+    vm.fault(5, exec=True)  # 4K table under the first 2M entry
+    vm.fault(3 * MiB2)  # a 2M leaf
+    vm.fault(5 * MiB2 + 9, exec=True)
+    vm.zap_gfn_range(5 * MiB2, MiB2)  # leaves an empty 4K table
+    root = vm._valid_direct_root()
+    start, end = 2, 6 * MiB2 + 1
+    seen = [(it.level, it.gfn) for it in ref._TdpIter(vm, root, 1, start, end)]
+    assert seen == _expected_preorder(vm, root, start, end)
+    # Parents come before children, and the 2M leaf's range is not descended into.
+    assert seen.index((2, 0)) < seen.index((1, 2))
+    assert (1, 3 * MiB2) not in seen and (2, 3 * MiB2) in seen
+    # Non-present 2M entries are visited but nothing below them is.
+    assert (2, 4 * MiB2) in seen and (1, 4 * MiB2) not in seen
+
+
+def test_18_iterator_rereads_before_descending() -> None:
+    vm = ReferenceVM(memory="1GiB", backing="4K")
+    vm.fault(5)
+    vm.fault(MiB2 + 5)
+    root = vm._valid_direct_root()
+    it = ref._TdpIter(vm, root, 1, 0, 2 * MiB2)
+    visited = []
+    for step in it:
+        visited.append((step.level, step.gfn))
+        if (step.level, step.gfn) == (2, 0):
+            step.write(SVE)  # unlinked after we arrived: the walk must not enter it
+    assert (1, 5) not in visited
+    assert (2, MiB2) in visited and (1, MiB2 + 5) in visited
+
+
+def test_18_walk_stops_at_first_non_present_entry() -> None:
+    vm = ReferenceVM(memory="1GiB")
+    assert vm.walk(5) == []  # no root yet
+    vm.fault(5)
+    path = vm.walk(MiB2 + 1)
+    assert [lvl for lvl, _ in path] == [4, 3, 2]
+    assert path[-1] == (2, SVE)
+    assert vm.spte(MiB2 + 1) == SVE
+
+
+# ------------------------------------------------------------------------------------------
+# §10.19 zap flush accounting
+# ------------------------------------------------------------------------------------------
+
+
+def test_19_zap_of_nothing_does_not_flush() -> None:
+    vm = ReferenceVM(memory="64MiB", vcpus=2)
+    vm.fault(1)
+    assert vm.zap_gfn_range(100, 50) == 0
+    assert vm.mmu_notifier_invalidate(100, 50) == 0
+    assert flushes(vm) == 0
+
+
+def test_19_one_flush_per_zap_operation() -> None:
+    vm = ReferenceVM(memory="64MiB", vcpus=3)
+    for gfn in range(20):
+        vm.fault(gfn)
+    before = vm.stats["modeled_ns"]
+    assert vm.zap_gfn_range(0, 10) == 10
+    assert flushes(vm) == 1
+    assert vm.stats["remote_tlb_flush_requests"] == 1
+    # 10 SPTE writes + one flush with 3 vCPUs
+    assert vm.stats["modeled_ns"] - before == pytest.approx(10 * 60 + 1000 + 3 * 200)
+    assert vm.mmu_notifier_invalidate(0, 20) == 10
+    assert flushes(vm) == 2
+    assert vm.stats["pages_4k"] == 0
+    vm.check()
+
+
+def test_19_zap_of_a_huge_leaf_counts_it_once_even_if_partly_covered() -> None:
+    vm = ReferenceVM(memory="1GiB", backing="2M")
+    vm.fault(MiB2 + 7)
+    assert vm.zap_gfn_range(MiB2 + 100, 1) == 1
+    assert vm.spte(MiB2 + 7) == SVE
+    assert vm.stats["pages_2m"] == 0
+
+
+def test_19_zaps_in_invalid_roots_do_not_request_a_flush() -> None:
+    vm = ReferenceVM(memory="64MiB")
+    vm.fault(1)
+    vm.fault(2)
+    root = vm._valid_direct_root()
+    vm._kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
+    flush, zapped = vm._tdp_mmu_zap_leafs(root, 0, 10)
+    assert (flush, zapped) == (False, 2)
+    # The notifier path reaches invalid roots too, and still does not flush for them.
+    vm2 = ReferenceVM(memory="64MiB")
+    vm2.fault(1)
+    vm2._kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
+    assert vm2.mmu_notifier_invalidate(0, 10) == 1
+    assert flushes(vm2) == 0
+    # ... while kvm_zap_gfn_range ignores invalid roots altogether.
+    vm3 = ReferenceVM(memory="64MiB")
+    vm3.fault(1)
+    vm3._kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
+    assert vm3.zap_gfn_range(0, 10) == 0
+
+
+def test_19_fast_zap_does_not_flush_and_frees_everything() -> None:
+    vm = ReferenceVM(memory="2GiB", backing="2M", vcpus=2)
+    vm.fault(3, vcpu=0)
+    vm.fault(GiB + 3, vcpu=1)
+    assert vm.stats["roots_allocated"] == 1 and vm.roots()[0]["refcount"] == 3
+    vm.zap_all_fast()
+    s = vm.stats
+    assert flushes(vm) == 0
+    assert (s["roots_freed"], s["tdp_mmu_pages"], s["pages_2m"]) == (1, 0, 0)
+    assert vm.roots() == []
+    # Each vCPU re-loads on its next fault: one new root, shared.
+    vm.fault(3, vcpu=1)
+    vm.fault(4, vcpu=0)
+    assert vm.stats["roots_allocated"] == 2
+    assert vm.roots()[0]["refcount"] == 3
+    vm.check()
+
+
+# ------------------------------------------------------------------------------------------
+# §10.20 fault-path flushes
+# ------------------------------------------------------------------------------------------
+
+
+def test_20_installs_over_non_present_never_flush() -> None:
+    vm = ReferenceVM(memory="2GiB", backing="2M", nx_huge_pages=True)
+    for gfn in (0, 1, MiB2, GiB + 5, 3 * MiB2 + 1):
+        vm.fault(gfn)
+        vm.fault(gfn + 2, exec=True)
+    vm.fault(4 * GiB)  # MMIO
+    assert flushes(vm) == 0
+    vm.check()
+
+
+def test_20_huge_leaf_over_present_table_flushes_once_and_frees_subtree() -> None:
+    vm = ReferenceVM(memory="64MiB", slot_zap_all=False)
+    slot = vm.add_memslot(GiB, GiB, backing="4K")
+    vm.fault(GiB + 1)
+    vm.fault(GiB + MiB2 + 1)
+    assert vm.stats["tdp_mmu_pages"] == 4  # L3, L2 and two L1 tables
+    vm.delete_memslot(slot)  # leaf zap only: tables stay
+    assert flushes(vm) == 1
+    vm.add_memslot(GiB, GiB, backing="1G")
+    pages_before = vm.stats["tdp_mmu_pages"]
+    r = vm.fault(GiB + 9)
+    assert r.ret == Ret.FIXED and r.level == 3
+    assert flushes(vm) == 2  # exactly one for the replacement
+    # The L2 table and its two L1 tables were torn down.
+    assert vm.stats["tdp_mmu_pages"] == pages_before - 3
+    vm.check()
+
+
+def test_20_huge_leaf_over_mmio_tables_flushes() -> None:
+    vm = ReferenceVM(memory="64MiB")
+    r = vm.fault(GiB + 3)  # no memslot there: MMIO SPTE at 4K
+    assert r.ret == Ret.EMULATE and r.level == 1
+    vm.add_memslot(GiB, MiB2, backing="2M")
+    r = vm.fault(GiB + 3)
+    assert (r.ret, r.level) == (Ret.FIXED, 2)
+    assert flushes(vm) == 1
+    vm.check()
+
+
+def test_20_split_never_flushes() -> None:
+    vm = ReferenceVM(memory="2GiB", backing="1G", nx_huge_pages=True)
+    r = vm.fault(7)
+    assert r.level == 3 and not r.spte & 4  # huge leaf without X
+    r = vm.fault(7, exec=True)  # 1G -> 2M -> 4K, both splits on the fault path
+    assert r.level == 1 and r.spte & 4
+    assert r.ret == Ret.SPURIOUS  # the split child already allows exec
+    s = vm.stats
+    assert s["huge_page_splits"] == 2
+    assert (s["pages_1g"], s["pages_2m"], s["pages_4k"]) == (0, 511, 512)
+    assert flushes(vm) == 0
+    vm.check()
+
+
+def test_20_populate_over_a_present_table_replaces_it() -> None:
+    vm = ReferenceVM(memory="1GiB", backing="2M")
+    vm.add_memslot(GiB, 512, backing="4K")  # slot 1: 4K pages right after slot 0
+    vm.fault(GiB)  # tables down to 4K at gfn 1 GiB
+    r = vm.fault(5)
+    assert r.level == 2
+    vm.zap_gfn_range(0, 512)
+    assert vm.populate(0, 1024) == 2  # two 2M leaves, prefetch: A clear
+    assert vm.spte(0) == (ref.make_leaf_spte(DATA_BASE_PFN, 2, prefetch=True))
+    assert flushes(vm) == 1  # only the zap's
+    assert vm.stats["pf_taken"] == 2 and vm.stats["pf_fixed"] == 2  # populate counts neither
+    vm.check()
+
+
+# ------------------------------------------------------------------------------------------
+# §10.21 NX huge pages / disallowed_hugepage_adjust
+# ------------------------------------------------------------------------------------------
+
+
+def test_21_exec_faults_map_4k_only_with_nx_huge_pages() -> None:
+    on = ReferenceVM(memory="1GiB", backing="2M", nx_huge_pages=True)
+    off = ReferenceVM(memory="1GiB", backing="2M", nx_huge_pages=False)
+    r_on = on.fault(9, exec=True)
+    r_off = off.fault(9, exec=True)
+    assert (r_on.level, r_off.level) == (1, 2)
+    assert r_on.spte == leaf4k(DATA_BASE_PFN + 9)
+    assert r_off.spte == leaf4k(DATA_BASE_PFN) | 1 << 7
+    # Non-exec faults still map huge, but without X on an NX-huge-pages VM.
+    r = on.fault(MiB2 + 1)
+    assert r.level == 2 and r.spte == (leaf4k(DATA_BASE_PFN + MiB2) | 1 << 7) & ~4
+
+
+def test_21_disallowed_hugepage_adjust_keeps_nx_split_tables() -> None:
+    vm = ReferenceVM(memory="1GiB", backing="2M", nx_huge_pages=True)
+    vm.fault(9, exec=True)  # 4K table marked nx_huge_page_disallowed
+    r = vm.fault(100)  # read in the same 2M: goal drops to 4K
+    assert (r.ret, r.level) == (Ret.FIXED, 1)
+    assert r.spte == leaf4k(DATA_BASE_PFN + 100)
+    assert flushes(vm) == 0
+    # Populate (prefetch, not exec) obeys the same rule.
+    assert vm.populate(0, 512) == 510
+    assert vm.stats["pages_4k"] == 512 and vm.stats["pages_2m"] == 0
+    vm.check()
+
+
+def test_21_adjust_needs_the_nx_flag_on_the_child_table() -> None:
+    # Tables linked by a non-exec MMIO fault are not NX-disallowed: a later huge mapping
+    # replaces them.  The same after an exec MMIO fault keeps them and maps 4K.
+    for exec_first, level in ((False, 2), (True, 1)):
+        vm = ReferenceVM(memory="64MiB", nx_huge_pages=True)
+        assert vm.fault(GiB + 3, exec=exec_first).ret == Ret.EMULATE
+        vm.add_memslot(GiB, MiB2, backing="2M")
+        r = vm.fault(GiB + 3)
+        assert r.level == level, exec_first
+        vm.check()
+
+
+def test_21_split_children_get_x_back_only_at_4k() -> None:
+    huge = ref.make_leaf_spte(0x40000, 3, exec=False)
+    c2 = ref.make_small_spte(huge, 2, 3, nx_huge_pages=True)
+    assert c2 == ref.make_leaf_spte(0x40000 + 3 * 512, 2, exec=False)
+    c1 = ref.make_small_spte(ref.make_leaf_spte(0x200, 2, exec=False), 1, 7, nx_huge_pages=True)
+    assert c1 == leaf4k(0x207)
+    c1_off = ref.make_small_spte(ref.make_leaf_spte(0x200, 2), 1, 7, nx_huge_pages=False)
+    assert c1_off == leaf4k(0x207)
+
+
+# ------------------------------------------------------------------------------------------
+# docs/model.md choices: arena order, grace period, MMIO cache, results, costs
+# ------------------------------------------------------------------------------------------
+
+
+def test_free_order_is_post_order_and_reuse_is_lifo() -> None:
+    vm = ReferenceVM(memory="64MiB", slot_zap_all=False)
+    slot = vm.add_memslot(GiB, GiB, backing="4K")
+    vm.fault(GiB)  # root (0), L3 (1), L2 (2), L1 (3)
+    vm.fault(GiB + MiB2)  # L1 (4)
+    assert len(vm.tables()) == 5
+    vm.delete_memslot(slot)  # leaf zap: tables stay
+    vm.add_memslot(GiB, GiB, backing="1G")
+    vm.fault(GiB)  # 1G leaf replaces L2 (2): frees L1 (3), L1 (4), then L2 (2)
+    assert vm._reusable == [3, 4, 2]
+    assert all(e == FROZEN for i in (2, 3, 4) for e in vm.tables()[i])
+    vm.fault(0x100)  # needs an L2 and an L1: pops 2, then 4
+    assert vm.walk(0x100) == [
+        (4, nonleaf(1)),
+        (3, nonleaf(2)),
+        (2, nonleaf(4)),
+        (1, leaf4k(DATA_BASE_PFN + 0x100)),
+    ]
+    assert vm._reusable == [3]
+    vm.check()
+
+
+def test_tables_freed_by_an_operation_are_reused_only_after_it() -> None:
+    vm = ReferenceVM(memory="64MiB", slot_zap_all=False)
+    vm.add_memslot(GiB, GiB, backing="4K")
+    vm.fault(GiB + 1)
+    slot2 = vm.add_memslot(2 * GiB, GiB, backing="4K")
+    del slot2
+    vm.delete_memslot(1)
+    vm.add_memslot(GiB, GiB, backing="1G")
+    n_tables = len(vm.tables())
+    # One batch: the first fault frees the old L2+L1; the second needs two new tables.
+    rets = vm.fault_batch([GiB + 1, 2 * GiB + 1])
+    assert rets == [Ret.FIXED, Ret.FIXED]
+    assert len(vm.tables()) == n_tables + 2  # not served from the tables freed in the batch
+    assert len(vm._reusable) == 2
+    vm.check()
+
+
+def test_mmio_cache_hit_rules() -> None:
+    vm = ReferenceVM(memory="64MiB", slot_zap_all=False)
+    r = vm.fault(GiB + 5)
+    spte = ref.make_mmio_spte(GiB + 5, vm.memslot_generation)
+    assert (r.ret, r.level, r.spte) == (Ret.EMULATE, 1, spte)
+    s = vm.stats
+    assert (s["pf_taken"], s["pf_emulate"], s["pf_mmio_spte_created"]) == (1, 1, 1)
+    r = vm.fault(GiB + 5)  # cache hit: no pf_taken, no pf_emulate
+    assert (r.ret, r.spte, r.modeled_ns) == (Ret.EMULATE, spte, 3200)
+    s = vm.stats
+    assert (s["pf_taken"], s["pf_emulate"], s["pf_mmio_spte_created"]) == (1, 1, 1)
+    # A memslot change bumps the generation: the stale SPTE is replaced on the next fault.
+    vm.delete_memslot(vm.add_memslot(8 * GiB, 1))
+    r = vm.fault(GiB + 5)
+    assert r.spte == ref.make_mmio_spte(GiB + 5, vm.memslot_generation) != spte
+    assert vm.stats["pf_mmio_spte_created"] == 2 and vm.stats["pf_taken"] == 2
+    # A memslot added over it simply overwrites the MMIO SPTE.
+    vm.add_memslot(GiB, 16)
+    r = vm.fault(GiB + 5)
+    assert r.ret == Ret.FIXED and r.spte == leaf4k(vm.memslots()[-1][5] + 5)
+    assert flushes(vm) == 0
+    vm.check()
+
+
+def test_fault_results_and_counters() -> None:
+    vm = ReferenceVM(memory="64MiB", vcpus=2)
+    r = vm.fault(3, write=False)
+    assert (r.ret, r.level, r.retries, r.gfn, r.private) == (Ret.FIXED, 1, 0, 3, False)
+    assert r.spte == vm.fault(4, write=True).spte - (1 << 12)  # reads map writable too
+    r = vm.fault(3, vcpu=1)
+    assert (r.ret, r.level) == (Ret.SPURIOUS, 1)
+    s = vm.stats
+    assert (s["pf_taken"], s["pf_fixed"], s["pf_spurious"]) == (3, 2, 1)
+    assert s["roots_allocated"] == 1 and vm.roots()[0]["refcount"] == 3
+    with pytest.raises(ValueError, match="private"):
+        vm.fault(3, private=True)
+    with pytest.raises(ValueError):
+        vm.fault(1 << 36)
+    with pytest.raises(ValueError):
+        vm.fault(3, vcpu=2)
+    assert vm.stats == s  # bad input changed nothing
+
+
+def test_costs_first_touch_and_overrides() -> None:
+    vm = ReferenceVM(memory="2GiB", backing="2M", costs={"exit_entry_ns": 100})
+    r = vm.fault(0)
+    assert r.modeled_ns == 100 + 2000 + 7500 + 1000 * 511
+    assert vm.stats["host_pages_allocated"] == 1
+    r = vm.fault(1)
+    assert r.modeled_ns == 2100 and r.ret == Ret.SPURIOUS
+    assert vm.populate(MiB2, 3 * MiB2) == 3
+    assert vm.stats["host_pages_allocated"] == 4
+    first_touch = 7500 + 511_000
+    expected = (2100 + first_touch) + 2100 + 3 * (2000 + first_touch)  # populate: no exit cost
+    assert vm.stats["modeled_ns"] == pytest.approx(expected)
+    # A split charges 512 SPTE updates.
+    nx = ReferenceVM(memory="1GiB", backing="2M", nx_huge_pages=True)
+    nx.fault(0)
+    assert nx.fault(0, exec=True).modeled_ns == 3200 + 512 * 60
+
+
+def test_first_touch_is_forgotten_with_the_memslot() -> None:
+    vm = ReferenceVM(memory="64MiB", slot_zap_all=True)
+    slot = vm.add_memslot(GiB, MiB2, backing="2M")
+    vm.fault(GiB)
+    vm.zap_gfn_range(GiB, MiB2)
+    vm.fault(GiB)  # zaps do not free host pages
+    assert vm.stats["host_pages_allocated"] == 1
+    vm.delete_memslot(slot)
+    vm.add_memslot(GiB, MiB2, backing="2M")
+    vm.fault(GiB)
+    assert vm.stats["host_pages_allocated"] == 2
+    vm.check()
+
+
+def test_populate_requires_memslots_and_skips_mapped_pages() -> None:
+    vm = ReferenceVM(memory="64MiB")
+    with pytest.raises(ValueError):
+        vm.populate(16383, 2)  # crosses the end of slot 0
+    assert vm.stats["roots_allocated"] == 0
+    vm.fault(5)
+    assert vm.populate(0, 10) == 9
+    assert vm.spte(5) == leaf4k(DATA_BASE_PFN + 5)  # untouched: prefetch is spurious
+    assert vm.spte(6) == (leaf4k(DATA_BASE_PFN + 6) & ~(1 << 8))
+    vm.check()
+
+
+def test_check_detects_corruption() -> None:
+    vm = ReferenceVM(memory="64MiB")
+    vm.fault(5)
+    vm.check()
+    root = vm._valid_direct_root()
+    leaf_table = vm._spte_to_child_sp(vm.walk(5)[2][1])
+    leaf_table.spt[5] = FROZEN
+    with pytest.raises(ref.InvariantError):
+        vm.check()
+    leaf_table.spt[5] = leaf4k(DATA_BASE_PFN + 6)  # wrong pfn
+    with pytest.raises(ref.InvariantError):
+        vm.check()
+    leaf_table.spt[5] = leaf4k(DATA_BASE_PFN + 5)
+    vm.check()
+    vm._stats["pages_4k"] += 1
+    with pytest.raises(ref.InvariantError):
+        vm.check()
+    vm._stats["pages_4k"] -= 1
+    root.refcount += 1
+    with pytest.raises(ref.InvariantError):
+        vm.check()
+
+
+def test_only_the_default_vm_is_modeled() -> None:
+    with pytest.raises(ValueError):
+        ReferenceVM(vm_type="tdx")
+    with pytest.raises(ValueError):
+        ReferenceVM(memory="3MiB", backing="2M")
+    assert ref.tdp_root_role(4) & ref.ROLE_IS_MIRROR == 0
+    assert ref.tdp_root_role(4, is_mirror=True) & ref.ROLE_IS_MIRROR
