@@ -57,7 +57,10 @@ impl Region {
                 "cannot reserve {bytes} bytes of address space for page tables"
             )));
         }
-        Ok(Self { ptr: ptr.cast(), bytes })
+        Ok(Self {
+            ptr: ptr.cast(),
+            bytes,
+        })
     }
 }
 
@@ -144,9 +147,7 @@ impl Arena {
         debug_assert!((idx as usize) < self.capacity && i < ENTRIES_PER_TABLE);
         // SAFETY: idx < capacity (tables are only named by indices the arena handed out) and
         // i < 512, so the pointer is inside the reservation; AtomicU64 has u64's layout.
-        unsafe {
-            &*(self.tables.ptr as *const AtomicU64).add(idx as usize * ENTRIES_PER_TABLE + i)
-        }
+        unsafe { &*(self.tables.ptr as *const AtomicU64).add(idx as usize * ENTRIES_PER_TABLE + i) }
     }
 
     #[inline(always)]
@@ -178,7 +179,8 @@ impl Arena {
             }
         };
         for i in 0..ENTRIES_PER_TABLE {
-            self.entry(idx, i).store(SHADOW_NONPRESENT_VALUE, Ordering::Relaxed);
+            self.entry(idx, i)
+                .store(SHADOW_NONPRESENT_VALUE, Ordering::Relaxed);
         }
         let m = self.meta(idx);
         m.gfn.store(gfn, Ordering::Relaxed);
@@ -236,14 +238,20 @@ mod tests {
         let a = Arena::new(64).unwrap();
         let t = a.alloc(1, 0, 0).unwrap();
         for i in 0..512 {
-            assert_eq!(a.entry(t, i).load(Ordering::Relaxed), SHADOW_NONPRESENT_VALUE);
+            assert_eq!(
+                a.entry(t, i).load(Ordering::Relaxed),
+                SHADOW_NONPRESENT_VALUE
+            );
         }
         // A reused table is re-initialised too.
         a.entry(t, 7).store(42, Ordering::Relaxed);
         a.free_now(t);
         let t2 = a.alloc(1, 0, 0).unwrap();
         assert_eq!(t, t2);
-        assert_eq!(a.entry(t2, 7).load(Ordering::Relaxed), SHADOW_NONPRESENT_VALUE);
+        assert_eq!(
+            a.entry(t2, 7).load(Ordering::Relaxed),
+            SHADOW_NONPRESENT_VALUE
+        );
     }
 
     #[test]

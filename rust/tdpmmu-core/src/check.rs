@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use crate::arena::{NO_TABLE, SP_MIRROR};
 use crate::error::{Error, Result};
 use crate::memslot::Memslots;
-use crate::spte::{self, is_frozen, is_last, is_mmio, is_shadow_present, pages_per_level, spte_to_pfn};
+use crate::spte::{
+    self, is_frozen, is_last, is_mmio, is_shadow_present, pages_per_level, spte_to_pfn,
+};
 use crate::stats::C;
 use crate::vm::Vm;
 
@@ -34,14 +36,20 @@ impl Walk<'_> {
         let m = self.vm.arena.meta(t);
         let mlevel = m.level.load(Ordering::Relaxed);
         if mlevel != level {
-            return Err(fail(format!("table {t} has level {mlevel}, linked at level {level}")));
+            return Err(fail(format!(
+                "table {t} has level {mlevel}, linked at level {level}"
+            )));
         }
         if (m.flags.load(Ordering::Relaxed) & SP_MIRROR != 0) != mirror {
-            return Err(fail(format!("table {t}: mirror flag differs from its root's")));
+            return Err(fail(format!(
+                "table {t}: mirror flag differs from its root's"
+            )));
         }
         let mgfn = m.gfn.load(Ordering::Relaxed);
         if mgfn != base {
-            return Err(fail(format!("table {t} records gfn {mgfn:#x}, linked for {base:#x}")));
+            return Err(fail(format!(
+                "table {t} records gfn {mgfn:#x}, linked for {base:#x}"
+            )));
         }
         let span = pages_per_level(level);
         for i in 0..spte::ENTRIES_PER_TABLE {
@@ -49,11 +57,15 @@ impl Walk<'_> {
             // Index i at this level covers these (un-aliased) gfns.
             let gfn = (base + i as u64 * span) & !gfn_bits;
             if is_frozen(s) {
-                return Err(fail(format!("FROZEN_SPTE at rest: table {t} index {i} level {level}")));
+                return Err(fail(format!(
+                    "FROZEN_SPTE at rest: table {t} index {i} level {level}"
+                )));
             }
             if !is_shadow_present(s) {
                 if s != spte::SHADOW_NONPRESENT_VALUE && !is_mmio(s) {
-                    return Err(fail(format!("bad non-present value {s:#x} at gfn {gfn:#x} level {level}")));
+                    return Err(fail(format!(
+                        "bad non-present value {s:#x} at gfn {gfn:#x} level {level}"
+                    )));
                 }
                 continue;
             }
@@ -66,14 +78,23 @@ impl Walk<'_> {
                     return Err(fail(format!("leaf at gfn {gfn:#x} outside every memslot")));
                 };
                 if gfn + span > slot.end() || level > slot.level {
-                    return Err(fail(format!("level-{level} leaf at gfn {gfn:#x} exceeds memslot {}", slot.id)));
+                    return Err(fail(format!(
+                        "level-{level} leaf at gfn {gfn:#x} exceeds memslot {}",
+                        slot.id
+                    )));
                 }
                 if spte_to_pfn(s) != slot.pfn(gfn) {
-                    return Err(fail(format!("leaf at gfn {gfn:#x} maps pfn {:#x}, slot says {:#x}", spte_to_pfn(s), slot.pfn(gfn))));
+                    return Err(fail(format!(
+                        "leaf at gfn {gfn:#x} maps pfn {:#x}, slot says {:#x}",
+                        spte_to_pfn(s),
+                        slot.pfn(gfn)
+                    )));
                 }
             } else {
                 let Some(c) = self.vm.arena.idx_of_pfn(spte_to_pfn(s)) else {
-                    return Err(fail(format!("non-leaf at gfn {gfn:#x} points outside the arena")));
+                    return Err(fail(format!(
+                        "non-leaf at gfn {gfn:#x} points outside the arena"
+                    )));
                 };
                 self.tables += 1;
                 self.table(c, level - 1, base + i as u64 * span, mirror, gfn_bits)?;
@@ -101,31 +122,50 @@ impl Vm {
             let bits = self.root_gfn_bits(r.is_mirror());
             // Roots are walked with alias bits folded into the base so indices line up.
             w.table(r.table, self.cfg.levels, 0, r.is_mirror(), bits)?;
-            let vcpu_refs = self.vcpu_root.iter().chain(self.vcpu_mirror_root.iter())
+            let vcpu_refs = self
+                .vcpu_root
+                .iter()
+                .chain(self.vcpu_mirror_root.iter())
                 .filter(|v| v.load(Ordering::Acquire) == r.table)
                 .count() as i32;
             let expect = vcpu_refs + i32::from(!r.invalid);
             if r.refcount != expect {
-                return Err(fail(format!("root {} refcount {} but {} holders", r.table, r.refcount, expect)));
+                return Err(fail(format!(
+                    "root {} refcount {} but {} holders",
+                    r.table, r.refcount, expect
+                )));
             }
         }
         for v in self.vcpu_root.iter().chain(self.vcpu_mirror_root.iter()) {
             let t = v.load(Ordering::Acquire);
             if t != NO_TABLE && !roots.iter().any(|r| r.table == t) {
-                return Err(fail(format!("a vCPU holds root {t}, which is not in the root list")));
+                return Err(fail(format!(
+                    "a vCPU holds root {t}, which is not in the root list"
+                )));
             }
         }
         let t = self.totals.snapshot();
         for (lvl, c) in [(1usize, C::pages_4k), (2, C::pages_2m), (3, C::pages_1g)] {
             if w.leaves[lvl] != t.c[c as usize] {
-                return Err(fail(format!("{} leaves present at level {lvl}, stats say {}", w.leaves[lvl], t.c[c as usize])));
+                return Err(fail(format!(
+                    "{} leaves present at level {lvl}, stats say {}",
+                    w.leaves[lvl], t.c[c as usize]
+                )));
             }
         }
         if w.tables != t.c[C::tdp_mmu_pages as usize] {
-            return Err(fail(format!("{} child tables reachable, tdp_mmu_pages says {}", w.tables, t.c[C::tdp_mmu_pages as usize])));
+            return Err(fail(format!(
+                "{} child tables reachable, tdp_mmu_pages says {}",
+                w.tables,
+                t.c[C::tdp_mmu_pages as usize]
+            )));
         }
         if self.arena.live() != w.seen.len() {
-            return Err(fail(format!("{} tables allocated but {} reachable (leak)", self.arena.live(), w.seen.len())));
+            return Err(fail(format!(
+                "{} tables allocated but {} reachable (leak)",
+                self.arena.live(),
+                w.seen.len()
+            )));
         }
         Ok(())
     }

@@ -47,7 +47,8 @@ impl Vm {
             return Err(Busy);
         }
         let sptep = it.sptep();
-        if let Err(cur) = sptep.compare_exchange(old, FROZEN_SPTE, Ordering::AcqRel, Ordering::Acquire)
+        if let Err(cur) =
+            sptep.compare_exchange(old, FROZEN_SPTE, Ordering::AcqRel, Ordering::Acquire)
         {
             it.old_spte = cur;
             return Err(Busy);

@@ -37,7 +37,12 @@ pub fn native_floor(gfns: &[u64], levels: u8) -> Result<(f64, usize)> {
         }
         let e = arena.entry(table, index(gfn, 1));
         let old = e.load(Ordering::Acquire);
-        let _ = e.compare_exchange(old, make_leaf_spte(gfn, 1, true, false), Ordering::AcqRel, Ordering::Acquire);
+        let _ = e.compare_exchange(
+            old,
+            make_leaf_spte(gfn, 1, true, false),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
     Ok((t0.elapsed().as_secs_f64(), arena.live()))
 }

@@ -53,8 +53,7 @@ impl<'a> TdpIter<'a> {
             valid: false,
             yielded: false,
         };
-        if !(1..=MAX_LEVELS as u8).contains(&root_level)
-            || (gfn_bits != 0 && start_gfn >= gfn_bits)
+        if !(1..=MAX_LEVELS as u8).contains(&root_level) || (gfn_bits != 0 && start_gfn >= gfn_bits)
         {
             return it;
         }
@@ -63,6 +62,7 @@ impl<'a> TdpIter<'a> {
         it
     }
 
+    #[inline(always)]
     fn restart(&mut self) {
         self.yielded = false;
         self.yielded_gfn = self.next_last_level_gfn;
@@ -97,6 +97,7 @@ impl<'a> TdpIter<'a> {
         self.read();
     }
 
+    #[inline(always)]
     fn try_step_down(&mut self) -> bool {
         if self.level == self.min_level {
             return false;
@@ -115,6 +116,7 @@ impl<'a> TdpIter<'a> {
         true
     }
 
+    #[inline(always)]
     fn try_step_side(&mut self) -> bool {
         if self.index() == 511 {
             return false;
@@ -125,6 +127,7 @@ impl<'a> TdpIter<'a> {
         true
     }
 
+    #[inline(always)]
     fn try_step_up(&mut self) -> bool {
         if self.level == self.root_level {
             return false;
@@ -136,6 +139,7 @@ impl<'a> TdpIter<'a> {
     }
 
     /// `tdp_iter_next`.
+    #[inline(always)]
     pub fn next(&mut self) {
         if self.yielded {
             self.restart();
@@ -184,12 +188,18 @@ mod tests {
         let l3 = a.alloc(3, 0, 0).unwrap();
         let l2 = a.alloc(2, 0, 0).unwrap();
         let l1 = a.alloc(1, 0, 0).unwrap();
-        a.entry(root, 0).store(make_nonleaf_spte(Arena::pfn(l3)), Ordering::Relaxed);
-        a.entry(l3, 0).store(make_nonleaf_spte(Arena::pfn(l2)), Ordering::Relaxed);
-        a.entry(l2, 0).store(make_nonleaf_spte(Arena::pfn(l1)), Ordering::Relaxed);
-        a.entry(l2, 1).store(make_leaf_spte(0x200, 2, true, false), Ordering::Relaxed);
-        a.entry(l1, 0).store(make_leaf_spte(0x1000, 1, true, false), Ordering::Relaxed);
-        a.entry(l1, 5).store(make_leaf_spte(0x1005, 1, true, false), Ordering::Relaxed);
+        a.entry(root, 0)
+            .store(make_nonleaf_spte(Arena::pfn(l3)), Ordering::Relaxed);
+        a.entry(l3, 0)
+            .store(make_nonleaf_spte(Arena::pfn(l2)), Ordering::Relaxed);
+        a.entry(l2, 0)
+            .store(make_nonleaf_spte(Arena::pfn(l1)), Ordering::Relaxed);
+        a.entry(l2, 1)
+            .store(make_leaf_spte(0x200, 2, true, false), Ordering::Relaxed);
+        a.entry(l1, 0)
+            .store(make_leaf_spte(0x1000, 1, true, false), Ordering::Relaxed);
+        a.entry(l1, 5)
+            .store(make_leaf_spte(0x1005, 1, true, false), Ordering::Relaxed);
         root
     }
 
@@ -211,7 +221,10 @@ mod tests {
         assert_eq!(v, vec![(4, 0), (3, 0), (2, 0), (1, 0), (1, 1), (1, 2)]);
         // The 2M leaf is visited as a leaf; its range is never descended.
         let v = collect(&a, root, 1, 510, 514);
-        assert_eq!(v, vec![(4, 0), (3, 0), (2, 0), (1, 510), (1, 511), (2, 512)]);
+        assert_eq!(
+            v,
+            vec![(4, 0), (3, 0), (2, 0), (1, 510), (1, 511), (2, 512)]
+        );
         // min_level stops descent.
         let v = collect(&a, root, 2, 0, 1024);
         assert_eq!(v, vec![(4, 0), (3, 0), (2, 0), (2, 512)]);

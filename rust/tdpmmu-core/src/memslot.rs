@@ -28,7 +28,15 @@ impl Memslot {
         let backing_pages = npages / pages_per_level(level);
         let words = backing_pages.div_ceil(64) as usize;
         let touched = (0..words).map(|_| AtomicU64::new(0)).collect();
-        Self { id, gfn, npages, level, host_pfn, gmem, touched }
+        Self {
+            id,
+            gfn,
+            npages,
+            level,
+            host_pfn,
+            gmem,
+            touched,
+        }
     }
 
     #[inline(always)]
@@ -64,7 +72,10 @@ impl Memslot {
     }
 
     pub fn touched_pages(&self) -> u64 {
-        self.touched.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        self.touched
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
     }
 }
 
@@ -76,7 +87,9 @@ pub fn backing_level(bytes: u64, arg: &str) -> Result<u8> {
         0x4000_0000 => Ok(3),
         _ => Err(bad_arg(
             arg,
-            format!("backing page size must be 4096 (4K), 2097152 (2M) or 1073741824 (1G), got {bytes}"),
+            format!(
+                "backing page size must be 4096 (4K), 2097152 (2M) or 1073741824 (1G), got {bytes}"
+            ),
         )),
     }
 }
@@ -93,7 +106,12 @@ pub struct Memslots {
 
 impl Memslots {
     pub fn new() -> Self {
-        Self { slots: Vec::new(), generation: 0, next_id: 0, next_data_pfn: DATA_BASE_PFN }
+        Self {
+            slots: Vec::new(),
+            generation: 0,
+            next_id: 0,
+            next_data_pfn: DATA_BASE_PFN,
+        }
     }
 
     #[inline(always)]
@@ -112,22 +130,40 @@ impl Memslots {
         if npages == 0 {
             return Err(bad_arg("npages", "must be > 0"));
         }
-        if gfn % align != 0 {
-            return Err(bad_arg("gfn", format!("must be a multiple of the backing page ({align} pages), got {gfn:#x}")));
+        if !gfn.is_multiple_of(align) {
+            return Err(bad_arg(
+                "gfn",
+                format!("must be a multiple of the backing page ({align} pages), got {gfn:#x}"),
+            ));
         }
-        if npages % align != 0 {
-            return Err(bad_arg("npages", format!("must be a multiple of the backing page ({align} pages), got {npages}")));
+        if !npages.is_multiple_of(align) {
+            return Err(bad_arg(
+                "npages",
+                format!("must be a multiple of the backing page ({align} pages), got {npages}"),
+            ));
         }
         if gfn.checked_add(npages).is_none_or(|e| e > max_gfn) {
             return Err(bad_arg(
                 "npages",
-                format!("slot [{gfn:#x}, {gfn:#x}+{npages:#x}) must end at or below the guest's gfn limit {max_gfn:#x}"),
+                format!(
+                    "slot [{gfn:#x}, {gfn:#x}+{npages:#x}) must end at or below the guest's gfn limit {max_gfn:#x}"
+                ),
             ));
         }
-        if let Some(s) = self.slots.iter().find(|s| gfn < s.end() && s.gfn < gfn + npages) {
+        if let Some(s) = self
+            .slots
+            .iter()
+            .find(|s| gfn < s.end() && s.gfn < gfn + npages)
+        {
             return Err(bad_arg(
                 "gfn",
-                format!("range [{gfn:#x}, {:#x}) overlaps memslot {} [{:#x}, {:#x})", gfn + npages, s.id, s.gfn, s.end()),
+                format!(
+                    "range [{gfn:#x}, {:#x}) overlaps memslot {} [{:#x}, {:#x})",
+                    gfn + npages,
+                    s.id,
+                    s.gfn,
+                    s.end()
+                ),
             ));
         }
         Ok(())

@@ -6,7 +6,7 @@ use std::sync::Barrier;
 use std::time::Instant;
 
 use crate::error::{Result, bad_arg};
-use crate::spte::{access_allowed, is_shadow_present, is_last};
+use crate::spte::{access_allowed, is_last, is_shadow_present};
 use crate::stats::Ctx;
 use crate::vm::{Ret, Vm};
 
@@ -38,7 +38,7 @@ impl Lcg {
         Self(((seed % 0x7fff_fffe) + 1) as u32)
     }
     #[inline(always)]
-    pub fn next(&mut self) -> u32 {
+    pub fn next_u32(&mut self) -> u32 {
         self.0 = ((self.0 as u64 * 48271) % 0x7fff_ffff) as u32;
         self.0
     }
@@ -52,15 +52,25 @@ impl Vm {
     pub fn run_memstress(&self, a: &MemstressArgs) -> Result<Vec<VcpuResult>> {
         self.ensure_alive()?;
         if a.vcpus == 0 || a.vcpus > self.cfg.vcpus {
-            return Err(bad_arg("vcpus", format!("must be in 1..={}, got {}", self.cfg.vcpus, a.vcpus)));
+            return Err(bad_arg(
+                "vcpus",
+                format!("must be in 1..={}, got {}", self.cfg.vcpus, a.vcpus),
+            ));
         }
         if a.pages_per_vcpu == 0 {
             return Err(bad_arg("pages_per_vcpu", "must be > 0"));
         }
         if a.write_percent > 100 {
-            return Err(bad_arg("write_percent", format!("must be in 0..=100, got {}", a.write_percent)));
+            return Err(bad_arg(
+                "write_percent",
+                format!("must be in 0..=100, got {}", a.write_percent),
+            ));
         }
-        let span = if a.overlap { a.pages_per_vcpu } else { a.pages_per_vcpu * a.vcpus as u64 };
+        let span = if a.overlap {
+            a.pages_per_vcpu
+        } else {
+            a.pages_per_vcpu * a.vcpus as u64
+        };
         self.check_range(a.base_gfn, span)?;
         let is_private = self.check_private(a.private)?;
         {
@@ -68,24 +78,31 @@ impl Vm {
             let mut g = a.base_gfn;
             while g < a.base_gfn + span {
                 let Some(s) = st.memslots.find(g) else {
-                    return Err(bad_arg("base_gfn", format!("gfn {g:#x} of the workload is not in any memslot")));
+                    return Err(bad_arg(
+                        "base_gfn",
+                        format!("gfn {g:#x} of the workload is not in any memslot"),
+                    ));
                 };
                 g = s.end();
             }
         }
         let barrier = Barrier::new(a.vcpus as usize);
-        let results: Vec<(VcpuResult, Ctx, Option<crate::error::Error>)> = std::thread::scope(|sc| {
-            let handles: Vec<_> = (0..a.vcpus)
-                .map(|v| {
-                    let barrier = &barrier;
-                    sc.spawn(move || {
-                        barrier.wait();
-                        self.memstress_vcpu(a, v, is_private)
+        let results: Vec<(VcpuResult, Ctx, Option<crate::error::Error>)> =
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = (0..a.vcpus)
+                    .map(|v| {
+                        let barrier = &barrier;
+                        sc.spawn(move || {
+                            barrier.wait();
+                            self.memstress_vcpu(a, v, is_private)
+                        })
                     })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("vCPU thread panicked")).collect()
-        });
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("vCPU thread panicked"))
+                    .collect()
+            });
         if self.arena_has_deferred() {
             self.grace_period();
         }
@@ -94,7 +111,10 @@ impl Vm {
         for (r, ctx, e) in results {
             self.totals.merge(&ctx);
             if let Some(msg) = ctx.bug {
-                let fin = self.finish(&Ctx { bug: Some(msg), ..Ctx::default() });
+                let fin = self.finish(&Ctx {
+                    bug: Some(msg),
+                    ..Ctx::default()
+                });
                 first_err = first_err.or(fin.err());
             }
             first_err = first_err.or(e);
@@ -106,10 +126,19 @@ impl Vm {
         }
     }
 
-    fn memstress_vcpu(&self, a: &MemstressArgs, v: u32, is_private: bool) -> (VcpuResult, Ctx, Option<crate::error::Error>) {
+    fn memstress_vcpu(
+        &self,
+        a: &MemstressArgs,
+        v: u32,
+        is_private: bool,
+    ) -> (VcpuResult, Ctx, Option<crate::error::Error>) {
         let mut ctx = Ctx::default();
         let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
-        let base = if a.overlap { a.base_gfn } else { a.base_gfn + v as u64 * a.pages_per_vcpu };
+        let base = if a.overlap {
+            a.base_gfn
+        } else {
+            a.base_gfn + v as u64 * a.pages_per_vcpu
+        };
         let mirror = self.has_mirror && is_private;
         let bits = self.root_gfn_bits(mirror);
         let mut res = VcpuResult::default();
@@ -122,21 +151,34 @@ impl Vm {
                 if i >= a.pages_per_vcpu {
                     break;
                 }
-                let off = if a.random_access { rng.next() as u64 % a.pages_per_vcpu } else { i };
-                let write = a.write_percent == 100 || (rng.next() % 100) < a.write_percent;
+                let off = if a.random_access {
+                    rng.next_u32() as u64 % a.pages_per_vcpu
+                } else {
+                    i
+                };
+                let write = a.write_percent == 100 || (rng.next_u32() % 100) < a.write_percent;
                 let gfn = base + off;
                 loop {
                     // The "hardware" walk: no exit if the current mapping allows the access.
-                    let root = if mirror { &self.vcpu_mirror_root } else { &self.vcpu_root }[v as usize]
+                    let root = if mirror {
+                        &self.vcpu_mirror_root
+                    } else {
+                        &self.vcpu_root
+                    }[v as usize]
                         .load(std::sync::atomic::Ordering::Acquire);
                     if root != crate::arena::NO_TABLE {
                         let (level, s) = self.lookup(root, gfn, bits);
-                        if is_shadow_present(s) && is_last(s, level) && access_allowed(s, write, false) {
+                        if is_shadow_present(s)
+                            && is_last(s, level)
+                            && access_allowed(s, write, false)
+                        {
                             break;
                         }
                     }
                     res.faults += 1;
-                    match self.page_fault(&st, &mut ctx, gfn, is_private, write, false, v as usize, false) {
+                    match self.page_fault(
+                        &st, &mut ctx, gfn, is_private, write, false, v as usize, false,
+                    ) {
                         Ok(r) if r.ret == Ret::Retry => continue,
                         Ok(_) => break,
                         Err(e) => {

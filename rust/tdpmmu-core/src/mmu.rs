@@ -83,8 +83,10 @@ impl Vm {
         let was_leaf = was_present && is_last(old, level);
         let is_leaf = is_present && is_last(new, level);
         let pfn_changed = spte_to_pfn(old) != spte_to_pfn(new);
-        if gfn % pages_per_level(level) != 0 {
-            ctx.bug(format!("SPTE change at unaligned gfn {gfn:#x} for level {level}"));
+        if !gfn.is_multiple_of(pages_per_level(level)) {
+            ctx.bug(format!(
+                "SPTE change at unaligned gfn {gfn:#x} for level {level}"
+            ));
         }
         if was_leaf && is_leaf && pfn_changed {
             // KVM calls BUG() here: a present leaf must never be re-pointed in place.
@@ -199,7 +201,10 @@ impl Vm {
                     it.reread();
                     continue;
                 }
-                if self.set_spte_atomic(ctx, it, SHADOW_NONPRESENT_VALUE).is_ok() {
+                if self
+                    .set_spte_atomic(ctx, it, SHADOW_NONPRESENT_VALUE)
+                    .is_ok()
+                {
                     break;
                 }
             }

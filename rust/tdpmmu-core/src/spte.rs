@@ -234,7 +234,11 @@ pub fn decode(value: u64) -> Decoded {
         mmu_writable: value & MMU_WRITABLE != 0,
         suppress_ve: value & SUPPRESS_VE != 0,
         pfn: spte_to_pfn(value),
-        mmio_generation: if mmio { Some(mmio_generation(value)) } else { None },
+        mmio_generation: if mmio {
+            Some(mmio_generation(value))
+        } else {
+            None
+        },
     }
 }
 
@@ -267,11 +271,23 @@ mod tests {
     #[test]
     fn leaf_and_nonleaf_encodings() {
         let pfn = 0x1234_5678;
-        assert_eq!(make_leaf_spte(pfn, 1, true, false), pfn << 12 | 0x8600_0000_0000_0b77);
-        assert_eq!(make_leaf_spte(pfn, 2, true, false), pfn << 12 | 0x8600_0000_0000_0bf7);
-        assert_eq!(make_leaf_spte(pfn, 1, true, true), pfn << 12 | 0x8600_0000_0000_0a77);
+        assert_eq!(
+            make_leaf_spte(pfn, 1, true, false),
+            pfn << 12 | 0x8600_0000_0000_0b77
+        );
+        assert_eq!(
+            make_leaf_spte(pfn, 2, true, false),
+            pfn << 12 | 0x8600_0000_0000_0bf7
+        );
+        assert_eq!(
+            make_leaf_spte(pfn, 1, true, true),
+            pfn << 12 | 0x8600_0000_0000_0a77
+        );
         assert_eq!(make_leaf_spte(pfn, 2, false, false) & PT_EXEC, 0);
-        assert_eq!(make_nonleaf_spte(0x100000), 0x1_0000_0000 | 0x8000_0000_0000_0907);
+        assert_eq!(
+            make_nonleaf_spte(0x100000),
+            0x1_0000_0000 | 0x8000_0000_0000_0907
+        );
         assert!(is_last(make_leaf_spte(pfn, 3, true, false), 3));
         assert!(!is_last(make_nonleaf_spte(pfn), 3));
         assert!(is_last(make_nonleaf_spte(pfn), 1));

@@ -47,7 +47,11 @@ pub struct Ctx {
 
 impl Default for Ctx {
     fn default() -> Self {
-        Self { c: [0; NCOUNTERS], modeled_ns: 0.0, bug: None }
+        Self {
+            c: [0; NCOUNTERS],
+            modeled_ns: 0.0,
+            bug: None,
+        }
     }
 }
 

@@ -42,7 +42,10 @@ impl VmType {
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "default" => Ok(Self::Default),
-            _ => Err(bad_arg("vm_type", format!("unknown VM type {s:?}; allowed: {}", Self::NAMES.join(", ")))),
+            _ => Err(bad_arg(
+                "vm_type",
+                format!("unknown VM type {s:?}; allowed: {}", Self::NAMES.join(", ")),
+            )),
         }
     }
     pub fn name(self) -> &'static str {
@@ -128,7 +131,11 @@ impl RootTypes {
         if r.invalid {
             return self.0 & 1 != 0;
         }
-        if r.is_mirror() { self.0 & 4 != 0 } else { self.0 & 2 != 0 }
+        if r.is_mirror() {
+            self.0 & 4 != 0
+        } else {
+            self.0 & 2 != 0
+        }
     }
 }
 
@@ -199,41 +206,73 @@ pub fn tables_needed(pages: u64, levels: u8) -> u64 {
 
 fn host_ram_bytes() -> u64 {
     // SAFETY: sysconf has no preconditions.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    if pages <= 0 || size <= 0 { 1 << 34 } else { pages as u64 * size as u64 }
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        1 << 34
+    } else {
+        pages as u64 * size as u64
+    }
 }
 
 impl Vm {
     pub fn new(cfg: VmConfig) -> Result<Self> {
         let vm_type = VmType::parse(&cfg.vm_type)?;
         if cfg.levels != 4 && cfg.levels != 5 {
-            return Err(bad_arg("levels", format!("must be 4 or 5, got {}", cfg.levels)));
+            return Err(bad_arg(
+                "levels",
+                format!("must be 4 or 5, got {}", cfg.levels),
+            ));
         }
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-            return Err(bad_arg("vcpus", format!("must be in 1..={MAX_VCPUS}, got {}", cfg.vcpus)));
+            return Err(bad_arg(
+                "vcpus",
+                format!("must be in 1..={MAX_VCPUS}, got {}", cfg.vcpus),
+            ));
         }
         let level = backing_level(cfg.backing, "backing")?;
         match (vm_type, cfg.hooks.as_str()) {
             (VmType::Default, "none") => {}
             (VmType::Default, h) => {
-                return Err(bad_arg("hooks", format!("{h:?} is not valid for a default VM; allowed: none")));
+                return Err(bad_arg(
+                    "hooks",
+                    format!("{h:?} is not valid for a default VM; allowed: none"),
+                ));
             }
         }
         let max_gfn: u64 = if cfg.levels == 4 { 1 << 36 } else { 1 << 40 };
-        if cfg.memory == 0 || cfg.memory % 4096 != 0 {
-            return Err(bad_arg("memory", format!("must be a positive multiple of 4096 bytes, got {}", cfg.memory)));
-        }
-        if cfg.memory % cfg.backing != 0 {
+        if cfg.memory == 0 || !cfg.memory.is_multiple_of(4096) {
             return Err(bad_arg(
                 "memory",
-                format!("must be a multiple of the backing page size {} bytes, got {}", cfg.backing, cfg.memory),
+                format!(
+                    "must be a positive multiple of 4096 bytes, got {}",
+                    cfg.memory
+                ),
+            ));
+        }
+        if !cfg.memory.is_multiple_of(cfg.backing) {
+            return Err(bad_arg(
+                "memory",
+                format!(
+                    "must be a multiple of the backing page size {} bytes, got {}",
+                    cfg.backing, cfg.memory
+                ),
             ));
         }
         let pages = cfg.memory / 4096;
         if pages > max_gfn {
             return Err(bad_arg(
                 "memory",
-                format!("{} bytes exceeds the {}-level guest-physical limit of {} bytes", cfg.memory, cfg.levels, max_gfn * 4096),
+                format!(
+                    "{} bytes exceeds the {}-level guest-physical limit of {} bytes",
+                    cfg.memory,
+                    cfg.levels,
+                    max_gfn * 4096
+                ),
             ));
         }
         let ram = host_ram_bytes();
@@ -313,7 +352,13 @@ impl Vm {
 
     pub(crate) fn check_gfn(&self, gfn: u64, arg: &str) -> Result<()> {
         if gfn >= self.max_gfn {
-            return Err(bad_arg(arg, format!("gfn {gfn:#x} is beyond the guest-physical limit; allowed 0..{:#x}", self.max_gfn)));
+            return Err(bad_arg(
+                arg,
+                format!(
+                    "gfn {gfn:#x} is beyond the guest-physical limit; allowed 0..{:#x}",
+                    self.max_gfn
+                ),
+            ));
         }
         Ok(())
     }
@@ -326,7 +371,10 @@ impl Vm {
         if gfn.checked_add(npages).is_none_or(|e| e > self.max_gfn) {
             return Err(bad_arg(
                 "npages",
-                format!("range [{gfn:#x}, +{npages:#x}) runs past the guest-physical limit {:#x}", self.max_gfn),
+                format!(
+                    "range [{gfn:#x}, +{npages:#x}) runs past the guest-physical limit {:#x}",
+                    self.max_gfn
+                ),
             ));
         }
         Ok(())
@@ -334,16 +382,20 @@ impl Vm {
 
     pub(crate) fn check_vcpu(&self, vcpu: u32) -> Result<()> {
         if vcpu >= self.cfg.vcpus {
-            return Err(bad_arg("vcpu", format!("must be in 0..{}, got {vcpu}", self.cfg.vcpus)));
+            return Err(bad_arg(
+                "vcpu",
+                format!("must be in 0..{}, got {vcpu}", self.cfg.vcpus),
+            ));
         }
         Ok(())
     }
 
     pub(crate) fn check_private(&self, private: Option<bool>) -> Result<bool> {
         match (self.vm_type, private) {
-            (VmType::Default, Some(true)) => {
-                Err(bad_arg("private", "a default VM has no private memory; use private=False or None"))
-            }
+            (VmType::Default, Some(true)) => Err(bad_arg(
+                "private",
+                "a default VM has no private memory; use private=False or None",
+            )),
             (_, p) => Ok(p.unwrap_or(false)),
         }
     }
@@ -370,13 +422,25 @@ impl Vm {
     fn alloc_root(&self, ctx: &mut Ctx, mirror: bool) -> Result<u32> {
         let role = self.root_role(mirror);
         let mut roots = self.roots.lock();
-        if let Some(r) = roots.iter_mut().find(|r| !r.invalid && r.role == role && r.refcount > 0) {
+        if let Some(r) = roots
+            .iter_mut()
+            .find(|r| !r.invalid && r.role == role && r.refcount > 0)
+        {
             r.refcount += 1;
             return Ok(r.table);
         }
         let flags = SP_ROOT | if mirror { SP_MIRROR } else { 0 };
         let table = self.arena.alloc(self.cfg.levels, 0, flags)?;
-        roots.insert(0, Root { table, role, refcount: 2, invalid: false, scheduled_to_zap: false });
+        roots.insert(
+            0,
+            Root {
+                table,
+                role,
+                refcount: 2,
+                invalid: false,
+                scheduled_to_zap: false,
+            },
+        );
         ctx.inc(C::roots_allocated);
         Ok(table)
     }
@@ -414,7 +478,11 @@ impl Vm {
 
     /// The newest valid root of the given kind (what `walk`/`spte` inspect).
     pub fn current_root(&self, mirror: bool) -> Option<u32> {
-        self.roots.lock().iter().find(|r| !r.invalid && r.is_mirror() == mirror).map(|r| r.table)
+        self.roots
+            .lock()
+            .iter()
+            .find(|r| !r.invalid && r.is_mirror() == mirror)
+            .map(|r| r.table)
     }
 
     pub fn roots_snapshot(&self) -> Vec<Root> {
@@ -429,7 +497,14 @@ impl Vm {
     // ----- the fault path ----------------------------------------------------------------------
 
     /// One EPT-violation-style fault, as the guest would take it.
-    pub fn fault(&self, gfn: u64, private: Option<bool>, write: bool, exec: bool, vcpu: u32) -> Result<FaultResult> {
+    pub fn fault(
+        &self,
+        gfn: u64,
+        private: Option<bool>,
+        write: bool,
+        exec: bool,
+        vcpu: u32,
+    ) -> Result<FaultResult> {
         self.ensure_alive()?;
         self.check_gfn(gfn, "gfn")?;
         self.check_vcpu(vcpu)?;
@@ -437,7 +512,16 @@ impl Vm {
         let mut ctx = Ctx::default();
         let r = {
             let st = self.mmu_lock.read();
-            self.page_fault(&st, &mut ctx, gfn, is_private, write, exec, vcpu as usize, false)
+            self.page_fault(
+                &st,
+                &mut ctx,
+                gfn,
+                is_private,
+                write,
+                exec,
+                vcpu as usize,
+                false,
+            )
         };
         if self.arena_has_deferred() {
             self.grace_period();
@@ -453,12 +537,26 @@ impl Vm {
     }
 
     /// Faults for a batch of gfns on one vCPU, one read-lock hold per batch.
-    pub fn fault_batch(&self, gfns: &[u64], private: Option<bool>, write: bool, exec: bool, vcpu: u32, out: &mut [u8]) -> Result<()> {
+    pub fn fault_batch(
+        &self,
+        gfns: &[u64],
+        private: Option<bool>,
+        write: bool,
+        exec: bool,
+        vcpu: u32,
+        out: &mut [u8],
+    ) -> Result<()> {
         self.ensure_alive()?;
         self.check_vcpu(vcpu)?;
         let is_private = self.check_private(private)?;
         if let Some((i, g)) = gfns.iter().enumerate().find(|(_, g)| **g >= self.max_gfn) {
-            return Err(bad_arg("gfns", format!("gfns[{i}] = {g:#x} is beyond the guest-physical limit; allowed 0..{:#x}", self.max_gfn)));
+            return Err(bad_arg(
+                "gfns",
+                format!(
+                    "gfns[{i}] = {g:#x} is beyond the guest-physical limit; allowed 0..{:#x}",
+                    self.max_gfn
+                ),
+            ));
         }
         assert_eq!(gfns.len(), out.len());
         let mut ctx = Ctx::default();
@@ -466,7 +564,16 @@ impl Vm {
         {
             let st = self.mmu_lock.read();
             for (g, o) in gfns.iter().zip(out.iter_mut()) {
-                match self.page_fault(&st, &mut ctx, *g, is_private, write, exec, vcpu as usize, false) {
+                match self.page_fault(
+                    &st,
+                    &mut ctx,
+                    *g,
+                    is_private,
+                    write,
+                    exec,
+                    vcpu as usize,
+                    false,
+                ) {
                     Ok(r) => *o = r.ret as u8,
                     Err(e) => {
                         err = Some(e);
@@ -522,7 +629,10 @@ impl Vm {
         // MMIO cache: a current-generation MMIO SPTE is handled without a page fault.
         if slot.is_none() && !prefetch {
             let (level, s) = self.lookup(root, gfn, gfn_bits);
-            if level == 1 && is_mmio(s) && mmio_generation(s) == st.memslots.generation & spte::MMIO_GEN_MASK {
+            if level == 1
+                && is_mmio(s)
+                && mmio_generation(s) == st.memslots.generation & spte::MMIO_GEN_MASK
+            {
                 return Ok(FaultResult {
                     ret: Ret::Emulate,
                     level: 1,
@@ -626,7 +736,14 @@ impl Vm {
     }
 
     /// `kvm_tdp_mmu_map`.
-    fn tdp_mmu_map(&self, ctx: &mut Ctx, f: &mut KvmPageFault, root: u32, gfn_bits: u64, generation: u64) -> Result<Ret> {
+    fn tdp_mmu_map(
+        &self,
+        ctx: &mut Ctx,
+        f: &mut KvmPageFault,
+        root: u32,
+        gfn_bits: u64,
+        generation: u64,
+    ) -> Result<Ret> {
         let mirror = self.has_mirror && self.is_mirror_table(root);
         let mut it = TdpIter::start(&self.arena, root, self.cfg.levels, 1, f.gfn, gfn_bits);
         let end = f.gfn + 1;
@@ -648,7 +765,11 @@ impl Vm {
                 continue;
             }
             let flags = (if mirror { SP_MIRROR } else { 0 })
-                | if f.huge_page_disallowed { SP_NX_DISALLOWED } else { 0 };
+                | if f.huge_page_disallowed {
+                    SP_NX_DISALLOWED
+                } else {
+                    0
+                };
             let child = self.arena.alloc(it.level - 1, it.gfn, flags)?;
             let r = if is_shadow_present(s) {
                 if mirror {
@@ -673,11 +794,20 @@ impl Vm {
     }
 
     /// `tdp_mmu_map_handle_target_level`.
-    fn map_handle_target_level(&self, ctx: &mut Ctx, f: &mut KvmPageFault, it: &mut TdpIter<'_>, generation: u64) -> Result<Ret> {
+    fn map_handle_target_level(
+        &self,
+        ctx: &mut Ctx,
+        f: &mut KvmPageFault,
+        it: &mut TdpIter<'_>,
+        generation: u64,
+    ) -> Result<Ret> {
         let old = it.old_spte;
         f.level = it.level;
         f.spte = old;
-        if is_shadow_present(old) && is_last(old, it.level) && (f.prefetch || access_allowed(old, f.write, f.exec)) {
+        if is_shadow_present(old)
+            && is_last(old, it.level)
+            && (f.prefetch || access_allowed(old, f.write, f.exec))
+        {
             return Ok(Ret::Spurious);
         }
         let new = if f.mmio {
@@ -706,7 +836,9 @@ impl Vm {
     /// The entry that maps `gfn` in `root` (a leaf, or the first non-present entry): (level, spte).
     pub(crate) fn lookup(&self, root: u32, gfn: u64, gfn_bits: u64) -> (u8, u64) {
         let w = self.walk_root(root, gfn, gfn_bits);
-        w.last().copied().unwrap_or((self.cfg.levels, SHADOW_NONPRESENT_VALUE))
+        w.last()
+            .copied()
+            .unwrap_or((self.cfg.levels, SHADOW_NONPRESENT_VALUE))
     }
 
     /// Entries on the path from `root` to `gfn`, stopping after a leaf or a non-present entry.
@@ -719,7 +851,10 @@ impl Vm {
         let mut table = root;
         let mut level = self.cfg.levels;
         loop {
-            let s = self.arena.entry(table, spte::index(gfn | gfn_bits, level)).load(Ordering::Acquire);
+            let s = self
+                .arena
+                .entry(table, spte::index(gfn | gfn_bits, level))
+                .load(Ordering::Acquire);
             out.push((level, s));
             if !is_shadow_present(s) || is_last(s, level) {
                 return out;
@@ -746,6 +881,10 @@ impl Vm {
     }
 
     pub fn spte(&self, gfn: u64, private: bool) -> Result<u64> {
-        Ok(self.walk(gfn, private)?.last().map(|e| e.1).unwrap_or(SHADOW_NONPRESENT_VALUE))
+        Ok(self
+            .walk(gfn, private)?
+            .last()
+            .map(|e| e.1)
+            .unwrap_or(SHADOW_NONPRESENT_VALUE))
     }
 }

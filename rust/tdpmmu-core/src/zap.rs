@@ -31,8 +31,14 @@ impl Vm {
     ) {
         let mirror = self.has_mirror && self.is_mirror_table(root);
         let end = end.min(self.max_gfn);
-        let mut it =
-            TdpIter::start(&self.arena, root, self.cfg.levels, 1, start, self.root_gfn_bits(mirror));
+        let mut it = TdpIter::start(
+            &self.arena,
+            root,
+            self.cfg.levels,
+            1,
+            start,
+            self.root_gfn_bits(mirror),
+        );
         while it.in_range(end) {
             let s = it.old_spte;
             if !is_shadow_present(s) || !is_last(s, it.level) {
@@ -49,7 +55,13 @@ impl Vm {
     }
 
     /// Leaf zap of [start, end) in every root matching `types`.
-    pub(crate) fn zap_leafs(&self, ctx: &mut Ctx, types: RootTypes, start: u64, end: u64) -> ZapOutcome {
+    pub(crate) fn zap_leafs(
+        &self,
+        ctx: &mut Ctx,
+        types: RootTypes,
+        start: u64,
+        end: u64,
+    ) -> ZapOutcome {
         let targets: Vec<(u32, bool)> = self
             .roots
             .lock()
@@ -112,7 +124,10 @@ impl Vm {
     }
 
     /// Run `body` under the write lock with a fresh context; end the grace period and merge.
-    pub(crate) fn write_op<T>(&self, body: impl FnOnce(&mut MmuState, &mut Ctx) -> Result<T>) -> Result<T> {
+    pub(crate) fn write_op<T>(
+        &self,
+        body: impl FnOnce(&mut MmuState, &mut Ctx) -> Result<T>,
+    ) -> Result<T> {
         self.ensure_alive()?;
         let mut ctx = Ctx::default();
         let r = {
@@ -142,7 +157,12 @@ impl Vm {
     pub fn mmu_notifier_invalidate(&self, gfn: u64, npages: u64) -> Result<u64> {
         self.check_range(gfn, npages)?;
         self.write_op(|_, ctx| {
-            let out = self.zap_leafs(ctx, RootTypes::DIRECT.or(RootTypes::INVALID), gfn, gfn + npages);
+            let out = self.zap_leafs(
+                ctx,
+                RootTypes::DIRECT.or(RootTypes::INVALID),
+                gfn,
+                gfn + npages,
+            );
             if out.flush {
                 self.flush_remote_tlbs(ctx);
             }
@@ -160,7 +180,10 @@ impl Vm {
     pub fn add_memslot(&self, gfn: u64, npages: u64, backing: u64, gmem: bool) -> Result<u32> {
         let level = backing_level(backing, "backing")?;
         if gmem && self.vm_type == VmType::Default {
-            return Err(bad_arg("gmem", "a default VM has no guest_memfd; use gmem=False"));
+            return Err(bad_arg(
+                "gmem",
+                "a default VM has no guest_memfd; use gmem=False",
+            ));
         }
         self.ensure_alive()?;
         self.write_op(|st, _| {
@@ -175,7 +198,10 @@ impl Vm {
         self.write_op(|st, ctx| {
             let Some(slot) = st.memslots.by_id(id) else {
                 let ids: Vec<String> = st.memslots.slots.iter().map(|s| s.id.to_string()).collect();
-                return Err(bad_arg("slot", format!("no memslot {id}; existing: [{}]", ids.join(", "))));
+                return Err(bad_arg(
+                    "slot",
+                    format!("no memslot {id}; existing: [{}]", ids.join(", ")),
+                ));
             };
             let (start, end) = (slot.gfn, slot.end());
             if self.vm_type == VmType::Default && self.cfg.slot_zap_all {
@@ -206,14 +232,26 @@ impl Vm {
             let mut g = gfn;
             while g < end {
                 let Some(s) = st.memslots.find(g) else {
-                    return Err(bad_arg("gfn", format!("gfn {g:#x} of the range is not in any memslot")));
+                    return Err(bad_arg(
+                        "gfn",
+                        format!("gfn {g:#x} of the range is not in any memslot"),
+                    ));
                 };
                 g = s.end();
             }
             let mut installed = 0;
             let mut g = gfn;
             while g < end {
-                let r = self.page_fault(&st, &mut ctx, g, is_private, true, false, vcpu as usize, true)?;
+                let r = self.page_fault(
+                    &st,
+                    &mut ctx,
+                    g,
+                    is_private,
+                    true,
+                    false,
+                    vcpu as usize,
+                    true,
+                )?;
                 match r.ret {
                     Ret::Retry => continue,
                     Ret::Fixed => installed += 1,

@@ -71,7 +71,10 @@ fn panic_to_py(py: Python<'_>, p: Box<dyn std::any::Any + Send>) -> PyErr {
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
     match err_types(py) {
-        Ok(t) => PyErr::from_type(t.base.bind(py).clone(), format!("internal error in tdpmmu-core: {msg}")),
+        Ok(t) => PyErr::from_type(
+            t.base.bind(py).clone(),
+            format!("internal error in tdpmmu-core: {msg}"),
+        ),
         Err(e) => e,
     }
 }
@@ -86,7 +89,10 @@ fn call<T>(py: Python<'_>, f: impl FnOnce() -> core::Result<T>) -> PyResult<T> {
 }
 
 /// Run core code with the GIL released; panics become TdpmmuError.
-fn call_detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> core::Result<T> + Send) -> PyResult<T> {
+fn call_detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> core::Result<T> + Send,
+) -> PyResult<T> {
     match py.detach(move || catch_unwind(AssertUnwindSafe(f))) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(to_py(py, e)),
@@ -96,7 +102,9 @@ fn call_detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> core::Result<T> + 
 
 fn nonneg(name: &str, v: i128, limit: u128) -> PyResult<u64> {
     if v < 0 || v as u128 >= limit {
-        return Err(PyValueError::new_err(format!("{name}: must be in 0..{limit:#x}, got {v}")));
+        return Err(PyValueError::new_err(format!(
+            "{name}: must be in 0..{limit:#x}, got {v}"
+        )));
     }
     Ok(v as u64)
 }
@@ -109,7 +117,9 @@ static RET_MEMBERS: PyOnceLock<Vec<Py<PyAny>>> = PyOnceLock::new();
 #[pyfunction]
 fn _register_ret(py: Python<'_>, members: Vec<Py<PyAny>>) -> PyResult<()> {
     if members.len() < 8 {
-        return Err(PyValueError::new_err("members: expected the 8 Ret members in value order"));
+        return Err(PyValueError::new_err(
+            "members: expected the 8 Ret members in value order",
+        ));
     }
     let _ = RET_MEMBERS.set(py, members);
     Ok(())
@@ -154,14 +164,20 @@ fn spte_decode(py: Python<'_>, value: u64) -> PyResult<Bound<'_, PyDict>> {
 fn make_leaf_spte(pfn: i128, level: u8, exec: bool, prefetch: bool) -> PyResult<u64> {
     let pfn = nonneg("pfn", pfn, 1 << 40)?;
     if !(1..=3).contains(&level) {
-        return Err(PyValueError::new_err(format!("level: must be 1, 2 or 3, got {level}")));
+        return Err(PyValueError::new_err(format!(
+            "level: must be 1, 2 or 3, got {level}"
+        )));
     }
     Ok(core::spte::make_leaf_spte(pfn, level, exec, prefetch))
 }
 
 #[pyfunction]
 fn make_nonleaf_spte(child_pfn: i128) -> PyResult<u64> {
-    Ok(core::spte::make_nonleaf_spte(nonneg("child_pfn", child_pfn, 1 << 40)?))
+    Ok(core::spte::make_nonleaf_spte(nonneg(
+        "child_pfn",
+        child_pfn,
+        1 << 40,
+    )?))
 }
 
 #[pyfunction]
@@ -177,7 +193,9 @@ fn make_mmio_spte(gfn: i128, generation: i128) -> PyResult<u64> {
 fn native_floor(py: Python<'_>, gfns: &Bound<'_, PyAny>, levels: u8) -> PyResult<(f64, usize)> {
     let arr = u64_array(gfns, "gfns")?;
     let ro = arr.readonly();
-    let s = ro.as_slice().map_err(|e| PyValueError::new_err(format!("gfns: {e}")))?;
+    let s = ro
+        .as_slice()
+        .map_err(|e| PyValueError::new_err(format!("gfns: {e}")))?;
     if levels != 4 && levels != 5 {
         return Err(PyValueError::new_err("levels: must be 4 or 5"));
     }
@@ -284,7 +302,9 @@ impl Vm {
     ) -> PyResult<Self> {
         let mut cm = core::CostModel::default();
         for (k, v) in costs.iter() {
-            let k: String = k.extract().map_err(|_| PyTypeError::new_err("costs: keys must be str"))?;
+            let k: String = k
+                .extract()
+                .map_err(|_| PyTypeError::new_err("costs: keys must be str"))?;
             let v: f64 = v
                 .extract()
                 .map_err(|_| PyTypeError::new_err(format!("costs[{k:?}]: must be a number")))?;
@@ -304,7 +324,9 @@ impl Vm {
             slot_zap_all,
         };
         let vm = call(py, || core::Vm::new(cfg))?;
-        Ok(Self { inner: Arc::new(vm) })
+        Ok(Self {
+            inner: Arc::new(vm),
+        })
     }
 
     #[getter]
@@ -385,12 +407,20 @@ impl Vm {
         };
         let mut out = vec![0u8; s.len()];
         let inner = &self.inner;
-        call_detached(py, || inner.fault_batch(s, private, write, exec, vcpu, &mut out))?;
+        call_detached(py, || {
+            inner.fault_batch(s, private, write, exec, vcpu, &mut out)
+        })?;
         Ok(PyArray1::from_vec(py, out))
     }
 
     #[pyo3(signature = (gfn, npages, private = None))]
-    fn populate(&self, py: Python<'_>, gfn: i128, npages: i128, private: Option<bool>) -> PyResult<u64> {
+    fn populate(
+        &self,
+        py: Python<'_>,
+        gfn: i128,
+        npages: i128,
+        private: Option<bool>,
+    ) -> PyResult<u64> {
         let (gfn, npages) = self.range(gfn, npages)?;
         let inner = &self.inner;
         call_detached(py, || inner.populate(gfn, npages, private, 0))
@@ -414,7 +444,14 @@ impl Vm {
     }
 
     #[pyo3(signature = (gfn, npages, backing = 4096, gmem = false))]
-    fn add_memslot(&self, py: Python<'_>, gfn: i128, npages: i128, backing: i128, gmem: bool) -> PyResult<u32> {
+    fn add_memslot(
+        &self,
+        py: Python<'_>,
+        gfn: i128,
+        npages: i128,
+        backing: i128,
+        gmem: bool,
+    ) -> PyResult<u32> {
         let (gfn, npages) = self.range(gfn, npages)?;
         let backing = nonneg("backing", backing, 1 << 62)?;
         call(py, || self.inner.add_memslot(gfn, npages, backing, gmem))
@@ -506,7 +543,11 @@ impl Vm {
     ) -> PyResult<Bound<'py, PyList>> {
         let a = MemstressArgs {
             vcpus: nonneg("vcpus", vcpus, self.inner.cfg.vcpus as u128 + 1)? as u32,
-            pages_per_vcpu: nonneg("pages_per_vcpu", pages_per_vcpu, self.inner.max_gfn as u128 + 1)?,
+            pages_per_vcpu: nonneg(
+                "pages_per_vcpu",
+                pages_per_vcpu,
+                self.inner.max_gfn as u128 + 1,
+            )?,
             base_gfn: nonneg("base_gfn", base_gfn, self.inner.max_gfn as u128)?,
             overlap,
             random_access,
@@ -530,7 +571,9 @@ impl Vm {
 
     /// Test hook: panic inside the core to prove panics surface as TdpmmuError.
     fn _inject_panic(&self, py: Python<'_>) -> PyResult<()> {
-        call_detached(py, || -> core::Result<()> { panic!("injected panic (test hook)") })
+        call_detached(py, || -> core::Result<()> {
+            panic!("injected panic (test hook)")
+        })
     }
 }
 
@@ -539,7 +582,9 @@ impl Vm {
         let max = self.inner.max_gfn as u128;
         let gfn = nonneg("gfn", gfn, max)?;
         if npages <= 0 || npages as u128 > max {
-            return Err(PyValueError::new_err(format!("npages: must be in 1..={max:#x}, got {npages}")));
+            return Err(PyValueError::new_err(format!(
+                "npages: must be in 1..={max:#x}, got {npages}"
+            )));
         }
         Ok((gfn, npages as u64))
     }
@@ -557,7 +602,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvariantError", t.invariant.bind(py))?;
     m.add("OutOfMemory", t.oom.bind(py))?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("SHADOW_NONPRESENT_VALUE", core::spte::SHADOW_NONPRESENT_VALUE)?;
+    m.add(
+        "SHADOW_NONPRESENT_VALUE",
+        core::spte::SHADOW_NONPRESENT_VALUE,
+    )?;
     m.add("FROZEN_SPTE", core::spte::FROZEN_SPTE)?;
     m.add("TABLE_BASE_PFN", core::arena::TABLE_BASE_PFN)?;
     m.add("DATA_BASE_PFN", core::memslot::DATA_BASE_PFN)?;
