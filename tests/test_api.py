@@ -1,6 +1,7 @@
 """The public Python API: construction, faults, walks, the tables view, stats, SPTE helpers."""
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -215,7 +216,7 @@ def test_tables_view_is_readonly_and_matches_walk(vm: tdpmmu.VM) -> None:
     path = vm.walk(gfn)
     root_pfn = vm.roots()[0]["pfn"]
     assert t[root_pfn - TABLE_BASE_PFN, _index(gfn, 4)] == path[0][1]
-    for (_, parent), (level, child) in zip(path, path[1:], strict=False):
+    for (_, parent), (level, child) in itertools.pairwise(path):
         assert t[spte.pfn(parent) - TABLE_BASE_PFN, _index(gfn, level)] == child
     untouched = int(np.count_nonzero(t != spte.SHADOW_NONPRESENT_VALUE))
     assert untouched == len(path)

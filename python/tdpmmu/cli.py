@@ -64,9 +64,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="default",
         help="simulated VM type (default: %(default)s)",
     )
-    p.add_argument(
-        "--levels", type=int, choices=(4, 5), default=4, help="TDP levels (default: 4)"
-    )
+    p.add_argument("--levels", type=int, choices=(4, 5), default=4, help="TDP levels (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
     p.add_argument(
         "--cost",

@@ -1,7 +1,7 @@
 """The cost model: nanoseconds charged to the modeled clock for work tdpmmu does not execute.
 
 Every default comes from ``shared/spec/costs.md`` §6 ("Suggested defaults for modeled costs"),
-whose rows are estimates (E) derived from published measurements (§1–§3); each field below
+whose rows are estimates (E) derived from published measurements (§1 to §3); each field below
 names its row. Modeled time is a property of the simulated system, not of this simulator.
 """
 
