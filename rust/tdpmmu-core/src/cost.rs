@@ -42,11 +42,34 @@ cost_model!(
     tlb_flush_base_ns = 1000.0,
     tlb_flush_per_vcpu_ns = 200.0,
     spte_update_ns = 60.0,
+    // TDX (see python/tdpmmu/costs.py for the source of each default).
+    td_exit_entry_ns = 1000.0,
+    tdh_mem_sept_add_ns = 1000.0,
+    tdh_mem_page_aug_ns = 500.0,
+    tdh_mem_page_add_ns = 1000.0,
+    tdh_mr_extend_ns = 200.0,
+    tdg_mem_page_accept_ns = 200.0,
+    tdh_mem_range_block_ns = 2000.0,
+    tdh_mem_track_ns = 2000.0,
+    kick_base_ns = 3000.0,
+    kick_per_vcpu_ns = 500.0,
+    tdh_mem_page_remove_ns = 2000.0,
+    tdh_phymem_page_wbinvd_ns = 4000.0,
+    page_clear_ns = 1000.0,
+    tdh_phymem_page_reclaim_ns = 4000.0,
+    tdh_mem_sept_remove_ns = 2000.0,
+    tdh_vp_flush_ns = 1000.0,
+    tdh_mng_vpflushdone_ns = 1000.0,
+    tdh_phymem_cache_wb_ns = 100000.0,
+    tdh_mng_key_freeid_ns = 1000.0,
 );
 
 impl CostModel {
     pub fn tlb_flush(&self, vcpus: u32) -> f64 {
         self.tlb_flush_base_ns + self.tlb_flush_per_vcpu_ns * vcpus as f64
+    }
+    pub fn kick(&self, vcpus: u32) -> f64 {
+        self.kick_base_ns + self.kick_per_vcpu_ns * vcpus as f64
     }
     /// First touch of a host backing page of `pages_4k` 4K pages.
     pub fn host_page(&self, pages_4k: u64) -> f64 {

@@ -17,6 +17,7 @@ pub mod memstress;
 pub mod mmu;
 pub mod spte;
 pub mod stats;
+pub mod tdx;
 pub mod vm;
 pub mod zap;
 

@@ -4,13 +4,16 @@
 use parking_lot::Mutex;
 
 macro_rules! counters {
-    ($($name:ident),* $(,)?) => {
+    ($($name:ident $(= $display:literal)?),* $(,)?) => {
         #[allow(non_camel_case_types)]
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[repr(usize)]
         pub enum C { $($name),* }
-        pub const COUNTER_NAMES: &[&str] = &[$(stringify!($name)),*];
+        /// Names as users see them: KVM's counter names, hook names, SEAMCALL leaf names.
+        pub const COUNTER_NAMES: &[&str] = &[$(counters!(@name $name $($display)?)),*];
     };
+    (@name $name:ident $display:literal) => { $display };
+    (@name $name:ident) => { stringify!($name) };
 }
 
 counters!(
@@ -32,9 +35,46 @@ counters!(
     roots_allocated,
     roots_freed,
     host_pages_allocated,
+    // External hooks (TDX mirror page tables).
+    link_external_spt,
+    set_external_spte,
+    remove_external_spte,
+    free_external_spt,
+    external_spt_leaked,
+    // TDX module SEAMCALLs and guest TDCALLs.
+    sept_add = "TDH.MEM.SEPT.ADD",
+    page_aug = "TDH.MEM.PAGE.AUG",
+    page_add = "TDH.MEM.PAGE.ADD",
+    mr_extend = "TDH.MR.EXTEND",
+    range_block = "TDH.MEM.RANGE.BLOCK",
+    mem_track = "TDH.MEM.TRACK",
+    page_remove = "TDH.MEM.PAGE.REMOVE",
+    page_wbinvd = "TDH.PHYMEM.PAGE.WBINVD",
+    page_reclaim = "TDH.PHYMEM.PAGE.RECLAIM",
+    sept_remove = "TDH.MEM.SEPT.REMOVE",
+    vp_flush = "TDH.VP.FLUSH",
+    vpflushdone = "TDH.MNG.VPFLUSHDONE",
+    cache_wb = "TDH.PHYMEM.CACHE.WB",
+    key_freeid = "TDH.MNG.KEY.FREEID",
+    page_accept = "TDG.MEM.PAGE.ACCEPT",
+    seamcall_busy,
+    vcpu_kicks,
+    page_clear,
+    tdx_local_retries,
+    sept_tables,
 );
 
 pub const NCOUNTERS: usize = COUNTER_NAMES.len();
+
+/// One trace event: hook or SEAMCALL name (or a KVM step), gfn, level, and a detail word
+/// (a SEAMCALL's status, a hook's SPTE, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub op: &'static str,
+    pub gfn: u64,
+    pub level: u8,
+    pub detail: u64,
+}
 
 /// Per-operation / per-thread accumulator.
 #[derive(Debug, Clone)]
@@ -43,6 +83,10 @@ pub struct Ctx {
     pub modeled_ns: f64,
     /// Set when a KVM_BUG_ON fired during this operation.
     pub bug: Option<String>,
+    /// Events, only when the VM traces (None costs one branch per event).
+    pub events: Option<Vec<Event>>,
+    /// The operation acts for private memory (a private fault or a PRIVATE-filtered zap).
+    pub op_private: bool,
 }
 
 impl Default for Ctx {
@@ -51,11 +95,31 @@ impl Default for Ctx {
             c: [0; NCOUNTERS],
             modeled_ns: 0.0,
             bug: None,
+            events: None,
+            op_private: false,
         }
     }
 }
 
 impl Ctx {
+    pub fn traced(trace: bool) -> Self {
+        Self {
+            events: trace.then(Vec::new),
+            ..Self::default()
+        }
+    }
+    #[inline(always)]
+    pub fn trace(&mut self, op: &'static str, gfn: u64, level: u8, detail: u64) {
+        if let Some(ev) = self.events.as_mut() {
+            ev.push(Event {
+                op,
+                gfn,
+                level,
+                detail,
+            });
+        }
+    }
+
     #[inline(always)]
     pub fn inc(&mut self, c: C) {
         self.c[c as usize] += 1;
@@ -88,6 +152,7 @@ impl Ctx {
 #[derive(Debug, Default)]
 pub struct Totals {
     inner: Mutex<Ctx>,
+    events: Mutex<Vec<Event>>,
 }
 
 impl Totals {
@@ -97,9 +162,18 @@ impl Totals {
             *a += *b;
         }
         t.modeled_ns += ctx.modeled_ns;
+        drop(t);
+        if let Some(ev) = &ctx.events {
+            self.events.lock().extend(ev.iter().cloned());
+        }
+    }
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().clone()
     }
     pub fn snapshot(&self) -> Ctx {
-        self.inner.lock().clone()
+        let mut c = self.inner.lock().clone();
+        c.events = None;
+        c
     }
     pub fn get(&self, c: C) -> i64 {
         self.inner.lock().c[c as usize]

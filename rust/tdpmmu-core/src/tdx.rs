@@ -1,0 +1,878 @@
+//! A model of the TDX module's side of private memory: the TD's state (HKID, finalized, TLB
+//! epoch), its own S-EPT tree (in a separate arena, one state per entry), and the SEAMCALL
+//! leaves KVM issues, each checking its preconditions and answering with a status code instead
+//! of trusting the caller. `TdxHooks` is the KVM side (tdx.c's `tdx_sept_*`): it turns the
+//! four external hooks into SEAMCALL sequences.
+
+use std::sync::atomic::Ordering;
+
+use parking_lot::Mutex;
+
+use crate::arena::Arena;
+use crate::cost::CostModel;
+use crate::error::{Result, bad_arg};
+use crate::external::{ExternalOps, HookRet};
+use crate::spte::{self, SHADOW_NONPRESENT_VALUE, spte_to_pfn};
+use crate::stats::{C, Ctx};
+
+/// SEAMCALL completion status (class bits as the module reports them; bit 63 = error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Status {
+    Success = 0,
+    OperandBusy = 0x8000_0200_0000_0000,
+    EptWalkFailed = 0xC000_0B00_0000_0000,
+    EptEntryStateIncorrect = 0xC000_0B0D_0000_0000,
+    TlbTrackingNotDone = 0xC000_0B08_0000_0000,
+    OpStateIncorrect = 0xC000_0C00_0000_0000,
+    PageMetadataIncorrect = 0xC000_0300_0000_0000,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Success => "TDX_SUCCESS",
+            Self::OperandBusy => "TDX_OPERAND_BUSY",
+            Self::EptWalkFailed => "TDX_EPT_WALK_FAILED",
+            Self::EptEntryStateIncorrect => "TDX_EPT_ENTRY_STATE_INCORRECT",
+            Self::TlbTrackingNotDone => "TDX_TLB_TRACKING_NOT_DONE",
+            Self::OpStateIncorrect => "TDX_OP_STATE_INCORRECT",
+            Self::PageMetadataIncorrect => "TDX_PAGE_METADATA_INCORRECT",
+        }
+    }
+}
+
+// S-EPT entry encoding inside the model (not an EPT format): state in bits 0-3, pfn or table
+// pfn in 12-51, the TLB epoch an entry was blocked in, in 52-62.
+const FREE: u64 = SHADOW_NONPRESENT_VALUE;
+const ST_TABLE: u64 = 1;
+const ST_MAPPED: u64 = 2;
+const ST_PENDING: u64 = 3;
+const ST_BLOCKED_LEAF: u64 = 4;
+const ST_BLOCKED_TABLE: u64 = 5;
+const EPOCH_SHIFT: u32 = 52;
+const EPOCH_MASK: u64 = 0x7ff;
+
+fn state(e: u64) -> u64 {
+    if e == FREE { 0 } else { e & 0xf }
+}
+fn mk(st: u64, pfn: u64, epoch: u64) -> u64 {
+    st | (pfn << 12) & spte::PFN_MASK | (epoch & EPOCH_MASK) << EPOCH_SHIFT
+}
+fn epoch_of(e: u64) -> u64 {
+    (e >> EPOCH_SHIFT) & EPOCH_MASK
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeptFree {
+    /// Upstream: S-EPT tables live until the HKID is released, then RECLAIM.
+    Teardown,
+    /// Pre-upstream: BLOCK(parent) → TRACK → kick → SEPT.REMOVE → WBINVD, HKID still assigned.
+    SeptRemove,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Track {
+    PerPage,
+    /// BLOCK every leaf of a zap, one TRACK + one kick, then REMOVE each.
+    Batched,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interface {
+    FourHook,
+    TwoHook,
+}
+
+/// SEAMCALL leaves that can be made to report OPERAND_BUSY (index into `TdxOptions::busy`).
+pub const BUSY_LEAVES: &[&str] = &[
+    "TDH.MEM.SEPT.ADD",
+    "TDH.MEM.PAGE.AUG",
+    "TDH.MEM.RANGE.BLOCK",
+    "TDH.MEM.TRACK",
+    "TDH.MEM.PAGE.REMOVE",
+];
+
+#[derive(Debug, Clone)]
+pub struct TdxOptions {
+    /// "6.19" (PAGE.ADD from set_external_spte) or "6.16" (`nr_premapped`).
+    pub v6_16: bool,
+    pub sept_free: SeptFree,
+    pub track: Track,
+    pub interface: Interface,
+    /// Issue TDH.MR.EXTEND for every 256 bytes of an initial-image page.
+    pub measure: bool,
+    /// Probability of OPERAND_BUSY per leaf of `BUSY_LEAVES`, for the first try.
+    pub busy: [f64; 5],
+    /// Local retries of a private fault before giving up (KVM loops until an event is pending).
+    pub max_local_retries: u32,
+}
+
+impl Default for TdxOptions {
+    fn default() -> Self {
+        Self {
+            v6_16: false,
+            sept_free: SeptFree::Teardown,
+            track: Track::PerPage,
+            interface: Interface::FourHook,
+            measure: false,
+            busy: [0.0; 5],
+            max_local_retries: 1000,
+        }
+    }
+}
+
+impl TdxOptions {
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let bad =
+            |allowed: &str| bad_arg(key, format!("{value:?} is not allowed; allowed: {allowed}"));
+        match key {
+            "version" => match value {
+                "6.16" => self.v6_16 = true,
+                "6.19" => self.v6_16 = false,
+                _ => return Err(bad("6.16, 6.19")),
+            },
+            "sept_free" => match value {
+                "teardown" => self.sept_free = SeptFree::Teardown,
+                "sept_remove" => self.sept_free = SeptFree::SeptRemove,
+                _ => return Err(bad("teardown, sept_remove")),
+            },
+            "track" => match value {
+                "per_page" => self.track = Track::PerPage,
+                "batched" => self.track = Track::Batched,
+                _ => return Err(bad("per_page, batched")),
+            },
+            "interface" => match value {
+                "four_hook" => self.interface = Interface::FourHook,
+                "two_hook" => self.interface = Interface::TwoHook,
+                _ => return Err(bad("four_hook, two_hook")),
+            },
+            "measure" => match value {
+                "true" | "True" | "1" => self.measure = true,
+                "false" | "False" | "0" => self.measure = false,
+                _ => return Err(bad("true, false")),
+            },
+            _ => {
+                if let Some(i) = BUSY_LEAVES.iter().position(|l| *l == key) {
+                    let p: f64 = value.parse().map_err(|_| bad("a probability in [0, 1]"))?;
+                    if !(0.0..=1.0).contains(&p) {
+                        return Err(bad("a probability in [0, 1]"));
+                    }
+                    self.busy[i] = p;
+                } else {
+                    return Err(bad_arg(
+                        "tdx",
+                        format!(
+                            "unknown option {key:?}; allowed: version, sept_free, track, interface, measure, {}",
+                            BUSY_LEAVES.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct TdState {
+    finalized: bool,
+    hkid_assigned: bool,
+    epoch: u64,
+    /// Epoch at which all vCPUs were last forced out of the guest.
+    kicked_epoch: u64,
+    nr_premapped: i64,
+    rng: u64,
+    /// Leaves blocked by a batched zap, waiting for the single TRACK.
+    pending_remove: Vec<u64>,
+}
+
+/// The TDX module, as far as private memory goes.
+pub struct TdxModule {
+    pub arena: Arena,
+    pub root: u32,
+    levels: u8,
+    vcpus: u32,
+    pub opts: TdxOptions,
+    costs: CostModel,
+    st: Mutex<TdState>,
+}
+
+impl TdxModule {
+    pub fn new(
+        levels: u8,
+        vcpus: u32,
+        capacity: usize,
+        opts: TdxOptions,
+        costs: CostModel,
+        seed: u64,
+    ) -> Result<Self> {
+        let arena = Arena::new(capacity)?;
+        // The S-EPT root belongs to the TD's control structures (not a KVM external_spt page).
+        let root = arena.alloc(levels, 0, crate::arena::SP_EXTERNAL)?;
+        Ok(Self {
+            arena,
+            root,
+            levels,
+            vcpus,
+            opts,
+            costs,
+            st: Mutex::new(TdState {
+                finalized: false,
+                hkid_assigned: true,
+                epoch: 1,
+                kicked_epoch: 0,
+                nr_premapped: 0,
+                rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+                pending_remove: Vec::new(),
+            }),
+        })
+    }
+
+    pub fn finalized(&self) -> bool {
+        self.st.lock().finalized
+    }
+    pub fn hkid_assigned(&self) -> bool {
+        self.st.lock().hkid_assigned
+    }
+    pub fn nr_premapped(&self) -> i64 {
+        self.st.lock().nr_premapped
+    }
+
+    fn busy(&self, st: &mut TdState, leaf: usize) -> bool {
+        let p = self.opts.busy[leaf];
+        if p <= 0.0 {
+            return false;
+        }
+        st.rng ^= st.rng << 13;
+        st.rng ^= st.rng >> 7;
+        st.rng ^= st.rng << 17;
+        ((st.rng >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    fn seamcall(
+        &self,
+        ctx: &mut Ctx,
+        c: C,
+        ns: f64,
+        gfn: u64,
+        level: u8,
+        status: Status,
+    ) -> Status {
+        ctx.inc(c);
+        ctx.cost(ns);
+        ctx.trace(
+            crate::stats::COUNTER_NAMES[c as usize],
+            gfn,
+            level,
+            status as u64,
+        );
+        if status == Status::OperandBusy {
+            ctx.inc(C::seamcall_busy);
+        }
+        status
+    }
+
+    /// The S-EPT entry for `gfn` at `level` (PG level), if every table above it is linked.
+    fn entry(
+        &self,
+        gfn: u64,
+        level: u8,
+    ) -> std::result::Result<&std::sync::atomic::AtomicU64, Status> {
+        let mut table = self.root;
+        let mut l = self.levels;
+        while l > level {
+            let e = self
+                .arena
+                .entry(table, spte::index(gfn, l))
+                .load(Ordering::Acquire);
+            if state(e) != ST_TABLE {
+                return Err(Status::EptWalkFailed);
+            }
+            table = (spte_to_pfn(e) - crate::arena::TABLE_BASE_PFN) as u32;
+            l -= 1;
+        }
+        Ok(self.arena.entry(table, spte::index(gfn, l)))
+    }
+
+    /// Present S-EPT leaf (mapped or pending) at 4K for `gfn`: its pfn.
+    pub fn leaf_pfn(&self, gfn: u64) -> Option<u64> {
+        let e = self.entry(gfn, 1).ok()?.load(Ordering::Acquire);
+        matches!(state(e), ST_MAPPED | ST_PENDING).then(|| spte_to_pfn(e))
+    }
+
+    /// Number of S-EPT tables linked under the root and every present leaf (gfn, pfn).
+    pub fn snapshot(&self) -> (usize, Vec<(u64, u64)>) {
+        let mut tables = 0;
+        let mut leaves = Vec::new();
+        self.collect(self.root, self.levels, 0, &mut tables, &mut leaves);
+        (tables, leaves)
+    }
+
+    fn collect(
+        &self,
+        t: u32,
+        level: u8,
+        base: u64,
+        tables: &mut usize,
+        leaves: &mut Vec<(u64, u64)>,
+    ) {
+        for i in 0..spte::ENTRIES_PER_TABLE {
+            let e = self.arena.entry(t, i).load(Ordering::Acquire);
+            let gfn = base + i as u64 * spte::pages_per_level(level);
+            match state(e) {
+                ST_TABLE | ST_BLOCKED_TABLE => {
+                    *tables += 1;
+                    let c = (spte_to_pfn(e) - crate::arena::TABLE_BASE_PFN) as u32;
+                    self.collect(c, level - 1, gfn, tables, leaves);
+                }
+                ST_MAPPED | ST_PENDING | ST_BLOCKED_LEAF => leaves.push((gfn, spte_to_pfn(e))),
+                _ => {}
+            }
+        }
+    }
+
+    // ----- SEAMCALL leaves --------------------------------------------------------------------
+
+    /// TDH.MEM.SEPT.ADD: link a new S-EPT table under the entry at `level` (PG level).
+    fn sept_add(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64, level: u8) -> Status {
+        let ns = self.costs.tdh_mem_sept_add_ns;
+        if self.busy(st, 0) {
+            return self.seamcall(ctx, C::sept_add, ns, gfn, level, Status::OperandBusy);
+        }
+        if !st.hkid_assigned {
+            return self.seamcall(ctx, C::sept_add, ns, gfn, level, Status::OpStateIncorrect);
+        }
+        let e = match self.entry(gfn, level) {
+            Ok(e) => e,
+            Err(s) => return self.seamcall(ctx, C::sept_add, ns, gfn, level, s),
+        };
+        if e.load(Ordering::Acquire) != FREE {
+            return self.seamcall(
+                ctx,
+                C::sept_add,
+                ns,
+                gfn,
+                level,
+                Status::EptEntryStateIncorrect,
+            );
+        }
+        let Ok(t) = self.arena.alloc(
+            level - 1,
+            spte::round_gfn(gfn, level),
+            crate::arena::SP_EXTERNAL,
+        ) else {
+            return self.seamcall(
+                ctx,
+                C::sept_add,
+                ns,
+                gfn,
+                level,
+                Status::PageMetadataIncorrect,
+            );
+        };
+        e.store(mk(ST_TABLE, Arena::pfn(t), 0), Ordering::Release);
+        ctx.inc(C::sept_tables);
+        self.seamcall(ctx, C::sept_add, ns, gfn, level, Status::Success)
+    }
+
+    fn leaf_install(
+        &self,
+        ctx: &mut Ctx,
+        st: &mut TdState,
+        gfn: u64,
+        pfn: u64,
+        aug: bool,
+    ) -> Status {
+        let (c, ns) = if aug {
+            (C::page_aug, self.costs.tdh_mem_page_aug_ns)
+        } else {
+            (C::page_add, self.costs.tdh_mem_page_add_ns)
+        };
+        if aug && self.busy(st, 1) {
+            return self.seamcall(ctx, c, ns, gfn, 1, Status::OperandBusy);
+        }
+        if !st.hkid_assigned || st.finalized != aug {
+            return self.seamcall(ctx, c, ns, gfn, 1, Status::OpStateIncorrect);
+        }
+        let e = match self.entry(gfn, 1) {
+            Ok(e) => e,
+            Err(s) => return self.seamcall(ctx, c, ns, gfn, 1, s),
+        };
+        if e.load(Ordering::Acquire) != FREE {
+            return self.seamcall(ctx, c, ns, gfn, 1, Status::EptEntryStateIncorrect);
+        }
+        e.store(
+            mk(if aug { ST_PENDING } else { ST_MAPPED }, pfn, 0),
+            Ordering::Release,
+        );
+        let s = self.seamcall(ctx, c, ns, gfn, 1, Status::Success);
+        if !aug && self.opts.measure {
+            for _ in 0..16 {
+                self.seamcall(
+                    ctx,
+                    C::mr_extend,
+                    self.costs.tdh_mr_extend_ns,
+                    gfn,
+                    1,
+                    Status::Success,
+                );
+            }
+        }
+        s
+    }
+
+    /// TDG.MEM.PAGE.ACCEPT by the guest after a runtime private fault.
+    pub fn accept(&self, ctx: &mut Ctx, gfn: u64) {
+        if let Ok(e) = self.entry(gfn, 1) {
+            let v = e.load(Ordering::Acquire);
+            if state(v) == ST_PENDING {
+                e.store(mk(ST_MAPPED, spte_to_pfn(v), 0), Ordering::Release);
+                self.seamcall(
+                    ctx,
+                    C::page_accept,
+                    self.costs.tdg_mem_page_accept_ns,
+                    gfn,
+                    1,
+                    Status::Success,
+                );
+            }
+        }
+    }
+
+    fn range_block(
+        &self,
+        ctx: &mut Ctx,
+        st: &mut TdState,
+        gfn: u64,
+        level: u8,
+        may_busy: bool,
+    ) -> Status {
+        let ns = self.costs.tdh_mem_range_block_ns;
+        if may_busy && self.busy(st, 2) {
+            return self.seamcall(ctx, C::range_block, ns, gfn, level, Status::OperandBusy);
+        }
+        let e = match self.entry(gfn, level) {
+            Ok(e) => e,
+            Err(s) => return self.seamcall(ctx, C::range_block, ns, gfn, level, s),
+        };
+        let v = e.load(Ordering::Acquire);
+        let new = match state(v) {
+            ST_MAPPED | ST_PENDING if level == 1 => mk(ST_BLOCKED_LEAF, spte_to_pfn(v), st.epoch),
+            ST_TABLE => mk(ST_BLOCKED_TABLE, spte_to_pfn(v), st.epoch),
+            _ => {
+                return self.seamcall(
+                    ctx,
+                    C::range_block,
+                    ns,
+                    gfn,
+                    level,
+                    Status::EptEntryStateIncorrect,
+                );
+            }
+        };
+        e.store(new, Ordering::Release);
+        self.seamcall(ctx, C::range_block, ns, gfn, level, Status::Success)
+    }
+
+    fn mem_track(&self, ctx: &mut Ctx, st: &mut TdState, may_busy: bool) -> Status {
+        let ns = self.costs.tdh_mem_track_ns;
+        if may_busy && self.busy(st, 3) {
+            return self.seamcall(ctx, C::mem_track, ns, 0, 0, Status::OperandBusy);
+        }
+        if !st.finalized {
+            return self.seamcall(ctx, C::mem_track, ns, 0, 0, Status::OpStateIncorrect);
+        }
+        st.epoch += 1;
+        self.seamcall(ctx, C::mem_track, ns, 0, 0, Status::Success)
+    }
+
+    /// KVM_REQ_OUTSIDE_GUEST_MODE to every vCPU: all of them leave the old TLB epoch.
+    fn kick_all(&self, ctx: &mut Ctx, st: &mut TdState) {
+        st.kicked_epoch = st.epoch;
+        ctx.inc(C::vcpu_kicks);
+        ctx.cost(self.costs.kick(self.vcpus));
+        ctx.trace("kick", 0, 0, self.vcpus as u64);
+    }
+
+    fn tracking_done(&self, st: &TdState, e: u64) -> bool {
+        // Blocked in an older epoch, and every vCPU left the guest since the last TRACK.
+        !st.finalized
+            || ((epoch_of(e) & EPOCH_MASK) != (st.epoch & EPOCH_MASK)
+                && st.kicked_epoch == st.epoch)
+    }
+
+    fn page_remove(
+        &self,
+        ctx: &mut Ctx,
+        st: &mut TdState,
+        gfn: u64,
+        may_busy: bool,
+    ) -> (Status, u64) {
+        let ns = self.costs.tdh_mem_page_remove_ns;
+        if may_busy && self.busy(st, 4) {
+            return (
+                self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::OperandBusy),
+                0,
+            );
+        }
+        let e = match self.entry(gfn, 1) {
+            Ok(e) => e,
+            Err(s) => return (self.seamcall(ctx, C::page_remove, ns, gfn, 1, s), 0),
+        };
+        let v = e.load(Ordering::Acquire);
+        if state(v) != ST_BLOCKED_LEAF {
+            return (
+                self.seamcall(
+                    ctx,
+                    C::page_remove,
+                    ns,
+                    gfn,
+                    1,
+                    Status::EptEntryStateIncorrect,
+                ),
+                0,
+            );
+        }
+        if !self.tracking_done(st, v) {
+            return (
+                self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::TlbTrackingNotDone),
+                0,
+            );
+        }
+        e.store(FREE, Ordering::Release);
+        (
+            self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::Success),
+            spte_to_pfn(v),
+        )
+    }
+
+    fn wbinvd_and_clear(&self, ctx: &mut Ctx, gfn: u64, pfn: u64) {
+        self.seamcall(
+            ctx,
+            C::page_wbinvd,
+            self.costs.tdh_phymem_page_wbinvd_ns,
+            gfn,
+            1,
+            Status::Success,
+        );
+        ctx.inc(C::page_clear);
+        ctx.cost(self.costs.page_clear_ns);
+        ctx.trace("clear", gfn, 1, pfn);
+    }
+
+    /// tdx.c's busy handling on the zap side: on OPERAND_BUSY, block vCPU entry, kick everyone,
+    /// retry once (no vCPU can contend any more); a second failure is a KVM bug.
+    fn no_vcpus<T>(
+        &self,
+        ctx: &mut Ctx,
+        st: &mut TdState,
+        mut f: impl FnMut(&Self, &mut Ctx, &mut TdState, bool) -> (Status, T),
+    ) -> (Status, T) {
+        let (s, v) = f(self, ctx, st, true);
+        if s != Status::OperandBusy {
+            return (s, v);
+        }
+        self.kick_all(ctx, st);
+        f(self, ctx, st, false)
+    }
+
+    /// BLOCK → TRACK → kick → REMOVE → WBINVD → clear for one private 4K page.
+    fn remove_page(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64) {
+        let (s, ()) = self.no_vcpus(ctx, st, |m, c, st, b| (m.range_block(c, st, gfn, 1, b), ()));
+        if s != Status::Success {
+            if self.opts.v6_16 && !st.finalized && s == Status::EptEntryStateIncorrect {
+                // Premapped (counted, never PAGE.ADDed): nothing to remove in the module.
+                st.nr_premapped -= 1;
+                return;
+            }
+            ctx.bug(format!(
+                "TDH.MEM.RANGE.BLOCK failed for gfn {gfn:#x}: {}",
+                s.name()
+            ));
+            return;
+        }
+        if self.opts.track == Track::Batched {
+            st.pending_remove.push(gfn);
+            return;
+        }
+        self.track_and_kick(ctx, st);
+        let (s, pfn) = self.no_vcpus(ctx, st, |m, c, st, b| m.page_remove(c, st, gfn, b));
+        if s != Status::Success {
+            ctx.bug(format!(
+                "TDH.MEM.PAGE.REMOVE failed for gfn {gfn:#x}: {}",
+                s.name()
+            ));
+            return;
+        }
+        self.wbinvd_and_clear(ctx, gfn, pfn);
+    }
+
+    fn track_and_kick(&self, ctx: &mut Ctx, st: &mut TdState) {
+        if st.finalized {
+            let (s, ()) = self.no_vcpus(ctx, st, |m, c, st, b| (m.mem_track(c, st, b), ()));
+            if s != Status::Success {
+                ctx.bug(format!("TDH.MEM.TRACK failed: {}", s.name()));
+                return;
+            }
+            self.kick_all(ctx, st);
+        }
+    }
+
+    /// End of a zap with `track=batched`: one TRACK + kick, then REMOVE each blocked page.
+    pub fn flush_batched(&self, ctx: &mut Ctx) {
+        let mut st = self.st.lock();
+        if st.pending_remove.is_empty() {
+            return;
+        }
+        self.track_and_kick(ctx, &mut st);
+        let pending = std::mem::take(&mut st.pending_remove);
+        for gfn in pending {
+            let (s, pfn) = self.no_vcpus(ctx, &mut st, |m, c, st, b| m.page_remove(c, st, gfn, b));
+            if s != Status::Success {
+                ctx.bug(format!(
+                    "TDH.MEM.PAGE.REMOVE failed for gfn {gfn:#x}: {}",
+                    s.name()
+                ));
+                return;
+            }
+            self.wbinvd_and_clear(ctx, gfn, pfn);
+        }
+    }
+
+    /// KVM_TDX_FINALIZE_VM.
+    pub fn finalize(&self) -> Result<()> {
+        let mut st = self.st.lock();
+        if st.finalized {
+            return Err(bad_arg("finalize", "the TD is already finalized"));
+        }
+        if st.nr_premapped != 0 {
+            return Err(bad_arg(
+                "finalize",
+                format!(
+                    "{} premapped page(s) still lack TDH.MEM.PAGE.ADD (v6.16 nr_premapped)",
+                    st.nr_premapped
+                ),
+            ));
+        }
+        st.finalized = true;
+        Ok(())
+    }
+
+    /// v6.16 populate: the caller issues PAGE.ADD for a page set_external_spte only counted.
+    pub fn populate_page_add(&self, ctx: &mut Ctx, gfn: u64, pfn: u64) -> Status {
+        let mut st = self.st.lock();
+        let s = self.leaf_install(ctx, &mut st, gfn, pfn, false);
+        if s == Status::Success {
+            st.nr_premapped -= 1;
+        }
+        s
+    }
+
+    /// `tdx_mmu_release_hkid`.
+    pub fn release_hkid(&self, ctx: &mut Ctx) {
+        let mut st = self.st.lock();
+        if !st.hkid_assigned {
+            return;
+        }
+        for v in 0..self.vcpus {
+            self.seamcall(
+                ctx,
+                C::vp_flush,
+                self.costs.tdh_vp_flush_ns,
+                0,
+                0,
+                Status::Success,
+            );
+            let _ = v;
+        }
+        self.seamcall(
+            ctx,
+            C::vpflushdone,
+            self.costs.tdh_mng_vpflushdone_ns,
+            0,
+            0,
+            Status::Success,
+        );
+        self.seamcall(
+            ctx,
+            C::cache_wb,
+            self.costs.tdh_phymem_cache_wb_ns,
+            0,
+            0,
+            Status::Success,
+        );
+        self.seamcall(
+            ctx,
+            C::key_freeid,
+            self.costs.tdh_mng_key_freeid_ns,
+            0,
+            0,
+            Status::Success,
+        );
+        st.hkid_assigned = false;
+    }
+}
+
+/// The KVM side: tdx.c's hook implementations on top of the module model.
+pub struct TdxHooks {
+    pub module: TdxModule,
+}
+
+impl TdxHooks {
+    fn hook(&self, ctx: &mut Ctx, c: C, gfn: u64, level: u8, detail: u64) {
+        // With the 2026 two-hook interface links and removals arrive as set_external_spte.
+        let c = match (self.module.opts.interface, c) {
+            (Interface::TwoHook, C::link_external_spt | C::remove_external_spte) => {
+                C::set_external_spte
+            }
+            _ => c,
+        };
+        ctx.inc(c);
+        ctx.trace(crate::stats::COUNTER_NAMES[c as usize], gfn, level, detail);
+    }
+}
+
+impl ExternalOps for TdxHooks {
+    fn link_external_spt(&self, ctx: &mut Ctx, gfn: u64, level: u8, child_table: u32) -> HookRet {
+        self.hook(ctx, C::link_external_spt, gfn, level, child_table as u64);
+        let m = &self.module;
+        let mut st = m.st.lock();
+        match m.sept_add(ctx, &mut st, gfn, level) {
+            Status::Success => HookRet::Ok,
+            Status::OperandBusy => HookRet::Busy,
+            s => {
+                ctx.bug(format!(
+                    "TDH.MEM.SEPT.ADD failed for gfn {gfn:#x} level {level}: {}",
+                    s.name()
+                ));
+                HookRet::Io
+            }
+        }
+    }
+
+    fn set_external_spte(&self, ctx: &mut Ctx, gfn: u64, level: u8, new_spte: u64) -> HookRet {
+        self.hook(ctx, C::set_external_spte, gfn, level, new_spte);
+        if level != 1 {
+            ctx.bug(format!(
+                "private mapping at level {level}: TDX maps private memory at 4K only"
+            ));
+            return HookRet::Io;
+        }
+        let m = &self.module;
+        let mut st = m.st.lock();
+        let pfn = spte_to_pfn(new_spte);
+        if !st.finalized && m.opts.v6_16 {
+            // v6.16: only count; the populate path issues PAGE.ADD itself.
+            st.nr_premapped += 1;
+            return HookRet::Ok;
+        }
+        let aug = st.finalized;
+        match m.leaf_install(ctx, &mut st, gfn, pfn, aug) {
+            Status::Success => HookRet::Ok,
+            Status::OperandBusy => HookRet::Busy,
+            s => {
+                ctx.bug(format!(
+                    "{} failed for gfn {gfn:#x}: {}",
+                    if aug {
+                        "TDH.MEM.PAGE.AUG"
+                    } else {
+                        "TDH.MEM.PAGE.ADD"
+                    },
+                    s.name()
+                ));
+                HookRet::Io
+            }
+        }
+    }
+
+    fn remove_external_spte(&self, ctx: &mut Ctx, gfn: u64, level: u8, old_spte: u64) {
+        self.hook(ctx, C::remove_external_spte, gfn, level, old_spte);
+        let m = &self.module;
+        let mut st = m.st.lock();
+        if !st.hkid_assigned {
+            ctx.bug("remove_external_spte with the HKID released: nothing can be mapped");
+            return;
+        }
+        m.remove_page(ctx, &mut st, gfn);
+    }
+
+    fn free_external_spt(&self, ctx: &mut Ctx, gfn: u64, level: u8, _table: u32) -> HookRet {
+        self.hook(ctx, C::free_external_spt, gfn, level, 0);
+        let m = &self.module;
+        let mut st = m.st.lock();
+        let e = match m.entry(gfn, level) {
+            Ok(e) => e,
+            Err(s) => {
+                ctx.bug(format!(
+                    "free_external_spt: no S-EPT table for gfn {gfn:#x} level {level}: {}",
+                    s.name()
+                ));
+                return HookRet::Io;
+            }
+        };
+        let v = e.load(Ordering::Acquire);
+        if state(v) != ST_TABLE {
+            ctx.bug(format!(
+                "free_external_spt: S-EPT entry for gfn {gfn:#x} level {level} is not a table"
+            ));
+            return HookRet::Io;
+        }
+        let child = (spte_to_pfn(v) - crate::arena::TABLE_BASE_PFN) as u32;
+        if st.hkid_assigned {
+            if m.opts.sept_free == SeptFree::SeptRemove {
+                // Pre-upstream: take the (empty) table out of the live TD.
+                let (s, ()) = m.no_vcpus(ctx, &mut st, |m, c, st, b| {
+                    (m.range_block(c, st, gfn, level, b), ())
+                });
+                if s == Status::Success {
+                    m.track_and_kick(ctx, &mut st);
+                    let all_free =
+                        (0..512).all(|i| m.arena.entry(child, i).load(Ordering::Acquire) == FREE);
+                    let ok = all_free && m.tracking_done(&st, e.load(Ordering::Acquire));
+                    let s = m.seamcall(
+                        ctx,
+                        C::sept_remove,
+                        m.costs.tdh_mem_sept_remove_ns,
+                        gfn,
+                        level,
+                        if ok {
+                            Status::Success
+                        } else {
+                            Status::EptEntryStateIncorrect
+                        },
+                    );
+                    if s == Status::Success {
+                        e.store(FREE, Ordering::Release);
+                        m.arena.free_now(child);
+                        ctx.add(C::sept_tables, -1);
+                        m.wbinvd_and_clear(ctx, gfn, Arena::pfn(child));
+                        return HookRet::Ok;
+                    }
+                }
+                ctx.bug(format!(
+                    "TDH.MEM.SEPT.REMOVE failed for gfn {gfn:#x} level {level}"
+                ));
+                return HookRet::Io;
+            }
+            // Upstream never frees S-EPT tables of a live TD; the page is leaked on purpose.
+            ctx.bug("free_external_spt while the HKID is assigned");
+            ctx.inc(C::external_spt_leaked);
+            return HookRet::Io;
+        }
+        m.seamcall(
+            ctx,
+            C::page_reclaim,
+            m.costs.tdh_phymem_page_reclaim_ns,
+            gfn,
+            level,
+            Status::Success,
+        );
+        ctx.inc(C::page_clear);
+        ctx.cost(m.costs.page_clear_ns);
+        e.store(FREE, Ordering::Release);
+        m.arena.free_now(child);
+        ctx.add(C::sept_tables, -1);
+        HookRet::Ok
+    }
+}
