@@ -658,7 +658,9 @@ class ReferenceVM:
         # Extension point (TDX): object implementing link/set/remove/free_external_*.
         self._external_ops: Any = None
 
+        # The default memslot comes with the VM: generation 0 is what a new VM reports.
         self._add_memslot(0, memory_bytes >> PAGE_SHIFT, backing_bytes, gmem=False)
+        self.memslot_generation = 0
 
     # ==================================================================================
     # Public API
