@@ -19,6 +19,10 @@ struct Walk<'a> {
     seen: HashSet<u32>,
     leaves: [i64; 4],
     tables: i64,
+    mirror_tables: usize,
+    mirror_leaves: Vec<(u64, u64)>,
+    attrs: &'a crate::attrs::PrivateRanges,
+    confidential: bool,
 }
 
 fn fail(msg: String) -> Error {
@@ -56,6 +60,7 @@ impl Walk<'_> {
             let s = self.vm.arena.entry(t, i).load(Ordering::Acquire);
             // Index i at this level covers these (un-aliased) gfns.
             let gfn = (base + i as u64 * span) & !gfn_bits;
+            let gfn_end = gfn + span;
             if is_frozen(s) {
                 return Err(fail(format!(
                     "FROZEN_SPTE at rest: table {t} index {i} level {level}"
@@ -83,12 +88,22 @@ impl Walk<'_> {
                         slot.id
                     )));
                 }
-                if spte_to_pfn(s) != slot.pfn(gfn) {
+                // Private memory comes from guest_memfd, shared memory from the host mapping.
+                let private = mirror || (self.confidential && !self.vm.has_mirror && self.attrs.is_private(gfn));
+                let want = if private { slot.gmem_pfn(gfn) } else { slot.pfn(gfn) };
+                if spte_to_pfn(s) != want {
                     return Err(fail(format!(
-                        "leaf at gfn {gfn:#x} maps pfn {:#x}, slot says {:#x}",
-                        spte_to_pfn(s),
-                        slot.pfn(gfn)
+                        "leaf at gfn {gfn:#x} maps pfn {:#x}, expected {want:#x}",
+                        spte_to_pfn(s)
                     )));
+                }
+                if self.confidential && self.attrs.uniform(gfn, gfn_end) != Some(private) {
+                    return Err(fail(format!(
+                        "leaf at gfn {gfn:#x} (level {level}) disagrees with the memory attributes"
+                    )));
+                }
+                if mirror {
+                    self.mirror_leaves.push((gfn, spte_to_pfn(s)));
                 }
             } else {
                 let Some(c) = self.vm.arena.idx_of_pfn(spte_to_pfn(s)) else {
@@ -97,7 +112,10 @@ impl Walk<'_> {
                     )));
                 };
                 self.tables += 1;
-                self.table(c, level - 1, base + i as u64 * span, mirror, gfn_bits)?;
+                if mirror {
+                    self.mirror_tables += 1;
+                }
+                self.table(c, level - 1, gfn, mirror, gfn_bits)?;
             }
         }
         Ok(())
@@ -116,6 +134,10 @@ impl Vm {
             seen: HashSet::new(),
             leaves: [0; 4],
             tables: 0,
+            mirror_tables: 0,
+            mirror_leaves: Vec::new(),
+            attrs: &st.attrs,
+            confidential: self.vm_type.confidential(),
         };
         let roots = self.roots_snapshot();
         for r in &roots {
@@ -159,6 +181,32 @@ impl Vm {
                 w.tables,
                 t.c[C::tdp_mmu_pages as usize]
             )));
+        }
+        if let Some(t) = &self.tdx
+            && self.design == crate::vm::HookDesign::Mirror
+        {
+            // The mirror tree and the TDX module's S-EPT must agree entry for entry.
+            let (sept_tables, mut sept_leaves) = t.module.snapshot();
+            let mut mirror_leaves = std::mem::take(&mut w.mirror_leaves);
+            sept_leaves.sort_unstable();
+            mirror_leaves.sort_unstable();
+            if sept_leaves != mirror_leaves {
+                let only_s: Vec<_> =
+                    sept_leaves.iter().filter(|x| !mirror_leaves.contains(x)).take(4).collect();
+                let only_m: Vec<_> =
+                    mirror_leaves.iter().filter(|x| !sept_leaves.contains(x)).take(4).collect();
+                return Err(fail(format!(
+                    "mirror and S-EPT disagree: {} vs {} private leaves; only in S-EPT {only_s:x?}, only in mirror {only_m:x?}",
+                    mirror_leaves.len(),
+                    sept_leaves.len()
+                )));
+            }
+            if sept_tables != w.mirror_tables {
+                return Err(fail(format!(
+                    "{} mirror page tables but {} S-EPT tables",
+                    w.mirror_tables, sept_tables
+                )));
+            }
         }
         if self.arena.live() != w.seen.len() {
             return Err(fail(format!(

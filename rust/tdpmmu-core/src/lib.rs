@@ -6,11 +6,13 @@
 //! hooks), `check` (invariants), `memstress` (the selftest-shaped workload), `floor` (bench floor).
 
 pub mod arena;
+pub mod attrs;
 pub mod check;
 pub mod cost;
 pub mod error;
 pub mod external;
 pub mod floor;
+pub mod gmem;
 pub mod iter;
 pub mod memslot;
 pub mod memstress;

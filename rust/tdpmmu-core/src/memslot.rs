@@ -19,6 +19,8 @@ pub struct Memslot {
     pub level: u8,
     pub host_pfn: u64,
     pub gmem: bool,
+    /// Host pfn of the slot's first guest_memfd page (private memory); 0 without guest_memfd.
+    pub gmem_pfn: u64,
     /// One bit per backing page: set once the host page was allocated (first touch).
     touched: Box<[AtomicU64]>,
 }
@@ -35,6 +37,7 @@ impl Memslot {
             level,
             host_pfn,
             gmem,
+            gmem_pfn: 0,
             touched,
         }
     }
@@ -52,6 +55,11 @@ impl Memslot {
     #[inline(always)]
     pub fn pfn(&self, gfn: u64) -> u64 {
         self.host_pfn + (gfn - self.gfn)
+    }
+
+    #[inline(always)]
+    pub fn gmem_pfn(&self, gfn: u64) -> u64 {
+        self.gmem_pfn + (gfn - self.gfn)
     }
 
     pub fn backing_bytes(&self) -> u64 {
@@ -174,7 +182,12 @@ impl Memslots {
         self.next_id += 1;
         let host_pfn = self.next_data_pfn;
         self.next_data_pfn += npages.div_ceil(DATA_PFN_ALIGN) * DATA_PFN_ALIGN;
-        let slot = Memslot::new(id, gfn, npages, level, host_pfn, gmem);
+        let mut slot = Memslot::new(id, gfn, npages, level, host_pfn, gmem);
+        if gmem {
+            // guest_memfd pages are a separate host allocation from the shared mapping.
+            slot.gmem_pfn = self.next_data_pfn;
+            self.next_data_pfn += npages.div_ceil(DATA_PFN_ALIGN) * DATA_PFN_ALIGN;
+        }
         let pos = self.slots.partition_point(|s| s.gfn < gfn);
         self.slots.insert(pos, slot);
         self.generation += 2;

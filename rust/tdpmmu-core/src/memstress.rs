@@ -130,7 +130,7 @@ impl Vm {
         &self,
         a: &MemstressArgs,
         v: u32,
-        is_private: bool,
+        is_private: Option<bool>,
     ) -> (VcpuResult, Ctx, Option<crate::error::Error>) {
         let mut ctx = Ctx::default();
         let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
@@ -139,8 +139,6 @@ impl Vm {
         } else {
             a.base_gfn + v as u64 * a.pages_per_vcpu
         };
-        let mirror = self.has_mirror && is_private;
-        let bits = self.root_gfn_bits(mirror);
         let mut res = VcpuResult::default();
         let start = Instant::now();
         let mut i = 0u64;
@@ -158,6 +156,9 @@ impl Vm {
                 };
                 let write = a.write_percent == 100 || (rng.next_u32() % 100) < a.write_percent;
                 let gfn = base + off;
+                let p = is_private.unwrap_or_else(|| st.attrs.is_private(gfn));
+                let mirror = self.has_mirror && p;
+                let bits = self.root_gfn_bits(mirror);
                 loop {
                     // The "hardware" walk: no exit if the current mapping allows the access.
                     let root = if mirror {

@@ -35,7 +35,7 @@ impl Vm {
         debug_assert!(!is_frozen(it.old_spte));
         let sptep = it.sptep();
         let table = it.table();
-        if self.has_mirror && self.is_mirror_table(table) && !is_frozen(new) {
+        if self.hooks_fire(table, ctx) && !is_frozen(new) {
             return self.set_external_spte_present(ctx, it, new);
         }
         match sptep.compare_exchange(it.old_spte, new, Ordering::AcqRel, Ordering::Acquire) {
@@ -59,10 +59,10 @@ impl Vm {
         it.sptep().store(new, Ordering::Release);
         self.handle_changed_spte(ctx, it.gfn, old, new, it.level, false);
         let table = it.table();
-        if self.has_mirror && self.is_mirror_table(table) {
-            if is_shadow_present(new) {
-                ctx.bug("non-atomic write installed a present mirror SPTE");
-            }
+        if self.has_mirror && self.is_mirror_table(table) && is_shadow_present(new) {
+            ctx.bug("non-atomic write installed a present mirror SPTE");
+        }
+        if self.hooks_fire(table, ctx) {
             self.remove_external_spte(ctx, it.gfn, old, it.level);
         }
         it.old_spte = new;
@@ -118,6 +118,7 @@ impl Vm {
         let level = meta.level.load(Ordering::Relaxed);
         let base = meta.gfn.load(Ordering::Relaxed);
         let mirror = self.has_mirror && self.is_mirror_table(table);
+        let hooks = self.hooks_fire(table, ctx);
         ctx.add(C::tdp_mmu_pages, -1);
         if mirror && shared {
             ctx.bug("shared (atomic) teardown of a mirror page table");
@@ -143,11 +144,11 @@ impl Vm {
                 old
             };
             self.handle_changed_spte(ctx, gfn, old, FROZEN_SPTE, level, shared);
-            if mirror {
+            if hooks {
                 self.remove_external_spte(ctx, gfn, old, level);
             }
         }
-        if mirror {
+        if hooks {
             self.free_external_spt(ctx, base, level + 1, table);
         }
         self.arena.free_deferred(table);

@@ -2,11 +2,14 @@
 //! operations (fault, populate, zaps, memslot changes). Each public operation counts into a
 //! private `Ctx`, merges it once at the end, and ends a grace period for freed tables.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::arena::{Arena, NO_TABLE, SP_MIRROR, SP_NX_DISALLOWED, SP_ROOT};
+use crate::attrs::PrivateRanges;
+use crate::tdx::{TdxHooks, TdxModule, TdxOptions};
 use crate::cost::CostModel;
 use crate::error::{Error, Result, bad_arg};
 use crate::external::ExternalOps;
@@ -35,13 +38,15 @@ pub enum Ret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmType {
     Default,
+    Tdx,
 }
 
 impl VmType {
-    pub const NAMES: &'static [&'static str] = &["default"];
+    pub const NAMES: &'static [&'static str] = &["default", "tdx"];
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "default" => Ok(Self::Default),
+            "tdx" => Ok(Self::Tdx),
             _ => Err(bad_arg(
                 "vm_type",
                 format!("unknown VM type {s:?}; allowed: {}", Self::NAMES.join(", ")),
@@ -51,7 +56,12 @@ impl VmType {
     pub fn name(self) -> &'static str {
         match self {
             Self::Default => "default",
+            Self::Tdx => "tdx",
         }
+    }
+    /// Has private memory (guest_memfd, memory attributes).
+    pub fn confidential(self) -> bool {
+        self != Self::Default
     }
 }
 
@@ -68,6 +78,7 @@ pub struct VmConfig {
     pub trace: bool,
     pub nx_huge_pages: bool,
     pub slot_zap_all: bool,
+    pub tdx: TdxOptions,
 }
 
 impl Default for VmConfig {
@@ -84,6 +95,7 @@ impl Default for VmConfig {
             trace: false,
             nx_huge_pages: false,
             slot_zap_all: true,
+            tdx: TdxOptions::default(),
         }
     }
 }
@@ -170,6 +182,17 @@ pub(crate) struct KvmPageFault {
 /// State protected by `mmu_lock` (faults hold it for read, zaps and memslot updates for write).
 pub struct MmuState {
     pub memslots: Memslots,
+    pub attrs: PrivateRanges,
+}
+
+/// Which side the hooks follow (architecture §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookDesign {
+    None,
+    /// Every SPTE change in a table whose role has `is_mirror` (upstream TDX).
+    Mirror,
+    /// Every SPTE change made for a private fault or a PRIVATE-filtered zap.
+    Private,
 }
 
 pub struct Vm {
@@ -190,7 +213,10 @@ pub struct Vm {
     /// Shared (direct) alias bit as a gfn bit; 0 for VMs without one.
     pub gfn_direct_bits: u64,
     pub max_gfn: u64,
-    pub external: Option<Box<dyn ExternalOps>>,
+    pub external: Option<Arc<dyn ExternalOps>>,
+    pub tdx: Option<Arc<TdxHooks>>,
+    pub design: HookDesign,
+    pub destroyed: AtomicBool,
 }
 
 /// Page tables needed to map `pages` 4K pages in one root of `levels` levels, root included.
@@ -235,16 +261,33 @@ impl Vm {
             ));
         }
         let level = backing_level(cfg.backing, "backing")?;
-        match (vm_type, cfg.hooks.as_str()) {
-            (VmType::Default, "none") => {}
-            (VmType::Default, h) => {
+        let design = match (vm_type, cfg.hooks.as_str()) {
+            (VmType::Default, "none") => HookDesign::None,
+            (VmType::Tdx, "mirror") => HookDesign::Mirror,
+            (VmType::Tdx, "private") => HookDesign::Private,
+            (t, h) => {
+                let allowed = match t {
+                    VmType::Default => "none",
+                    VmType::Tdx => "mirror, private",
+                };
                 return Err(bad_arg(
                     "hooks",
-                    format!("{h:?} is not valid for a default VM; allowed: none"),
+                    format!("{h:?} is not valid for a {} VM; allowed: {allowed}", t.name()),
                 ));
             }
-        }
-        let max_gfn: u64 = if cfg.levels == 4 { 1 << 36 } else { 1 << 40 };
+        };
+        let (has_mirror, gfn_direct_bits) = match vm_type {
+            VmType::Tdx => (true, if cfg.levels == 4 { 1u64 << 35 } else { 1u64 << 39 }),
+            VmType::Default => (false, 0),
+        };
+        // A TD's guest-physical space is the half below the shared bit.
+        let max_gfn: u64 = if gfn_direct_bits != 0 {
+            gfn_direct_bits
+        } else if cfg.levels == 4 {
+            1 << 36
+        } else {
+            1 << 40
+        };
         if cfg.memory == 0 || !cfg.memory.is_multiple_of(4096) {
             return Err(bad_arg(
                 "memory",
@@ -292,25 +335,50 @@ impl Vm {
         let capacity = (ram / 4096).min(u32::MAX as u64 - 1) as usize;
         let arena = Arena::new(capacity)?;
         let mut memslots = Memslots::new();
-        memslots.add(0, pages, level, false);
+        memslots.add(0, pages, level, vm_type.confidential());
         memslots.generation = 0;
+        let mut attrs = PrivateRanges::default();
+        if vm_type.confidential() {
+            // As a VMM does for a confidential guest: all initial memory is private.
+            attrs.set(0, pages, true);
+        }
+        let tdx = match vm_type {
+            VmType::Tdx => Some(Arc::new(TdxHooks {
+                module: TdxModule::new(
+                    cfg.levels,
+                    cfg.vcpus,
+                    capacity,
+                    cfg.tdx.clone(),
+                    cfg.costs,
+                    cfg.seed,
+                )?,
+            })),
+            VmType::Default => None,
+        };
+        let external: Option<Arc<dyn ExternalOps>> = match &tdx {
+            Some(t) if design != HookDesign::None => Some(t.clone()),
+            _ => None,
+        };
         let n = cfg.vcpus as usize;
         let costs = cfg.costs;
         Ok(Self {
             vm_type,
             costs,
             arena,
-            mmu_lock: RwLock::new(MmuState { memslots }),
+            mmu_lock: RwLock::new(MmuState { memslots, attrs }),
             roots: Mutex::new(Vec::new()),
             vcpu_root: (0..n).map(|_| AtomicU32::new(NO_TABLE)).collect(),
             vcpu_mirror_root: (0..n).map(|_| AtomicU32::new(NO_TABLE)).collect(),
             totals: Totals::default(),
             bugged: AtomicBool::new(false),
             bug_msg: Mutex::new(None),
-            has_mirror: false,
-            gfn_direct_bits: 0,
+            has_mirror,
+            gfn_direct_bits,
             max_gfn,
-            external: None,
+            external,
+            tdx,
+            design,
+            destroyed: AtomicBool::new(false),
             cfg,
         })
     }
@@ -322,6 +390,9 @@ impl Vm {
     // ----- operation bracketing -------------------------------------------------------------
 
     pub fn ensure_alive(&self) -> Result<()> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Err(bad_arg("vm", "the VM was destroyed; create a new one"));
+        }
         if self.bugged.load(Ordering::Acquire) {
             let msg = self.bug_msg.lock().clone().unwrap_or_default();
             return Err(Error::Bugged(msg));
@@ -390,14 +461,28 @@ impl Vm {
         Ok(())
     }
 
-    pub(crate) fn check_private(&self, private: Option<bool>) -> Result<bool> {
+    pub(crate) fn check_private(&self, private: Option<bool>) -> Result<Option<bool>> {
         match (self.vm_type, private) {
             (VmType::Default, Some(true)) => Err(bad_arg(
                 "private",
                 "a default VM has no private memory; use private=False or None",
             )),
-            (_, p) => Ok(p.unwrap_or(false)),
+            (_, p) => Ok(p),
         }
+    }
+
+    /// Do the hooks fire for a change of an entry in `table` during this operation?
+    #[inline(always)]
+    pub(crate) fn hooks_fire(&self, table: u32, ctx: &Ctx) -> bool {
+        match self.design {
+            HookDesign::None => false,
+            HookDesign::Mirror => self.is_mirror_table(table),
+            HookDesign::Private => ctx.op_private,
+        }
+    }
+
+    pub fn finalized(&self) -> bool {
+        self.tdx.as_ref().is_some_and(|t| t.module.finalized())
     }
 
     pub(crate) fn flush_remote_tlbs(&self, ctx: &mut Ctx) {
@@ -595,9 +680,74 @@ impl Vm {
         fin
     }
 
-    /// `kvm_mmu_do_page_fault` + `kvm_tdp_mmu_page_fault` + `kvm_tdp_mmu_map`, under the read lock.
+    /// One fault as the vCPU takes it: the exit, then `kvm_mmu_page_fault`; a TDX private
+    /// fault that returns RETRY is retried inside KVM without re-entering the guest.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn page_fault(
+        &self,
+        st: &MmuState,
+        ctx: &mut Ctx,
+        gfn: u64,
+        private: Option<bool>,
+        write: bool,
+        exec: bool,
+        vcpu: usize,
+        prefetch: bool,
+    ) -> Result<FaultResult> {
+        let start_ns = ctx.modeled_ns;
+        let is_private = private.unwrap_or_else(|| st.attrs.is_private(gfn));
+        if let Some(t) = &self.tdx
+            && !prefetch
+            && !t.module.finalized()
+        {
+            return Err(bad_arg(
+                "vm",
+                "the TD is not finalized: no vCPU can run yet (use populate, then finalize)",
+            ));
+        }
+        let exit_ns = if self.vm_type == VmType::Tdx {
+            self.costs.td_exit_entry_ns
+        } else {
+            self.costs.exit_entry_ns
+        };
+        if !prefetch {
+            ctx.cost(exit_ns);
+        }
+        // TDX forces private faults to writes (private pages are always RWX in S-EPT).
+        let write = write || (is_private && self.vm_type == VmType::Tdx);
+        let mut retries = 0;
+        loop {
+            let mut r =
+                self.kvm_mmu_page_fault(st, ctx, gfn, is_private, write, exec, vcpu, prefetch)?;
+            let local_retry = r.ret == Ret::Retry
+                && is_private
+                && self.vm_type == VmType::Tdx
+                && !prefetch
+                && ctx.bug.is_none()
+                && retries < self.cfg.tdx.max_local_retries;
+            if local_retry {
+                retries += 1;
+                ctx.inc(C::tdx_local_retries);
+                continue;
+            }
+            if r.ret == Ret::Fixed
+                && is_private
+                && !prefetch
+                && let Some(t) = &self.tdx
+                && self.design != HookDesign::None
+            {
+                // Back in the guest, TDG.MEM.PAGE.ACCEPT turns the AUGed page into a mapped one.
+                t.module.accept(ctx, gfn);
+            }
+            r.retries = retries;
+            r.modeled_ns = ctx.modeled_ns - start_ns;
+            return Ok(r);
+        }
+    }
+
+    /// `kvm_mmu_do_page_fault` + `kvm_tdp_mmu_page_fault` + `kvm_tdp_mmu_map`, under the read lock.
+    #[allow(clippy::too_many_arguments)]
+    fn kvm_mmu_page_fault(
         &self,
         st: &MmuState,
         ctx: &mut Ctx,
@@ -608,12 +758,7 @@ impl Vm {
         vcpu: usize,
         prefetch: bool,
     ) -> Result<FaultResult> {
-        let start_ns = ctx.modeled_ns;
-        ctx.cost(if prefetch {
-            self.costs.fault_handling_ns
-        } else {
-            self.costs.exit_entry_ns + self.costs.fault_handling_ns
-        });
+        ctx.cost(self.costs.fault_handling_ns);
         if self.vcpu_root[vcpu].load(Ordering::Acquire) == NO_TABLE {
             self.mmu_load(ctx, vcpu)?;
         }
@@ -625,27 +770,39 @@ impl Vm {
         };
         let gfn_bits = self.root_gfn_bits(mirror);
         let slot = st.memslots.find(gfn);
+        let done = |ret, level, spte| FaultResult {
+            ret,
+            level,
+            retries: 0,
+            modeled_ns: 0.0,
+            spte,
+            gfn,
+            private: is_private,
+        };
 
         // MMIO cache: a current-generation MMIO SPTE is handled without a page fault.
-        if slot.is_none() && !prefetch {
+        if slot.is_none() && !prefetch && !is_private {
             let (level, s) = self.lookup(root, gfn, gfn_bits);
             if level == 1
                 && is_mmio(s)
                 && mmio_generation(s) == st.memslots.generation & spte::MMIO_GEN_MASK
             {
-                return Ok(FaultResult {
-                    ret: Ret::Emulate,
-                    level: 1,
-                    retries: 0,
-                    modeled_ns: ctx.modeled_ns - start_ns,
-                    spte: s,
-                    gfn,
-                    private: is_private,
-                });
+                return Ok(done(Ret::Emulate, 1, s));
             }
         }
         if !prefetch {
             ctx.inc(C::pf_taken);
+        }
+        // kvm_mmu_faultin_pfn: the access must match the attribute, and private memory must
+        // come from guest_memfd; otherwise userspace gets KVM_EXIT_MEMORY_FAULT.
+        let mismatch = self.vm_type.confidential() && is_private != st.attrs.is_private(gfn);
+        let no_gmem = is_private && slot.is_none_or(|s| !s.gmem);
+        if mismatch || no_gmem {
+            if !prefetch {
+                ctx.inc(C::pf_memory_fault);
+            }
+            let (level, s) = self.lookup(root, gfn, gfn_bits);
+            return Ok(done(Ret::MemoryFault, level, s));
         }
         let mut f = KvmPageFault {
             gfn,
@@ -662,10 +819,13 @@ impl Vm {
             spte: SHADOW_NONPRESENT_VALUE,
         };
         if let Some(s) = slot {
-            self.faultin_pfn(ctx, s, &mut f);
+            self.faultin_pfn(ctx, s, &mut f, is_private);
             self.hugepage_adjust(&mut f);
         }
-        let ret = self.tdp_mmu_map(ctx, &mut f, root, gfn_bits, st.memslots.generation)?;
+        ctx.op_private = is_private;
+        let ret = self.tdp_mmu_map(ctx, &mut f, root, gfn_bits, st.memslots.generation);
+        ctx.op_private = false;
+        let ret = ret?;
         if !prefetch {
             match ret {
                 Ret::Fixed => ctx.inc(C::pf_fixed),
@@ -677,25 +837,23 @@ impl Vm {
                 Ret::Continue | Ret::Invalid => {}
             }
         }
-        Ok(FaultResult {
-            ret,
-            level: f.level,
-            retries: 0,
-            modeled_ns: ctx.modeled_ns - start_ns,
-            spte: f.spte,
-            gfn,
-            private: is_private,
-        })
+        Ok(done(ret, f.level, f.spte))
     }
 
-    /// `kvm_mmu_faultin_pfn` for a shared fault: the host page is allocated on first touch.
-    fn faultin_pfn(&self, ctx: &mut Ctx, slot: &Memslot, f: &mut KvmPageFault) {
+    /// `kvm_mmu_faultin_pfn`: shared pages come from the host mapping (allocated on first
+    /// touch), private ones from guest_memfd; TDX caps private mappings at 4K.
+    fn faultin_pfn(&self, ctx: &mut Ctx, slot: &Memslot, f: &mut KvmPageFault, private: bool) {
         if slot.touch(f.gfn) {
             ctx.inc(C::host_pages_allocated);
             ctx.cost(self.costs.host_page(pages_per_level(slot.level)));
         }
-        f.pfn = slot.pfn(f.gfn);
-        f.max_level = slot.level;
+        if private {
+            f.pfn = slot.gmem_pfn(f.gfn);
+            f.max_level = if self.vm_type == VmType::Tdx { 1 } else { slot.level };
+        } else {
+            f.pfn = slot.pfn(f.gfn);
+            f.max_level = slot.level;
+        }
     }
 
     /// `kvm_mmu_hugepage_adjust`.

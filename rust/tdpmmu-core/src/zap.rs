@@ -7,7 +7,7 @@ use crate::arena::NO_TABLE;
 use crate::error::{Result, bad_arg};
 use crate::iter::TdpIter;
 use crate::memslot::backing_level;
-use crate::spte::{is_last, is_shadow_present, pages_per_level};
+use crate::spte::{self, is_last, is_shadow_present, pages_per_level};
 use crate::stats::Ctx;
 use crate::vm::{MmuState, Ret, RootTypes, Vm, VmType};
 
@@ -73,6 +73,37 @@ impl Vm {
         for (root, invalid) in targets {
             self.zap_leafs_root(ctx, root, invalid, start, end, &mut out);
         }
+        if let Some(t) = &self.tdx {
+            t.module.flush_batched(ctx);
+        }
+        out
+    }
+
+    /// `kvm_tdp_mmu_unmap_gfn_range`: the attribute filter picks the roots (TDX: PRIVATE →
+    /// mirror, SHARED → direct; other VMs: the direct root), invalid roots always included.
+    pub(crate) fn unmap_gfn_range(
+        &self,
+        ctx: &mut Ctx,
+        private: bool,
+        shared: bool,
+        start: u64,
+        end: u64,
+    ) -> ZapOutcome {
+        let types = if self.has_mirror {
+            let mut t = RootTypes::INVALID;
+            if private {
+                t = t.or(RootTypes::MIRROR);
+            }
+            if shared {
+                t = t.or(RootTypes::DIRECT);
+            }
+            t
+        } else {
+            RootTypes::DIRECT.or(RootTypes::INVALID)
+        };
+        ctx.op_private = private;
+        let out = self.zap_leafs(ctx, types, start, end);
+        ctx.op_private = false;
         out
     }
 
@@ -157,12 +188,7 @@ impl Vm {
     pub fn mmu_notifier_invalidate(&self, gfn: u64, npages: u64) -> Result<u64> {
         self.check_range(gfn, npages)?;
         self.write_op(|_, ctx| {
-            let out = self.zap_leafs(
-                ctx,
-                RootTypes::DIRECT.or(RootTypes::INVALID),
-                gfn,
-                gfn + npages,
-            );
+            let out = self.unmap_gfn_range(ctx, false, true, gfn, gfn + npages);
             if out.flush {
                 self.flush_remote_tlbs(ctx);
             }
@@ -207,7 +233,7 @@ impl Vm {
             if self.vm_type == VmType::Default && self.cfg.slot_zap_all {
                 self.zap_all_fast_locked(ctx);
             } else {
-                let out = self.zap_leafs(ctx, RootTypes::VALID.or(RootTypes::INVALID), start, end);
+                let out = self.unmap_gfn_range(ctx, true, true, start, end);
                 if out.flush {
                     self.flush_remote_tlbs(ctx);
                 }
@@ -239,6 +265,24 @@ impl Vm {
                 };
                 g = s.end();
             }
+            if self.vm_type.confidential() {
+                let want = is_private.unwrap_or_else(|| st.attrs.is_private(gfn));
+                if st.attrs.uniform(gfn, end) != Some(want) {
+                    return Err(bad_arg(
+                        "private",
+                        format!("the range's memory attributes are not all {}", if want { "private" } else { "shared" }),
+                    ));
+                }
+                if want && st.memslots.find(gfn).is_some_and(|s| !s.gmem) {
+                    return Err(bad_arg("private", "private memory needs a guest_memfd memslot"));
+                }
+                if let Some(t) = &self.tdx
+                    && !t.module.finalized()
+                    && !want
+                {
+                    return Err(bad_arg("private", "before finalize only the private initial image can be populated"));
+                }
+            }
             let mut installed = 0;
             let mut g = gfn;
             while g < end {
@@ -254,7 +298,21 @@ impl Vm {
                 )?;
                 match r.ret {
                     Ret::Retry => continue,
-                    Ret::Fixed => installed += 1,
+                    Ret::Fixed => {
+                        installed += 1;
+                        if let Some(t) = &self.tdx
+                            && r.private
+                            && t.module.opts.v6_16
+                            && !t.module.finalized()
+                            && self.design != crate::vm::HookDesign::None
+                        {
+                            // v6.16 tdx_gmem_post_populate issues PAGE.ADD after the map.
+                            let s = t.module.populate_page_add(&mut ctx, g, spte::spte_to_pfn(r.spte));
+                            if s != crate::tdx::Status::Success {
+                                ctx.bug(format!("TDH.MEM.PAGE.ADD failed for gfn {g:#x}: {}", s.name()));
+                            }
+                        }
+                    }
                     _ => {}
                 }
                 if ctx.bug.is_some() {

@@ -1,0 +1,136 @@
+//! Private memory operations: memory attributes (KVM_SET_MEMORY_ATTRIBUTES), guest_memfd
+//! punch hole, and the TD lifecycle (finalize, destroy).
+
+use std::sync::atomic::Ordering;
+
+use crate::arena::NO_TABLE;
+use crate::error::{Result, bad_arg};
+use crate::stats::Ctx;
+use crate::vm::{MmuState, Vm};
+
+impl Vm {
+    fn check_confidential(&self, what: &str) -> Result<()> {
+        if !self.vm_type.confidential() {
+            return Err(bad_arg(
+                what,
+                format!("a {} VM has no private memory", self.vm_type.name()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every gfn of the range must be in a memslot (with guest_memfd if `gmem`).
+    fn check_covered(st: &MmuState, gfn: u64, end: u64, gmem: bool) -> Result<()> {
+        let mut g = gfn;
+        while g < end {
+            match st.memslots.find(g) {
+                Some(s) if !gmem || s.gmem => g = s.end(),
+                Some(s) => {
+                    return Err(bad_arg(
+                        "gfn",
+                        format!("memslot {} holding gfn {g:#x} has no guest_memfd", s.id),
+                    ));
+                }
+                None => {
+                    return Err(bad_arg(
+                        "gfn",
+                        format!("gfn {g:#x} of [{gfn:#x}, {end:#x}) is not in any memslot"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// KVM_SET_MEMORY_ATTRIBUTES: before the change, unmap the range under the *old*
+    /// attribute's filter (to-shared zaps private mappings, to-private zaps shared ones).
+    /// Returns the number of leaves zapped.
+    pub fn set_memory_attributes(&self, gfn: u64, npages: u64, private: bool) -> Result<u64> {
+        self.check_confidential("private")?;
+        self.check_range(gfn, npages)?;
+        let end = gfn + npages;
+        self.write_op(|st, ctx| {
+            Self::check_covered(st, gfn, end, false)?;
+            if st.attrs.uniform(gfn, end) == Some(private) {
+                return Ok(0);
+            }
+            let out = self.unmap_gfn_range(ctx, !private, private, gfn, end);
+            if out.flush {
+                self.flush_remote_tlbs(ctx);
+            }
+            st.attrs.set(gfn, end, private);
+            Ok(out.zapped)
+        })
+    }
+
+    /// guest_memfd punch hole: `kvm_gmem_invalidate_begin` unmaps with the PRIVATE filter.
+    pub fn punch_hole(&self, gfn: u64, npages: u64) -> Result<u64> {
+        self.check_confidential("gfn")?;
+        self.check_range(gfn, npages)?;
+        let end = gfn + npages;
+        self.write_op(|st, ctx| {
+            Self::check_covered(st, gfn, end, true)?;
+            let out = self.unmap_gfn_range(ctx, true, false, gfn, end);
+            if out.flush {
+                self.flush_remote_tlbs(ctx);
+            }
+            Ok(out.zapped)
+        })
+    }
+
+    /// KVM_TDX_FINALIZE_VM: the TD becomes runnable.
+    pub fn finalize(&self) -> Result<()> {
+        let Some(t) = &self.tdx else {
+            return Err(bad_arg("vm_type", "finalize is a TDX operation; this VM is not a TD"));
+        };
+        self.write_op(|_, _| t.module.finalize())
+    }
+
+    /// Tear the VM down in KVM's order: release guest_memfd (zap every private leaf, HKID still
+    /// assigned), release the HKID, then invalidate and zap every root exclusively (on a TD only
+    /// `free_external_spt` → RECLAIM runs then). Afterwards every operation is refused.
+    pub fn destroy(&self) -> Result<()> {
+        self.write_op(|st, ctx| {
+            let gmem: Vec<(u64, u64)> =
+                st.memslots.slots.iter().filter(|s| s.gmem).map(|s| (s.gfn, s.end())).collect();
+            for (s, e) in gmem {
+                let out = self.unmap_gfn_range(ctx, true, false, s, e);
+                if out.flush {
+                    self.flush_remote_tlbs(ctx);
+                }
+            }
+            if let Some(t) = &self.tdx {
+                t.module.release_hkid(ctx);
+            }
+            self.uninit_tdp_mmu(ctx);
+            Ok(())
+        })?;
+        self.destroyed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// `kvm_mmu_uninit_tdp_mmu` after every vCPU dropped its roots (`kvm_mmu_destroy`).
+    fn uninit_tdp_mmu(&self, ctx: &mut Ctx) {
+        let tables: Vec<u32> = {
+            let mut roots = self.roots.lock();
+            for v in self.vcpu_root.iter().chain(self.vcpu_mirror_root.iter()) {
+                let t = v.swap(NO_TABLE, Ordering::AcqRel);
+                if t != NO_TABLE {
+                    if let Some(r) = roots.iter_mut().find(|r| r.table == t) {
+                        r.invalid = true;
+                    }
+                    self.put_root_locked(ctx, &mut roots, t);
+                }
+            }
+            for r in roots.iter_mut() {
+                r.invalid = true;
+            }
+            roots.iter().map(|r| r.table).collect()
+        };
+        for t in tables {
+            self.zap_root(ctx, t, false);
+            let mut roots = self.roots.lock();
+            self.put_root_locked(ctx, &mut roots, t);
+        }
+    }
+}
