@@ -1,0 +1,260 @@
+"""Shared fixtures for the benches and the end-of-session table of ns/fault and ratios.
+
+Every bench records its per-unit cost into one session-wide ``Results`` object; the table printed
+at the end of the run (``pytest_terminal_summary``) is computed only from numbers measured in that
+same run, so the ratios compare engine, floor and reference on the same machine, same moment.
+Targets from issue 3 are printed next to the measurements; nothing here asserts wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    """How much work each bench does; ``small`` under CI=true or --benchmark-disable."""
+
+    small: bool
+    #: gfns faulted per batch round (engine and floor); 2**20 = every 4K page of the 4 GiB guest.
+    batch: int
+    #: gfns faulted per round by the pure-Python reference model (and the engine on that sample).
+    reference: int
+    #: pages populated, then zapped, per zap round.
+    zap: int
+    #: rounds of the fresh-VM benches (pedantic; each round builds its own VM in setup).
+    rounds: int
+    #: rounds of the single vm.fault() on fresh gfns (one gfn per round).
+    fresh_rounds: int
+
+    @property
+    def memory(self) -> int:
+        """Guest size: 4 GiB in every mode (creating a VM is cheap; only the work shrinks)."""
+        return 4 << 30
+
+
+def _is_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _sizes(config: pytest.Config) -> BenchSizes:
+    disabled = bool(config.getoption("benchmark_disable", default=False))
+    if disabled or _is_ci():
+        return BenchSizes(
+            small=True,
+            batch=1 << 16,
+            reference=1 << 10,
+            zap=1 << 16,
+            rounds=3,
+            fresh_rounds=1 << 10,
+        )
+    return BenchSizes(
+        small=False,
+        batch=1 << 20,
+        reference=1 << 14,
+        zap=1 << 20,
+        rounds=10,
+        fresh_rounds=1 << 14,
+    )
+
+
+@pytest.fixture(scope="session")
+def sizes(pytestconfig: pytest.Config) -> BenchSizes:
+    return _sizes(pytestconfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Results collected during the run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    """Per-unit cost in ns (``value``), how it was estimated, and the work size behind it."""
+
+    value_ns: float
+    estimator: str
+    units: int
+    rounds: int
+
+
+@dataclass
+class Results:
+    measured: dict[str, Measurement] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    sizes: BenchSizes | None = None
+
+    def record(self, key: str, value_ns: float, estimator: str, units: int, rounds: int) -> None:
+        self.measured[key] = Measurement(value_ns, estimator, units, rounds)
+
+    def skip(self, key: str, reason: str) -> None:
+        self.skipped[key] = reason
+
+
+_RESULTS = Results()
+
+
+@pytest.fixture(scope="session")
+def results(sizes: BenchSizes) -> Results:
+    _RESULTS.sizes = sizes
+    return _RESULTS
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+def _log2(n: int) -> str:
+    return f"2**{n.bit_length() - 1}" if n > 0 and n & (n - 1) == 0 else str(n)
+
+
+Check = Callable[[float], bool]
+Row = tuple[str, str, str, str]
+
+
+def _ratio_row(res: Results, label: str, num: str, den: str, target: str, ok: Check) -> Row:
+    a, b = res.measured.get(num), res.measured.get(den)
+    if a is None or b is None or b.value_ns <= 0:
+        missing = [k for k in (num, den) if k not in res.measured]
+        why = "; ".join(res.skipped.get(k, "not run") for k in missing) or "n/a"
+        return (label, f"n/a ({why})", target, "")
+    r = a.value_ns / b.value_ns
+    return (label, f"{r:.2f}x", target, "yes" if ok(r) else "NO")
+
+
+def _value_row(
+    res: Results,
+    label: str,
+    key: str,
+    scale: float,
+    unit: str,
+    target: str = "",
+    ok: Check | None = None,
+) -> Row:
+    m = res.measured.get(key)
+    if m is None:
+        return (label, f"n/a ({res.skipped.get(key, 'not run')})", target, "")
+    v = m.value_ns / scale
+    verdict = "" if ok is None else ("yes" if ok(v) else "NO")
+    return (label, f"{v:,.3f} {unit}", target, verdict)
+
+
+def format_table(res: Results) -> list[str]:
+    s = res.sizes
+    if s is None or (not res.measured and not res.skipped):
+        return []
+    rows: list[Row] = [
+        _value_row(res, f"engine  seq    ns/fault ({_log2(s.batch)})", "engine_seq", 1, "ns"),
+        _value_row(res, f"floor   seq    ns/fault ({_log2(s.batch)})", "floor_seq", 1, "ns"),
+        _value_row(res, f"engine  random ns/fault ({_log2(s.batch)})", "engine_random", 1, "ns"),
+        _value_row(res, f"floor   random ns/fault ({_log2(s.batch)})", "floor_random", 1, "ns"),
+        _value_row(
+            res, f"reference seq    ns/fault ({_log2(s.reference)})", "reference_seq", 1, "ns"
+        ),
+        _value_row(res, f"engine    seq    ns/fault ({_log2(s.reference)})", "sample_seq", 1, "ns"),
+        _value_row(
+            res, f"reference random ns/fault ({_log2(s.reference)})", "reference_random", 1, "ns"
+        ),
+        _value_row(
+            res, f"engine    random ns/fault ({_log2(s.reference)})", "sample_random", 1, "ns"
+        ),
+        _ratio_row(res, "engine/floor seq", "engine_seq", "floor_seq", "<= 4x", lambda r: r <= 4),
+        _ratio_row(
+            res, "engine/floor random", "engine_random", "floor_random", "<= 2x", lambda r: r <= 2
+        ),
+        _ratio_row(
+            res,
+            "reference/engine seq (same sample)",
+            "reference_seq",
+            "sample_seq",
+            ">= 25x",
+            lambda r: r >= 25,
+        ),
+        _ratio_row(
+            res,
+            "reference/engine random (same sample)",
+            "reference_random",
+            "sample_random",
+            ">= 25x",
+            lambda r: r >= 25,
+        ),
+        _ratio_row(
+            res,
+            "reference seq / engine seq (batch size)",
+            "reference_seq",
+            "engine_seq",
+            ">= 25x",
+            lambda r: r >= 25,
+        ),
+        _value_row(
+            res,
+            "vm.fault() spurious (mapped gfn)",
+            "single_spurious",
+            1000,
+            "us",
+            "<= 1 us",
+            lambda v: v <= 1,
+        ),
+        _value_row(
+            res,
+            "vm.fault() fresh gfn (FIXED)",
+            "single_fresh",
+            1000,
+            "us",
+            "<= 1 us",
+            lambda v: v <= 1,
+        ),
+        _value_row(res, f"zap_gfn_range ns/leaf ({_log2(s.zap)})", "zap", 1, "ns"),
+    ]
+    zap = res.measured.get("zap")
+    if zap is not None:
+        rows.append(
+            (
+                f"zap_gfn_range total ({_log2(zap.units)} leaves)",
+                f"{zap.value_ns * zap.units / 1e6:,.3f} ms",
+                "",
+                "",
+            )
+        )
+    heads = ("metric", "measured", "target", "met")
+    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(4)]
+
+    def line(r: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
+    mode = "small (CI=true or --benchmark-disable)" if s.small else "full"
+    out = [
+        f"tdpmmu benches: one run on {platform.machine()} / {platform.python_implementation()} "
+        f"{platform.python_version()}, sizes: {mode}",
+        "batch: min over rounds of (round time / faults); single vm.fault(): median per call;",
+        "floor: its own loop timer (native_floor); targets are printed, never asserted.",
+        *(
+            ["small mode: one cold call per bench when disabled; figures are indicative only."]
+            if s.small
+            else []
+        ),
+        line(heads),
+        line(tuple("-" * w for w in widths)),
+    ]
+    out += [line(r) for r in rows]
+    return out
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = format_table(_RESULTS)
+    if not lines:
+        return
+    terminalreporter.write_sep("=", "tdpmmu speed (ratios from this run)")
+    for text in lines:
+        terminalreporter.write_line(text)
