@@ -10,7 +10,7 @@ from typing import cast
 
 from tdpmmu import _core
 from tdpmmu.costs import CostModel
-from tdpmmu.sizes import format_size, parse_backing, parse_size
+from tdpmmu.sizes import BACKING_SIZES, format_size, parse_backing, parse_size
 from tdpmmu.stats import Stats
 
 __all__ = ["DEFAULT_HOOKS", "VM"]
@@ -22,6 +22,9 @@ DEFAULT_HOOKS: dict[str, str] = {
     "snp": "gmem",
     "tdx": "mirror",
 }
+
+
+_BACKING_NAMES = {size: name for name, size in BACKING_SIZES.items()}
 
 
 def _cost_model(costs: CostModel | Mapping[str, float] | None) -> CostModel:
@@ -130,6 +133,6 @@ class VM(_core.Vm):
     def __repr__(self) -> str:
         return (
             f"VM(vm_type={self.vm_type!r}, memory={format_size(self.memory)!r}, "
-            f"vcpus={self.vcpus}, levels={self.levels}, backing={format_size(self._backing)!r}, "
+            f"vcpus={self.vcpus}, levels={self.levels}, backing={_BACKING_NAMES[self._backing]!r}, "
             f"hooks={self.hooks_name!r}{', bugged=True' if self.bugged else ''})"
         )
