@@ -736,6 +736,7 @@ class ReferenceVM:
             raise ValueError(f"npages must be >= 1, got {npages}")
         self._check_all_in_memslots(gfn, npages)
         installed = 0
+        self._last_populate_faults = 0  # prefetch faults made (for tests)
         root = self._kvm_mmu_load(0)
         cur, end = gfn, gfn + npages
         while cur < end:
@@ -743,6 +744,7 @@ class ReferenceVM:
                 gfn=cur, write=False, exec=False, prefetch=True, slot=self._gfn_to_memslot(cur)
             )
             ret = self._kvm_tdp_page_fault(root, fault)
+            self._last_populate_faults += 1
             while ret == Ret.RETRY:  # pre-fault loops on RETRY; cannot happen single-threaded
                 ret = self._kvm_tdp_page_fault(root, fault)
             if ret == Ret.FIXED:
@@ -806,8 +808,8 @@ class ReferenceVM:
         self._end_of_operation()
 
     def memslots(self) -> list[tuple[int, int, int, int, bool, int]]:
-        """``(id, gfn, npages, backing bytes, gmem, host_pfn)`` per slot, by id."""
-        return [self._memslots[k].as_tuple() for k in sorted(self._memslots)]
+        """``(id, gfn, npages, backing bytes, gmem, host_pfn)`` per slot, by gfn."""
+        return [s.as_tuple() for s in sorted(self._memslots.values(), key=lambda s: s.gfn)]
 
     # -- inspection ----------------------------------------------------------------------
     def roots(self) -> list[dict[str, Any]]:
@@ -903,6 +905,7 @@ class ReferenceVM:
         self._op_ns += ns
 
     _op_ns = 0.0  # cost of the fault being handled (reset per fault)
+    _last_populate_faults = 0
 
     def _count(self, name: str, delta: int = 1) -> None:
         self._stats[name] += delta
