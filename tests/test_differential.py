@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("tdpmmu._core")
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -83,6 +83,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         self.ref: ReferenceVM | None = None
         self.cfg: dict[str, Any] = {}
         self.touched: dict[int, None] = {}  # insertion-ordered set of gfns seen so far
+        self.mapped: list[int] = []  # gfns that faulted inside a memslot, most recent last
         self.ns_offset = 0.0  # engine modeled_ns expected above the reference's (known bugs)
         self.log: list[str] = []
 
@@ -104,7 +105,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
     def draw_gfn(self, data: st.DataObject) -> int:
         """A gfn inside a memslot, near one already used, or outside every memslot."""
         max_gfn = self.r.max_gfn
-        kind = data.draw(st.sampled_from(["slot", "slot", "slot", "near", "outside"]))
+        kind = data.draw(st.sampled_from(["slot", "slot", "near", "near", "near", "outside"]))
         slots = self.slots()
         if kind == "near" and self.touched:
             base = data.draw(st.sampled_from(list(self.touched)[-32:]))
@@ -158,9 +159,33 @@ class EngineMatchesReference(RuleBasedStateMachine):
         got = (int(n.ret), n.level, hex(n.spte), n.retries, n.gfn, n.private)
         want = (int(r.ret), r.level, hex(r.spte), r.retries, r.gfn, r.private)
         assert got == want, f"{call}: engine {got} != reference {want}"
+        event(f"fault -> {r.ret.name} at level {r.level}")
+        if r.ret != tdpmmu.Ret.EMULATE:
+            self.mapped.append(gfn)
         assert math.isclose(n.modeled_ns, r.modeled_ns, rel_tol=1e-9, abs_tol=1e-6), (
             f"{call}: modeled_ns engine {n.modeled_ns} != reference {r.modeled_ns}"
         )
+
+    @precondition(lambda self: bool(self.mapped))
+    @rule(data=st.data())
+    def refault(self, data: st.DataObject) -> None:
+        """Fault again where the run has mapped: spurious faults, NX splits, replacements."""
+        gfn = data.draw(st.sampled_from(self.mapped[-8:]), label="gfn")
+        gfn += data.draw(st.sampled_from([0, 0, 1, 7, 512]), label="delta")
+        if gfn >= self.r.max_gfn:
+            return
+        exec_ = data.draw(st.booleans(), label="exec")
+        vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
+        self.touch(gfn)
+        call = f"fault({gfn:#x}, exec={exec_}, vcpu={vcpu})"
+        self.log.append(call)
+        n = self.native.fault(gfn, exec=exec_, vcpu=vcpu)
+        r = self.r.fault(gfn, exec=exec_, vcpu=vcpu)
+        got = (int(n.ret), n.level, hex(n.spte), n.retries)
+        want = (int(r.ret), r.level, hex(r.spte), r.retries)
+        assert got == want, f"{call}: engine {got} != reference {want}"
+        assert math.isclose(n.modeled_ns, r.modeled_ns, rel_tol=1e-9, abs_tol=1e-6), call
+        event(f"refault -> {r.ret.name} at level {r.level}")
 
     @rule(data=st.data())
     def fault_batch(self, data: st.DataObject) -> None:
@@ -195,6 +220,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         n = self.native.populate(gfn, npages)
         r = self.r.populate(gfn, npages)
         assert n == r, f"{call}: engine {n} != reference {r}"
+        event(f"populate installed {'0' if r == 0 else '1' if r == 1 else 'many'}")
         if "populate_spurious_cost" in KNOWN_ENGINE_BUGS:
             spurious = self.r._last_populate_faults - r
             self.ns_offset += spurious * self.r.costs["fault_handling_ns"]
@@ -348,14 +374,21 @@ class EngineMatchesReference(RuleBasedStateMachine):
         self.native.check()
         self.r.check()
 
+    def teardown(self) -> None:
+        if self.ref is None:
+            return
+        stats = self.r.stats
+        for key in ("huge_page_splits", "remote_tlb_flush", "roots_freed", "pf_mmio_spte_created"):
+            event(f"run reached {key} > 0: {stats[key] > 0}")
+
 
 def _fmt(path: list[tuple[int, int]]) -> str:
     return "[" + ", ".join(f"({lv}, {sp:#x})" for lv, sp in path) + "]"
 
 
 EngineMatchesReference.TestCase.settings = settings(
-    max_examples=25 if CI else 120,
-    stateful_step_count=20 if CI else 30,
+    max_examples=int(os.environ.get("TDPMMU_DIFF_EXAMPLES", 30 if CI else 150)),
+    stateful_step_count=25 if CI else 40,
     deadline=None,
     derandomize=CI,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
