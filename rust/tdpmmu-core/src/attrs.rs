@@ -11,7 +11,10 @@ pub struct PrivateRanges {
 
 impl PrivateRanges {
     pub fn is_private(&self, gfn: u64) -> bool {
-        self.r.range(..=gfn).next_back().is_some_and(|(_, e)| gfn < *e)
+        self.r
+            .range(..=gfn)
+            .next_back()
+            .is_some_and(|(_, e)| gfn < *e)
     }
 
     /// Some(value) if every gfn of [start, end) has the same attribute.
@@ -52,11 +55,11 @@ impl PrivateRanges {
         if private {
             let mut s = start;
             let mut e = end;
-            if let Some((ps, pe)) = self.r.range(..s).next_back().map(|(a, b)| (*a, *b)) {
-                if pe == s {
-                    self.r.remove(&ps);
-                    s = ps;
-                }
+            if let Some((ps, pe)) = self.r.range(..s).next_back().map(|(a, b)| (*a, *b))
+                && pe == s
+            {
+                self.r.remove(&ps);
+                s = ps;
             }
             if let Some(ne) = self.r.get(&e).copied() {
                 self.r.remove(&e);

@@ -89,8 +89,13 @@ impl Walk<'_> {
                     )));
                 }
                 // Private memory comes from guest_memfd, shared memory from the host mapping.
-                let private = mirror || (self.confidential && !self.vm.has_mirror && self.attrs.is_private(gfn));
-                let want = if private { slot.gmem_pfn(gfn) } else { slot.pfn(gfn) };
+                let private = mirror
+                    || (self.confidential && !self.vm.has_mirror && self.attrs.is_private(gfn));
+                let want = if private {
+                    slot.gmem_pfn(gfn)
+                } else {
+                    slot.pfn(gfn)
+                };
                 if spte_to_pfn(s) != want {
                     return Err(fail(format!(
                         "leaf at gfn {gfn:#x} maps pfn {:#x}, expected {want:#x}",
@@ -191,10 +196,16 @@ impl Vm {
             sept_leaves.sort_unstable();
             mirror_leaves.sort_unstable();
             if sept_leaves != mirror_leaves {
-                let only_s: Vec<_> =
-                    sept_leaves.iter().filter(|x| !mirror_leaves.contains(x)).take(4).collect();
-                let only_m: Vec<_> =
-                    mirror_leaves.iter().filter(|x| !sept_leaves.contains(x)).take(4).collect();
+                let only_s: Vec<_> = sept_leaves
+                    .iter()
+                    .filter(|x| !mirror_leaves.contains(x))
+                    .take(4)
+                    .collect();
+                let only_m: Vec<_> = mirror_leaves
+                    .iter()
+                    .filter(|x| !sept_leaves.contains(x))
+                    .take(4)
+                    .collect();
                 return Err(fail(format!(
                     "mirror and S-EPT disagree: {} vs {} private leaves; only in S-EPT {only_s:x?}, only in mirror {only_m:x?}",
                     mirror_leaves.len(),

@@ -81,7 +81,10 @@ impl Vm {
     /// KVM_TDX_FINALIZE_VM: the TD becomes runnable.
     pub fn finalize(&self) -> Result<()> {
         let Some(t) = &self.tdx else {
-            return Err(bad_arg("vm_type", "finalize is a TDX operation; this VM is not a TD"));
+            return Err(bad_arg(
+                "vm_type",
+                "finalize is a TDX operation; this VM is not a TD",
+            ));
         };
         self.write_op(|_, _| t.module.finalize())
     }
@@ -91,8 +94,13 @@ impl Vm {
     /// `free_external_spt` → RECLAIM runs then). Afterwards every operation is refused.
     pub fn destroy(&self) -> Result<()> {
         self.write_op(|st, ctx| {
-            let gmem: Vec<(u64, u64)> =
-                st.memslots.slots.iter().filter(|s| s.gmem).map(|s| (s.gfn, s.end())).collect();
+            let gmem: Vec<(u64, u64)> = st
+                .memslots
+                .slots
+                .iter()
+                .filter(|s| s.gmem)
+                .map(|s| (s.gfn, s.end()))
+                .collect();
             for (s, e) in gmem {
                 let out = self.unmap_gfn_range(ctx, true, false, s, e);
                 if out.flush {
@@ -132,5 +140,68 @@ impl Vm {
             let mut roots = self.roots.lock();
             self.put_root_locked(ctx, &mut roots, t);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::error::Error;
+    use crate::stats::{C, Ctx};
+    use crate::tdx::TdxOptions;
+    use crate::vm::{Vm, VmConfig};
+
+    fn running_td() -> Vm {
+        let vm = Vm::new(VmConfig {
+            vm_type: "tdx".into(),
+            hooks: "mirror".into(),
+            tdx: TdxOptions::default(),
+            ..VmConfig::default()
+        })
+        .unwrap();
+        vm.finalize().unwrap();
+        vm.fault(1, Some(true), true, false, 0).unwrap();
+        vm
+    }
+
+    /// Behaviours 11 and 12: atomic (shared) zaps of mirror entries and freeing S-EPT tables
+    /// while the HKID is assigned are KVM bugs; the VM refuses everything afterwards.
+    #[test]
+    fn kvm_bug_rules_mark_the_vm_bugged() {
+        let vm = running_td();
+        let mirror = vm.current_root(true).unwrap();
+        let mut ctx = Ctx::default();
+        {
+            let _w = vm.mmu_lock.write();
+            vm.zap_root(&mut ctx, mirror, true);
+        }
+        let msg = ctx.bug.clone().expect("a KVM_BUG_ON fired");
+        assert!(msg.contains("mirror"), "{msg}");
+        assert!(matches!(vm.finish(&ctx), Err(Error::Bugged(_))));
+        assert!(vm.bugged.load(std::sync::atomic::Ordering::Relaxed));
+        assert!(matches!(
+            vm.fault(2, Some(true), true, false, 0),
+            Err(Error::Bugged(_))
+        ));
+
+        // Exclusive root zap with the HKID still assigned: free_external_spt is a bug and the
+        // S-EPT page is leaked on purpose.
+        let vm = running_td();
+        let mirror = vm.current_root(true).unwrap();
+        let mut ctx = Ctx::default();
+        {
+            let _w = vm.mmu_lock.write();
+            vm.zap_root(&mut ctx, mirror, false);
+        }
+        assert!(ctx.bug.as_deref().unwrap().contains("HKID"));
+        assert_eq!(
+            ctx.c[C::external_spt_leaked as usize],
+            3,
+            "one per mirror table"
+        );
+        assert_eq!(
+            ctx.c[C::sept_remove as usize],
+            0,
+            "upstream never issues SEPT.REMOVE"
+        );
     }
 }

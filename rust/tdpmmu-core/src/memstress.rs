@@ -132,7 +132,7 @@ impl Vm {
         v: u32,
         is_private: Option<bool>,
     ) -> (VcpuResult, Ctx, Option<crate::error::Error>) {
-        let mut ctx = Ctx::default();
+        let mut ctx = Ctx::traced(self.cfg.trace);
         let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
         let base = if a.overlap {
             a.base_gfn

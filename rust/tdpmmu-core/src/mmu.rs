@@ -208,6 +208,10 @@ impl Vm {
                 {
                     break;
                 }
+                if ctx.bug.is_some() {
+                    // The update is refused for good (a KVM_BUG_ON fired); do not spin.
+                    return false;
+                }
             }
         } else {
             self.set_spte(ctx, it, SHADOW_NONPRESENT_VALUE);

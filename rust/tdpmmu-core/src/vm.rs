@@ -9,7 +9,6 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::arena::{Arena, NO_TABLE, SP_MIRROR, SP_NX_DISALLOWED, SP_ROOT};
 use crate::attrs::PrivateRanges;
-use crate::tdx::{TdxHooks, TdxModule, TdxOptions};
 use crate::cost::CostModel;
 use crate::error::{Error, Result, bad_arg};
 use crate::external::ExternalOps;
@@ -20,6 +19,7 @@ use crate::spte::{
     is_shadow_present, make_leaf_spte, make_mmio_spte, mmio_generation, pages_per_level,
 };
 use crate::stats::{C, Ctx, Totals};
+use crate::tdx::{TdxHooks, TdxModule, TdxOptions};
 
 /// KVM's RET_PF_* codes, plus MEMORY_FAULT for a KVM_EXIT_MEMORY_FAULT (-EFAULT) exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,12 +272,22 @@ impl Vm {
                 };
                 return Err(bad_arg(
                     "hooks",
-                    format!("{h:?} is not valid for a {} VM; allowed: {allowed}", t.name()),
+                    format!(
+                        "{h:?} is not valid for a {} VM; allowed: {allowed}",
+                        t.name()
+                    ),
                 ));
             }
         };
         let (has_mirror, gfn_direct_bits) = match vm_type {
-            VmType::Tdx => (true, if cfg.levels == 4 { 1u64 << 35 } else { 1u64 << 39 }),
+            VmType::Tdx => (
+                true,
+                if cfg.levels == 4 {
+                    1u64 << 35
+                } else {
+                    1u64 << 39
+                },
+            ),
             VmType::Default => (false, 0),
         };
         // A TD's guest-physical space is the half below the shared bit.
@@ -594,7 +604,7 @@ impl Vm {
         self.check_gfn(gfn, "gfn")?;
         self.check_vcpu(vcpu)?;
         let is_private = self.check_private(private)?;
-        let mut ctx = Ctx::default();
+        let mut ctx = Ctx::traced(self.cfg.trace);
         let r = {
             let st = self.mmu_lock.read();
             self.page_fault(
@@ -644,7 +654,7 @@ impl Vm {
             ));
         }
         assert_eq!(gfns.len(), out.len());
-        let mut ctx = Ctx::default();
+        let mut ctx = Ctx::traced(self.cfg.trace);
         let mut err = None;
         {
             let st = self.mmu_lock.read();
@@ -849,7 +859,11 @@ impl Vm {
         }
         if private {
             f.pfn = slot.gmem_pfn(f.gfn);
-            f.max_level = if self.vm_type == VmType::Tdx { 1 } else { slot.level };
+            f.max_level = if self.vm_type == VmType::Tdx {
+                1
+            } else {
+                slot.level
+            };
         } else {
             f.pfn = slot.pfn(f.gfn);
             f.max_level = slot.level;

@@ -160,7 +160,7 @@ impl Vm {
         body: impl FnOnce(&mut MmuState, &mut Ctx) -> Result<T>,
     ) -> Result<T> {
         self.ensure_alive()?;
-        let mut ctx = Ctx::default();
+        let mut ctx = Ctx::traced(self.cfg.trace);
         let r = {
             let mut st = self.mmu_lock.write();
             let r = body(&mut st, &mut ctx);
@@ -250,7 +250,7 @@ impl Vm {
         self.check_range(gfn, npages)?;
         self.check_vcpu(vcpu)?;
         let is_private = self.check_private(private)?;
-        let mut ctx = Ctx::default();
+        let mut ctx = Ctx::traced(self.cfg.trace);
         let end = gfn + npages;
         let r = (|| {
             let st = self.mmu_lock.read();
@@ -270,17 +270,26 @@ impl Vm {
                 if st.attrs.uniform(gfn, end) != Some(want) {
                     return Err(bad_arg(
                         "private",
-                        format!("the range's memory attributes are not all {}", if want { "private" } else { "shared" }),
+                        format!(
+                            "the range's memory attributes are not all {}",
+                            if want { "private" } else { "shared" }
+                        ),
                     ));
                 }
                 if want && st.memslots.find(gfn).is_some_and(|s| !s.gmem) {
-                    return Err(bad_arg("private", "private memory needs a guest_memfd memslot"));
+                    return Err(bad_arg(
+                        "private",
+                        "private memory needs a guest_memfd memslot",
+                    ));
                 }
                 if let Some(t) = &self.tdx
                     && !t.module.finalized()
                     && !want
                 {
-                    return Err(bad_arg("private", "before finalize only the private initial image can be populated"));
+                    return Err(bad_arg(
+                        "private",
+                        "before finalize only the private initial image can be populated",
+                    ));
                 }
             }
             let mut installed = 0;
@@ -307,9 +316,14 @@ impl Vm {
                             && self.design != crate::vm::HookDesign::None
                         {
                             // v6.16 tdx_gmem_post_populate issues PAGE.ADD after the map.
-                            let s = t.module.populate_page_add(&mut ctx, g, spte::spte_to_pfn(r.spte));
+                            let s =
+                                t.module
+                                    .populate_page_add(&mut ctx, g, spte::spte_to_pfn(r.spte));
                             if s != crate::tdx::Status::Success {
-                                ctx.bug(format!("TDH.MEM.PAGE.ADD failed for gfn {g:#x}: {}", s.name()));
+                                ctx.bug(format!(
+                                    "TDH.MEM.PAGE.ADD failed for gfn {g:#x}: {}",
+                                    s.name()
+                                ));
                             }
                         }
                     }

@@ -285,7 +285,7 @@ pub struct Vm {
 impl Vm {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all))]
+    #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all, options = None))]
     fn new(
         py: Python<'_>,
         vm_type: String,
@@ -299,7 +299,18 @@ impl Vm {
         trace: bool,
         nx_huge_pages: bool,
         slot_zap_all: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
+        let mut tdx_opts = core::tdx::TdxOptions::default();
+        if let Some(o) = options {
+            for (k, v) in o.iter() {
+                let k: String = k
+                    .extract()
+                    .map_err(|_| PyTypeError::new_err("options: keys must be str"))?;
+                let v = v.str()?.to_string();
+                tdx_opts.set(&k, &v).map_err(|e| to_py(py, e))?;
+            }
+        }
         let mut cm = core::CostModel::default();
         for (k, v) in costs.iter() {
             let k: String = k
@@ -322,6 +333,7 @@ impl Vm {
             trace,
             nx_huge_pages,
             slot_zap_all,
+            tdx: tdx_opts,
         };
         let vm = call(py, || core::Vm::new(cfg))?;
         Ok(Self {
@@ -365,6 +377,59 @@ impl Vm {
     #[getter]
     fn memslot_generation(&self) -> u64 {
         self.inner.memslot_generation()
+    }
+    /// TDX: the TD was finalized (is runnable).
+    #[getter]
+    fn finalized(&self) -> bool {
+        self.inner.finalized()
+    }
+    #[getter]
+    fn destroyed(&self) -> bool {
+        self.inner
+            .destroyed
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// KVM_SET_MEMORY_ATTRIBUTES over [gfn, gfn + npages); returns the leaves zapped.
+    #[pyo3(signature = (gfn, npages, private = true))]
+    fn set_memory_attributes(
+        &self,
+        py: Python<'_>,
+        gfn: i128,
+        npages: i128,
+        private: bool,
+    ) -> PyResult<u64> {
+        let (gfn, npages) = self.range(gfn, npages)?;
+        let inner = &self.inner;
+        call_detached(py, || inner.set_memory_attributes(gfn, npages, private))
+    }
+
+    /// guest_memfd punch hole (PRIVATE filter); returns the leaves zapped.
+    fn punch_hole(&self, py: Python<'_>, gfn: i128, npages: i128) -> PyResult<u64> {
+        let (gfn, npages) = self.range(gfn, npages)?;
+        let inner = &self.inner;
+        call_detached(py, || inner.punch_hole(gfn, npages))
+    }
+
+    /// KVM_TDX_FINALIZE_VM.
+    fn finalize(&self, py: Python<'_>) -> PyResult<()> {
+        call(py, || self.inner.finalize())
+    }
+
+    /// Tear down in KVM's order; the VM refuses every operation afterwards.
+    fn destroy(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
+        call_detached(py, || inner.destroy())
+    }
+
+    /// Trace events in order as (op, gfn, level, detail) tuples (empty unless trace=True).
+    fn trace_events(&self) -> Vec<(&'static str, u64, u8, u64)> {
+        self.inner
+            .totals
+            .events()
+            .into_iter()
+            .map(|e| (e.op, e.gfn, e.level, e.detail))
+            .collect()
     }
 
     /// One fault. Kept on the GIL: it is shorter than a GIL hand-off.
