@@ -53,7 +53,10 @@ impl<'a> TdpIter<'a> {
             valid: false,
             yielded: false,
         };
-        if !(1..=MAX_LEVELS as u8).contains(&root_level) || (gfn_bits != 0 && start_gfn >= gfn_bits)
+        if !(1..=MAX_LEVELS as u8).contains(&root_level)
+            || min_level == 0
+            || min_level > root_level
+            || (gfn_bits != 0 && start_gfn >= gfn_bits)
         {
             return it;
         }
@@ -74,7 +77,9 @@ impl<'a> TdpIter<'a> {
 
     #[inline(always)]
     pub fn table(&self) -> u32 {
-        self.pt_path[self.level as usize - 1]
+        debug_assert!((1..=MAX_LEVELS as u8).contains(&self.level));
+        // SAFETY: level stays in 1..=root_level <= MAX_LEVELS (checked in `start`).
+        unsafe { *self.pt_path.get_unchecked(self.level as usize - 1) }
     }
 
     #[inline(always)]
@@ -110,7 +115,8 @@ impl<'a> TdpIter<'a> {
         }
         let child = (spte::spte_to_pfn(s) - TABLE_BASE_PFN) as u32;
         self.level -= 1;
-        self.pt_path[self.level as usize - 1] = child;
+        // SAFETY: level > min_level >= 1 before the decrement, so it is in 1..=MAX_LEVELS.
+        unsafe { *self.pt_path.get_unchecked_mut(self.level as usize - 1) = child };
         self.gfn = round_gfn(self.next_last_level_gfn, self.level);
         self.read();
         true

@@ -69,6 +69,7 @@ impl Vm {
     }
 
     /// Bookkeeping for one SPTE change (`handle_changed_spte`).
+    #[inline]
     pub(crate) fn handle_changed_spte(
         &self,
         ctx: &mut Ctx,
@@ -78,6 +79,12 @@ impl Vm {
         level: u8,
         shared: bool,
     ) {
+        // Fast path of the fault path: a new leaf over a non-present entry only counts a page.
+        if !is_shadow_present(old) && is_shadow_present(new) && is_last(new, level) {
+            debug_assert!(gfn.is_multiple_of(pages_per_level(level)));
+            ctx.page_stats(level, 1);
+            return;
+        }
         let was_present = is_shadow_present(old);
         let is_present = is_shadow_present(new);
         let was_leaf = was_present && is_last(old, level);

@@ -705,7 +705,10 @@ impl Vm {
         prefetch: bool,
     ) -> Result<FaultResult> {
         let start_ns = ctx.modeled_ns;
-        let is_private = private.unwrap_or_else(|| st.attrs.is_private(gfn));
+        let is_private = match private {
+            Some(p) => p,
+            None => self.vm_type.confidential() && st.attrs.is_private(gfn),
+        };
         if let Some(t) = &self.tdx
             && !prefetch
             && !t.module.finalized()
