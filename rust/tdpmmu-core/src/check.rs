@@ -110,6 +110,20 @@ impl Walk<'_> {
                 if mirror {
                     self.mirror_leaves.push((gfn, spte_to_pfn(s)));
                 }
+                if private && let Some(rmp) = slot.rmp.as_ref() {
+                    // SNP: a private NPT leaf needs an assigned RMP entry of the right gpa and size.
+                    let e = rmp.get(gfn - slot.gfn);
+                    if !crate::snp::Rmp::assigned(e) || crate::snp::Rmp::gfn(e) != gfn {
+                        return Err(fail(format!(
+                            "private NPT leaf at gfn {gfn:#x} but its RMP entry is not assigned to that gpa"
+                        )));
+                    }
+                    if level == 2 && !crate::snp::Rmp::is_2m(e) {
+                        return Err(fail(format!(
+                            "2M private NPT leaf at gfn {gfn:#x} over 4K RMP entries"
+                        )));
+                    }
+                }
             } else {
                 let Some(c) = self.vm.arena.idx_of_pfn(spte_to_pfn(s)) else {
                     return Err(fail(format!(

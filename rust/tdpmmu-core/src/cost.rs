@@ -62,6 +62,13 @@ cost_model!(
     tdh_mng_vpflushdone_ns = 1000.0,
     tdh_phymem_cache_wb_ns = 100000.0,
     tdh_mng_key_freeid_ns = 1000.0,
+    // SEV-SNP and guest_memfd.
+    rmpupdate_ns = 1000.0,
+    psmash_ns = 1000.0,
+    pvalidate_ns = 500.0,
+    psc_exit_ns = 2000.0,
+    gmem_convert_ns = 107.0,
+    gmem_split_2m_ns = 10700.0,
 );
 
 impl CostModel {

@@ -5,8 +5,10 @@ use std::sync::atomic::Ordering;
 
 use crate::arena::NO_TABLE;
 use crate::error::{Result, bad_arg};
+use crate::snp::Rmp;
+use crate::stats::C;
 use crate::stats::Ctx;
-use crate::vm::{MmuState, Vm};
+use crate::vm::{HookDesign, MmuState, Vm, VmType};
 
 impl Vm {
     fn check_confidential(&self, what: &str) -> Result<()> {
@@ -74,8 +76,130 @@ impl Vm {
             if out.flush {
                 self.flush_remote_tlbs(ctx);
             }
+            self.gmem_invalidate(st, ctx, gfn, end);
             Ok(out.zapped)
         })
+    }
+
+    /// guest_memfd folios freed over [gfn, end): `kvm_arch_gmem_invalidate` (SNP: the RMP goes
+    /// back to shared, PSMASHing 2M entries that are only partly freed).
+    fn gmem_invalidate(&self, st: &MmuState, ctx: &mut Ctx, gfn: u64, end: u64) {
+        if self.design != HookDesign::Gmem {
+            return;
+        }
+        for slot in st
+            .memslots
+            .slots
+            .iter()
+            .filter(|s| s.gfn < end && gfn < s.end())
+        {
+            if let Some(rmp) = slot.rmp.as_ref() {
+                let a = gfn.max(slot.gfn) - slot.gfn;
+                let b = end.min(slot.end()) - slot.gfn;
+                ctx.inc(C::gmem_invalidate);
+                rmp.gmem_invalidate(ctx, &self.costs, a, b - a);
+            }
+        }
+    }
+
+    /// The guest's PVALIDATE over [gfn, gfn + npages) at 4K or 2M. Validation of a page that
+    /// is not assigned to the guest is bad input (checked before anything changes); other
+    /// architectural failures (double validation, size mismatch) are counted and returned.
+    pub fn pvalidate(
+        &self,
+        gfn: u64,
+        npages: u64,
+        size_2m: bool,
+        validate: bool,
+    ) -> Result<Vec<(&'static str, u64)>> {
+        if self.vm_type != VmType::Snp {
+            return Err(bad_arg(
+                "vm_type",
+                "PVALIDATE is an SEV-SNP guest instruction",
+            ));
+        }
+        self.check_range(gfn, npages)?;
+        let step = if size_2m { 512 } else { 1 };
+        if size_2m && (!gfn.is_multiple_of(512) || !npages.is_multiple_of(512)) {
+            return Err(bad_arg(
+                "gfn",
+                "2M PVALIDATE needs a 2M-aligned gfn and a multiple of 512 pages",
+            ));
+        }
+        self.write_op(|st, ctx| {
+            for g in (gfn..gfn + npages).step_by(step as usize) {
+                let slot = st.memslots.find(g).filter(|s| s.rmp.is_some());
+                let Some(slot) = slot else {
+                    return Err(bad_arg("gfn", format!("gfn {g:#x} is not guest_memfd memory of an SNP guest")));
+                };
+                let e = slot.rmp.as_ref().expect("filtered").get(g - slot.gfn);
+                if !Rmp::assigned(e) || Rmp::gfn(e) != g {
+                    return Err(bad_arg(
+                        "gfn",
+                        format!("gfn {g:#x} is not assigned to the guest in the RMP (validate an assigned page)"),
+                    ));
+                }
+            }
+            let mut out: Vec<(&'static str, u64)> = Vec::new();
+            for g in (gfn..gfn + npages).step_by(step as usize) {
+                let slot = st.memslots.find(g).expect("checked");
+                let rmp = slot.rmp.as_ref().expect("checked");
+                let s = rmp.pvalidate(ctx, &self.costs, g - slot.gfn, g, size_2m, validate);
+                match out.iter_mut().find(|(n, _)| *n == s.name()) {
+                    Some((_, c)) => *c += 1,
+                    None => out.push((s.name(), 1)),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// An NPF with the RMP size-mismatch bit (`sev_handle_rmp_fault`): PSMASH the 2M RMP entry
+    /// (tolerating one already split) and zap the 512-page gfn range so the NPT is rebuilt.
+    pub fn rmp_fault(&self, gfn: u64) -> Result<()> {
+        if self.vm_type != VmType::Snp {
+            return Err(bad_arg("vm_type", "RMP faults exist only on SEV-SNP"));
+        }
+        self.check_gfn(gfn, "gfn")?;
+        self.write_op(|st, ctx| {
+            let Some(slot) = st.memslots.find(gfn).filter(|s| s.rmp.is_some()) else {
+                return Err(bad_arg(
+                    "gfn",
+                    format!("gfn {gfn:#x} is not guest_memfd memory"),
+                ));
+            };
+            ctx.inc(C::rmp_faults);
+            let rmp = slot.rmp.as_ref().expect("filtered");
+            let off = gfn - slot.gfn;
+            if Rmp::is_2m(rmp.get(off)) && Rmp::assigned(rmp.get(off)) {
+                rmp.psmash(ctx, &self.costs, off);
+            }
+            let base = gfn & !511;
+            let out = self.zap_leafs(ctx, crate::vm::RootTypes::VALID, base, base + 512);
+            if out.flush {
+                self.flush_remote_tlbs(ctx);
+            }
+            Ok(())
+        })
+    }
+
+    /// RMP entry of the guest_memfd page behind `gfn`: (assigned, validated, 2M, gfn).
+    pub fn rmp_entry(&self, gfn: u64) -> Result<(bool, bool, bool, u64)> {
+        self.check_gfn(gfn, "gfn")?;
+        let st = self.mmu_lock.read();
+        let Some(slot) = st.memslots.find(gfn).filter(|s| s.rmp.is_some()) else {
+            return Err(bad_arg(
+                "gfn",
+                format!("gfn {gfn:#x} has no RMP entry (not SNP guest_memfd memory)"),
+            ));
+        };
+        let e = slot.rmp.as_ref().expect("filtered").get(gfn - slot.gfn);
+        Ok((
+            Rmp::assigned(e),
+            Rmp::validated(e),
+            Rmp::is_2m(e),
+            Rmp::gfn(e),
+        ))
     }
 
     /// KVM_TDX_FINALIZE_VM: the TD becomes runnable.
@@ -106,6 +230,7 @@ impl Vm {
                 if out.flush {
                     self.flush_remote_tlbs(ctx);
                 }
+                self.gmem_invalidate(st, ctx, s, e);
             }
             if let Some(t) = &self.tdx {
                 t.module.release_hkid(ctx);

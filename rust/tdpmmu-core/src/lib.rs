@@ -17,6 +17,7 @@ pub mod iter;
 pub mod memslot;
 pub mod memstress;
 pub mod mmu;
+pub mod snp;
 pub mod spte;
 pub mod stats;
 pub mod tdx;

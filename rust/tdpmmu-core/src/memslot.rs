@@ -21,6 +21,8 @@ pub struct Memslot {
     pub gmem: bool,
     /// Host pfn of the slot's first guest_memfd page (private memory); 0 without guest_memfd.
     pub gmem_pfn: u64,
+    /// SEV-SNP: the RMP entries of this slot's guest_memfd pages.
+    pub rmp: Option<std::sync::Arc<crate::snp::Rmp>>,
     /// One bit per backing page: set once the host page was allocated (first touch).
     touched: Box<[AtomicU64]>,
 }
@@ -38,6 +40,7 @@ impl Memslot {
             host_pfn,
             gmem,
             gmem_pfn: 0,
+            rmp: None,
             touched,
         }
     }

@@ -62,6 +62,15 @@ counters!(
     page_clear,
     tdx_local_retries,
     sept_tables,
+    // SEV-SNP RMP and guest validation.
+    rmpupdate,
+    psmash,
+    pvalidate,
+    pvalidate_errors,
+    rmp_failures,
+    rmp_faults,
+    gmem_prepare,
+    gmem_invalidate,
 );
 
 pub const NCOUNTERS: usize = COUNTER_NAMES.len();

@@ -195,10 +195,13 @@ pub struct TdxModule {
     vcpus: u32,
     pub opts: TdxOptions,
     costs: CostModel,
+    pub software: bool,
     st: Mutex<TdState>,
 }
 
 impl TdxModule {
+    /// `software`: the SW_PROTECTED mirror variant — the same external tree, no TDX module:
+    /// no SEAMCALL counts or costs, runnable from the start.
     pub fn new(
         levels: u8,
         vcpus: u32,
@@ -206,6 +209,7 @@ impl TdxModule {
         opts: TdxOptions,
         costs: CostModel,
         seed: u64,
+        software: bool,
     ) -> Result<Self> {
         let arena = Arena::new(capacity)?;
         // The S-EPT root belongs to the TD's control structures (not a KVM external_spt page).
@@ -217,8 +221,9 @@ impl TdxModule {
             vcpus,
             opts,
             costs,
+            software,
             st: Mutex::new(TdState {
-                finalized: false,
+                finalized: software,
                 hkid_assigned: true,
                 epoch: 1,
                 kicked_epoch: 0,
@@ -490,6 +495,9 @@ impl TdxModule {
     /// KVM_REQ_OUTSIDE_GUEST_MODE to every vCPU: all of them leave the old TLB epoch.
     fn kick_all(&self, ctx: &mut Ctx, st: &mut TdState) {
         st.kicked_epoch = st.epoch;
+        if self.software {
+            return;
+        }
         ctx.inc(C::vcpu_kicks);
         ctx.cost(self.costs.kick(self.vcpus));
         ctx.trace("kick", 0, 0, self.vcpus as u64);
@@ -548,6 +556,9 @@ impl TdxModule {
     }
 
     fn wbinvd_and_clear(&self, ctx: &mut Ctx, gfn: u64, pfn: u64) {
+        if self.software {
+            return;
+        }
         self.seamcall(
             ctx,
             C::page_wbinvd,
@@ -868,7 +879,10 @@ impl ExternalOps for TdxHooks {
             level,
             Status::Success,
         );
-        ctx.inc(C::page_clear);
+        if !m.software {
+            ctx.inc(C::page_clear);
+        }
+
         ctx.cost(m.costs.page_clear_ns);
         e.store(FREE, Ordering::Release);
         m.arena.free_now(child);

@@ -14,6 +14,7 @@ use crate::error::{Error, Result, bad_arg};
 use crate::external::ExternalOps;
 use crate::iter::TdpIter;
 use crate::memslot::{Memslot, Memslots, backing_level};
+use crate::snp::{Rmp, RmpTable, SnpHooks};
 use crate::spte::{
     self, SHADOW_NONPRESENT_VALUE, access_allowed, is_frozen, is_large, is_last, is_mmio,
     is_shadow_present, make_leaf_spte, make_mmio_spte, mmio_generation, pages_per_level,
@@ -39,14 +40,18 @@ pub enum Ret {
 pub enum VmType {
     Default,
     Tdx,
+    Snp,
+    SwProtected,
 }
 
 impl VmType {
-    pub const NAMES: &'static [&'static str] = &["default", "tdx"];
+    pub const NAMES: &'static [&'static str] = &["default", "tdx", "snp", "sw_protected"];
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "default" => Ok(Self::Default),
             "tdx" => Ok(Self::Tdx),
+            "snp" => Ok(Self::Snp),
+            "sw_protected" => Ok(Self::SwProtected),
             _ => Err(bad_arg(
                 "vm_type",
                 format!("unknown VM type {s:?}; allowed: {}", Self::NAMES.join(", ")),
@@ -57,6 +62,8 @@ impl VmType {
         match self {
             Self::Default => "default",
             Self::Tdx => "tdx",
+            Self::Snp => "snp",
+            Self::SwProtected => "sw_protected",
         }
     }
     /// Has private memory (guest_memfd, memory attributes).
@@ -79,6 +86,39 @@ pub struct VmConfig {
     pub nx_huge_pages: bool,
     pub slot_zap_all: bool,
     pub tdx: TdxOptions,
+    /// SW_PROTECTED only: the seed's "mirrored page table with a shared bit" variant.
+    pub mirror: bool,
+    /// guest_memfd folio level: 1 (4K) or 2 (2M).
+    pub folio_level: u8,
+}
+
+impl VmConfig {
+    /// Set a type-specific option by name (`mirror`, `folio`, or a TDX option).
+    pub fn set_option(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "mirror" => {
+                self.mirror = match value {
+                    "true" | "True" | "1" => true,
+                    "false" | "False" | "0" => false,
+                    _ => return Err(bad_arg("mirror", format!("must be a bool, got {value:?}"))),
+                }
+            }
+            "folio" => {
+                self.folio_level = match value {
+                    "4K" | "4096" => 1,
+                    "2M" | "2097152" => 2,
+                    _ => {
+                        return Err(bad_arg(
+                            "folio",
+                            format!("guest_memfd folio size must be 4K or 2M, got {value:?}"),
+                        ));
+                    }
+                }
+            }
+            _ => self.tdx.set(key, value)?,
+        }
+        Ok(())
+    }
 }
 
 impl Default for VmConfig {
@@ -96,6 +136,8 @@ impl Default for VmConfig {
             nx_huge_pages: false,
             slot_zap_all: true,
             tdx: TdxOptions::default(),
+            mirror: false,
+            folio_level: 1,
         }
     }
 }
@@ -193,6 +235,8 @@ pub enum HookDesign {
     Mirror,
     /// Every SPTE change made for a private fault or a PRIVATE-filtered zap.
     Private,
+    /// guest_memfd prepare/invalidate only (upstream SNP); NPT changes call nothing.
+    Gmem,
 }
 
 pub struct Vm {
@@ -217,6 +261,8 @@ pub struct Vm {
     pub tdx: Option<Arc<TdxHooks>>,
     pub design: HookDesign,
     pub destroyed: AtomicBool,
+    /// SEV-SNP: the RMP, indexed by host pfn.
+    pub rmp: Option<Arc<RmpTable>>,
 }
 
 /// Page tables needed to map `pages` 4K pages in one root of `levels` levels, root included.
@@ -261,14 +307,27 @@ impl Vm {
             ));
         }
         let level = backing_level(cfg.backing, "backing")?;
-        let design = match (vm_type, cfg.hooks.as_str()) {
-            (VmType::Default, "none") => HookDesign::None,
-            (VmType::Tdx, "mirror") => HookDesign::Mirror,
-            (VmType::Tdx, "private") => HookDesign::Private,
-            (t, h) => {
-                let allowed = match t {
-                    VmType::Default => "none",
-                    VmType::Tdx => "mirror, private",
+        let sw_mirror = vm_type == VmType::SwProtected && cfg.mirror;
+        if cfg.mirror && vm_type != VmType::SwProtected {
+            return Err(bad_arg("mirror", "only sw_protected VMs take mirror=True"));
+        }
+        let design = match (vm_type, cfg.hooks.as_str(), sw_mirror) {
+            (VmType::Default, "none", _) => HookDesign::None,
+            (VmType::Tdx, "mirror", _) | (VmType::SwProtected, "mirror", true) => {
+                HookDesign::Mirror
+            }
+            (VmType::Tdx | VmType::Snp, "private", _) | (VmType::SwProtected, "private", true) => {
+                HookDesign::Private
+            }
+            (VmType::Snp, "gmem", _) => HookDesign::Gmem,
+            (VmType::SwProtected, "none", false) => HookDesign::None,
+            (t, h, m) => {
+                let allowed = match (t, m) {
+                    (VmType::Default, _) => "none",
+                    (VmType::Tdx, _) => "mirror, private",
+                    (VmType::Snp, _) => "gmem, private",
+                    (VmType::SwProtected, false) => "none (mirror and private need mirror=True)",
+                    (VmType::SwProtected, true) => "mirror, private",
                 };
                 return Err(bad_arg(
                     "hooks",
@@ -279,16 +338,18 @@ impl Vm {
                 ));
             }
         };
+        if !(1..=2).contains(&cfg.folio_level) {
+            return Err(bad_arg("folio", "guest_memfd folio size must be 4K or 2M"));
+        }
+        let shared_bit = if cfg.levels == 4 {
+            1u64 << 35
+        } else {
+            1u64 << 39
+        };
         let (has_mirror, gfn_direct_bits) = match vm_type {
-            VmType::Tdx => (
-                true,
-                if cfg.levels == 4 {
-                    1u64 << 35
-                } else {
-                    1u64 << 39
-                },
-            ),
-            VmType::Default => (false, 0),
+            VmType::Tdx => (true, shared_bit),
+            VmType::SwProtected if sw_mirror => (true, shared_bit),
+            _ => (false, 0),
         };
         // A TD's guest-physical space is the half below the shared bit.
         let max_gfn: u64 = if gfn_direct_bits != 0 {
@@ -352,8 +413,8 @@ impl Vm {
             // As a VMM does for a confidential guest: all initial memory is private.
             attrs.set(0, pages, true);
         }
-        let tdx = match vm_type {
-            VmType::Tdx => Some(Arc::new(TdxHooks {
+        let tdx = if vm_type == VmType::Tdx || sw_mirror {
+            Some(Arc::new(TdxHooks {
                 module: TdxModule::new(
                     cfg.levels,
                     cfg.vcpus,
@@ -361,12 +422,26 @@ impl Vm {
                     cfg.tdx.clone(),
                     cfg.costs,
                     cfg.seed,
+                    sw_mirror,
                 )?,
-            })),
-            VmType::Default => None,
+            }))
+        } else {
+            None
         };
-        let external: Option<Arc<dyn ExternalOps>> = match &tdx {
-            Some(t) if design != HookDesign::None => Some(t.clone()),
+        let rmp = (vm_type == VmType::Snp).then(|| Arc::new(RmpTable::default()));
+        if let Some(table) = &rmp {
+            let slot = &mut memslots.slots[0];
+            let r = Arc::new(Rmp::new(slot.npages, cfg.folio_level));
+            table.insert(slot.gmem_pfn, slot.npages, r.clone());
+            slot.rmp = Some(r);
+        }
+        let external: Option<Arc<dyn ExternalOps>> = match (&tdx, &rmp, design) {
+            (_, _, HookDesign::None | HookDesign::Gmem) => None,
+            (Some(t), _, _) => Some(t.clone()),
+            (None, Some(table), HookDesign::Private) => Some(Arc::new(SnpHooks {
+                costs: cfg.costs,
+                table: table.clone(),
+            })),
             _ => None,
         };
         let n = cfg.vcpus as usize;
@@ -389,6 +464,7 @@ impl Vm {
             tdx,
             design,
             destroyed: AtomicBool::new(false),
+            rmp,
             cfg,
         })
     }
@@ -485,7 +561,7 @@ impl Vm {
     #[inline(always)]
     pub(crate) fn hooks_fire(&self, table: u32, ctx: &Ctx) -> bool {
         match self.design {
-            HookDesign::None => false,
+            HookDesign::None | HookDesign::Gmem => false,
             HookDesign::Mirror => self.is_mirror_table(table),
             HookDesign::Private => ctx.op_private,
         }
@@ -833,6 +909,18 @@ impl Vm {
         };
         if let Some(s) = slot {
             self.faultin_pfn(ctx, s, &mut f, is_private);
+            if self.vm_type.confidential() {
+                // Mixed private/shared ranges cannot be mapped huge (KVM_LPAGE_MIXED_FLAG).
+                while f.max_level > 1 {
+                    let base = spte::round_gfn(gfn, f.max_level);
+                    if st.attrs.uniform(base, base + pages_per_level(f.max_level))
+                        == Some(is_private)
+                    {
+                        break;
+                    }
+                    f.max_level -= 1;
+                }
+            }
             self.hugepage_adjust(&mut f);
         }
         ctx.op_private = is_private;
@@ -850,26 +938,74 @@ impl Vm {
                 Ret::Continue | Ret::Invalid => {}
             }
         }
+        if ret == Ret::Fixed
+            && is_private
+            && !prefetch
+            && self.vm_type == VmType::Snp
+            && let Some(s) = slot
+        {
+            self.snp_guest_validate(ctx, s, gfn);
+        }
         Ok(done(ret, f.level, f.spte))
     }
 
     /// `kvm_mmu_faultin_pfn`: shared pages come from the host mapping (allocated on first
-    /// touch), private ones from guest_memfd; TDX caps private mappings at 4K.
+    /// touch), private ones from guest_memfd, whose folio size and (SNP) RMP entry cap the level.
     fn faultin_pfn(&self, ctx: &mut Ctx, slot: &Memslot, f: &mut KvmPageFault, private: bool) {
         if slot.touch(f.gfn) {
             ctx.inc(C::host_pages_allocated);
             ctx.cost(self.costs.host_page(pages_per_level(slot.level)));
         }
-        if private {
-            f.pfn = slot.gmem_pfn(f.gfn);
-            f.max_level = if self.vm_type == VmType::Tdx {
-                1
-            } else {
-                slot.level
-            };
-        } else {
+        if !private {
             f.pfn = slot.pfn(f.gfn);
             f.max_level = slot.level;
+            return;
+        }
+        f.pfn = slot.gmem_pfn(f.gfn);
+        f.max_level = if self.has_mirror {
+            // TDX (and the mirrored SW_PROTECTED variant): private memory is mapped at 4K.
+            1
+        } else {
+            slot.level.min(self.cfg.folio_level)
+        };
+        if let Some(rmp) = slot.rmp.as_ref() {
+            let off = f.gfn - slot.gfn;
+            if self.design == HookDesign::Gmem && !Rmp::assigned(rmp.get(off)) {
+                // kvm_gmem_get_pfn → kvm_arch_gmem_prepare (sev_gmem_prepare).
+                ctx.inc(C::gmem_prepare);
+                let st = rmp.gmem_prepare(ctx, &self.costs, off, f.gfn);
+                if st != crate::snp::RmpStatus::Success {
+                    ctx.bug(format!(
+                        "gmem prepare RMPUPDATE failed for gfn {:#x}: {}",
+                        f.gfn,
+                        st.name()
+                    ));
+                }
+            }
+            // sev_private_max_mapping_level: the RMP entry's size, 4K if unassigned.
+            f.max_level = f.max_level.min(rmp.level(off));
+        }
+    }
+
+    /// The SNP guest validates a page it has just been given (PVALIDATE), if it is not yet.
+    fn snp_guest_validate(&self, ctx: &mut Ctx, slot: &Memslot, gfn: u64) {
+        let Some(rmp) = slot.rmp.as_ref() else { return };
+        let off = gfn - slot.gfn;
+        let e = rmp.get(off);
+        if !Rmp::assigned(e) || Rmp::validated(e) {
+            return;
+        }
+        let (o, g, two_m) = if Rmp::is_2m(e) {
+            (off & !511, gfn & !511, true)
+        } else {
+            (off, gfn, false)
+        };
+        let st = rmp.pvalidate(ctx, &self.costs, o, g, two_m, true);
+        if st != crate::snp::RmpStatus::Success {
+            ctx.bug(format!(
+                "guest PVALIDATE of gfn {gfn:#x} failed: {}",
+                st.name()
+            ));
         }
     }
 

@@ -214,7 +214,21 @@ impl Vm {
         self.ensure_alive()?;
         self.write_op(|st, _| {
             st.memslots.check_add(gfn, npages, level, self.max_gfn)?;
-            Ok(st.memslots.add(gfn, npages, level, gmem))
+            let id = st.memslots.add(gfn, npages, level, gmem);
+            if let Some(table) = &self.rmp
+                && gmem
+            {
+                let slot = st
+                    .memslots
+                    .slots
+                    .iter_mut()
+                    .find(|s| s.id == id)
+                    .expect("just added");
+                let r = std::sync::Arc::new(crate::snp::Rmp::new(npages, self.cfg.folio_level));
+                table.insert(slot.gmem_pfn, npages, r.clone());
+                slot.rmp = Some(r);
+            }
+            Ok(id)
         })
     }
 
@@ -238,7 +252,11 @@ impl Vm {
                     self.flush_remote_tlbs(ctx);
                 }
             }
-            st.memslots.remove(id);
+            if let Some(slot) = st.memslots.remove(id)
+                && let Some(table) = &self.rmp
+            {
+                table.remove(slot.gmem_pfn);
+            }
             Ok(())
         })
     }

@@ -301,16 +301,6 @@ impl Vm {
         slot_zap_all: bool,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let mut tdx_opts = core::tdx::TdxOptions::default();
-        if let Some(o) = options {
-            for (k, v) in o.iter() {
-                let k: String = k
-                    .extract()
-                    .map_err(|_| PyTypeError::new_err("options: keys must be str"))?;
-                let v = v.str()?.to_string();
-                tdx_opts.set(&k, &v).map_err(|e| to_py(py, e))?;
-            }
-        }
         let mut cm = core::CostModel::default();
         for (k, v) in costs.iter() {
             let k: String = k
@@ -333,8 +323,18 @@ impl Vm {
             trace,
             nx_huge_pages,
             slot_zap_all,
-            tdx: tdx_opts,
+            ..VmConfig::default()
         };
+        let mut cfg = cfg;
+        if let Some(o) = options {
+            for (k, v) in o.iter() {
+                let k: String = k
+                    .extract()
+                    .map_err(|_| PyTypeError::new_err("options: keys must be str"))?;
+                let v = v.str()?.to_string();
+                cfg.set_option(&k, &v).map_err(|e| to_py(py, e))?;
+            }
+        }
         let vm = call(py, || core::Vm::new(cfg))?;
         Ok(Self {
             inner: Arc::new(vm),
@@ -420,6 +420,45 @@ impl Vm {
     fn destroy(&self, py: Python<'_>) -> PyResult<()> {
         let inner = &self.inner;
         call_detached(py, || inner.destroy())
+    }
+
+    /// SEV-SNP guest PVALIDATE over [gfn, gfn + npages); returns {status name: pages}.
+    #[pyo3(signature = (gfn, npages = 1, size_2m = false, validate = true))]
+    fn pvalidate<'py>(
+        &self,
+        py: Python<'py>,
+        gfn: i128,
+        npages: i128,
+        size_2m: bool,
+        validate: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (gfn, npages) = self.range(gfn, npages)?;
+        let inner = &self.inner;
+        let r = call_detached(py, || inner.pvalidate(gfn, npages, size_2m, validate))?;
+        let d = PyDict::new(py);
+        for (k, v) in r {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    /// SEV-SNP NPF with the RMP size-mismatch bit at `gfn` (PSMASH + zap of its 2M range).
+    fn rmp_fault(&self, py: Python<'_>, gfn: i128) -> PyResult<()> {
+        let gfn = nonneg("gfn", gfn, self.inner.max_gfn as u128)?;
+        let inner = &self.inner;
+        call_detached(py, || inner.rmp_fault(gfn))
+    }
+
+    /// SEV-SNP RMP entry behind `gfn` as a dict (assigned, validated, size, gpa).
+    fn rmp_entry<'py>(&self, py: Python<'py>, gfn: i128) -> PyResult<Bound<'py, PyDict>> {
+        let gfn = nonneg("gfn", gfn, self.inner.max_gfn as u128)?;
+        let (assigned, validated, two_m, g) = call(py, || self.inner.rmp_entry(gfn))?;
+        let d = PyDict::new(py);
+        d.set_item("assigned", assigned)?;
+        d.set_item("validated", validated)?;
+        d.set_item("size", if two_m { "2M" } else { "4K" })?;
+        d.set_item("gpa", g << 12)?;
+        Ok(d)
     }
 
     /// Trace events in order as (op, gfn, level, detail) tuples (empty unless trace=True).
