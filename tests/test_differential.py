@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("tdpmmu._core")
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import HealthCheck, Phase, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -88,6 +88,11 @@ class EngineMatchesReference(RuleBasedStateMachine):
         self.log: list[str] = []
 
     # -- helpers -------------------------------------------------------------------------
+    def record(self, call: str) -> None:
+        """Remember the operation; the failing example's operations are printed as notes."""
+        self.log.append(call)
+        note(f"vm.{call}" if not call.startswith("VM(") else f"vm = tdpmmu.{call}")
+
     @property
     def r(self) -> ReferenceVM:
         assert self.ref is not None
@@ -141,7 +146,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         self.cfg = cfg
         self.native = tdpmmu.VM(**cfg)
         self.ref = ReferenceVM(**cfg)
-        self.log.append(f"VM({cfg})")
+        self.record(f"VM(**{cfg})")
         self.touch(0)
 
     # -- rules ---------------------------------------------------------------------------
@@ -153,7 +158,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(gfn)
         call = f"fault({gfn:#x}, write={write}, exec={exec_}, vcpu={vcpu})"
-        self.log.append(call)
+        self.record(call)
         n = self.native.fault(gfn, write=write, exec=exec_, vcpu=vcpu)
         r = self.r.fault(gfn, write=write, exec=exec_, vcpu=vcpu)
         got = (int(n.ret), n.level, hex(n.spte), n.retries, n.gfn, n.private)
@@ -178,7 +183,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(gfn)
         call = f"fault({gfn:#x}, exec={exec_}, vcpu={vcpu})"
-        self.log.append(call)
+        self.record(call)
         n = self.native.fault(gfn, exec=exec_, vcpu=vcpu)
         r = self.r.fault(gfn, exec=exec_, vcpu=vcpu)
         got = (int(n.ret), n.level, hex(n.spte), n.retries)
@@ -195,7 +200,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(*gfns)
         call = f"fault_batch({[hex(g) for g in gfns]}, write={write}, exec={exec_}, vcpu={vcpu})"
-        self.log.append(call)
+        self.record(call)
         n = self.native.fault_batch(
             np.array(gfns, dtype=np.uint64), write=write, exec=exec_, vcpu=vcpu
         )
@@ -216,7 +221,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         gfn = sgfn + off
         self.touch(gfn, gfn + npages - 1)
         call = f"populate({gfn:#x}, {npages})"
-        self.log.append(call)
+        self.record(call)
         n = self.native.populate(gfn, npages)
         r = self.r.populate(gfn, npages)
         assert n == r, f"{call}: engine {n} != reference {r}"
@@ -238,7 +243,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         if not starts:
             return
         gfn = data.draw(st.sampled_from(starts)) - 1
-        self.log.append(f"populate({gfn:#x}, 2)  # crosses out of a memslot")
+        self.record(f"populate({gfn:#x}, 2)  # crosses out of a memslot")
         before = dict(self.native.stats)
         _same_exception(lambda: self.native.populate(gfn, 2), lambda: self.r.populate(gfn, 2))
         assert dict(self.native.stats) == before
@@ -248,7 +253,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         gfn, npages = self.draw_range(data)
         self.touch(gfn, gfn + npages - 1)
         call = f"zap_gfn_range({gfn:#x}, {npages:#x})"
-        self.log.append(call)
+        self.record(call)
         n = self.native.zap_gfn_range(gfn, npages)
         r = self.r.zap_gfn_range(gfn, npages)
         assert n == r, f"{call}: engine {n} != reference {r}"
@@ -258,7 +263,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         gfn, npages = self.draw_range(data)
         self.touch(gfn, gfn + npages - 1)
         call = f"mmu_notifier_invalidate({gfn:#x}, {npages:#x})"
-        self.log.append(call)
+        self.record(call)
         n = self.native.mmu_notifier_invalidate(gfn, npages)
         r = self.r.mmu_notifier_invalidate(gfn, npages)
         assert n == r, f"{call}: engine {n} != reference {r}"
@@ -286,7 +291,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
             return
         if any(gfn < s[1] + s[2] and s[1] < gfn + npages for s in slots):
             call = f"add_memslot({gfn:#x}, {npages:#x}, {backing!r})  # overlaps"
-            self.log.append(call)
+            self.record(call)
             _same_exception(
                 lambda: self.native.add_memslot(gfn, npages, backing),
                 lambda: self.r.add_memslot(gfn, npages, backing),
@@ -294,7 +299,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
             return
         self.touch(gfn, gfn + npages - 1, gfn + npages)
         call = f"add_memslot({gfn:#x}, {npages:#x}, {backing!r})"
-        self.log.append(call)
+        self.record(call)
         n = self.native.add_memslot(gfn, npages, backing)
         r = self.r.add_memslot(gfn, npages, backing)
         assert n == r, f"{call}: engine slot {n} != reference slot {r}"
@@ -304,13 +309,13 @@ class EngineMatchesReference(RuleBasedStateMachine):
     def delete_memslot(self, data: st.DataObject) -> None:
         slot = data.draw(st.sampled_from([s[0] for s in self.slots()]), label="slot")
         call = f"delete_memslot({slot})"
-        self.log.append(call)
+        self.record(call)
         self.native.delete_memslot(slot)
         self.r.delete_memslot(slot)
 
     @rule()
     def zap_all_fast(self) -> None:
-        self.log.append("zap_all_fast()")
+        self.record("zap_all_fast()")
         self.native.zap_all_fast()
         self.r.zap_all_fast()
 

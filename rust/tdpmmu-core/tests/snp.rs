@@ -101,7 +101,7 @@ fn pvalidate_rules() {
     // RMP back to shared) → private (prepare + PVALIDATE).
     v.set_memory_attributes(3, 1, false).unwrap();
     v.punch_hole(3, 1).unwrap();
-    assert_eq!(v.rmp_entry(3).unwrap().0, false);
+    assert!(!v.rmp_entry(3).unwrap().0);
     v.set_memory_attributes(3, 1, true).unwrap();
     v.fault(3, Some(true), true, false, 0).unwrap();
     assert_eq!(c(&v, C::rmpupdate), 3);
