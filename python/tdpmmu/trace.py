@@ -8,7 +8,7 @@ __all__ = ["Event"]
 class Event(NamedTuple):
     """One traced MMU operation, in the order it happened."""
 
-    op: str  # e.g. "kvm_mmu_spte_requested", "kvm_tdp_mmu_spte_changed"
+    op: str  # hook, SEAMCALL or KVM step name, e.g. "TDH.MEM.PAGE.AUG"
     gfn: int
     level: int
-    detail: str
+    detail: int  # detail word: a SEAMCALL status, a hook's SPTE, ...
