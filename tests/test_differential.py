@@ -52,7 +52,11 @@ MAX_ARENA_COMPARE = 400  # compare the whole arena while it has at most this man
 # engine stops showing it, so a fix forces the entry's removal).  Remove an entry once fixed.
 #  - populate_spurious_cost: the engine charges fault_handling_ns for every prefetch fault of a
 #    populate, model.md charges it "per leaf installed" (a spurious prefetch costs nothing).
-KNOWN_ENGINE_BUGS = {"populate_spurious_cost"}
+#  - mmio_exec_nx_flag: on an nx_huge_pages VM, tables linked by an exec fault on a gfn outside
+#    every memslot (MMIO) are not marked nx_huge_page_disallowed by the engine (KVM sets
+#    huge_page_disallowed for every exec fault, slot or not; model.md: "so does every table
+#    linked by such a fault").  Avoided by not generating exec MMIO faults on such VMs.
+KNOWN_ENGINE_BUGS = {"populate_spurious_cost", "mmio_exec_nx_flag"}
 
 
 @st.composite
@@ -88,6 +92,14 @@ class EngineMatchesReference(RuleBasedStateMachine):
         self.log: list[str] = []
 
     # -- helpers -------------------------------------------------------------------------
+    def exec_allowed(self, gfn: int) -> bool:
+        """False where a known engine bug would make exec faults diverge."""
+        return not (
+            "mmio_exec_nx_flag" in KNOWN_ENGINE_BUGS
+            and self.cfg["nx_huge_pages"]
+            and not any(s[1] <= gfn < s[1] + s[2] for s in self.slots())
+        )
+
     def record(self, call: str) -> None:
         """Remember the operation; the failing example's operations are printed as notes."""
         self.log.append(call)
@@ -154,7 +166,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
     def fault(self, data: st.DataObject) -> None:
         gfn = self.draw_gfn(data)
         write = data.draw(st.booleans(), label="write")
-        exec_ = data.draw(st.booleans(), label="exec")
+        exec_ = data.draw(st.booleans(), label="exec") and self.exec_allowed(gfn)
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(gfn)
         call = f"fault({gfn:#x}, write={write}, exec={exec_}, vcpu={vcpu})"
@@ -179,7 +191,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         gfn += data.draw(st.sampled_from([0, 0, 1, 7, 512]), label="delta")
         if gfn >= self.r.max_gfn:
             return
-        exec_ = data.draw(st.booleans(), label="exec")
+        exec_ = data.draw(st.booleans(), label="exec") and self.exec_allowed(gfn)
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(gfn)
         call = f"fault({gfn:#x}, exec={exec_}, vcpu={vcpu})"
@@ -196,7 +208,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
     def fault_batch(self, data: st.DataObject) -> None:
         gfns = [self.draw_gfn(data) for _ in range(data.draw(st.integers(1, 4)))]
         write = data.draw(st.booleans(), label="write")
-        exec_ = data.draw(st.booleans(), label="exec")
+        exec_ = data.draw(st.booleans(), label="exec") and all(map(self.exec_allowed, gfns))
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(*gfns)
         call = f"fault_batch({[hex(g) for g in gfns]}, write={write}, exec={exec_}, vcpu={vcpu})"
