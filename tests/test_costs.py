@@ -22,7 +22,20 @@ DEFAULTS = {
 
 
 def test_defaults() -> None:
-    assert CostModel().to_dict() == DEFAULTS
+    # The default-VM rows of costs.md §6; TDX/SNP fields are checked in their own tests.
+    d = CostModel().to_dict()
+    assert {k: d[k] for k in DEFAULTS} == DEFAULTS
+    assert d["td_exit_entry_ns"] == 2000.0  # §6 'TD exit + TDH.VP.ENTER round trip'
+    assert d["tdh_mem_page_aug_ns"] == 1000.0  # §6 'TDH.MEM.PAGE.AUG (4 KiB)'
+    assert d["tdh_phymem_page_reclaim_ns"] + d["page_clear_ns"] == 5000.0  # §6 teardown row
+
+
+def test_python_defaults_are_the_engine_defaults() -> None:
+    # A VM built with costs={} uses the engine's own defaults: same modeled time for the
+    # same work as one built with CostModel() passed explicitly.
+    a = tdpmmu._core.Vm("default", 1 << 30, 1, 4, 4096, "none", {}, 0, False, False, True)
+    b = tdpmmu.VM(memory="1GiB")
+    assert a.fault(3).modeled_ns == b.fault(3).modeled_ns
 
 
 def test_fields_match_native() -> None:

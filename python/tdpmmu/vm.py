@@ -12,6 +12,7 @@ from tdpmmu import _core
 from tdpmmu.costs import CostModel
 from tdpmmu.sizes import BACKING_SIZES, format_size, parse_backing, parse_size
 from tdpmmu.stats import Stats
+from tdpmmu.trace import Event
 
 __all__ = ["DEFAULT_HOOKS", "VM"]
 
@@ -37,6 +38,28 @@ def _cost_model(costs: CostModel | Mapping[str, float] | None) -> CostModel:
     raise TypeError(f"costs: expected a tdpmmu.CostModel, a mapping or None, got {costs!r}")
 
 
+def _options(tdx: Mapping[str, object] | None, mirror: bool, folio: str | int) -> dict[str, str]:
+    """Type-specific options as the native constructor takes them (all values as text)."""
+    if not isinstance(mirror, bool):
+        raise TypeError(f"mirror: expected bool, got {mirror!r}")
+    options: dict[str, str] = {}
+    if mirror:
+        options["mirror"] = "true"
+    size = parse_size(folio, "folio")
+    if size not in (4096, 2 << 20):
+        raise _core.ConfigError(f"folio: guest_memfd folio size must be 4K or 2M, got {folio!r}")
+    if size != 4096:
+        options["folio"] = "2M"
+    if tdx is not None:
+        if not isinstance(tdx, Mapping):
+            raise TypeError(f"tdx: expected a mapping of TDX options, got {tdx!r}")
+        for key, value in tdx.items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            options[str(key)] = str(value)
+    return options
+
+
 class VM(_core.Vm):
     """One simulated VM: its memslots, roots, page tables, vCPUs and modeled clock.
 
@@ -60,6 +83,10 @@ class VM(_core.Vm):
         trace: bool = False,
         nx_huge_pages: bool = False,
         slot_zap_all: bool = True,
+        *,
+        tdx: Mapping[str, object] | None = None,
+        mirror: bool = False,
+        folio: str | int = "4K",
     ) -> "VM":
         if not isinstance(vm_type, str):
             raise TypeError(f"vm_type: expected str, got {type(vm_type).__name__}")
@@ -71,10 +98,11 @@ class VM(_core.Vm):
         backing_bytes = parse_backing(backing, "backing")
         if hooks is None:
             # An unknown vm_type is reported by the engine, which owns the list of types.
-            hooks = DEFAULT_HOOKS.get(vm_type, "none")
+            hooks = "mirror" if mirror else DEFAULT_HOOKS.get(vm_type, "none")
         elif not isinstance(hooks, str):
             raise TypeError(f"hooks: expected a design name (str) or None, got {hooks!r}")
         model = _cost_model(costs)
+        options = _options(tdx, mirror, folio)
         self = cast(
             "VM",
             super().__new__(
@@ -90,6 +118,7 @@ class VM(_core.Vm):
                 trace,
                 nx_huge_pages,
                 slot_zap_all,
+                options,
             ),
         )
         self._costs = model
@@ -117,6 +146,11 @@ class VM(_core.Vm):
         """Add a memslot of ``npages`` 4 KiB pages at ``gfn``; returns its slot id."""
         return super().add_memslot(gfn, npages, parse_backing(backing, "backing"), gmem)
 
+    def trace_events(self) -> list[Event]:  # type: ignore[override]
+        """Events in the order they happened (``trace=True``): hooks by hook name, SEAMCALLs
+        by leaf name, RMP instructions as ``rmpupdate``/``psmash``/``pvalidate``."""
+        return [Event(*e) for e in super().trace_events()]
+
     def __enter__(self) -> "VM":
         return self
 
@@ -126,9 +160,10 @@ class VM(_core.Vm):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Nothing to release early yet: the page-table arena goes with the object. KVM-ordered
-        # teardown (vm.destroy) arrives with the VM types that need it (TDX, SNP).
-        return None
+        # Tear down in KVM's order (a TD's SEAMCALLs and an SNP guest's RMP updates are part of
+        # what users measure); a bugged VM refuses, and its arena goes with the object anyway.
+        if not self.destroyed and not self.bugged:
+            self.destroy()
 
     def __repr__(self) -> str:
         return (

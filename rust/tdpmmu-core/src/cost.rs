@@ -43,9 +43,9 @@ cost_model!(
     tlb_flush_per_vcpu_ns = 200.0,
     spte_update_ns = 60.0,
     // TDX (see python/tdpmmu/costs.py for the source of each default).
-    td_exit_entry_ns = 1000.0,
+    td_exit_entry_ns = 2000.0,
     tdh_mem_sept_add_ns = 1000.0,
-    tdh_mem_page_aug_ns = 500.0,
+    tdh_mem_page_aug_ns = 1000.0,
     tdh_mem_page_add_ns = 1000.0,
     tdh_mr_extend_ns = 200.0,
     tdg_mem_page_accept_ns = 200.0,
