@@ -61,6 +61,7 @@ class Vm:
         nx_huge_pages: bool,
         slot_zap_all: bool,
         options: dict[str, str] | None = None,
+        hook_object: object | None = None,
     ) -> Vm: ...
     @property
     def vm_type(self) -> str: ...

@@ -77,7 +77,7 @@ class VM(_core.Vm):
         vcpus: int = 1,
         levels: int = 4,
         backing: str | int = "4K",
-        hooks: str | None = None,
+        hooks: str | object | None = None,
         costs: CostModel | Mapping[str, float] | None = None,
         seed: int = 0,
         trace: bool = False,
@@ -96,11 +96,15 @@ class VM(_core.Vm):
                 f"memory: must be a positive multiple of 4 KiB (4096 bytes), got {memory!r}"
             )
         backing_bytes = parse_backing(backing, "backing")
+        hook_object: object | None = None
         if hooks is None:
             # An unknown vm_type is reported by the engine, which owns the list of types.
-            hooks = "mirror" if mirror else DEFAULT_HOOKS.get(vm_type, "none")
-        elif not isinstance(hooks, str):
-            raise TypeError(f"hooks: expected a design name (str) or None, got {hooks!r}")
+            hooks_name = "mirror" if mirror else DEFAULT_HOOKS.get(vm_type, "none")
+        elif isinstance(hooks, str):
+            hooks_name = hooks
+        else:
+            # A user object with the four hook methods (slow: every call re-enters Python).
+            hook_object, hooks_name = hooks, "mirror"
         model = _cost_model(costs)
         options = _options(tdx, mirror, folio)
         self = cast(
@@ -112,13 +116,14 @@ class VM(_core.Vm):
                 vcpus,
                 levels,
                 backing_bytes,
-                hooks,
+                hooks_name,
                 model.to_dict(),
                 seed,
                 trace,
                 nx_huge_pages,
                 slot_zap_all,
                 options,
+                hook_object,
             ),
         )
         self._costs = model

@@ -203,6 +203,7 @@ impl Vm {
         }
         if let Some(t) = &self.tdx
             && self.design == crate::vm::HookDesign::Mirror
+            && !self.user_hooks
         {
             // The mirror tree and the TDX module's S-EPT must agree entry for entry.
             let (sept_tables, mut sept_leaves) = t.module.snapshot();

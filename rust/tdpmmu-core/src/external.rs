@@ -89,7 +89,7 @@ impl Vm {
         }
     }
 
-    /// `level` is the level of the parent entry that pointed at `table`.
+    /// `level` is the level of the freed table (`sp->role.level`), as KVM passes it.
     pub(crate) fn free_external_spt(&self, ctx: &mut Ctx, gfn: u64, level: u8, table: u32) {
         if let Some(ext) = self.external.as_deref() {
             let _ = ext.free_external_spt(ctx, gfn, level, table);

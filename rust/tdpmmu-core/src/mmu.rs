@@ -156,7 +156,7 @@ impl Vm {
             }
         }
         if hooks {
-            self.free_external_spt(ctx, base, level + 1, table);
+            self.free_external_spt(ctx, base, level, table);
         }
         self.arena.free_deferred(table);
     }

@@ -812,8 +812,10 @@ impl ExternalOps for TdxHooks {
         m.remove_page(ctx, &mut st, gfn);
     }
 
-    fn free_external_spt(&self, ctx: &mut Ctx, gfn: u64, level: u8, _table: u32) -> HookRet {
-        self.hook(ctx, C::free_external_spt, gfn, level, 0);
+    fn free_external_spt(&self, ctx: &mut Ctx, gfn: u64, sp_level: u8, _table: u32) -> HookRet {
+        self.hook(ctx, C::free_external_spt, gfn, sp_level, 0);
+        // The S-EPT entry that links this table sits one level up.
+        let level = sp_level + 1;
         let m = &self.module;
         let mut st = m.st.lock();
         let e = match m.entry(gfn, level) {

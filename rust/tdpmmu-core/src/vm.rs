@@ -263,6 +263,8 @@ pub struct Vm {
     pub destroyed: AtomicBool,
     /// SEV-SNP: the RMP, indexed by host pfn.
     pub rmp: Option<Arc<RmpTable>>,
+    /// Mirror hooks go to a caller's backend: the TDX module model is not driven.
+    pub user_hooks: bool,
 }
 
 /// Page tables needed to map `pages` 4K pages in one root of `levels` levels, root included.
@@ -293,6 +295,28 @@ fn host_ram_bytes() -> u64 {
 
 impl Vm {
     pub fn new(cfg: VmConfig) -> Result<Self> {
+        Self::build(cfg, None)
+    }
+
+    /// A VM whose mirror-table hooks go to a caller-supplied backend (e.g. a Python object)
+    /// instead of the TDX module model. Only for VM types with a mirror root; the hooks fire
+    /// as under the `mirror` design.
+    pub fn with_hooks(mut cfg: VmConfig, hooks: Arc<dyn ExternalOps>) -> Result<Self> {
+        cfg.hooks = "mirror".into();
+        let mirror = cfg.vm_type == "tdx" || (cfg.vm_type == "sw_protected" && cfg.mirror);
+        if !mirror {
+            return Err(bad_arg(
+                "hooks",
+                format!(
+                    "a hook object needs a VM with a mirror root (tdx, or sw_protected with mirror=True), not {:?}",
+                    cfg.vm_type
+                ),
+            ));
+        }
+        Self::build(cfg, Some(hooks))
+    }
+
+    fn build(cfg: VmConfig, user_hooks: Option<Arc<dyn ExternalOps>>) -> Result<Self> {
         let vm_type = VmType::parse(&cfg.vm_type)?;
         if cfg.levels != 4 && cfg.levels != 5 {
             return Err(bad_arg(
@@ -435,7 +459,9 @@ impl Vm {
             table.insert(slot.gmem_pfn, slot.npages, r.clone());
             slot.rmp = Some(r);
         }
+        let user = user_hooks.is_some();
         let external: Option<Arc<dyn ExternalOps>> = match (&tdx, &rmp, design) {
+            _ if user => user_hooks,
             (_, _, HookDesign::None | HookDesign::Gmem) => None,
             (Some(t), _, _) => Some(t.clone()),
             (None, Some(table), HookDesign::Private) => Some(Arc::new(SnpHooks {
@@ -465,6 +491,7 @@ impl Vm {
             design,
             destroyed: AtomicBool::new(false),
             rmp,
+            user_hooks: user,
             cfg,
         })
     }
@@ -824,6 +851,7 @@ impl Vm {
                 && !prefetch
                 && let Some(t) = &self.tdx
                 && self.design != HookDesign::None
+                && !self.user_hooks
             {
                 // Back in the guest, TDG.MEM.PAGE.ACCEPT turns the AUGed page into a mapped one.
                 t.module.accept(ctx, gfn);

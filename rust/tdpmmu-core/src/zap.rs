@@ -332,6 +332,7 @@ impl Vm {
                             && t.module.opts.v6_16
                             && !t.module.finalized()
                             && self.design != crate::vm::HookDesign::None
+                            && !self.user_hooks
                         {
                             // v6.16 tdx_gmem_post_populate issues PAGE.ADD after the map.
                             let s =

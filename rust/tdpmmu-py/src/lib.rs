@@ -220,6 +220,93 @@ fn u64_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, Py
     }
 }
 
+// ----- user hook objects ----------------------------------------------------------------------
+
+/// A Python object with the four hook methods, called where KVM calls the external hooks.
+/// Slow by design (every call re-enters Python); each method returns 0, -16 (-EBUSY) or
+/// another negative errno (treated as a failure that marks the VM bugged).
+struct PyHooks {
+    obj: Py<PyAny>,
+}
+
+impl PyHooks {
+    fn call(
+        &self,
+        ctx: &mut core::stats::Ctx,
+        name: &str,
+        args: (u64, u8, u64),
+    ) -> core::external::HookRet {
+        use core::external::HookRet;
+        Python::attach(|py| match self.obj.call_method1(py, name, args) {
+            Ok(v) => match v.extract::<Option<i64>>(py) {
+                Ok(None | Some(0)) => HookRet::Ok,
+                Ok(Some(-16)) => HookRet::Busy,
+                Ok(Some(e)) => {
+                    ctx.bug(format!("hook {name} returned {e}"));
+                    HookRet::Io
+                }
+                Err(_) => {
+                    ctx.bug(format!("hook {name} returned a non-integer"));
+                    HookRet::Io
+                }
+            },
+            Err(e) => {
+                ctx.bug(format!("hook {name} raised {e}"));
+                HookRet::Io
+            }
+        })
+    }
+}
+
+impl core::external::ExternalOps for PyHooks {
+    fn link_external_spt(
+        &self,
+        ctx: &mut core::stats::Ctx,
+        gfn: u64,
+        level: u8,
+        child: u32,
+    ) -> core::external::HookRet {
+        ctx.inc(core::stats::C::link_external_spt);
+        ctx.trace("link_external_spt", gfn, level, child as u64);
+        self.call(
+            ctx,
+            "link_external_spt",
+            (gfn, level, core::arena::Arena::pfn(child)),
+        )
+    }
+    fn set_external_spte(
+        &self,
+        ctx: &mut core::stats::Ctx,
+        gfn: u64,
+        level: u8,
+        spte: u64,
+    ) -> core::external::HookRet {
+        ctx.inc(core::stats::C::set_external_spte);
+        ctx.trace("set_external_spte", gfn, level, spte);
+        self.call(ctx, "set_external_spte", (gfn, level, spte))
+    }
+    fn remove_external_spte(&self, ctx: &mut core::stats::Ctx, gfn: u64, level: u8, spte: u64) {
+        ctx.inc(core::stats::C::remove_external_spte);
+        ctx.trace("remove_external_spte", gfn, level, spte);
+        let _ = self.call(ctx, "remove_external_spte", (gfn, level, spte));
+    }
+    fn free_external_spt(
+        &self,
+        ctx: &mut core::stats::Ctx,
+        gfn: u64,
+        level: u8,
+        table: u32,
+    ) -> core::external::HookRet {
+        ctx.inc(core::stats::C::free_external_spt);
+        ctx.trace("free_external_spt", gfn, level, table as u64);
+        self.call(
+            ctx,
+            "free_external_spt",
+            (gfn, level, core::arena::Arena::pfn(table)),
+        )
+    }
+}
+
 // ----- Fault -----------------------------------------------------------------------------------
 
 /// Outcome of one fault.
@@ -285,7 +372,7 @@ pub struct Vm {
 impl Vm {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all, options = None))]
+    #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all, options = None, hook_object = None))]
     fn new(
         py: Python<'_>,
         vm_type: String,
@@ -300,6 +387,7 @@ impl Vm {
         nx_huge_pages: bool,
         slot_zap_all: bool,
         options: Option<&Bound<'_, PyDict>>,
+        hook_object: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let mut cm = core::CostModel::default();
         for (k, v) in costs.iter() {
@@ -335,7 +423,25 @@ impl Vm {
                 cfg.set_option(&k, &v).map_err(|e| to_py(py, e))?;
             }
         }
-        let vm = call(py, || core::Vm::new(cfg))?;
+        let vm = match hook_object {
+            None => call(py, || core::Vm::new(cfg))?,
+            Some(obj) => {
+                for m in [
+                    "link_external_spt",
+                    "set_external_spte",
+                    "remove_external_spte",
+                    "free_external_spt",
+                ] {
+                    if !obj.hasattr(m)? {
+                        return Err(PyTypeError::new_err(format!(
+                            "hook_object: missing method {m}(gfn, level, value)"
+                        )));
+                    }
+                }
+                let hooks = Arc::new(PyHooks { obj: obj.unbind() });
+                call(py, || core::Vm::with_hooks(cfg, hooks))?
+            }
+        };
         Ok(Self {
             inner: Arc::new(vm),
         })
