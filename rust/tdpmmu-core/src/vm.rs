@@ -875,7 +875,11 @@ impl Vm {
         vcpu: usize,
         prefetch: bool,
     ) -> Result<FaultResult> {
-        ctx.cost(self.costs.fault_handling_ns);
+        // An exit's handling is charged per fault; a pre-fault (populate) only per leaf it
+        // installs (docs/model.md).
+        if !prefetch {
+            ctx.cost(self.costs.fault_handling_ns);
+        }
         if self.vcpu_root[vcpu].load(Ordering::Acquire) == NO_TABLE {
             self.mmu_load(ctx, vcpu)?;
         }
@@ -950,11 +954,17 @@ impl Vm {
                 }
             }
             self.hugepage_adjust(&mut f);
+        } else {
+            // MMIO: 4K, but an exec fault still marks the tables it links NX-disallowed.
+            self.hugepage_adjust(&mut f);
         }
         ctx.op_private = is_private;
         let ret = self.tdp_mmu_map(ctx, &mut f, root, gfn_bits, st.memslots.generation);
         ctx.op_private = false;
         let ret = ret?;
+        if prefetch && ret == Ret::Fixed {
+            ctx.cost(self.costs.fault_handling_ns);
+        }
         if !prefetch {
             match ret {
                 Ret::Fixed => ctx.inc(C::pf_fixed),
