@@ -48,16 +48,6 @@ MAX_SLOTS = 6
 MAX_WALK_SAMPLE = 48  # gfns whose walks are compared after each step
 MAX_ARENA_COMPARE = 400  # compare the whole arena while it has at most this many tables
 
-# Known engine divergences from docs/model.md, each tolerated exactly (the test fails if the
-# engine stops showing it, so a fix forces the entry's removal).  Remove an entry once fixed.
-#  - populate_spurious_cost: the engine charges fault_handling_ns for every prefetch fault of a
-#    populate, model.md charges it "per leaf installed" (a spurious prefetch costs nothing).
-#  - mmio_exec_nx_flag: on an nx_huge_pages VM, tables linked by an exec fault on a gfn outside
-#    every memslot (MMIO) are not marked nx_huge_page_disallowed by the engine (KVM sets
-#    huge_page_disallowed for every exec fault, slot or not; model.md: "so does every table
-#    linked by such a fault").  Avoided by not generating exec MMIO faults on such VMs.
-KNOWN_ENGINE_BUGS = {"populate_spurious_cost", "mmio_exec_nx_flag"}
-
 
 @st.composite
 def vm_configs(draw: st.DrawFn) -> dict[str, Any]:
@@ -88,18 +78,9 @@ class EngineMatchesReference(RuleBasedStateMachine):
         self.cfg: dict[str, Any] = {}
         self.touched: dict[int, None] = {}  # insertion-ordered set of gfns seen so far
         self.mapped: list[int] = []  # gfns that faulted inside a memslot, most recent last
-        self.ns_offset = 0.0  # engine modeled_ns expected above the reference's (known bugs)
         self.log: list[str] = []
 
     # -- helpers -------------------------------------------------------------------------
-    def exec_allowed(self, gfn: int) -> bool:
-        """False where a known engine bug would make exec faults diverge."""
-        return not (
-            "mmio_exec_nx_flag" in KNOWN_ENGINE_BUGS
-            and self.cfg["nx_huge_pages"]
-            and not any(s[1] <= gfn < s[1] + s[2] for s in self.slots())
-        )
-
     def record(self, call: str) -> None:
         """Remember the operation; the failing example's operations are printed as notes."""
         self.log.append(call)
@@ -166,7 +147,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
     def fault(self, data: st.DataObject) -> None:
         gfn = self.draw_gfn(data)
         write = data.draw(st.booleans(), label="write")
-        exec_ = data.draw(st.booleans(), label="exec") and self.exec_allowed(gfn)
+        exec_ = data.draw(st.booleans(), label="exec")
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(gfn)
         call = f"fault({gfn:#x}, write={write}, exec={exec_}, vcpu={vcpu})"
@@ -191,7 +172,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         gfn += data.draw(st.sampled_from([0, 0, 1, 7, 512]), label="delta")
         if gfn >= self.r.max_gfn:
             return
-        exec_ = data.draw(st.booleans(), label="exec") and self.exec_allowed(gfn)
+        exec_ = data.draw(st.booleans(), label="exec")
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(gfn)
         call = f"fault({gfn:#x}, exec={exec_}, vcpu={vcpu})"
@@ -208,7 +189,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
     def fault_batch(self, data: st.DataObject) -> None:
         gfns = [self.draw_gfn(data) for _ in range(data.draw(st.integers(1, 4)))]
         write = data.draw(st.booleans(), label="write")
-        exec_ = data.draw(st.booleans(), label="exec") and all(map(self.exec_allowed, gfns))
+        exec_ = data.draw(st.booleans(), label="exec")
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         self.touch(*gfns)
         call = f"fault_batch({[hex(g) for g in gfns]}, write={write}, exec={exec_}, vcpu={vcpu})"
@@ -238,9 +219,6 @@ class EngineMatchesReference(RuleBasedStateMachine):
         r = self.r.populate(gfn, npages)
         assert n == r, f"{call}: engine {n} != reference {r}"
         event(f"populate installed {'0' if r == 0 else '1' if r == 1 else 'many'}")
-        if "populate_spurious_cost" in KNOWN_ENGINE_BUGS:
-            spurious = self.r._last_populate_faults - r
-            self.ns_offset += spurious * self.r.costs["fault_handling_ns"]
 
     @rule(data=st.data())
     def populate_outside_memslots(self, data: st.DataObject) -> None:
@@ -353,7 +331,6 @@ class EngineMatchesReference(RuleBasedStateMachine):
             assert key in nat_stats, f"{where}: engine has no counter {key!r}"
             got = nat_stats[key]
             if key == "modeled_ns":
-                want += self.ns_offset
                 assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-6), (
                     f"{where}: modeled_ns engine {got} != reference {want}"
                 )
