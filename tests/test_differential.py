@@ -381,8 +381,8 @@ def _fmt(path: list[tuple[int, int]]) -> str:
 
 
 EngineMatchesReference.TestCase.settings = settings(
-    max_examples=int(os.environ.get("TDPMMU_DIFF_EXAMPLES", 30 if CI else 150)),
-    stateful_step_count=25 if CI else 40,
+    max_examples=int(os.environ.get("TDPMMU_DIFF_EXAMPLES", 60 if CI else 150)),
+    stateful_step_count=30 if CI else 40,
     deadline=None,
     derandomize=CI,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
