@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from tdpmmu import __version__
+from tdpmmu import compare as compare_mod
 from tdpmmu._core import ConfigError, TdpmmuError
 from tdpmmu.costs import CostModel
 from tdpmmu.sizes import format_size
@@ -110,7 +111,151 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(dp)
     dp.set_defaults(run=_run_demand_paging)
+    _add_compare(sub)
     return parser
+
+
+# ----- compare: one workload on every valid (VM type x hook design) pair ----------------------
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_compare(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    pairs = ", ".join(f"{t}/{d}" for t, d in compare_mod.PAIRS)
+    cp = sub.add_parser(
+        "compare",
+        help="run one workload on every valid (VM type x hook design) pair, side by side",
+        description="Run one workload (demand paging, then private<->shared conversions, then "
+        f"teardown) on every valid (VM type x hook design) pair: {pairs}. Prints faults, hook "
+        "calls, SEAMCALLs, RMP instructions, modeled time (cost model) next to host wall time "
+        "(the simulator), page-table memory, and whether the design stayed correct.",
+    )
+    cp.add_argument(
+        "--workload",
+        choices=compare_mod.WORKLOADS,
+        default="both",
+        help="demand-paging, conversions, or both in that order (default: both)",
+    )
+    cp.add_argument("-v", "--vcpus", type=_positive_int, default=4, help="vCPUs (default: 4)")
+    cp.add_argument(
+        "-b",
+        "--bytes-per-vcpu",
+        default="1G",
+        help="test memory per vCPU, e.g. 256M, 1G (powers of 1024; default: 1G)",
+    )
+    cp.add_argument(
+        "--conversions",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="private->shared->private conversion chunks (default: 512)",
+    )
+    cp.add_argument(
+        "--chunk-pages",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="4 KiB pages per conversion chunk (default: 16)",
+    )
+    cp.add_argument(
+        "--image-pages",
+        type=_non_negative_int,
+        default=256,
+        metavar="N",
+        help="initial-image pages populated before the run; a TD adds them with "
+        "TDH.MEM.PAGE.ADD before finalize (default: 256)",
+    )
+    cp.add_argument(
+        "--types",
+        action="append",
+        metavar="LIST",
+        help="only these VM types, comma-separated: "
+        f"{', '.join(compare_mod.VM_TYPES)} (sw_protected selects both sw_protected rows)",
+    )
+    cp.add_argument(
+        "--designs",
+        action="append",
+        metavar="LIST",
+        help=f"only these hook designs, comma-separated: {', '.join(compare_mod.DESIGNS)}",
+    )
+    cp.add_argument(
+        "--tdx",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="TDX module option for the tdx and sw_protected+mirror rows (repeatable): "
+        "sept_free=teardown|sept_remove, track=per_page|batched, "
+        "interface=four_hook|two_hook, version=6.16|6.19",
+    )
+    cp.add_argument(
+        "--no-teardown",
+        dest="teardown",
+        action="store_false",
+        help="stop after the workload (skip VM.destroy and the leak check)",
+    )
+    cp.add_argument("--levels", type=int, choices=(4, 5), default=4, help="TDP levels (default: 4)")
+    cp.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
+    cp.add_argument(
+        "--cost",
+        action="append",
+        default=[],
+        type=_cost_override,
+        metavar="NAME=VALUE",
+        help="override one modeled cost in ns, e.g. --cost psc_exit_ns=0 (repeatable)",
+    )
+    out = cp.add_mutually_exclusive_group()
+    out.add_argument(
+        "--json", action="store_true", help="print one JSON document: parameters and rows"
+    )
+    out.add_argument("--csv", action="store_true", help="print CSV, one line per row")
+    cp.set_defaults(run=_run_compare)
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [v for item in values for v in item.split(",")]
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    result = compare_mod.compare(
+        workload=args.workload,
+        vcpus=args.vcpus,
+        bytes_per_vcpu=args.bytes_per_vcpu,
+        conversions=args.conversions,
+        chunk_pages=args.chunk_pages,
+        types=_split(args.types),
+        designs=_split(args.designs),
+        costs=CostModel().replace(**dict(args.cost)),
+        tdx=dict(args.tdx),
+        levels=args.levels,
+        seed=args.seed,
+        image_pages=args.image_pages,
+        teardown=args.teardown,
+    )
+    if args.json:
+        print(result.to_json())
+    elif args.csv:
+        print(result.to_csv(), end="")
+    else:
+        print(compare_mod.format_text(result))
+    return 0
 
 
 def _print_demand_paging(r: DemandPagingResult) -> None:

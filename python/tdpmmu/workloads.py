@@ -8,16 +8,25 @@ Two clocks are reported side by side and never mixed:
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from tdpmmu._core import ConfigError
 from tdpmmu.costs import CostModel
+from tdpmmu.ret import Ret
 from tdpmmu.sizes import parse_backing, parse_size
 from tdpmmu.stats import Stats
 from tdpmmu.vm import VM
 
-__all__ = ["DemandPagingResult", "demand_paging"]
+__all__ = [
+    "ConversionsResult",
+    "DemandPagingResult",
+    "demand_paging",
+    "private_mem_conversions",
+]
 
 PAGE_SIZE = 4096
 
@@ -162,4 +171,129 @@ def demand_paging(
         per_vcpu=tuple(dict(d) for d in per_vcpu),
         stats=vm.stats,
         costs=vm.costs,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConversionsResult:
+    """One ``private_mem_conversions`` run on a VM (counters are in the VM's ``stats``)."""
+
+    chunks: int
+    chunk_pages: int
+    #: Conversion requests the guest made (two per chunk: to shared, back to private).
+    requests: int
+    #: Guest touches that took a fault (one per page per touch; RETRY is retried, not recounted).
+    faults: int
+    #: Fault results other than FIXED (after retrying RETRY), by ``Ret`` name. Empty when every
+    #: touch mapped its page as it should.
+    unexpected: Mapping[str, int]
+    #: Modeled time of the touches' faults, as the engine charged them.
+    fault_modeled_ns: float
+    #: Modeled time of the conversion requests themselves, charged here rather than by the
+    #: engine: per request, ``psc_exit_ns`` (the guest's exit to userspace: TDX MapGPA, SNP
+    #: PSC VMGEXIT, KVM_HC_MAP_GPA_RANGE) plus ``gmem_convert_ns`` (guest_memfd bookkeeping).
+    request_modeled_ns: float
+    #: Host wall-clock time of the whole workload.
+    wall_s: float
+
+
+def private_mem_conversions(
+    vm: VM,
+    chunks: int,
+    chunk_pages: int,
+    *,
+    base_gfn: int = 0,
+    region_pages: int | None = None,
+    touch_first: bool = False,
+    vcpus: int | None = None,
+) -> ConversionsResult:
+    """Private<->shared conversions shaped like KVM's ``private_mem_conversions_test``.
+
+    ``chunks`` chunks of ``chunk_pages`` guest pages are spread evenly over
+    ``[base_gfn, base_gfn + region_pages)`` (default: all of the VM's memory). Each chunk is
+    owned by the vCPU whose memstress slice holds it (``vcpus`` slices, default all vCPUs) and
+    goes, in order, through:
+
+    1. (``touch_first`` only) the guest writes the chunk as private memory;
+    2. the guest asks for it to become shared; on SNP it first rescinds validation of the
+       pages (PVALIDATE with validate=0), as a guest must before handing pages back;
+    3. userspace sets the memory attributes to shared (``set_memory_attributes``) and punches
+       the guest_memfd hole (``punch_hole``), as the selftest with fallocate and QEMU do;
+    4. the guest writes every page as shared (one fault each);
+    5. the guest asks for it to become private again; userspace sets the attributes private;
+    6. the guest writes every page as private (one fault each; TDX accepts, SNP validates).
+
+    The chunks must start out private (a confidential VM's memory starts all-private) and,
+    unless ``touch_first``, already written by the guest (on SNP they must be validated).
+    Fault results other than FIXED and PVALIDATE failures are counted in ``unexpected``.
+    """
+    if vm.vm_type == "default":
+        raise ConfigError("vm: a default VM has no private memory to convert")
+    for name, value in (("chunks", chunks), ("chunk_pages", chunk_pages)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected int, got {type(value).__name__}")
+        if value < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {value}")
+    if region_pages is None:
+        region_pages = vm.memory // PAGE_SIZE - base_gfn
+    nvcpus = vm.vcpus if vcpus is None else vcpus
+    if not 1 <= nvcpus <= vm.vcpus:
+        raise ConfigError(f"vcpus: must be in 1..={vm.vcpus}, got {nvcpus}")
+    stride = region_pages // chunks
+    if stride < chunk_pages:
+        raise ConfigError(
+            f"chunks x chunk_pages = {chunks} x {chunk_pages} pages does not fit in the "
+            f"{region_pages}-page region without overlap"
+        )
+    costs = vm.costs
+    per_request_ns = costs.psc_exit_ns + costs.gmem_convert_ns
+    unexpected: dict[str, int] = {}
+    faults = 0
+    fault_ns = 0.0
+    snp = vm.vm_type == "snp"
+
+    def touch(gfn: int, private: bool, vcpu: int) -> None:
+        nonlocal faults, fault_ns
+        gfns = np.arange(gfn, gfn + chunk_pages, dtype=np.uint64)
+        for _ in range(16):
+            before = float(vm.stats_dict()["modeled_ns"])
+            rets = vm.fault_batch(gfns, private=private, vcpu=vcpu)
+            fault_ns += float(vm.stats_dict()["modeled_ns"]) - before
+            retry = rets == Ret.RETRY
+            faults += int(rets.size - np.count_nonzero(retry))
+            for code in np.unique(rets[~retry & (rets != Ret.FIXED)]):
+                name = Ret(int(code)).name
+                unexpected[name] = unexpected.get(name, 0) + int(np.count_nonzero(rets == code))
+            gfns = gfns[retry]
+            if gfns.size == 0:
+                return
+        unexpected["RETRY"] = unexpected.get("RETRY", 0) + int(gfns.size)
+
+    start = time.perf_counter()
+    for i in range(chunks):
+        offset = i * stride
+        gfn = base_gfn + offset
+        vcpu = min(nvcpus - 1, offset * nvcpus // region_pages)
+        if touch_first:
+            touch(gfn, True, vcpu)
+        if snp:
+            for status, count in vm.pvalidate(gfn, chunk_pages, validate=False).items():
+                if status != "SUCCESS":
+                    key = f"PVALIDATE_{status}"
+                    unexpected[key] = unexpected.get(key, 0) + count
+        vm.set_memory_attributes(gfn, chunk_pages, private=False)
+        vm.punch_hole(gfn, chunk_pages)
+        touch(gfn, False, vcpu)
+        vm.set_memory_attributes(gfn, chunk_pages, private=True)
+        touch(gfn, True, vcpu)
+    wall_s = time.perf_counter() - start
+    return ConversionsResult(
+        chunks=chunks,
+        chunk_pages=chunk_pages,
+        requests=2 * chunks,
+        faults=faults,
+        unexpected=dict(unexpected),
+        fault_modeled_ns=fault_ns,
+        request_modeled_ns=2 * chunks * per_request_ns,
+        wall_s=wall_s,
     )
