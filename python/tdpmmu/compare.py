@@ -34,6 +34,7 @@ import csv
 import dataclasses
 import io
 import json
+import textwrap
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
@@ -475,8 +476,8 @@ def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
 def compare(
     workload: Workload = "both",
     vcpus: int = 4,
-    bytes_per_vcpu: str | int = "256M",
-    conversions: int = 256,
+    bytes_per_vcpu: str | int = "1G",
+    conversions: int = 512,
     chunk_pages: int = 16,
     types: Iterable[str] | None = None,
     designs: Iterable[str] | None = None,
@@ -622,14 +623,16 @@ def describe_workload(p: CompareParams) -> str:
 def format_text(result: CompareResult) -> str:
     """The human-readable report: the main table, modeled time by phase, and the legend."""
     p = result.params
-    lines = [
+    lines: list[str] = []
+    for text in (
         f"SIMULATED by tdpmmu {__version__}: one workload on every valid (VM type x hook "
         "design) pair of a user-space model of KVM's x86 TDP MMU, not on real VMs.",
         f"workload: {describe_workload(p)}",
         "Clocks: 'modeled' = time the cost model assigns to the simulated system; "
         "'host wall' = time this simulator took on this machine.",
-        "",
-    ]
+    ):
+        lines += textwrap.wrap(text, width=100, subsequent_indent="  ")
+    lines.append("")
     headers = [(h1, h2, right) for h1, h2, right, _ in _COLUMNS]
     cells = [[cell(r) for *_, cell in _COLUMNS] for r in result.rows]
     lines += _table(headers, cells)
@@ -652,12 +655,11 @@ def format_text(result: CompareResult) -> str:
     lines += _table(ph_headers, ph_cells)
 
     notes = [f"{r.vm_type}/{r.design}: {n}" for r in result.rows for n in r.notes]
-    lines += [
-        "",
+    legend = [
         "faults: KVM's pf_taken, all phases. hook calls: link/set/remove/free_external_spt. "
         "SEAMCALLs: host TDH.* calls (not the guest's TDG.MEM.PAGE.ACCEPT).",
         "per fault: modeled time of the faults / faults. total: all modeled work summed over "
-        "vCPUs and host operations, with each conversion request charged psc_exit_ns + "
+        "vCPUs and host operations, each conversion request charged psc_exit_ns + "
         "gmem_convert_ns.",
         "PT memory: KVM page tables at peak + S-EPT/external tables held + SNP RMP entries "
         f"({RMP_ENTRY_BYTES} B per guest_memfd page).",
@@ -665,4 +667,7 @@ def format_text(result: CompareResult) -> str:
         "design that breaks is a result, not a crash.",
         *notes,
     ]
+    lines.append("")
+    for text in legend:
+        lines += textwrap.wrap(text, width=100, subsequent_indent="  ")
     return "\n".join(lines)
