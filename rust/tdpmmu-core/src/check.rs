@@ -202,7 +202,7 @@ impl Vm {
             )));
         }
         if let Some(t) = &self.tdx
-            && self.design == crate::vm::HookDesign::Mirror
+            && self.design != crate::vm::HookDesign::None
             && !self.user_hooks
         {
             // The mirror tree and the TDX module's S-EPT must agree entry for entry.

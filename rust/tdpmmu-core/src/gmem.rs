@@ -56,6 +56,25 @@ impl Vm {
             if st.attrs.uniform(gfn, end) == Some(private) {
                 return Ok(0);
             }
+            // The guest's conversion request exits to the host (SNP page-state change, TDX
+            // MapGPA), and guest_memfd does its bookkeeping; a 2M folio only partly converted
+            // is split.
+            ctx.inc(C::conversions);
+            ctx.cost(self.costs.psc_exit_ns + self.costs.gmem_convert_ns);
+            if self.cfg.folio_level == 2 {
+                let mut splits = 0;
+                for edge in [gfn, end] {
+                    let inside_gmem = st.memslots.find(edge.min(end - 1)).is_some_and(|s| s.gmem);
+                    if !edge.is_multiple_of(512) && inside_gmem {
+                        splits += 1;
+                    }
+                }
+                if gfn / 512 == (end - 1) / 512 && splits == 2 {
+                    splits = 1; // both edges inside one folio
+                }
+                ctx.add(C::gmem_splits, splits);
+                ctx.cost(self.costs.gmem_split_2m_ns * splits as f64);
+            }
             let out = self.unmap_gfn_range(ctx, !private, private, gfn, end);
             if out.flush {
                 self.flush_remote_tlbs(ctx);
@@ -67,7 +86,7 @@ impl Vm {
 
     /// guest_memfd punch hole: `kvm_gmem_invalidate_begin` unmaps with the PRIVATE filter.
     pub fn punch_hole(&self, gfn: u64, npages: u64) -> Result<u64> {
-        self.check_confidential("gfn")?;
+        self.check_confidential("vm_type")?;
         self.check_range(gfn, npages)?;
         let end = gfn + npages;
         self.write_op(|st, ctx| {
@@ -204,10 +223,13 @@ impl Vm {
 
     /// KVM_TDX_FINALIZE_VM: the TD becomes runnable.
     pub fn finalize(&self) -> Result<()> {
-        let Some(t) = &self.tdx else {
+        let Some(t) = self.tdx.as_ref().filter(|_| self.vm_type == VmType::Tdx) else {
             return Err(bad_arg(
                 "vm_type",
-                "finalize is a TDX operation; this VM is not a TD",
+                format!(
+                    "finalize is a TDX operation; a {} VM is not a TD",
+                    self.vm_type.name()
+                ),
             ));
         };
         self.write_op(|_, _| t.module.finalize())
@@ -233,6 +255,13 @@ impl Vm {
                 self.gmem_invalidate(st, ctx, s, e);
             }
             if let Some(t) = &self.tdx {
+                if t.module.opts.sept_free == crate::tdx::SeptFree::SeptRemove
+                    && let Some(mirror) = self.current_root(true)
+                {
+                    // Pre-upstream order: tear the (now leaf-less) mirror tree down while the
+                    // HKID is still assigned, so each S-EPT table goes by SEPT.REMOVE.
+                    self.zap_root(ctx, mirror, false);
+                }
                 t.module.release_hkid(ctx);
             }
             self.uninit_tdp_mmu(ctx);

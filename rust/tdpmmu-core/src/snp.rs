@@ -270,13 +270,13 @@ impl Rmp {
             }
             if Self::is_2m(e) {
                 if p.is_multiple_of(512) && p + 512 <= end {
-                    self.rmpupdate(ctx, costs, p, 0, false, true);
+                    self.rmpupdate(ctx, costs, p, Self::gfn(e), false, true);
                     p += 512;
                     continue;
                 }
                 self.psmash(ctx, costs, p);
             }
-            self.rmpupdate(ctx, costs, p, 0, false, false);
+            self.rmpupdate(ctx, costs, p, Self::gfn(self.get(p)), false, false);
             p += 1;
         }
     }
@@ -316,6 +316,7 @@ impl ExternalOps for SnpHooks {
     }
     fn set_external_spte(&self, ctx: &mut Ctx, gfn: u64, level: u8, new_spte: u64) -> HookRet {
         ctx.inc(C::set_external_spte);
+        ctx.trace("set_external_spte", gfn, level, new_spte);
         let Some((rmp, off)) = self.table.find(spte_to_pfn(new_spte)) else {
             ctx.bug(format!(
                 "private NPT leaf for gfn {gfn:#x} is not guest_memfd memory"
@@ -335,6 +336,7 @@ impl ExternalOps for SnpHooks {
     }
     fn remove_external_spte(&self, ctx: &mut Ctx, gfn: u64, level: u8, old_spte: u64) {
         ctx.inc(C::remove_external_spte);
+        ctx.trace("remove_external_spte", gfn, level, old_spte);
         if let Some((rmp, off)) = self.table.find(spte_to_pfn(old_spte))
             && rmp.rmpupdate(ctx, &self.costs, off, gfn, false, level == 2) != RmpStatus::Success
         {

@@ -71,6 +71,8 @@ counters!(
     rmp_faults,
     gmem_prepare,
     gmem_invalidate,
+    conversions,
+    gmem_splits,
 );
 
 pub const NCOUNTERS: usize = COUNTER_NAMES.len();

@@ -93,7 +93,7 @@ pub const BUSY_LEAVES: &[&str] = &[
     "TDH.MEM.PAGE.REMOVE",
 ];
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TdxOptions {
     /// "6.19" (PAGE.ADD from set_external_spte) or "6.16" (`nr_premapped`).
     pub v6_16: bool,
@@ -887,9 +887,8 @@ impl ExternalOps for TdxHooks {
         );
         if !m.software {
             ctx.inc(C::page_clear);
+            ctx.cost(m.costs.page_clear_ns);
         }
-
-        ctx.cost(m.costs.page_clear_ns);
         e.store(FREE, Ordering::Release);
         m.arena.free_now(child);
         ctx.add(C::sept_tables, -1);

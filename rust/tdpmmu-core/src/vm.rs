@@ -362,6 +362,15 @@ impl Vm {
                 ));
             }
         };
+        if cfg.tdx != TdxOptions::default() && vm_type != VmType::Tdx && !sw_mirror {
+            return Err(bad_arg(
+                "tdx",
+                format!(
+                    "TDX options apply to tdx VMs (and sw_protected with mirror=True), not {}",
+                    vm_type.name()
+                ),
+            ));
+        }
         if !(1..=2).contains(&cfg.folio_level) {
             return Err(bad_arg("folio", "guest_memfd folio size must be 4K or 2M"));
         }
@@ -846,7 +855,7 @@ impl Vm {
                 ctx.inc(C::tdx_local_retries);
                 continue;
             }
-            if r.ret == Ret::Fixed
+            if matches!(r.ret, Ret::Fixed | Ret::Spurious)
                 && is_private
                 && !prefetch
                 && let Some(t) = &self.tdx

@@ -434,7 +434,8 @@ impl Vm {
                 ] {
                     if !obj.hasattr(m)? {
                         return Err(PyTypeError::new_err(format!(
-                            "hook_object: missing method {m}(gfn, level, value)"
+                            "hooks: a hook object needs a method {m}(gfn, level, value); got {}",
+                            obj.get_type().name()?
                         )));
                     }
                 }
