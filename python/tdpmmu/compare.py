@@ -173,12 +173,10 @@ class PhaseResult:
     name: str
     #: Host wall-clock seconds the simulator spent in the phase.
     wall_s: float
-    #: All modeled time of the phase (engine clock plus ``request_modeled_ns``).
+    #: All modeled time of the phase.
     modeled_ns: float
     #: Modeled time of the phase's faults only (the numerator of "modeled per fault").
     fault_modeled_ns: float
-    #: Modeled conversion-request time charged by the workload, not the engine.
-    request_modeled_ns: float
     #: Counter deltas over the phase (gauges such as ``pages_4k`` are deltas too).
     stats: Stats
 
@@ -341,7 +339,7 @@ class _Run:
         self.before = self.vm.stats
         self.start = time.perf_counter() if start is None else start
 
-    def end(self, fault_ns: float = 0.0, request_ns: float = 0.0, failed: bool = False) -> None:
+    def end(self, fault_ns: float = 0.0, failed: bool = False) -> None:
         wall = time.perf_counter() - self.start
         after = self.vm.stats
         delta = after - self.before
@@ -350,9 +348,8 @@ class _Run:
             PhaseResult(
                 name=f"{self.name} (failed)" if failed else self.name,
                 wall_s=wall,
-                modeled_ns=float(delta["modeled_ns"]) + request_ns,
+                modeled_ns=float(delta["modeled_ns"]),
                 fault_modeled_ns=fault_ns,
-                request_modeled_ns=request_ns,
                 stats=delta,
             )
         )
@@ -416,7 +413,7 @@ def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
                 touch_first=not dp,
                 vcpus=params.vcpus,
             )
-            run.end(fault_ns=res.fault_modeled_ns, request_ns=res.request_modeled_ns)
+            run.end(fault_ns=res.fault_modeled_ns)
             if res.unexpected:
                 bad = ", ".join(f"{n} x{c}" for n, c in sorted(res.unexpected.items()))
                 error = f"conversions: unexpected results {bad}"
@@ -460,7 +457,7 @@ def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
         psmash=int(stats["psmash"]),
         pvalidate=int(stats["pvalidate"]),
         fault_modeled_ns=sum(p.fault_modeled_ns for p in run.phases),
-        modeled_ns=float(stats["modeled_ns"]) + sum(p.request_modeled_ns for p in run.phases),
+        modeled_ns=float(stats["modeled_ns"]),
         page_table_peak_bytes=int(stats["page_table_peak_bytes"]),
         external_table_bytes=run.external_tables * _TABLE_BYTES,
         rmp_bytes=rmp_bytes,

@@ -189,10 +189,6 @@ class ConversionsResult:
     unexpected: Mapping[str, int]
     #: Modeled time of the touches' faults, as the engine charged them.
     fault_modeled_ns: float
-    #: Modeled time of the conversion requests themselves, charged here rather than by the
-    #: engine: per request, ``psc_exit_ns`` (the guest's exit to userspace: TDX MapGPA, SNP
-    #: PSC VMGEXIT, KVM_HC_MAP_GPA_RANGE) plus ``gmem_convert_ns`` (guest_memfd bookkeeping).
-    request_modeled_ns: float
     #: Host wall-clock time of the whole workload.
     wall_s: float
 
@@ -217,8 +213,9 @@ def private_mem_conversions(
     1. (``touch_first`` only) the guest writes the chunk as private memory;
     2. the guest asks for it to become shared; on SNP it first rescinds validation of the
        pages (PVALIDATE with validate=0), as a guest must before handing pages back;
-    3. userspace sets the memory attributes to shared (``set_memory_attributes``) and punches
-       the guest_memfd hole (``punch_hole``), as the selftest with fallocate and QEMU do;
+    3. userspace sets the memory attributes to shared (``set_memory_attributes``, which also
+       charges the request's exit, ``psc_exit_ns + gmem_convert_ns``) and punches the
+       guest_memfd hole (``punch_hole``), as the selftest with fallocate and QEMU do;
     4. the guest writes every page as shared (one fault each);
     5. the guest asks for it to become private again; userspace sets the attributes private;
     6. the guest writes every page as private (one fault each; TDX accepts, SNP validates).
@@ -245,8 +242,6 @@ def private_mem_conversions(
             f"chunks x chunk_pages = {chunks} x {chunk_pages} pages does not fit in the "
             f"{region_pages}-page region without overlap"
         )
-    costs = vm.costs
-    per_request_ns = costs.psc_exit_ns + costs.gmem_convert_ns
     unexpected: dict[str, int] = {}
     faults = 0
     fault_ns = 0.0
@@ -294,6 +289,5 @@ def private_mem_conversions(
         faults=faults,
         unexpected=dict(unexpected),
         fault_modeled_ns=fault_ns,
-        request_modeled_ns=2 * chunks * per_request_ns,
         wall_s=wall_s,
     )
