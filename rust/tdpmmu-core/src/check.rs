@@ -143,6 +143,9 @@ impl Walk<'_> {
 
 impl Vm {
     pub fn check(&self) -> Result<()> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return self.check_teardown();
+        }
         self.ensure_alive()?;
         let st = self.mmu_lock.write();
         let (reusable, deferred) = self.arena.free_list_snapshot();
@@ -240,6 +243,39 @@ impl Vm {
                 self.arena.live(),
                 w.seen.len()
             )));
+        }
+        Ok(())
+    }
+
+    /// After `destroy()`: nothing may be left behind — no roots, no KVM page tables, no
+    /// external (S-EPT) tables, and the RMP all shared.
+    fn check_teardown(&self) -> Result<()> {
+        let roots = self.roots_snapshot().len();
+        let live = self.arena.live();
+        if roots != 0 || live != 0 {
+            return Err(fail(format!(
+                "teardown left {roots} root(s) and {live} KVM page table(s)"
+            )));
+        }
+        if let Some(t) = &self.tdx {
+            let (tables, leaves) = t.module.snapshot();
+            if tables != 0 || !leaves.is_empty() {
+                return Err(fail(format!(
+                    "teardown left {tables} S-EPT/external table(s) and {} private leaf(s) never freed",
+                    leaves.len()
+                )));
+            }
+        }
+        let st = self.mmu_lock.read();
+        for slot in &st.memslots.slots {
+            if let Some(rmp) = slot.rmp.as_ref()
+                && let Some(off) = (0..slot.npages).find(|o| crate::snp::Rmp::assigned(rmp.get(*o)))
+            {
+                return Err(fail(format!(
+                    "teardown left gfn {:#x} assigned in the RMP",
+                    slot.gfn + off
+                )));
+            }
         }
         Ok(())
     }

@@ -431,3 +431,27 @@ fn options_sept_remove_batched_two_hook() {
     assert_eq!(c(&vm, C::sept_tables), 0);
     assert!(!vm.bugged.load(std::sync::atomic::Ordering::Relaxed));
 }
+
+#[test]
+fn check_after_destroy_audits_what_teardown_left() {
+    for (design, clean) in [("mirror", true), ("private", false)] {
+        let vm = Vm::new(VmConfig {
+            vm_type: "tdx".into(),
+            hooks: design.into(),
+            memory: 8 << 20,
+            ..VmConfig::default()
+        })
+        .unwrap();
+        vm.finalize().unwrap();
+        vm.fault(5, Some(true), true, false, 0).unwrap();
+        vm.destroy().unwrap();
+        match vm.check() {
+            Ok(()) => assert!(clean, "{design}"),
+            Err(Error::Invariant(m)) => {
+                assert!(!clean, "{design}: {m}");
+                assert!(m.contains("3 S-EPT"), "{m}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
