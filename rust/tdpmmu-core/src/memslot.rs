@@ -25,6 +25,8 @@ pub struct Memslot {
     pub rmp: Option<std::sync::Arc<crate::snp::Rmp>>,
     /// One bit per backing page: set once the host page was allocated (first touch).
     touched: Box<[AtomicU64]>,
+    /// The same for the guest_memfd pages of a gmem slot.
+    gmem_touched: Option<Box<[AtomicU64]>>,
 }
 
 impl Memslot {
@@ -41,6 +43,7 @@ impl Memslot {
             gmem,
             gmem_pfn: 0,
             rmp: None,
+            gmem_touched: gmem.then(|| (0..words).map(|_| AtomicU64::new(0)).collect()),
             touched,
         }
     }
@@ -72,9 +75,25 @@ impl Memslot {
     /// Mark the backing page holding `gfn` as allocated; true if this is its first touch.
     #[inline(always)]
     pub fn touch(&self, gfn: u64) -> bool {
-        let page = (gfn - self.gfn) >> (9 * (self.level as u32 - 1));
+        Self::touch_in(
+            &self.touched,
+            (gfn - self.gfn) >> (9 * (self.level as u32 - 1)),
+        )
+    }
+
+    /// First touch of the guest_memfd page behind `gfn` (a separate host allocation).
+    #[inline(always)]
+    pub fn touch_gmem(&self, gfn: u64) -> bool {
+        match &self.gmem_touched {
+            Some(t) => Self::touch_in(t, (gfn - self.gfn) >> (9 * (self.level as u32 - 1))),
+            None => false,
+        }
+    }
+
+    #[inline(always)]
+    fn touch_in(bits: &[AtomicU64], page: u64) -> bool {
         let bit = 1u64 << (page % 64);
-        let w = &self.touched[(page / 64) as usize];
+        let w = &bits[(page / 64) as usize];
         // Plain load first: after warm-up nearly every fault hits an already-touched page.
         if w.load(Ordering::Relaxed) & bit != 0 {
             return false;

@@ -999,7 +999,12 @@ impl Vm {
     /// `kvm_mmu_faultin_pfn`: shared pages come from the host mapping (allocated on first
     /// touch), private ones from guest_memfd, whose folio size and (SNP) RMP entry cap the level.
     fn faultin_pfn(&self, ctx: &mut Ctx, slot: &Memslot, f: &mut KvmPageFault, private: bool) {
-        if slot.touch(f.gfn) {
+        let first = if private {
+            slot.touch_gmem(f.gfn)
+        } else {
+            slot.touch(f.gfn)
+        };
+        if first {
             ctx.inc(C::host_pages_allocated);
             ctx.cost(self.costs.host_page(pages_per_level(slot.level)));
         }
