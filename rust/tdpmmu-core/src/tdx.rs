@@ -310,6 +310,41 @@ impl TdxModule {
         matches!(state(e), ST_MAPPED | ST_PENDING).then(|| spte_to_pfn(e))
     }
 
+    /// Every non-FREE S-EPT entry in tree order: (gfn, level, state name, pfn). For table
+    /// entries the pfn is the S-EPT table's host pfn.
+    pub fn dump(&self) -> Vec<(u64, u8, &'static str, u64)> {
+        let mut out = Vec::new();
+        self.dump_table(self.root, self.levels, 0, &mut out);
+        out
+    }
+
+    fn dump_table(
+        &self,
+        t: u32,
+        level: u8,
+        base: u64,
+        out: &mut Vec<(u64, u8, &'static str, u64)>,
+    ) {
+        for i in 0..spte::ENTRIES_PER_TABLE {
+            let e = self.arena.entry(t, i).load(Ordering::Acquire);
+            let gfn = base + i as u64 * spte::pages_per_level(level);
+            let name = match state(e) {
+                0 => continue,
+                ST_TABLE => "TABLE",
+                ST_MAPPED => "MAPPED",
+                ST_PENDING => "PENDING",
+                ST_BLOCKED_LEAF => "BLOCKED",
+                ST_BLOCKED_TABLE => "BLOCKED_TABLE",
+                _ => "UNKNOWN",
+            };
+            out.push((gfn, level, name, spte_to_pfn(e)));
+            if matches!(state(e), ST_TABLE | ST_BLOCKED_TABLE) {
+                let c = (spte_to_pfn(e) - crate::arena::TABLE_BASE_PFN) as u32;
+                self.dump_table(c, level - 1, gfn, out);
+            }
+        }
+    }
+
     /// Number of S-EPT tables linked under the root and every present leaf (gfn, pfn).
     pub fn snapshot(&self) -> (usize, Vec<(u64, u64)>) {
         let mut tables = 0;

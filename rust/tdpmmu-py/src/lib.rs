@@ -568,6 +568,17 @@ impl Vm {
         Ok(d)
     }
 
+    /// TDX: the TDX module's S-EPT entries (not FREE) in tree order:
+    /// (gfn, level, state, pfn) with state TABLE, MAPPED, PENDING, BLOCKED or BLOCKED_TABLE.
+    fn sept_entries(&self, py: Python<'_>) -> PyResult<Vec<(u64, u8, &'static str, u64)>> {
+        call(py, || match &self.inner.tdx {
+            Some(t) => Ok(t.module.dump()),
+            None => Err(core::Error::Config(
+                "vm_type: only TDX VMs (and sw_protected with mirror=True) have an S-EPT".into(),
+            )),
+        })
+    }
+
     /// Trace events in order as (op, gfn, level, detail) tuples (empty unless trace=True).
     fn trace_events(&self) -> Vec<(&'static str, u64, u8, u64)> {
         self.inner
