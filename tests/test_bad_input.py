@@ -212,7 +212,19 @@ CTOR_CASES: list[Any] = [
     case("vcpus-zero", {"vcpus": 0}, ValueError, "vcpus"),
     case("vcpus-negative", {"vcpus": -1}, ValueError, "vcpus"),
     case("hooks-unknown", {"hooks": "bogus"}, ValueError, "hooks"),
-    case("hooks-not-str", {"hooks": 5}, TypeError, "hooks"),
+    # Anything but a design name is taken as a hook object; 5 has none of the four methods.
+    case(
+        "hooks-not-str",
+        {"hooks": 5},
+        TypeError,
+        r"^hooks: a hook object needs a method link_external_spt\(gfn, level, value\); got int$",
+    ),
+    case(
+        "hooks-object-without-methods",
+        {"hooks": object()},
+        TypeError,
+        r"^hooks: a hook object needs a method link_external_spt.*; got object$",
+    ),
     case("costs-unknown-field", {"costs": {"bogus_ns": 1.0}}, ValueError, "bogus_ns"),
     case("costs-negative", {"costs": {"exit_entry_ns": -1.0}}, ValueError, "exit_entry_ns"),
     case("costs-wrong-type", {"costs": 5}, TypeError, "costs"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tdpmmu import CostModel, _core, cli, report
+from tdpmmu import VM, CostModel, _core, cli, report
 from tdpmmu.stats import Stats
 
 #: Every field a distinct value (ns), so no two components can stand in for each other.
@@ -33,6 +33,11 @@ def removal(c: CostModel, v: int) -> float:
     )
 
 
+def request(c: CostModel) -> float:
+    """One conversion request, as set_memory_attributes charges it (4K folios: no split)."""
+    return c.psc_exit_ns + c.gmem_convert_ns
+
+
 def expected_totals(c: CostModel, v: int) -> dict[str, float]:
     n = report.TEARDOWN_PAGES
     tables = n // 512 + 2  # L1 tables, one L2, one L3
@@ -50,7 +55,7 @@ def expected_totals(c: CostModel, v: int) -> dict[str, float]:
         + c.fault_handling_ns
         + c.tdh_mem_page_aug_ns
         + c.tdg_mem_page_accept_ns,
-        f"tdx_dynamic_removal@{v}": removal(c, v) + c.spte_update_ns + tlb,
+        f"tdx_dynamic_removal@{v}": request(c) + removal(c, v) + c.spte_update_ns + tlb,
         f"tdx_teardown_per_page@{v}": (
             n * (removal(c, v) + c.spte_update_ns)
             + tables * (c.tdh_phymem_page_reclaim_ns + c.page_clear_ns + c.spte_update_ns)
@@ -65,7 +70,7 @@ def expected_totals(c: CostModel, v: int) -> dict[str, float]:
         + c.host_page_alloc_ns
         + c.rmpupdate_ns
         + c.pvalidate_ns,
-        "snp_private_fault_no_alloc": c.psc_exit_ns
+        "snp_private_fault_no_alloc": request(c)
         + c.exit_entry_ns
         + c.fault_handling_ns
         + c.rmpupdate_ns
@@ -104,6 +109,8 @@ def test_components_name_the_fields() -> None:
         "tdg_mem_page_accept_ns",
     }
     assert fields["tdx_dynamic_removal@4"] == {
+        "psc_exit_ns",
+        "gmem_convert_ns",
         "tdh_mem_range_block_ns",
         "tdh_mem_track_ns",
         "kick_base_ns",
@@ -123,9 +130,23 @@ def test_components_name_the_fields() -> None:
         "rmpupdate_ns",
         "pvalidate_ns",
     }
-    # The PSC exit is the only term the engine does not charge itself.
-    added = {c.field for row in rows.values() for c in row.components if not c.engine}
-    assert added == {"psc_exit_ns"}
+    assert fields["snp_private_fault_no_alloc"] == {
+        "psc_exit_ns",
+        "gmem_convert_ns",
+        "exit_entry_ns",
+        "fault_handling_ns",
+        "rmpupdate_ns",
+        "pvalidate_ns",
+    }
+    # The PSC exit of the first touch (the page is private already, so no attribute changes and
+    # the engine charges no request) is the only term the engine does not charge itself.
+    added = {(k, c.field) for k, row in rows.items() for c in row.components if not c.engine}
+    assert added == {("snp_private_fault", "psc_exit_ns")}
+    # Where a conversion request is in the measurement, the engine charged it exactly once.
+    for key in ("tdx_dynamic_removal@4", "snp_private_fault_no_alloc"):
+        comps = {c.field: c for c in rows[key].components}
+        assert comps["psc_exit_ns"].engine and comps["psc_exit_ns"].count == 1
+        assert comps["gmem_convert_ns"].engine and comps["gmem_convert_ns"].count == 1
     every = {f for fs in fields.values() for f in fs}
     assert every <= set(CostModel.field_names())
 
@@ -161,6 +182,29 @@ def test_published_bounds_and_ratios() -> None:
     assert r48["tdx_teardown_per_page@48"].published.text() == "4.5-4.8"
 
 
+def test_attribution_of_conversion_requests_and_folio_splits() -> None:
+    counters: dict[str, int | float] = {name: 0 for name in _core.COUNTER_NAMES}
+    counters.update({"conversions": 3, "gmem_splits": 2})
+    c = DISTINCT
+    comps = {x.field: x for x in report.attribute(Stats(counters), c, "snp", 1)}
+    assert set(comps) == {"psc_exit_ns", "gmem_convert_ns", "gmem_split_2m_ns"}
+    assert (comps["psc_exit_ns"].count, comps["gmem_convert_ns"].count) == (3, 3)
+    assert comps["gmem_split_2m_ns"].count == 2
+    total = 3 * (c.psc_exit_ns + c.gmem_convert_ns) + 2 * c.gmem_split_2m_ns
+    report._check_sum(list(comps.values()), total, "probe")
+    # And against the engine: one 2M-folio conversion splitting two folios adds up.
+    vm = VM("snp", memory="64MiB", backing="2M", folio="2M", costs=c)
+    before = vm.stats
+    vm.set_memory_attributes(500, 100, private=False)
+    comps2, engine_ns = report._measure(vm, before, "probe")
+    assert {x.field: x.count for x in comps2} == {
+        "psc_exit_ns": 1,
+        "gmem_convert_ns": 1,
+        "gmem_split_2m_ns": 2,
+    }
+    assert engine_ns == pytest.approx(c.psc_exit_ns + c.gmem_convert_ns + 2 * c.gmem_split_2m_ns)
+
+
 def test_attribution_refuses_unexplained_modeled_time() -> None:
     counters: dict[str, int | float] = {name: 0 for name in _core.COUNTER_NAMES}
     counters.update({"pf_taken": 1, "host_pages_allocated": 1, "modeled_ns": 1.0})
@@ -181,9 +225,16 @@ def test_text_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert "TDX private 4K fault, all-in, first touch" in out
     assert "[added by report]" in out
     assert "costs.md §1.2 line 83" in out and "costs.md §2 line 132" in out
-    # The SNP row reflects the override: 3 + 1.2 + 2 + 7.5 + 1 + 0.5 µs.
+    # The SNP rows reflect the override: 3 + 1.2 + 2 + 7.5 + 1 + 0.5 µs on first touch (PSC
+    # added by the report); 3 + 0.107 + 1.2 + 2 + 1 + 0.5 µs once allocated (request charged
+    # by the engine).
     line = next(x for x in out.splitlines() if x.startswith("SNP private 4K fault, all-in"))
     assert "15.200" in line
+    line = next(x for x in out.splitlines() if x.startswith("SNP private 4K fault, host page"))
+    assert "7.807" in line
+    # The TDX removal row carries the request too: 3 + 0.107 + 18 + 0.06 + 2.6 µs at 8 vCPUs.
+    line = next(x for x in out.splitlines() if x.startswith("TDX dynamic removal") and "(8 " in x)
+    assert "23.767" in line
 
 
 def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:

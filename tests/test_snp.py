@@ -1,9 +1,10 @@
 """SEV-SNP and SW_PROTECTED_VM through the public API: spec §8 and §10 item 24 (plus the SNP parts
 of items 5, 8, 14 and 21), PVALIDATE, and the "gmem" vs "private" hook designs on SNP.
 
-Each test pins the RMP instructions issued (``vm.trace_events()``: ``rmpupdate`` with detail 1 for
-to-private and 0 for to-shared, ``psmash``, ``pvalidate``), the RMP entries (``vm.rmp_entry``) and
-the NPT (``vm.walk``), so it fails if the rule were broken.
+Each test pins the RMP instructions issued (``vm.trace_events()``: ``rmpupdate`` with the gfn of
+the page(s) it updates and detail 1 for to-private, 0 for to-shared, ``psmash``, ``pvalidate``), the
+hook calls of the "private" design, the RMP entries (``vm.rmp_entry``) and the NPT (``vm.walk``),
+so it fails if the rule were broken.
 """
 
 from collections import Counter
@@ -147,9 +148,7 @@ def test_b24_punch_hole_frees_to_shared_psmashing_a_partly_freed_2m_entry() -> N
     assert vm.punch_hole(512, 16) == 1  # the 2M NPT leaf
     # PSMASH first, then one RMPUPDATE to shared per freed 4K page.
     ops = rmp_ops(since(vm, n))
-    assert [o[0] for o in ops] == ["psmash"] + ["rmpupdate"] * 16
-    assert ops[0][1:3] == (512, 2)
-    assert all(o[2] == 1 and o[3] == 0 for o in ops[1:])  # 4K, to shared
+    assert ops == [("psmash", 512, 2, 0)] + [("rmpupdate", g, 1, 0) for g in range(512, 528)]
     assert [vm.rmp_entry(g) for g in range(512, 528)] == [SHARED] * 16
     # The rest of the former 2M entry stays private, validated, now 4K.
     assert vm.rmp_entry(512 + 16) == private_4k(512 + 16)
@@ -161,7 +160,7 @@ def test_b24_punch_hole_frees_to_shared_psmashing_a_partly_freed_2m_entry() -> N
     vm.fault(2048)
     n = mark(vm)
     vm.punch_hole(2048, 512)
-    assert rmp_ops(since(vm, n)) == [("rmpupdate", 0, 2, 0)]
+    assert rmp_ops(since(vm, n)) == [("rmpupdate", 2048, 2, 0)]
     assert vm.rmp_entry(2048 + 7) == SHARED
     vm.check()
 
@@ -230,7 +229,7 @@ def test_converted_pages_must_be_validated_again() -> None:
     vm.set_memory_attributes(3, 1, private=False)
     n = mark(vm)
     vm.punch_hole(3, 1)
-    assert rmp_ops(since(vm, n)) == [("rmpupdate", 0, 1, 0)]
+    assert rmp_ops(since(vm, n)) == [("rmpupdate", 3, 1, 0)]
     assert vm.rmp_entry(3) == SHARED
     with pytest.raises(tdpmmu.ConfigError, match="gfn"):
         vm.pvalidate(3)  # not assigned any more
@@ -251,6 +250,7 @@ def test_converted_pages_must_be_validated_again() -> None:
 def test_designs_differ_on_a_private_zap_and_refault() -> None:
     # A private NPT zap (attribute conversion to shared), back to private, re-fault.
     deltas = {}
+    traces = {}
     for design in ("gmem", "private"):
         vm = snp(hooks=design)
         assert vm.hooks_name == design
@@ -260,13 +260,21 @@ def test_designs_differ_on_a_private_zap_and_refault() -> None:
         vm.set_memory_attributes(9, 1, private=True)
         assert vm.fault(9).ret == Ret.FIXED
         deltas[design] = Counter(e.op for e in since(vm, n) if e.op in RMP_OPS)
+        traces[design] = [(e.op, e.gfn, e.level) for e in since(vm, n)]
         assert vm.rmp_entry(9) == private_4k(9)
         vm.check()
     assert deltas["gmem"] == Counter()  # the NPT zap leaves the RMP alone
+    assert traces["gmem"] == []  # no hook either
     # "private": RMPUPDATE to shared with the zap, to private with the install, and the guest
-    # validates again.
-    assert deltas["private"]["rmpupdate"] >= 2
+    # validates again; each RMPUPDATE runs inside the hook that is traced just before it.
     assert deltas["private"] == Counter({"rmpupdate": 2, "pvalidate": 1})
+    assert traces["private"] == [
+        ("remove_external_spte", 9, 1),
+        ("rmpupdate", 9, 1),
+        ("set_external_spte", 9, 1),
+        ("rmpupdate", 9, 1),
+        ("pvalidate", 9, 1),
+    ]
 
 
 def test_private_design_drives_the_rmp_from_npt_installs() -> None:
@@ -275,7 +283,15 @@ def test_private_design_drives_the_rmp_from_npt_installs() -> None:
     s = vm.stats
     # No guest_memfd prepare: the NPT install's set_external_spte does the RMPUPDATE.
     assert (s["gmem_prepare"], s["set_external_spte"], s["rmpupdate"]) == (0, 1, 1)
-    assert rmp_ops(vm.trace_events()) == [("rmpupdate", 9, 1, 1), ("pvalidate", 9, 1, 1)]
+    ev = vm.trace_events()
+    assert rmp_ops(ev) == [("rmpupdate", 9, 1, 1), ("pvalidate", 9, 1, 1)]
+    # The hook call is traced, with the NPT leaf it installs.
+    assert [(e.op, e.gfn, e.level) for e in ev] == [
+        ("set_external_spte", 9, 1),
+        ("rmpupdate", 9, 1),
+        ("pvalidate", 9, 1),
+    ]
+    assert ev[0].detail == vm.spte(9)
     # Both designs agree on faults: same RMP entry, same NPT.
     ref = snp()
     ref.fault(9)
@@ -289,7 +305,9 @@ def test_private_design_bugs_the_vm_on_an_unflagged_zap() -> None:
     # re-fault's RMPUPDATE finds the page still assigned and the VM is bugged.
     vm = snp(hooks="private")
     vm.fault(9)
+    n = mark(vm)
     vm.zap_gfn_range(9, 1)
+    assert since(vm, n) == []  # no hook, no RMPUPDATE
     assert vm.rmp_entry(9) == private_4k(9)
     with pytest.raises(VmBugged):
         vm.fault(9)
@@ -304,6 +322,119 @@ def test_private_design_bugs_the_vm_on_an_unflagged_zap() -> None:
     g.zap_gfn_range(9, 1)
     assert g.fault(9).ret == Ret.FIXED
     g.check()
+
+
+def test_private_design_traces_its_hooks_on_every_flagged_removal() -> None:
+    vm = snp(hooks="private")
+    for g in (9, 10):
+        vm.fault(g)
+    leaf = {g: vm.spte(g) for g in (9, 10)}
+    # guest_memfd punch hole (PRIVATE filter): the remove hook with the old leaf, then the
+    # RMPUPDATE to shared of that gfn.
+    n = mark(vm)
+    assert vm.punch_hole(9, 1) == 1
+    ev = since(vm, n)
+    assert [(e.op, e.gfn, e.level, e.detail) for e in ev] == [
+        ("remove_external_spte", 9, 1, leaf[9]),
+        ("rmpupdate", 9, 1, 0),
+    ]
+    assert vm.rmp_entry(9) == SHARED
+    vm.check()
+    # destroy: guest_memfd release removes the rest the same way.
+    n = mark(vm)
+    vm.destroy()
+    assert [(e.op, e.gfn, e.level, e.detail) for e in since(vm, n)] == [
+        ("remove_external_spte", 10, 1, leaf[10]),
+        ("rmpupdate", 10, 1, 0),
+    ]
+    s = vm.stats
+    assert (s["set_external_spte"], s["remove_external_spte"], s["rmpupdate"]) == (2, 2, 4)
+    vm.check()  # the teardown audit: the RMP is all shared again
+
+
+def test_rmpupdates_to_shared_at_destroy_carry_their_gfns() -> None:
+    vm = snp(backing="2M", folio="2M")
+    vm.fault(3)  # a 2M RMP entry at gfn 0
+    vm.fault(1024 + 7)  # a 2M RMP entry at gfn 1024 ...
+    vm.punch_hole(1024, 4)  # ... PSMASHed; 1024-1027 go back to shared now
+    n = mark(vm)
+    vm.destroy()
+    # guest_memfd release: the whole 2M entry at once, then each remaining 4K entry.
+    assert rmp_ops(since(vm, n)) == [
+        ("rmpupdate", 0, 2, 0),
+        *[("rmpupdate", g, 1, 0) for g in range(1028, 1536)],
+    ]
+    vm.check()  # the teardown audit: the RMP is all shared again
+
+
+# ----- conversion requests -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vm_type", ["snp", "sw_protected"])
+@pytest.mark.parametrize(
+    ("gfn", "npages", "splits"),
+    [
+        pytest.param(3, 1, 1, id="inside-one-folio"),
+        pytest.param(512, 512, 0, id="one-whole-folio"),
+        pytest.param(4096, 1024, 0, id="two-whole-folios"),
+        pytest.param(1024 + 5, 10, 1, id="both-edges-in-one-folio"),
+        pytest.param(2048 + 500, 100, 2, id="edges-in-two-folios"),
+        pytest.param(8192 + 1, 511, 1, id="start-edge-only"),
+        pytest.param(8704, 600, 1, id="end-edge-only"),
+    ],
+)
+def test_conversion_request_charges_with_2m_folios(
+    vm_type: str, gfn: int, npages: int, splits: int
+) -> None:
+    # One request (psc_exit_ns + gmem_convert_ns) per call; with 2M folios, one split
+    # (gmem_split_2m_ns) per folio the call converts only partly. Nothing is mapped: no zap cost.
+    vm = tdpmmu.VM(vm_type, memory="1GiB", backing="2M", folio="2M")
+    c = vm.costs
+    s0 = vm.stats
+    assert vm.set_memory_attributes(gfn, npages, private=False) == 0
+    d = vm.stats - s0
+    assert (d["conversions"], d["gmem_splits"]) == (1, splits)
+    assert d["modeled_ns"] == pytest.approx(
+        c.psc_exit_ns + c.gmem_convert_ns + splits * c.gmem_split_2m_ns
+    )
+    # The way back is a request too, splitting at the same edges.
+    s0 = vm.stats
+    assert vm.set_memory_attributes(gfn, npages, private=True) == 0
+    d = vm.stats - s0
+    assert (d["conversions"], d["gmem_splits"]) == (1, splits)
+
+
+def test_conversion_requests_on_snp_are_charged_by_the_engine() -> None:
+    vm = snp()
+    c = vm.costs
+    request = c.psc_exit_ns + c.gmem_convert_ns
+    vm.fault(7)
+    # Private -> shared: the request, the NPT leaf zap (one SPTE write, one flush); the RMP is
+    # left to guest_memfd. No split with 4K folios, however the range is cut.
+    s0 = vm.stats
+    assert vm.set_memory_attributes(7, 1, private=False) == 1
+    d = vm.stats - s0
+    assert (d["conversions"], d["gmem_splits"], d["rmpupdate"]) == (1, 0, 0)
+    assert d["modeled_ns"] == pytest.approx(
+        request + c.spte_update_ns + c.tlb_flush_base_ns + c.tlb_flush_per_vcpu_ns
+    )
+    # Nothing to change: no request.
+    s0 = vm.stats
+    assert vm.set_memory_attributes(7, 1, private=False) == 0
+    d = vm.stats - s0
+    assert (d["conversions"], d["modeled_ns"]) == (0, 0)
+    assert vm.set_memory_attributes(0, 16, private=True) == 0
+    s0 = vm.stats
+    assert vm.set_memory_attributes(0, 16, private=True) == 0
+    assert (vm.stats - s0)["conversions"] == 0
+    # Memory outside guest_memfd: still a request, never a folio split.
+    big = snp(backing="2M", folio="2M")
+    big.add_memslot(1 << 20, 1024, gmem=False)
+    s0 = big.stats
+    assert big.set_memory_attributes((1 << 20) + 3, 1, private=True) == 0
+    d = big.stats - s0
+    assert (d["conversions"], d["gmem_splits"], d["modeled_ns"]) == (1, 0, request)
+    assert vm.stats["conversions"] == 2
 
 
 # ----- SNP parts of items 5, 8, 14 -------------------------------------------------------------

@@ -4,8 +4,8 @@ Each test pins the exact hook/SEAMCALL sequence (``vm.trace_events()``), the cou
 (``vm.walk``/``vm.spte``/``vm.tables()``) or roots (``vm.roots()``) the rule implies, so that it
 fails if the engine broke the rule. ``vm.check()`` runs after every step where the VM must be
 consistent. Item 18 (iterator semantics) and the KVM_BUG_ON paths that no public operation can
-reach (atomic zap of a mirror entry, freeing an S-EPT table with the HKID assigned) are covered by
-the engine's own Rust tests.
+reach (atomic zap of a mirror entry, freeing an S-EPT table with the HKID assigned under the
+upstream ``sept_free="teardown"``) are covered by the engine's own Rust tests.
 """
 
 from collections import Counter
@@ -93,6 +93,41 @@ def remove_seq(gfn: int, vcpus: int) -> list[tuple[str, int, int, int]]:
         ("TDH.PHYMEM.PAGE.WBINVD", gfn, 1, 0),
         ("clear", gfn, 1, -1),
     ]
+
+
+def hkid_release(vcpus: int) -> list[tuple[str, int, int, int]]:
+    """(op, gfn, level, detail) of the HKID release at destroy."""
+    return [
+        *[("TDH.VP.FLUSH", 0, 0, 0)] * vcpus,
+        ("TDH.MNG.VPFLUSHDONE", 0, 0, 0),
+        ("TDH.PHYMEM.CACHE.WB", 0, 0, 0),
+        ("TDH.MNG.KEY.FREEID", 0, 0, 0),
+    ]
+
+
+def sept_remove_seq(gfn: int, level: int, vcpus: int) -> list[tuple[str, int, int, int]]:
+    """One S-EPT table (``level`` = its own level) leaving a TD whose HKID is still assigned
+    (``sept_free="sept_remove"``): BLOCK and SEPT.REMOVE act on the parent entry, one level up;
+    WBINVD and the clear act on the 4K table page."""
+    return [
+        ("free_external_spt", gfn, level, 0),
+        ("TDH.MEM.RANGE.BLOCK", gfn, level + 1, 0),
+        ("TDH.MEM.TRACK", 0, 0, 0),
+        ("kick", 0, 0, vcpus),
+        ("TDH.MEM.SEPT.REMOVE", gfn, level + 1, 0),
+        ("TDH.PHYMEM.PAGE.WBINVD", gfn, 1, 0),
+        ("clear", gfn, 1, -1),
+    ]
+
+
+def reclaim_seq(gfn: int, level: int) -> list[tuple[str, int, int, int]]:
+    """One S-EPT table freed after the HKID release (upstream): RECLAIM at the parent entry."""
+    return [("free_external_spt", gfn, level, 0), ("TDH.PHYMEM.PAGE.RECLAIM", gfn, level + 1, 0)]
+
+
+def leaf_states(vm: tdpmmu.VM) -> dict[int, str]:
+    """S-EPT leaf state (MAPPED, PENDING, ...) by gfn, from the TDX module's own tree."""
+    return {gfn: state for gfn, level, state, _ in vm.sept_entries() if level == 1}
 
 
 def full(events: list[Event]) -> list[tuple[str, int, int, int]]:
@@ -723,6 +758,17 @@ def test_b22_initial_image_v619_page_add_from_the_hook() -> None:
         "TDG.MEM.PAGE.ACCEPT",
     ]
     vm.check()
+    # "Later" is the guest's next touch of the pre-faulted page: nothing left to map (SPURIOUS),
+    # but its S-EPT entry is PENDING, so the guest accepts it. The pages added before finalize
+    # are MAPPED (PAGE.ADD) and need no accept.
+    assert leaf_states(vm) == {0: "MAPPED", 1: "MAPPED", 2: "PENDING", 3: "MAPPED"}
+    n = mark(vm)
+    assert vm.fault(2).ret == Ret.SPURIOUS
+    assert vm.fault(0).ret == Ret.SPURIOUS
+    assert shape(since(vm, n)) == [("TDG.MEM.PAGE.ACCEPT", 2, 1)]
+    assert set(leaf_states(vm).values()) == {"MAPPED"}
+    assert vm.stats["TDG.MEM.PAGE.ACCEPT"] == 2
+    vm.check()
 
 
 def test_b22_initial_image_v616_populate_issues_page_add() -> None:
@@ -746,6 +792,109 @@ def test_b22_only_the_private_image_before_finalize() -> None:
     with pytest.raises(tdpmmu.ConfigError, match="private"):
         vm.populate(0x10, 1, private=False)
     assert vm.trace_events() == []
+    vm.check()
+
+
+def test_prefaulted_pages_are_accepted_on_the_guests_next_touch() -> None:
+    vm = td(vcpus=1)
+    c = vm.costs
+    vm.fault(0)  # tables exist: the pre-faults below are a leaf each
+    n = mark(vm)
+    assert vm.populate(1, 4, private=True) == 4
+    # KVM_PRE_FAULT_MEMORY on a runnable TD: AUG only, the entries stay PENDING.
+    assert ops(since(vm, n)) == ["set_external_spte", "TDH.MEM.PAGE.AUG"] * 4
+    assert leaf_states(vm) == {0: "MAPPED", 1: "PENDING", 2: "PENDING", 3: "PENDING", 4: "PENDING"}
+    vm.check()
+    # The guest's first touch finds the leaf present (SPURIOUS) and accepts the page: one TD
+    # exit, the fault handling, the ACCEPT; nothing else.
+    n, s0 = mark(vm), vm.stats
+    r = vm.fault(1)
+    assert (r.ret, r.private, r.level) == (Ret.SPURIOUS, True, 1)
+    assert shape(since(vm, n)) == [("TDG.MEM.PAGE.ACCEPT", 1, 1)]
+    assert all(e.detail == 0 for e in since(vm, n))  # TDX_SUCCESS
+    expected = c.td_exit_entry_ns + c.fault_handling_ns + c.tdg_mem_page_accept_ns
+    assert r.modeled_ns == pytest.approx(expected)
+    d = vm.stats - s0
+    assert d["modeled_ns"] == pytest.approx(expected)
+    assert (d["pf_spurious"], d["TDG.MEM.PAGE.ACCEPT"], d["TDH.MEM.PAGE.AUG"]) == (1, 1, 0)
+    assert leaf_states(vm)[1] == "MAPPED"
+    # Accepted once: the next touch is a plain spurious fault.
+    n = mark(vm)
+    r = vm.fault(1)
+    assert r.ret == Ret.SPURIOUS and since(vm, n) == []
+    assert r.modeled_ns == pytest.approx(c.td_exit_entry_ns + c.fault_handling_ns)
+    # A read touch accepts too (private faults are writes), and so does a batch.
+    n = mark(vm)
+    assert vm.fault(2, write=False).ret == Ret.SPURIOUS
+    vm.fault_batch(np.arange(1, 5, dtype=np.uint64))
+    assert shape(since(vm, n)) == [("TDG.MEM.PAGE.ACCEPT", g, 1) for g in (2, 3, 4)]
+    assert vm.stats["TDG.MEM.PAGE.ACCEPT"] == 1 + 4  # gfn 0's fault, then gfns 1-4 once each
+    assert set(leaf_states(vm).values()) == {"MAPPED"}
+    vm.check()
+
+
+def test_prefaulted_page_converted_before_the_touch_is_not_accepted_twice() -> None:
+    # A PENDING page removed (punch hole) before the guest touched it: the re-fault AUGs a new
+    # PENDING page and the guest accepts that one, once.
+    vm = td(vcpus=2)
+    vm.populate(7, 1, private=True)
+    n = mark(vm)
+    assert vm.punch_hole(7, 1) == 1
+    assert full(since(vm, n)) == remove_seq(7, 2)
+    n = mark(vm)
+    assert vm.fault(7).ret == Ret.FIXED
+    assert vm.fault(7).ret == Ret.SPURIOUS
+    assert shape(since(vm, n)) == [
+        ("set_external_spte", 7, 1),
+        ("TDH.MEM.PAGE.AUG", 7, 1),
+        ("TDG.MEM.PAGE.ACCEPT", 7, 1),
+    ]
+    vm.check()
+
+
+def test_conversion_requests_are_charged_once_per_call() -> None:
+    # Each set_memory_attributes that changes an attribute is one guest request (TDX MapGPA):
+    # psc_exit_ns + gmem_convert_ns once per call, whatever the page count, on top of the zap.
+    vm = td(vcpus=4)
+    c = vm.costs
+    request = c.psc_exit_ns + c.gmem_convert_ns
+    removal = (
+        c.tdh_mem_range_block_ns
+        + c.tdh_mem_track_ns
+        + c.kick_base_ns
+        + 4 * c.kick_per_vcpu_ns
+        + c.tdh_mem_page_remove_ns
+        + c.tdh_phymem_page_wbinvd_ns
+        + c.page_clear_ns
+    )
+    flush = c.tlb_flush_base_ns + 4 * c.tlb_flush_per_vcpu_ns
+    for g in range(4):
+        vm.fault(g)
+    s0 = vm.stats
+    assert vm.set_memory_attributes(0, 4, private=False) == 4
+    d = vm.stats - s0
+    assert (d["conversions"], d["gmem_splits"], d["remote_tlb_flush"]) == (1, 0, 1)
+    assert d["modeled_ns"] == pytest.approx(request + 4 * (removal + c.spte_update_ns) + flush)
+    # Nothing mapped to zap: the request alone.
+    s0 = vm.stats
+    assert vm.set_memory_attributes(0x100, 8, private=False) == 0
+    d = vm.stats - s0
+    assert (d["conversions"], d["modeled_ns"]) == (1, request)
+    # Partly converted already (0-3 shared, 4-7 private): still one request.
+    s0 = vm.stats
+    assert vm.set_memory_attributes(0, 8, private=False) == 0
+    assert (vm.stats - s0)["conversions"] == 1
+    # Nothing to change: no request is charged.
+    s0 = vm.stats
+    assert vm.set_memory_attributes(0, 8, private=False) == 0
+    d = vm.stats - s0
+    assert (d["conversions"], d["modeled_ns"]) == (0, 0)
+    # Back to private: no shared alias was mapped, so the request is all it costs.
+    s0 = vm.stats
+    assert vm.set_memory_attributes(0, 8, private=True) == 0
+    d = vm.stats - s0
+    assert (d["conversions"], d["modeled_ns"]) == (1, request)
+    assert vm.stats["conversions"] == 4
     vm.check()
 
 
@@ -780,6 +929,7 @@ def test_b23_teardown_order() -> None:
     assert s["page_clear"] == 600 + sept_tables
     assert s["roots_freed"] == 2
     assert vm.roots() == [] and vm.destroyed
+    vm.check()  # audits the teardown: no roots, no tables, no S-EPT left
     with pytest.raises(tdpmmu.ConfigError, match="destroyed"):
         vm.fault(1)
 
@@ -862,12 +1012,16 @@ def test_designs_diverge_at_teardown() -> None:
             vm.fault(g)
         n = mark(vm)
         vm.destroy()
-        runs[design] = (Counter(ops(since(vm, n))), vm.stats)
-    (m_ops, m), (p_ops, p) = runs["mirror"], runs["private"]
+        runs[design] = (Counter(ops(since(vm, n))), vm.stats, vm)
+    (m_ops, m, m_vm), (p_ops, p, p_vm) = runs["mirror"], runs["private"]
     assert m_ops - p_ops == Counter({"free_external_spt": 4, "TDH.PHYMEM.PAGE.RECLAIM": 4})
     assert p_ops - m_ops == Counter()
     assert (m["sept_tables"], p["sept_tables"]) == (0, 4)
     assert m["remove_external_spte"] == p["remove_external_spte"] == 3
+    # check() after destroy audits the teardown: the unreclaimed S-EPT tables show.
+    m_vm.check()
+    with pytest.raises(InvariantError, match="teardown left 4 S-EPT/external table"):
+        p_vm.check()
 
 
 def test_designs_diverge_on_unflagged_zap_gfn_range() -> None:
@@ -889,6 +1043,8 @@ def test_designs_diverge_on_unflagged_zap_gfn_range() -> None:
     assert private.zap_gfn_range(0, 16) == 1
     assert since(private, n) == []  # no hook: the S-EPT still maps gfn 4
     assert private.spte(4, private=True) == SVE
+    with pytest.raises(InvariantError, match="mirror and S-EPT disagree"):
+        private.check()
     # The re-fault's AUG finds the S-EPT entry still mapped: the VM is bugged.
     with pytest.raises(VmBugged, match=r"TDH\.MEM\.PAGE\.AUG"):
         private.fault(4)
@@ -897,16 +1053,25 @@ def test_designs_diverge_on_unflagged_zap_gfn_range() -> None:
         private.fault(5)
 
 
-@pytest.mark.xfail(
-    reason="engine: check() compares the mirror tree with the S-EPT only under hooks='mirror'",
-    raises=pytest.fail.Exception,
-    strict=True,
-)
 def test_private_design_unflagged_zap_is_an_invariant_violation() -> None:
+    # check() compares the mirror tree with the S-EPT under every hook design: after an
+    # unflagged zap under "private" the TDX module still maps gfn 4, the mirror does not.
     vm = td(vcpus=2, hooks="private")
     vm.fault(4)
-    vm.zap_gfn_range(0, 16)
-    with pytest.raises(InvariantError):
+    vm.fault(5)
+    vm.check()
+    assert vm.zap_gfn_range(4, 1) == 1
+    with pytest.raises(
+        InvariantError,
+        match=r"mirror and S-EPT disagree: 1 vs 2 private leaves; only in S-EPT \[\(4,",
+    ):
+        vm.check()
+    assert not vm.bugged  # check() reports; it does not bug the VM
+    # A flagged removal walks the mirror tree, so it cannot remove what only the S-EPT maps:
+    # gfn 5 goes, gfn 4 stays stranded in the S-EPT.
+    vm.punch_hole(0, 16)
+    assert vm.stats["TDH.MEM.PAGE.REMOVE"] == 1
+    with pytest.raises(InvariantError, match=r"0 vs 1 private leaves; only in S-EPT \[\(4,"):
         vm.check()
 
 
@@ -989,10 +1154,11 @@ def test_option_two_hook_interface() -> None:
 
 
 def test_option_sept_free_sept_remove() -> None:
-    # The pre-upstream design would BLOCK(parent) -> TRACK -> SEPT.REMOVE -> WBINVD when a mirror
-    # table is freed with the HKID assigned. No public operation frees a mirror table of a live
-    # TD (leaf zaps keep tables, fast zap skips the mirror root), so only teardown frees them,
-    # after the HKID release: RECLAIM as upstream.
+    # No public operation frees a mirror table of a live TD (leaf zaps keep tables, fast zap
+    # skips the mirror root), so the tables leave at destroy. Upstream ("teardown") releases the
+    # HKID first and RECLAIMs each S-EPT table. The pre-upstream design ("sept_remove") tears the
+    # leaf-less mirror tree down while the HKID is still assigned: each table goes by
+    # BLOCK(parent) -> TRACK -> kick -> SEPT.REMOVE -> WBINVD + clear, and nothing is RECLAIMed.
     runs = {}
     for free in ("teardown", "sept_remove"):
         vm = td(vcpus=2, tdx={"sept_free": free})
@@ -1000,12 +1166,61 @@ def test_option_sept_free_sept_remove() -> None:
             vm.fault(g)
         vm.punch_hole(0, 1024)
         vm.delete_memslot(0)
+        vm.check()
+        n, s0 = mark(vm), vm.stats
         vm.destroy()
-        s = vm.stats
-        assert s["TDH.MEM.SEPT.REMOVE"] == 0
-        assert s["free_external_spt"] == s["TDH.PHYMEM.PAGE.RECLAIM"] == 4
-        runs[free] = vm.trace_events()
-    assert runs["teardown"] == runs["sept_remove"]
+        vm.check()  # the teardown audit: nothing left behind either way
+        runs[free] = (full(since(vm, n)), vm.stats - s0, vm.stats, vm.bugged)
+    # Children first, in index order: the two L1 tables, the L2, the L3.
+    tables = [(0, 1), (512, 1), (0, 2), (0, 3)]
+    ev, d, s, bugged = runs["teardown"]
+    assert ev == hkid_release(2) + [x for g, lvl in tables for x in reclaim_seq(g, lvl)]
+    assert (d["TDH.PHYMEM.PAGE.RECLAIM"], d["TDH.MEM.SEPT.REMOVE"], d["vcpu_kicks"]) == (4, 0, 0)
+    ev, d, s, bugged = runs["sept_remove"]
+    assert ev == [x for g, lvl in tables for x in sept_remove_seq(g, lvl, 2)] + hkid_release(2)
+    assert (d["TDH.MEM.RANGE.BLOCK"], d["TDH.MEM.TRACK"], d["vcpu_kicks"]) == (4, 4, 4)
+    assert (d["TDH.MEM.SEPT.REMOVE"], d["TDH.PHYMEM.PAGE.WBINVD"], d["page_clear"]) == (4, 4, 4)
+    assert (d["free_external_spt"], d["TDH.PHYMEM.PAGE.RECLAIM"]) == (4, 0)
+    assert (s["sept_tables"], s["tdp_mmu_pages"], s["external_spt_leaked"]) == (0, 0, 0)
+    assert s["roots_freed"] == 2 and not bugged
+    # Same work on the KVM side; only the per-table SEAMCALLs differ.
+    c = tdpmmu.CostModel()
+    per_table = (
+        c.tdh_mem_range_block_ns
+        + c.tdh_mem_track_ns
+        + c.kick_base_ns
+        + 2 * c.kick_per_vcpu_ns
+        + c.tdh_mem_sept_remove_ns
+        + c.tdh_phymem_page_wbinvd_ns
+        - c.tdh_phymem_page_reclaim_ns
+    )
+    assert d["modeled_ns"] - runs["teardown"][1]["modeled_ns"] == pytest.approx(4 * per_table)
+    other = ("modeled_ns", *SEAMCALLS, "vcpu_kicks")
+    assert {k: v for k, v in d.to_dict().items() if k not in other} == {
+        k: v for k, v in runs["teardown"][1].to_dict().items() if k not in other
+    }
+
+
+def test_option_sept_free_sept_remove_with_private_leaves_at_destroy() -> None:
+    # guest_memfd release removes the leaves first (HKID assigned either way); then the tables
+    # go by SEPT.REMOVE, then the HKID is released.
+    vm = td(vcpus=3, tdx={"sept_free": "sept_remove"})
+    vm.fault(0)
+    vm.fault(1)
+    n = mark(vm)
+    vm.destroy()
+    assert full(since(vm, n)) == [
+        *remove_seq(0, 3),
+        *remove_seq(1, 3),
+        *sept_remove_seq(0, 1, 3),
+        *sept_remove_seq(0, 2, 3),
+        *sept_remove_seq(0, 3, 3),
+        *hkid_release(3),
+    ]
+    s = vm.stats
+    assert (s["TDH.MEM.SEPT.REMOVE"], s["TDH.PHYMEM.PAGE.RECLAIM"], s["sept_tables"]) == (3, 0, 0)
+    assert s["page_clear"] == 2 + 3 and not vm.bugged
+    vm.check()
 
 
 def test_options_are_validated() -> None:
@@ -1039,11 +1254,21 @@ def test_sw_protected_mirror_basics() -> None:
     vm.fault(0x100)
     assert spte.is_shadow_present(int(vm.tables()[row(root(vm, False)["pfn"])][256]))
     vm.check()
-    # Conversion to shared: one remove hook, no SEAMCALL, no kick.
-    n = mark(vm)
+    # Conversion to shared: one remove hook, no SEAMCALL, no kick, no page clear; the request
+    # itself (exit + guest_memfd bookkeeping), the SPTE write and the flush are all it costs.
+    n, s0 = mark(vm), vm.stats
     assert vm.set_memory_attributes(4, 1, private=False) == 1
     assert ops(since(vm, n)) == ["remove_external_spte"]
     assert vm.stats["vcpu_kicks"] == 0
+    d = vm.stats - s0
+    assert (d["conversions"], d["page_clear"]) == (1, 0)
+    assert d["modeled_ns"] == pytest.approx(
+        c.psc_exit_ns
+        + c.gmem_convert_ns
+        + c.spte_update_ns
+        + c.tlb_flush_base_ns
+        + 2 * c.tlb_flush_per_vcpu_ns
+    )
     vm.check()
     n = mark(vm)
     vm.destroy()
@@ -1051,11 +1276,6 @@ def test_sw_protected_mirror_basics() -> None:
     assert seamcall_total(vm) == 0 and vm.stats["page_clear"] == 0
 
 
-@pytest.mark.xfail(
-    reason="engine: software free_external_spt charges page_clear_ns (tdx.rs free path)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_sw_protected_mirror_teardown_costs_nothing_modeled() -> None:
     vm = tdpmmu.VM("sw_protected", memory="1GiB", vcpus=2, mirror=True)
     vm.fault(4)
@@ -1067,3 +1287,4 @@ def test_sw_protected_mirror_teardown_costs_nothing_modeled() -> None:
     # 3 non-leaf entries. The software backend has no SEAMCALLs and clears no pages.
     expected = 4 * c.spte_update_ns + c.tlb_flush_base_ns + 2 * c.tlb_flush_per_vcpu_ns
     assert d["modeled_ns"] == pytest.approx(expected)
+    assert (d["free_external_spt"], d["remove_external_spte"], d["page_clear"]) == (3, 1, 0)

@@ -19,8 +19,10 @@ The rows:
     The same fault on a page whose host page already exists (the page was converted to shared
     and back, so the S-EPT tables exist and only AUG + ACCEPT remain).
 ``tdx_dynamic_removal``
-    One private 4 KiB page converted to shared while the TD runs: BLOCK, TRACK, kick all vCPUs,
-    REMOVE, WBINVD, page clear, the SPTE write and the remote TLB flush of the conversion.
+    One private 4 KiB page converted to shared while the TD runs: the conversion request the engine
+    charges per ``set_memory_attributes`` (the guest's MapGPA exit, ``psc_exit_ns``, and
+    guest_memfd's bookkeeping, ``gmem_convert_ns``), BLOCK, TRACK, kick all vCPUs, REMOVE, WBINVD,
+    page clear, the SPTE write and the remote TLB flush of the conversion.
 ``tdx_teardown_per_page``
     ``destroy()`` of a TD with ``TEARDOWN_PAGES`` private pages, divided by that page count. The
     engine tears down in upstream KVM's order (spec §5.5): guest_memfd release removes every
@@ -33,11 +35,14 @@ The rows:
     (S-EPT) page: the cost the model would charge per page in the TD_TEARDOWN state.
 ``snp_private_fault``
     An SNP guest's first touch of a private 4 KiB page: its page-state-change VMGEXIT
-    (``psc_exit_ns``, **added by this report**: the engine has no PSC exit), the NPF exit, fault
-    handling, host page allocation, RMPUPDATE (guest_memfd prepare) and the guest's PVALIDATE.
+    (``psc_exit_ns``, **added by this report**: the engine charges a conversion request only when
+    ``set_memory_attributes`` changes an attribute, and the page is private already), the NPF
+    exit, fault handling, host page allocation, RMPUPDATE (guest_memfd prepare) and the guest's
+    PVALIDATE.
 ``snp_private_fault_no_alloc``
-    The same on a page whose host page already exists (private -> shared -> punch hole ->
-    private, then the re-fault).
+    The same on a page whose host page already exists (private -> shared -> punch hole), measured
+    from the guest's request to make it private again: the engine charges that request
+    (``psc_exit_ns + gmem_convert_ns``), then the re-fault.
 """
 
 import dataclasses
@@ -249,42 +254,48 @@ class Report:
 
 # ----- attribution --------------------------------------------------------------------------------
 
-#: Counter -> the CostModel field charged once per count.
-_PER_COUNT: dict[str, str] = {
-    "pf_taken": "fault_handling_ns",
-    "host_pages_allocated": "host_page_alloc_ns",
-    "TDH.MEM.SEPT.ADD": "tdh_mem_sept_add_ns",
-    "TDH.MEM.PAGE.AUG": "tdh_mem_page_aug_ns",
-    "TDH.MEM.PAGE.ADD": "tdh_mem_page_add_ns",
-    "TDH.MR.EXTEND": "tdh_mr_extend_ns",
-    "TDG.MEM.PAGE.ACCEPT": "tdg_mem_page_accept_ns",
-    "TDH.MEM.RANGE.BLOCK": "tdh_mem_range_block_ns",
-    "TDH.MEM.TRACK": "tdh_mem_track_ns",
-    "TDH.MEM.PAGE.REMOVE": "tdh_mem_page_remove_ns",
-    "TDH.PHYMEM.PAGE.WBINVD": "tdh_phymem_page_wbinvd_ns",
-    "page_clear": "page_clear_ns",
-    "TDH.PHYMEM.PAGE.RECLAIM": "tdh_phymem_page_reclaim_ns",
-    "TDH.MEM.SEPT.REMOVE": "tdh_mem_sept_remove_ns",
-    "TDH.VP.FLUSH": "tdh_vp_flush_ns",
-    "TDH.MNG.VPFLUSHDONE": "tdh_mng_vpflushdone_ns",
-    "TDH.PHYMEM.CACHE.WB": "tdh_phymem_cache_wb_ns",
-    "TDH.MNG.KEY.FREEID": "tdh_mng_key_freeid_ns",
-    "rmpupdate": "rmpupdate_ns",
-    "psmash": "psmash_ns",
-    "pvalidate": "pvalidate_ns",
-}
+#: (counter, CostModel field charged once per count); a counter may charge several fields.
+_PER_COUNT: tuple[tuple[str, str], ...] = (
+    ("pf_taken", "fault_handling_ns"),
+    ("host_pages_allocated", "host_page_alloc_ns"),
+    ("TDH.MEM.SEPT.ADD", "tdh_mem_sept_add_ns"),
+    ("TDH.MEM.PAGE.AUG", "tdh_mem_page_aug_ns"),
+    ("TDH.MEM.PAGE.ADD", "tdh_mem_page_add_ns"),
+    ("TDH.MR.EXTEND", "tdh_mr_extend_ns"),
+    ("TDG.MEM.PAGE.ACCEPT", "tdg_mem_page_accept_ns"),
+    ("TDH.MEM.RANGE.BLOCK", "tdh_mem_range_block_ns"),
+    ("TDH.MEM.TRACK", "tdh_mem_track_ns"),
+    ("TDH.MEM.PAGE.REMOVE", "tdh_mem_page_remove_ns"),
+    ("TDH.PHYMEM.PAGE.WBINVD", "tdh_phymem_page_wbinvd_ns"),
+    ("page_clear", "page_clear_ns"),
+    ("TDH.PHYMEM.PAGE.RECLAIM", "tdh_phymem_page_reclaim_ns"),
+    ("TDH.MEM.SEPT.REMOVE", "tdh_mem_sept_remove_ns"),
+    ("TDH.VP.FLUSH", "tdh_vp_flush_ns"),
+    ("TDH.MNG.VPFLUSHDONE", "tdh_mng_vpflushdone_ns"),
+    ("TDH.PHYMEM.CACHE.WB", "tdh_phymem_cache_wb_ns"),
+    ("TDH.MNG.KEY.FREEID", "tdh_mng_key_freeid_ns"),
+    ("rmpupdate", "rmpupdate_ns"),
+    ("psmash", "psmash_ns"),
+    ("pvalidate", "pvalidate_ns"),
+    # One set_memory_attributes that changed something: the guest's exit and guest_memfd's work.
+    ("conversions", "psc_exit_ns"),
+    ("conversions", "gmem_convert_ns"),
+    ("gmem_splits", "gmem_split_2m_ns"),
+)
 
 
 def attribute(delta: Stats, costs: CostModel, vm_type: str, vcpus: int) -> list[Component]:
-    """Split a stats delta of guest faults and exclusive zaps (4K backing, no pre-faults) into
-    CostModel terms. Exits: one per guest fault (TDX retries locally without one); SPTE writes:
-    one per leaf or table a zap removed; kicks and flushes: a base plus a per-vCPU part."""
+    """Split a stats delta of guest faults, exclusive zaps and conversion requests (4K backing, no
+    pre-faults) into CostModel terms. Exits: one per guest fault (TDX retries locally without
+    one); SPTE writes: one per leaf or table a zap removed; kicks and flushes: a base plus a
+    per-vCPU part; conversion requests: ``psc_exit_ns + gmem_convert_ns`` each, plus
+    ``gmem_split_2m_ns`` per partly converted 2M folio."""
     d = delta
     out: list[Component] = []
     exits = d["pf_taken"] - d["tdx_local_retries"]
     exit_field = "td_exit_entry_ns" if vm_type == "tdx" else "exit_entry_ns"
     out.append(Component(exit_field, exits, getattr(costs, exit_field)))
-    for counter, fld in _PER_COUNT.items():
+    for counter, fld in _PER_COUNT:
         out.append(Component(fld, d[counter], getattr(costs, fld)))
     kicks = d["vcpu_kicks"]
     out.append(Component("kick_base_ns", kicks, costs.kick_base_ns))
@@ -371,6 +382,7 @@ def tdx_dynamic_removal(costs: CostModel, vcpus: int) -> Row:
     vm.fault(0)
     before = vm.stats
     vm.set_memory_attributes(0, 1, private=False)
+    assert (vm.stats - before)["conversions"] == 1
     comps, engine_ns = _measure(vm, before, "tdx_dynamic_removal")
     cfg, published = _nearest(_REMOVAL, _REMOVAL_SOURCE, vcpus)
     return Row(
@@ -379,9 +391,11 @@ def tdx_dynamic_removal(costs: CostModel, vcpus: int) -> Row:
         comps,
         engine_ns,
         published,
-        f"KVM_SET_MEMORY_ATTRIBUTES(shared) of one page of a running TD; published figure for "
-        f"the nearest published configuration ({cfg} vCPUs); kick cost = kick_base_ns + "
-        f"kick_per_vcpu_ns x vCPUs; the TD's size is not modeled",
+        f"KVM_SET_MEMORY_ATTRIBUTES(shared) of one page of a running TD, including the "
+        f"conversion request (MapGPA exit + guest_memfd bookkeeping) that the published "
+        f"teardown-time removal does not have; published figure for the nearest published "
+        f"configuration ({cfg} vCPUs); kick cost = kick_base_ns + kick_per_vcpu_ns x vCPUs; the "
+        f"TD's size is not modeled",
     )
 
 
@@ -442,9 +456,10 @@ def snp_private_fault(costs: CostModel, vcpus: int) -> Row:
         (_snp_psc(costs), *comps),
         engine_ns,
         _SNP,
-        "the guest's PSC VMGEXIT is added by the report (psc_exit_ns; the engine models no PSC "
-        "exit), then NPF exit, fault handling, host page allocation (the published figure "
-        "includes gmem allocation), RMPUPDATE by guest_memfd prepare, the guest's PVALIDATE",
+        "the guest's PSC VMGEXIT is added by the report (psc_exit_ns; the page is private "
+        "already, so set_memory_attributes changes nothing and the engine charges no request), "
+        "then NPF exit, fault handling, host page allocation (the published figure includes gmem "
+        "allocation), RMPUPDATE by guest_memfd prepare, the guest's PVALIDATE",
     )
 
 
@@ -453,18 +468,20 @@ def snp_private_fault_no_alloc(costs: CostModel, vcpus: int) -> Row:
     vm.fault(7)
     vm.set_memory_attributes(7, 1, private=False)
     vm.punch_hole(7, 1)
-    vm.set_memory_attributes(7, 1, private=True)
     before = vm.stats
+    vm.set_memory_attributes(7, 1, private=True)  # the guest's PSC: charged by the engine
     vm.fault(7)
+    assert (vm.stats - before)["conversions"] == 1
     comps, engine_ns = _measure(vm, before, "snp_private_fault_no_alloc")
     return Row(
         "snp_private_fault_no_alloc",
         "SNP private 4K fault, host page already allocated",
-        (_snp_psc(costs), *comps),
+        comps,
         engine_ns,
         _SNP,
-        "private->shared->punch hole->private round trip, then the re-fault: PSC (added), "
-        "exit, fault handling, RMPUPDATE, PVALIDATE",
+        "private->shared->punch hole round trip, then the guest's request to make the page "
+        "private again (PSC exit + guest_memfd bookkeeping, charged by the engine) and the "
+        "re-fault: exit, fault handling, RMPUPDATE, PVALIDATE",
     )
 
 
