@@ -35,6 +35,8 @@ class BenchSizes:
     rounds: int
     #: rounds of the single vm.fault() on fresh gfns (one gfn per round).
     fresh_rounds: int
+    #: pages converted per conversion round (TDX/SNP private<->shared, test_cvm_bench.py).
+    convert: int
 
     @property
     def memory(self) -> int:
@@ -56,6 +58,7 @@ def _sizes(config: pytest.Config) -> BenchSizes:
             zap=1 << 16,
             rounds=3,
             fresh_rounds=1 << 10,
+            convert=1 << 12,
         )
     return BenchSizes(
         small=False,
@@ -64,7 +67,13 @@ def _sizes(config: pytest.Config) -> BenchSizes:
         zap=1 << 20,
         rounds=10,
         fresh_rounds=1 << 14,
+        convert=1 << 18,
     )
+
+
+#: Pages per conversion request in the conversion benches (test_cvm_bench.py): 16 is the compare
+#: CLI's default chunk (private_mem_conversions_test's shape), 512 one 2M range.
+CONVERT_CHUNKS = (16, 512)
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +158,53 @@ def _value_row(
     return (label, f"{v:,.3f} {unit}", target, verdict)
 
 
+def _rate_row(res: Results, label: str, key: str) -> Row:
+    """pages/s from a per-page ns figure (no issue target for conversion throughput)."""
+    m = res.measured.get(key)
+    if m is None:
+        return (label, f"n/a ({res.skipped.get(key, 'not run')})", "", "")
+    return (label, f"{1e3 / m.value_ns:,.3f} Mpages/s ({m.value_ns:,.1f} ns/page)", "no target", "")
+
+
+def _cvm_rows(res: Results, s: BenchSizes) -> list[Row]:
+    """TDX/SNP private first touch against the default VM on the same gfns (the issue's target:
+    <= 3x), and private<->shared conversion throughput (test_cvm_bench.py)."""
+    rows: list[Row] = []
+    for pattern in ("seq", "random"):
+        for vm_type in ("tdx", "snp"):
+            name = vm_type.upper()
+            key = f"{vm_type}_{pattern}"
+            rows.append(
+                _value_row(
+                    res, f"{name} private {pattern:<6} ns/fault ({_log2(s.batch)})", key, 1, "ns"
+                )
+            )
+    for pattern in ("seq", "random"):
+        for vm_type in ("tdx", "snp"):
+            rows.append(
+                _ratio_row(
+                    res,
+                    f"{vm_type.upper()} private/default {pattern} (same gfns)",
+                    f"{vm_type}_{pattern}",
+                    f"engine_{pattern}",
+                    "<= 3x",
+                    lambda r: r <= 3,
+                )
+            )
+    arrows = {"to_shared": "private->shared", "to_private": "shared->private"}
+    for vm_type in ("tdx", "snp"):
+        for direction, arrow in arrows.items():
+            for chunk in CONVERT_CHUNKS:
+                rows.append(
+                    _rate_row(
+                        res,
+                        f"{vm_type.upper()} {arrow} ({chunk}-page requests)",
+                        f"convert_{vm_type}_{direction}_{chunk}",
+                    )
+                )
+    return rows
+
+
 def format_table(res: Results) -> list[str]:
     s = res.sizes
     if s is None or (not res.measured and not res.skipped):
@@ -226,6 +282,7 @@ def format_table(res: Results) -> list[str]:
                 "",
             )
         )
+    rows += _cvm_rows(res, s)
     heads = ("metric", "measured", "target", "met")
     widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(4)]
 
@@ -238,6 +295,8 @@ def format_table(res: Results) -> list[str]:
         f"{platform.python_version()}, sizes: {mode}",
         "batch: min over rounds of (round time / faults); single vm.fault(): median per call;",
         "floor: its own loop timer (native_floor); targets are printed, never asserted.",
+        f"TDX/SNP: runnable 4 GiB guests, private 4K; conversions: {_log2(s.convert)} pages "
+        "per round, one way.",
         *(
             ["small mode: one cold call per bench when disabled; figures are indicative only."]
             if s.small
