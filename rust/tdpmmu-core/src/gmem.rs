@@ -96,6 +96,14 @@ impl Vm {
                 self.flush_remote_tlbs(ctx);
             }
             self.gmem_invalidate(st, ctx, gfn, end);
+            for slot in st
+                .memslots
+                .slots
+                .iter()
+                .filter(|s| s.gfn < end && gfn < s.end())
+            {
+                slot.untouch_gmem(gfn, end);
+            }
             Ok(out.zapped)
         })
     }

@@ -90,6 +90,17 @@ impl Memslot {
         }
     }
 
+    /// guest_memfd freed the pages of [gfn, end) (punch hole): the next touch allocates again.
+    pub fn untouch_gmem(&self, gfn: u64, end: u64) {
+        let Some(t) = &self.gmem_touched else { return };
+        let shift = 9 * (self.level as u32 - 1);
+        let first = (gfn.max(self.gfn) - self.gfn).div_ceil(1 << shift);
+        let last = (end.min(self.end()) - self.gfn) >> shift; // exclusive, whole pages only
+        for page in first..last {
+            t[(page / 64) as usize].fetch_and(!(1u64 << (page % 64)), Ordering::Relaxed);
+        }
+    }
+
     #[inline(always)]
     fn touch_in(bits: &[AtomicU64], page: u64) -> bool {
         let bit = 1u64 << (page % 64);

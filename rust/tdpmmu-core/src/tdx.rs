@@ -106,6 +106,8 @@ pub struct TdxOptions {
     pub busy: [f64; 5],
     /// Local retries of a private fault before giving up (KVM loops until an event is pending).
     pub max_local_retries: u32,
+    /// Any option was set explicitly (they only apply to VMs with a TD-shaped mirror).
+    pub given: bool,
 }
 
 impl Default for TdxOptions {
@@ -118,12 +120,14 @@ impl Default for TdxOptions {
             measure: false,
             busy: [0.0; 5],
             max_local_retries: 1000,
+            given: false,
         }
     }
 }
 
 impl TdxOptions {
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        self.given = true;
         let bad =
             |allowed: &str| bad_arg(key, format!("{value:?} is not allowed; allowed: {allowed}"));
         match key {

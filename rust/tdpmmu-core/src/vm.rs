@@ -362,7 +362,7 @@ impl Vm {
                 ));
             }
         };
-        if cfg.tdx != TdxOptions::default() && vm_type != VmType::Tdx && !sw_mirror {
+        if cfg.tdx.given && vm_type != VmType::Tdx && !sw_mirror {
             return Err(bad_arg(
                 "tdx",
                 format!(
