@@ -165,6 +165,20 @@ impl<'a> TdpIter<'a> {
         self.valid = false;
     }
 
+    /// `tdp_iter_next` for a walk over a single gfn (the fault path): after the current entry
+    /// only a step down can stay inside [gfn, gfn + 1) — a side step or a step up leaves the
+    /// range — so when the re-read entry cannot be entered the walk is over.
+    #[inline(always)]
+    pub fn next_single(&mut self) {
+        if self.yielded {
+            self.restart();
+            return;
+        }
+        if !self.try_step_down() {
+            self.valid = false;
+        }
+    }
+
     /// `tdp_mmu_iter_cond_resched` minus the lock dance: returns true (and arranges a restart
     /// from the root) only if the walk made progress since it last (re)started.
     pub fn try_yield(&mut self) -> bool {

@@ -1124,7 +1124,7 @@ impl Vm {
             }
             let s = it.old_spte;
             if is_shadow_present(s) && !is_large(s) {
-                it.next();
+                it.next_single();
                 continue;
             }
             let flags = (if mirror { SP_MIRROR } else { 0 })
@@ -1148,7 +1148,7 @@ impl Vm {
                 self.arena.free_now(child);
                 return Ok(Ret::Retry);
             }
-            it.next();
+            it.next_single();
         }
         if !at_goal {
             return Ok(Ret::Retry);
