@@ -11,6 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ ReferenceVM = ref.ReferenceVM
 Ret = ref.Ret
 SVE = ref.SHADOW_NONPRESENT_VALUE
 FROZEN = ref.FROZEN_SPTE
-TABLE_BASE_PFN = ref.TABLE_BASE_PFN
+TABLE_BASE_PFN: int = ref.TABLE_BASE_PFN
 DATA_BASE_PFN = ref.DATA_BASE_PFN
 GiB = 1 << 18  # in 4 KiB pages
 MiB2 = 512
@@ -51,7 +52,8 @@ def nonleaf(table_index: int) -> int:
 
 
 def flushes(vm: object) -> int:
-    return int(vm.stats["remote_tlb_flush"])  # type: ignore[attr-defined]
+    stats: dict[str, int] = vm.stats  # type: ignore[attr-defined]
+    return int(stats["remote_tlb_flush"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -595,10 +597,345 @@ def test_check_detects_corruption() -> None:
         vm.check()
 
 
-def test_only_the_default_vm_is_modeled() -> None:
+def test_vm_types_hook_designs_and_options() -> None:
     with pytest.raises(ValueError):
-        ReferenceVM(vm_type="tdx")
+        ReferenceVM(vm_type="nope")
     with pytest.raises(ValueError):
         ReferenceVM(memory="3MiB", backing="2M")
+    for vm_type, hooks in [("tdx", "gmem"), ("snp", "mirror"), ("sw_protected", "mirror")]:
+        with pytest.raises(ValueError):
+            ReferenceVM(vm_type=vm_type, hooks=hooks)
+    with pytest.raises(ValueError):
+        ReferenceVM(vm_type="snp", tdx={"track": "batched"})  # TDX options on a non-TD
+    with pytest.raises(ValueError):
+        ReferenceVM(vm_type="tdx", tdx={"TDH.MEM.PAGE.AUG": 0.5})  # busy is not modeled
+    with pytest.raises(ValueError):
+        ReferenceVM(vm_type="tdx", tdx={"version": "6.1"})
+    with pytest.raises(ValueError):
+        ReferenceVM(vm_type="snp", folio="1G")
+    assert ReferenceVM(vm_type="tdx").hooks_name == "mirror"
+    assert ReferenceVM(vm_type="snp").hooks_name == "gmem"
+    assert ReferenceVM(vm_type="sw_protected", mirror=True).hooks_name == "mirror"
+    assert ReferenceVM(vm_type="tdx", levels=5).shared_bit == 1 << 39
     assert ref.tdp_root_role(4) & ref.ROLE_IS_MIRROR == 0
     assert ref.tdp_root_role(4, is_mirror=True) & ref.ROLE_IS_MIRROR
+
+
+# ------------------------------------------------------------------------------------------
+# Confidential VMs: memory attributes, MEMORY_FAULT, guest_memfd
+# ------------------------------------------------------------------------------------------
+
+
+def test_private_ranges_set_split_merge_uniform() -> None:
+    p = ref.PrivateRanges()
+    p.set(0, 100, True)
+    p.set(10, 20, False)
+    assert p.ranges() == [(0, 10), (20, 100)]
+    assert p.uniform(0, 10) is True and p.uniform(5, 15) is None and p.uniform(10, 20) is False
+    assert p.uniform(100, 200) is False and not p.is_private(100) and p.is_private(99)
+    p.set(10, 20, True)
+    p.set(100, 110, True)
+    assert p.ranges() == [(0, 110)]
+
+
+def test_08_mismatch_and_private_without_gmem_are_memory_faults() -> None:
+    vm = ReferenceVM(vm_type="sw_protected", memory="64MiB")
+    r = vm.fault(5, private=False)  # slot 0 starts all-private
+    assert r.ret == Ret.MEMORY_FAULT and vm.stats["pf_memory_fault"] == 1
+    assert vm.tables()[0] == [SVE] * 512  # only the root: nothing mapped
+    slot = vm.add_memslot(1 << 20, 512, gmem=False)
+    vm.set_memory_attributes(1 << 20, 512, True)
+    assert vm.fault((1 << 20) + 1, private=True).ret == Ret.MEMORY_FAULT
+    assert vm.fault(5).ret == Ret.FIXED  # private=None follows the attribute
+    assert ref.spte_to_pfn(vm.spte(5)) == vm._memslots[0].gmem_pfn + 5  # from guest_memfd
+    vm.delete_memslot(slot)
+    vm.check()
+
+
+def test_21_mixed_attribute_ranges_are_not_mapped_huge() -> None:
+    vm = ReferenceVM(vm_type="sw_protected", memory="64MiB", backing="2M", folio="2M")
+    assert vm.fault(5).level == 2
+    vm.set_memory_attributes(MiB2 + 7, 1, False)
+    assert vm.fault(MiB2 + 8).level == 1
+    assert vm.fault(MiB2 + 7).level == 1 and not vm.fault(MiB2 + 7).private
+    vm.check()
+
+
+def test_conversion_charges_and_2m_folio_splits() -> None:
+    vm = ReferenceVM(vm_type="snp", memory="64MiB", folio="2M")
+    costs = ref.DEFAULT_COSTS
+    before = vm.stats["modeled_ns"]
+    assert vm.set_memory_attributes(0, 512, True) == 0  # no change: nothing charged
+    assert vm.stats["conversions"] == 0
+    vm.set_memory_attributes(10, 20, False)  # both edges inside one 2M folio: one split
+    assert vm.stats["conversions"] == 1 and vm.stats["gmem_splits"] == 1
+    vm.set_memory_attributes(500, 600, False)  # two folios cut
+    assert vm.stats["gmem_splits"] == 3
+    want = 2 * (costs["psc_exit_ns"] + costs["gmem_convert_ns"]) + 3 * costs["gmem_split_2m_ns"]
+    assert vm.stats["modeled_ns"] - before == pytest.approx(want)
+
+
+def test_punch_hole_frees_guest_memfd_pages() -> None:
+    vm = ReferenceVM(vm_type="sw_protected", memory="64MiB")
+    vm.fault(3)
+    assert vm.stats["host_pages_allocated"] == 1
+    assert vm.punch_hole(0, 8) == 1
+    vm.fault(3)
+    assert vm.stats["host_pages_allocated"] == 2  # allocated again
+    with pytest.raises(ValueError):
+        ReferenceVM().punch_hole(0, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# TDX: hooks, SEAMCALLs, the S-EPT, roots (§10.4-§10.17, §10.22, §10.23)
+# ------------------------------------------------------------------------------------------
+
+
+def running_td(**kwargs: Any) -> Any:
+    vm = ReferenceVM(vm_type="tdx", memory="64MiB", **kwargs)
+    vm.finalize()
+    return vm
+
+
+def test_04_empty_tree_private_fault_links_then_sets() -> None:
+    for levels, links in ((4, 3), (5, 4)):
+        vm = running_td(levels=levels)
+        r = vm.fault(0x1234, private=True)
+        assert r.ret == Ret.FIXED and r.level == 1 and r.private
+        s = vm.stats
+        assert (s["link_external_spt"], s["set_external_spte"]) == (links, 1)
+        assert (s["TDH.MEM.SEPT.ADD"], s["TDH.MEM.PAGE.AUG"], s["sept_tables"]) == (links, 1, links)
+        assert s["TDG.MEM.PAGE.ACCEPT"] == 1  # the guest accepted the PENDING page
+        sept = vm.sept_entries()
+        assert [e[2] for e in sept] == ["TABLE"] * links + ["MAPPED"]
+        assert sept[-1][0] == 0x1234
+    vm = running_td()
+    vm.fault(0x1234, private=True)
+    vm.fault(0x1235, private=True)
+    vm.fault(0x1234 + MiB2, private=True)
+    s = vm.stats
+    assert (s["link_external_spt"], s["set_external_spte"]) == (4, 3)
+
+
+def test_05_17_shared_fault_uses_the_aliased_direct_root_without_hooks() -> None:
+    vm = running_td()
+    vm.set_memory_attributes(0x40, 1, False)
+    r = vm.fault(0x40)
+    assert r.ret == Ret.FIXED and not r.private
+    assert vm.stats["link_external_spt"] == 0
+    direct = vm._current_root(mirror=False)
+    assert all(e == SVE for e in direct.spt[:256]) and direct.spt[256] != SVE  # index of g|2^35
+    child = vm._spte_to_child_sp(direct.spt[256])
+    assert child.gfn == 0  # sp->gfn stays un-aliased
+    assert vm.walk(0x40, private=True)[-1][1] == SVE
+    it = ref._TdpIter(vm, direct, 1, 1 << 35, (1 << 35) + 1, gfn_bits=1 << 35)
+    assert not list(it)  # a walk from an already-aliased gfn yields nothing
+
+
+def test_09_private_leaf_zap_sequence() -> None:
+    vm = running_td(vcpus=2)
+    vm.fault(7, private=True)
+    before = dict(vm.stats)
+    assert vm.set_memory_attributes(7, 1, False) == 1
+    s = vm.stats
+    for key in (
+        "remove_external_spte",
+        "TDH.MEM.RANGE.BLOCK",
+        "TDH.MEM.TRACK",
+        "vcpu_kicks",
+        "TDH.MEM.PAGE.REMOVE",
+        "TDH.PHYMEM.PAGE.WBINVD",
+        "page_clear",
+    ):
+        assert s[key] - before[key] == 1, key
+    assert s["free_external_spt"] == 0 and s["sept_tables"] == 3  # tables stay
+    assert vm.walk(7, private=True)[-1] == (1, SVE)
+    vm.check()
+
+
+def test_batched_tracking_and_two_hook_counting() -> None:
+    vm = running_td(tdx={"track": "batched", "interface": "two_hook"})
+    for gfn in range(4):
+        vm.fault(gfn, private=True)
+    s0 = dict(vm.stats)
+    assert (s0["link_external_spt"], s0["set_external_spte"]) == (0, 3 + 4)
+    vm.punch_hole(0, 4)
+    s = vm.stats
+    assert s["TDH.MEM.RANGE.BLOCK"] == 4 and s["TDH.MEM.TRACK"] == 1 and s["vcpu_kicks"] == 1
+    assert s["TDH.MEM.PAGE.REMOVE"] == 4 and s["remove_external_spte"] == 0
+    assert s["set_external_spte"] - s0["set_external_spte"] == 4
+    vm.check()
+
+
+def test_11_12_kvm_bug_rules_mark_the_vm_bugged() -> None:
+    vm = running_td()
+    vm.fault(1, private=True)
+    mirror = vm._current_root(mirror=True)
+    vm._begin_operation()
+    vm._tdp_mmu_zap_root(mirror, shared=True)
+    with pytest.raises(ref.VmBugged, match="mirror"):
+        vm._end_of_operation()
+    assert vm.bugged
+    with pytest.raises(ref.VmBugged):
+        vm.fault(2, private=True)
+    with pytest.raises(ref.VmBugged):
+        vm.check()
+
+    vm = running_td()
+    vm.fault(1, private=True)
+    mirror = vm._current_root(mirror=True)
+    vm._begin_operation()
+    vm._tdp_mmu_zap_root(mirror, shared=False)
+    with pytest.raises(ref.VmBugged, match="HKID"):
+        vm._end_of_operation()
+    s = vm.stats
+    assert s["external_spt_leaked"] == 3 and s["TDH.MEM.SEPT.REMOVE"] == 0
+
+
+def test_14_15_16_filters_fast_zap_and_root_refcounts() -> None:
+    vm = running_td(vcpus=2)
+    vm.set_memory_attributes(MiB2, MiB2, False)
+    vm.fault(1, private=True, vcpu=0)
+    vm.fault(MiB2 + 1, vcpu=1)
+    roots = vm.roots()
+    assert [(r["mirror"], r["refcount"]) for r in roots] == [(False, 3), (True, 3)]
+    assert vm.mmu_notifier_invalidate(0, 2 * MiB2) == 1
+    assert vm.walk(1, private=True)[-1][1] != SVE
+    vm.zap_all_fast()
+    roots = vm.roots()
+    assert [(r["mirror"], r["refcount"]) for r in roots] == [(True, 3)]
+    assert vm.walk(1, private=True)[-1][1] != SVE
+    assert vm.punch_hole(0, MiB2) == 1
+    vm.check()
+
+
+def test_22_initial_image_and_v6_16_premapping() -> None:
+    vm = ReferenceVM(vm_type="tdx", memory="64MiB", tdx={"measure": True})
+    with pytest.raises(ValueError):
+        vm.fault(0, private=True)  # no vCPU runs before finalize
+    with pytest.raises(ValueError):
+        vm.populate(0, 1, private=False)  # only the private image before finalize
+    assert vm.populate(0, 2, private=True) == 2
+    s = vm.stats
+    assert s["TDH.MEM.PAGE.ADD"] == 2 and s["TDH.MR.EXTEND"] == 32 and s["pf_taken"] == 0
+    assert [e[2] for e in vm.sept_entries()][-2:] == ["MAPPED", "MAPPED"]
+    vm.finalize()
+    with pytest.raises(ValueError):
+        vm.finalize()
+    vm.populate(8, 1)  # after finalize: PAGE.AUG, PENDING until the guest touches it
+    assert vm.sept_entries()[-1][2] == "PENDING"
+    assert vm.fault(8).ret == Ret.SPURIOUS and vm.sept_entries()[-1][2] == "MAPPED"
+
+    vm = ReferenceVM(vm_type="tdx", memory="64MiB", tdx={"version": "6.16"})
+    vm.populate(0, 1, private=True)
+    assert vm.stats["TDH.MEM.PAGE.ADD"] == 1 and vm._tdx.nr_premapped == 0
+    assert vm._external is not None
+    vm._external.set_external_spte(5, 1, ref.make_leaf_spte(0x99, 1))  # premapped only
+    with pytest.raises(ValueError, match="premapped"):
+        vm.finalize()
+
+
+def test_23_teardown_reclaims_each_sept_table_once() -> None:
+    vm = running_td(vcpus=2)
+    vm.fault(1, private=True)
+    vm.fault(MiB2 + 1, private=True)  # one more 4K table
+    vm.destroy()
+    s = vm.stats
+    assert s["free_external_spt"] == s["TDH.PHYMEM.PAGE.RECLAIM"] == 4
+    assert s["TDH.MEM.PAGE.REMOVE"] == 2 and s["sept_tables"] == 0
+    assert s["TDH.VP.FLUSH"] == 2 and s["TDH.MNG.KEY.FREEID"] == 1
+    vm.check()  # the teardown audit passes
+    with pytest.raises(ValueError, match="vm"):
+        vm.fault(1, private=True)
+
+    vm = running_td(tdx={"sept_free": "sept_remove"})
+    vm.fault(1, private=True)
+    vm.destroy()
+    s = vm.stats
+    assert s["TDH.MEM.SEPT.REMOVE"] == 3 and s["TDH.PHYMEM.PAGE.RECLAIM"] == 0
+    vm.check()
+
+
+def test_private_design_breaks_the_mirror_s_ept_agreement() -> None:
+    vm = running_td(hooks="private")
+    vm.fault(1, private=True)
+    vm.zap_gfn_range(0, 8)  # no PRIVATE filter: no hook
+    with pytest.raises(ref.InvariantError):
+        vm.check()
+    with pytest.raises(ref.VmBugged, match=r"PAGE\.AUG"):
+        vm.fault(1, private=True)
+
+
+def test_sw_protected_mirror_counts_hooks_but_no_seamcalls() -> None:
+    vm = ReferenceVM(vm_type="sw_protected", mirror=True, memory="64MiB")
+    vm.fault(1)
+    vm.punch_hole(0, 2)
+    s = vm.stats
+    assert s["link_external_spt"] == 3 and s["remove_external_spte"] == 1
+    assert all(s[leaf] == 0 for leaf in ref.SEAMCALL_LEAVES) and s["vcpu_kicks"] == 0
+    vm.destroy()
+    assert vm.stats["free_external_spt"] == 3
+    vm.check()
+
+
+# ------------------------------------------------------------------------------------------
+# SEV-SNP: the RMP (§10.24), PVALIDATE, rmp_fault
+# ------------------------------------------------------------------------------------------
+
+
+def rmp(vm: Any, gfn: int) -> tuple[bool, bool, str, int]:
+    e = vm.rmp_entry(gfn)
+    return (e["assigned"], e["validated"], e["size"], e["gpa"] >> 12)
+
+
+def test_24_first_private_fault_prepares_and_the_guest_validates() -> None:
+    vm = ReferenceVM(vm_type="snp", memory="64MiB")
+    vm.fault(5)
+    assert vm.stats["rmpupdate"] == 1 and vm.stats["gmem_prepare"] == 1
+    assert rmp(vm, 5) == (True, True, "4K", 5) and vm.stats["pvalidate"] == 1
+    vm.zap_gfn_range(0, 16)  # NPT zaps never touch the RMP
+    vm.mmu_notifier_invalidate(0, 16)
+    assert rmp(vm, 5) == (True, True, "4K", 5)
+    vm.fault(5)  # already assigned and validated
+    assert vm.stats["rmpupdate"] == 1 and vm.stats["pvalidate"] == 1
+    assert vm.pvalidate(5) == {"NO_UPDATE": 1} and vm.stats["pvalidate_errors"] == 1
+    assert vm.pvalidate(5, validate=False) == {"SUCCESS": 1}
+    with pytest.raises(ValueError):
+        vm.pvalidate(6)  # not assigned
+    vm.punch_hole(0, 16)
+    assert rmp(vm, 5) == (False, False, "4K", 0)
+    vm.check()
+
+
+def test_24_2m_folio_entries_psmash_and_rmp_fault() -> None:
+    vm = ReferenceVM(vm_type="snp", memory="64MiB", backing="2M", folio="2M")
+    r = vm.fault(MiB2 + 3)
+    assert r.level == 2 and rmp(vm, MiB2 + 3) == (True, True, "2M", MiB2 + 3)
+    assert vm.stats["rmpupdate"] == 1
+    vm.rmp_fault(MiB2 + 3)  # PSMASH and zap the 2M range
+    assert vm.stats["psmash"] == 1 and rmp(vm, MiB2 + 3)[2] == "4K"
+    assert vm.walk(MiB2 + 3)[-1][1] == SVE
+    assert vm.fault(MiB2 + 3).level == 1  # the RMP entry is 4K now
+    vm.fault(2 * MiB2)
+    vm.punch_hole(2 * MiB2 + 10, 5)  # only part of a 2M entry: PSMASH first
+    assert vm.stats["psmash"] == 2
+    assert rmp(vm, 2 * MiB2 + 10)[0] is False and rmp(vm, 2 * MiB2 + 9)[0] is True
+    vm.punch_hole(MiB2, MiB2)
+    vm.destroy()
+    vm.check()  # teardown audit: the RMP is all shared
+
+
+def test_snp_private_design_follows_the_npt() -> None:
+    vm = ReferenceVM(vm_type="snp", memory="64MiB", hooks="private")
+    vm.fault(5)
+    assert vm.stats["set_external_spte"] == 1 and rmp(vm, 5)[0]
+    vm.punch_hole(0, 8)
+    assert vm.stats["remove_external_spte"] == 1 and not rmp(vm, 5)[0]
+    vm.fault(6)
+    vm.mmu_notifier_invalidate(6, 1)  # no PRIVATE filter: the RMP stays assigned
+    assert rmp(vm, 6)[0]
+    with pytest.raises(ref.VmBugged):
+        vm.populate(6, 1)  # RMPUPDATE to private fails: KVM_BUG_ON
+    assert vm.populate_stopped_on_bug  # KVM's pre-fault loop stops on a dead VM
+    with pytest.raises(ref.VmBugged):
+        vm.check()
