@@ -1685,6 +1685,9 @@ class ReferenceVM:
                 self._tdx_gmem_post_populate(cur, r)
             if self._bug is not None:
                 break
+            # Continue after the page just mapped.  (A MEMORY_FAULT, e.g. a private page of
+            # a memslot without guest_memfd, skips by the level of the entry its lookup
+            # ended at, as the engine does; KVM_PRE_FAULT_MEMORY would fail with -EFAULT.)
             cur = _round_down(cur, r.level) + pages_per_hpage(r.level)
         self._end_of_operation()
         return installed
