@@ -643,11 +643,7 @@ class ConfidentialMatchesReference(RuleBasedStateMachine):
         note(f"vm.{call}")
         r = _outcome(lambda: self.r.populate(gfn, npages, private))
         if self.r.populate_stopped_on_bug:
-            # Engine bug: its pre-fault loop retries RETRY forever even when a KVM_BUG_ON
-            # made the fault fail (KVM stops: the VM is dead). Do not drive it into the loop.
-            event("engine would loop forever: populate RETRY after KVM_BUG_ON")
-            self.over = True
-            return
+            event("populate stopped by a KVM_BUG_ON")
         n = _outcome(lambda: self.native.populate(gfn, npages, private))
         assert n == r, f"{call}: engine {n} != reference {r}"
         event(f"populate -> {r[0]}")
@@ -668,10 +664,6 @@ class ConfidentialMatchesReference(RuleBasedStateMachine):
         step = PAGES[backing]
         units = data.draw(st.integers(1, 1024) if step == 1 else st.integers(1, 3), label="units")
         npages = step * units
-        if gmem and self.cfg.get("folio") == "2M" and self.cfg["vm_type"] == "snp":
-            # Engine bug (reported): a 2M-folio SNP guest_memfd slot whose size is not a
-            # multiple of 2M panics in sev_gmem_prepare (RMP index out of bounds).
-            npages = -(-npages // 512) * 512
         slots = self.r.memslots()
         ends = [s[1] + s[2] for s in slots]
         if data.draw(st.booleans(), label="after") and ends:

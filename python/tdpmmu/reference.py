@@ -1659,9 +1659,16 @@ class ReferenceVM:
                     f"private: the range's memory attributes are not all "
                     f"{'private' if want else 'shared'}"
                 )
-            first = self._gfn_to_memslot(gfn)
-            if want and first is not None and not first.gmem:
-                raise ConfigError("private: private memory needs a guest_memfd memslot")
+            cur = gfn
+            while want and cur < end:
+                slot = self._gfn_to_memslot(cur)
+                assert slot is not None  # covered: checked above
+                if not slot.gmem:
+                    raise ConfigError(
+                        f"private: private memory needs guest_memfd; memslot {slot.id} holding "
+                        f"gfn {cur:#x} has none"
+                    )
+                cur = slot.gfn + slot.npages
             if self._tdx is not None and not self._tdx.finalized and not want:
                 raise ConfigError(
                     "private: before finalize only the private initial image can be populated"
@@ -1685,9 +1692,7 @@ class ReferenceVM:
                 self._tdx_gmem_post_populate(cur, r)
             if self._bug is not None:
                 break
-            # Continue after the page just mapped.  (A MEMORY_FAULT, e.g. a private page of
-            # a memslot without guest_memfd, skips by the level of the entry its lookup
-            # ended at, as the engine does; KVM_PRE_FAULT_MEMORY would fail with -EFAULT.)
+            # Continue after the page just mapped.
             cur = _round_down(cur, r.level) + pages_per_hpage(r.level)
         self._end_of_operation()
         return installed
@@ -2193,15 +2198,19 @@ class ReferenceVM:
             self._sev_gmem_invalidate(slot.rmp, a, b)
 
     def _sev_gmem_prepare(self, slot: Memslot, off: int, gfn: int) -> str:
-        """Make a guest_memfd page private in the RMP: one 2M entry when the folio is 2M and
-        its whole 2M range is shared, else 4K."""
+        """Make a guest_memfd page private in the RMP: one 2M entry when the folio is 2M,
+        lies wholly inside the slot with pfn and gpa both 2M aligned, and its whole 2M range is
+        shared; else 4K."""
         rmp = slot.rmp
         assert rmp is not None
         if rmp.get(off).assigned:
             return RMP_SUCCESS
         head = off & ~511
-        whole_2m_shared = self.folio_level >= PG_LEVEL_2M and not any(
-            rmp.get(head + i).assigned for i in range(SPTE_ENT_PER_PAGE)
+        whole_2m_shared = (
+            self.folio_level >= PG_LEVEL_2M
+            and (gfn & 511) == (off & 511)
+            and head + SPTE_ENT_PER_PAGE <= rmp.npages
+            and not any(rmp.get(head + i).assigned for i in range(SPTE_ENT_PER_PAGE))
         )
         if whole_2m_shared:
             return rmp.rmpupdate(self, head, gfn & ~511, True, True)

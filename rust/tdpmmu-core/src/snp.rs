@@ -248,8 +248,12 @@ impl Rmp {
             return RmpStatus::Success;
         }
         let head = off & !511;
-        let whole_2m_shared =
-            self.folio_level >= 2 && (0..512).all(|i| !Self::assigned(self.get(head + i)));
+        // A 2M entry needs a whole 2M folio inside the slot whose pfn and gpa are both 2M
+        // aligned (the slot's gfn must line up with its guest_memfd offset).
+        let whole_2m_shared = self.folio_level >= 2
+            && (gfn & 511) == (off & 511)
+            && head + 512 <= self.entries.len() as u64
+            && (0..512).all(|i| !Self::assigned(self.get(head + i)));
         if whole_2m_shared {
             self.rmpupdate(ctx, costs, head, gfn & !511, true, true)
         } else {

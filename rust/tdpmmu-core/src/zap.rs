@@ -294,11 +294,21 @@ impl Vm {
                         ),
                     ));
                 }
-                if want && st.memslots.find(gfn).is_some_and(|s| !s.gmem) {
-                    return Err(bad_arg(
-                        "private",
-                        "private memory needs a guest_memfd memslot",
-                    ));
+                if want {
+                    let mut g = gfn;
+                    while g < end {
+                        let s = st.memslots.find(g).expect("covered: checked above");
+                        if !s.gmem {
+                            return Err(bad_arg(
+                                "private",
+                                format!(
+                                    "private memory needs guest_memfd; memslot {} holding gfn {g:#x} has none",
+                                    s.id
+                                ),
+                            ));
+                        }
+                        g = s.end();
+                    }
                 }
                 if let Some(t) = &self.tdx
                     && !t.module.finalized()
@@ -323,6 +333,10 @@ impl Vm {
                     vcpu as usize,
                     true,
                 )?;
+                if ctx.bug.is_some() {
+                    // KVM's pre-fault loop ends with -EIO once the VM is bugged.
+                    break;
+                }
                 match r.ret {
                     Ret::Retry => continue,
                     Ret::Fixed => {

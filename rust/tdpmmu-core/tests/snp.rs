@@ -222,3 +222,49 @@ fn invalid_combinations_are_config_errors() {
     let mut cfg = VmConfig::default();
     assert!(cfg.set_option("folio", "1G").is_err());
 }
+
+/// Regressions found by the differential test.
+#[test]
+fn regressions_from_the_differential_test() {
+    // populate stops (VmBugged) instead of retrying forever after a KVM_BUG_ON.
+    let v = vm("snp", "private", &[], 4096);
+    v.fault(0, Some(true), true, false, 0).unwrap();
+    v.mmu_notifier_invalidate(0, 1).unwrap();
+    assert!(matches!(
+        v.populate(0, 1, Some(true), 0),
+        Err(Error::Bugged(_))
+    ));
+
+    // A 2M-folio slot whose size is not a multiple of 2M: the tail gets 4K entries, no panic.
+    let v = vm("snp", "gmem", &[("folio", "2M")], 4096);
+    v.add_memslot(0x100000, 100, 4096, true).unwrap();
+    v.set_memory_attributes(0x100000, 100, true).unwrap();
+    assert_eq!(
+        v.fault(0x100063, Some(true), true, false, 0).unwrap().ret,
+        Ret::Fixed
+    );
+    v.check().unwrap();
+
+    // A slot whose gfn is not 2M aligned with its guest_memfd offset gets 4K entries with the
+    // right gpa.
+    let v = vm("snp", "gmem", &[("folio", "2M")], 4096);
+    v.add_memslot(0x100100, 1024, 4096, true).unwrap();
+    v.set_memory_attributes(0x100100, 1024, true).unwrap();
+    v.fault(0x100105, Some(true), true, false, 0).unwrap();
+    assert_eq!(
+        v.rmp_entry(0x100105).unwrap(),
+        (true, true, false, 0x100105)
+    );
+    v.check().unwrap();
+
+    // populate of a private range reaching into a slot without guest_memfd is refused whole.
+    let v = vm("sw_protected", "none", &[], 4096);
+    v.add_memslot(0x40000, 512, 4096, false).unwrap();
+    v.set_memory_attributes(0x40000, 512, true).unwrap();
+    let before = v.stats();
+    assert!(matches!(
+        v.populate(0x3fffc, 8, Some(true), 0),
+        Err(Error::Config(_))
+    ));
+    assert_eq!(v.stats(), before);
+}
