@@ -201,6 +201,8 @@ pub struct TdxModule {
     costs: CostModel,
     pub software: bool,
     st: Mutex<TdState>,
+    /// Mirror of `TdState::finalized` for the fault path.
+    finalized_flag: std::sync::atomic::AtomicBool,
 }
 
 impl TdxModule {
@@ -226,6 +228,7 @@ impl TdxModule {
             opts,
             costs,
             software,
+            finalized_flag: std::sync::atomic::AtomicBool::new(software),
             st: Mutex::new(TdState {
                 finalized: software,
                 hkid_assigned: true,
@@ -238,8 +241,10 @@ impl TdxModule {
         })
     }
 
+    /// Lock-free: every TD fault asks.
     pub fn finalized(&self) -> bool {
-        self.st.lock().finalized
+        self.finalized_flag
+            .load(std::sync::atomic::Ordering::Acquire)
     }
     pub fn hkid_assigned(&self) -> bool {
         self.st.lock().hkid_assigned
@@ -710,6 +715,8 @@ impl TdxModule {
             ));
         }
         st.finalized = true;
+        self.finalized_flag
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
