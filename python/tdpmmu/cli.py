@@ -59,22 +59,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--vm-type",
-        default="default",
-        help="simulated VM type (default: %(default)s)",
-    )
-    p.add_argument("--levels", type=int, choices=(4, 5), default=4, help="TDP levels (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
+def _add_cost(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument(
         "--cost",
         action="append",
         default=[],
         type=_cost_override,
         metavar="NAME=VALUE",
-        help="override one modeled cost in ns, e.g. --cost exit_entry_ns=800 (repeatable)",
+        help=f"override one modeled cost in ns, e.g. --cost {example} (repeatable)",
     )
+
+
+def _add_levels_seed_cost(p: argparse.ArgumentParser, cost_example: str) -> None:
+    p.add_argument("--levels", type=int, choices=(4, 5), default=4, help="TDP levels (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
+    _add_cost(p, cost_example)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vm-type",
+        default="default",
+        help="simulated VM type (default: %(default)s)",
+    )
+    _add_levels_seed_cost(p, "exit_entry_ns=800")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
 
 
@@ -210,16 +218,7 @@ def _add_compare(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         action="store_false",
         help="stop after the workload (skip VM.destroy and the leak check)",
     )
-    cp.add_argument("--levels", type=int, choices=(4, 5), default=4, help="TDP levels (default: 4)")
-    cp.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
-    cp.add_argument(
-        "--cost",
-        action="append",
-        default=[],
-        type=_cost_override,
-        metavar="NAME=VALUE",
-        help="override one modeled cost in ns, e.g. --cost psc_exit_ns=0 (repeatable)",
-    )
+    _add_levels_seed_cost(cp, "psc_exit_ns=0")
     out = cp.add_mutually_exclusive_group()
     out.add_argument(
         "--json", action="store_true", help="print one JSON document: parameters and rows"
@@ -335,14 +334,7 @@ def _add_report(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
         default=4,
         help="vCPUs of the simulated VMs; the kick of a removal grows with it (default: 4)",
     )
-    rp.add_argument(
-        "--cost",
-        action="append",
-        default=[],
-        type=_cost_override,
-        metavar="NAME=VALUE",
-        help="override one modeled cost in ns, e.g. --cost td_exit_entry_ns=1000 (repeatable)",
-    )
+    _add_cost(rp, "td_exit_entry_ns=1000")
     rp.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     rp.set_defaults(run=_run_report)
 
