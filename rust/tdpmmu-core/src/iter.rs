@@ -27,6 +27,8 @@ pub struct TdpIter<'a> {
     pub old_spte: u64,
     pub valid: bool,
     pub yielded: bool,
+    /// The current entry (KVM's `iter->sptep`), recomputed only when the position moves.
+    cur: Option<&'a AtomicU64>,
 }
 
 impl<'a> TdpIter<'a> {
@@ -52,6 +54,7 @@ impl<'a> TdpIter<'a> {
             old_spte: spte::SHADOW_NONPRESENT_VALUE,
             valid: false,
             yielded: false,
+            cur: None,
         };
         if !(1..=MAX_LEVELS as u8).contains(&root_level)
             || min_level == 0
@@ -71,8 +74,16 @@ impl<'a> TdpIter<'a> {
         self.yielded_gfn = self.next_last_level_gfn;
         self.level = self.root_level;
         self.gfn = round_gfn(self.next_last_level_gfn, self.level);
-        self.old_spte = self.sptep().load(Ordering::Acquire);
+        self.moved();
         self.valid = true;
+    }
+
+    /// The position changed: point at the new entry and read it.
+    #[inline(always)]
+    fn moved(&mut self) {
+        let p = self.arena.entry(self.table(), self.index());
+        self.cur = Some(p);
+        self.old_spte = p.load(Ordering::Acquire);
     }
 
     #[inline(always)]
@@ -89,7 +100,10 @@ impl<'a> TdpIter<'a> {
 
     #[inline(always)]
     pub fn sptep(&self) -> &'a AtomicU64 {
-        self.arena.entry(self.table(), self.index())
+        match self.cur {
+            Some(p) => p,
+            None => self.arena.entry(self.table(), self.index()),
+        }
     }
 
     #[inline(always)]
@@ -118,7 +132,7 @@ impl<'a> TdpIter<'a> {
         // SAFETY: level > min_level >= 1 before the decrement, so it is in 1..=MAX_LEVELS.
         unsafe { *self.pt_path.get_unchecked_mut(self.level as usize - 1) = child };
         self.gfn = round_gfn(self.next_last_level_gfn, self.level);
-        self.read();
+        self.moved();
         true
     }
 
@@ -129,7 +143,7 @@ impl<'a> TdpIter<'a> {
         }
         self.gfn += pages_per_level(self.level);
         self.next_last_level_gfn = self.gfn;
-        self.read();
+        self.moved();
         true
     }
 
@@ -140,7 +154,7 @@ impl<'a> TdpIter<'a> {
         }
         self.level += 1;
         self.gfn = round_gfn(self.gfn, self.level);
-        self.read();
+        self.moved();
         true
     }
 

@@ -34,8 +34,10 @@ impl Vm {
     ) -> Result<(), Busy> {
         debug_assert!(!is_frozen(it.old_spte));
         let sptep = it.sptep();
-        let table = it.table();
-        if self.hooks_fire(table, ctx) && !is_frozen(new) {
+        if self.design != crate::vm::HookDesign::None
+            && self.hooks_fire(it.table(), ctx)
+            && !is_frozen(new)
+        {
             return self.set_external_spte_present(ctx, it, new);
         }
         match sptep.compare_exchange(it.old_spte, new, Ordering::AcqRel, Ordering::Acquire) {
