@@ -42,7 +42,16 @@ impl Vm {
         }
         match sptep.compare_exchange(it.old_spte, new, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
-                self.handle_changed_spte(ctx, it.gfn, it.old_spte, new, it.level, true);
+                // The fault path's common case (a leaf over a non-present entry) only counts a
+                // page; everything else goes through the full bookkeeping.
+                if !is_shadow_present(it.old_spte)
+                    && is_shadow_present(new)
+                    && is_last(new, it.level)
+                {
+                    ctx.page_stats(it.level, 1);
+                } else {
+                    self.handle_changed_spte(ctx, it.gfn, it.old_spte, new, it.level, true);
+                }
                 Ok(())
             }
             Err(cur) => {
