@@ -9,6 +9,7 @@ from tdpmmu import spte
 from tdpmmu._core import Fault, __version__
 from tdpmmu.costs import CostModel
 from tdpmmu.errors import ConfigError, InvariantError, OutOfMemory, TdpmmuError, VmBugged
+from tdpmmu.hooks import HookDesign
 from tdpmmu.ret import Ret
 from tdpmmu.stats import Stats
 from tdpmmu.trace import Event
@@ -22,6 +23,7 @@ __all__ = [
     "DemandPagingResult",
     "Event",
     "Fault",
+    "HookDesign",
     "InvariantError",
     "OutOfMemory",
     "Ret",

@@ -10,6 +10,7 @@ from typing import cast
 
 from tdpmmu import _core
 from tdpmmu.costs import CostModel
+from tdpmmu.hooks import HookDesign
 from tdpmmu.sizes import BACKING_SIZES, format_size, parse_backing, parse_size
 from tdpmmu.stats import Stats
 from tdpmmu.trace import Event
@@ -102,6 +103,11 @@ class VM(_core.Vm):
             hooks_name = "mirror" if mirror else DEFAULT_HOOKS.get(vm_type, "none")
         elif isinstance(hooks, str):
             hooks_name = hooks
+        elif isinstance(hooks, HookDesign):
+            hooks_name = hooks.name
+            design_options = hooks.tdx_options()
+            if design_options:
+                tdx = {**design_options, **(tdx or {})}
         else:
             # A user object with the four hook methods (slow: every call re-enters Python).
             hook_object, hooks_name = hooks, "mirror"

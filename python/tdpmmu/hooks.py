@@ -1,0 +1,52 @@
+"""``tdpmmu.HookDesign``: a hook design with its TDX options, as one value to pass as ``hooks=``.
+
+``VM(vm_type="tdx", hooks=HookDesign("mirror", track="batched"))`` is the same VM as
+``VM(vm_type="tdx", hooks="mirror", tdx={"track": "batched"})``; a design is easier to sweep
+and to print next to its results.
+"""
+
+import dataclasses
+
+from tdpmmu._core import ConfigError
+
+__all__ = ["DESIGNS", "HookDesign"]
+
+#: Design names the engine knows (which VM types take which: README, "Confidential VMs").
+DESIGNS = ("none", "mirror", "private", "gmem")
+
+_CHOICES = {
+    "sept_free": ("teardown", "sept_remove"),
+    "track": ("per_page", "batched"),
+    "interface": ("four_hook", "two_hook"),
+    "version": ("6.19", "6.16"),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HookDesign:
+    """Which SPTE changes call the external hooks (``name``) and, for TD-shaped mirrors, how
+    the TDX side answers them. ``None`` for an option means the engine's default (upstream)."""
+
+    name: str = "mirror"
+    sept_free: str | None = None
+    track: str | None = None
+    interface: str | None = None
+    version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in DESIGNS:
+            raise ConfigError(f"hooks: unknown design {self.name!r}; allowed: {', '.join(DESIGNS)}")
+        for key, allowed in _CHOICES.items():
+            value = getattr(self, key)
+            if value is not None and value not in allowed:
+                raise ConfigError(
+                    f"hooks.{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}"
+                )
+
+    def tdx_options(self) -> dict[str, str]:
+        """The options this design sets (only those given), as ``VM(tdx=...)`` takes them."""
+        return {k: v for k in _CHOICES if (v := getattr(self, k)) is not None}
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.tdx_options().items())
+        return f"{self.name}[{opts}]" if opts else self.name
