@@ -113,10 +113,6 @@ impl Arena {
         })
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Tables ever handed out (the numpy view covers this prefix).
     pub fn high_water(&self) -> usize {
         self.next.load(Ordering::Acquire).min(self.capacity)
@@ -218,10 +214,6 @@ impl Arena {
             return;
         }
         self.reusable.lock().extend(d.drain(..));
-    }
-
-    pub fn is_free(&self, idx: u32) -> bool {
-        self.reusable.lock().contains(&idx) || self.deferred.lock().contains(&idx)
     }
 
     pub fn free_list_snapshot(&self) -> (Vec<u32>, Vec<u32>) {

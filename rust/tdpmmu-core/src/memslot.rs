@@ -111,13 +111,6 @@ impl Memslot {
         }
         w.fetch_or(bit, Ordering::Relaxed) & bit == 0
     }
-
-    pub fn touched_pages(&self) -> u64 {
-        self.touched
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
-            .sum()
-    }
 }
 
 /// Backing page size in bytes → level.

@@ -246,12 +246,6 @@ impl TdxModule {
         self.finalized_flag
             .load(std::sync::atomic::Ordering::Acquire)
     }
-    pub fn hkid_assigned(&self) -> bool {
-        self.st.lock().hkid_assigned
-    }
-    pub fn nr_premapped(&self) -> i64 {
-        self.st.lock().nr_premapped
-    }
 
     fn busy(&self, st: &mut TdState, leaf: usize) -> bool {
         let p = self.opts.busy[leaf];
@@ -311,12 +305,6 @@ impl TdxModule {
             l -= 1;
         }
         Ok(self.arena.entry(table, spte::index(gfn, l)))
-    }
-
-    /// Present S-EPT leaf (mapped or pending) at 4K for `gfn`: its pfn.
-    pub fn leaf_pfn(&self, gfn: u64) -> Option<u64> {
-        let e = self.entry(gfn, 1).ok()?.load(Ordering::Acquire);
-        matches!(state(e), ST_MAPPED | ST_PENDING).then(|| spte_to_pfn(e))
     }
 
     /// Every non-FREE S-EPT entry in tree order: (gfn, level, state name, pfn). For table

@@ -1198,18 +1198,24 @@ impl Vm {
 
     /// The entry that maps `gfn` in `root` (a leaf, or the first non-present entry): (level, spte).
     pub(crate) fn lookup(&self, root: u32, gfn: u64, gfn_bits: u64) -> (u8, u64) {
-        let w = self.walk_root(root, gfn, gfn_bits);
-        w.last()
-            .copied()
-            .unwrap_or((self.cfg.levels, SHADOW_NONPRESENT_VALUE))
+        // No allocation: memstress's "hardware walk" calls this for every access.
+        let mut last = (self.cfg.levels, SHADOW_NONPRESENT_VALUE);
+        self.walk_path(root, gfn, gfn_bits, |level, s| last = (level, s));
+        last
     }
 
     /// Entries on the path from `root` to `gfn`, stopping after a leaf or a non-present entry.
     pub fn walk_root(&self, root: u32, gfn: u64, gfn_bits: u64) -> Vec<(u8, u64)> {
         let mut out = Vec::with_capacity(self.cfg.levels as usize);
-        let it = TdpIter::start(&self.arena, root, self.cfg.levels, 1, gfn, gfn_bits);
-        if !it.valid {
-            return out;
+        self.walk_path(root, gfn, gfn_bits, |level, s| out.push((level, s)));
+        out
+    }
+
+    /// Visit the path from `root` to `gfn`; an already-aliased gfn visits nothing (as
+    /// `tdp_iter_start` refuses it).
+    fn walk_path(&self, root: u32, gfn: u64, gfn_bits: u64, mut visit: impl FnMut(u8, u64)) {
+        if gfn_bits != 0 && gfn >= gfn_bits {
+            return;
         }
         let mut table = root;
         let mut level = self.cfg.levels;
@@ -1218,13 +1224,13 @@ impl Vm {
                 .arena
                 .entry(table, spte::index(gfn | gfn_bits, level))
                 .load(Ordering::Acquire);
-            out.push((level, s));
+            visit(level, s);
             if !is_shadow_present(s) || is_last(s, level) {
-                return out;
+                return;
             }
             match self.arena.idx_of_pfn(spte::spte_to_pfn(s)) {
                 Some(c) => table = c,
-                None => return out,
+                None => return,
             }
             level -= 1;
         }
