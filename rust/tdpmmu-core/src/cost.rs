@@ -1,5 +1,7 @@
-//! Modeled costs in nanoseconds. Defaults and sources live in `python/tdpmmu/costs.py`
-//! (from the project's costs.md §6); the core only needs the numbers.
+//! Modeled costs in nanoseconds and the ledger field they are charged to. Every modeled
+//! nanosecond is charged as integer units of one `CostModel` field (`Cost`), so a run's
+//! modeled time is exactly the sum over fields of units x value. Sources of the defaults:
+//! `docs/costs.md` and `python/tdpmmu/costs.py`.
 
 use crate::error::{Error, Result};
 
@@ -7,6 +9,11 @@ macro_rules! cost_model {
     ($($name:ident = $default:expr),* $(,)?) => {
         #[derive(Debug, Clone, Copy, PartialEq)]
         pub struct CostModel { $(pub $name: f64),* }
+        /// One ledger field per `CostModel` field (same names, same order as `COST_FIELDS`).
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Cost { $($name),* }
         impl Default for CostModel {
             fn default() -> Self { Self { $($name: $default),* } }
         }
@@ -29,6 +36,10 @@ macro_rules! cost_model {
             }
             pub fn get(&self, name: &str) -> Option<f64> {
                 match name { $(stringify!($name) => Some(self.$name),)* _ => None }
+            }
+            /// Values in `COST_FIELDS` order (what a ledger multiplies its units by).
+            pub fn rates(&self) -> [f64; NCOSTS] {
+                [$(self.$name),*]
             }
         }
     };
@@ -71,15 +82,14 @@ cost_model!(
     gmem_split_2m_ns = 10700.0,
 );
 
-impl CostModel {
-    pub fn tlb_flush(&self, vcpus: u32) -> f64 {
-        self.tlb_flush_base_ns + self.tlb_flush_per_vcpu_ns * vcpus as f64
+pub const NCOSTS: usize = COST_FIELDS.len();
+
+/// Modeled time of a ledger: units x rate per field, summed in field order (so the total is
+/// exactly the sum of the breakdown a caller adds up in the same order).
+pub fn ledger_ns(units: &[i64; NCOSTS], rates: &[f64; NCOSTS]) -> f64 {
+    let mut total = 0.0;
+    for (u, r) in units.iter().zip(rates.iter()) {
+        total += *u as f64 * r;
     }
-    pub fn kick(&self, vcpus: u32) -> f64 {
-        self.kick_base_ns + self.kick_per_vcpu_ns * vcpus as f64
-    }
-    /// First touch of a host backing page of `pages_4k` 4K pages.
-    pub fn host_page(&self, pages_4k: u64) -> f64 {
-        self.host_page_alloc_ns + self.host_zero_4k_ns * (pages_4k.saturating_sub(1)) as f64
-    }
+    total
 }

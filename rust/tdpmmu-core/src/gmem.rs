@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::arena::NO_TABLE;
+use crate::cost::Cost;
 use crate::error::{Result, bad_arg};
 use crate::snp::Rmp;
 use crate::stats::C;
@@ -60,7 +61,8 @@ impl Vm {
             // MapGPA), and guest_memfd does its bookkeeping; a 2M folio only partly converted
             // is split.
             ctx.inc(C::conversions);
-            ctx.cost(self.costs.psc_exit_ns + self.costs.gmem_convert_ns);
+            ctx.charge(Cost::psc_exit_ns, 1);
+            ctx.charge(Cost::gmem_convert_ns, 1);
             if self.cfg.folio_level == 2 {
                 let mut splits = 0;
                 for edge in [gfn, end] {
@@ -73,7 +75,7 @@ impl Vm {
                     splits = 1; // both edges inside one folio
                 }
                 ctx.add(C::gmem_splits, splits);
-                ctx.cost(self.costs.gmem_split_2m_ns * splits as f64);
+                ctx.charge(Cost::gmem_split_2m_ns, splits as u64);
             }
             let out = self.unmap_gfn_range(ctx, !private, private, gfn, end);
             if out.flush {
@@ -124,7 +126,7 @@ impl Vm {
                 let a = gfn.max(slot.gfn) - slot.gfn;
                 let b = end.min(slot.end()) - slot.gfn;
                 ctx.inc(C::gmem_invalidate);
-                rmp.gmem_invalidate(ctx, &self.costs, a, b - a);
+                rmp.gmem_invalidate(ctx, a, b - a);
             }
         }
     }
@@ -171,7 +173,7 @@ impl Vm {
             for g in (gfn..gfn + npages).step_by(step as usize) {
                 let slot = st.memslots.find(g).expect("checked");
                 let rmp = slot.rmp.as_ref().expect("checked");
-                let s = rmp.pvalidate(ctx, &self.costs, g - slot.gfn, g, size_2m, validate);
+                let s = rmp.pvalidate(ctx, g - slot.gfn, g, size_2m, validate);
                 match out.iter_mut().find(|(n, _)| *n == s.name()) {
                     Some((_, c)) => *c += 1,
                     None => out.push((s.name(), 1)),
@@ -199,7 +201,7 @@ impl Vm {
             let rmp = slot.rmp.as_ref().expect("filtered");
             let off = gfn - slot.gfn;
             if Rmp::is_2m(rmp.get(off)) && Rmp::assigned(rmp.get(off)) {
-                rmp.psmash(ctx, &self.costs, off);
+                rmp.psmash(ctx, off);
             }
             let base = gfn & !511;
             let out = self.zap_leafs(ctx, crate::vm::RootTypes::VALID, base, base + 512);

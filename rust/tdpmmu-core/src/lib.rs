@@ -8,6 +8,7 @@
 pub mod arena;
 pub mod attrs;
 pub mod check;
+pub mod config;
 pub mod cost;
 pub mod error;
 pub mod external;

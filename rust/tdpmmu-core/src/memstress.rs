@@ -111,10 +111,9 @@ impl Vm {
         for (r, ctx, e) in results {
             self.totals.merge(&ctx);
             if let Some(msg) = ctx.bug {
-                let fin = self.finish(&Ctx {
-                    bug: Some(msg),
-                    ..Ctx::default()
-                });
+                let mut bugged = Ctx::default();
+                bugged.bug = Some(msg);
+                let fin = self.finish(&bugged);
                 first_err = first_err.or(fin.err());
             }
             first_err = first_err.or(e);
@@ -132,7 +131,7 @@ impl Vm {
         v: u32,
         is_private: Option<bool>,
     ) -> (VcpuResult, Ctx, Option<crate::error::Error>) {
-        let mut ctx = Ctx::traced(self.cfg.trace);
+        let mut ctx = Ctx::new(&self.costs, self.cfg.trace);
         let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
         let base = if a.overlap {
             a.base_gfn

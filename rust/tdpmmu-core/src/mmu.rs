@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::arena::{Arena, SP_MIRROR, TABLE_BASE_PFN};
+use crate::cost::Cost;
 use crate::iter::TdpIter;
 use crate::spte::{
     self, FROZEN_SPTE, SHADOW_NONPRESENT_VALUE, is_frozen, is_last, is_mmio, is_shadow_present,
@@ -199,7 +200,7 @@ impl Vm {
             let s = make_small_spte(huge, child_level, i, self.cfg.nx_huge_pages);
             self.arena.entry(child, i).store(s, Ordering::Relaxed);
         }
-        ctx.cost(self.costs.spte_update_ns * spte::ENTRIES_PER_TABLE as f64);
+        ctx.charge(Cost::spte_update_ns, spte::ENTRIES_PER_TABLE as u64);
         self.link_sp(ctx, it, child)?;
         // The children were written behind handle_changed_spte's back.
         ctx.page_stats(child_level, spte::ENTRIES_PER_TABLE as i64);
@@ -234,7 +235,7 @@ impl Vm {
         } else {
             self.set_spte(ctx, it, SHADOW_NONPRESENT_VALUE);
         }
-        ctx.cost(self.costs.spte_update_ns);
+        ctx.charge(Cost::spte_update_ns, 1);
         true
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::cost::CostModel;
+use crate::cost::Cost;
 use crate::external::{ExternalOps, HookRet};
 use crate::spte::spte_to_pfn;
 use crate::stats::{C, Ctx};
@@ -121,14 +121,13 @@ impl Rmp {
     pub fn rmpupdate(
         &self,
         ctx: &mut Ctx,
-        costs: &CostModel,
         off: u64,
         gfn: u64,
         private: bool,
         size_2m: bool,
     ) -> RmpStatus {
         ctx.inc(C::rmpupdate);
-        ctx.cost(costs.rmpupdate_ns);
+        ctx.charge(Cost::rmpupdate_ns, 1);
         let st = self.rmpupdate_inner(off, gfn, private, size_2m);
         ctx.trace(
             "rmpupdate",
@@ -176,9 +175,9 @@ impl Rmp {
     }
 
     /// PSMASH: split an assigned 2M entry into 512 4K entries with the same attributes.
-    pub fn psmash(&self, ctx: &mut Ctx, costs: &CostModel, off: u64) -> RmpStatus {
+    pub fn psmash(&self, ctx: &mut Ctx, off: u64) -> RmpStatus {
         ctx.inc(C::psmash);
-        ctx.cost(costs.psmash_ns);
+        ctx.charge(Cost::psmash_ns, 1);
         let head = off & !511;
         let e = self.get(head);
         ctx.trace("psmash", Self::gfn(e), 2, 0);
@@ -197,14 +196,13 @@ impl Rmp {
     pub fn pvalidate(
         &self,
         ctx: &mut Ctx,
-        costs: &CostModel,
         off: u64,
         gfn: u64,
         size_2m: bool,
         validate: bool,
     ) -> RmpStatus {
         ctx.inc(C::pvalidate);
-        ctx.cost(costs.pvalidate_ns);
+        ctx.charge(Cost::pvalidate_ns, 1);
         ctx.trace(
             "pvalidate",
             gfn,
@@ -242,7 +240,7 @@ impl Rmp {
 
     /// `sev_gmem_prepare`: a 2M RMP entry when the folio is 2M and its whole 2M range is
     /// shared, else 4K.
-    pub fn gmem_prepare(&self, ctx: &mut Ctx, costs: &CostModel, off: u64, gfn: u64) -> RmpStatus {
+    pub fn gmem_prepare(&self, ctx: &mut Ctx, off: u64, gfn: u64) -> RmpStatus {
         let e = self.get(off);
         if Self::assigned(e) {
             return RmpStatus::Success;
@@ -255,15 +253,15 @@ impl Rmp {
             && head + 512 <= self.entries.len() as u64
             && (0..512).all(|i| !Self::assigned(self.get(head + i)));
         if whole_2m_shared {
-            self.rmpupdate(ctx, costs, head, gfn & !511, true, true)
+            self.rmpupdate(ctx, head, gfn & !511, true, true)
         } else {
-            self.rmpupdate(ctx, costs, off, gfn, true, false)
+            self.rmpupdate(ctx, off, gfn, true, false)
         }
     }
 
     /// `sev_gmem_invalidate` for [off, off + n): 2M entries fully inside go back at once,
     /// partially covered ones are PSMASHed first; then RMPUPDATE to shared.
-    pub fn gmem_invalidate(&self, ctx: &mut Ctx, costs: &CostModel, off: u64, n: u64) {
+    pub fn gmem_invalidate(&self, ctx: &mut Ctx, off: u64, n: u64) {
         let end = off + n;
         let mut p = off;
         while p < end {
@@ -274,13 +272,13 @@ impl Rmp {
             }
             if Self::is_2m(e) {
                 if p.is_multiple_of(512) && p + 512 <= end {
-                    self.rmpupdate(ctx, costs, p, Self::gfn(e), false, true);
+                    self.rmpupdate(ctx, p, Self::gfn(e), false, true);
                     p += 512;
                     continue;
                 }
-                self.psmash(ctx, costs, p);
+                self.psmash(ctx, p);
             }
-            self.rmpupdate(ctx, costs, p, Self::gfn(self.get(p)), false, false);
+            self.rmpupdate(ctx, p, Self::gfn(self.get(p)), false, false);
             p += 1;
         }
     }
@@ -310,7 +308,6 @@ impl RmpTable {
 
 /// The `private` design on SNP: RMPUPDATE on every private NPT install and removal.
 pub struct SnpHooks {
-    pub costs: CostModel,
     pub table: Arc<RmpTable>,
 }
 
@@ -327,7 +324,7 @@ impl ExternalOps for SnpHooks {
             ));
             return HookRet::Io;
         };
-        match rmp.rmpupdate(ctx, &self.costs, off, gfn, true, level == 2) {
+        match rmp.rmpupdate(ctx, off, gfn, true, level == 2) {
             RmpStatus::Success => HookRet::Ok,
             s => {
                 ctx.bug(format!(
@@ -342,7 +339,7 @@ impl ExternalOps for SnpHooks {
         ctx.inc(C::remove_external_spte);
         ctx.trace("remove_external_spte", gfn, level, old_spte);
         if let Some((rmp, off)) = self.table.find(spte_to_pfn(old_spte))
-            && rmp.rmpupdate(ctx, &self.costs, off, gfn, false, level == 2) != RmpStatus::Success
+            && rmp.rmpupdate(ctx, off, gfn, false, level == 2) != RmpStatus::Success
         {
             ctx.bug(format!("RMPUPDATE to shared failed for gfn {gfn:#x}"));
         }

@@ -3,6 +3,8 @@
 
 use parking_lot::Mutex;
 
+use crate::cost::{Cost, CostModel, NCOSTS, ledger_ns};
+
 macro_rules! counters {
     ($($name:ident $(= $display:literal)?),* $(,)?) => {
         #[allow(non_camel_case_types)]
@@ -91,6 +93,12 @@ pub struct Event {
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub c: [i64; NCOUNTERS],
+    /// The cost ledger: units charged per `CostModel` field.
+    pub units: [i64; NCOSTS],
+    /// The VM's cost values, so a charge also advances the running clock below.
+    rates: [f64; NCOSTS],
+    /// Running modeled clock of this context (per-fault and per-vCPU figures); the VM's total
+    /// is computed from the ledger instead, so it equals its breakdown exactly.
     pub modeled_ns: f64,
     /// Set when a KVM_BUG_ON fired during this operation.
     pub bug: Option<String>,
@@ -104,6 +112,8 @@ impl Default for Ctx {
     fn default() -> Self {
         Self {
             c: [0; NCOUNTERS],
+            units: [0; NCOSTS],
+            rates: CostModel::default().rates(),
             modeled_ns: 0.0,
             bug: None,
             events: None,
@@ -113,11 +123,25 @@ impl Default for Ctx {
 }
 
 impl Ctx {
-    pub fn traced(trace: bool) -> Self {
+    /// A context charging `costs`, recording events if `trace`.
+    pub fn new(costs: &CostModel, trace: bool) -> Self {
         Self {
             events: trace.then(Vec::new),
+            rates: costs.rates(),
             ..Self::default()
         }
+    }
+
+    /// Charge `n` units of one cost field.
+    #[inline(always)]
+    pub fn charge(&mut self, f: Cost, n: u64) {
+        self.units[f as usize] += n as i64;
+        self.modeled_ns += self.rates[f as usize] * n as f64;
+    }
+
+    /// Modeled time of this context's ledger (exact sum over fields).
+    pub fn ledger_ns(&self) -> f64 {
+        ledger_ns(&self.units, &self.rates)
     }
     #[inline(always)]
     pub fn trace(&mut self, op: &'static str, gfn: u64, level: u8, detail: u64) {
@@ -138,10 +162,6 @@ impl Ctx {
     #[inline(always)]
     pub fn add(&mut self, c: C, n: i64) {
         self.c[c as usize] += n;
-    }
-    #[inline(always)]
-    pub fn cost(&mut self, ns: f64) {
-        self.modeled_ns += ns;
     }
     pub fn bug(&mut self, msg: impl Into<String>) {
         if self.bug.is_none() {
@@ -172,6 +192,9 @@ impl Totals {
         for (a, b) in t.c.iter_mut().zip(ctx.c.iter()) {
             *a += *b;
         }
+        for (a, b) in t.units.iter_mut().zip(ctx.units.iter()) {
+            *a += *b;
+        }
         t.modeled_ns += ctx.modeled_ns;
         drop(t);
         if let Some(ev) = &ctx.events {
@@ -185,6 +208,11 @@ impl Totals {
         let mut c = self.inner.lock().clone();
         c.events = None;
         c
+    }
+
+    /// Adopt the VM's cost values (the running clock of the merged totals uses them).
+    pub fn set_rates(&self, costs: &crate::cost::CostModel) {
+        *self.inner.lock() = Ctx::new(costs, false);
     }
     pub fn get(&self, c: C) -> i64 {
         self.inner.lock().c[c as usize]

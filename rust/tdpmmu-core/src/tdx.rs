@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use parking_lot::Mutex;
 
 use crate::arena::Arena;
-use crate::cost::CostModel;
+use crate::cost::Cost;
 use crate::error::{Result, bad_arg};
 use crate::external::{ExternalOps, HookRet};
 use crate::spte::{self, SHADOW_NONPRESENT_VALUE, spte_to_pfn};
@@ -198,7 +198,6 @@ pub struct TdxModule {
     levels: u8,
     vcpus: u32,
     pub opts: TdxOptions,
-    costs: CostModel,
     pub software: bool,
     st: Mutex<TdState>,
     /// Mirror of `TdState::finalized` for the fault path.
@@ -213,7 +212,6 @@ impl TdxModule {
         vcpus: u32,
         capacity: usize,
         opts: TdxOptions,
-        costs: CostModel,
         seed: u64,
         software: bool,
     ) -> Result<Self> {
@@ -226,7 +224,6 @@ impl TdxModule {
             levels,
             vcpus,
             opts,
-            costs,
             software,
             finalized_flag: std::sync::atomic::AtomicBool::new(software),
             st: Mutex::new(TdState {
@@ -262,7 +259,7 @@ impl TdxModule {
         &self,
         ctx: &mut Ctx,
         c: C,
-        ns: f64,
+        ns: Cost,
         gfn: u64,
         level: u8,
         status: Status,
@@ -272,7 +269,7 @@ impl TdxModule {
             return status;
         }
         ctx.inc(c);
-        ctx.cost(ns);
+        ctx.charge(ns, 1);
         ctx.trace(
             crate::stats::COUNTER_NAMES[c as usize],
             gfn,
@@ -377,7 +374,7 @@ impl TdxModule {
 
     /// TDH.MEM.SEPT.ADD: link a new S-EPT table under the entry at `level` (PG level).
     fn sept_add(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64, level: u8) -> Status {
-        let ns = self.costs.tdh_mem_sept_add_ns;
+        let ns = Cost::tdh_mem_sept_add_ns;
         if self.busy(st, 0) {
             return self.seamcall(ctx, C::sept_add, ns, gfn, level, Status::OperandBusy);
         }
@@ -426,9 +423,9 @@ impl TdxModule {
         aug: bool,
     ) -> Status {
         let (c, ns) = if aug {
-            (C::page_aug, self.costs.tdh_mem_page_aug_ns)
+            (C::page_aug, Cost::tdh_mem_page_aug_ns)
         } else {
-            (C::page_add, self.costs.tdh_mem_page_add_ns)
+            (C::page_add, Cost::tdh_mem_page_add_ns)
         };
         if aug && self.busy(st, 1) {
             return self.seamcall(ctx, c, ns, gfn, 1, Status::OperandBusy);
@@ -453,7 +450,7 @@ impl TdxModule {
                 self.seamcall(
                     ctx,
                     C::mr_extend,
-                    self.costs.tdh_mr_extend_ns,
+                    Cost::tdh_mr_extend_ns,
                     gfn,
                     1,
                     Status::Success,
@@ -472,7 +469,7 @@ impl TdxModule {
                 self.seamcall(
                     ctx,
                     C::page_accept,
-                    self.costs.tdg_mem_page_accept_ns,
+                    Cost::tdg_mem_page_accept_ns,
                     gfn,
                     1,
                     Status::Success,
@@ -489,7 +486,7 @@ impl TdxModule {
         level: u8,
         may_busy: bool,
     ) -> Status {
-        let ns = self.costs.tdh_mem_range_block_ns;
+        let ns = Cost::tdh_mem_range_block_ns;
         if may_busy && self.busy(st, 2) {
             return self.seamcall(ctx, C::range_block, ns, gfn, level, Status::OperandBusy);
         }
@@ -517,7 +514,7 @@ impl TdxModule {
     }
 
     fn mem_track(&self, ctx: &mut Ctx, st: &mut TdState, may_busy: bool) -> Status {
-        let ns = self.costs.tdh_mem_track_ns;
+        let ns = Cost::tdh_mem_track_ns;
         if may_busy && self.busy(st, 3) {
             return self.seamcall(ctx, C::mem_track, ns, 0, 0, Status::OperandBusy);
         }
@@ -535,7 +532,8 @@ impl TdxModule {
             return;
         }
         ctx.inc(C::vcpu_kicks);
-        ctx.cost(self.costs.kick(self.vcpus));
+        ctx.charge(Cost::kick_base_ns, 1);
+        ctx.charge(Cost::kick_per_vcpu_ns, self.vcpus as u64);
         ctx.trace("kick", 0, 0, self.vcpus as u64);
     }
 
@@ -553,7 +551,7 @@ impl TdxModule {
         gfn: u64,
         may_busy: bool,
     ) -> (Status, u64) {
-        let ns = self.costs.tdh_mem_page_remove_ns;
+        let ns = Cost::tdh_mem_page_remove_ns;
         if may_busy && self.busy(st, 4) {
             return (
                 self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::OperandBusy),
@@ -598,13 +596,13 @@ impl TdxModule {
         self.seamcall(
             ctx,
             C::page_wbinvd,
-            self.costs.tdh_phymem_page_wbinvd_ns,
+            Cost::tdh_phymem_page_wbinvd_ns,
             gfn,
             1,
             Status::Success,
         );
         ctx.inc(C::page_clear);
-        ctx.cost(self.costs.page_clear_ns);
+        ctx.charge(Cost::page_clear_ns, 1);
         ctx.trace("clear", gfn, 1, pfn);
     }
 
@@ -728,7 +726,7 @@ impl TdxModule {
             self.seamcall(
                 ctx,
                 C::vp_flush,
-                self.costs.tdh_vp_flush_ns,
+                Cost::tdh_vp_flush_ns,
                 0,
                 0,
                 Status::Success,
@@ -738,7 +736,7 @@ impl TdxModule {
         self.seamcall(
             ctx,
             C::vpflushdone,
-            self.costs.tdh_mng_vpflushdone_ns,
+            Cost::tdh_mng_vpflushdone_ns,
             0,
             0,
             Status::Success,
@@ -746,7 +744,7 @@ impl TdxModule {
         self.seamcall(
             ctx,
             C::cache_wb,
-            self.costs.tdh_phymem_cache_wb_ns,
+            Cost::tdh_phymem_cache_wb_ns,
             0,
             0,
             Status::Success,
@@ -754,7 +752,7 @@ impl TdxModule {
         self.seamcall(
             ctx,
             C::key_freeid,
-            self.costs.tdh_mng_key_freeid_ns,
+            Cost::tdh_mng_key_freeid_ns,
             0,
             0,
             Status::Success,
@@ -884,7 +882,7 @@ impl ExternalOps for TdxHooks {
                     let s = m.seamcall(
                         ctx,
                         C::sept_remove,
-                        m.costs.tdh_mem_sept_remove_ns,
+                        Cost::tdh_mem_sept_remove_ns,
                         gfn,
                         level,
                         if ok {
@@ -914,14 +912,14 @@ impl ExternalOps for TdxHooks {
         m.seamcall(
             ctx,
             C::page_reclaim,
-            m.costs.tdh_phymem_page_reclaim_ns,
+            Cost::tdh_phymem_page_reclaim_ns,
             gfn,
             level,
             Status::Success,
         );
         if !m.software {
             ctx.inc(C::page_clear);
-            ctx.cost(m.costs.page_clear_ns);
+            ctx.charge(Cost::page_clear_ns, 1);
         }
         e.store(FREE, Ordering::Release);
         m.arena.free_now(child);

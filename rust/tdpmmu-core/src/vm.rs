@@ -9,7 +9,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::arena::{Arena, NO_TABLE, SP_MIRROR, SP_NX_DISALLOWED, SP_ROOT};
 use crate::attrs::PrivateRanges;
-use crate::cost::CostModel;
+use crate::cost::{Cost, CostModel};
 use crate::error::{Error, Result, bad_arg};
 use crate::external::ExternalOps;
 use crate::iter::TdpIter;
@@ -453,7 +453,6 @@ impl Vm {
                     cfg.vcpus,
                     capacity,
                     cfg.tdx.clone(),
-                    cfg.costs,
                     cfg.seed,
                     sw_mirror,
                 )?,
@@ -474,13 +473,14 @@ impl Vm {
             (_, _, HookDesign::None | HookDesign::Gmem) => None,
             (Some(t), _, _) => Some(t.clone()),
             (None, Some(table), HookDesign::Private) => Some(Arc::new(SnpHooks {
-                costs: cfg.costs,
                 table: table.clone(),
             })),
             _ => None,
         };
         let n = cfg.vcpus as usize;
         let costs = cfg.costs;
+        let totals = Totals::default();
+        totals.set_rates(&costs);
         Ok(Self {
             vm_type,
             costs,
@@ -489,7 +489,7 @@ impl Vm {
             roots: Mutex::new(Vec::new()),
             vcpu_root: (0..n).map(|_| AtomicU32::new(NO_TABLE)).collect(),
             vcpu_mirror_root: (0..n).map(|_| AtomicU32::new(NO_TABLE)).collect(),
-            totals: Totals::default(),
+            totals,
             bugged: AtomicBool::new(false),
             bug_msg: Mutex::new(None),
             has_mirror,
@@ -610,7 +610,8 @@ impl Vm {
     pub(crate) fn flush_remote_tlbs(&self, ctx: &mut Ctx) {
         ctx.inc(C::remote_tlb_flush_requests);
         ctx.inc(C::remote_tlb_flush);
-        ctx.cost(self.costs.tlb_flush(self.cfg.vcpus));
+        ctx.charge(Cost::tlb_flush_base_ns, 1);
+        ctx.charge(Cost::tlb_flush_per_vcpu_ns, self.cfg.vcpus as u64);
     }
 
     // ----- roots -----------------------------------------------------------------------------
@@ -716,7 +717,7 @@ impl Vm {
         self.check_gfn(gfn, "gfn")?;
         self.check_vcpu(vcpu)?;
         let is_private = self.check_private(private)?;
-        let mut ctx = Ctx::traced(self.cfg.trace);
+        let mut ctx = Ctx::new(&self.costs, self.cfg.trace);
         let r = {
             let st = self.mmu_lock.read();
             self.page_fault(
@@ -766,7 +767,7 @@ impl Vm {
             ));
         }
         assert_eq!(gfns.len(), out.len());
-        let mut ctx = Ctx::traced(self.cfg.trace);
+        let mut ctx = Ctx::new(&self.costs, self.cfg.trace);
         let mut err = None;
         {
             let st = self.mmu_lock.read();
@@ -831,12 +832,12 @@ impl Vm {
             ));
         }
         let exit_ns = if self.vm_type == VmType::Tdx {
-            self.costs.td_exit_entry_ns
+            Cost::td_exit_entry_ns
         } else {
-            self.costs.exit_entry_ns
+            Cost::exit_entry_ns
         };
         if !prefetch {
-            ctx.cost(exit_ns);
+            ctx.charge(exit_ns, 1);
         }
         // TDX forces private faults to writes (private pages are always RWX in S-EPT).
         let write = write || (is_private && self.vm_type == VmType::Tdx);
@@ -887,7 +888,7 @@ impl Vm {
         // An exit's handling is charged per fault; a pre-fault (populate) only per leaf it
         // installs (docs/model.md).
         if !prefetch {
-            ctx.cost(self.costs.fault_handling_ns);
+            ctx.charge(Cost::fault_handling_ns, 1);
         }
         if self.vcpu_root[vcpu].load(Ordering::Acquire) == NO_TABLE {
             self.mmu_load(ctx, vcpu)?;
@@ -972,7 +973,7 @@ impl Vm {
         ctx.op_private = false;
         let ret = ret?;
         if prefetch && ret == Ret::Fixed {
-            ctx.cost(self.costs.fault_handling_ns);
+            ctx.charge(Cost::fault_handling_ns, 1);
         }
         if !prefetch {
             match ret {
@@ -1006,7 +1007,8 @@ impl Vm {
         };
         if first {
             ctx.inc(C::host_pages_allocated);
-            ctx.cost(self.costs.host_page(pages_per_level(slot.level)));
+            ctx.charge(Cost::host_page_alloc_ns, 1);
+            ctx.charge(Cost::host_zero_4k_ns, pages_per_level(slot.level) - 1);
         }
         if !private {
             f.pfn = slot.pfn(f.gfn);
@@ -1025,7 +1027,7 @@ impl Vm {
             if self.design == HookDesign::Gmem && !Rmp::assigned(rmp.get(off)) {
                 // kvm_gmem_get_pfn → kvm_arch_gmem_prepare (sev_gmem_prepare).
                 ctx.inc(C::gmem_prepare);
-                let st = rmp.gmem_prepare(ctx, &self.costs, off, f.gfn);
+                let st = rmp.gmem_prepare(ctx, off, f.gfn);
                 if st != crate::snp::RmpStatus::Success {
                     ctx.bug(format!(
                         "gmem prepare RMPUPDATE failed for gfn {:#x}: {}",
@@ -1052,7 +1054,7 @@ impl Vm {
         } else {
             (off, gfn, false)
         };
-        let st = rmp.pvalidate(ctx, &self.costs, o, g, two_m, true);
+        let st = rmp.pvalidate(ctx, o, g, two_m, true);
         if st != crate::snp::RmpStatus::Success {
             ctx.bug(format!(
                 "guest PVALIDATE of gfn {gfn:#x} failed: {}",

@@ -160,7 +160,7 @@ impl Vm {
         body: impl FnOnce(&mut MmuState, &mut Ctx) -> Result<T>,
     ) -> Result<T> {
         self.ensure_alive()?;
-        let mut ctx = Ctx::traced(self.cfg.trace);
+        let mut ctx = Ctx::new(&self.costs, self.cfg.trace);
         let r = {
             let mut st = self.mmu_lock.write();
             let r = body(&mut st, &mut ctx);
@@ -268,7 +268,7 @@ impl Vm {
         self.check_range(gfn, npages)?;
         self.check_vcpu(vcpu)?;
         let is_private = self.check_private(private)?;
-        let mut ctx = Ctx::traced(self.cfg.trace);
+        let mut ctx = Ctx::new(&self.costs, self.cfg.trace);
         let end = gfn + npages;
         let r = (|| {
             let st = self.mmu_lock.read();
@@ -390,6 +390,18 @@ impl Vm {
         self.mmu_lock.read().memslots.generation
     }
 
+    /// Modeled nanoseconds charged to each `CostModel` field, in field order; the values add up
+    /// (in this order) to exactly `modeled_ns` of `stats()`.
+    pub fn cost_breakdown(&self) -> Vec<(&'static str, f64)> {
+        let t = self.totals.snapshot();
+        let rates = self.costs.rates();
+        crate::cost::COST_FIELDS
+            .iter()
+            .zip(t.units.iter().zip(rates.iter()))
+            .map(|(n, (u, r))| (*n, *u as f64 * r))
+            .collect()
+    }
+
     /// Counters by KVM name, plus memory gauges.
     pub fn stats(&self) -> Vec<(&'static str, f64)> {
         let t = self.totals.snapshot();
@@ -398,7 +410,7 @@ impl Vm {
             .zip(t.c.iter())
             .map(|(n, c)| (*n, *c as f64))
             .collect();
-        v.push(("modeled_ns", t.modeled_ns));
+        v.push(("modeled_ns", t.ledger_ns()));
         v.push(("page_table_bytes", (self.arena.live() * 4096) as f64));
         v.push(("page_table_peak_bytes", (self.arena.peak() * 4096) as f64));
         v

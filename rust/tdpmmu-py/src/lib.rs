@@ -744,6 +744,16 @@ impl Vm {
         Ok(d)
     }
 
+    /// Modeled nanoseconds charged to each CostModel field (field order); the values sum, in
+    /// that order, to exactly stats["modeled_ns"].
+    fn cost_breakdown<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.inner.cost_breakdown() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
     fn check(&self, py: Python<'_>) -> PyResult<()> {
         let inner = &self.inner;
         call_detached(py, || inner.check())
@@ -833,6 +843,31 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DATA_BASE_PFN", core::memslot::DATA_BASE_PFN)?;
     m.add("COST_FIELDS", PyTuple::new(py, core::COST_FIELDS)?)?;
     m.add("COUNTER_NAMES", PyTuple::new(py, core::COUNTER_NAMES)?)?;
+    let defaults = core::CostModel::default();
+    let cd = PyDict::new(py);
+    for (k, v) in core::COST_FIELDS.iter().zip(defaults.rates()) {
+        cd.set_item(*k, v)?;
+    }
+    m.add("COST_DEFAULTS", cd)?;
+    m.add("VM_TYPES", PyTuple::new(py, core::config::VmType::NAMES)?)?;
+    m.add("DESIGNS", PyTuple::new(py, core::config::Design::NAMES)?)?;
+    let rows = PyList::empty(py);
+    for v in core::config::MATRIX {
+        let d = PyDict::new(py);
+        d.set_item("vm_type", v.vm_type.name())?;
+        d.set_item("mirror", v.mirror)?;
+        let names: Vec<&str> = v.designs.iter().map(|d| d.name()).collect();
+        d.set_item("designs", PyTuple::new(py, names)?)?;
+        d.set_item("mirror_root", v.mirror_root)?;
+        d.set_item("tdx_options", v.tdx_options)?;
+        rows.append(d)?;
+    }
+    m.add("MATRIX", rows.to_tuple())?;
+    let choices = PyDict::new(py);
+    for (k, allowed) in core::config::tdx_option_choices() {
+        choices.set_item(k, PyTuple::new(py, allowed)?)?;
+    }
+    m.add("TDX_OPTION_CHOICES", choices)?;
     m.add_function(wrap_pyfunction!(spte_decode, m)?)?;
     m.add_function(wrap_pyfunction!(make_leaf_spte, m)?)?;
     m.add_function(wrap_pyfunction!(make_nonleaf_spte, m)?)?;
