@@ -23,8 +23,12 @@ def _load_reference() -> ModuleType:
         return reference
     except ImportError:
         # The package __init__ needs the native module; the reference itself does not.
-        path = Path(__file__).resolve().parents[1] / "python" / "tdpmmu" / "reference.py"
-        spec = importlib.util.spec_from_file_location("_tdpmmu_reference_standalone", path)
+        path = Path(__file__).resolve().parents[1] / "python" / "tdpmmu" / "reference"
+        spec = importlib.util.spec_from_file_location(
+            "_tdpmmu_reference_standalone",
+            path / "__init__.py",
+            submodule_search_locations=[str(path)],
+        )
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
@@ -196,7 +200,7 @@ def _expected_preorder(vm: object, sp: object, start: int, end: int) -> list[tup
             continue
         out.append((level, gfn))
         if level > 1 and ref.is_shadow_present_pte(spte) and not ref.is_last_spte(spte, level):
-            out += _expected_preorder(vm, vm._spte_to_child_sp(spte), start, end)  # type: ignore[attr-defined]
+            out += _expected_preorder(vm, vm.arena.child_sp(spte), start, end)  # type: ignore[attr-defined]
     return out
 
 
@@ -206,9 +210,9 @@ def test_18_iterator_is_preorder_and_skips_non_present() -> None:
     vm.fault(3 * MiB2)  # a 2M leaf
     vm.fault(5 * MiB2 + 9, exec=True)
     vm.zap_gfn_range(5 * MiB2, MiB2)  # leaves an empty 4K table
-    root = vm._valid_direct_root()
+    root = vm.tdp_mmu.valid_direct_root()
     start, end = 2, 6 * MiB2 + 1
-    seen = [(it.level, it.gfn) for it in ref._TdpIter(vm, root, 1, start, end)]
+    seen = [(it.level, it.gfn) for it in ref.TdpIter(vm.arena, root, 1, start, end)]
     assert seen == _expected_preorder(vm, root, start, end)
     # Parents come before children, and the 2M leaf's range is not descended into.
     assert seen.index((2, 0)) < seen.index((1, 2))
@@ -221,8 +225,8 @@ def test_18_iterator_rereads_before_descending() -> None:
     vm = ReferenceVM(memory="1GiB", backing="4K")
     vm.fault(5)
     vm.fault(MiB2 + 5)
-    root = vm._valid_direct_root()
-    it = ref._TdpIter(vm, root, 1, 0, 2 * MiB2)
+    root = vm.tdp_mmu.valid_direct_root()
+    it = ref.TdpIter(vm.arena, root, 1, 0, 2 * MiB2)
     visited = []
     for step in it:
         visited.append((step.level, step.gfn))
@@ -283,20 +287,20 @@ def test_19_zaps_in_invalid_roots_do_not_request_a_flush() -> None:
     vm = ReferenceVM(memory="64MiB")
     vm.fault(1)
     vm.fault(2)
-    root = vm._valid_direct_root()
-    vm._kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
-    flush, zapped = vm._tdp_mmu_zap_leafs(root, 0, 10)
+    root = vm.tdp_mmu.valid_direct_root()
+    vm.tdp_mmu.kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
+    flush, zapped = vm.tdp_mmu.tdp_mmu_zap_leafs(root, 0, 10)
     assert (flush, zapped) == (False, 2)
     # The notifier path reaches invalid roots too, and still does not flush for them.
     vm2 = ReferenceVM(memory="64MiB")
     vm2.fault(1)
-    vm2._kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
+    vm2.tdp_mmu.kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
     assert vm2.mmu_notifier_invalidate(0, 10) == 1
     assert flushes(vm2) == 0
     # ... while kvm_zap_gfn_range ignores invalid roots altogether.
     vm3 = ReferenceVM(memory="64MiB")
     vm3.fault(1)
-    vm3._kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
+    vm3.tdp_mmu.kvm_tdp_mmu_invalidate_roots(ref.KVM_DIRECT_ROOTS)
     assert vm3.zap_gfn_range(0, 10) == 0
 
 
@@ -457,7 +461,7 @@ def test_free_order_is_post_order_and_reuse_is_lifo() -> None:
     vm.delete_memslot(slot)  # leaf zap: tables stay
     vm.add_memslot(GiB, GiB, backing="1G")
     vm.fault(GiB)  # 1G leaf replaces L2 (2): frees L1 (3), L1 (4), then L2 (2)
-    assert vm._reusable == [3, 4, 2]
+    assert vm.arena.reusable == [3, 4, 2]
     assert all(e == FROZEN for i in (2, 3, 4) for e in vm.tables()[i])
     vm.fault(0x100)  # needs an L2 and an L1: pops 2, then 4
     assert vm.walk(0x100) == [
@@ -466,7 +470,7 @@ def test_free_order_is_post_order_and_reuse_is_lifo() -> None:
         (2, nonleaf(4)),
         (1, leaf4k(DATA_BASE_PFN + 0x100)),
     ]
-    assert vm._reusable == [3]
+    assert vm.arena.reusable == [3]
     vm.check()
 
 
@@ -483,7 +487,7 @@ def test_tables_freed_by_an_operation_are_reused_only_after_it() -> None:
     rets = vm.fault_batch([GiB + 1, 2 * GiB + 1])
     assert rets == [Ret.FIXED, Ret.FIXED]
     assert len(vm.tables()) == n_tables + 2  # not served from the tables freed in the batch
-    assert len(vm._reusable) == 2
+    assert len(vm.arena.reusable) == 2
     vm.check()
 
 
@@ -578,8 +582,8 @@ def test_check_detects_corruption() -> None:
     vm = ReferenceVM(memory="64MiB")
     vm.fault(5)
     vm.check()
-    root = vm._valid_direct_root()
-    leaf_table = vm._spte_to_child_sp(vm.walk(5)[2][1])
+    root = vm.tdp_mmu.valid_direct_root()
+    leaf_table = vm.arena.child_sp(vm.walk(5)[2][1])
     leaf_table.spt[5] = FROZEN
     with pytest.raises(ref.InvariantError):
         vm.check()
@@ -588,10 +592,10 @@ def test_check_detects_corruption() -> None:
         vm.check()
     leaf_table.spt[5] = leaf4k(DATA_BASE_PFN + 5)
     vm.check()
-    vm._stats["pages_4k"] += 1
+    vm.ctx.stats["pages_4k"] += 1
     with pytest.raises(ref.InvariantError):
         vm.check()
-    vm._stats["pages_4k"] -= 1
+    vm.ctx.stats["pages_4k"] -= 1
     root.refcount += 1
     with pytest.raises(ref.InvariantError):
         vm.check()
@@ -647,7 +651,7 @@ def test_08_mismatch_and_private_without_gmem_are_memory_faults() -> None:
     vm.set_memory_attributes(1 << 20, 512, True)
     assert vm.fault((1 << 20) + 1, private=True).ret == Ret.MEMORY_FAULT
     assert vm.fault(5).ret == Ret.FIXED  # private=None follows the attribute
-    assert ref.spte_to_pfn(vm.spte(5)) == vm._memslots[0].gmem_pfn + 5  # from guest_memfd
+    assert ref.spte_to_pfn(vm.spte(5)) == vm.slots[0].gmem_pfn + 5  # from guest_memfd
     vm.delete_memslot(slot)
     vm.check()
 
@@ -723,12 +727,12 @@ def test_05_17_shared_fault_uses_the_aliased_direct_root_without_hooks() -> None
     r = vm.fault(0x40)
     assert r.ret == Ret.FIXED and not r.private
     assert vm.stats["link_external_spt"] == 0
-    direct = vm._current_root(mirror=False)
+    direct = vm.tdp_mmu.current_root(mirror=False)
     assert all(e == SVE for e in direct.spt[:256]) and direct.spt[256] != SVE  # index of g|2^35
-    child = vm._spte_to_child_sp(direct.spt[256])
+    child = vm.arena.child_sp(direct.spt[256])
     assert child.gfn == 0  # sp->gfn stays un-aliased
     assert vm.walk(0x40, private=True)[-1][1] == SVE
-    it = ref._TdpIter(vm, direct, 1, 1 << 35, (1 << 35) + 1, gfn_bits=1 << 35)
+    it = ref.TdpIter(vm.arena, direct, 1, 1 << 35, (1 << 35) + 1, gfn_bits=1 << 35)
     assert not list(it)  # a walk from an already-aliased gfn yields nothing
 
 
@@ -770,9 +774,9 @@ def test_batched_tracking_and_two_hook_counting() -> None:
 def test_11_12_kvm_bug_rules_mark_the_vm_bugged() -> None:
     vm = running_td()
     vm.fault(1, private=True)
-    mirror = vm._current_root(mirror=True)
+    mirror = vm.tdp_mmu.current_root(mirror=True)
     vm._begin_operation()
-    vm._tdp_mmu_zap_root(mirror, shared=True)
+    vm.tdp_mmu.tdp_mmu_zap_root(mirror, shared=True)
     with pytest.raises(ref.VmBugged, match="mirror"):
         vm._end_of_operation()
     assert vm.bugged
@@ -783,9 +787,9 @@ def test_11_12_kvm_bug_rules_mark_the_vm_bugged() -> None:
 
     vm = running_td()
     vm.fault(1, private=True)
-    mirror = vm._current_root(mirror=True)
+    mirror = vm.tdp_mmu.current_root(mirror=True)
     vm._begin_operation()
-    vm._tdp_mmu_zap_root(mirror, shared=False)
+    vm.tdp_mmu.tdp_mmu_zap_root(mirror, shared=False)
     with pytest.raises(ref.VmBugged, match="HKID"):
         vm._end_of_operation()
     s = vm.stats
@@ -828,9 +832,9 @@ def test_22_initial_image_and_v6_16_premapping() -> None:
 
     vm = ReferenceVM(vm_type="tdx", memory="64MiB", tdx={"version": "6.16"})
     vm.populate(0, 1, private=True)
-    assert vm.stats["TDH.MEM.PAGE.ADD"] == 1 and vm._tdx.nr_premapped == 0
-    assert vm._external is not None
-    vm._external.set_external_spte(5, 1, ref.make_leaf_spte(0x99, 1))  # premapped only
+    assert vm.stats["TDH.MEM.PAGE.ADD"] == 1 and vm.sept.nr_premapped == 0
+    assert vm.vendor.external is not None
+    vm.vendor.external.set_external_spte(5, 1, ref.make_leaf_spte(0x99, 1))  # premapped only
     with pytest.raises(ValueError, match="premapped"):
         vm.finalize()
 

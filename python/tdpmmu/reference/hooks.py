@@ -1,0 +1,79 @@
+"""The external page-table hooks: the interface KVM calls, and the one place it calls them.
+
+``kvm_x86_ops`` has four hooks for page tables KVM cannot write itself (TDX's S-EPT):
+``link_external_spt`` when a table is linked, ``set_external_spte`` when a leaf is installed,
+``remove_external_spte`` when a leaf is zapped and ``free_external_spt`` when a table is torn
+down.  A backend (``ExternalOps``) implements them: the TDX module, the software mirror, or
+the RMP on SNP.  The *hook design* decides which SPTE changes call them (architecture §4):
+
+* ``mirror``: every change of an entry in a mirror table (upstream TDX);
+* ``private``: every change made for private memory (a private fault, a PRIVATE-filtered
+  zap), on whatever root it lands;
+* ``gmem`` and ``none``: no SPTE change calls a hook.
+
+:class:`ExternalHooks` is the dispatch site: the TDP MMU asks it whether a change of a table
+calls the hooks (:meth:`ExternalHooks.fires`) and calls them through it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .arena import MmuPage
+from .stats import Ctx
+
+#: what an install hook returns: 0, -EBUSY or -EIO (the backend then hit a KVM_BUG_ON).
+HOOK_OK, HOOK_EBUSY, HOOK_EIO = 0, -16, -5
+
+#: the hook designs (architecture §4).
+HOOK_DESIGNS = ("none", "mirror", "private", "gmem")
+
+
+class ExternalOps(Protocol):
+    """A backend of the four hooks; ``level`` is the level of the entry written (of the freed
+    table for ``free_external_spt``), ``gfn`` the first gfn it maps."""
+
+    def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int: ...
+
+    def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int: ...
+
+    def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None: ...
+
+    def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> int: ...
+
+
+class ExternalHooks:
+    """The hook design plus its backend: where the TDP MMU calls the external hooks."""
+
+    def __init__(self, ctx: Ctx, design: str, backend: ExternalOps | None) -> None:
+        self.ctx = ctx
+        self.design = design
+        self.backend = backend
+
+    def fires(self, sp: MmuPage) -> bool:
+        """Does a change of an entry of ``sp`` call the external hooks?"""
+        if self.design == "mirror":
+            return sp.is_mirror  # upstream TDX: every change of a mirror SPTE
+        if self.design == "private":
+            return self.ctx.op_private  # every change made for private memory
+        return False  # "none", and "gmem" (guest_memfd prepare/invalidate only)
+
+    def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        if self.backend is None:
+            self.ctx.kvm_bug_on("mirror SPTE change without an external backend")
+            return HOOK_EIO
+        return self.backend.link_external_spt(gfn, level, child)
+
+    def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
+        if self.backend is None:
+            self.ctx.kvm_bug_on("mirror SPTE change without an external backend")
+            return HOOK_EIO
+        return self.backend.set_external_spte(gfn, level, new_spte)
+
+    def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
+        if self.backend is not None:
+            self.backend.remove_external_spte(gfn, level, old_spte)
+
+    def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> None:
+        if self.backend is not None:
+            self.backend.free_external_spt(gfn, level, sp)

@@ -1,0 +1,152 @@
+"""Memslots: guest-physical ranges, the host memory behind them, and size parsing.
+
+The model places host memory itself: the first memslot's pages start at host pfn
+``DATA_BASE_PFN``, each later slot 1 GiB aligned after the previous one, and a slot with
+guest_memfd gets a second host range of its own (the private pages) right after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+
+from .errors import ConfigError
+from .spte import PAGE_SHIFT, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
+from .vendor.rmp import Rmp
+
+#: host pfn given to the first memslot; later slots follow, 1 GiB aligned.
+DATA_BASE_PFN = 1 << 32
+_DATA_PFN_ALIGN = 262144  # 1 GiB in 4 KiB pages
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """Bytes from an int or a string like ``"64MiB"``, ``"16G"``, ``"2M"``, ``"4K"``.
+
+    Units are binary (K = 1024) whether or not written with ``i``.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be bytes or a size string, not a bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    raise ConfigError(f"{what}: cannot parse {value!r} (bytes, or e.g. '4K', '2MiB', '16GiB')")
+
+
+BACKING_LEVEL = {4096: PG_LEVEL_4K, 2 << 20: PG_LEVEL_2M, 1 << 30: PG_LEVEL_1G}
+
+
+def backing_bytes(value: int | str, what: str = "backing") -> int:
+    size = parse_size(value, what)
+    if size not in BACKING_LEVEL:
+        raise ConfigError(
+            f"{what} must be 4K, 2M or 1G (4096, 2097152 or 1073741824 bytes), got {value!r}"
+        )
+    return size
+
+
+@dataclasses.dataclass
+class Memslot:
+    """One KVM memslot with the model's host placement."""
+
+    id: int
+    gfn: int
+    npages: int
+    backing: int  # bytes: 4096, 2 MiB or 1 GiB
+    gmem: bool
+    host_pfn: int
+    gmem_pfn: int = 0  # first guest_memfd pfn (a separate host range), 0 without guest_memfd
+    rmp: Rmp | None = None  # SEV-SNP: the RMP entries of the guest_memfd pages
+    touched: set[int] = dataclasses.field(default_factory=set)  # backing pages allocated
+    gmem_touched: set[int] = dataclasses.field(default_factory=set)  # guest_memfd pages
+
+    @property
+    def backing_pages(self) -> int:
+        return self.backing >> PAGE_SHIFT
+
+    @property
+    def max_level(self) -> int:
+        return BACKING_LEVEL[self.backing]
+
+    @property
+    def end(self) -> int:
+        return self.gfn + self.npages
+
+    def contains(self, gfn: int) -> bool:
+        return self.gfn <= gfn < self.end
+
+    def pfn(self, gfn: int) -> int:
+        """Host pfn of the shared (host-mapped) page behind ``gfn``."""
+        return self.host_pfn + (gfn - self.gfn)
+
+    def private_pfn(self, gfn: int) -> int:
+        """Host pfn of the guest_memfd page behind ``gfn``."""
+        return self.gmem_pfn + (gfn - self.gfn)
+
+    def as_tuple(self) -> tuple[int, int, int, int, bool, int]:
+        return (self.id, self.gfn, self.npages, self.backing, self.gmem, self.host_pfn)
+
+
+class Memslots:
+    """The VM's memslots (one address space) and their generation."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, Memslot] = {}
+        self.generation = 0
+        self._next_slot_id = 0
+        self._next_data_pfn = DATA_BASE_PFN
+
+    def __getitem__(self, slot_id: int) -> Memslot:
+        return self.by_id[slot_id]
+
+    def __contains__(self, slot_id: object) -> bool:
+        return slot_id in self.by_id
+
+    def __iter__(self) -> Iterator[Memslot]:
+        """The memslots in creation order."""
+        return iter(self.by_id.values())
+
+    def by_gfn(self) -> list[Memslot]:
+        """The memslots sorted by gfn."""
+        return sorted(self.by_id.values(), key=lambda s: s.gfn)
+
+    def add(self, gfn: int, npages: int, backing: int, gmem: bool, rmp: bool) -> int:
+        """A new slot with its host pages (and guest_memfd pages, with an RMP if ``rmp``)."""
+        slot_id = self._next_slot_id
+        self._next_slot_id += 1
+        span = -(-npages // _DATA_PFN_ALIGN) * _DATA_PFN_ALIGN
+        slot = Memslot(slot_id, gfn, npages, backing, gmem, self._next_data_pfn)
+        self._next_data_pfn += span
+        if gmem:
+            # guest_memfd pages are a host allocation of their own, right after.
+            slot.gmem_pfn = self._next_data_pfn
+            self._next_data_pfn += span
+            if rmp:
+                slot.rmp = Rmp(npages)
+        self.by_id[slot_id] = slot
+        self.generation += 2  # two address spaces on x86
+        return slot_id
+
+    def delete(self, slot_id: int) -> None:
+        """The host pages (and the RMP entries) go with the slot."""
+        del self.by_id[slot_id]
+        self.generation += 2
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        for slot in self.by_id.values():
+            if slot.contains(gfn):
+                return slot
+        return None
+
+    def rmp_for_pfn(self, pfn: int) -> tuple[Rmp, int] | None:
+        """The hardware's view: the RMP entry of a host pfn (guest_memfd pages only)."""
+        for slot in self.by_id.values():
+            if slot.rmp is not None and slot.gmem_pfn <= pfn < slot.gmem_pfn + slot.npages:
+                return slot.rmp, pfn - slot.gmem_pfn
+        return None

@@ -1,0 +1,210 @@
+"""Fault entry (KVM's mmu.c): from the exit to ``kvm_tdp_mmu_map`` and back.
+
+:meth:`Mmu.page_fault` is one fault as a vCPU takes it: the exit, ``kvm_mmu_page_fault``
+(with TDX's local retry of private faults), then what the guest does with the page (TDX
+accept, SNP validate).  :meth:`Mmu.kvm_mmu_page_fault` builds the ``kvm_page_fault`` up
+front, answers MMIO from the cache, turns an attribute mismatch into
+KVM_EXIT_MEMORY_FAULT, looks up the pfn (``faultin_pfn``), picks the level and maps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .attrs import PrivateRanges
+from .errors import Ret
+from .memslot import Memslots
+from .spte import (
+    MMIO_SPTE_GEN_MASK,
+    PG_LEVEL_4K,
+    gfn_round_for_level,
+    is_mmio_spte,
+    mmio_spte_generation,
+    pages_per_hpage,
+)
+from .stats import Ctx
+from .tdp_mmu import KvmPageFault, TdpMmu
+from .vendor.base import Vendor
+
+#: the counter of each fault result (vCPU faults only; prefetches count nothing).
+_RET_COUNTER = {
+    Ret.FIXED: "pf_fixed",
+    Ret.SPURIOUS: "pf_spurious",
+    Ret.EMULATE: "pf_emulate",
+    Ret.RETRY: "pf_retry",
+    Ret.WRITE_PROTECTED: "pf_write_protected",
+    Ret.MEMORY_FAULT: "pf_memory_fault",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceFault:
+    """What one fault returned (shape of ``tdpmmu.Fault``)."""
+
+    ret: Any
+    level: int
+    retries: int
+    modeled_ns: float
+    spte: int
+    gfn: int
+    private: bool
+
+
+class Mmu:
+    """The fault path of one VM."""
+
+    def __init__(
+        self,
+        *,
+        ctx: Ctx,
+        tdp_mmu: TdpMmu,
+        slots: Memslots,
+        attrs: PrivateRanges,
+        vendor: Vendor,
+        confidential: bool,
+        folio_level: int,
+    ) -> None:
+        self.ctx = ctx
+        self.tdp_mmu = tdp_mmu
+        self.slots = slots
+        self.attrs = attrs
+        self.vendor = vendor
+        #: private memory, guest_memfd and memory attributes exist (all but "default").
+        self.confidential = confidential
+        self.folio_level = folio_level
+
+    def page_fault(
+        self, vcpu: int, gfn: int, private: bool | None, write: bool, exec: bool, prefetch: bool
+    ) -> ReferenceFault:
+        """One fault as the vCPU takes it (or, with ``prefetch``, a KVM_PRE_FAULT_MEMORY step).
+
+        ``private=None`` accesses the gfn as its memory attribute says.  A TDX private fault
+        that returns RETRY is retried inside KVM (without busy injection it never does).
+        """
+        start_ns = self.ctx.ledger.ns
+        vendor = self.vendor
+        is_private = (
+            private if private is not None else (self.confidential and self.attrs.is_private(gfn))
+        )
+        if not prefetch:
+            vendor.check_vcpu_can_run()
+            self.ctx.charge(vendor.exit_cost)
+        write = write or (is_private and vendor.forces_private_writes)
+        retries = 0
+        while True:
+            r = self.kvm_mmu_page_fault(vcpu, gfn, is_private, write, exec, prefetch)
+            if (
+                r.ret == Ret.RETRY
+                and is_private
+                and vendor.retries_private_faults
+                and not prefetch
+                and self.ctx.bug is None
+                and retries < 1000
+            ):
+                retries += 1  # tdx_handle_ept_violation's local retry
+                self.ctx.count("tdx_local_retries")
+                continue
+            if is_private and not prefetch:
+                vendor.after_private_fault(r.ret, gfn, self.slots.gfn_to_memslot(gfn))
+            return dataclasses.replace(r, retries=retries, modeled_ns=self.ctx.ledger.ns - start_ns)
+
+    def kvm_mmu_page_fault(
+        self, vcpu: int, gfn: int, is_private: bool, write: bool, exec: bool, prefetch: bool
+    ) -> ReferenceFault:
+        """``kvm_mmu_do_page_fault`` + ``kvm_tdp_mmu_page_fault`` + ``kvm_tdp_mmu_map``."""
+        tdp_mmu = self.tdp_mmu
+        if not prefetch:
+            self.ctx.charge("fault_handling_ns")  # per exit; a prefetch per leaf
+        tdp_mmu.kvm_mmu_load(vcpu)
+        mirror = tdp_mmu.has_mirror and is_private
+        root = tdp_mmu.vcpu_mirror_root[vcpu] if mirror else tdp_mmu.vcpu_root[vcpu]
+        assert root is not None
+        gfn_bits = tdp_mmu.root_gfn_bits(mirror)
+        slot = self.slots.gfn_to_memslot(gfn)
+        fault = KvmPageFault(
+            gfn=gfn, write=write, exec=exec, prefetch=prefetch, slot=slot, private=is_private
+        )
+
+        def done(ret: Any, level: int, spte: int) -> ReferenceFault:
+            return ReferenceFault(Ret(int(ret)), level, 0, 0.0, spte, gfn, is_private)
+
+        # MMIO cache: a current-generation MMIO SPTE is handled without a page fault.
+        if slot is None and not prefetch and not is_private:
+            level, spte = tdp_mmu.lookup(root, gfn, gfn_bits)
+            if (
+                level == PG_LEVEL_4K
+                and is_mmio_spte(spte)
+                and mmio_spte_generation(spte) == (self.slots.generation & MMIO_SPTE_GEN_MASK)
+            ):
+                return done(Ret.EMULATE, PG_LEVEL_4K, spte)
+        if not prefetch:
+            self.ctx.count("pf_taken")
+        # kvm_mmu_faultin_pfn: the access must match the attribute, and private memory must
+        # come from guest_memfd; otherwise userspace gets KVM_EXIT_MEMORY_FAULT.
+        mismatch = self.confidential and is_private != self.attrs.is_private(gfn)
+        no_gmem = is_private and (slot is None or not slot.gmem)
+        if mismatch or no_gmem:
+            if not prefetch:
+                self.ctx.count("pf_memory_fault")
+            level, spte = tdp_mmu.lookup(root, gfn, gfn_bits)
+            return done(Ret.MEMORY_FAULT, level, spte)
+
+        if slot is not None:
+            self.kvm_mmu_faultin_pfn(fault)
+            if self.confidential:
+                # KVM_LPAGE_MIXED_FLAG: a huge mapping needs one attribute over its range.
+                while fault.max_level > PG_LEVEL_4K:
+                    base = gfn_round_for_level(gfn, fault.max_level)
+                    span = pages_per_hpage(fault.max_level)
+                    if self.attrs.uniform(base, base + span) == is_private:
+                        break
+                    fault.max_level -= 1
+        else:
+            fault.max_level = PG_LEVEL_4K  # MMIO faults map at 4K
+        self.kvm_mmu_hugepage_adjust(fault)
+        self.ctx.op_private = is_private
+        try:
+            ret = tdp_mmu.kvm_tdp_mmu_map(root, fault, gfn_bits)
+        finally:
+            self.ctx.op_private = False
+        if prefetch and ret == Ret.FIXED:
+            self.ctx.charge("fault_handling_ns")
+        if not prefetch:
+            counter = _RET_COUNTER.get(ret)
+            if counter:
+                self.ctx.count(counter)
+        return done(ret, fault.level, fault.spte)
+
+    def kvm_mmu_faultin_pfn(self, fault: KvmPageFault) -> None:
+        """Look up the backing page (the first touch allocates and zeroes it).
+
+        Shared pages come from the host mapping, private ones from guest_memfd, whose folio
+        size (and the vendor: TDX maps 4K only, SNP no larger than the RMP entry that
+        ``sev_gmem_prepare`` made) caps the level.
+        """
+        slot = fault.slot
+        assert slot is not None
+        backing_page = (fault.gfn - slot.gfn) // slot.backing_pages
+        touched = slot.gmem_touched if fault.private else slot.touched
+        if (slot.gmem or not fault.private) and backing_page not in touched:
+            touched.add(backing_page)
+            self.ctx.count("host_pages_allocated")
+            self.ctx.ledger.host_page(slot.backing_pages)
+        if not fault.private:
+            fault.max_level = slot.max_level
+            return
+        self.vendor.gmem_prepare(slot, fault.gfn)
+        fault.max_level = self.vendor.private_max_mapping_level(
+            slot, fault.gfn, min(slot.max_level, self.folio_level)
+        )
+
+    def kvm_mmu_hugepage_adjust(self, fault: KvmPageFault) -> None:
+        """The level to map at: as large as allowed, unless NX huge pages forbid it."""
+        fault.huge_page_disallowed = fault.exec and self.tdp_mmu.nx_huge_pages
+        fault.req_level = fault.goal_level = PG_LEVEL_4K
+        if fault.max_level == PG_LEVEL_4K or fault.slot is None:
+            return
+        fault.req_level = fault.max_level
+        if not fault.huge_page_disallowed:
+            fault.goal_level = fault.req_level

@@ -1,0 +1,562 @@
+"""The TDP MMU (KVM's tdp_mmu.c): roots, SPTE writers, map, zaps, splits.
+
+:class:`TdpMmu` owns the roots and writes every SPTE.  Installs made under the shared
+``mmu_lock`` go through :meth:`TdpMmu.tdp_mmu_set_spte_atomic` (a cmpxchg against the
+iterator's snapshot; on a table whose changes call the external hooks the entry is FROZEN
+while the hook runs and becomes present only if it succeeded); writes under the exclusive
+lock through :meth:`TdpMmu.tdp_mmu_iter_set_spte`.  Both end in
+:meth:`TdpMmu.handle_changed_spte`, which keeps the page counters and tears down unlinked
+tables (:meth:`TdpMmu.handle_removed_pt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .arena import (
+    ROLE_ACCESS_SHIFT,
+    ROLE_CR0_WP,
+    ROLE_DIRECT,
+    ROLE_EFER_NX,
+    ROLE_INVALID,
+    ROLE_IS_MIRROR,
+    ROLE_LEVEL_MASK,
+    Arena,
+    MmuPage,
+)
+from .errors import InvariantError, Ret
+from .hooks import HOOK_OK, ExternalHooks
+from .memslot import Memslot, Memslots
+from .spte import (
+    ACC_ALL,
+    FROZEN_SPTE,
+    PG_LEVEL_1G,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    PT64_ROOT_MAX_LEVEL,
+    SHADOW_NONPRESENT_VALUE,
+    SPTE_ENT_PER_PAGE,
+    SPTE_EXECUTABLE,
+    SPTE_LEVEL_BITS,
+    SPTE_WRITABLE,
+    is_frozen_spte,
+    is_large_pte,
+    is_last_spte,
+    is_mmio_spte,
+    is_shadow_present_pte,
+    make_leaf_spte,
+    make_mmio_spte,
+    make_nonleaf_spte,
+    make_small_spte,
+    pages_per_hpage,
+    spte_index,
+    spte_to_pfn,
+)
+from .stats import Ctx
+from .tdp_iter import TdpIter
+
+# Root-type filters (KVM_*_ROOTS).
+KVM_INVALID_ROOTS = 1 << 0
+KVM_DIRECT_ROOTS = 1 << 1
+KVM_MIRROR_ROOTS = 1 << 2
+KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
+KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
+
+
+def tdp_root_role(levels: int, *, is_mirror: bool = False) -> int:
+    """``kvm_calc_tdp_mmu_root_page_role`` for a direct (or mirror) TDP root with A/D."""
+    role = levels | ROLE_DIRECT | (ACC_ALL << ROLE_ACCESS_SHIFT) | ROLE_EFER_NX | ROLE_CR0_WP
+    if is_mirror:
+        role |= ROLE_IS_MIRROR
+    return role
+
+
+@dataclasses.dataclass
+class KvmPageFault:
+    """``struct kvm_page_fault``: the parts the model needs."""
+
+    gfn: int
+    write: bool
+    exec: bool
+    prefetch: bool
+    slot: Memslot | None
+    private: bool = False
+    max_level: int = PG_LEVEL_1G
+    req_level: int = PG_LEVEL_4K
+    goal_level: int = PG_LEVEL_4K
+    huge_page_disallowed: bool = False
+    # Filled at the target level, for the caller's Fault result.
+    level: int = PG_LEVEL_4K
+    spte: int = SHADOW_NONPRESENT_VALUE
+
+
+class TdpMmu:
+    """The roots of one VM and everything that writes their SPTEs.
+
+    ``hooks`` is where external-hook calls go; ``slots`` only gives the host pfns of new
+    leaves and the MMIO generation.
+    """
+
+    def __init__(
+        self,
+        *,
+        arena: Arena,
+        ctx: Ctx,
+        hooks: ExternalHooks,
+        slots: Memslots,
+        levels: int,
+        vcpus: int,
+        has_mirror: bool,
+        gfn_direct_bits: int,
+        max_gfn: int,
+        nx_huge_pages: bool,
+    ) -> None:
+        self.arena = arena
+        self.ctx = ctx
+        self.hooks = hooks
+        self.slots = slots
+        self.levels = levels
+        self.vcpus = vcpus
+        #: a mirror root for private memory (TDX, and the SW_PROTECTED mirror variant).
+        self.has_mirror = has_mirror
+        #: ``kvm_gfn_direct_bits``: the direct root of a TD maps shared gfn g at g | bit.
+        self.gfn_direct_bits = gfn_direct_bits
+        self.max_gfn = max_gfn
+        self.nx_huge_pages = nx_huge_pages
+        self.roots: list[MmuPage] = []  # kvm->arch.tdp_mmu_roots, newest first
+        self.vcpu_root: list[MmuPage | None] = [None] * vcpus  # mmu->root.hpa per vCPU
+        self.vcpu_mirror_root: list[MmuPage | None] = [None] * vcpus  # mmu->mirror_root_hpa
+
+    # ==================================================================================
+    # Roots (spec §6)
+    # ==================================================================================
+
+    def root_role(self, mirror: bool = False) -> int:
+        return tdp_root_role(self.levels, is_mirror=mirror)
+
+    def root_gfn_bits(self, mirror: bool) -> int:
+        """``kvm_gfn_root_bits``: the shared bit for the direct root of a TD, else 0."""
+        return 0 if mirror else self.gfn_direct_bits
+
+    def valid_direct_root(self) -> MmuPage | None:
+        return self.current_root(mirror=False)
+
+    def current_root(self, mirror: bool) -> MmuPage | None:
+        """The newest valid root of the kind (what walk/spte inspect)."""
+        for root in self.roots:
+            if not root.invalid and root.is_mirror == mirror:
+                return root
+        return None
+
+    def tdp_mmu_root_match(self, root: MmuPage, types: int) -> bool:
+        if root.invalid:
+            return bool(types & KVM_INVALID_ROOTS)
+        return bool(types & (KVM_MIRROR_ROOTS if root.is_mirror else KVM_DIRECT_ROOTS))
+
+    def kvm_tdp_mmu_get_root(self, root: MmuPage) -> bool:
+        if root.refcount == 0:
+            return False
+        root.refcount += 1
+        return True
+
+    def kvm_tdp_mmu_put_root(self, root: MmuPage) -> None:
+        if root.refcount <= 0:
+            self.ctx.kvm_bug_on(f"put of root pfn {root.pfn:#x} with refcount {root.refcount}")
+            return
+        root.refcount -= 1
+        if root.refcount:
+            return
+        if not root.invalid:
+            self.ctx.kvm_bug_on("root refcount reached zero while the root is still valid")
+        self.roots.remove(root)
+        self.ctx.count("roots_freed")
+        self.arena.free(root)
+
+    def kvm_tdp_mmu_alloc_root(self, mirror: bool = False) -> MmuPage:
+        """Reuse a valid root with the identical role, else create one (refcount 2)."""
+        role = self.root_role(mirror)
+        for root in self.roots:
+            if not root.invalid and root.role == role and self.kvm_tdp_mmu_get_root(root):
+                return root
+        root = self.arena.alloc(role, 0)
+        root.refcount = 2  # this vCPU's reference + the TDP MMU's own
+        self.roots.insert(0, root)
+        self.ctx.count("roots_allocated")
+        return root
+
+    def kvm_mmu_load(self, vcpu: int) -> None:
+        """``mmu_alloc_direct_roots``: the mirror root first (if the VM has one and this vCPU
+        has none yet), then the direct root (first run, or after a fast zap)."""
+        if self.has_mirror and self.vcpu_mirror_root[vcpu] is None:
+            self.vcpu_mirror_root[vcpu] = self.kvm_tdp_mmu_alloc_root(mirror=True)
+        if self.vcpu_root[vcpu] is None:
+            self.vcpu_root[vcpu] = self.kvm_tdp_mmu_alloc_root(mirror=False)
+
+    def kvm_mmu_free_obsolete_roots(self) -> None:
+        """KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, handled right away for every vCPU."""
+        for vcpu, root in enumerate(self.vcpu_root):
+            if root is not None and root.invalid:
+                self.vcpu_root[vcpu] = None
+                self.kvm_tdp_mmu_put_root(root)
+
+    def kvm_tdp_mmu_invalidate_roots(self, types: int) -> None:
+        for root in self.roots:
+            if not root.invalid and self.tdp_mmu_root_match(root, types):
+                root.role |= ROLE_INVALID
+                root.scheduled_to_zap = True
+
+    def kvm_tdp_mmu_zap_invalidated_roots(self, shared: bool) -> None:
+        scheduled = [r for r in self.roots if r.scheduled_to_zap]
+        for root in scheduled:
+            root.scheduled_to_zap = False
+        for root in scheduled:
+            self.tdp_mmu_zap_root(root, shared)
+            self.kvm_tdp_mmu_put_root(root)  # the TDP MMU's own reference
+
+    def kvm_mmu_zap_all_fast(self) -> None:
+        # External page tables cannot be fast-zapped: only direct roots are obsoleted.
+        self.kvm_tdp_mmu_invalidate_roots(KVM_DIRECT_ROOTS)
+        self.kvm_mmu_free_obsolete_roots()
+        self.kvm_tdp_mmu_zap_invalidated_roots(shared=True)
+
+    def kvm_mmu_uninit_tdp_mmu(self) -> None:
+        """VM teardown: every vCPU drops its roots (``kvm_mmu_destroy``; the mirror root
+        reference goes only here), then every root is invalidated and zapped exclusively."""
+        for holders in (self.vcpu_root, self.vcpu_mirror_root):
+            for vcpu, root in enumerate(holders):
+                if root is not None:
+                    holders[vcpu] = None
+                    root.role |= ROLE_INVALID
+                    self.kvm_tdp_mmu_put_root(root)
+        for root in self.roots:
+            root.role |= ROLE_INVALID
+        for root in list(self.roots):
+            self.tdp_mmu_zap_root(root, shared=False)
+            self.kvm_tdp_mmu_put_root(root)
+
+    def tdp_account_mmu_page(self, sp: MmuPage) -> None:
+        self.ctx.count("tdp_mmu_pages")
+
+    def tdp_unaccount_mmu_page(self, sp: MmuPage) -> None:
+        self.ctx.count("tdp_mmu_pages", -1)
+
+    # ==================================================================================
+    # SPTE writers, the FROZEN protocol and change propagation (spec §4)
+    # ==================================================================================
+
+    def tdp_mmu_set_spte_atomic(self, it: TdpIter, new_spte: int) -> bool:
+        """Shared-lock install: cmpxchg from ``it.old_spte``; False (= -EBUSY) if it lost."""
+        if is_frozen_spte(it.old_spte):
+            raise InvariantError("atomic SPTE update from a FROZEN snapshot")
+        if self.hooks.fires(it.sp) and not is_frozen_spte(new_spte):
+            return self.set_external_spte_present(it, new_spte)
+        if it.read() != it.old_spte:
+            it.old_spte = it.read()
+            return False
+        it.write(new_spte)
+        self.handle_changed_spte(it.gfn, it.old_spte, new_spte, it.level, shared=True)
+        it.old_spte = new_spte
+        return True
+
+    def set_external_spte_present(self, it: TdpIter, new_spte: int) -> bool:
+        """The freeze protocol: FROZEN while the hook runs; present only once it succeeded."""
+        old = it.old_spte
+        if not is_shadow_present_pte(new_spte):
+            self.ctx.kvm_bug_on("atomic zap of a mirror SPTE")
+            return False
+        if is_shadow_present_pte(old):
+            self.ctx.kvm_bug_on("atomic install over a present mirror SPTE")
+            return False
+        if it.read() != old:
+            it.old_spte = it.read()
+            return False
+        it.write(FROZEN_SPTE)
+        if is_last_spte(new_spte, it.level):
+            ret = self.hooks.set_external_spte(it.gfn, it.level, new_spte)
+        else:
+            ret = self.hooks.link_external_spt(it.gfn, it.level, self.arena.child_sp(new_spte))
+        if ret != HOOK_OK:
+            it.write(old)  # restore: the entry was frozen, nobody else wrote it
+            return False
+        it.write(new_spte)
+        self.handle_changed_spte(it.gfn, old, new_spte, it.level, shared=True)
+        it.old_spte = new_spte
+        return True
+
+    def tdp_mmu_iter_set_spte(self, it: TdpIter, new_spte: int) -> None:
+        """Exclusive-lock write (``tdp_mmu_set_spte``), then ``remove_external_spte``."""
+        old = it.old_spte
+        if is_frozen_spte(old) or is_frozen_spte(new_spte):
+            self.ctx.kvm_bug_on("non-atomic SPTE write involving FROZEN_SPTE")
+        it.write(new_spte)
+        self.handle_changed_spte(it.gfn, old, new_spte, it.level, shared=False)
+        if self.has_mirror and it.sp.is_mirror and is_shadow_present_pte(new_spte):
+            self.ctx.kvm_bug_on("non-atomic write installed a present mirror SPTE")
+        if self.hooks.fires(it.sp):
+            self.remove_external_spte(it.gfn, old, it.level)
+        it.old_spte = new_spte
+
+    def remove_external_spte(self, gfn: int, old: int, level: int) -> None:
+        """Leaves only: a non-leaf's subtree was handled by ``handle_removed_pt``."""
+        if not is_shadow_present_pte(old) or not is_last_spte(old, level):
+            return
+        self.hooks.remove_external_spte(gfn, level, old)
+
+    def handle_changed_spte(self, gfn: int, old: int, new: int, level: int, shared: bool) -> None:
+        """Bookkeeping after an SPTE changed: page stats and subtree teardown."""
+        was_present = is_shadow_present_pte(old)
+        is_present = is_shadow_present_pte(new)
+        was_leaf = was_present and is_last_spte(old, level)
+        is_leaf = is_present and is_last_spte(new, level)
+        pfn_changed = spte_to_pfn(old) != spte_to_pfn(new)
+
+        if not 1 <= level <= PT64_ROOT_MAX_LEVEL or gfn % pages_per_hpage(level):
+            self.ctx.kvm_bug_on(f"SPTE change at bad level/gfn ({level}, {gfn:#x})")
+        if was_leaf and is_leaf and pfn_changed:
+            self.ctx.kvm_bug_on(f"present leaf at gfn {gfn:#x} changed pfn ({old:#x} -> {new:#x})")
+            return
+        if old == new:
+            return
+        if not was_present and not is_present:
+            return  # only MMIO and FROZEN transitions happen between non-present values
+        if is_leaf != was_leaf:
+            self.ctx.page_stats(level, 1 if is_leaf else -1)
+        if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
+            self.handle_removed_pt(self.arena.child_sp(old), shared)
+
+    def handle_removed_pt(self, sp: MmuPage, shared: bool) -> None:
+        """Tear down a table that was just unlinked; every entry ends FROZEN.
+
+        Entries are processed in index order, recursing into child tables, so tables are
+        freed in post-order (children before their parent).  With hooks, each present leaf
+        is removed from the external tree and then the external table itself is freed.
+        """
+        level = sp.level
+        hooks = self.hooks.fires(sp)
+        self.tdp_unaccount_mmu_page(sp)
+        if self.has_mirror and sp.is_mirror and shared:
+            self.ctx.kvm_bug_on("shared (atomic) teardown of a mirror page table")
+        for i in range(SPTE_ENT_PER_PAGE):
+            gfn = sp.gfn + i * pages_per_hpage(level)
+            old = sp.spt[i]
+            if shared:
+                # Exchange unconditionally; a FROZEN value would mean a concurrent
+                # installer in this dying table, which the sequential model never has.
+                if is_frozen_spte(old):
+                    raise InvariantError(f"FROZEN entry in removed table pfn {sp.pfn:#x}")
+                sp.spt[i] = FROZEN_SPTE
+            else:
+                if not is_shadow_present_pte(old):
+                    continue
+                sp.spt[i] = FROZEN_SPTE
+            self.handle_changed_spte(gfn, old, FROZEN_SPTE, level, shared)
+            if hooks:
+                self.remove_external_spte(gfn, old, level)
+        if hooks:
+            self.hooks.free_external_spt(sp.gfn, level, sp)
+        self.arena.free(sp)
+
+    def kvm_flush_remote_tlbs(self) -> None:
+        """Every request flushes; cost grows with the number of vCPUs."""
+        self.ctx.count("remote_tlb_flush_requests")
+        self.ctx.count("remote_tlb_flush")
+        self.ctx.ledger.tlb_flush(self.vcpus)
+
+    # ==================================================================================
+    # Map: the walk to the fault's goal level (spec §3)
+    # ==================================================================================
+
+    def kvm_tdp_mmu_map(self, root: MmuPage, fault: KvmPageFault, gfn_bits: int) -> Any:
+        """Walk towards ``fault.gfn``, linking or splitting tables down to the goal level."""
+        for it in TdpIter(self.arena, root, PG_LEVEL_4K, fault.gfn, fault.gfn + 1, gfn_bits):
+            if self.nx_huge_pages:
+                self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
+            if is_frozen_spte(it.old_spte):
+                return Ret.RETRY  # another thread is mid-update
+            if it.level == fault.goal_level:
+                return self.tdp_mmu_map_handle_target_level(fault, it)
+            if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
+                continue  # existing table: step down into it
+
+            sp = self.arena.alloc(self.child_role(it), it.gfn)  # tdp_mmu_init_child_sp
+            sp.nx_huge_page_disallowed = fault.huge_page_disallowed
+            if is_shadow_present_pte(it.old_spte):
+                if sp.is_mirror:
+                    self.ctx.kvm_bug_on("fault would split a huge mirror SPTE")
+                    self.arena.free_unpublished(sp)
+                    return Ret.RETRY
+                linked = self.tdp_mmu_split_huge_page(it, sp, shared=True)
+            else:
+                linked = self.tdp_mmu_link_sp(it, sp, shared=True)
+            if not linked:
+                self.arena.free_unpublished(sp)
+                return Ret.RETRY
+            # (NX tracking of sp on possible_nx_huge_pages would happen here.)
+        return Ret.RETRY
+
+    def disallowed_hugepage_adjust(self, fault: KvmPageFault, spte: int, cur_level: int) -> None:
+        """Do not replace a table that exists because of an NX split with a huge leaf."""
+        if (
+            cur_level > PG_LEVEL_4K
+            and cur_level == fault.goal_level
+            and is_shadow_present_pte(spte)
+            and not is_large_pte(spte)
+            and self.arena.child_sp(spte).nx_huge_page_disallowed
+        ):
+            fault.goal_level -= 1
+
+    def child_role(self, it: TdpIter) -> int:
+        parent = it.sp
+        return (parent.role & ~ROLE_LEVEL_MASK) | (it.level - 1)
+
+    def tdp_mmu_link_sp(self, it: TdpIter, sp: MmuPage, shared: bool) -> bool:
+        """Publish ``sp`` in the entry under the iterator."""
+        spte = make_nonleaf_spte(sp.pfn)
+        if shared:
+            if not self.tdp_mmu_set_spte_atomic(it, spte):
+                return False
+        else:
+            self.tdp_mmu_iter_set_spte(it, spte)
+        self.tdp_account_mmu_page(sp)
+        return True
+
+    def tdp_mmu_split_huge_page(self, it: TdpIter, sp: MmuPage, shared: bool) -> bool:
+        """Replace the huge leaf under the iterator by a table of 512 equivalent SPTEs."""
+        huge_spte = it.old_spte
+        child_level = it.level - 1
+        for i in range(SPTE_ENT_PER_PAGE):
+            sp.spt[i] = make_small_spte(huge_spte, child_level, i, nx_huge_pages=self.nx_huge_pages)
+        self.ctx.charge("spte_update_ns", SPTE_ENT_PER_PAGE)
+        if not self.tdp_mmu_link_sp(it, sp, shared):
+            return False
+        self.ctx.page_stats(child_level, SPTE_ENT_PER_PAGE)
+        self.ctx.count("huge_page_splits")
+        return True  # no TLB flush: the translation did not change
+
+    def is_access_allowed(self, fault: KvmPageFault, spte: int) -> bool:
+        if fault.exec:
+            return bool(spte & SPTE_EXECUTABLE)
+        if fault.write:
+            return bool(spte & SPTE_WRITABLE)
+        return True
+
+    def make_spte(self, fault: KvmPageFault, gfn: int, level: int) -> int:
+        slot = fault.slot
+        assert slot is not None
+        pfn = slot.private_pfn(gfn) if fault.private else slot.pfn(gfn)
+        exec_ok = not (self.nx_huge_pages and level > PG_LEVEL_4K)
+        return make_leaf_spte(pfn, level, exec=exec_ok, prefetch=fault.prefetch)
+
+    def tdp_mmu_map_handle_target_level(self, fault: KvmPageFault, it: TdpIter) -> Any:
+        old = it.old_spte
+        fault.level, fault.spte = it.level, old
+        if (
+            is_shadow_present_pte(old)
+            and (fault.prefetch or self.is_access_allowed(fault, old))
+            and is_last_spte(old, it.level)
+        ):
+            return Ret.SPURIOUS
+
+        if fault.slot is None:
+            new = make_mmio_spte(it.gfn, self.slots.generation)
+        else:
+            new = self.make_spte(fault, it.gfn, it.level)
+        if new == old:
+            return Ret.SPURIOUS
+        if not self.tdp_mmu_set_spte_atomic(it, new):
+            return Ret.RETRY
+        fault.spte = new
+        if is_shadow_present_pte(old) and not is_last_spte(old, it.level):
+            self.kvm_flush_remote_tlbs()  # kvm_flush_remote_tlbs_gfn(gfn, level)
+        if is_mmio_spte(new):
+            self.ctx.count("pf_mmio_spte_created")
+            return Ret.EMULATE
+        return Ret.FIXED
+
+    # ==================================================================================
+    # Zapping (spec §5)
+    # ==================================================================================
+
+    def roots_matching(self, types: int) -> list[MmuPage]:
+        return [r for r in self.roots if self.tdp_mmu_root_match(r, types)]
+
+    def tdp_mmu_zap_leafs(self, root: MmuPage, start: int, end: int) -> tuple[bool, int]:
+        """Zap present leaves intersecting ``[start, end)``; tables stay in place."""
+        end = min(end, self.max_gfn)
+        gfn_bits = self.root_gfn_bits(root.is_mirror)
+        flush, zapped = False, 0
+        for it in TdpIter(self.arena, root, PG_LEVEL_4K, start, end, gfn_bits):
+            if not is_shadow_present_pte(it.old_spte) or not is_last_spte(it.old_spte, it.level):
+                continue
+            self.tdp_mmu_iter_set_spte(it, SHADOW_NONPRESENT_VALUE)
+            self.ctx.charge("spte_update_ns")
+            zapped += 1
+            if not root.invalid:  # stale translations in an invalid root are harmless
+                flush = True
+        return flush, zapped
+
+    def kvm_tdp_mmu_zap_leafs(self, types: int, start: int, end: int) -> tuple[bool, int]:
+        """Leaf zap of ``[start, end)`` in every root of ``types``.  Returns (flush needed,
+        leaves zapped); the caller flushes, after the vendor finished the zap (``zap_end``)."""
+        flush, zapped = False, 0
+        for root in self.roots_matching(types):
+            f, n = self.tdp_mmu_zap_leafs(root, start, end)
+            flush, zapped = flush or f, zapped + n
+        return flush, zapped
+
+    def kvm_tdp_mmu_unmap_gfn_range(
+        self, start: int, end: int, *, private: bool, shared: bool
+    ) -> tuple[bool, int]:
+        """The attribute filter picks the roots (TD: PRIVATE -> mirror, SHARED -> direct;
+        other VMs: the direct root), invalid roots always included."""
+        if self.has_mirror:
+            types = KVM_INVALID_ROOTS
+            if private:
+                types |= KVM_MIRROR_ROOTS
+            if shared:
+                types |= KVM_DIRECT_ROOTS
+        else:
+            types = KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS
+        self.ctx.op_private = private
+        try:
+            return self.kvm_tdp_mmu_zap_leafs(types, start, end)
+        finally:
+            self.ctx.op_private = False
+
+    def tdp_mmu_zap_root(self, root: MmuPage, shared: bool) -> None:
+        """Zap a whole root, finest level first so each pass frees little at a time."""
+        for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.level):
+            self.tdp_mmu_zap_root_level(root, shared, zap_level)
+
+    def tdp_mmu_zap_root_level(self, root: MmuPage, shared: bool, zap_level: int) -> None:
+        """One pass of KVM's ``__tdp_mmu_zap_root``: zap present entries at ``zap_level``."""
+        end = 1 << (SPTE_LEVEL_BITS * root.level)
+        for it in TdpIter(self.arena, root, zap_level, 0, end):
+            if not is_shadow_present_pte(it.old_spte) or it.level > zap_level:
+                continue
+            if shared:
+                if not self.tdp_mmu_set_spte_atomic(it, SHADOW_NONPRESENT_VALUE):
+                    continue  # refused for good (a KVM_BUG_ON fired); do not spin
+            else:
+                self.tdp_mmu_iter_set_spte(it, SHADOW_NONPRESENT_VALUE)
+            self.ctx.charge("spte_update_ns")
+
+    # ==================================================================================
+    # Lookups
+    # ==================================================================================
+
+    def walk_root(self, root: MmuPage, gfn: int, gfn_bits: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        sp = root
+        while True:
+            level = sp.level
+            spte = sp.spt[spte_index(gfn | gfn_bits, level)]
+            out.append((level, spte))
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                return out
+            sp = self.arena.child_sp(spte)
+
+    def lookup(self, root: MmuPage, gfn: int, gfn_bits: int) -> tuple[int, int]:
+        """The entry that maps ``gfn`` in ``root``: the leaf or the first non-present one."""
+        return self.walk_root(root, gfn, gfn_bits)[-1]

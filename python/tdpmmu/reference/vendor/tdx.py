@@ -1,0 +1,318 @@
+"""KVM's TDX side (vmx/tdx.c, as far as the MMU goes): the external hooks over the TDX
+module, TLB tracking, the TD lifecycle, and the TDX options of docs/model.md.
+
+Options: ``version`` 6.19 or 6.16 (6.16: before finalize ``set_external_spte`` only counts
+``nr_premapped`` and populate issues TDH.MEM.PAGE.ADD itself), ``sept_free`` ``teardown``
+(upstream) or ``sept_remove`` (pre-upstream), ``track`` ``per_page`` or ``batched``,
+``interface`` ``four_hook`` or ``two_hook``, ``measure`` (TDH.MR.EXTEND x 16 per PAGE.ADD).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ..arena import MmuPage
+from ..errors import ConfigError, Ret
+from ..hooks import HOOK_EIO, HOOK_OK, ExternalOps
+from ..memslot import Memslot
+from ..spte import PG_LEVEL_4K, spte_to_pfn
+from ..stats import Ctx
+from ..tdp_mmu import TdpMmu
+from .base import Vendor
+from .tdx_module import (
+    SEPT_TABLE,
+    TDX_EPT_ENTRY_STATE_INCORRECT,
+    TDX_SUCCESS,
+    TdxModule,
+)
+
+_BUSY_LEAVES = (
+    "TDH.MEM.SEPT.ADD",
+    "TDH.MEM.PAGE.AUG",
+    "TDH.MEM.RANGE.BLOCK",
+    "TDH.MEM.TRACK",
+    "TDH.MEM.PAGE.REMOVE",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TdxOptions:
+    """The ``tdx={...}`` options of docs/model.md (busy injection is not modeled)."""
+
+    version: str = "6.19"  # "6.16": set_external_spte only counts nr_premapped
+    sept_free: str = "teardown"  # or "sept_remove" (pre-upstream)
+    track: str = "per_page"  # or "batched"
+    interface: str = "four_hook"  # or "two_hook"
+    measure: bool = False  # TDH.MR.EXTEND x 16 per PAGE.ADD
+
+    @property
+    def v6_16(self) -> bool:
+        return self.version == "6.16"
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> TdxOptions:
+        allowed = {
+            "version": ("6.16", "6.19"),
+            "sept_free": ("teardown", "sept_remove"),
+            "track": ("per_page", "batched"),
+            "interface": ("four_hook", "two_hook"),
+        }
+        values: dict[str, Any] = {}
+        for key, value in (options or {}).items():
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            if key in allowed:
+                if text not in allowed[key]:
+                    raise ConfigError(f"{key}: {text!r} is not allowed; allowed: {allowed[key]}")
+                values[key] = text
+            elif key == "measure":
+                if text not in ("true", "True", "1", "false", "False", "0"):
+                    raise ConfigError(f"measure: {text!r} is not a bool")
+                values[key] = text in ("true", "True", "1")
+            elif key in _BUSY_LEAVES:
+                if float(text) != 0.0:
+                    raise ConfigError(
+                        f"{key}: the reference model does not inject TDX_OPERAND_BUSY"
+                    )
+            else:
+                raise ConfigError(f"tdx: unknown option {key!r}")
+        return cls(**values)
+
+
+class TdxSeptHooks:
+    """tdx.c's implementation of the four external hooks on top of the TDX module.
+
+    ``tdx_sept_link_private_spt`` -> SEPT.ADD; ``tdx_sept_set_private_spte`` -> PAGE.AUG
+    (finalized) or PAGE.ADD (initial image; v6.16 only counts ``nr_premapped``);
+    ``tdx_sept_remove_private_spte`` -> BLOCK, TRACK, kick, REMOVE, WBINVD, clear (with
+    ``track="batched"`` the TRACK/kick/REMOVE part waits for the end of the zap);
+    ``tdx_sept_free_private_spt`` -> RECLAIM + clear once the HKID is released, KVM_BUG_ON
+    while it is assigned (``sept_free="sept_remove"``: BLOCK(parent), TRACK, kick,
+    SEPT.REMOVE, WBINVD, clear instead).
+    """
+
+    def __init__(self, ctx: Ctx, module: TdxModule, opts: TdxOptions, vcpus: int) -> None:
+        self.ctx = ctx
+        self.module = module
+        self.opts = opts
+        self.vcpus = vcpus
+        self.pending_remove: list[int] = []  # track="batched": blocked, awaiting the TRACK
+
+    def _hook(self, name: str) -> None:
+        # The 2026 two-hook interface delivers links and removals as set_external_spte.
+        if self.opts.interface == "two_hook" and name in (
+            "link_external_spt",
+            "remove_external_spte",
+        ):
+            name = "set_external_spte"
+        self.ctx.count(name)
+
+    # -- kvm_x86_ops -----------------------------------------------------------------------
+    def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        self._hook("link_external_spt")
+        return self.tdx_sept_link_private_spt(gfn, level)
+
+    def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
+        self._hook("set_external_spte")
+        return self.tdx_sept_set_private_spte(gfn, level, spte_to_pfn(new_spte))
+
+    def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
+        self._hook("remove_external_spte")
+        self.tdx_sept_remove_private_spte(gfn, level)
+
+    def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> int:
+        self._hook("free_external_spt")
+        return self.tdx_sept_free_private_spt(gfn, level)
+
+    # -- tdx.c -----------------------------------------------------------------------------
+    def tdx_sept_link_private_spt(self, gfn: int, level: int) -> int:
+        status = self.module.tdh_mem_sept_add(gfn, level)
+        if status == TDX_SUCCESS:
+            return HOOK_OK
+        self.ctx.kvm_bug_on(f"TDH.MEM.SEPT.ADD failed for gfn {gfn:#x} level {level}: {status}")
+        return HOOK_EIO
+
+    def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> int:
+        if level != PG_LEVEL_4K:
+            self.ctx.kvm_bug_on(f"private mapping at level {level}: TDX maps 4K only")
+            return HOOK_EIO
+        m = self.module
+        if not m.finalized and self.opts.v6_16:
+            m.nr_premapped += 1  # tdx_gmem_post_populate issues the PAGE.ADD
+            return HOOK_OK
+        if m.finalized:
+            status, leaf = m.tdh_mem_page_aug(gfn, pfn), "TDH.MEM.PAGE.AUG"
+        else:
+            status, leaf = m.tdh_mem_page_add(gfn, pfn), "TDH.MEM.PAGE.ADD"
+        if status == TDX_SUCCESS:
+            return HOOK_OK
+        self.ctx.kvm_bug_on(f"{leaf} failed for gfn {gfn:#x}: {status}")
+        return HOOK_EIO
+
+    def tdx_sept_remove_private_spte(self, gfn: int, level: int) -> None:
+        m = self.module
+        if not m.hkid_assigned:
+            self.ctx.kvm_bug_on("remove_external_spte with the HKID released")
+            return
+        status = m.tdh_mem_range_block(gfn, PG_LEVEL_4K)
+        if status != TDX_SUCCESS:
+            if self.opts.v6_16 and not m.finalized and status == TDX_EPT_ENTRY_STATE_INCORRECT:
+                m.nr_premapped -= 1  # premapped, never PAGE.ADDed: nothing in the module
+                return
+            self.ctx.kvm_bug_on(f"TDH.MEM.RANGE.BLOCK failed for gfn {gfn:#x}: {status}")
+            return
+        if self.opts.track == "batched":
+            self.pending_remove.append(gfn)
+            return
+        self.tdx_track()
+        self._remove_blocked_page(gfn)
+
+    def _remove_blocked_page(self, gfn: int) -> bool:
+        status, _pfn = self.module.tdh_mem_page_remove(gfn)
+        if status != TDX_SUCCESS:
+            self.ctx.kvm_bug_on(f"TDH.MEM.PAGE.REMOVE failed for gfn {gfn:#x}: {status}")
+            return False
+        self.tdx_clear_page()
+        return True
+
+    def tdx_clear_page(self) -> None:
+        """PHYMEM.PAGE.WBINVD, then the MOVDIR64B clear of the page."""
+        self.module.tdh_phymem_page_wbinvd()
+        self.clear_page()
+
+    def clear_page(self) -> None:
+        """The MOVDIR64B clear of a page the TD gave back."""
+        self.ctx.count("page_clear")
+        self.ctx.charge("page_clear_ns")
+
+    def tdx_track(self) -> None:
+        """TDH.MEM.TRACK then kick every vCPU out of the guest (runnable TDs only)."""
+        m = self.module
+        if not m.finalized:
+            return
+        status = m.tdh_mem_track()
+        if status != TDX_SUCCESS:
+            self.ctx.kvm_bug_on(f"TDH.MEM.TRACK failed: {status}")
+            return
+        self.kick_all_vcpus()
+
+    def kick_all_vcpus(self) -> None:
+        """KVM_REQ_OUTSIDE_GUEST_MODE to every vCPU."""
+        self.module.vcpus_left_guest()
+        self.ctx.count("vcpu_kicks")
+        self.ctx.ledger.kick(self.vcpus)
+
+    def flush_batched(self) -> None:
+        """End of a leaf zap with ``track="batched"``: one TRACK + kick, then REMOVE each."""
+        if not self.pending_remove:
+            return
+        self.tdx_track()
+        pending, self.pending_remove = self.pending_remove, []
+        for gfn in pending:
+            if not self._remove_blocked_page(gfn):
+                return
+
+    def tdx_sept_free_private_spt(self, gfn: int, sp_level: int) -> int:
+        m = self.module
+        level = sp_level + 1  # the S-EPT entry linking this table sits one level up
+        where = m.sept_table_entry(gfn, level)
+        if isinstance(where, str):
+            self.ctx.kvm_bug_on(f"free_external_spt: no S-EPT path to gfn {gfn:#x}: {where}")
+            return HOOK_EIO
+        table, i = where
+        e = table[i]
+        if e is None or e.state != SEPT_TABLE:
+            self.ctx.kvm_bug_on(f"free_external_spt: gfn {gfn:#x} level {level} not a table")
+            return HOOK_EIO
+        if m.hkid_assigned:
+            if self.opts.sept_free == "sept_remove":
+                if m.tdh_mem_range_block(gfn, level) == TDX_SUCCESS:
+                    self.tdx_track()
+                    if m.tdh_mem_sept_remove(gfn, level) == TDX_SUCCESS:
+                        self.tdx_clear_page()
+                        return HOOK_OK
+                self.ctx.kvm_bug_on(f"TDH.MEM.SEPT.REMOVE failed for gfn {gfn:#x}")
+                return HOOK_EIO
+            # Upstream never frees S-EPT tables of a live TD: the page is leaked on purpose.
+            self.ctx.kvm_bug_on("free_external_spt while the HKID is assigned")
+            self.ctx.count("external_spt_leaked")
+            return HOOK_EIO
+        m.tdh_phymem_page_reclaim(gfn, level)
+        self.clear_page()
+        return HOOK_OK
+
+
+class TdxVendor(Vendor):
+    """A TD: private memory in the mirror root, reflected into the TDX module's S-EPT."""
+
+    exit_cost = "td_exit_entry_ns"
+    forces_private_writes = True
+    retries_private_faults = True
+
+    def __init__(self, ctx: Ctx, levels: int, vcpus: int, opts: TdxOptions) -> None:
+        super().__init__(ctx)
+        self.opts = opts
+        self.vcpus = vcpus
+        self.module = self._new_module(ctx, levels, opts)
+        self.hooks = self._new_hooks(ctx, self.module, opts, vcpus)
+
+    def _new_module(self, ctx: Ctx, levels: int, opts: TdxOptions) -> TdxModule:
+        return TdxModule(ctx, levels, measure=opts.measure)
+
+    def _new_hooks(self, ctx: Ctx, module: TdxModule, opts: TdxOptions, vcpus: int) -> TdxSeptHooks:
+        return TdxSeptHooks(ctx, module, opts, vcpus)
+
+    @property
+    def external(self) -> ExternalOps:
+        return self.hooks
+
+    @property
+    def finalized(self) -> bool:
+        return self.module.finalized
+
+    def check_vcpu_can_run(self) -> None:
+        if not self.module.finalized:
+            raise ConfigError(
+                "vm: the TD is not finalized: no vCPU can run yet (use populate, then finalize)"
+            )
+
+    def check_populate(self, private: bool) -> None:
+        if not self.module.finalized and not private:
+            raise ConfigError(
+                "private: before finalize only the private initial image can be populated"
+            )
+
+    def private_max_mapping_level(self, slot: Memslot, gfn: int, max_level: int) -> int:
+        return PG_LEVEL_4K  # the S-EPT maps private memory at 4K only
+
+    def after_private_fault(self, ret: Any, gfn: int, slot: Memslot | None) -> None:
+        """The TD guest accepts the page it faulted on (TDG.MEM.PAGE.ACCEPT)."""
+        if ret in (Ret.FIXED, Ret.SPURIOUS):
+            self.module.tdg_mem_page_accept(gfn)
+
+    def post_populate(self, gfn: int, private: bool, pfn: int) -> None:
+        """v6.16: the initial-image populate issues TDH.MEM.PAGE.ADD after the map
+        (``tdx_gmem_post_populate``)."""
+        m = self.module
+        if not private or not self.opts.v6_16 or m.finalized:
+            return
+        status = m.tdh_mem_page_add(gfn, pfn)
+        if status == TDX_SUCCESS:
+            m.nr_premapped -= 1
+        else:
+            self.ctx.kvm_bug_on(f"TDH.MEM.PAGE.ADD failed for gfn {gfn:#x}: {status}")
+
+    def zap_end(self) -> None:
+        self.hooks.flush_batched()
+
+    def finalize(self) -> None:
+        self.module.finalize()
+
+    def vm_destroy(self, tdp_mmu: TdpMmu) -> None:
+        """``tdx_mmu_release_hkid``; with ``sept_free="sept_remove"`` the (then leaf-less)
+        mirror tree is torn down first, while the HKID is assigned."""
+        mirror = tdp_mmu.current_root(mirror=True)
+        if self.opts.sept_free == "sept_remove" and mirror is not None:
+            tdp_mmu.tdp_mmu_zap_root(mirror, shared=False)
+        self.module.release_hkid(self.vcpus)

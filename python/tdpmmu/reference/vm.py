@@ -1,0 +1,727 @@
+"""``ReferenceVM``: the public operations of ``tdpmmu.VM`` over the reference's layers.
+
+A constructor checks the arguments and builds the layers bottom up (the accounting context,
+the arena, memslots and attributes, the vendor backend, the hook dispatch, the TDP MMU, the
+fault path).  Every public method is one *operation*: tables freed during it become reusable
+only when it returns (the model's RCU grace period, docs/model.md), and a KVM_BUG_ON that
+fired during it marks the VM bugged when it returns (``VmBugged``; the counters of the
+operation are kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .arena import Arena
+from .attrs import PrivateRanges
+from .check import check_live, check_teardown
+from .cost import CostLedger, costs_from
+from .errors import ConfigError, Ret, VmBugged
+from .gmem import free_folios, partly_converted_2m_folios
+from .hooks import ExternalHooks
+from .memslot import Memslot, Memslots, backing_bytes, parse_size
+from .mmu import Mmu, ReferenceFault
+from .spte import (
+    PAGE_SHIFT,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    SHADOW_NONPRESENT_VALUE,
+    gfn_round_for_level,
+    pages_per_hpage,
+    spte_to_pfn,
+)
+from .stats import Ctx
+from .tdp_mmu import KVM_VALID_ROOTS, TdpMmu
+from .vendor.base import Vendor
+from .vendor.sev import SevVendor
+from .vendor.sw_mirror import SwMirrorVendor
+from .vendor.tdx import TdxOptions, TdxVendor
+from .vendor.tdx_module import TdxModule
+
+# --------------------------------------------------------------------------------------
+# VM types and hook designs
+# --------------------------------------------------------------------------------------
+
+VM_TYPES = ("default", "tdx", "snp", "sw_protected")
+
+#: the hook design a VM type uses when ``hooks=None`` (upstream behaviour).
+DEFAULT_HOOKS = {"default": "none", "tdx": "mirror", "snp": "gmem", "sw_protected": "none"}
+
+#: which external-hook design each VM type accepts (sw_protected: by its ``mirror`` option).
+_ALLOWED_HOOKS = {
+    ("default", False): ("none",),
+    ("tdx", False): ("mirror", "private"),
+    ("snp", False): ("gmem", "private"),
+    ("sw_protected", False): ("none",),
+    ("sw_protected", True): ("mirror", "private"),
+}
+
+
+class ReferenceVM:
+    """Pure-Python model of one VM, API-compatible with ``tdpmmu.VM``.
+
+    Every public method is one "operation": tables freed during it become reusable only
+    when it returns (the model's RCU grace period, docs/model.md), and a KVM_BUG_ON that
+    fired during it marks the VM bugged when it returns (``VmBugged``; the counters of the
+    operation are kept).
+    """
+
+    def __init__(
+        self,
+        vm_type: str = "default",
+        memory: int | str = "1GiB",
+        vcpus: int = 1,
+        levels: int = 4,
+        backing: int | str = "4K",
+        hooks: Any = None,
+        costs: Any = None,
+        seed: int = 0,
+        trace: bool = False,
+        nx_huge_pages: bool = False,
+        slot_zap_all: bool = True,
+        *,
+        tdx: Mapping[str, Any] | None = None,
+        mirror: bool = False,
+        folio: int | str = "4K",
+    ) -> None:
+        if vm_type not in VM_TYPES:
+            raise ConfigError(f"vm_type: unknown VM type {vm_type!r}; allowed: {VM_TYPES}")
+        if not isinstance(mirror, bool):
+            raise TypeError(f"mirror: expected bool, got {mirror!r}")
+        if mirror and vm_type != "sw_protected":
+            raise ConfigError("mirror: only sw_protected VMs take mirror=True")
+        if hooks is None:
+            hooks = "mirror" if mirror else DEFAULT_HOOKS[vm_type]
+        if not isinstance(hooks, str):
+            raise ConfigError("hooks: the reference model takes a design name, not a hook object")
+        if hooks not in _ALLOWED_HOOKS[(vm_type, mirror)]:
+            raise ConfigError(
+                f"hooks: {hooks!r} is not valid for a {vm_type} VM; "
+                f"allowed: {_ALLOWED_HOOKS[(vm_type, mirror)]}"
+            )
+        if tdx and vm_type != "tdx" and not mirror:
+            raise ConfigError("tdx: TDX options apply to tdx VMs (and sw_protected with mirror)")
+        folio_bytes = parse_size(folio, "folio")
+        if folio_bytes not in (4096, 2 << 20):
+            raise ConfigError(f"folio: guest_memfd folio size must be 4K or 2M, got {folio!r}")
+        if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
+            raise ConfigError(f"vcpus must be an int >= 1, got {vcpus!r}")
+        if levels not in (4, 5):
+            raise ConfigError(f"levels must be 4 or 5, got {levels!r}")
+        backing_size = backing_bytes(backing)
+        memory_bytes = parse_size(memory, "memory")
+        if memory_bytes <= 0 or memory_bytes % backing_size:
+            raise ConfigError(
+                f"memory must be a positive multiple of the backing page size ({backing_size}),"
+                f" got {memory!r}"
+            )
+
+        self.vm_type = vm_type
+        self.memory = memory_bytes
+        self.vcpus = vcpus
+        self.levels = levels
+        self.backing = backing_size
+        self.seed = seed
+        self.trace = trace
+        self.nx_huge_pages = bool(nx_huge_pages)
+        self.slot_zap_all = bool(slot_zap_all)
+        #: which changes call the external hooks: "none", "mirror", "private" or "gmem".
+        self.design = hooks
+        self.tdx_options = TdxOptions.parse(tdx)
+        self.folio_level = PG_LEVEL_2M if folio_bytes == 2 << 20 else PG_LEVEL_4K
+        #: private memory, guest_memfd and memory attributes exist (all but "default").
+        self.confidential = vm_type != "default"
+        #: a mirror root for private memory (TDX, and the SW_PROTECTED mirror variant).
+        self.has_mirror = vm_type == "tdx" or mirror
+        shared_bit = 1 << (35 if levels == 4 else 39)
+        #: ``kvm_gfn_direct_bits``: the direct root of a TD maps shared gfn g at g | bit.
+        self.gfn_direct_bits = shared_bit if self.has_mirror else 0
+        #: gfns are < max_gfn (48-bit GPA with 4 levels, 52-bit with 5; a TD's lower half).
+        self.max_gfn = self.gfn_direct_bits or 1 << (36 if levels == 4 else 40)
+        if memory_bytes >> PAGE_SHIFT > self.max_gfn:
+            raise ConfigError(f"memory {memory!r} does not fit a {levels}-level guest")
+
+        # The layers, bottom up.
+        self.ctx = Ctx(CostLedger(costs_from(costs)), trace=bool(trace))
+        #: CostModel field -> ns.
+        self.costs = self.ctx.ledger.rates
+        self.arena = Arena()
+        self.slots = Memslots()
+        self.attrs = PrivateRanges()
+        self.vendor = self._new_vendor()
+        self.hooks = ExternalHooks(self.ctx, hooks, self.vendor.external)
+        self.tdp_mmu = TdpMmu(
+            arena=self.arena,
+            ctx=self.ctx,
+            hooks=self.hooks,
+            slots=self.slots,
+            levels=levels,
+            vcpus=vcpus,
+            has_mirror=self.has_mirror,
+            gfn_direct_bits=self.gfn_direct_bits,
+            max_gfn=self.max_gfn,
+            nx_huge_pages=self.nx_huge_pages,
+        )
+        self.mmu = Mmu(
+            ctx=self.ctx,
+            tdp_mmu=self.tdp_mmu,
+            slots=self.slots,
+            attrs=self.attrs,
+            vendor=self.vendor,
+            confidential=self.confidential,
+            folio_level=self.folio_level,
+        )
+
+        # The VM's state after a KVM_BUG_ON, and destruction.
+        self._bug_msg: str | None = None
+        self._destroyed = False
+        #: set when a populate stopped because a KVM_BUG_ON made its pre-fault return RETRY.
+        self.populate_stopped_on_bug = False
+        #: prefetch faults the last populate made (for tests).
+        self.last_populate_faults = 0
+
+        # The default memslot comes with the VM: generation 0 is what a new VM reports.
+        # A confidential guest's initial memory is guest_memfd, all private (as a VMM sets
+        # up a TD or an SNP guest).
+        self._add_memslot(0, memory_bytes >> PAGE_SHIFT, backing_size, gmem=self.confidential)
+        self.slots.generation = 0
+        if self.confidential:
+            self.attrs.set(0, memory_bytes >> PAGE_SHIFT, True)
+
+    def _new_vendor(self) -> Vendor:
+        if self.vm_type == "tdx":
+            return TdxVendor(self.ctx, self.levels, self.vcpus, self.tdx_options)
+        if self.has_mirror:
+            return SwMirrorVendor(self.ctx, self.levels, self.vcpus, self.tdx_options)
+        if self.vm_type == "snp":
+            return SevVendor(self.ctx, self.design, self.folio_level, self.slots)
+        return Vendor(self.ctx)
+
+    # ==================================================================================
+    # Public API
+    # ==================================================================================
+
+    # -- properties that tdpmmu.VM also has ----------------------------------------------
+    @property
+    def shared_bit(self) -> int:
+        return self.gfn_direct_bits
+
+    @property
+    def bugged(self) -> bool:
+        return self._bug_msg is not None
+
+    @property
+    def destroyed(self) -> bool:
+        return self._destroyed
+
+    @property
+    def finalized(self) -> bool:
+        return self.vendor.finalized
+
+    @property
+    def hooks_name(self) -> str:
+        return self.design
+
+    @property
+    def memslot_generation(self) -> int:
+        return self.slots.generation
+
+    @property
+    def stats(self) -> dict[str, int | float]:
+        """Counters (KVM names, hook names, SEAMCALL leaves) and ``modeled_ns``."""
+        return self.stats_dict()
+
+    def stats_dict(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = dict(self.ctx.stats)
+        out["modeled_ns"] = self.ctx.ledger.ns
+        out["page_table_bytes"] = len(self.arena.live) * 4096
+        out["page_table_peak_bytes"] = self.arena.peak_live * 4096
+        return out
+
+    # -- faults --------------------------------------------------------------------------
+    def fault(
+        self,
+        gfn: int,
+        private: bool | None = None,
+        write: bool = True,
+        exec: bool = False,
+        vcpu: int = 0,
+    ) -> ReferenceFault:
+        """One EPT violation (or misconfig) taken by ``vcpu`` on ``gfn``.
+
+        ``private=None`` accesses the gfn as its memory attribute says.
+        """
+        self._ensure_alive()
+        self._check_gfn(gfn, "gfn")
+        self._check_vcpu(vcpu)
+        self._check_private(private)
+        self._begin_operation()
+        try:
+            result = self.mmu.page_fault(vcpu, gfn, private, bool(write), bool(exec), False)
+        except ConfigError:
+            self.arena.end_grace_period()
+            raise
+        self._end_of_operation()
+        return result
+
+    def fault_batch(
+        self,
+        gfns: Iterable[int],
+        private: bool | None = None,
+        write: bool = True,
+        exec: bool = False,
+        vcpu: int = 0,
+    ) -> list[int]:
+        """Fault every gfn in order on one vCPU; one operation.  Returns the Ret codes."""
+        self._ensure_alive()
+        self._check_vcpu(vcpu)
+        self._check_private(private)
+        gfn_list = [int(g) for g in gfns]
+        for g in gfn_list:
+            self._check_gfn(g, "gfns")
+        self._begin_operation()
+        rets: list[int] = []
+        error: ConfigError | None = None
+        for g in gfn_list:
+            try:
+                r = self.mmu.page_fault(vcpu, g, private, bool(write), bool(exec), False)
+            except ConfigError as exc:
+                error = exc
+                break
+            rets.append(int(r.ret))
+            if self.ctx.bug is not None:
+                break
+        self._end_of_operation()
+        if error is not None:
+            raise error
+        return rets
+
+    def populate(self, gfn: int, npages: int, private: bool | None = None) -> int:
+        """KVM_PRE_FAULT_MEMORY on vCPU 0 (a TD's initial image before finalize).
+
+        Prefetch faults over ``[gfn, gfn+npages)``; each maps one leaf and the next one
+        starts at the end of that leaf.  Returns the number of leaves installed.
+        """
+        self._ensure_alive()
+        self._check_range(gfn, npages)
+        self._check_private(private)
+        if npages < 1:
+            raise ValueError(f"npages must be >= 1, got {npages}")
+        self._check_all_in_memslots(gfn, npages)
+        end = gfn + npages
+        if self.confidential:
+            want = self.attrs.is_private(gfn) if private is None else private
+            if self.attrs.uniform(gfn, end) != want:
+                raise ConfigError(
+                    f"private: the range's memory attributes are not all "
+                    f"{'private' if want else 'shared'}"
+                )
+            cur = gfn
+            while want and cur < end:
+                slot = self.slots.gfn_to_memslot(cur)
+                assert slot is not None  # covered: checked above
+                if not slot.gmem:
+                    raise ConfigError(
+                        f"private: private memory needs guest_memfd; memslot {slot.id} holding "
+                        f"gfn {cur:#x} has none"
+                    )
+                cur = slot.gfn + slot.npages
+            self.vendor.check_populate(want)
+        self._begin_operation()
+        self.populate_stopped_on_bug = False
+        installed = 0
+        self.last_populate_faults = 0
+        cur = gfn
+        while cur < end:
+            r = self.mmu.page_fault(0, cur, private, True, False, True)
+            self.last_populate_faults += 1
+            if r.ret == Ret.RETRY:
+                if self.ctx.bug is not None:
+                    # KVM's pre-fault loop stops when the VM is dead (a KVM_BUG_ON fired).
+                    self.populate_stopped_on_bug = True
+                    break
+                continue  # pre-fault loops on RETRY
+            if r.ret == Ret.FIXED:
+                installed += 1
+                self.vendor.post_populate(cur, r.private, spte_to_pfn(r.spte))
+            if self.ctx.bug is not None:
+                break
+            # Continue after the page just mapped.
+            cur = gfn_round_for_level(cur, r.level) + pages_per_hpage(r.level)
+        self._end_of_operation()
+        return installed
+
+    # -- zaps ----------------------------------------------------------------------------
+    def zap_gfn_range(self, gfn: int, npages: int) -> int:
+        """``kvm_zap_gfn_range``: zap leaves in all valid roots; one range flush if needed."""
+        self._check_range(gfn, npages)
+        self._ensure_alive()
+        self._begin_operation()
+        zapped = self._zap_leafs(KVM_VALID_ROOTS, gfn, gfn + npages)  # + range flush
+        self._end_of_operation()
+        return zapped
+
+    def mmu_notifier_invalidate(self, gfn: int, npages: int) -> int:
+        """Host mm invalidation: ``kvm_tdp_mmu_unmap_gfn_range`` with the SHARED filter."""
+        self._check_range(gfn, npages)
+        self._ensure_alive()
+        self._begin_operation()
+        zapped = self._unmap_gfn_range(gfn, gfn + npages, private=False, shared=True)
+        self._end_of_operation()
+        return zapped
+
+    def zap_all_fast(self) -> None:
+        """``kvm_mmu_zap_all_fast``: obsolete every direct root and tear it down."""
+        self._ensure_alive()
+        self._begin_operation()
+        self.tdp_mmu.kvm_mmu_zap_all_fast()
+        self._end_of_operation()
+
+    # -- memslots ------------------------------------------------------------------------
+    def add_memslot(
+        self, gfn: int, npages: int, backing: int | str = 4096, gmem: bool = False
+    ) -> int:
+        backing_size = backing_bytes(backing)
+        if gmem and not self.confidential:
+            raise ValueError("gmem: a default VM cannot have guest_memfd memslots")
+        self._check_range(gfn, npages)
+        self._ensure_alive()
+        if npages < 1:
+            raise ValueError(f"npages must be >= 1, got {npages}")
+        step = backing_size >> PAGE_SHIFT
+        if gfn % step or npages % step:
+            raise ValueError(f"gfn and npages must be multiples of the backing page ({step} pages)")
+        for slot in self.slots:
+            if gfn < slot.end and slot.gfn < gfn + npages:
+                raise ValueError(f"memslot [{gfn:#x}, {gfn + npages:#x}) overlaps slot {slot.id}")
+        self._begin_operation()
+        slot_id = self._add_memslot(gfn, npages, backing_size, gmem=bool(gmem))
+        self._end_of_operation()
+        return slot_id
+
+    def delete_memslot(self, slot: int) -> None:
+        self._ensure_alive()
+        if slot not in self.slots:
+            raise ValueError(f"slot: no memslot with id {slot!r}")
+        self._begin_operation()
+        self._kvm_arch_flush_shadow_memslot(self.slots[slot])
+        self.slots.delete(slot)  # the host pages (and the RMP entries) go with it
+        self._end_of_operation()
+
+    def memslots(self) -> list[tuple[int, int, int, int, bool, int]]:
+        """``(id, gfn, npages, backing bytes, gmem, host_pfn)`` per slot, by gfn."""
+        return [s.as_tuple() for s in self.slots.by_gfn()]
+
+    # -- private memory ------------------------------------------------------------------
+    def set_memory_attributes(self, gfn: int, npages: int, private: bool = True) -> int:
+        """KVM_SET_MEMORY_ATTRIBUTES: convert ``[gfn, gfn+npages)``; returns leaves zapped.
+
+        The guest's conversion request costs an exit plus guest_memfd's bookkeeping; a 2M
+        folio only partly converted is split.  Before the attribute changes, the range is
+        unmapped under the *old* attribute's filter (to-shared zaps private mappings).
+        """
+        self._check_confidential("private")
+        self._check_range(gfn, npages)
+        self._ensure_alive()
+        end = gfn + npages
+        self._check_covered(gfn, end, gmem=False)
+        private = bool(private)
+        if self.attrs.uniform(gfn, end) == private:
+            return 0
+        self._begin_operation()
+        self.ctx.count("conversions")
+        self.ctx.charge("psc_exit_ns")
+        self.ctx.charge("gmem_convert_ns")
+        if self.folio_level == PG_LEVEL_2M:
+            splits = partly_converted_2m_folios(self.slots, gfn, end)
+            self.ctx.count("gmem_splits", splits)
+            self.ctx.charge("gmem_split_2m_ns", splits)
+        # kvm_arch_pre_set_memory_attributes: unmap the old alias.
+        zapped = self._unmap_gfn_range(gfn, end, private=not private, shared=private)
+        self.attrs.set(gfn, end, private)
+        self._end_of_operation()
+        return zapped
+
+    def punch_hole(self, gfn: int, npages: int) -> int:
+        """guest_memfd FALLOC_FL_PUNCH_HOLE: unmap with the PRIVATE filter, free the folios."""
+        self._check_confidential("vm_type")
+        self._check_range(gfn, npages)
+        self._ensure_alive()
+        end = gfn + npages
+        self._check_covered(gfn, end, gmem=True)
+        self._begin_operation()
+        zapped = self._unmap_gfn_range(gfn, end, private=True, shared=False)
+        self.vendor.gmem_invalidate(self.slots, gfn, end)
+        free_folios(self.slots, gfn, end)
+        self._end_of_operation()
+        return zapped
+
+    def finalize(self) -> None:
+        """KVM_TDX_FINALIZE_VM: the TD becomes runnable."""
+        if self.vm_type != "tdx":
+            raise ConfigError(f"vm_type: finalize is a TDX operation, not for {self.vm_type}")
+        self._ensure_alive()
+        self.vendor.finalize()
+
+    def destroy(self) -> None:
+        """Tear the VM down in KVM's order; every later operation raises ``ConfigError``.
+
+        1. guest_memfd files are released (each holds a VM reference): a PRIVATE unmap of
+           every guest_memfd slot, HKID still assigned, and the folios are freed.
+        2. ``tdx_mmu_release_hkid`` (with ``sept_free="sept_remove"`` the then leaf-less
+           mirror tree is torn down first, while the HKID is assigned).
+        3. ``kvm_mmu_destroy`` per vCPU, then ``kvm_mmu_uninit_tdp_mmu``: every root is
+           invalidated and zapped exclusively (on a TD only ``free_external_spt`` runs).
+        """
+        self._ensure_alive()
+        self._begin_operation()
+        for slot in self.slots.by_gfn():
+            if not slot.gmem:
+                continue
+            self._unmap_gfn_range(slot.gfn, slot.end, private=True, shared=False)
+            self.vendor.gmem_invalidate(self.slots, slot.gfn, slot.end)
+        self.vendor.vm_destroy(self.tdp_mmu)
+        self.tdp_mmu.kvm_mmu_uninit_tdp_mmu()
+        self._end_of_operation()
+        self._destroyed = True
+
+    # -- SEV-SNP -------------------------------------------------------------------------
+    def pvalidate(
+        self, gfn: int, npages: int = 1, size_2m: bool = False, validate: bool = True
+    ) -> dict[str, int]:
+        """The guest's PVALIDATE over ``[gfn, gfn+npages)``; returns {status: pages}."""
+        if self.vm_type != "snp":
+            raise ConfigError("vm_type: PVALIDATE is an SEV-SNP guest instruction")
+        self._check_range(gfn, npages)
+        step = 512 if size_2m else 1
+        if size_2m and (gfn % 512 or npages % 512):
+            raise ConfigError("gfn: 2M PVALIDATE needs a 2M-aligned gfn and 512-page multiples")
+        self._ensure_alive()
+        for g in range(gfn, gfn + npages, step):
+            slot = self.slots.gfn_to_memslot(g)
+            if slot is None or slot.rmp is None:
+                raise ConfigError(f"gfn: {g:#x} is not guest_memfd memory of an SNP guest")
+            e = slot.rmp.get(g - slot.gfn)
+            if not e.assigned or e.gfn != g:
+                raise ConfigError(f"gfn: {g:#x} is not assigned to the guest in the RMP")
+        self._begin_operation()
+        out: dict[str, int] = {}
+        for g in range(gfn, gfn + npages, step):
+            slot = self.slots.gfn_to_memslot(g)
+            assert slot is not None and slot.rmp is not None
+            status = slot.rmp.pvalidate(self.ctx, g - slot.gfn, g, bool(size_2m), bool(validate))
+            out[status] = out.get(status, 0) + 1
+        self._end_of_operation()
+        return out
+
+    def rmp_fault(self, gfn: int) -> None:
+        """``sev_handle_rmp_fault``: PSMASH the 2M RMP entry, zap the 512-page gfn range."""
+        if self.vm_type != "snp":
+            raise ConfigError("vm_type: RMP faults exist only on SEV-SNP")
+        self._check_gfn(gfn, "gfn")
+        self._ensure_alive()
+        slot = self.slots.gfn_to_memslot(gfn)
+        if slot is None or slot.rmp is None:
+            raise ConfigError(f"gfn: {gfn:#x} is not guest_memfd memory")
+        assert isinstance(self.vendor, SevVendor)
+        self._begin_operation()
+        self.vendor.handle_rmp_fault(slot, gfn)
+        base = gfn & ~511
+        self._zap_leafs(KVM_VALID_ROOTS, base, base + 512)
+        self._end_of_operation()
+
+    def rmp_entry(self, gfn: int) -> dict[str, Any]:
+        """The RMP entry of the guest_memfd page behind ``gfn``."""
+        self._check_gfn(gfn, "gfn")
+        slot = self.slots.gfn_to_memslot(gfn)
+        if slot is None or slot.rmp is None:
+            raise ConfigError(f"gfn: {gfn:#x} has no RMP entry (not SNP guest_memfd memory)")
+        e = slot.rmp.get(gfn - slot.gfn)
+        return {
+            "assigned": e.assigned,
+            "validated": e.validated,
+            "size": "2M" if e.size_2m else "4K",
+            "gpa": e.gfn << PAGE_SHIFT,
+        }
+
+    # -- TDX -----------------------------------------------------------------------------
+    @property
+    def sept(self) -> TdxModule | None:
+        """The TDX module (or the SW mirror's software tree), if the VM has one."""
+        return self.vendor.module if isinstance(self.vendor, TdxVendor) else None
+
+    def sept_entries(self) -> list[tuple[int, int, str, int]]:
+        """The TDX module's S-EPT entries that are not FREE, in tree order."""
+        if self.sept is None:
+            raise ConfigError("vm_type: only TDX VMs (and sw_protected with mirror) have an S-EPT")
+        return self.sept.sept_entries()
+
+    # -- inspection ----------------------------------------------------------------------
+    def roots(self) -> list[dict[str, Any]]:
+        """The TDP MMU root list, newest first."""
+        return [
+            {
+                "pfn": r.pfn,
+                "role": r.role,
+                "level": r.level,
+                "mirror": r.is_mirror,
+                "refcount": r.refcount,
+                "invalid": r.invalid,
+                "scheduled_to_zap": r.scheduled_to_zap,
+            }
+            for r in self.tdp_mmu.roots
+        ]
+
+    def walk(self, gfn: int, private: bool = False) -> list[tuple[int, int]]:
+        """``(level, spte)`` from the root entry down to the first leaf or non-present entry.
+
+        Uses the newest valid root of the kind (mirror for ``private`` on VMs with one);
+        ``[]`` if there is none.
+        """
+        self._check_gfn(gfn, "gfn")
+        if private and not self.has_mirror:
+            self._check_private(True)
+        mirror = self.has_mirror and bool(private)
+        root = self.tdp_mmu.current_root(mirror)
+        if root is None:
+            return []
+        return self.tdp_mmu.walk_root(root, gfn, self.tdp_mmu.root_gfn_bits(mirror))
+
+    def spte(self, gfn: int, private: bool = False) -> int:
+        """The last entry of :meth:`walk`, or ``SHADOW_NONPRESENT_VALUE``."""
+        path = self.walk(gfn, private)
+        return path[-1][1] if path else SHADOW_NONPRESENT_VALUE
+
+    def tables(self) -> list[list[int]]:
+        """Copy of the arena: row *i* is the table at host pfn ``TABLE_BASE_PFN + i``."""
+        return self.arena.tables()
+
+    def trace_events(self) -> list[Any]:
+        return []
+
+    def check(self) -> None:
+        """Raise :class:`InvariantError` if the model's state is inconsistent.
+
+        After :meth:`destroy` this audits the teardown instead: nothing may be left behind.
+        A bugged VM raises ``VmBugged``.
+        """
+        if self._destroyed:
+            check_teardown(self.arena, self.tdp_mmu, self.slots, self.sept)
+            return
+        self._ensure_alive()
+        check_live(
+            arena=self.arena,
+            tdp_mmu=self.tdp_mmu,
+            ctx=self.ctx,
+            slots=self.slots,
+            attrs=self.attrs,
+            confidential=self.confidential,
+            sept=self.sept,
+        )
+
+    # ==================================================================================
+    # Argument checks (bad input leaves the VM unchanged)
+    # ==================================================================================
+
+    def _ensure_alive(self) -> None:
+        if self._destroyed:
+            raise ConfigError("vm: the VM was destroyed; create a new one")
+        if self._bug_msg is not None:
+            raise VmBugged(self._bug_msg)
+
+    def _check_gfn(self, gfn: int, what: str) -> None:
+        if isinstance(gfn, bool) or not isinstance(gfn, int):
+            raise TypeError(f"{what} must be an int, got {type(gfn).__name__}")
+        if not 0 <= gfn < self.max_gfn:
+            raise ValueError(f"{what} {gfn:#x} is outside the guest (0 <= gfn < {self.max_gfn:#x})")
+
+    def _check_range(self, gfn: int, npages: int) -> None:
+        self._check_gfn(gfn, "gfn")
+        if isinstance(npages, bool) or not isinstance(npages, int):
+            raise TypeError(f"npages must be an int, got {type(npages).__name__}")
+        if npages < 0 or gfn + npages > self.max_gfn:
+            raise ValueError(
+                f"npages {npages} is out of range (0 <= gfn + npages <= {self.max_gfn:#x})"
+            )
+
+    def _check_vcpu(self, vcpu: int) -> None:
+        if isinstance(vcpu, bool) or not isinstance(vcpu, int) or not 0 <= vcpu < self.vcpus:
+            raise ValueError(f"vcpu must be in 0..{self.vcpus - 1}, got {vcpu!r}")
+
+    def _check_private(self, private: bool | None) -> None:
+        if private and not self.confidential:
+            raise ValueError(
+                "private: a default VM has no private memory (use private=None or False)"
+            )
+
+    def _check_confidential(self, what: str) -> None:
+        if not self.confidential:
+            raise ConfigError(f"{what}: a {self.vm_type} VM has no private memory")
+
+    def _check_all_in_memslots(self, gfn: int, npages: int) -> None:
+        cur, end = gfn, gfn + npages
+        while cur < end:
+            slot = self.slots.gfn_to_memslot(cur)
+            if slot is None:
+                raise ValueError(f"gfn {cur:#x} (in [gfn, gfn+npages)) is not in any memslot")
+            cur = slot.end
+
+    def _check_covered(self, gfn: int, end: int, gmem: bool) -> None:
+        """Every gfn of ``[gfn, end)`` is in a memslot (with guest_memfd if ``gmem``)."""
+        cur = gfn
+        while cur < end:
+            slot = self.slots.gfn_to_memslot(cur)
+            if slot is None:
+                raise ConfigError(f"gfn: {cur:#x} of [{gfn:#x}, {end:#x}) is not in any memslot")
+            if gmem and not slot.gmem:
+                raise ConfigError(f"gfn: memslot {slot.id} holding {cur:#x} has no guest_memfd")
+            cur = slot.end
+
+    # ==================================================================================
+    # The operation bracket, and what several operations share
+    # ==================================================================================
+
+    def _begin_operation(self) -> None:
+        self.ctx.bug = None
+
+    def _end_of_operation(self) -> None:
+        """End of a public operation: the grace period ends; a KVM_BUG_ON bugs the VM."""
+        self.arena.end_grace_period()
+        bug, self.ctx.bug = self.ctx.bug, None
+        if bug is not None:
+            if self._bug_msg is None:
+                self._bug_msg = bug
+            raise VmBugged(bug)
+
+    def _add_memslot(self, gfn: int, npages: int, backing: int, gmem: bool) -> int:
+        return self.slots.add(gfn, npages, backing, gmem, rmp=self.vendor.has_rmp)
+
+    def _zap_leafs(self, types: int, start: int, end: int) -> int:
+        """Leaf zap of ``[start, end)`` in the roots of ``types``, the vendor's end of the zap
+        (TDX ``track="batched"``: one TRACK, then the removals), then one TLB flush if a
+        valid root lost a translation.  Returns the leaves zapped."""
+        flush, zapped = self.tdp_mmu.kvm_tdp_mmu_zap_leafs(types, start, end)
+        self.vendor.zap_end()
+        if flush:
+            self.tdp_mmu.kvm_flush_remote_tlbs()
+        return zapped
+
+    def _unmap_gfn_range(self, start: int, end: int, *, private: bool, shared: bool) -> int:
+        """``kvm_unmap_gfn_range`` with an attribute filter (``kvm_tdp_mmu_unmap_gfn_range``),
+        the vendor's end of the zap, then one TLB flush if needed.  Returns leaves zapped."""
+        flush, zapped = self.tdp_mmu.kvm_tdp_mmu_unmap_gfn_range(
+            start, end, private=private, shared=shared
+        )
+        self.vendor.zap_end()
+        if flush:
+            self.tdp_mmu.kvm_flush_remote_tlbs()
+        return zapped
+
+    def _kvm_arch_flush_shadow_memslot(self, slot: Memslot) -> None:
+        """Memslot delete: fast zap (default VM + quirk) or a leaf zap of the slot."""
+        if self.vm_type == "default" and self.slot_zap_all:
+            self.tdp_mmu.kvm_mmu_zap_all_fast()
+        else:
+            # kvm_mmu_zap_memslot: PRIVATE|SHARED filter.
+            self._unmap_gfn_range(slot.gfn, slot.end, private=True, shared=True)
