@@ -1,188 +1,201 @@
 """The cost model: nanoseconds charged to the modeled clock for work tdpmmu does not execute.
 
-Every default comes from ``shared/spec/costs.md`` §6 ("Suggested defaults for modeled costs"),
-whose rows are estimates (E) derived from published measurements (§1 to §3); each field below
-names its row. Modeled time is a property of the simulated system, not of this simulator.
+The default of every field is defined once, in the engine, and read here from
+``tdpmmu._core.COST_DEFAULTS``. ``docs/costs.md`` documents each field: what it models, the
+published figure it rests on with its source and conditions, whether the default is measured (M),
+derived (D) or an estimate (E), and the range to sweep it over; ``SOURCES`` summarizes that per
+field. Modeled time is a property of the simulated system, not of this simulator.
 """
 
 import dataclasses
 import math
-from typing import Any, Self
+from typing import Any, Final, Self
 
+from tdpmmu import _core
 from tdpmmu._core import ConfigError
 
 __all__ = ["SOURCES", "CostModel"]
 
-#: For each field: the costs.md row it comes from and how the number was derived.
+#: The engine's defaults (field -> ns), the only definition of the numbers.
+_D: Final = _core.COST_DEFAULTS
+
+#: For each field: where docs/costs.md documents it, the figure and its basis in brief.
 SOURCES: dict[str, str] = {
     "exit_entry_ns": (
-        "costs.md §6 'VM exit + entry, normal VM (EPT/NPT violation, trivial handling)': 1.2 µs "
-        "(sweep 0.5-1.5 µs); basis §3.2 fast-path fault round trip ≈1.2 µs (D), SVM VMRUN "
-        "round trip ~1.35 k cycles (§1.3)"
+        "docs/costs.md §3.1: 1.2 µs (D), the lockless fast-path fault round trip measured with 64 "
+        "vCPUs x 1 GiB on Cascade Lake (0.315 s / 262,144 faults, Matlack 2021); sweep 0.5-1.5 µs"
     ),
     "fault_handling_ns": (
-        "costs.md §6 'KVM slow-path fault handling (mmu_lock read, SPTE install), excluding "
-        "host page allocation': 2 µs (sweep 1-10 µs; the upper end is 64-96-way contention); "
-        "basis §3.1/§3.2 (D)"
+        "docs/costs.md §3.2: 2 µs (E), KVM's fault handling without host allocation; bounded by "
+        "slow-path faults of 10.5-13.5 µs at 64-96 vCPUs and populate faults of 11.8 µs at 16 "
+        "vCPUs (D); sweep 1-10 µs"
     ),
     "host_page_alloc_ns": (
-        "costs.md §6 'Host 4 KiB page allocation + zeroing on first touch': 5-10 µs, midpoint "
-        "7.5 µs; basis: populate fault ≈12-20 µs minus fast path ≈1.2 µs (§3.1, D, rough)"
+        "docs/costs.md §3.3: 7.5 µs (E), midpoint of 5-10 µs = populate fault (≈12-20 µs, loaded "
+        "hosts) minus fast-path fault (≈1.2 µs) (D, rough); zeroing alone is ≈0.32 µs per 4 KiB"
     ),
     "host_zero_4k_ns": (
-        "no §6 row (E, tdpmmu's own): zeroing each further 4 KiB of a 2M/1G backing page on "
-        "first touch. costs.md §3.1 'Populate 96 vCPU x 1 GiB, 1 GiB HugeTLB' (4.97 s, "
-        "dominated by zeroing 96 GiB at ≈19.3 GiB/s aggregate) gives ≈0.2 µs per 4 KiB "
-        "machine-wide and ≈20 µs per 4 KiB per vCPU with 96 zeroing at once; 1 µs lies "
-        "between the two, to be swept"
+        "docs/costs.md §3.4: 1 µs (E) per further 4 KiB of a huge backing page; between ≈0.1-0.3 "
+        "µs (one thread clearing) and ≈20 µs (96 vCPUs zeroing 1 GiB HugeTLB at 19.3 GiB/s, "
+        "Gardon 2022); sweep 0.1-20 µs"
     ),
     "tlb_flush_base_ns": (
-        "costs.md §6 'Remote TLB flush (IPI to N vCPUs)': 1 µs + 0.2 µs x N, this is the 1 µs "
-        "(sweep 2-15 µs total); basis §3.4 (E/M mix)"
+        "docs/costs.md §4.1: 1 µs (E), fixed part of a remote flush modeled as 1 µs + 0.2 µs x "
+        "vCPUs (rule of thumb; no KVM measurement published); sweep the total 2-15 µs"
     ),
     "tlb_flush_per_vcpu_ns": (
-        "costs.md §6 'Remote TLB flush (IPI to N vCPUs)': 1 µs + 0.2 µs x N, this is the "
-        "0.2 µs per vCPU; basis §3.4 (E/M mix)"
+        "docs/costs.md §4.1: 0.2 µs (E) per vCPU of a remote flush (rule of thumb); a measured "
+        "4-vCPU PV flush took 9.9-11.1 µs; sweep 0.1-1.5 µs"
     ),
     "spte_update_ns": (
-        "costs.md §6 'Eager split, per 4 KiB SPTE created (one thread)': 60 ns; basis §3.3 "
-        "≈61 ns per SPTE created by splitting (D); also charged per SPTE a zap writes"
+        "docs/costs.md §4.2: 60 ns (D), ≈61 ns per SPTE created by eager splitting of 96 x 1 GiB "
+        "on one thread (1.547 s / 25.17 M SPTEs, Matlack 2022); sweep 50-150 ns"
     ),
-    # --- TDX (costs.md §1, §6). No per-SEAMCALL latency is published (§1.1 'NF'); the
-    # end-to-end figures of §1.2 bound them, and the split below is tdpmmu's estimate (E).
     "td_exit_entry_ns": (
-        "costs.md §6 'TD exit + TDH.VP.ENTER round trip to KVM': 2 µs (sweep 1-4 µs); basis "
-        "< 2.5 µs all-in private fault (§1.2) and ≈3.9 µs incl. guest #VE (§1.3)"
+        "docs/costs.md §5.2: 2 µs (E), TD exit + TDH.VP.ENTER; below the 2.54 µs all-in private "
+        "fault (R1) and the ≈3.9 µs CPUID-via-#VE round trip; not published alone; sweep 1-4 µs"
     ),
     "tdh_mem_sept_add_ns": (
-        "costs.md §6 'TDH.MEM.SEPT.ADD': 1 µs (sweep 0.3-2 µs); NF, assumed comparable to AUG"
+        "docs/costs.md §5.3: 1 µs (E), not published; taken as comparable to AUG; sweep 0.3-2 µs"
     ),
     "tdh_mem_page_aug_ns": (
-        "costs.md §6 'TDH.MEM.PAGE.AUG (4 KiB)': 1 µs (sweep 0.3-2 µs); must fit the 2.54 µs "
-        "all-in private fault of §1.2 with exit/entry and ACCEPT; no direct measurement"
+        "docs/costs.md §5.3: 1 µs (E), not published; a share of the 2.54 µs all-in private fault "
+        "(R1); sweep 0.3-2 µs"
     ),
     "tdh_mem_page_add_ns": (
-        "costs.md §1.1 'TDH.MEM.PAGE.ADD': NF; E: taken equal to AUG (1 µs), the build-time twin "
-        "of AUG"
+        "docs/costs.md §5.3: 1 µs (E), not published; taken equal to AUG, its build-time "
+        "counterpart; sweep 0.3-2 µs"
     ),
     "tdh_mr_extend_ns": (
-        "costs.md §1.1: NF; E: 0.2 µs per 256-byte TDH.MR.EXTEND chunk (16 per 4 KiB page when "
-        "measuring)"
+        "docs/costs.md §5.3: 0.2 µs (E) per 256-byte chunk (16 per measured 4 KiB page), not "
+        "published; sweep 0.1-1 µs"
     ),
     "tdg_mem_page_accept_ns": (
-        "costs.md §1.2 bounds it (NF alone); E: 0.2 µs for the guest's TDG.MEM.PAGE.ACCEPT, a "
-        "small part of the 2.54 µs "
-        "all-in private fault of §1.2"
+        "docs/costs.md §5.3: 0.2 µs (E), the guest's accept, not published; a small share of R1; "
+        "sweep 0.1-1 µs"
     ),
     "tdh_mem_range_block_ns": (
-        "E: 2 µs, part of costs.md §6 'Dynamic removal of one 4 KiB private page "
-        "(BLOCK+TRACK+kick+REMOVE+WBINVD+clear)': 16 µs @4 vCPUs (§1.2, D), split by tdpmmu"
+        "docs/costs.md §5.4: 2 µs (E), share of the 15-16 µs dynamic removal at 4 vCPUs (R3, "
+        "KVM_TDX_TERMINATE_VM v5, 2025); not published alone; sweep 1-4 µs"
     ),
     "tdh_mem_track_ns": (
-        "E: 2 µs, part of the costs.md §6 16 µs dynamic-removal row (split by tdpmmu)"
+        "docs/costs.md §5.4: 2 µs (E), share of the 15-16 µs dynamic removal at 4 vCPUs (R3); "
+        "sweep 1-4 µs"
     ),
     "kick_base_ns": (
-        "costs.md §6/§1.2, E: 3 µs fixed part of kicking all vCPUs out of the TD, part of the §6 "
-        "16 µs "
-        "dynamic-removal row; §1.2 shows removal cost growing with vCPUs (15-16 µs @4, "
-        "18-20 µs @32, 53-57 µs @64)"
+        "docs/costs.md §5.4: 3 µs (E), fixed part of kicking all vCPUs, share of R3's 15-16 µs at "
+        "4 vCPUs; removal grows to 18-20 µs at 32 and 53-57 µs at 64 vCPUs; sweep 1-10 µs"
     ),
     "kick_per_vcpu_ns": (
-        "costs.md §1.2, E: 0.5 µs per vCPU kicked (the §1.2 growth with vCPU count, linearised), "
-        "part of "
-        "the §6 16 µs dynamic-removal row at 4 vCPUs"
+        "docs/costs.md §5.4: 0.5 µs (E) per vCPU kicked, a linear fit through R3 at 4 vCPUs (it "
+        "overshoots 32 and undershoots 64 vCPUs); sweep 0.1-1 µs"
     ),
-    "tdh_mem_page_remove_ns": "E: 2 µs, part of the costs.md §6 16 µs dynamic-removal row",
-    "tdh_phymem_page_wbinvd_ns": "E: 4 µs, part of the costs.md §6 16 µs dynamic-removal row",
+    "tdh_mem_page_remove_ns": (
+        "docs/costs.md §5.4: 2 µs (E), share of R3's 15-16 µs at 4 vCPUs; sweep 1-4 µs"
+    ),
+    "tdh_phymem_page_wbinvd_ns": (
+        "docs/costs.md §5.4: 4 µs (E), share of R3's 15-16 µs at 4 vCPUs; sweep 1-8 µs"
+    ),
     "page_clear_ns": (
-        "costs.md §6, E: 1 µs for MOVDIR64B-clearing a 4 KiB page; part of both the §6 16 µs "
-        "dynamic "
-        "removal and the §6 5 µs teardown reclaim rows"
+        "docs/costs.md §5.4: 1 µs (E) to clear a 4 KiB page leaving the TD, share of both R3 "
+        "(removal) and R4 (reclaim); clear_page alone is ≈0.32 µs; sweep 0.2-2 µs"
     ),
     "tdh_phymem_page_reclaim_ns": (
-        "costs.md §6 'Teardown reclaim of one 4 KiB page': 5 µs (4.5-5.5 µs, §1.2 D) "
-        "minus the 1 µs page clear"
+        "docs/costs.md §5.5: 4 µs (E), R4's 4.5-5.5 µs teardown reclaim per page (KVM_TDX_"
+        "TERMINATE_VM v5, 2025, D) minus the 1 µs clear; sweep 3.5-4.5 µs"
     ),
     "tdh_mem_sept_remove_ns": (
-        "costs.md §1.1 'TDH.MEM.SEPT.REMOVE': NF; E: 2 µs, as TDH.MEM.PAGE.REMOVE (pre-upstream "
-        "sept_remove design only)"
+        "docs/costs.md §5.5: 2 µs (E), not published; taken equal to PAGE.REMOVE (pre-upstream "
+        "sept_remove design only); sweep 1-4 µs"
     ),
-    "tdh_vp_flush_ns": "costs.md §1.1: NF; E: 1 µs per vCPU at HKID release",
-    "tdh_mng_vpflushdone_ns": "costs.md §1.1: NF; E: 1 µs once at HKID release",
+    "tdh_vp_flush_ns": (
+        "docs/costs.md §5.6: 1 µs (E) per vCPU at HKID release, not published; sweep 0.5-5 µs"
+    ),
+    "tdh_mng_vpflushdone_ns": (
+        "docs/costs.md §5.6: 1 µs (E) once at HKID release, not published; sweep 0.5-5 µs"
+    ),
     "tdh_phymem_cache_wb_ns": (
-        "costs.md §1.1: NF; E: 100 µs for the cache write-back at HKID release (a whole-cache "
-        "operation)"
+        "docs/costs.md §5.6: 100 µs (E) once at HKID release, a whole-cache write-back, not "
+        "published; sweep 10 µs-1 ms"
     ),
-    "tdh_mng_key_freeid_ns": "costs.md §1.1: NF; E: 1 µs once at HKID release",
-    # --- SEV-SNP and guest_memfd (costs.md §2, §6).
+    "tdh_mng_key_freeid_ns": (
+        "docs/costs.md §5.6: 1 µs (E) once at HKID release, not published; sweep 0.5-5 µs"
+    ),
     "rmpupdate_ns": (
-        "costs.md §2 'RMPUPDATE latency': NF; E: 1 µs, so that the modeled all-in SNP private 4 "
-        "KiB "
-        "fault lands near costs.md §6 'SNP private fault all-in': 6 µs (§2: ≈6.1 µs, D)"
+        "docs/costs.md §6.1: 1 µs (E), not published; a share of the ≈6.1 µs all-in SNP private "
+        "page (R6, 128 GB guest eager vs lazy boot, Kalra 2025); sweep 0.3-2 µs"
     ),
-    "psmash_ns": "costs.md §2 'PSMASH latency': NF; E: 1 µs, as RMPUPDATE",
-    "pvalidate_ns": "costs.md §2 'PVALIDATE latency': NF; E: 0.5 µs",
+    "psmash_ns": "docs/costs.md §6.1: 1 µs (E), not published; taken as RMPUPDATE; sweep 0.3-2 µs",
+    "pvalidate_ns": (
+        "docs/costs.md §6.1: 0.5 µs (E), not published; a share of R6; sweep 0.1-1 µs"
+    ),
     "psc_exit_ns": (
-        "costs.md §2 'Page-state-change (PSC/VMGEXIT) cost per page'); E: 2 µs, a VMGEXIT round "
-        "trip with its userspace exit; part of the §6 6 µs SNP all-in row"
+        "docs/costs.md §6.2: 2 µs (E), one conversion request (SNP PSC VMGEXIT / TDX MapGPA) with "
+        "its exit to the VMM, not published; a share of R6; sweep 1-4 µs"
     ),
     "gmem_convert_ns": (
-        "costs.md §6 'guest_memfd conversion bookkeeping': ~0.1 µs (320 cycles, §2 M) at ~3 GHz"
+        "docs/costs.md §6.3: 107 ns (D), ~320 cycles per guest_memfd conversion (M, Roth 2025) at "
+        "an assumed 3 GHz; sweep 50-200 ns"
     ),
     "gmem_split_2m_ns": (
-        "costs.md §2 '2 MiB split/merge vs typical conversion': ~100x the 107 ns conversion (M)"
+        "docs/costs.md §6.3: 10.7 µs (D), a 2 MiB folio split/merge costs ~100x a conversion (M, "
+        "Roth 2025); sweep 5-20 µs"
     ),
 }
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CostModel:
-    """Nanosecond costs of the operations tdpmmu models (see ``SOURCES`` for each figure)."""
+    """Nanosecond costs of the operations tdpmmu models (``docs/costs.md``; ``SOURCES``).
 
-    #: A VM exit plus the re-entry, charged to every fault that exits (costs.md §6 row 1).
-    exit_entry_ns: float = 1200.0
-    #: KVM's fault handling under mmu_lock read, without host page allocation (§6 row 2).
-    fault_handling_ns: float = 2000.0
-    #: First touch of a host backing page: allocation plus zeroing its first 4 KiB (§6 row 3).
-    host_page_alloc_ns: float = 7500.0
-    #: Zeroing each further 4 KiB of a huge backing page on first touch (derived, see SOURCES).
-    host_zero_4k_ns: float = 1000.0
-    #: Fixed part of one remote TLB flush (§6 'Remote TLB flush').
-    tlb_flush_base_ns: float = 1000.0
-    #: Per-vCPU part of one remote TLB flush (§6 'Remote TLB flush').
-    tlb_flush_per_vcpu_ns: float = 200.0
-    #: One SPTE written in bulk by a zap or a huge-page split (§6 'Eager split').
-    spte_update_ns: float = 60.0
-    # --- TDX
-    #: TD exit plus TDH.VP.ENTER, charged to every TD exit instead of ``exit_entry_ns``.
-    td_exit_entry_ns: float = 2000.0
-    tdh_mem_sept_add_ns: float = 1000.0
-    tdh_mem_page_aug_ns: float = 1000.0
-    tdh_mem_page_add_ns: float = 1000.0
-    tdh_mr_extend_ns: float = 200.0
-    tdg_mem_page_accept_ns: float = 200.0
-    tdh_mem_range_block_ns: float = 2000.0
-    tdh_mem_track_ns: float = 2000.0
-    #: Kicking every vCPU out of the TD: ``kick_base_ns + kick_per_vcpu_ns * vcpus``.
-    kick_base_ns: float = 3000.0
-    kick_per_vcpu_ns: float = 500.0
-    tdh_mem_page_remove_ns: float = 2000.0
-    tdh_phymem_page_wbinvd_ns: float = 4000.0
-    page_clear_ns: float = 1000.0
-    tdh_phymem_page_reclaim_ns: float = 4000.0
-    tdh_mem_sept_remove_ns: float = 2000.0
-    tdh_vp_flush_ns: float = 1000.0
-    tdh_mng_vpflushdone_ns: float = 1000.0
-    tdh_phymem_cache_wb_ns: float = 100000.0
-    tdh_mng_key_freeid_ns: float = 1000.0
-    # --- SEV-SNP and guest_memfd
-    rmpupdate_ns: float = 1000.0
-    psmash_ns: float = 1000.0
-    pvalidate_ns: float = 500.0
-    #: One page-state-change VMGEXIT (a private<->shared conversion request from the guest).
-    psc_exit_ns: float = 2000.0
-    gmem_convert_ns: float = 107.0
-    gmem_split_2m_ns: float = 10700.0
+    Defaults are the engine's (``tdpmmu._core.COST_DEFAULTS``); the fields are declared here, in
+    the engine's order, for typing and documentation.
+    """
+
+    #: A VM exit plus the re-entry, charged to every fault that exits (§3.1).
+    exit_entry_ns: float = _D["exit_entry_ns"]
+    #: KVM's handling of one fault (or one pre-faulted leaf), without host allocation (§3.2).
+    fault_handling_ns: float = _D["fault_handling_ns"]
+    #: First touch of a host backing page: allocation plus zeroing its first 4 KiB (§3.3).
+    host_page_alloc_ns: float = _D["host_page_alloc_ns"]
+    #: Zeroing each further 4 KiB of a huge backing page on first touch (§3.4).
+    host_zero_4k_ns: float = _D["host_zero_4k_ns"]
+    #: Fixed part of one remote TLB flush (§4.1).
+    tlb_flush_base_ns: float = _D["tlb_flush_base_ns"]
+    #: Per-vCPU part of one remote TLB flush (§4.1).
+    tlb_flush_per_vcpu_ns: float = _D["tlb_flush_per_vcpu_ns"]
+    #: One SPTE written in bulk by a zap or a huge-page split (§4.2).
+    spte_update_ns: float = _D["spte_update_ns"]
+    # --- TDX (§5)
+    #: TD exit plus TDH.VP.ENTER, charged to every TD exit instead of ``exit_entry_ns`` (§5.2).
+    td_exit_entry_ns: float = _D["td_exit_entry_ns"]
+    tdh_mem_sept_add_ns: float = _D["tdh_mem_sept_add_ns"]
+    tdh_mem_page_aug_ns: float = _D["tdh_mem_page_aug_ns"]
+    tdh_mem_page_add_ns: float = _D["tdh_mem_page_add_ns"]
+    tdh_mr_extend_ns: float = _D["tdh_mr_extend_ns"]
+    tdg_mem_page_accept_ns: float = _D["tdg_mem_page_accept_ns"]
+    tdh_mem_range_block_ns: float = _D["tdh_mem_range_block_ns"]
+    tdh_mem_track_ns: float = _D["tdh_mem_track_ns"]
+    #: Kicking every vCPU out of the TD: ``kick_base_ns + kick_per_vcpu_ns * vcpus`` (§5.4).
+    kick_base_ns: float = _D["kick_base_ns"]
+    kick_per_vcpu_ns: float = _D["kick_per_vcpu_ns"]
+    tdh_mem_page_remove_ns: float = _D["tdh_mem_page_remove_ns"]
+    tdh_phymem_page_wbinvd_ns: float = _D["tdh_phymem_page_wbinvd_ns"]
+    page_clear_ns: float = _D["page_clear_ns"]
+    tdh_phymem_page_reclaim_ns: float = _D["tdh_phymem_page_reclaim_ns"]
+    tdh_mem_sept_remove_ns: float = _D["tdh_mem_sept_remove_ns"]
+    tdh_vp_flush_ns: float = _D["tdh_vp_flush_ns"]
+    tdh_mng_vpflushdone_ns: float = _D["tdh_mng_vpflushdone_ns"]
+    tdh_phymem_cache_wb_ns: float = _D["tdh_phymem_cache_wb_ns"]
+    tdh_mng_key_freeid_ns: float = _D["tdh_mng_key_freeid_ns"]
+    # --- SEV-SNP and guest_memfd (§6)
+    rmpupdate_ns: float = _D["rmpupdate_ns"]
+    psmash_ns: float = _D["psmash_ns"]
+    pvalidate_ns: float = _D["pvalidate_ns"]
+    #: One conversion request from the guest (SNP page-state change, TDX MapGPA) (§6.2).
+    psc_exit_ns: float = _D["psc_exit_ns"]
+    gmem_convert_ns: float = _D["gmem_convert_ns"]
+    gmem_split_2m_ns: float = _D["gmem_split_2m_ns"]
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -212,3 +225,19 @@ class CostModel:
     def to_dict(self) -> dict[str, float]:
         """Field name -> ns as float; this is what the native module takes."""
         return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _check_against_engine() -> None:
+    """The fields declared above must be the engine's, in the engine's order."""
+    declared = CostModel.field_names()
+    if declared != tuple(_core.COST_FIELDS) or tuple(_D) != tuple(_core.COST_FIELDS):
+        raise ImportError(
+            "tdpmmu.costs.CostModel is out of step with the native engine: declared fields "
+            f"{declared}, engine COST_FIELDS {tuple(_core.COST_FIELDS)}, engine COST_DEFAULTS "
+            f"{tuple(_D)}; rebuild the extension or update python/tdpmmu/costs.py"
+        )
+    if set(SOURCES) != set(declared):
+        raise ImportError(f"tdpmmu.costs.SOURCES does not cover exactly the fields {declared}")
+
+
+_check_against_engine()
