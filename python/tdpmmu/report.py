@@ -1,11 +1,12 @@
 """``tdpmmu report``: modeled all-in costs of confidential-VM operations beside published figures.
 
-Every number here is MODELED: tdpmmu runs small simulated VMs, counts what each operation did
-(exits, fault handling, SEAMCALLs, kicks, RMP instructions, SPTE writes, TLB flushes, host page
-allocations) and charges each with a ``tdpmmu.CostModel`` field. Each row therefore comes with its
-breakdown, one term per cost field (count x ns), and the breakdown is checked to add up to the
-modeled clock the engine reports. The published bounds come from ``shared/spec/costs.md``; they
-are end-to-end measurements (or arithmetic on them) of real machines, cited with their row.
+Every number here is MODELED: tdpmmu runs small simulated VMs and reads the engine's cost ledger
+(``VM.cost_breakdown()``: modeled ns charged to each ``tdpmmu.CostModel`` field) before and after
+each measured operation. A row's breakdown is that change, one term per field that moved
+(units x the field's ns); the report checks that the terms add up to the change of the modeled
+clock, and it adds one term of its own, marked, where the engine charges nothing (see
+``snp_private_fault``). The published bounds are the end-to-end figures of ``docs/costs.md`` §7
+(measurements of real machines, or arithmetic on them), cited by row.
 
 The rows:
 
@@ -25,14 +26,16 @@ The rows:
     page clear, the SPTE write and the remote TLB flush of the conversion.
 ``tdx_teardown_per_page``
     ``destroy()`` of a TD with ``TEARDOWN_PAGES`` private pages, divided by that page count. The
-    engine tears down in upstream KVM's order (spec §5.5): guest_memfd release removes every
-    private page with the HKID still assigned (the dynamic-removal sequence per page), then the
-    HKID is released, then only the S-EPT *tables* are RECLAIMed. The published 5 µs is the
+    engine tears down in upstream KVM's order (docs/costs.md §5.5): guest_memfd release removes
+    every private page with the HKID still assigned (the dynamic-removal sequence per page), then
+    the HKID is released, then only the S-EPT *tables* are RECLAIMed. The published ~5 µs is the
     KVM_TDX_TERMINATE_VM order (HKID released first, every page RECLAIMed), which the engine does
     not model for data pages, so this row compares two different procedures on purpose.
 ``tdx_reclaim_per_page``
-    The part of the same ``destroy()`` that is TDH.PHYMEM.PAGE.RECLAIM + clear, per reclaimed
-    (S-EPT) page: the cost the model would charge per page in the TD_TEARDOWN state.
+    TDH.PHYMEM.PAGE.RECLAIM + clear per reclaimed page: the ledger terms of those two fields in
+    ``destroy()`` of a TD whose private pages were all converted to shared first, so that only
+    its S-EPT tables are left to reclaim after the HKID release. This is what the model charges
+    per page in the TD_TEARDOWN state.
 ``snp_private_fault``
     An SNP guest's first touch of a private 4 KiB page: its page-state-change VMGEXIT
     (``psc_exit_ns``, **added by this report**: the engine charges a conversion request only when
@@ -65,17 +68,18 @@ __all__ = [
     "Published",
     "Report",
     "Row",
-    "attribute",
     "build_report",
     "format_text",
+    "ledger_components",
+    "to_json",
 ]
 
 #: Private pages mapped before the teardown measurement (amortizes the one-off HKID release).
 TEARDOWN_PAGES = 4096
-#: vCPU counts of the published dynamic-removal / teardown configurations (costs.md §1.2).
+#: vCPU counts of the published dynamic-removal / teardown configurations (docs/costs.md R3, R4).
 PUBLISHED_VCPUS = (4, 32, 64)
 
-_COSTS_MD = "shared/spec/costs.md"
+_COSTS_MD = "docs/costs.md"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,10 +100,9 @@ class Published:
 _ALL_IN = Published(
     2.54,
     2.54,
-    f"{_COSTS_MD} §1.2 line 83, '⇒ per 4 KiB private page, all-in (TD exit on EPT "
-    "violation/ACCEPT → KVM fault → mirror SPTE → TDH.MEM.PAGE.AUG → TDH.VP.ENTER → "
-    "TDG.MEM.PAGE.ACCEPT, incl. page clearing)': ≈ 2.54 µs (D: 90 GiB accepted in ~60 s by 1 "
-    "vCPU, Kirill A. Shutemov, LKML, Oct 2024)",
+    f"{_COSTS_MD} §7.1 R1: TDX private 4 KiB fault all-in (TD exit, KVM fault, mirror SPTE, "
+    "TDH.MEM.PAGE.AUG, TDH.VP.ENTER, TDG.MEM.PAGE.ACCEPT, incl. page clearing) ≈ 2.54 µs (D: "
+    "90 GiB accepted in ~60 s by 1 vCPU in 4 KiB steps; Kirill A. Shutemov, LKML, Oct 2024)",
     "1 vCPU, 90 GiB TD, 4 KiB pages, first touch",
 )
 _REMOVAL = {
@@ -108,9 +111,10 @@ _REMOVAL = {
     64: (53.0, 57.0, "64 vCPU, 400 GB TD"),
 }
 _REMOVAL_SOURCE = (
-    f"{_COSTS_MD} §1.2 line 87, '⇒ dynamic removal per 4 KiB page': ≈ 15-16 / 18-20 / 53-57 µs "
-    "(D from line 85: 'Dynamic Page Removal' 72 / 517 / 5539 s, Christopherson/Hunter, [PATCH v5] "
-    "KVM: TDX: Add sub-ioctl KVM_TDX_TERMINATE_VM, 2025-07-18)"
+    f"{_COSTS_MD} §7.1 R3: TDX dynamic removal per 4 KiB page ≈ 15-16 / 18-20 / 53-57 µs at "
+    "4 / 32 / 64 vCPUs (D: 'Dynamic Page Removal' of all private memory took 72 / 517 / 5539 s; "
+    "Sean Christopherson and Adrian Hunter, [PATCH v5] KVM: TDX: Add sub-ioctl "
+    "KVM_TDX_TERMINATE_VM, kvm list, 2025-07-18)"
 )
 _TEARDOWN = {
     4: (5.1, 5.5, "4 vCPU, 18 GB TD"),
@@ -118,16 +122,16 @@ _TEARDOWN = {
     64: (4.5, 4.8, "64 vCPU, 400 GB TD"),
 }
 _TEARDOWN_SOURCE = (
-    f"{_COSTS_MD} §1.2 line 88, '⇒ teardown reclaim per 4 KiB page': ≈ 5.1-5.5 / 4.8-5.1 / "
-    "4.5-4.8 µs (D from line 86: reclaim in TD_TEARDOWN state, HKID released first, 24 / 134 / "
-    "467 s, same thread)"
+    f"{_COSTS_MD} §7.1 R4: TDX teardown reclaim per 4 KiB page ≈ 5.1-5.5 / 4.8-5.1 / 4.5-4.8 µs "
+    "at 4 / 32 / 64 vCPUs (D: reclaim in TD_TEARDOWN state, HKID released first, took 24 / 134 / "
+    "467 s; same patch, 2025-07-18)"
 )
 _SNP = Published(
     6.1,
     6.1,
-    f"{_COSTS_MD} §2 line 132, '⇒ eager acceptance cost': ≈ 6.1 µs per 4 KiB-equivalent (D: "
-    "128 GB SNP guest boots in 227 s eager vs 22 s lazy, Ashish Kalra, LKML, 2025-02-20; "
-    "'includes PSC VMGEXITs, host RMPUPDATE, NPF faults, gmem allocation, PVALIDATE')",
+    f"{_COSTS_MD} §7.1 R6: SNP private page all-in ≈ 6.1 µs per 4 KiB-equivalent (D: a 128 GB "
+    "SNP guest boots in 227 s with eager acceptance vs 22 s lazy; includes PSC VMGEXITs, host "
+    "RMPUPDATE, NPF faults, gmem allocation, PVALIDATE; Ashish Kalra, LKML, 2025-02-20)",
     "128 GB SNP guest, vCPUs and page sizes not stated",
 )
 
@@ -141,7 +145,7 @@ def _nearest(
     return cfg, Published(low, high, source, conditions)
 
 
-#: For each published configuration of §1.2, keyed by vCPUs (removal, teardown).
+#: The published figures of docs/costs.md §7.1 the rows compare with, keyed by row.
 PUBLISHED: dict[str, Published] = {
     "tdx_private_fault": _ALL_IN,
     "snp_private_fault": _SNP,
@@ -152,19 +156,22 @@ PUBLISHED: dict[str, Published] = {
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Component:
-    """One term of a modeled total: ``count`` times the CostModel field ``field``.
+    """One term of a modeled total: ``ns`` charged to the CostModel field ``field`` (per page).
 
-    ``engine`` is False for terms this report adds itself (the engine does not charge them).
+    ``ns`` is read from the engine's cost ledger; ``ns_each`` is the field's value, so ``count``
+    is the number of units charged. ``engine`` is False for terms this report adds itself (the
+    engine does not charge them).
     """
 
     field: str
-    count: float
+    ns: float
     ns_each: float
     engine: bool = True
 
     @property
-    def ns(self) -> float:
-        return self.count * self.ns_each
+    def count(self) -> float:
+        """Units charged (per page): ``ns / ns_each``."""
+        return self.ns / self.ns_each if self.ns_each else 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -196,7 +203,7 @@ class Row:
         for c in self.components:
             if c.ns == 0:
                 continue
-            count = "" if c.count == 1 else f" x {c.count:.6g}"
+            count = "" if math.isclose(c.count, 1.0) else f" x {c.count:.6g}"
             mark = "" if c.engine else " [added by report]"
             us = c.ns / 1000
             amount = f"{us:.3f}" if us >= 0.0005 else "<0.001"
@@ -252,82 +259,70 @@ class Report:
         }
 
 
-# ----- attribution --------------------------------------------------------------------------------
-
-#: (counter, CostModel field charged once per count); a counter may charge several fields.
-_PER_COUNT: tuple[tuple[str, str], ...] = (
-    ("pf_taken", "fault_handling_ns"),
-    ("host_pages_allocated", "host_page_alloc_ns"),
-    ("TDH.MEM.SEPT.ADD", "tdh_mem_sept_add_ns"),
-    ("TDH.MEM.PAGE.AUG", "tdh_mem_page_aug_ns"),
-    ("TDH.MEM.PAGE.ADD", "tdh_mem_page_add_ns"),
-    ("TDH.MR.EXTEND", "tdh_mr_extend_ns"),
-    ("TDG.MEM.PAGE.ACCEPT", "tdg_mem_page_accept_ns"),
-    ("TDH.MEM.RANGE.BLOCK", "tdh_mem_range_block_ns"),
-    ("TDH.MEM.TRACK", "tdh_mem_track_ns"),
-    ("TDH.MEM.PAGE.REMOVE", "tdh_mem_page_remove_ns"),
-    ("TDH.PHYMEM.PAGE.WBINVD", "tdh_phymem_page_wbinvd_ns"),
-    ("page_clear", "page_clear_ns"),
-    ("TDH.PHYMEM.PAGE.RECLAIM", "tdh_phymem_page_reclaim_ns"),
-    ("TDH.MEM.SEPT.REMOVE", "tdh_mem_sept_remove_ns"),
-    ("TDH.VP.FLUSH", "tdh_vp_flush_ns"),
-    ("TDH.MNG.VPFLUSHDONE", "tdh_mng_vpflushdone_ns"),
-    ("TDH.PHYMEM.CACHE.WB", "tdh_phymem_cache_wb_ns"),
-    ("TDH.MNG.KEY.FREEID", "tdh_mng_key_freeid_ns"),
-    ("rmpupdate", "rmpupdate_ns"),
-    ("psmash", "psmash_ns"),
-    ("pvalidate", "pvalidate_ns"),
-    # One set_memory_attributes that changed something: the guest's exit and guest_memfd's work.
-    ("conversions", "psc_exit_ns"),
-    ("conversions", "gmem_convert_ns"),
-    ("gmem_splits", "gmem_split_2m_ns"),
-)
+# ----- the cost ledger ----------------------------------------------------------------------------
 
 
-def attribute(delta: Stats, costs: CostModel, vm_type: str, vcpus: int) -> list[Component]:
-    """Split a stats delta of guest faults, exclusive zaps and conversion requests (4K backing, no
-    pre-faults) into CostModel terms. Exits: one per guest fault (TDX retries locally without
-    one); SPTE writes: one per leaf or table a zap removed; kicks and flushes: a base plus a
-    per-vCPU part; conversion requests: ``psc_exit_ns + gmem_convert_ns`` each, plus
-    ``gmem_split_2m_ns`` per partly converted 2M folio."""
-    d = delta
-    out: list[Component] = []
-    exits = d["pf_taken"] - d["tdx_local_retries"]
-    exit_field = "td_exit_entry_ns" if vm_type == "tdx" else "exit_entry_ns"
-    out.append(Component(exit_field, exits, getattr(costs, exit_field)))
-    for counter, fld in _PER_COUNT:
-        out.append(Component(fld, d[counter], getattr(costs, fld)))
-    kicks = d["vcpu_kicks"]
-    out.append(Component("kick_base_ns", kicks, costs.kick_base_ns))
-    out.append(Component("kick_per_vcpu_ns", kicks * vcpus, costs.kick_per_vcpu_ns))
-    flushes = d["remote_tlb_flush"]
-    out.append(Component("tlb_flush_base_ns", flushes, costs.tlb_flush_base_ns))
-    out.append(Component("tlb_flush_per_vcpu_ns", flushes * vcpus, costs.tlb_flush_per_vcpu_ns))
-    removed = sum(max(0.0, -d[k]) for k in ("pages_4k", "pages_2m", "pages_1g", "tdp_mmu_pages"))
-    out.append(Component("spte_update_ns", removed, costs.spte_update_ns))
-    return [c for c in out if c.count]
+def ledger_components(
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    modeled_ns: float,
+    costs: CostModel,
+    what: str,
+    per: float = 1.0,
+) -> tuple[Component, ...]:
+    """The terms of one measurement: the change of the cost ledger from ``before`` to ``after``
+    (two ``VM.cost_breakdown()`` results), one ``Component`` per field that moved, in field order,
+    divided by ``per`` (pages).
 
-
-def _check_sum(components: Sequence[Component], modeled_ns: float, what: str) -> None:
-    total = sum(c.ns for c in components if c.engine)
-    if not math.isclose(total, modeled_ns, rel_tol=1e-9, abs_tol=1e-6):
+    Refuses (``RuntimeError``) a ledger that does not explain the change of the modeled clock
+    (``modeled_ns``, the ``stats["modeled_ns"]`` delta), has fields the cost model does not know,
+    went backwards, or holds a fractional number of units of a field."""
+    fields = costs.field_names()
+    if tuple(before) != fields or tuple(after) != fields:
         raise RuntimeError(
-            f"{what}: the engine charged {modeled_ns} ns but the counters explain {total} ns; "
-            "the report's attribution is out of date with the engine"
+            f"{what}: the engine's cost ledger has fields {tuple(after)}, the cost model "
+            f"{fields}; the extension and the Python package are out of step"
         )
+    delta = {f: after[f] - before[f] for f in fields}
+    total = math.fsum(delta.values())
+    if not math.isclose(total, modeled_ns, rel_tol=1e-12, abs_tol=1e-6):
+        raise RuntimeError(
+            f"{what}: the engine's clock moved by {modeled_ns} ns but its cost ledger by {total} ns"
+        )
+    out = []
+    for f, ns in delta.items():
+        if ns == 0.0:
+            continue
+        if ns < 0:
+            raise RuntimeError(f"{what}: the cost ledger of {f} went backwards by {-ns} ns")
+        each = float(getattr(costs, f))
+        units = ns / each if each else math.inf
+        if not math.isfinite(units) or not math.isclose(
+            units, round(units), rel_tol=1e-9, abs_tol=1e-6
+        ):
+            raise RuntimeError(
+                f"{what}: the ledger charged {ns} ns to {f}, not a whole number of units of "
+                f"{each} ns"
+            )
+        out.append(Component(f, ns / per, each))
+    return tuple(out)
 
 
-def _scaled(components: Sequence[Component], n: float) -> tuple[Component, ...]:
-    return tuple(dataclasses.replace(c, count=c.count / n) for c in components)
+_Snapshot = tuple[dict[str, float], Stats]
+
+
+def _snapshot(vm: VM) -> _Snapshot:
+    return vm.cost_breakdown(), vm.stats
 
 
 def _measure(
-    vm: VM, before: Stats, what: str, per: float = 1.0
+    vm: VM, before: _Snapshot, what: str, per: float = 1.0
 ) -> tuple[tuple[Component, ...], float]:
-    delta = vm.stats - before
-    comps = attribute(delta, vm.costs, vm.vm_type, vm.vcpus)
-    _check_sum(comps, float(delta["modeled_ns"]), what)
-    return _scaled(comps, per), float(delta["modeled_ns"]) / per
+    """Ledger terms and modeled-clock change since ``before``, both per ``per`` pages."""
+    ledger, stats = before
+    modeled = float((vm.stats - stats)["modeled_ns"])
+    comps = ledger_components(ledger, vm.cost_breakdown(), modeled, vm.costs, what, per)
+    return comps, modeled / per
 
 
 # ----- measurements -------------------------------------------------------------------------------
@@ -342,7 +337,7 @@ def _td(costs: CostModel, vcpus: int) -> VM:
 def tdx_private_fault(costs: CostModel, vcpus: int) -> Row:
     vm = _td(costs, vcpus)
     vm.fault(0)  # the first 2M range builds the L3/L2 tables
-    before = vm.stats
+    before = _snapshot(vm)
     faults = [vm.fault(g) for g in range(512, 1024)]  # a fresh 2M range: one SEPT.ADD
     comps, engine_ns = _measure(vm, before, "tdx_private_fault", per=512)
     assert math.isclose(sum(f.modeled_ns for f in faults) / 512, engine_ns)
@@ -362,7 +357,7 @@ def tdx_private_fault_no_alloc(costs: CostModel, vcpus: int) -> Row:
     vm.fault(0)
     vm.set_memory_attributes(0, 1, private=False)
     vm.set_memory_attributes(0, 1, private=True)
-    before = vm.stats
+    before = _snapshot(vm)
     f = vm.fault(0)
     comps, engine_ns = _measure(vm, before, "tdx_private_fault_no_alloc")
     assert math.isclose(f.modeled_ns, engine_ns)
@@ -380,9 +375,9 @@ def tdx_private_fault_no_alloc(costs: CostModel, vcpus: int) -> Row:
 def tdx_dynamic_removal(costs: CostModel, vcpus: int) -> Row:
     vm = _td(costs, vcpus)
     vm.fault(0)
-    before = vm.stats
+    before = _snapshot(vm)
     vm.set_memory_attributes(0, 1, private=False)
-    assert (vm.stats - before)["conversions"] == 1
+    assert (vm.stats - before[1])["conversions"] == 1
     comps, engine_ns = _measure(vm, before, "tdx_dynamic_removal")
     cfg, published = _nearest(_REMOVAL, _REMOVAL_SOURCE, vcpus)
     return Row(
@@ -399,19 +394,14 @@ def tdx_dynamic_removal(costs: CostModel, vcpus: int) -> Row:
     )
 
 
-def _teardown(costs: CostModel, vcpus: int) -> tuple[VM, Stats, Stats]:
+def tdx_teardown_per_page(costs: CostModel, vcpus: int) -> Row:
     vm = _td(costs, vcpus)
     vm.fault_batch(np.arange(TEARDOWN_PAGES, dtype=np.uint64))
-    before = vm.stats
+    before = _snapshot(vm)
     vm.destroy()
-    return vm, before, vm.stats - before
-
-
-def tdx_teardown_rows(costs: CostModel, vcpus: int) -> tuple[Row, Row]:
-    vm, before, delta = _teardown(costs, vcpus)
     comps, engine_ns = _measure(vm, before, "tdx_teardown", per=TEARDOWN_PAGES)
     cfg, published = _nearest(_TEARDOWN, _TEARDOWN_SOURCE, vcpus)
-    per_page = Row(
+    return Row(
         f"tdx_teardown_per_page@{vcpus}",
         f"TDX destroy() per private 4K page ({vcpus} vCPUs)",
         comps,
@@ -423,34 +413,53 @@ def tdx_teardown_rows(costs: CostModel, vcpus: int) -> tuple[Row, Row]:
         "KVM_TDX_TERMINATE_VM order (HKID released first, every page RECLAIMed), not modeled for "
         f"data pages; nearest published configuration: {cfg} vCPUs",
     )
-    reclaims = float(delta["TDH.PHYMEM.PAGE.RECLAIM"])
-    clears_for_tables = float(delta["page_clear"] - delta["TDH.PHYMEM.PAGE.WBINVD"])
-    reclaim = Row(
+
+
+#: The ledger fields of reclaiming one page after the HKID release.
+_RECLAIM_FIELDS = ("tdh_phymem_page_reclaim_ns", "page_clear_ns")
+
+
+def tdx_reclaim_per_page(costs: CostModel, vcpus: int) -> Row:
+    vm = _td(costs, vcpus)
+    vm.fault_batch(np.arange(TEARDOWN_PAGES, dtype=np.uint64))
+    # Remove the data pages while the TD runs, so destroy() has only S-EPT tables to reclaim.
+    vm.set_memory_attributes(0, TEARDOWN_PAGES, private=False)
+    before = _snapshot(vm)
+    vm.destroy()
+    reclaims = float((vm.stats - before[1])["TDH.PHYMEM.PAGE.RECLAIM"])
+    if reclaims <= 0:
+        raise RuntimeError("tdx_reclaim_per_page: destroy() reclaimed no page")
+    comps, _ = _measure(vm, before, "tdx_reclaim", per=reclaims)
+    kept = tuple(c for c in comps if c.field in _RECLAIM_FIELDS)
+    _, published = _nearest(_TEARDOWN, _TEARDOWN_SOURCE, vcpus)
+    return Row(
         f"tdx_reclaim_per_page@{vcpus}",
         "TDX RECLAIM + clear per page after HKID release",
-        (
-            Component("tdh_phymem_page_reclaim_ns", 1.0, costs.tdh_phymem_page_reclaim_ns),
-            Component("page_clear_ns", clears_for_tables / reclaims, costs.page_clear_ns),
-        ),
-        (reclaims * costs.tdh_phymem_page_reclaim_ns + clears_for_tables * costs.page_clear_ns)
-        / reclaims,
+        kept,
+        sum(c.ns for c in kept),
         published,
-        f"the RECLAIM part of the same destroy(): {int(reclaims)} S-EPT table pages, each "
-        "TDH.PHYMEM.PAGE.RECLAIM + clear; what the model charges per page in TD_TEARDOWN state",
+        f"destroy() of a TD whose {TEARDOWN_PAGES} private pages were converted to shared first: "
+        f"its ledger terms for {' and '.join(_RECLAIM_FIELDS)} per reclaimed page "
+        f"({int(reclaims)} S-EPT table pages, each TDH.PHYMEM.PAGE.RECLAIM + clear); what the "
+        "model charges per page in TD_TEARDOWN state",
     )
-    return per_page, reclaim
+
+
+def tdx_teardown_rows(costs: CostModel, vcpus: int) -> tuple[Row, Row]:
+    """The teardown row and the RECLAIM + clear row."""
+    return tdx_teardown_per_page(costs, vcpus), tdx_reclaim_per_page(costs, vcpus)
 
 
 _HOST_ALLOC_FIELDS = ("host_page_alloc_ns", "host_zero_4k_ns")
 
 
 def _snp_psc(costs: CostModel) -> Component:
-    return Component("psc_exit_ns", 1.0, costs.psc_exit_ns, engine=False)
+    return Component("psc_exit_ns", costs.psc_exit_ns, costs.psc_exit_ns, engine=False)
 
 
 def snp_private_fault(costs: CostModel, vcpus: int) -> Row:
     vm = VM("snp", memory="1GiB", vcpus=vcpus, costs=costs)
-    before = vm.stats
+    before = _snapshot(vm)
     vm.fault(7)
     comps, engine_ns = _measure(vm, before, "snp_private_fault")
     return Row(
@@ -471,13 +480,13 @@ def snp_private_fault_no_alloc(costs: CostModel, vcpus: int) -> Row:
     vm.fault(7)
     vm.set_memory_attributes(7, 1, private=False)
     vm.punch_hole(7, 1)
-    before = vm.stats
+    before = _snapshot(vm)
     vm.set_memory_attributes(7, 1, private=True)  # the guest's PSC: charged by the engine
     vm.fault(7)
-    assert (vm.stats - before)["conversions"] == 1
+    assert (vm.stats - before[1])["conversions"] == 1
     comps, engine_ns = _measure(vm, before, "snp_private_fault_no_alloc")
     # punch_hole freed the guest_memfd page, so the re-fault allocates it again; this row is
-    # the same work without that allocation (subtracted here, and said so).
+    # the same work without that allocation (its ledger terms are left out, and said so).
     alloc = tuple(c for c in comps if c.field in _HOST_ALLOC_FIELDS)
     kept = tuple(c for c in comps if c.field not in _HOST_ALLOC_FIELDS)
     return Row(
@@ -520,9 +529,10 @@ def build_report(vcpus: int = 4, costs: CostModel | Mapping[str, float] | None =
 # ----- output -------------------------------------------------------------------------------------
 
 HEADER = (
-    "SIMULATED by tdpmmu {version}: MODELED costs (tdpmmu.CostModel fields x what small simulated "
-    "VMs did), beside published end-to-end figures from shared/spec/costs.md. Modeled time is a "
-    "property of the cost model, not a measurement of any machine."
+    "SIMULATED by tdpmmu {version}: MODELED costs (the engine's cost ledger: tdpmmu.CostModel "
+    "fields x units charged while small simulated VMs ran), beside published end-to-end figures "
+    "(docs/costs.md §7). Modeled time is a property of the cost model, not a measurement of any "
+    "machine."
 )
 
 
@@ -554,7 +564,8 @@ def format_text(report: Report) -> str:
         "Dynamic removal vs vCPU count (the published configurations):",
         *_table(report.removal_by_vcpus),
         "",
-        "What each modeled total is made of (µs, CostModel field x count per page):",
+        "What each modeled total is made of (µs per page, from the cost ledger: CostModel field x "
+        "units):",
     ]
     for r in report.rows:
         out += [
