@@ -273,6 +273,7 @@ def test_docs_state_the_default_report() -> None:
         "TDX dynamic removal, 4 / 32 / 64 vCPUs": [
             f"tdx_dynamic_removal@{v}" for v in report.PUBLISHED_VCPUS
         ],
+        "TDX destroy() per private 4 KiB page, 4 vCPUs": ["tdx_teardown_per_page@4"],
         "TDX RECLAIM + clear per reclaimed page": ["tdx_reclaim_per_page@4"],
         "SNP private 4 KiB fault, first touch": ["snp_private_fault"],
         "SNP private 4 KiB fault, host page already allocated": ["snp_private_fault_no_alloc"],
