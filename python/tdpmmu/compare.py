@@ -3,13 +3,19 @@
 This is the question the hook-design argument of the seed thread is about: with the same guest
 doing the same thing, what does each design cost (hook calls, SEAMCALLs, RMP instructions,
 modeled time, page-table memory), and does it stay correct? ``compare`` returns one typed
-``CompareRow`` per pair; ``python -m tdpmmu compare`` prints them as a table, JSON or CSV.
+``CompareRow`` per pair (and per TDX option value swept); ``python -m tdpmmu compare`` prints
+them as tables, JSON or CSV.
 
-The workload, on every pair (architecture §3 VM types, §4 hook designs):
+The pairs are the engine's VM-type x design matrix (``tdpmmu.config.VARIANTS``). Rows of
+variants that take TDX options (tdx, sw_protected+mirror) are run once per combination of the
+swept TDX option values (default: every ``interface``, so four-hook and two-hook both show).
 
-1. **setup**: create the VM (``vcpus x bytes_per_vcpu`` of test memory plus a small initial
-   image after it), populate the image (``KVM_PRE_FAULT_MEMORY``; on a TD it is the initial
-   image, ``TDH.MEM.PAGE.ADD``), then finalize a TD.
+The workload, on every row (architecture §3 VM types, §4 hook designs):
+
+1. **setup**: build the VM (``VmSpec``: ``vcpus x bytes_per_vcpu`` of test memory plus a small
+   initial image after it, rounded up to the backing page) and launch it as a VMM would
+   (``tdpmmu.vmspec.launch``): memory attributes private, the image populated
+   (``KVM_PRE_FAULT_MEMORY``; on a TD ``TDH.MEM.PAGE.ADD``), a TD finalized.
 2. **demand-paging** (workloads.md §A.2): every vCPU writes each page of its slice once, in
    order, as real threads (``VM.run_memstress``). The memory of a confidential VM starts
    all-private, so those are private faults; on a default VM they are ordinary faults.
@@ -21,10 +27,15 @@ The workload, on every pair (architecture §3 VM types, §4 hook designs):
 4. **teardown** (``VM.destroy``, KVM's order): where the designs differ most, because nothing
    there is a fault.
 
+Defaults are chosen so design differences show: 2M backing and 2M guest_memfd folios (SNP's
+``gmem`` design then maps 2M leaves from 2M RMP entries where ``private`` maps 4K), and both TDX
+hook interfaces. Default conversion counts are scaled down to fit a small test region (and the
+result says so).
+
 Correctness ("check"): ``VM.check()`` after the workload, and after teardown nothing may be left
-behind (KVM page tables, S-EPT/external tables, leaked external tables). A design that breaks
-(``InvariantError``, ``VmBugged``, a leak, a fault that does not map its page) is a *result*:
-its row says ``NO (reason)`` and keeps the counts up to the failure.
+behind (KVM page tables, S-EPT or software external tables, leaked external tables). A design
+that breaks (``InvariantError``, ``VmBugged``, a leak, a fault that does not map its page) is a
+*result*: its row says ``NO`` with the reason and keeps the counts up to the failure.
 
 Two clocks, never mixed: **modeled** time is what the cost model charges for the simulated
 system; **host wall** time is how long this simulator took on this machine.
@@ -33,22 +44,24 @@ system; **host wall** time is how long this simulator took on this machine.
 import csv
 import dataclasses
 import io
-import json
-import textwrap
+import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
-from tdpmmu import __version__
+from tdpmmu import __version__, coerce, config, render
 from tdpmmu._core import ConfigError, InvariantError, OutOfMemory, VmBugged
 from tdpmmu.costs import CostModel
-from tdpmmu.sizes import format_size, parse_size
+from tdpmmu.results import Envelope, sum_breakdowns
+from tdpmmu.sizes import format_size
 from tdpmmu.stats import Stats
-from tdpmmu.vm import VM
+from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.workloads import PAGE_SIZE, private_mem_conversions
 
 __all__ = [
+    "DEFAULTS",
     "DESIGNS",
+    "HOOK_COUNTERS",
     "PAIRS",
     "SUMMARY_FIELDS",
     "VM_TYPES",
@@ -58,6 +71,8 @@ __all__ = [
     "CompareRow",
     "PhaseResult",
     "compare",
+    "external_tables_name",
+    "format_text",
     "run_pair",
     "select_pairs",
 ]
@@ -67,27 +82,16 @@ WORKLOADS: Final[tuple[Workload, ...]] = ("demand-paging", "conversions", "both"
 
 #: VM type labels of the comparison and how each is built: (engine vm_type, mirror=).
 VM_TYPES: Final[Mapping[str, tuple[str, bool]]] = {
-    "default": ("default", False),
-    "tdx": ("tdx", False),
-    "snp": ("snp", False),
-    "sw_protected": ("sw_protected", False),
-    "sw_protected+mirror": ("sw_protected", True),
+    v.label: (v.vm_type, v.mirror) for v in config.VARIANTS
 }
 
-#: Hook design names (architecture §4).
-DESIGNS: Final[tuple[str, ...]] = ("none", "mirror", "private", "gmem")
+#: Hook design names (architecture §4), as the engine defines them.
+DESIGNS: Final[tuple[str, ...]] = config.DESIGNS
 
-#: Every (VM type label, hook design) the engine accepts; it raises ConfigError for the others
-#: (tests/test_compare.py checks both directions). Upstream designs first for each type.
-PAIRS: Final[tuple[tuple[str, str], ...]] = (
-    ("default", "none"),
-    ("tdx", "mirror"),
-    ("tdx", "private"),
-    ("snp", "gmem"),
-    ("snp", "private"),
-    ("sw_protected", "none"),
-    ("sw_protected+mirror", "mirror"),
-    ("sw_protected+mirror", "private"),
+#: Every (VM type label, hook design) the engine accepts, in the engine's order, the upstream
+#: (default) design first for each type.
+PAIRS: Final[tuple[tuple[str, str], ...]] = tuple(
+    (v.label, d) for v in config.VARIANTS for d in v.designs
 )
 
 #: The four external-table hooks (KVM's names); their counters sum to "hook calls".
@@ -103,17 +107,38 @@ RMP_ENTRY_BYTES: Final[int] = 8
 
 _TABLE_BYTES = 4096
 
+#: Default workload parameters. ``conversions`` and ``chunk_pages`` are scaled down when the
+#: test region is too small for them (the chunks then cover at most half of it).
+DEFAULTS: Final[Mapping[str, Any]] = {
+    "workload": "both",
+    "vcpus": 4,
+    "bytes_per_vcpu": "1G",
+    "conversions": 512,
+    "chunk_pages": 16,
+    "image_pages": 256,
+    "backing": "2M",
+    "folio": "2M",
+    # Every hook interface, so the table shows what two-hook changes against four-hook.
+    "tdx": {"interface": config.TDX_OPTION_CHOICES["interface"]},
+}
+
 #: Columns of ``CompareRow.summary`` (and of the CSV output), in order.
 SUMMARY_FIELDS: Final[tuple[str, ...]] = (
     "vm_type",
     "design",
+    "options",
     "faults",
+    "retries",
+    "huge_leaves",
     "hook_calls",
+    *HOOK_COUNTERS,
     "seamcalls",
     "rmpupdate",
     "psmash",
     "pvalidate",
+    "pages_touched",
     "modeled_ns_per_fault",
+    "modeled_ns_per_page",
     "fault_modeled_ns",
     "modeled_ns",
     "page_table_peak_bytes",
@@ -126,14 +151,24 @@ SUMMARY_FIELDS: Final[tuple[str, ...]] = (
 )
 
 
+def external_tables_name(vm_type: str) -> str:
+    """What the mirror root's external tables are on this VM type: a TD's are the TDX
+    module's S-EPT; sw_protected+mirror keeps a software tree (no TDX module)."""
+    return "S-EPT tables" if vm_type == "tdx" else "external tables"
+
+
 def _seamcalls(stats: Mapping[str, int | float]) -> int:
     # Host SEAMCALLs only: TDG.* (the guest's TDCALLs, e.g. TDG.MEM.PAGE.ACCEPT) are not.
     return int(sum(v for k, v in stats.items() if k.startswith("TDH.")))
 
 
+def _option_text(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CompareParams:
-    """The workload every pair runs (validated and normalized by ``compare``)."""
+    """The workload every row runs (validated and normalized by ``compare``)."""
 
     workload: Workload
     vcpus: int
@@ -147,8 +182,14 @@ class CompareParams:
     seed: int
     teardown: bool
     costs: CostModel
-    #: TDX module options, as VM(tdx=...) takes them; used on tdx and sw_protected+mirror.
-    tdx: Mapping[str, str]
+    #: Host page size behind guest memory (bytes).
+    backing: int
+    #: guest_memfd folio size (bytes).
+    folio: int
+    #: TDX option -> the values swept (one value: fixed), for the rows that take TDX options.
+    tdx: Mapping[str, tuple[coerce.TdxValue, ...]]
+    #: Defaults that were scaled to fit the test region, said in words.
+    adjusted: tuple[str, ...] = ()
 
     @property
     def test_pages(self) -> int:
@@ -156,14 +197,55 @@ class CompareParams:
 
     @property
     def memory(self) -> int:
-        return self.vcpus * self.bytes_per_vcpu + self.image_pages * PAGE_SIZE
+        """Guest memory: the test region and the image, rounded up to the backing page."""
+        raw = self.vcpus * self.bytes_per_vcpu + self.image_pages * PAGE_SIZE
+        return -(-raw // self.backing) * self.backing
+
+    @property
+    def swept(self) -> tuple[str, ...]:
+        """TDX options with more than one value (they label the rows)."""
+        return tuple(k for k, v in self.tdx.items() if len(v) > 1)
+
+    def tdx_combinations(self) -> list[dict[str, coerce.TdxValue]]:
+        """Every combination of the TDX option values, in option order."""
+        keys = list(self.tdx)
+        return [
+            dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(self.tdx[k] for k in keys))
+        ]
+
+    def spec(self, label: str, design: str, tdx: Mapping[str, coerce.TdxValue]) -> VmSpec:
+        vm_type, mirror = VM_TYPES[label]
+        return VmSpec.create(
+            vm_type=vm_type,
+            memory=self.memory,
+            vcpus=self.vcpus,
+            levels=self.levels,
+            backing=self.backing,
+            hooks=design,
+            costs=self.costs,
+            seed=self.seed,
+            tdx=dict(tdx) or None,
+            mirror=mirror,
+            folio=self.folio,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["costs"] = self.costs.to_dict()
-        out["tdx"] = dict(self.tdx)
+        out["tdx"] = {k: list(v) for k, v in self.tdx.items()}
+        out["adjusted"] = list(self.adjusted)
         out["memory"] = self.memory
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CompareParams":
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in names}
+        fields["costs"] = coerce.cost_model(data["costs"])
+        fields["tdx"] = {k: tuple(v) for k, v in data["tdx"].items()}
+        fields["adjusted"] = tuple(data.get("adjusted", ()))
+        return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,22 +259,37 @@ class PhaseResult:
     modeled_ns: float
     #: Modeled time of the phase's faults only (the numerator of "modeled per fault").
     fault_modeled_ns: float
+    #: Guest page writes the phase made (each needs a fault on a 4K mapping).
+    pages_touched: int
     #: Counter deltas over the phase (gauges such as ``pages_4k`` are deltas too).
     stats: Stats
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["stats"] = {k: v for k, v in self.stats.items() if v}
+        out["stats"] = self.stats.to_dict()
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PhaseResult":
+        return cls(
+            name=str(data["name"]),
+            wall_s=float(data["wall_s"]),
+            modeled_ns=float(data["modeled_ns"]),
+            fault_modeled_ns=float(data["fault_modeled_ns"]),
+            pages_touched=int(data["pages_touched"]),
+            stats=Stats(data["stats"]),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CompareRow:
-    """One (VM type, hook design) pair after the workload."""
+    """One (VM type, hook design, TDX options) row after the workload."""
 
     #: VM type label (a key of ``VM_TYPES``: "sw_protected+mirror" is VM(mirror=True)).
     vm_type: str
     design: str
+    #: The VM's full configuration (TDX options included).
+    spec: VmSpec
     #: Faults the guest took (KVM's ``pf_taken``), every phase.
     faults: int
     #: Calls of the four external-table hooks (link/set/remove/free).
@@ -202,10 +299,17 @@ class CompareRow:
     rmpupdate: int
     psmash: int
     pvalidate: int
+    #: The most 2M/1G leaves mapped at any phase end.
+    huge_leaves: int
+    #: Guest page writes of the workload (demand paging and conversions).
+    pages_touched: int
     #: Modeled time of all faults (exit, handling, page allocation, hooks, SEAMCALLs, ...).
     fault_modeled_ns: float
-    #: All modeled time: every phase, host operations and conversion requests included.
+    #: All modeled time: every phase, host operations and conversion requests included,
+    #: summed over vCPUs.
     modeled_ns: float
+    #: ``modeled_ns`` by CostModel field.
+    cost_breakdown: Mapping[str, float]
     #: KVM page tables at their peak (``page_table_peak_bytes``; mirror roots included).
     page_table_peak_bytes: int
     #: S-EPT (or software external) tables, the most held at any phase end, x 4 KiB.
@@ -227,9 +331,33 @@ class CompareRow:
     stats: Stats
 
     @property
+    def tdx(self) -> Mapping[str, coerce.TdxValue]:
+        return self.spec.tdx
+
+    @property
+    def options(self) -> str:
+        """The row's TDX options as ``key=value,...`` ("" when it has none)."""
+        return ",".join(f"{k}={_option_text(v)}" for k, v in self.tdx.items())
+
+    @property
+    def retries(self) -> int:
+        """Faults that ended in RETRY (counted in ``faults``): racing vCPUs, busy SEAMCALLs."""
+        return int(self.stats["pf_retry"])
+
+    def hook(self, name: str) -> int:
+        """Calls of one external-table hook (``HOOK_COUNTERS``)."""
+        return int(self.stats[name])
+
+    @property
     def modeled_ns_per_fault(self) -> float | None:
         """Modeled time of the faults divided by their number (None without faults)."""
         return self.fault_modeled_ns / self.faults if self.faults else None
+
+    @property
+    def modeled_ns_per_page(self) -> float | None:
+        """Modeled time of the faults per guest page written (comparable across rows whose
+        faults map different page sizes)."""
+        return self.fault_modeled_ns / self.pages_touched if self.pages_touched else None
 
     @property
     def memory_bytes(self) -> int:
@@ -241,35 +369,82 @@ class CompareRow:
         """The check column as text: "yes" or "NO (reason)"."""
         return "yes" if self.check_ok else f"NO ({self.check_error})"
 
+    def phase(self, name: str) -> PhaseResult | None:
+        for p in self.phases:
+            if p.name.removesuffix(" (failed)") == name:
+                return p
+        return None
+
     def summary(self) -> dict[str, Any]:
         """The flat per-row fields (the CSV columns, ``SUMMARY_FIELDS``)."""
-        return {name: getattr(self, name) for name in SUMMARY_FIELDS}
+        out: dict[str, Any] = {}
+        for name in SUMMARY_FIELDS:
+            out[name] = self.hook(name) if name in HOOK_COUNTERS else getattr(self, name)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         out = self.summary()
+        out["spec"] = self.spec.to_dict()
+        out["cost_breakdown"] = dict(self.cost_breakdown)
         out["notes"] = list(self.notes)
         out["phases"] = [p.to_dict() for p in self.phases]
         out["stats"] = self.stats.to_dict()
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CompareRow":
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in names}
+        fields["spec"] = VmSpec.from_dict(data["spec"])
+        fields["cost_breakdown"] = {k: float(v) for k, v in data["cost_breakdown"].items()}
+        fields["notes"] = tuple(data["notes"])
+        fields["phases"] = tuple(PhaseResult.from_dict(p) for p in data["phases"])
+        fields["stats"] = Stats(data["stats"])
+        return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CompareResult:
     params: CompareParams
     rows: tuple[CompareRow, ...]
+    #: Host wall-clock seconds of the whole comparison.
+    wall_s: float = 0.0
+
+    def envelope(self) -> Envelope:
+        """The result envelope: modeled time and its breakdown summed over the rows (each
+        row keeps its own in ``result["rows"]``)."""
+        return Envelope(
+            workload="compare",
+            config={
+                "workload": self.params.to_dict(),
+                "vms": [r.spec.to_dict() for r in self.rows],
+            },
+            seed=self.params.seed,
+            modeled_ns=sum(r.modeled_ns for r in self.rows),
+            cost_breakdown=sum_breakdowns([r.cost_breakdown for r in self.rows]),
+            wall_s=self.wall_s,
+            result={"rows": [r.to_dict() for r in self.rows]},
+        )
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> "CompareResult":
+        if env.workload != "compare":
+            raise ConfigError(f"envelope: a {env.workload} result, not compare")
+        return cls(
+            params=CompareParams.from_dict(env.config["workload"]),
+            rows=tuple(CompareRow.from_dict(r) for r in env.result["rows"]),
+            wall_s=env.wall_s,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "tool": "tdpmmu",
-            "version": __version__,
-            "simulated": True,
-            "command": "compare",
-            "parameters": self.params.to_dict(),
-            "rows": [r.to_dict() for r in self.rows],
-        }
+        return self.envelope().to_dict()
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return self.envelope().to_json(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompareResult":
+        return cls.from_envelope(Envelope.from_json(text))
 
     def to_csv(self) -> str:
         """One line per row with the ``CompareRow.summary`` columns (raw numbers)."""
@@ -298,7 +473,7 @@ def select_pairs(
 ) -> tuple[tuple[str, str], ...]:
     """The pairs of ``PAIRS`` that pass the filters. A type filter matches a label exactly or by
     its engine type: "sw_protected" selects both sw_protected rows, "sw_protected+mirror" one."""
-    type_names = sorted({*VM_TYPES, *(t for t, _ in VM_TYPES.values())})
+    type_names = sorted({*VM_TYPES, *config.VM_TYPES})
     t_sel = _pick(types, type_names, "types")
     d_sel = _pick(designs, DESIGNS, "designs")
     out = tuple(
@@ -315,68 +490,71 @@ def select_pairs(
     return out
 
 
-def _positive(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected int, got {type(value).__name__}")
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
-    return value
-
-
 class _Run:
     """Runs the phases of one row on one VM, recording each phase's deltas."""
 
-    def __init__(self, vm: VM) -> None:
-        self.vm = vm
+    def __init__(self, spec: VmSpec) -> None:
+        self.start = time.perf_counter()
+        self.vm = spec.build()
         self.phases: list[PhaseResult] = []
         self.external_tables = 0
-        self.name = ""
-        self.before = vm.stats
-        self.start = time.perf_counter()
+        self.huge_leaves = 0
+        self.name = "setup"
+        self.before = self.vm.stats
 
-    def begin(self, name: str, start: float | None = None) -> None:
+    def begin(self, name: str) -> None:
         self.name = name
         self.before = self.vm.stats
-        self.start = time.perf_counter() if start is None else start
+        self.start = time.perf_counter()
 
-    def end(self, fault_ns: float = 0.0, failed: bool = False) -> None:
+    def end(self, fault_ns: float = 0.0, pages: int = 0, failed: bool = False) -> None:
         wall = time.perf_counter() - self.start
         after = self.vm.stats
         delta = after - self.before
         self.external_tables = max(self.external_tables, int(after["sept_tables"]))
+        self.huge_leaves = max(self.huge_leaves, int(after["pages_2m"] + after["pages_1g"]))
         self.phases.append(
             PhaseResult(
                 name=f"{self.name} (failed)" if failed else self.name,
                 wall_s=wall,
                 modeled_ns=float(delta["modeled_ns"]),
                 fault_modeled_ns=fault_ns,
+                pages_touched=pages,
                 stats=delta,
             )
         )
 
 
-def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
-    """Run the workload of ``params`` on one pair; the engine's verdict becomes the row's."""
+def _leftovers(stats: Stats, vm_type: str) -> list[str]:
+    tables = external_tables_name(vm_type)
+    return [
+        f"{n:,} {what}"
+        for n, what in (
+            (int(stats["sept_tables"]), f"{tables} never freed"),
+            (int(stats["external_spt_leaked"]), f"{tables} leaked"),
+            (int(stats["page_table_bytes"]) // _TABLE_BYTES, "KVM page tables left"),
+        )
+        if n
+    ]
+
+
+def run_pair(
+    label: str,
+    design: str,
+    params: CompareParams,
+    tdx: Mapping[str, coerce.TdxValue] | None = None,
+) -> CompareRow:
+    """Run the workload of ``params`` on one pair (with ``tdx`` options on variants that take
+    them); the engine's verdict becomes the row's."""
     if (label, design) not in PAIRS:
         raise ConfigError(
             f"{label}/{design} is not a valid pair; valid: "
             + ", ".join(f"{t}/{d}" for t, d in PAIRS)
         )
-    vm_type, mirror = VM_TYPES[label]
-    uses_tdx_module = vm_type == "tdx" or mirror
+    spec = params.spec(label, design, tdx or {})
     row_start = time.perf_counter()
-    vm = VM(
-        vm_type=vm_type,
-        memory=params.memory,
-        vcpus=params.vcpus,
-        levels=params.levels,
-        hooks=design,
-        costs=params.costs,
-        seed=params.seed,
-        mirror=mirror,
-        tdx=params.tdx if uses_tdx_module and params.tdx else None,
-    )
-    run = _Run(vm)
+    run = _Run(spec)
+    vm = run.vm
     notes: list[str] = []
     error: str | None = None
     test_pages = params.test_pages
@@ -384,24 +562,30 @@ def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
     dp = params.workload in ("demand-paging", "both")
     conv = params.workload in ("conversions", "both")
     try:
-        # 1. setup: initial image after the test region, then a TD becomes runnable.
-        run.begin("setup", start=row_start)
-        if params.image_pages:
-            vm.populate(test_pages, params.image_pages)
-        if vm_type == "tdx":
-            vm.finalize()
+        # 1. setup: as a VMM would; the initial image sits after the test region.
+        launch(vm, image_gfn=test_pages, image_pages=params.image_pages)
         run.end()
 
         # 2. demand paging: the selftest's guest, vCPUs as real threads.
         if dp:
             run.begin("demand-paging")
             per_vcpu = vm.run_memstress(
-                params.vcpus, pages_per_vcpu, 0, False, False, 100, params.seed
+                params.vcpus,
+                pages_per_vcpu,
+                0,
+                False,
+                False,
+                100,
+                params.seed,
+                True if spec.confidential else None,
             )
-            run.end(fault_ns=sum(float(d["modeled_ns"]) for d in per_vcpu))
+            run.end(
+                fault_ns=sum(float(d["modeled_ns"]) for d in per_vcpu),
+                pages=int(sum(d["pages"] for d in per_vcpu)),
+            )
 
         # 3. conversions (confidential VMs only).
-        if conv and vm_type == "default":
+        if conv and not spec.confidential:
             notes.append("conversions: not applicable, a default VM has no private memory")
         elif conv:
             run.begin("conversions")
@@ -411,9 +595,9 @@ def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
                 params.chunk_pages,
                 region_pages=test_pages,
                 touch_first=not dp,
-                vcpus=params.vcpus,
             )
-            run.end(fault_ns=res.fault_modeled_ns)
+            touches = 2 if dp else 3
+            run.end(fault_ns=res.fault_modeled_ns, pages=touches * res.chunks * res.chunk_pages)
             if res.unexpected:
                 bad = ", ".join(f"{n} x{c}" for n, c in sorted(res.unexpected.items()))
                 error = f"conversions: unexpected results {bad}"
@@ -428,16 +612,7 @@ def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
             run.begin("teardown")
             vm.destroy()
             run.end()
-            left = vm.stats
-            leftovers = [
-                f"{n} {what}"
-                for n, what in (
-                    (int(left["sept_tables"]), "S-EPT/external tables never freed"),
-                    (int(left["external_spt_leaked"]), "external tables leaked"),
-                    (int(left["page_table_bytes"]) // _TABLE_BYTES, "KVM page tables left"),
-                )
-                if n
-            ]
+            leftovers = _leftovers(vm.stats, spec.vm_type)
             if leftovers:
                 error = error or "teardown: " + ", ".join(leftovers)
     except (VmBugged, InvariantError, OutOfMemory) as e:
@@ -446,18 +621,22 @@ def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
         run.end(failed=True)
     wall_s = time.perf_counter() - row_start
     stats = vm.stats
-    rmp_bytes = RMP_ENTRY_BYTES * (params.memory // PAGE_SIZE) if vm_type == "snp" else 0
+    rmp_bytes = RMP_ENTRY_BYTES * (params.memory // PAGE_SIZE) if spec.vm_type == "snp" else 0
     return CompareRow(
         vm_type=label,
         design=design,
+        spec=spec,
         faults=int(stats["pf_taken"]),
         hook_calls=int(sum(stats[k] for k in HOOK_COUNTERS)),
         seamcalls=_seamcalls(stats),
         rmpupdate=int(stats["rmpupdate"]),
         psmash=int(stats["psmash"]),
         pvalidate=int(stats["pvalidate"]),
+        huge_leaves=run.huge_leaves,
+        pages_touched=sum(p.pages_touched for p in run.phases),
         fault_modeled_ns=sum(p.fault_modeled_ns for p in run.phases),
         modeled_ns=float(stats["modeled_ns"]),
+        cost_breakdown=dict(vm.cost_breakdown()),
         page_table_peak_bytes=int(stats["page_table_peak_bytes"]),
         external_table_bytes=run.external_tables * _TABLE_BYTES,
         rmp_bytes=rmp_bytes,
@@ -470,55 +649,87 @@ def run_pair(label: str, design: str, params: CompareParams) -> CompareRow:
     )
 
 
+def _sweep(tdx: Mapping[str, object] | None) -> dict[str, tuple[coerce.TdxValue, ...]]:
+    """TDX options with one or more values each: a list/tuple, or text with commas."""
+    out: dict[str, tuple[coerce.TdxValue, ...]] = {}
+    if tdx is None:
+        return out
+    if not isinstance(tdx, Mapping):
+        raise TypeError(f"tdx: expected a mapping of TDX options, got {tdx!r}")
+    for key, value in tdx.items():
+        k = str(key).strip()
+        if isinstance(value, str):
+            values: list[object] = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, list | tuple):
+            values = list(value)
+        else:
+            values = [value]
+        if not values:
+            raise ConfigError(f"tdx[{k!r}]: no value given")
+        typed = tuple(dict.fromkeys(coerce.tdx_option(k, v) for v in values))
+        out[k] = typed
+    return out
+
+
 def compare(
     workload: Workload = "both",
-    vcpus: int = 4,
-    bytes_per_vcpu: str | int = "1G",
-    conversions: int = 512,
-    chunk_pages: int = 16,
+    vcpus: int = DEFAULTS["vcpus"],
+    bytes_per_vcpu: str | int = DEFAULTS["bytes_per_vcpu"],
+    conversions: int | None = None,
+    chunk_pages: int | None = None,
     types: Iterable[str] | None = None,
     designs: Iterable[str] | None = None,
     costs: CostModel | Mapping[str, float] | None = None,
     tdx: Mapping[str, object] | None = None,
     levels: int = 4,
     seed: int = 0,
-    image_pages: int = 256,
+    image_pages: int = DEFAULTS["image_pages"],
     teardown: bool = True,
+    backing: str | int = DEFAULTS["backing"],
+    folio: str | int = DEFAULTS["folio"],
 ) -> CompareResult:
     """Run ``workload`` on every valid (VM type x hook design) pair that passes the filters.
 
     See the module docstring for the phases. ``types`` filters by VM type label or engine type,
-    ``designs`` by design name; ``tdx`` options go to the TDX module model behind the tdx and
-    sw_protected+mirror rows. Bad parameters raise ``ConfigError`` before any pair runs.
+    ``designs`` by design name. ``tdx`` options go to the rows that take them (tdx,
+    sw_protected+mirror); an option given several values (a list, or ``"a,b"``) runs those rows
+    once per value, and the default sweeps ``DEFAULTS["tdx"]`` (every hook interface) unless
+    ``tdx`` sets that option. ``conversions``/``chunk_pages`` default to ``DEFAULTS``, scaled
+    down to fit the test region (``CompareParams.adjusted`` says so); values given that do not
+    fit are refused. Bad parameters raise ``ConfigError`` before any pair runs.
     """
+    start = time.perf_counter()
     if workload not in WORKLOADS:
         raise ConfigError(f"workload: {workload!r} is not one of {', '.join(WORKLOADS)}")
-    _positive("vcpus", vcpus)
-    per_vcpu = parse_size(bytes_per_vcpu, "bytes_per_vcpu")
-    if per_vcpu == 0 or per_vcpu % PAGE_SIZE:
-        raise ConfigError(
-            f"bytes_per_vcpu: must be a positive multiple of 4 KiB, got {bytes_per_vcpu!r}"
-        )
+    coerce.count(vcpus, "vcpus")
+    per_vcpu = coerce.size(bytes_per_vcpu, "bytes_per_vcpu")
     conv = workload in ("conversions", "both")
-    _positive("conversions", conversions, 1 if conv else 0)
-    _positive("chunk_pages", chunk_pages)
-    _positive("image_pages", image_pages, 0)
+    coerce.count(image_pages, "image_pages", 0)
     test_pages = vcpus * per_vcpu // PAGE_SIZE
+    adjusted: list[str] = []
+    if chunk_pages is None:
+        chunk_pages = min(DEFAULTS["chunk_pages"], test_pages)
+        if conv and chunk_pages != DEFAULTS["chunk_pages"]:
+            adjusted.append(
+                f"chunk pages {DEFAULTS['chunk_pages']} -> {chunk_pages} "
+                f"(the test region has {test_pages} pages)"
+            )
+    coerce.count(chunk_pages, "chunk_pages")
+    if conversions is None:
+        fit = max(1, test_pages // (2 * chunk_pages))
+        conversions = min(DEFAULTS["conversions"], fit)
+        if conv and conversions != DEFAULTS["conversions"]:
+            adjusted.append(
+                f"conversions {DEFAULTS['conversions']} -> {conversions} so that the chunks "
+                f"cover at most half of the {test_pages}-page test region"
+            )
+    coerce.count(conversions, "conversions", 1 if conv else 0)
     if conv and test_pages // conversions < chunk_pages:
         raise ConfigError(
             f"conversions x chunk_pages = {conversions} x {chunk_pages} pages does not fit in "
             f"the {test_pages}-page test region without overlap; use fewer or smaller chunks"
         )
-    if costs is None:
-        model = CostModel()
-    elif isinstance(costs, CostModel):
-        model = costs
-    else:
-        model = CostModel().replace(**costs)
-    tdx_opts = {
-        str(k): ("true" if v else "false") if isinstance(v, bool) else str(v)
-        for k, v in (tdx or {}).items()
-    }
+    sweep = {**_sweep(DEFAULTS["tdx"]), **_sweep(tdx)}
     params = CompareParams(
         workload=workload,
         vcpus=vcpus,
@@ -526,84 +737,57 @@ def compare(
         conversions=conversions if conv else 0,
         chunk_pages=chunk_pages,
         image_pages=image_pages,
-        levels=levels,
-        seed=seed,
-        teardown=teardown,
-        costs=model,
-        tdx=tdx_opts,
+        levels=coerce.levels(levels),
+        seed=coerce.count(seed, "seed", 0),
+        teardown=coerce.flag(teardown, "teardown"),
+        costs=coerce.cost_model(costs),
+        backing=coerce.backing(backing),
+        folio=coerce.folio(folio),
+        tdx=sweep,
+        adjusted=tuple(adjusted),
     )
     pairs = select_pairs(types, designs)
-    return CompareResult(params=params, rows=tuple(run_pair(t, d, params) for t, d in pairs))
+    if tdx and not any(config.variant(*VM_TYPES[t]).tdx_options for t, _ in pairs):
+        raise ConfigError(
+            "tdx: none of the selected rows takes TDX options (only "
+            + ", ".join(v.label for v in config.VARIANTS if v.tdx_options)
+            + " do)"
+        )
+    # Every row's VM configuration is checked before any row runs.
+    jobs: list[tuple[str, str, dict[str, coerce.TdxValue]]] = []
+    for label, design in pairs:
+        combos = params.tdx_combinations() if config.variant(*VM_TYPES[label]).tdx_options else [{}]
+        for combo in combos:
+            params.spec(label, design, combo)
+            jobs.append((label, design, combo))
+    rows = tuple(run_pair(t, d, params, combo) for t, d, combo in jobs)
+    return CompareResult(params=params, rows=rows, wall_s=time.perf_counter() - start)
 
 
 # ----- text rendering (the CLI's default output) ---------------------------------------------
 
 _MIB = 1 << 20
 
-
-def _fmt_int(n: int) -> str:
-    return f"{n:,}"
-
-
-def _fmt_float(x: float | None, digits: int) -> str:
-    return "-" if x is None else f"{x:,.{digits}f}"
+#: The phases of a row, in order.
+PHASES: Final[tuple[str, ...]] = ("setup", "demand-paging", "conversions", "teardown")
 
 
-#: (header line 1, header line 2, right-aligned, cell) of the main table.
-_COLUMNS: Final[tuple[tuple[str, str, bool, Any], ...]] = (
-    ("vm type", "", False, lambda r: r.vm_type),
-    ("design", "", False, lambda r: r.design),
-    ("faults", "pf_taken", True, lambda r: _fmt_int(r.faults)),
-    ("hook", "calls", True, lambda r: _fmt_int(r.hook_calls)),
-    ("SEAMCALLs", "TDH.*", True, lambda r: _fmt_int(r.seamcalls)),
-    ("RMPUPDATE", "", True, lambda r: _fmt_int(r.rmpupdate)),
-    ("PSMASH", "", True, lambda r: _fmt_int(r.psmash)),
-    ("PVALIDATE", "", True, lambda r: _fmt_int(r.pvalidate)),
-    (
-        "per fault",
-        "µs modeled",
-        True,
-        lambda r: _fmt_float(
-            None if r.modeled_ns_per_fault is None else r.modeled_ns_per_fault / 1e3, 2
-        ),
-    ),
-    ("total", "ms modeled", True, lambda r: _fmt_float(r.modeled_ns / 1e6, 1)),
-    ("PT memory", "MiB", True, lambda r: _fmt_float(r.memory_bytes / _MIB, 2)),
-    ("host wall", "s", True, lambda r: _fmt_float(r.wall_s, 3)),
-    ("check", "", False, lambda r: r.check),
-)
-
-_PHASES: Final[tuple[str, ...]] = ("setup", "demand-paging", "conversions", "teardown")
+def _opts_label(r: CompareRow, swept: Sequence[str]) -> str:
+    """The row's values of the swept TDX options (``"two_hook"``)."""
+    return " ".join(_option_text(r.tdx[k]) for k in swept if k in r.tdx)
 
 
-def _table(headers: Sequence[tuple[str, str, bool]], cells: Sequence[Sequence[str]]) -> list[str]:
-    widths = [
-        max([len(h1), len(h2), *(len(row[i]) for row in cells)])
-        for i, (h1, h2, _) in enumerate(headers)
-    ]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(w) if right else v.ljust(w)
-            for v, w, (_, _, right) in zip(values, widths, headers, strict=True)
-        ]
-        return "  ".join(parts).rstrip()
-
-    out = [line([h[0] for h in headers])]
-    if any(h[1] for h in headers):
-        out.append(line([h[1] for h in headers]))
-    out.append("  ".join("-" * w for w in widths))
-    out.extend(line(row) for row in cells)
-    return out
+def _row_label(r: CompareRow, swept: Sequence[str]) -> str:
+    return " ".join(x for x in (r.design, _opts_label(r, swept)) if x)
 
 
 def describe_workload(p: CompareParams) -> str:
-    """One line saying what every pair ran."""
+    """One line saying what every row ran."""
     parts = []
     if p.workload in ("demand-paging", "both"):
         parts.append(
-            f"demand paging ({p.vcpus} vCPUs x {format_size(p.bytes_per_vcpu)}, every vCPU "
-            "writes each page of its slice once)"
+            f"demand paging ({p.vcpus} vCPU{'s' if p.vcpus != 1 else ''} x "
+            f"{format_size(p.bytes_per_vcpu)}, every vCPU writes each page of its slice once)"
         )
     if p.workload in ("conversions", "both"):
         parts.append(
@@ -612,59 +796,331 @@ def describe_workload(p: CompareParams) -> str:
         )
     return (
         " then ".join(parts)
-        + f"; {p.image_pages}-page initial image; teardown: {'yes' if p.teardown else 'no'}; "
-        f"{p.levels}-level TDP; seed {p.seed}"
+        + f"; {p.image_pages}-page initial image; teardown: {'yes' if p.teardown else 'no'}"
     )
 
 
+def describe_vms(p: CompareParams) -> str:
+    """One line saying how every row's VM is configured."""
+    labels = ", ".join(v.label for v in config.VARIANTS if v.tdx_options)
+    opts = "; ".join(
+        f"{k}={'|'.join(_option_text(x) for x in v)}" + (" (one row each)" if len(v) > 1 else "")
+        for k, v in p.tdx.items()
+    )
+    return (
+        f"{p.levels}-level TDP, backing {coerce.size_name(p.backing)}, guest_memfd folio "
+        f"{coerce.size_name(p.folio)}, memory {format_size(p.memory)}, seed {p.seed}"
+        + (f"; TDX options on {labels} rows: {opts}" if opts else "")
+    )
+
+
+def _cost_overrides(costs: CostModel) -> str:
+    default = CostModel()
+    changed = [f"{k}={v:g}" for k, v in costs.to_dict().items() if v != getattr(default, k)]
+    return ", ".join(changed) if changed else "none"
+
+
+def _per_fault_us(r: CompareRow) -> str:
+    x = r.modeled_ns_per_fault
+    return render.fmt_float(None if x is None else x / 1e3, 2)
+
+
+def _per_page_us(r: CompareRow) -> str:
+    x = r.modeled_ns_per_page
+    return render.fmt_float(None if x is None else x / 1e3, 2)
+
+
+def _hook_shift(a: CompareRow, b: CompareRow) -> str | None:
+    """How ``b``'s hook calls differ from ``a``'s, in words (None when they do not)."""
+    ha = {h: a.hook(h) for h in HOOK_COUNTERS}
+    hb = {h: b.hook(h) for h in HOOK_COUNTERS}
+    if ha == hb:
+        return None
+    gone = [h for h in HOOK_COUNTERS if ha[h] and not hb[h]]
+    grew = [h for h in HOOK_COUNTERS if hb[h] > ha[h]]
+    if gone and len(grew) == 1 and hb[grew[0]] - ha[grew[0]] == sum(ha[h] for h in gone):
+        return f"{' and '.join(gone)} calls become {grew[0]} calls"
+    return ", ".join(f"{h} {ha[h]:,} -> {hb[h]:,}" for h in HOOK_COUNTERS if ha[h] != hb[h])
+
+
+def _findings(result: CompareResult) -> list[str]:
+    """What the tables show, derived from the rows (nothing here is fixed text about a
+    particular design: each statement is printed only when the counts show it)."""
+    swept = result.params.swept
+    out: list[str] = []
+
+    def label(r: CompareRow) -> str:
+        return _row_label(r, swept)
+
+    by_type: dict[str, list[CompareRow]] = {}
+    for r in result.rows:
+        by_type.setdefault(r.vm_type, []).append(r)
+
+    # 1. Which design costs least per fault, for each VM type with a choice; and whether a
+    #    design that maps 2M leaves changes the picture per page written.
+    for vm_type, rows in by_type.items():
+        timed = [r for r in rows if r.modeled_ns_per_fault is not None]
+        if len(timed) < 2:
+            continue
+        timed.sort(key=lambda r: cast(float, r.modeled_ns_per_fault))
+        best = timed[0]
+        if all(r.modeled_ns_per_fault == best.modeled_ns_per_fault for r in timed):
+            text = (
+                f"{vm_type}: all {len(timed)} designs cost the same, {_per_fault_us(best)} µs "
+                "modeled per fault"
+            )
+        else:
+            text = (
+                f"{vm_type}: {label(best)} costs least per fault ("
+                + ", ".join(f"{label(r)} {_per_fault_us(r)}" for r in timed)
+                + " µs modeled)"
+            )
+        huge = [r for r in rows if r.huge_leaves]
+        small = [r for r in rows if not r.huge_leaves and r.faults]
+        if huge and small:
+            h, s = huge[0], small[0]
+            rmp = " from 2M RMP entries" if h.spec.vm_type == "snp" else ""
+            text += (
+                f"; {label(h)} maps 2M leaves{rmp} where {label(s)} maps 4K only, so it takes "
+                f"{h.faults:,} faults instead of {s.faults:,} and costs {_per_page_us(h)} instead "
+                f"of {_per_page_us(s)} µs per page written"
+            )
+        out.append(text + ".")
+
+    # 2. Across VM types: the cheapest row of each per page written.
+    cheapest = []
+    for rows in by_type.values():
+        paged = [r for r in rows if r.modeled_ns_per_page is not None]
+        if paged:
+            cheapest.append(min(paged, key=lambda r: cast(float, r.modeled_ns_per_page)))
+    if len(cheapest) > 1:
+        cheapest.sort(key=lambda r: cast(float, r.modeled_ns_per_page))
+        out.append(
+            "Per page written (µs modeled, cheapest design of each VM type): "
+            + ", ".join(f"{r.vm_type}/{label(r)} {_per_page_us(r)}" for r in cheapest)
+            + "."
+        )
+
+    # 3. TDX options that change which hooks are called (and whether SEAMCALLs change).
+    if swept:
+        groups: dict[tuple[str, str], list[CompareRow]] = {}
+        for r in result.rows:
+            if r.tdx:
+                groups.setdefault((r.vm_type, r.design), []).append(r)
+        shifts: dict[tuple[str, str, str, bool], list[str]] = {}
+        for (vm_type, design), rows in groups.items():
+            a = rows[0]
+            for b in rows[1:]:
+                shift = _hook_shift(a, b)
+                if shift is None:
+                    continue
+                key = (
+                    _opts_label(a, swept),
+                    _opts_label(b, swept),
+                    shift,
+                    a.seamcalls == b.seamcalls,
+                )
+                shifts.setdefault(key, []).append(f"{vm_type}/{design}")
+        for (la, lb, shift, same_seamcalls), where in shifts.items():
+            out.append(
+                f"{lb} instead of {la} ({', '.join(where)}): {shift}; "
+                + ("the SEAMCALLs are the same." if same_seamcalls else "SEAMCALLs change too.")
+            )
+
+    # 4. Failed checks, with why when the counters show the known cause.
+    failures: dict[str, list[str]] = {}
+    for r in result.rows:
+        if r.check_ok:
+            continue
+        tables = external_tables_name(r.spec.vm_type)
+        teardown = r.phase("teardown")
+        left = int(r.stats["sept_tables"])
+        if teardown is not None and left and int(teardown.stats["free_external_spt"]) == 0:
+            text = f"failed the teardown audit: {left:,} {tables} were never freed"
+            calls = int(sum(teardown.stats[h] for h in HOOK_COUNTERS))
+            upstream = next(
+                (
+                    u
+                    for u in result.rows
+                    if u.vm_type == r.vm_type
+                    and u.design == r.spec.variant.default_design
+                    and u.tdx == r.tdx
+                    and (ut := u.phase("teardown")) is not None
+                    and ut.stats["free_external_spt"]
+                ),
+                None,
+            )
+            if upstream is not None:
+                ut = cast(PhaseResult, upstream.phase("teardown"))
+                text += (
+                    f": at teardown its hooks were called {calls:,} times but "
+                    f"free_external_spt never, where {upstream.design} called it "
+                    f"{int(ut.stats['free_external_spt']):,} times"
+                )
+                if r.design != r.spec.variant.default_design:
+                    text += (
+                        f". The expected finding for the {r.design} design: hooks keyed on the "
+                        "fault's private flag see guest_memfd's private zap of the leaves, never "
+                        "the exclusive zap of the mirror root that frees the tables"
+                    )
+        else:
+            kind = (
+                "unexpected for the upstream design"
+                if r.design == r.spec.variant.default_design
+                else "a non-upstream design"
+            )
+            text = f"failed ({kind}): {r.check_error}"
+        failures.setdefault(text, []).append(f"{r.vm_type}/{label(r)}")
+    for text, where in failures.items():
+        out.append(f"{', '.join(where)}: {text}.")
+    passed = [r for r in result.rows if r.check_ok]
+    if passed and len(passed) < len(result.rows):
+        out.append(f"Every other row ({len(passed)}) passed its check and teardown audit.")
+    elif passed:
+        out.append("Every row passed its check and teardown audit.")
+    return out
+
+
 def format_text(result: CompareResult) -> str:
-    """The human-readable report: the main table, modeled time by phase, and the legend."""
+    """The human-readable report: tables within ``render.WIDTH`` columns, the legend, and what
+    the tables show."""
     p = result.params
+    swept = p.swept
     lines: list[str] = []
     for text in (
         f"SIMULATED by tdpmmu {__version__}: one workload on every valid (VM type x hook "
         "design) pair of a user-space model of KVM's x86 TDP MMU, not on real VMs.",
         f"workload: {describe_workload(p)}",
-        "Clocks: 'modeled' = time the cost model assigns to the simulated system; "
-        "'host wall' = time this simulator took on this machine.",
+        f"VMs: {describe_vms(p)}; cost overrides: {_cost_overrides(p.costs)}",
+        *(f"scaled to fit: {a}" for a in p.adjusted),
+        "Clocks: 'modeled' = time the cost model assigns to the simulated system, summed over "
+        "vCPUs and host work; 'host wall' = time this simulator took on this machine.",
     ):
-        lines += textwrap.wrap(text, width=100, subsequent_indent="  ")
-    lines.append("")
-    headers = [(h1, h2, right) for h1, h2, right, _ in _COLUMNS]
-    cells = [[cell(r) for *_, cell in _COLUMNS] for r in result.rows]
-    lines += _table(headers, cells)
+        lines += render.wrap(text)
 
-    lines += ["", "Modeled time by phase (ms, modeled):"]
-    phases = [
-        ph for ph in _PHASES if any(x.name.startswith(ph) for r in result.rows for x in r.phases)
+    key = [
+        render.Column("vm type", right=False, key=True),
+        render.Column("design" + (" " + " ".join(swept) if swept else ""), right=False, key=True),
     ]
-    ph_headers = [("vm type", "", False), ("design", "", False)] + [(ph, "", True) for ph in phases]
+
+    def keys(r: CompareRow) -> list[str]:
+        return [r.vm_type, _row_label(r, swept)]
+
+    footnotes: list[str] = []
+
+    def check_cell(r: CompareRow) -> str:
+        if r.check_ok:
+            return "yes"
+        footnotes.append(f"[{len(footnotes) + 1}] {r.vm_type}/{_row_label(r, swept)}: ")
+        footnotes[-1] += r.check_error or ""
+        return f"NO [{len(footnotes)}]"
+
+    lines += ["", "Faults and hook calls (all phases):"]
+    cols = [
+        *key,
+        render.Column(("faults", "pf_taken")),
+        render.Column(("2M", "leaves")),
+        render.Column(("hooks:", "link")),
+        render.Column("set"),
+        render.Column("remove"),
+        render.Column("free"),
+    ]
+    lines += render.table(
+        cols,
+        [
+            [
+                *keys(r),
+                render.fmt_int(r.faults),
+                render.fmt_int(r.huge_leaves),
+                *(render.fmt_int(r.hook(h)) for h in HOOK_COUNTERS),
+            ]
+            for r in result.rows
+        ],
+    )
+
+    lines += ["", "TDX module and RMP instructions (all phases):"]
+    cols = [
+        *key,
+        render.Column(("SEAMCALLs", "TDH.*")),
+        render.Column(("guest", "ACCEPT")),
+        render.Column("RMPUPDATE"),
+        render.Column("PSMASH"),
+        render.Column("PVALIDATE"),
+    ]
+    lines += render.table(
+        cols,
+        [
+            [
+                *keys(r),
+                render.fmt_int(r.seamcalls),
+                render.fmt_int(int(r.stats["TDG.MEM.PAGE.ACCEPT"])),
+                render.fmt_int(r.rmpupdate),
+                render.fmt_int(r.psmash),
+                render.fmt_int(r.pvalidate),
+            ]
+            for r in result.rows
+        ],
+    )
+
+    lines += ["", "Modeled time, memory, host time and correctness:"]
+    cols = [
+        *key,
+        render.Column(("per fault", "µs", "modeled")),
+        render.Column(("per page", "µs", "modeled")),
+        render.Column(("total ms", "modeled, sum", "over vCPUs")),
+        render.Column(("PT", "memory", "MiB")),
+        render.Column(("host", "wall", "s")),
+        render.Column("check", right=False),
+    ]
+    lines += render.table(
+        cols,
+        [
+            [
+                *keys(r),
+                _per_fault_us(r),
+                _per_page_us(r),
+                render.fmt_float(r.modeled_ns / 1e6, 1),
+                render.fmt_float(r.memory_bytes / _MIB, 2),
+                render.fmt_float(r.wall_s, 3),
+                check_cell(r),
+            ]
+            for r in result.rows
+        ],
+    )
+
+    phases = [ph for ph in PHASES if any(r.phase(ph) for r in result.rows)]
+    lines += ["", "Modeled time by phase (ms, summed over vCPUs and host work):"]
     ph_cells = []
     for r in result.rows:
-        by_name = {x.name.removesuffix(" (failed)"): x for x in r.phases}
-        ph_cells.append(
-            [r.vm_type, r.design]
-            + [
-                _fmt_float(by_name[ph].modeled_ns / 1e6, 1) if ph in by_name else "-"
-                for ph in phases
-            ]
-        )
-    lines += _table(ph_headers, ph_cells)
+        cells = []
+        for ph in phases:
+            got = r.phase(ph)
+            cells.append("-" if got is None else render.fmt_float(got.modeled_ns / 1e6, 1))
+        ph_cells.append([*keys(r), *cells])
+    lines += render.table([*key, *(render.Column(ph) for ph in phases)], ph_cells)
 
-    notes = [f"{r.vm_type}/{r.design}: {n}" for r in result.rows for n in r.notes]
     legend = [
-        "faults: KVM's pf_taken, all phases. hook calls: link/set/remove/free_external_spt. "
-        "SEAMCALLs: host TDH.* calls (not the guest's TDG.MEM.PAGE.ACCEPT).",
-        "per fault: modeled time of the faults / faults. total: all modeled work summed over "
+        "faults: KVM's pf_taken, all phases (RETRYs of racing vCPUs included). 2M leaves: the "
+        "most huge leaves mapped at once. hooks: link/set/remove/free_external_spt calls.",
+        "SEAMCALLs: host TDH.* calls (the guest's TDG.MEM.PAGE.ACCEPT is counted apart).",
+        "per fault: modeled time of the faults / faults; per page: the same / guest page writes "
+        "(comparable when faults map different sizes). total: all modeled work, summed over "
         "vCPUs and host operations, each conversion request charged psc_exit_ns + "
         "gmem_convert_ns.",
-        "PT memory: KVM page tables at peak + S-EPT/external tables held + SNP RMP entries "
-        f"({RMP_ENTRY_BYTES} B per guest_memfd page).",
+        "PT memory: KVM page tables at peak + S-EPT tables (tdx) or software external tables "
+        f"(sw_protected+mirror, no TDX module) held + SNP RMP entries ({RMP_ENTRY_BYTES} B per "
+        "guest_memfd page).",
         "check: VM.check() held after the workload and teardown left no table behind; a "
         "design that breaks is a result, not a crash.",
-        *notes,
     ]
     lines.append("")
-    for text in legend:
-        lines += textwrap.wrap(text, width=100, subsequent_indent="  ")
+    for text in legend + footnotes:
+        lines += render.wrap(text)
+    for r in result.rows:
+        for n in r.notes:
+            lines += render.wrap(f"{r.vm_type}/{_row_label(r, swept)}: {n}")
+
+    lines += ["", "What the tables show:"]
+    for text in _findings(result):
+        lines += render.wrap(f"- {text}")
     return "\n".join(lines)

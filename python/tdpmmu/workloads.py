@@ -3,32 +3,45 @@
 Two clocks are reported side by side and never mixed:
 - **host wall-clock**: how long the simulator took (a property of tdpmmu and this machine);
 - **modeled**: the time the simulated system would take by the cost model (``CostModel``).
+
+Every workload either takes a VM or builds one through ``VmSpec.create(...).build()`` and
+``vmspec.launch`` (as a VMM would for its type: a TD is finalized before its vCPUs run), and
+every result is saved as a ``tdpmmu.results.Envelope`` (``to_json``/``from_json``).
 """
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
+from tdpmmu import coerce
 from tdpmmu._core import ConfigError
 from tdpmmu.costs import CostModel
-from tdpmmu.ret import Ret
-from tdpmmu.sizes import parse_backing, parse_size
+from tdpmmu.results import Envelope, sum_breakdowns
 from tdpmmu.stats import Stats
 from tdpmmu.vm import VM
+from tdpmmu.vmspec import VmSpec, launch, vm_config
 
 __all__ = [
+    "BACKING_SOURCES",
+    "PAGE_SIZE",
     "ConversionsResult",
     "DemandPagingResult",
     "demand_paging",
     "private_mem_conversions",
 ]
 
-PAGE_SIZE = 4096
+PAGE_SIZE = coerce.PAGE_SIZE
+
+#: The selftests' ``-s`` backing sources that exist on this model, with their host page size.
+BACKING_SOURCES: Mapping[str, str] = {
+    "anonymous": "4K",
+    "anonymous_thp": "2M",
+    "anonymous_hugetlb": "2M",  # x86's default hugetlb size
+    "anonymous_hugetlb_2mb": "2M",
+    "anonymous_hugetlb_1gb": "1G",
+}
 
 
 def _rate(pages: int, seconds: float) -> float:
@@ -36,57 +49,170 @@ def _rate(pages: int, seconds: float) -> float:
     return pages / seconds if seconds > 0 else math.inf
 
 
-def _json_float(x: float) -> float | None:
-    # JSON has no Infinity/NaN; None says "no finite value".
-    return x if math.isfinite(x) else None
+def _finite_or_inf(x: Any) -> float:
+    # Envelopes write non-finite rates as null; the only non-finite rate is +inf.
+    return math.inf if x is None else float(x)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DemandPagingResult:
-    """One ``demand_paging`` run; rates are in guest 4 KiB pages, as in the selftest."""
+    """One ``demand_paging`` run; rates are in guest 4 KiB pages, as in the selftest.
 
-    vm_type: str
-    vcpus: int
+    Host wall-clock figures follow ``demand_paging_test``: the time from starting the vCPU
+    threads to joining them (measured around the one native call that spawns and joins them),
+    with the per-vCPU rate ``pages_per_vcpu / time`` and the overall rate
+    ``pages_per_vcpu * vcpus / time``. Modeled figures use the slowest vCPU's modeled time (the
+    simulated vCPUs run in parallel).
+    """
+
+    #: The VM's full configuration.
+    spec: VmSpec
     bytes_per_vcpu: int
-    backing: int
-    levels: int
     overlap: bool
-    seed: int
+    #: Initial-image pages populated before the run (a TD: TDH.MEM.PAGE.ADD before finalize).
+    image_pages: int
+    #: The selftest's ``-s`` name when the backing was given as one, else None.
+    backing_source: str | None
     #: Guest physical test region [start, end) in bytes (memstress's "guest physical test memory").
     region: tuple[int, int]
     #: Pages in vCPU 0's slice: the numerator of the selftest's rates.
     pages_per_vcpu: int
-    #: Wall time of the slowest vCPU thread (host wall-clock, the selftest's definition).
+    #: Host wall time from starting the vCPU threads to joining them (the selftest's clock).
     total_guest_execution_time_s: float
     per_vcpu_demand_paging_rate_pgs_per_s: float
     overall_demand_paging_rate_pgs_per_s: float
+    #: Extra detail: the longest any one vCPU thread ran by its own clock (thread start-up and
+    #: join are outside it, so rates from it overstate throughput when threads outnumber cores).
+    slowest_vcpu_wall_s: float
     #: Modeled time of the slowest vCPU by the cost model.
     modeled_guest_execution_time_s: float
     modeled_per_vcpu_demand_paging_rate_pgs_per_s: float
     modeled_overall_demand_paging_rate_pgs_per_s: float
-    #: Native per-vCPU records: wall_s, modeled_ns, faults, pages.
+    #: Native per-vCPU records: wall_s (the thread's own), modeled_ns, faults, pages.
     per_vcpu: tuple[Mapping[str, float], ...]
+    #: Counters after the run (setup included).
     stats: Stats
-    costs: CostModel
+    #: All modeled time of the run (setup and every vCPU) by CostModel field.
+    cost_breakdown: Mapping[str, float]
+    #: Host wall-clock seconds of the whole run (VM creation, setup, vCPUs).
+    wall_s: float
+
+    @property
+    def vm_type(self) -> str:
+        return self.spec.vm_type
+
+    @property
+    def vcpus(self) -> int:
+        return self.spec.vcpus
+
+    @property
+    def backing(self) -> int:
+        return self.spec.backing
+
+    @property
+    def levels(self) -> int:
+        return self.spec.levels
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    @property
+    def costs(self) -> CostModel:
+        return self.spec.costs
+
+    @property
+    def modeled_ns(self) -> float:
+        """All modeled time of the run (setup and every vCPU, summed)."""
+        return float(self.stats["modeled_ns"])
+
+    def envelope(self) -> Envelope:
+        return Envelope(
+            workload="demand_paging",
+            config={
+                "vm": self.spec.to_dict(),
+                "workload": {
+                    "vcpus": self.vcpus,
+                    "bytes_per_vcpu": self.bytes_per_vcpu,
+                    "overlap": self.overlap,
+                    "image_pages": self.image_pages,
+                    "backing_source": self.backing_source,
+                },
+            },
+            seed=self.seed,
+            modeled_ns=self.modeled_ns,
+            cost_breakdown=dict(self.cost_breakdown),
+            wall_s=self.wall_s,
+            result={
+                "region": list(self.region),
+                "pages_per_vcpu": self.pages_per_vcpu,
+                "total_guest_execution_time_s": self.total_guest_execution_time_s,
+                "per_vcpu_demand_paging_rate_pgs_per_s": self.per_vcpu_demand_paging_rate_pgs_per_s,
+                "overall_demand_paging_rate_pgs_per_s": self.overall_demand_paging_rate_pgs_per_s,
+                "slowest_vcpu_wall_s": self.slowest_vcpu_wall_s,
+                "modeled_guest_execution_time_s": self.modeled_guest_execution_time_s,
+                "modeled_per_vcpu_demand_paging_rate_pgs_per_s": (
+                    self.modeled_per_vcpu_demand_paging_rate_pgs_per_s
+                ),
+                "modeled_overall_demand_paging_rate_pgs_per_s": (
+                    self.modeled_overall_demand_paging_rate_pgs_per_s
+                ),
+                "per_vcpu": [dict(d) for d in self.per_vcpu],
+                "stats": self.stats.to_dict(),
+            },
+        )
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> "DemandPagingResult":
+        if env.workload != "demand_paging":
+            raise ConfigError(f"envelope: a {env.workload} result, not demand_paging")
+        wl, r = env.config["workload"], env.result
+        return cls(
+            spec=VmSpec.from_dict(env.config["vm"]),
+            bytes_per_vcpu=int(wl["bytes_per_vcpu"]),
+            overlap=bool(wl["overlap"]),
+            image_pages=int(wl["image_pages"]),
+            backing_source=wl.get("backing_source"),
+            region=(int(r["region"][0]), int(r["region"][1])),
+            pages_per_vcpu=int(r["pages_per_vcpu"]),
+            total_guest_execution_time_s=float(r["total_guest_execution_time_s"]),
+            per_vcpu_demand_paging_rate_pgs_per_s=_finite_or_inf(
+                r["per_vcpu_demand_paging_rate_pgs_per_s"]
+            ),
+            overall_demand_paging_rate_pgs_per_s=_finite_or_inf(
+                r["overall_demand_paging_rate_pgs_per_s"]
+            ),
+            slowest_vcpu_wall_s=float(r["slowest_vcpu_wall_s"]),
+            modeled_guest_execution_time_s=float(r["modeled_guest_execution_time_s"]),
+            modeled_per_vcpu_demand_paging_rate_pgs_per_s=_finite_or_inf(
+                r["modeled_per_vcpu_demand_paging_rate_pgs_per_s"]
+            ),
+            modeled_overall_demand_paging_rate_pgs_per_s=_finite_or_inf(
+                r["modeled_overall_demand_paging_rate_pgs_per_s"]
+            ),
+            per_vcpu=tuple(dict(d) for d in r["per_vcpu"]),
+            stats=Stats(r["stats"]),
+            cost_breakdown=dict(env.cost_breakdown),
+            wall_s=env.wall_s,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict: plain types, non-finite rates as None."""
-        out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float):
-                value = _json_float(value)
-            elif isinstance(value, Stats | CostModel):
-                value = value.to_dict()
-            elif field.name == "per_vcpu":
-                value = [dict(d) for d in value]
-            elif field.name == "region":
-                value = list(value)
-            out[field.name] = value
-        return out
+        """The envelope as plain JSON types (non-finite rates as None)."""
+        return self.envelope().to_dict()
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return self.envelope().to_json(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DemandPagingResult":
+        return cls.from_envelope(Envelope.from_json(text))
+
+
+def _backing(backing: str | int) -> tuple[int, str | None]:
+    if isinstance(backing, str) and backing.strip() in BACKING_SOURCES:
+        name = backing.strip()
+        return coerce.backing(BACKING_SOURCES[name]), name
+    return coerce.backing(backing), None
 
 
 def demand_paging(
@@ -98,6 +224,12 @@ def demand_paging(
     costs: CostModel | Mapping[str, float] | None = None,
     seed: int = 0,
     levels: int = 4,
+    *,
+    hooks: object = None,
+    tdx: Mapping[str, object] | None = None,
+    mirror: bool = False,
+    folio: str | int = "4K",
+    image_pages: int = 0,
 ) -> DemandPagingResult:
     """KVM's ``demand_paging_test``: every vCPU writes each page of its slice once, in order.
 
@@ -106,71 +238,85 @@ def demand_paging(
     (memstress's ``-o``). Unlike memstress the region starts at gfn 0 and is the default memslot
     rather than sitting at the top of guest-physical space: the faults are the same, the
     page-table shape differs by at most one table per level.
+
+    ``backing`` is a host page size (``"4K"``, ``"2M"``, ``"1G"``) or a selftest ``-s`` name
+    (``BACKING_SOURCES``). ``hooks``, ``tdx``, ``mirror`` and ``folio`` are ``tdpmmu.VM``'s.
+    The VM is set up as a VMM would (``vmspec.launch``): on a confidential VM the test region is
+    private memory; ``image_pages`` pages after the region are populated as the initial image
+    (a TD adds them with TDH.MEM.PAGE.ADD), and a TD is finalized before the vCPUs run.
     """
-    if isinstance(vcpus, bool) or not isinstance(vcpus, int):
-        raise TypeError(f"vcpus: expected int, got {type(vcpus).__name__}")
-    if vcpus < 1:
-        raise ConfigError(f"vcpus: must be >= 1, got {vcpus}")
-    per_vcpu_bytes = parse_size(bytes_per_vcpu, "bytes_per_vcpu")
-    if per_vcpu_bytes == 0 or per_vcpu_bytes % PAGE_SIZE:
-        raise ConfigError(
-            f"bytes_per_vcpu: must be a positive multiple of the 4 KiB guest page, "
-            f"got {bytes_per_vcpu!r}"
-        )
-    backing_bytes = parse_backing(backing, "backing")
-    total = vcpus * per_vcpu_bytes
+    run_start = time.perf_counter()
+    nvcpus = coerce.count(vcpus, "vcpus")
+    per_vcpu_bytes = coerce.size(bytes_per_vcpu, "bytes_per_vcpu")
+    backing_bytes, source = _backing(backing)
+    image = coerce.count(image_pages, "image_pages", 0)
+    flag = coerce.flag(overlap, "overlap")
+    total = nvcpus * per_vcpu_bytes
     if total % backing_bytes:
         # memstress requires the region to be aligned to the host (backing) page as well.
         raise ConfigError(
             f"bytes_per_vcpu: vcpus x bytes_per_vcpu = {total} bytes must be a multiple of the "
             f"backing page ({backing_bytes} bytes)"
         )
-    vm = VM(
+    image_bytes = -(-image * PAGE_SIZE // backing_bytes) * backing_bytes
+    spec = VmSpec.create(
         vm_type=vm_type,
-        memory=total,
-        vcpus=vcpus,
+        memory=total + image_bytes,
+        vcpus=nvcpus,
         levels=levels,
         backing=backing_bytes,
+        hooks=hooks,
         costs=costs,
         seed=seed,
+        tdx=tdx,
+        mirror=mirror,
+        folio=folio,
     )
+    vm = spec.build()
+    launch(vm, image_gfn=total // PAGE_SIZE, image_pages=image)
     # memstress's -o: the region keeps its size and each vCPU's slice becomes all of it.
-    slice_pages = total // PAGE_SIZE if overlap else per_vcpu_bytes // PAGE_SIZE
+    slice_pages = total // PAGE_SIZE if flag else per_vcpu_bytes // PAGE_SIZE
+    # The selftest's clock: from starting the vCPU threads to joining them. run_memstress
+    # spawns and joins them inside one native call (without the GIL).
+    start = time.perf_counter()
     per_vcpu = vm.run_memstress(
-        vcpus,
+        nvcpus,
         slice_pages,
         0,
-        overlap,
+        flag,
         False,  # in order, as demand_paging_test
         100,  # write_percent: the test only writes
-        seed,
+        spec.seed,
+        True if spec.confidential else None,
     )
-    if len(per_vcpu) != vcpus:
-        raise RuntimeError(f"run_memstress returned {len(per_vcpu)} records for {vcpus} vCPUs")
+    wall_s = time.perf_counter() - start
+    if len(per_vcpu) != nvcpus:
+        raise RuntimeError(f"run_memstress returned {len(per_vcpu)} records for {nvcpus} vCPUs")
     pages0 = int(per_vcpu[0]["pages"])
-    wall_s = max(float(d["wall_s"]) for d in per_vcpu)
     modeled_s = max(float(d["modeled_ns"]) for d in per_vcpu) / 1e9
     wall_rate = _rate(pages0, wall_s)
     modeled_rate = _rate(pages0, modeled_s)
+    stats = vm.stats
+    breakdown = dict(vm.cost_breakdown())
     return DemandPagingResult(
-        vm_type=vm.vm_type,
-        vcpus=vcpus,
+        spec=spec,
         bytes_per_vcpu=per_vcpu_bytes,
-        backing=backing_bytes,
-        levels=vm.levels,
-        overlap=overlap,
-        seed=seed,
+        overlap=flag,
+        image_pages=image,
+        backing_source=source,
         region=(0, total),
         pages_per_vcpu=pages0,
         total_guest_execution_time_s=wall_s,
         per_vcpu_demand_paging_rate_pgs_per_s=wall_rate,
-        overall_demand_paging_rate_pgs_per_s=wall_rate * vcpus,
+        overall_demand_paging_rate_pgs_per_s=_rate(pages0 * nvcpus, wall_s),
+        slowest_vcpu_wall_s=max(float(d["wall_s"]) for d in per_vcpu),
         modeled_guest_execution_time_s=modeled_s,
         modeled_per_vcpu_demand_paging_rate_pgs_per_s=modeled_rate,
-        modeled_overall_demand_paging_rate_pgs_per_s=modeled_rate * vcpus,
+        modeled_overall_demand_paging_rate_pgs_per_s=_rate(pages0 * nvcpus, modeled_s),
         per_vcpu=tuple(dict(d) for d in per_vcpu),
-        stats=vm.stats,
-        costs=vm.costs,
+        stats=stats,
+        cost_breakdown=breakdown,
+        wall_s=time.perf_counter() - run_start,
     )
 
 
@@ -178,19 +324,99 @@ def demand_paging(
 class ConversionsResult:
     """One ``private_mem_conversions`` run on a VM (counters are in the VM's ``stats``)."""
 
+    #: The VM's configuration (its full ``VmSpec`` when ``VmSpec.build`` made it).
+    vm: Mapping[str, Any]
     chunks: int
     chunk_pages: int
+    base_gfn: int
+    region_pages: int
+    touch_first: bool
     #: Conversion requests the guest made (two per chunk: to shared, back to private).
     requests: int
-    #: Guest touches that took a fault (one per page per touch; RETRY is retried, not recounted).
+    #: Faults the guest's writes took (RETRYs included); writes the mapping allowed took none.
     faults: int
-    #: Fault results other than FIXED (after retrying RETRY), by ``Ret`` name. Empty when every
-    #: touch mapped its page as it should.
+    #: SNP: 2M RMP entries split so that a chunk's pages could be rescinded at 4K.
+    rmp_splits: int
+    #: Outcomes that left a page unmapped (``Ret`` names) and PVALIDATE failures
+    #: (``PVALIDATE_<status>``), with counts. Empty when every write found its page mapped.
     unexpected: Mapping[str, int]
     #: Modeled time of the touches' faults, as the engine charged them.
     fault_modeled_ns: float
+    #: All modeled time of the workload (faults, conversion requests, zaps, RMP, SEAMCALLs).
+    modeled_ns: float
+    #: ``modeled_ns`` by CostModel field.
+    cost_breakdown: Mapping[str, float]
     #: Host wall-clock time of the whole workload.
     wall_s: float
+
+    def envelope(self) -> Envelope:
+        seed = self.vm.get("seed", 0)
+        return Envelope(
+            workload="private_mem_conversions",
+            config={
+                "vm": dict(self.vm),
+                "workload": {
+                    "chunks": self.chunks,
+                    "chunk_pages": self.chunk_pages,
+                    "base_gfn": self.base_gfn,
+                    "region_pages": self.region_pages,
+                    "touch_first": self.touch_first,
+                },
+            },
+            seed=int(seed),
+            modeled_ns=self.modeled_ns,
+            cost_breakdown=dict(self.cost_breakdown),
+            wall_s=self.wall_s,
+            result={
+                "requests": self.requests,
+                "faults": self.faults,
+                "rmp_splits": self.rmp_splits,
+                "unexpected": dict(self.unexpected),
+                "fault_modeled_ns": self.fault_modeled_ns,
+            },
+        )
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> "ConversionsResult":
+        if env.workload != "private_mem_conversions":
+            raise ConfigError(f"envelope: a {env.workload} result, not private_mem_conversions")
+        wl, r = env.config["workload"], env.result
+        return cls(
+            vm=dict(env.config["vm"]),
+            chunks=int(wl["chunks"]),
+            chunk_pages=int(wl["chunk_pages"]),
+            base_gfn=int(wl["base_gfn"]),
+            region_pages=int(wl["region_pages"]),
+            touch_first=bool(wl["touch_first"]),
+            requests=int(r["requests"]),
+            faults=int(r["faults"]),
+            rmp_splits=int(r["rmp_splits"]),
+            unexpected={str(k): int(v) for k, v in r["unexpected"].items()},
+            fault_modeled_ns=float(r["fault_modeled_ns"]),
+            modeled_ns=env.modeled_ns,
+            cost_breakdown=dict(env.cost_breakdown),
+            wall_s=env.wall_s,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.envelope().to_dict()
+
+    def to_json(self, **kwargs: Any) -> str:
+        return self.envelope().to_json(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ConversionsResult":
+        return cls.from_envelope(Envelope.from_json(text))
+
+
+#: Fault-path outcomes that leave a touched page unmapped, by the counter that records them.
+_UNMAPPED = {
+    "pf_memory_fault": "MEMORY_FAULT",
+    "pf_emulate": "EMULATE",
+    "pf_write_protected": "WRITE_PROTECTED",
+}
+
+_PAGES_2M = 512
 
 
 def private_mem_conversions(
@@ -201,14 +427,12 @@ def private_mem_conversions(
     base_gfn: int = 0,
     region_pages: int | None = None,
     touch_first: bool = False,
-    vcpus: int | None = None,
 ) -> ConversionsResult:
     """Private<->shared conversions shaped like KVM's ``private_mem_conversions_test``.
 
     ``chunks`` chunks of ``chunk_pages`` guest pages are spread evenly over
-    ``[base_gfn, base_gfn + region_pages)`` (default: all of the VM's memory). Each chunk is
-    owned by the vCPU whose memstress slice holds it (``vcpus`` slices, default all vCPUs) and
-    goes, in order, through:
+    ``[base_gfn, base_gfn + region_pages)`` (default: all of the VM's memory). Each chunk goes,
+    in order, through:
 
     1. (``touch_first`` only) the guest writes the chunk as private memory;
     2. the guest asks for it to become shared; on SNP it first rescinds validation of the
@@ -216,26 +440,35 @@ def private_mem_conversions(
     3. userspace sets the memory attributes to shared (``set_memory_attributes``, which also
        charges the request's exit, ``psc_exit_ns + gmem_convert_ns``) and punches the
        guest_memfd hole (``punch_hole``), as the selftest with fallocate and QEMU do;
-    4. the guest writes every page as shared (one fault each);
+    4. the guest writes every page as shared;
     5. the guest asks for it to become private again; userspace sets the attributes private;
-    6. the guest writes every page as private (one fault each; TDX accepts, SNP validates).
+    6. the guest writes every page as private (TDX accepts, SNP validates).
 
-    The chunks must start out private (a confidential VM's memory starts all-private) and,
-    unless ``touch_first``, already written by the guest (on SNP they must be validated).
-    Fault results other than FIXED and PVALIDATE failures are counted in ``unexpected``.
+    The guest's writes are vCPU 0 running through the chunk as memstress does
+    (``VM.run_memstress``): a write that the current mapping allows takes no exit, so a page
+    already covered by a 2M leaf costs nothing — every other write takes the fault path.
+
+    SNP with 2M RMP entries: a 4K rescind inside a 2M entry would fail with
+    FAIL_SIZEMISMATCH; the host splits the entry first (``VM.rmp_fault``: PSMASH and a zap of
+    the 2M range, what KVM does on an RMP size-mismatch fault), counted in ``rmp_splits``.
+
+    The VM must be running (``vmspec.launch``: a TD finalized). The chunks must start out
+    private (a confidential VM's memory starts all-private) and, unless ``touch_first``,
+    already written by the guest (on SNP they must be validated). Fault-path outcomes that
+    leave a page unmapped (MEMORY_FAULT, EMULATE, WRITE_PROTECTED) and PVALIDATE failures are
+    counted in ``unexpected``.
     """
     if vm.vm_type == "default":
         raise ConfigError("vm: a default VM has no private memory to convert")
-    for name, value in (("chunks", chunks), ("chunk_pages", chunk_pages)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected int, got {type(value).__name__}")
-        if value < 1:
-            raise ConfigError(f"{name}: must be >= 1, got {value}")
+    if vm.vm_type == "tdx" and not vm.finalized:
+        raise ConfigError("vm: the TD is not finalized; launch it first (tdpmmu.vmspec.launch)")
+    coerce.count(chunks, "chunks")
+    coerce.count(chunk_pages, "chunk_pages")
+    coerce.count(base_gfn, "base_gfn", 0)
     if region_pages is None:
         region_pages = vm.memory // PAGE_SIZE - base_gfn
-    nvcpus = vm.vcpus if vcpus is None else vcpus
-    if not 1 <= nvcpus <= vm.vcpus:
-        raise ConfigError(f"vcpus: must be in 1..={vm.vcpus}, got {nvcpus}")
+    coerce.count(region_pages, "region_pages")
+    coerce.flag(touch_first, "touch_first")
     stride = region_pages // chunks
     if stride < chunk_pages:
         raise ConfigError(
@@ -245,49 +478,66 @@ def private_mem_conversions(
     unexpected: dict[str, int] = {}
     faults = 0
     fault_ns = 0.0
+    rmp_splits = 0
     snp = vm.vm_type == "snp"
 
-    def touch(gfn: int, private: bool, vcpu: int) -> None:
-        nonlocal faults, fault_ns
-        gfns = np.arange(gfn, gfn + chunk_pages, dtype=np.uint64)
-        for _ in range(16):
-            before = float(vm.stats_dict()["modeled_ns"])
-            rets = vm.fault_batch(gfns, private=private, vcpu=vcpu)
-            fault_ns += float(vm.stats_dict()["modeled_ns"]) - before
-            retry = rets == Ret.RETRY
-            faults += int(rets.size - np.count_nonzero(retry))
-            for code in np.unique(rets[~retry & (rets != Ret.FIXED)]):
-                name = Ret(int(code)).name
-                unexpected[name] = unexpected.get(name, 0) + int(np.count_nonzero(rets == code))
-            gfns = gfns[retry]
-            if gfns.size == 0:
-                return
-        unexpected["RETRY"] = unexpected.get("RETRY", 0) + int(gfns.size)
+    def count(key: str, n: int) -> None:
+        if n:
+            unexpected[key] = unexpected.get(key, 0) + n
 
+    def touch(gfn: int, private: bool) -> None:
+        nonlocal faults, fault_ns
+        before = vm.stats_dict()
+        (rec,) = vm.run_memstress(1, chunk_pages, gfn, False, False, 100, 0, private)
+        after = vm.stats_dict()
+        faults += int(rec["faults"])
+        fault_ns += float(rec["modeled_ns"])
+        for counter, name in _UNMAPPED.items():
+            count(name, int(after[counter] - before[counter]))
+
+    def rescind(gfn: int) -> None:
+        nonlocal rmp_splits
+        end = gfn + chunk_pages
+        while gfn < end:
+            stop = min(end, (gfn // _PAGES_2M + 1) * _PAGES_2M)
+            if vm.rmp_entry(gfn)["size"] == "2M":
+                vm.rmp_fault(gfn)
+                rmp_splits += 1
+            for status, n in vm.pvalidate(gfn, stop - gfn, validate=False).items():
+                if status != "SUCCESS":
+                    count(f"PVALIDATE_{status}", n)
+            gfn = stop
+
+    before_ns = float(vm.stats_dict()["modeled_ns"])
+    before_breakdown = dict(vm.cost_breakdown())
     start = time.perf_counter()
     for i in range(chunks):
-        offset = i * stride
-        gfn = base_gfn + offset
-        vcpu = min(nvcpus - 1, offset * nvcpus // region_pages)
+        gfn = base_gfn + i * stride
         if touch_first:
-            touch(gfn, True, vcpu)
+            touch(gfn, True)
         if snp:
-            for status, count in vm.pvalidate(gfn, chunk_pages, validate=False).items():
-                if status != "SUCCESS":
-                    key = f"PVALIDATE_{status}"
-                    unexpected[key] = unexpected.get(key, 0) + count
+            rescind(gfn)
         vm.set_memory_attributes(gfn, chunk_pages, private=False)
         vm.punch_hole(gfn, chunk_pages)
-        touch(gfn, False, vcpu)
+        touch(gfn, False)
         vm.set_memory_attributes(gfn, chunk_pages, private=True)
-        touch(gfn, True, vcpu)
+        touch(gfn, True)
     wall_s = time.perf_counter() - start
+    after_breakdown = dict(vm.cost_breakdown())
+    breakdown = sum_breakdowns([after_breakdown, {k: -v for k, v in before_breakdown.items()}])
     return ConversionsResult(
+        vm=vm_config(vm),
         chunks=chunks,
         chunk_pages=chunk_pages,
+        base_gfn=base_gfn,
+        region_pages=region_pages,
+        touch_first=touch_first,
         requests=2 * chunks,
         faults=faults,
+        rmp_splits=rmp_splits,
         unexpected=dict(unexpected),
         fault_modeled_ns=fault_ns,
+        modeled_ns=float(vm.stats_dict()["modeled_ns"]) - before_ns,
+        cost_breakdown=breakdown,
         wall_s=wall_s,
     )

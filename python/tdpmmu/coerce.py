@@ -1,0 +1,238 @@
+"""Configuration coercion: the one place user input becomes the values a VM is built from.
+
+Every entry point — ``VmSpec`` (and through it every workload and ``compare``) and the CLI —
+turns sizes, backing and folio sizes, hook designs, TDX options and cost models into canonical
+values here, so a value means the same thing and fails with the same message wherever it is
+given. Errors are ``tdpmmu.ConfigError`` (a ``ValueError``) naming the argument; a value of the
+wrong Python type is a ``TypeError`` naming it.
+
+The VM-type x design matrix and the TDX option choices come from ``tdpmmu.config`` (the
+engine's own definition); nothing here keeps a copy of them.
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Final
+
+from tdpmmu import config
+from tdpmmu._core import ConfigError
+from tdpmmu.costs import CostModel
+from tdpmmu.hooks import HookDesign
+from tdpmmu.sizes import BACKING_SIZES, parse_backing, parse_size
+
+__all__ = [
+    "FOLIO_SIZES",
+    "LEVELS",
+    "PAGE_SIZE",
+    "TdxValue",
+    "backing",
+    "cost_model",
+    "count",
+    "flag",
+    "folio",
+    "hooks",
+    "levels",
+    "size",
+    "tdx_option",
+    "tdx_options",
+    "vm_type",
+]
+
+#: The guest page: every size of guest memory is a multiple of it.
+PAGE_SIZE: Final[int] = 4096
+
+#: guest_memfd folio sizes the model has (4 KiB pages or 2 MiB huge folios).
+FOLIO_SIZES: Final[Mapping[str, int]] = {"4K": 4096, "2M": 2 << 20}
+
+#: TDP page-table levels on x86: 4-level or 5-level paging.
+LEVELS: Final[tuple[int, ...]] = (4, 5)
+
+#: A TDX option value as the engine takes it: a name, a bool, an int or a probability.
+TdxValue = str | bool | int | float
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def count(value: object, name: str, minimum: int = 1) -> int:
+    """An integer count ``>= minimum`` (bool is refused: ``True`` as a count is a mistake)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected int, got {type(value).__name__}")
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected bool, got {value!r}")
+    return value
+
+
+def size(value: object, name: str, *, multiple: int = PAGE_SIZE, positive: bool = True) -> int:
+    """Bytes from an int or a size string (``"64M"``, ``"1GiB"``, powers of 1024), checked to
+    be a multiple of ``multiple`` (the 4 KiB guest page unless told) and, unless
+    ``positive=False``, non-zero."""
+    nbytes = parse_size(value, name)  # type: ignore[arg-type]  # parse_size checks the type
+    if positive and nbytes == 0:
+        raise ConfigError(f"{name}: must be > 0, got {value!r}")
+    if nbytes % multiple:
+        raise ConfigError(f"{name}: must be a multiple of {multiple} bytes, got {value!r}")
+    return nbytes
+
+
+def backing(value: object, name: str = "backing") -> int:
+    """Host page size behind a memslot, in bytes: one of ``sizes.BACKING_SIZES``."""
+    return parse_backing(value, name)  # type: ignore[arg-type]  # parse_backing checks it
+
+
+def folio(value: object, name: str = "folio") -> int:
+    """guest_memfd folio size in bytes: 4 KiB or 2 MiB."""
+    nbytes = parse_size(value, name)  # type: ignore[arg-type]
+    if nbytes not in FOLIO_SIZES.values():
+        raise ConfigError(
+            f"{name}: guest_memfd folio size must be one of {', '.join(FOLIO_SIZES)}, got {value!r}"
+        )
+    return nbytes
+
+
+def size_name(nbytes: int) -> str:
+    """``4096 -> "4K"``: the name of a backing or folio size."""
+    for table in (BACKING_SIZES, FOLIO_SIZES):
+        for key, val in table.items():
+            if val == nbytes:
+                return key
+    return str(nbytes)
+
+
+def levels(value: object, name: str = "levels") -> int:
+    n = count(value, name)
+    if n not in LEVELS:
+        raise ConfigError(f"{name}: must be one of {', '.join(map(str, LEVELS))}, got {n}")
+    return n
+
+
+def vm_type(value: object, mirror: object = False) -> config.Variant:
+    """The matrix row of ``(vm_type, mirror)`` (``ConfigError`` naming the bad argument)."""
+    if not isinstance(value, str):
+        raise TypeError(f"vm_type: expected str, got {type(value).__name__}")
+    return config.variant(value, flag(mirror, "mirror"))
+
+
+def cost_model(costs: object, name: str = "costs") -> CostModel:
+    """A ``CostModel`` from ``None`` (the documented defaults), a ``CostModel`` or a mapping of
+    field name -> ns (unknown names and negative or non-finite values are refused)."""
+    if costs is None:
+        return CostModel()
+    if isinstance(costs, CostModel):
+        return costs
+    if isinstance(costs, Mapping):
+        return CostModel().replace(**{str(k): v for k, v in costs.items()})
+    raise TypeError(f"{name}: expected a tdpmmu.CostModel, a mapping or None, got {costs!r}")
+
+
+def tdx_option(key: str, value: object) -> TdxValue:
+    """One TDX option, checked against ``config.TDX_OPTION_CHOICES`` and typed as the engine
+    takes it: a name (str), ``bool``, ``int`` or a probability (``float`` in [0, 1]). Text is
+    accepted for every kind (``"batched"``, ``"true"``, ``"3"``, ``"0.1"``), as the CLI gives."""
+    choices = config.TDX_OPTION_CHOICES.get(key)
+    arg = f"tdx[{key!r}]"
+    if choices is None:
+        raise ConfigError(
+            f"tdx: unknown option {key!r}; allowed: {', '.join(config.TDX_OPTION_CHOICES)}"
+        )
+    kind = choices[0] if len(choices) == 1 else None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"{arg}: expected a bool (true/false), got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        else:
+            try:
+                n = int(str(value).strip(), 0)
+            except ValueError:
+                raise ConfigError(f"{arg}: expected an integer, got {value!r}") from None
+        if n < 0:
+            raise ConfigError(f"{arg}: must be >= 0, got {n}")
+        return n
+    if kind == "probability":
+        if isinstance(value, bool):
+            raise ConfigError(f"{arg}: expected a probability in [0, 1], got {value!r}")
+        try:
+            p = float(value)  # type: ignore[arg-type]  # refused below when not a number
+        except (TypeError, ValueError):
+            raise ConfigError(f"{arg}: expected a probability in [0, 1], got {value!r}") from None
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            raise ConfigError(f"{arg}: expected a probability in [0, 1], got {value!r}")
+        return p
+    name = str(value).strip()
+    if name not in choices:
+        raise ConfigError(f"{arg}: {value!r} is not allowed; allowed: {', '.join(choices)}")
+    return name
+
+
+def tdx_options(tdx: object, name: str = "tdx") -> dict[str, TdxValue]:
+    """Every option of a ``tdx={...}`` mapping through ``tdx_option`` (``None`` -> ``{}``)."""
+    if tdx is None:
+        return {}
+    if not isinstance(tdx, Mapping):
+        raise TypeError(f"{name}: expected a mapping of TDX options, got {tdx!r}")
+    return {str(k).strip(): tdx_option(str(k).strip(), v) for k, v in tdx.items()}
+
+
+def hooks(
+    value: object, variant: config.Variant, tdx: object = None
+) -> tuple[str, dict[str, TdxValue], object | None]:
+    """``(design name, TDX options, hook object)`` for ``VM(hooks=value, tdx=tdx)``.
+
+    ``value`` is ``None`` (the variant's default design), a design name, a ``HookDesign``
+    (its TDX options are merged under the explicit ``tdx`` ones) or an object with the four
+    hook methods (design ``mirror``, the object answering the hooks). The design must be one
+    the variant accepts (``config.VARIANTS``); TDX options only apply to variants that take
+    them.
+    """
+    options = tdx_options(tdx)
+    hook_object: object | None = None
+    if value is None:
+        design = variant.default_design
+    elif isinstance(value, str):
+        design = value
+    elif isinstance(value, HookDesign):
+        design = value.name
+        options = {**tdx_options(value.tdx_options(), "hooks"), **options}
+    else:
+        missing = [
+            m
+            for m in (
+                "link_external_spt",
+                "set_external_spte",
+                "remove_external_spte",
+                "free_external_spt",
+            )
+            if not callable(getattr(value, m, None))
+        ]
+        if missing:
+            raise TypeError(
+                f"hooks: expected a design name, a tdpmmu.HookDesign or an object with the four "
+                f"hook methods; {type(value).__name__} lacks {', '.join(missing)}"
+            )
+        design, hook_object = "mirror", value
+    if design not in variant.designs:
+        known = design in config.DESIGNS
+        raise ConfigError(
+            f"hooks: {design!r} is "
+            + (f"not a design of {variant.label} VMs" if known else "not a hook design")
+            + f"; allowed: {', '.join(variant.designs)}"
+        )
+    if options and not variant.tdx_options:
+        raise ConfigError(
+            f"tdx: {variant.label} VMs take no TDX options (only "
+            + ", ".join(v.label for v in config.VARIANTS if v.tdx_options)
+            + f" do), got {', '.join(options)}"
+        )
+    return design, options, hook_object
