@@ -15,6 +15,11 @@ and the same ``check()`` outcome:
   RMP entries of touched gfns.  The ``private`` designs break invariants on purpose: both
   sides must then raise the same InvariantError (or VmBugged).
 
+Wherever counters are compared, so is the cost ledger (``cost_breakdown()``: every CostModel
+field, in order, with the same modeled ns), and on confidential VMs (built with
+``trace=True``) the external-hook calls in the trace, which both sides count and trace at one
+dispatch site, whatever the backend.
+
 A fixed lifecycle per design/option (``test_scenario_matches_reference``) runs as well.  The
 file is sized to stay under a minute on two cores; with CI=true it is shorter (about 15 s)
 and derandomized.
@@ -56,6 +61,36 @@ MEMORY_FOR_BACKING = {
 MAX_SLOTS = 6
 MAX_WALK_SAMPLE = 48  # gfns whose walks are compared after each step
 MAX_ARENA_COMPARE = 400  # compare the whole arena while it has at most this many tables
+
+#: the external hooks: the trace events that both sides record at their dispatch site.
+HOOKS = ("link_external_spt", "set_external_spte", "remove_external_spte", "free_external_spt")
+
+
+def _same_costs(native: Any, ref: ReferenceVM, where: str) -> None:
+    """The same cost ledger: every CostModel field in order, the same modeled ns each (the
+    same units of the same cost, so equal exactly), adding up to ``modeled_ns``."""
+    want = ref.cost_breakdown()
+    got = dict(native.cost_breakdown())
+    assert list(got) == list(want), f"{where}: cost fields engine {list(got)} != {list(want)}"
+    for field, ns in want.items():
+        assert got[field] == ns, f"{where}: cost {field} engine {got[field]} != reference {ns}"
+    total = 0.0
+    for ns in want.values():
+        total += ns
+    assert ref.stats["modeled_ns"] == total, f"{where}: reference modeled_ns != its breakdown"
+
+
+def _same_hook_trace(native: Any, ref: ReferenceVM, where: str) -> None:
+    """The same external-hook calls, in order, with the same arguments."""
+    got = [tuple(e) for e in native.trace_events() if e[0] in HOOKS]
+    want = [tuple(e) for e in ref.trace_events()]
+    if got != want:
+        i = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+        i = min(len(got), len(want)) if i is None else i
+        raise AssertionError(
+            f"{where}: hook call {i} of {len(got)}/{len(want)}: engine "
+            f"{got[i] if i < len(got) else None} != reference {want[i] if i < len(want) else None}"
+        )
 
 
 @st.composite
@@ -345,6 +380,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
                 )
             else:
                 assert got == want, f"{where}: {key} engine {got} != reference {want}"
+        _same_costs(self.native, self.r, where)
 
         assert self.native.memslots() == self.r.memslots(), where
         assert self.native.memslot_generation == self.r.memslot_generation, where
@@ -424,6 +460,7 @@ def cvm_configs(draw: st.DrawFn) -> dict[str, Any]:
         "levels": draw(st.sampled_from([4, 5])),
         "vcpus": draw(st.integers(1, 3)),
         "nx_huge_pages": draw(st.booleans()),
+        "trace": True,
     }
     if vm_type == "tdx":
         cfg["hooks"] = draw(st.sampled_from(["mirror", "mirror", "mirror", "private"]))
@@ -780,6 +817,8 @@ class ConfidentialMatchesReference(RuleBasedStateMachine):
                 )
             else:
                 assert got == want, f"{where}: {key} engine {got} != reference {want}"
+        _same_costs(self.native, self.r, where)
+        _same_hook_trace(self.native, self.r, where)
         for attr in ("bugged", "destroyed", "finalized", "memslot_generation"):
             assert getattr(self.native, attr) == getattr(self.r, attr), f"{where}: {attr}"
         assert self.native.memslots() == self.r.memslots(), where
@@ -975,7 +1014,7 @@ def test_scenario_matches_reference(
     cfg: dict[str, Any], steps: list[tuple[str, tuple[Any, ...]]]
 ) -> None:
     """Fixed flows per design/option: results, counters, S-EPT, RMP and check() agree."""
-    cfg = {"memory": "64MiB", "vcpus": 2, **cfg}
+    cfg = {"memory": "64MiB", "vcpus": 2, "trace": True, **cfg}
     native, ref = tdpmmu.VM(**cfg), ReferenceVM(**cfg)
     for name, args in steps:
         where = f"{cfg}: {name}{args}"
@@ -985,6 +1024,8 @@ def test_scenario_matches_reference(
         nat_stats = dict(native.stats)
         for key, value in ref.stats.items():
             assert math.isclose(nat_stats[key], value, rel_tol=1e-9), f"{where}: {key}"
+        _same_costs(native, ref, where)
+        _same_hook_trace(native, ref, where)
         assert native.roots() == ref.roots(), where
         if ref.has_mirror:
             assert native.sept_entries() == ref.sept_entries(), where

@@ -1,42 +1,21 @@
 """Unit tests of the pure-Python reference model (``tdpmmu.reference``) on its own.
 
 Each test pins one KVM behaviour from shared/spec/kvm-tdp-mmu.md §10 (numbers in the test
-names) or one choice of docs/model.md, and would fail if the model broke that rule.  They do
-not need the native module.
+names) or one choice of docs/model.md, and would fail if the model broke that rule.  They run
+the reference alone (the native module is needed only for ``tdpmmu.config``, the VM-type x
+hook-design matrix the reference reads).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+pytest.importorskip("tdpmmu._core")  # the reference reads the VM-type matrix from tdpmmu.config
 
-def _load_reference() -> ModuleType:
-    try:
-        from tdpmmu import reference
+from tdpmmu import reference as ref
 
-        return reference
-    except ImportError:
-        # The package __init__ needs the native module; the reference itself does not.
-        path = Path(__file__).resolve().parents[1] / "python" / "tdpmmu" / "reference"
-        spec = importlib.util.spec_from_file_location(
-            "_tdpmmu_reference_standalone",
-            path / "__init__.py",
-            submodule_search_locations=[str(path)],
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-ref = _load_reference()
 ReferenceVM = ref.ReferenceVM
 Ret = ref.Ret
 SVE = ref.SHADOW_NONPRESENT_VALUE
@@ -943,3 +922,139 @@ def test_snp_private_design_follows_the_npt() -> None:
     assert vm.populate_stopped_on_bug  # KVM's pre-fault loop stops on a dead VM
     with pytest.raises(ref.VmBugged):
         vm.check()
+
+
+# ------------------------------------------------------------------------------------------
+# One hook dispatch site: every call counted and traced, whatever the backend
+# ------------------------------------------------------------------------------------------
+
+
+def hook_events(vm: Any) -> list[tuple[str, int, int, int]]:
+    return [tuple(e) for e in vm.trace_events()]
+
+
+def test_snp_private_design_counts_and_traces_every_hook_call() -> None:
+    vm = ReferenceVM(vm_type="snp", memory="64MiB", hooks="private", trace=True)
+    vm.fault(5)  # empty tree: three tables linked, then the leaf
+    s = vm.stats
+    assert (s["link_external_spt"], s["set_external_spte"]) == (3, 1)
+    events = hook_events(vm)
+    assert [e[0] for e in events] == ["link_external_spt"] * 3 + ["set_external_spte"]
+    assert [e[2] for e in events] == [4, 3, 2, 1]  # the level of each entry written
+    assert [e[3] for e in events[:3]] == [1, 2, 3]  # the arena index of each linked table
+    assert events[3][3] == vm.spte(5)  # the new leaf
+    # A fault on a gfn whose tables exist calls only set_external_spte.
+    vm.fault(6)
+    assert vm.stats["link_external_spt"] == 3 and vm.stats["set_external_spte"] == 2
+    # The guest_memfd release at teardown is a PRIVATE unmap: both leaves are removed.  The
+    # root teardown after it acts for no private memory, so this design frees no table
+    # through the hooks (free_external_spt is counted like the others where it is called:
+    # see the TDX and SW-mirror teardown tests).
+    vm.destroy()
+    s = vm.stats
+    assert s["remove_external_spte"] == 2 and s["free_external_spt"] == 0
+    assert [e[0] for e in hook_events(vm)][-2:] == ["remove_external_spte"] * 2
+
+
+def test_hook_counts_are_the_same_for_every_backend() -> None:
+    """One private fault and its removal call the same hooks on a TD, on the software mirror
+    and on SNP with the private design; only the backend's own work differs."""
+    counts = []
+    for cfg in (
+        {"vm_type": "tdx"},
+        {"vm_type": "sw_protected", "mirror": True},
+        {"vm_type": "snp", "hooks": "private"},
+    ):
+        vm = ReferenceVM(memory="64MiB", trace=True, **cfg)  # type: ignore[arg-type]
+        if cfg["vm_type"] == "tdx":
+            vm.finalize()
+        vm.fault(5, private=True)
+        vm.punch_hole(5, 1)
+        s = vm.stats
+        names = ("link_external_spt", "set_external_spte", "remove_external_spte")
+        counts.append(tuple(s[n] for n in names))
+        assert [e[0] for e in hook_events(vm)] == [
+            "link_external_spt",
+            "link_external_spt",
+            "link_external_spt",
+            "set_external_spte",
+            "remove_external_spte",
+        ]
+    assert counts == [(3, 1, 1)] * 3
+
+
+def test_two_hook_interface_traces_links_and_removals_as_set() -> None:
+    vm = ReferenceVM(vm_type="tdx", memory="64MiB", tdx={"interface": "two_hook"}, trace=True)
+    vm.finalize()
+    vm.fault(5, private=True)
+    vm.punch_hole(5, 1)
+    assert [e[0] for e in hook_events(vm)] == ["set_external_spte"] * 5
+    assert [e[2] for e in hook_events(vm)] == [4, 3, 2, 1, 1]
+    s = vm.stats
+    assert (s["link_external_spt"], s["set_external_spte"], s["remove_external_spte"]) == (0, 5, 0)
+
+
+def test_no_trace_unless_asked() -> None:
+    vm = ReferenceVM(vm_type="tdx", memory="64MiB")
+    vm.finalize()
+    vm.fault(5, private=True)
+    assert vm.trace_events() == []
+
+
+# ------------------------------------------------------------------------------------------
+# The cost ledger: integer units per CostModel field, an exact total
+# ------------------------------------------------------------------------------------------
+
+
+def test_default_costs_are_the_cost_model_in_its_field_order() -> None:
+    from tdpmmu.costs import CostModel
+
+    assert list(ref.DEFAULT_COSTS) == list(CostModel.field_names())
+    assert CostModel().to_dict() == ref.DEFAULT_COSTS
+
+
+def exact_sum(breakdown: dict[str, float]) -> float:
+    total = 0.0
+    for ns in breakdown.values():
+        total += ns
+    return total
+
+
+def test_cost_breakdown_has_every_field_and_sums_exactly() -> None:
+    from tdpmmu.costs import CostModel
+
+    vm = ReferenceVM(memory="64MiB", vcpus=3)
+    b = vm.cost_breakdown()
+    assert list(b) == list(CostModel.field_names()) and set(b.values()) == {0.0}
+    assert vm.stats["modeled_ns"] == 0.0
+    vm.fault(1)
+    vm.zap_gfn_range(0, 8)
+    b = vm.cost_breakdown()
+    assert b["exit_entry_ns"] == 1200 and b["fault_handling_ns"] == 2000
+    assert b["host_page_alloc_ns"] == 7500 and b["host_zero_4k_ns"] == 0  # 4K page: no more
+    # One remote TLB flush: the base once, the per-vCPU part once per vCPU.
+    assert b["tlb_flush_base_ns"] == 1000 and b["tlb_flush_per_vcpu_ns"] == 3 * 200
+    assert b["spte_update_ns"] == 60
+    assert vm.stats["modeled_ns"] == exact_sum(b)  # equal, not approximately
+
+
+def test_cost_ledger_composite_charges_in_units() -> None:
+    # Non-integer costs: the total is still exactly the field-order sum of the breakdown.
+    costs = {"host_zero_4k_ns": 0.1, "spte_update_ns": 0.3, "kick_per_vcpu_ns": 0.7}
+    vm = ReferenceVM(memory="1GiB", backing="2M", nx_huge_pages=True, costs=costs)
+    vm.fault(0)  # a first touch of a 2M host page: alloc once, zero 511 more 4K pages
+    assert vm.ctx.ledger.units["host_page_alloc_ns"] == 1
+    assert vm.ctx.ledger.units["host_zero_4k_ns"] == 511
+    vm.fault(0, exec=True)  # NX split: 512 SPTE updates
+    assert vm.ctx.ledger.units["spte_update_ns"] == 512
+    assert vm.cost_breakdown()["spte_update_ns"] == 512 * 0.3
+    assert vm.stats["modeled_ns"] == exact_sum(vm.cost_breakdown())
+
+    td = ReferenceVM(vm_type="tdx", memory="64MiB", vcpus=4, costs=costs)
+    td.finalize()
+    td.fault(5, private=True)
+    td.punch_hole(5, 1)  # BLOCK, TRACK, kick, REMOVE, WBINVD, clear
+    units = td.ctx.ledger.units
+    assert (units["kick_base_ns"], units["kick_per_vcpu_ns"]) == (1, 4)
+    assert td.cost_breakdown()["kick_per_vcpu_ns"] == 4 * 0.7
+    assert td.stats["modeled_ns"] == exact_sum(td.cost_breakdown())

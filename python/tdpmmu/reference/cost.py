@@ -77,15 +77,35 @@ def costs_from(costs: Any) -> dict[str, float]:
 
 
 class CostLedger:
-    """Modeled time, charged in units of one cost field at a time."""
+    """Modeled time as integer units charged to each cost field.
+
+    ``charge(field, n)`` adds ``n`` units to ``field``; the ledger's modeled time is the sum
+    over fields, in field order, of units x the field's cost, so it equals the sum of
+    :meth:`breakdown` exactly.  ``clock`` is a running total in charge order, for the time
+    one fault took (as the engine measures it).
+    """
 
     def __init__(self, rates: Mapping[str, float]) -> None:
         self.rates = dict(rates)
-        self.ns = 0.0
+        self.units: dict[str, int] = dict.fromkeys(DEFAULT_COSTS, 0)
+        self.clock = 0.0
 
     def charge(self, field: str, units: int = 1) -> None:
-        """Add ``units`` x the cost of ``field``."""
-        self.ns += self.rates[field] * units
+        """Add ``units`` units of ``field``."""
+        self.units[field] += units
+        self.clock += self.rates[field] * units
+
+    def breakdown(self) -> dict[str, float]:
+        """Every cost field, in CostModel order (zeros included) -> modeled ns."""
+        return {field: n * self.rates[field] for field, n in self.units.items()}
+
+    @property
+    def ns(self) -> float:
+        """Modeled ns: the breakdown summed in field order, from 0.0."""
+        total = 0.0
+        for ns in self.breakdown().values():
+            total += ns
+        return total
 
     def tlb_flush(self, vcpus: int) -> None:
         """One remote TLB flush (IPI) to ``vcpus`` vCPUs."""

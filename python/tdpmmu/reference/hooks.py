@@ -43,12 +43,22 @@ class ExternalOps(Protocol):
 
 
 class ExternalHooks:
-    """The hook design plus its backend: where the TDP MMU calls the external hooks."""
+    """The hook design plus its backend: the one place the TDP MMU calls the external hooks.
 
-    def __init__(self, ctx: Ctx, design: str, backend: ExternalOps | None) -> None:
+    Every call is counted under the hook's name and traced (``op`` the hook name, ``detail``
+    the arena index of the linked table, the new or the old SPTE, 0 for a freed table) before
+    the backend runs, the same for every backend.  With the TDX ``interface="two_hook"``
+    option, links and removals are delivered, and so counted and traced, as
+    ``set_external_spte``.
+    """
+
+    def __init__(
+        self, ctx: Ctx, design: str, backend: ExternalOps | None, *, two_hook: bool = False
+    ) -> None:
         self.ctx = ctx
         self.design = design
         self.backend = backend
+        self.two_hook = two_hook
 
     def fires(self, sp: MmuPage) -> bool:
         """Does a change of an entry of ``sp`` call the external hooks?"""
@@ -58,22 +68,31 @@ class ExternalHooks:
             return self.ctx.op_private  # every change made for private memory
         return False  # "none", and "gmem" (guest_memfd prepare/invalidate only)
 
-    def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+    def _call(self, hook: str, gfn: int, level: int, detail: int) -> ExternalOps | None:
+        """Count and trace one call of ``hook``, as the interface delivers it; the backend
+        that receives it (a KVM_BUG_ON if the VM has none)."""
+        if self.two_hook and hook in ("link_external_spt", "remove_external_spte"):
+            hook = "set_external_spte"  # the 2026 two-hook interface
+        self.ctx.count(hook)
+        self.ctx.trace(hook, gfn, level, detail)
         if self.backend is None:
-            self.ctx.kvm_bug_on("mirror SPTE change without an external backend")
-            return HOOK_EIO
-        return self.backend.link_external_spt(gfn, level, child)
+            self.ctx.kvm_bug_on("external SPTE change without an external backend")
+        return self.backend
+
+    def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        backend = self._call("link_external_spt", gfn, level, child.index)
+        return HOOK_EIO if backend is None else backend.link_external_spt(gfn, level, child)
 
     def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
-        if self.backend is None:
-            self.ctx.kvm_bug_on("mirror SPTE change without an external backend")
-            return HOOK_EIO
-        return self.backend.set_external_spte(gfn, level, new_spte)
+        backend = self._call("set_external_spte", gfn, level, new_spte)
+        return HOOK_EIO if backend is None else backend.set_external_spte(gfn, level, new_spte)
 
     def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
-        if self.backend is not None:
-            self.backend.remove_external_spte(gfn, level, old_spte)
+        backend = self._call("remove_external_spte", gfn, level, old_spte)
+        if backend is not None:
+            backend.remove_external_spte(gfn, level, old_spte)
 
     def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> None:
-        if self.backend is not None:
-            self.backend.free_external_spt(gfn, level, sp)
+        backend = self._call("free_external_spt", gfn, level, 0)
+        if backend is not None:
+            backend.free_external_spt(gfn, level, sp)

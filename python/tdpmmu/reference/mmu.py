@@ -82,7 +82,7 @@ class Mmu:
         ``private=None`` accesses the gfn as its memory attribute says.  A TDX private fault
         that returns RETRY is retried inside KVM (without busy injection it never does).
         """
-        start_ns = self.ctx.ledger.ns
+        start_ns = self.ctx.ledger.clock
         vendor = self.vendor
         is_private = (
             private if private is not None else (self.confidential and self.attrs.is_private(gfn))
@@ -100,14 +100,16 @@ class Mmu:
                 and vendor.retries_private_faults
                 and not prefetch
                 and self.ctx.bug is None
-                and retries < 1000
+                and retries < vendor.max_local_retries
             ):
                 retries += 1  # tdx_handle_ept_violation's local retry
                 self.ctx.count("tdx_local_retries")
                 continue
             if is_private and not prefetch:
                 vendor.after_private_fault(r.ret, gfn, self.slots.gfn_to_memslot(gfn))
-            return dataclasses.replace(r, retries=retries, modeled_ns=self.ctx.ledger.ns - start_ns)
+            return dataclasses.replace(
+                r, retries=retries, modeled_ns=self.ctx.ledger.clock - start_ns
+            )
 
     def kvm_mmu_page_fault(
         self, vcpu: int, gfn: int, is_private: bool, write: bool, exec: bool, prefetch: bool

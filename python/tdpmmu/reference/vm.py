@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .. import config
 from .arena import Arena
 from .attrs import PrivateRanges
 from .check import check_live, check_teardown
@@ -31,7 +32,7 @@ from .spte import (
     pages_per_hpage,
     spte_to_pfn,
 )
-from .stats import Ctx
+from .stats import Ctx, TraceEvent
 from .tdp_mmu import KVM_VALID_ROOTS, TdpMmu
 from .vendor.base import Vendor
 from .vendor.sev import SevVendor
@@ -39,23 +40,10 @@ from .vendor.sw_mirror import SwMirrorVendor
 from .vendor.tdx import TdxOptions, TdxVendor
 from .vendor.tdx_module import TdxModule
 
-# --------------------------------------------------------------------------------------
-# VM types and hook designs
-# --------------------------------------------------------------------------------------
-
-VM_TYPES = ("default", "tdx", "snp", "sw_protected")
-
-#: the hook design a VM type uses when ``hooks=None`` (upstream behaviour).
-DEFAULT_HOOKS = {"default": "none", "tdx": "mirror", "snp": "gmem", "sw_protected": "none"}
-
-#: which external-hook design each VM type accepts (sw_protected: by its ``mirror`` option).
-_ALLOWED_HOOKS = {
-    ("default", False): ("none",),
-    ("tdx", False): ("mirror", "private"),
-    ("snp", False): ("gmem", "private"),
-    ("sw_protected", False): ("none",),
-    ("sw_protected", True): ("mirror", "private"),
-}
+#: every VM type, and the hook design each uses when ``hooks=None`` (upstream behaviour):
+#: read from ``tdpmmu.config``, the engine's one definition of the VM-type x design matrix.
+VM_TYPES: tuple[str, ...] = config.VM_TYPES
+DEFAULT_HOOKS: dict[str, str] = {t: config.default_design(t) for t in config.VM_TYPES}
 
 
 class ReferenceVM:
@@ -85,23 +73,25 @@ class ReferenceVM:
         mirror: bool = False,
         folio: int | str = "4K",
     ) -> None:
-        if vm_type not in VM_TYPES:
-            raise ConfigError(f"vm_type: unknown VM type {vm_type!r}; allowed: {VM_TYPES}")
         if not isinstance(mirror, bool):
             raise TypeError(f"mirror: expected bool, got {mirror!r}")
-        if mirror and vm_type != "sw_protected":
-            raise ConfigError("mirror: only sw_protected VMs take mirror=True")
+        # The VM-type x hook-design matrix is the engine's (tdpmmu.config): which designs a
+        # VM type takes, its default, whether it has a mirror root and takes TDX options.
+        variant = config.variant(vm_type, mirror)
         if hooks is None:
-            hooks = "mirror" if mirror else DEFAULT_HOOKS[vm_type]
+            hooks = variant.default_design
         if not isinstance(hooks, str):
             raise ConfigError("hooks: the reference model takes a design name, not a hook object")
-        if hooks not in _ALLOWED_HOOKS[(vm_type, mirror)]:
+        if hooks not in variant.designs:
             raise ConfigError(
-                f"hooks: {hooks!r} is not valid for a {vm_type} VM; "
-                f"allowed: {_ALLOWED_HOOKS[(vm_type, mirror)]}"
+                f"hooks: {hooks!r} is not valid for a {variant.label} VM; "
+                f"allowed: {', '.join(variant.designs)}"
             )
-        if tdx and vm_type != "tdx" and not mirror:
-            raise ConfigError("tdx: TDX options apply to tdx VMs (and sw_protected with mirror)")
+        if tdx and not variant.tdx_options:
+            raise ConfigError(
+                f"tdx: TDX options apply to tdx VMs (and sw_protected with mirror=True), "
+                f"not {variant.label}"
+            )
         folio_bytes = parse_size(folio, "folio")
         if folio_bytes not in (4096, 2 << 20):
             raise ConfigError(f"folio: guest_memfd folio size must be 4K or 2M, got {folio!r}")
@@ -133,7 +123,7 @@ class ReferenceVM:
         #: private memory, guest_memfd and memory attributes exist (all but "default").
         self.confidential = vm_type != "default"
         #: a mirror root for private memory (TDX, and the SW_PROTECTED mirror variant).
-        self.has_mirror = vm_type == "tdx" or mirror
+        self.has_mirror = variant.mirror_root
         shared_bit = 1 << (35 if levels == 4 else 39)
         #: ``kvm_gfn_direct_bits``: the direct root of a TD maps shared gfn g at g | bit.
         self.gfn_direct_bits = shared_bit if self.has_mirror else 0
@@ -150,7 +140,12 @@ class ReferenceVM:
         self.slots = Memslots()
         self.attrs = PrivateRanges()
         self.vendor = self._new_vendor()
-        self.hooks = ExternalHooks(self.ctx, hooks, self.vendor.external)
+        self.hooks = ExternalHooks(
+            self.ctx,
+            hooks,
+            self.vendor.external,
+            two_hook=self.tdx_options.interface == "two_hook",
+        )
         self.tdp_mmu = TdpMmu(
             arena=self.arena,
             ctx=self.ctx,
@@ -231,6 +226,11 @@ class ReferenceVM:
     def stats(self) -> dict[str, int | float]:
         """Counters (KVM names, hook names, SEAMCALL leaves) and ``modeled_ns``."""
         return self.stats_dict()
+
+    def cost_breakdown(self) -> dict[str, float]:
+        """Modeled ns charged to each CostModel field (field order, zeros included); the
+        values add up, in that order from 0.0, to exactly ``stats["modeled_ns"]``."""
+        return self.ctx.ledger.breakdown()
 
     def stats_dict(self) -> dict[str, int | float]:
         out: dict[str, int | float] = dict(self.ctx.stats)
@@ -597,8 +597,11 @@ class ReferenceVM:
         """Copy of the arena: row *i* is the table at host pfn ``TABLE_BASE_PFN + i``."""
         return self.arena.tables()
 
-    def trace_events(self) -> list[Any]:
-        return []
+    def trace_events(self) -> list[TraceEvent]:
+        """With ``trace=True``: the external-hook calls, in order, as ``(op, gfn, level,
+        detail)``.  The reference traces the hook dispatch site only (not the SEAMCALLs or
+        RMP instructions the backends issue)."""
+        return list(self.ctx.events or [])
 
     def check(self) -> None:
         """Raise :class:`InvariantError` if the model's state is inconsistent.

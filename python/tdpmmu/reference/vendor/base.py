@@ -25,6 +25,8 @@ class Vendor:
     forces_private_writes = False
     #: a private fault that returns RETRY is retried inside KVM (tdx_handle_ept_violation).
     retries_private_faults = False
+    #: at most this many of them.
+    max_local_retries = 0
     #: guest_memfd pages have RMP entries (SEV-SNP).
     has_rmp = False
 

@@ -33,7 +33,6 @@ class SnpPrivateHooks:
 
     def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
         ctx = self.ctx
-        ctx.count("set_external_spte")
         found = self.slots.rmp_for_pfn(spte_to_pfn(new_spte))
         if found is None:
             ctx.kvm_bug_on(f"private NPT leaf for gfn {gfn:#x} is not guest_memfd memory")
@@ -47,7 +46,6 @@ class SnpPrivateHooks:
 
     def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
         ctx = self.ctx
-        ctx.count("remove_external_spte")
         found = self.slots.rmp_for_pfn(spte_to_pfn(old_spte))
         if found is not None:
             rmp, off = found

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ... import config
 from ..arena import MmuPage
 from ..errors import ConfigError, Ret
 from ..hooks import HOOK_EIO, HOOK_OK, ExternalOps
@@ -28,24 +29,19 @@ from .tdx_module import (
     TdxModule,
 )
 
-_BUSY_LEAVES = (
-    "TDH.MEM.SEPT.ADD",
-    "TDH.MEM.PAGE.AUG",
-    "TDH.MEM.RANGE.BLOCK",
-    "TDH.MEM.TRACK",
-    "TDH.MEM.PAGE.REMOVE",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class TdxOptions:
-    """The ``tdx={...}`` options of docs/model.md (busy injection is not modeled)."""
+    """The ``tdx={...}`` options of docs/model.md; the keys and the values each one allows
+    come from ``tdpmmu.config.TDX_OPTION_CHOICES`` (the engine's definition).  Busy injection
+    (the ``TDH.*`` probabilities) is not modeled: only 0 is accepted."""
 
     version: str = "6.19"  # "6.16": set_external_spte only counts nr_premapped
     sept_free: str = "teardown"  # or "sept_remove" (pre-upstream)
     track: str = "per_page"  # or "batched"
     interface: str = "four_hook"  # or "two_hook"
     measure: bool = False  # TDH.MR.EXTEND x 16 per PAGE.ADD
+    max_local_retries: int = 1000  # tdx_handle_ept_violation's retries of a private fault
 
     @property
     def v6_16(self) -> bool:
@@ -53,30 +49,34 @@ class TdxOptions:
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> TdxOptions:
-        allowed = {
-            "version": ("6.16", "6.19"),
-            "sept_free": ("teardown", "sept_remove"),
-            "track": ("per_page", "batched"),
-            "interface": ("four_hook", "two_hook"),
-        }
+        choices = config.TDX_OPTION_CHOICES
         values: dict[str, Any] = {}
         for key, value in (options or {}).items():
+            allowed = choices.get(key)
+            if allowed is None:
+                raise ConfigError(f"tdx: unknown option {key!r}; allowed: {', '.join(choices)}")
             text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            if key in allowed:
-                if text not in allowed[key]:
-                    raise ConfigError(f"{key}: {text!r} is not allowed; allowed: {allowed[key]}")
-                values[key] = text
-            elif key == "measure":
+            if allowed == ("bool",):
                 if text not in ("true", "True", "1", "false", "False", "0"):
-                    raise ConfigError(f"measure: {text!r} is not a bool")
+                    raise ConfigError(f"tdx[{key!r}]: {text!r} is not a bool")
                 values[key] = text in ("true", "True", "1")
-            elif key in _BUSY_LEAVES:
+            elif allowed == ("int",):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"tdx[{key!r}]: expected an integer, got {value!r}")
+                if value != int(value) or not 0 <= value <= 1_000_000:
+                    raise ConfigError(f"tdx[{key!r}]: expected an integer in 0..=1000000")
+                values[key] = int(value)
+            elif allowed == ("probability",):
                 if float(text) != 0.0:
                     raise ConfigError(
-                        f"{key}: the reference model does not inject TDX_OPERAND_BUSY"
+                        f"tdx[{key!r}]: the reference model does not inject TDX_OPERAND_BUSY"
                     )
+            elif text in allowed:
+                values[key] = text
             else:
-                raise ConfigError(f"tdx: unknown option {key!r}")
+                raise ConfigError(
+                    f"tdx[{key!r}]: {text!r} is not allowed; allowed: {', '.join(allowed)}"
+                )
         return cls(**values)
 
 
@@ -99,30 +99,17 @@ class TdxSeptHooks:
         self.vcpus = vcpus
         self.pending_remove: list[int] = []  # track="batched": blocked, awaiting the TRACK
 
-    def _hook(self, name: str) -> None:
-        # The 2026 two-hook interface delivers links and removals as set_external_spte.
-        if self.opts.interface == "two_hook" and name in (
-            "link_external_spt",
-            "remove_external_spte",
-        ):
-            name = "set_external_spte"
-        self.ctx.count(name)
-
     # -- kvm_x86_ops -----------------------------------------------------------------------
     def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
-        self._hook("link_external_spt")
         return self.tdx_sept_link_private_spt(gfn, level)
 
     def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
-        self._hook("set_external_spte")
         return self.tdx_sept_set_private_spte(gfn, level, spte_to_pfn(new_spte))
 
     def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
-        self._hook("remove_external_spte")
         self.tdx_sept_remove_private_spte(gfn, level)
 
     def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> int:
-        self._hook("free_external_spt")
         return self.tdx_sept_free_private_spt(gfn, level)
 
     # -- tdx.c -----------------------------------------------------------------------------
@@ -254,6 +241,7 @@ class TdxVendor(Vendor):
         super().__init__(ctx)
         self.opts = opts
         self.vcpus = vcpus
+        self.max_local_retries = opts.max_local_retries
         self.module = self._new_module(ctx, levels, opts)
         self.hooks = self._new_hooks(ctx, self.module, opts, vcpus)
 
