@@ -1,23 +1,27 @@
 """A readable, pure-Python reference model of tdpmmu's VMs.
 
 This package re-implements the semantics pinned down in ``docs/model.md`` (which in turn
-follows ``shared/spec/kvm-tdp-mmu.md``) with nothing but the standard library.  It is slow on
-purpose: every SPTE lives in a plain Python list and every step of KVM's fault and zap paths
-is a named method, so it can be read side by side with ``arch/x86/kvm/mmu/tdp_mmu.c``.  The
-differential test (``tests/test_differential.py``) runs it next to the native engine and
-demands that both agree SPTE for SPTE, counter for counter.
+follows ``shared/spec/kvm-tdp-mmu.md``) in plain Python; from the rest of ``tdpmmu`` it takes
+only the exception classes, ``Ret`` and ``tdpmmu.config`` (the engine's one definition of the
+VM-type x hook-design matrix and of the TDX option choices).  It is slow on purpose: every
+SPTE lives in a plain Python list and every step of KVM's fault and zap paths is a named
+method, so it can be read side by side with ``arch/x86/kvm/mmu/tdp_mmu.c``.  The differential
+test (``tests/test_differential.py``) runs it next to the native engine and demands that both
+agree SPTE for SPTE, counter for counter, nanosecond for nanosecond of each cost field.
 
 Its modules mirror the engine's core, each holding what KVM's file of that name holds;
 imports point downward only:
 
 ========================  ==================================================================
 ``spte``                  SPTE bits, encodings, geometry (spte.h)
-``errors``, ``cost``      exceptions and ``Ret``; the cost model and its ledger
+``errors``, ``cost``      exceptions and ``Ret``; the cost fields and the ledger (integer
+                          units per field; ``modeled_ns`` is their exact field-order sum)
 ``stats``                 counters, trace events, the accounting context ``Ctx``
 ``arena``                 page-table memory, ``struct kvm_mmu_page``, the grace period
 ``attrs``, ``memslot``    memory attributes; memslots and host placement
 ``tdp_iter``              the pre-order walker (tdp_iter.c)
-``hooks``                 the external-hook interface and its one dispatch site
+``hooks``                 the external-hook interface and its one dispatch site, where
+                          every hook call is counted and traced, whatever the backend
 ``tdp_mmu``               roots, SPTE setters with the FROZEN protocol, map, zaps (tdp_mmu.c)
 ``gmem``                  guest_memfd folios (guest_memfd.c)
 ``vendor``                ``base`` (the vendor interface), ``tdx`` over ``tdx_module``,
@@ -43,7 +47,8 @@ All four VM types are modeled:
   TDX-shaped mirror root with a software external tree and no SEAMCALLs.
 
 Not modeled: contention (the ``TDH.*`` busy probabilities must be 0, so no ``-EBUSY`` and no
-TDX local retries happen), user hook objects, and ``trace_events``.
+TDX local retries happen) and user hook objects.  ``trace_events()`` holds the external-hook
+calls only, not the SEAMCALLs or RMP instructions the backends issue.
 
 Names follow KVM: a method called ``tdp_mmu_link_sp`` does what ``tdp_mmu_link_sp`` does,
 ``tdx_sept_set_private_spte`` what tdx.c's function of that name does, ``tdh_mem_page_aug`` is
