@@ -10,19 +10,24 @@ import pytest
 
 import tdpmmu
 from tdpmmu import compare as cmp
+from tdpmmu import config, render
 from tdpmmu.cli import main
+from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.workloads import private_mem_conversions
 
-# A tiny workload: 2 vCPUs x 4 MiB (2048 test pages), 8 chunks of 4 pages, a 16-page image.
+# A tiny workload: 2 vCPUs x 4 MiB (2048 test pages), 8 chunks of 4 pages, a 16-page image, on
+# 4K pages so that every page write is one fault (the 2M defaults are tested on their own).
 TINY: dict[str, Any] = {
     "vcpus": 2,
     "bytes_per_vcpu": "4M",
     "conversions": 8,
     "chunk_pages": 4,
     "image_pages": 16,
+    "backing": "4K",
+    "folio": "4K",
 }
 TINY_ARGS = ["-v", "2", "-b", "4M", "--conversions", "8", "--chunk-pages", "4"]
-TINY_ARGS += ["--image-pages", "16"]
+TINY_ARGS += ["--image-pages", "16", "--backing", "4K", "--folio", "4K"]
 TEST_PAGES = 2 * 4 * 1024 * 1024 // 4096
 CONVERTED = 8 * 4
 
@@ -45,9 +50,17 @@ def result() -> cmp.CompareResult:
     return tiny()
 
 
+#: The TDX options of the rows the per-pair tests look at: the engine's default interface.
+DEFAULT_INTERFACE = config.TDX_OPTION_CHOICES["interface"][0]
+
+
 @pytest.fixture(scope="module")
 def rows(result: cmp.CompareResult) -> dict[tuple[str, str], cmp.CompareRow]:
-    return {(r.vm_type, r.design): r for r in result.rows}
+    return {
+        (r.vm_type, r.design): r
+        for r in result.rows
+        if r.tdx.get("interface", DEFAULT_INTERFACE) == DEFAULT_INTERFACE
+    }
 
 
 def settled(r: cmp.CompareRow) -> int:
@@ -83,8 +96,26 @@ def test_every_unlisted_pair_is_refused_by_the_engine(pair: tuple[str, str]) -> 
         vm_for(*pair)
 
 
-def test_every_valid_pair_appears_once_in_order(result: cmp.CompareResult) -> None:
-    assert [(r.vm_type, r.design) for r in result.rows] == list(cmp.PAIRS)
+def test_pairs_are_the_engines_matrix() -> None:
+    expected_pairs = tuple((v.label, d) for v in config.VARIANTS for d in v.designs)
+    assert expected_pairs == cmp.PAIRS
+    assert config.DESIGNS == cmp.DESIGNS
+    expected = {v.label: (v.vm_type, v.mirror) for v in config.VARIANTS}
+    assert dict(cmp.VM_TYPES) == expected
+
+
+def test_every_valid_pair_appears_in_order_once_per_swept_option(
+    result: cmp.CompareResult,
+) -> None:
+    seen = [(r.vm_type, r.design) for r in result.rows]
+    assert list(dict.fromkeys(seen)) == list(cmp.PAIRS)
+    interfaces = config.TDX_OPTION_CHOICES["interface"]
+    for label, design in cmp.PAIRS:
+        got = [r for r in result.rows if (r.vm_type, r.design) == (label, design)]
+        if config.variant(*cmp.VM_TYPES[label]).tdx_options:
+            assert [r.tdx["interface"] for r in got] == list(interfaces)
+        else:
+            assert [r.tdx for r in got] == [{}]
 
 
 # ----- counts against each design -----------------------------------------------------------
@@ -238,48 +269,62 @@ def test_without_teardown() -> None:
 
 
 def test_tdx_options_reach_the_td() -> None:
-    base = tiny(types=["tdx"], designs=["mirror"])
+    one = {"interface": DEFAULT_INTERFACE}
+    base = tiny(types=["tdx"], designs=["mirror"], tdx=one)
     batched = tiny(
         types=["tdx"],
         designs=["mirror"],
-        tdx={"track": "batched", "sept_free": "sept_remove"},
+        tdx={**one, "track": "batched", "sept_free": "sept_remove"},
     )
+    assert len(base.rows) == len(batched.rows) == 1
     assert base.rows[0].seamcalls != batched.rows[0].seamcalls
-    assert batched.params.tdx == {"track": "batched", "sept_free": "sept_remove"}
+    assert batched.rows[0].tdx == {**one, "track": "batched", "sept_free": "sept_remove"}
+    assert batched.params.tdx["track"] == ("batched",)
     with pytest.raises(tdpmmu.ConfigError, match="track"):
         tiny(types=["tdx"], tdx={"track": "sometimes"})
+    with pytest.raises(tdpmmu.ConfigError, match="none of the selected rows"):
+        tiny(types=["snp"], tdx={"track": "batched"})
+
+
+def test_tdx_option_values_are_swept() -> None:
+    res = tiny(types=["tdx"], designs=["mirror"], tdx={"track": "per_page,batched"})
+    got = [(r.tdx["interface"], r.tdx["track"]) for r in res.rows]
+    interfaces = config.TDX_OPTION_CHOICES["interface"]
+    assert got == [(i, t) for i in interfaces for t in ("per_page", "batched")]
+    assert res.params.swept == ("interface", "track")
 
 
 @pytest.mark.parametrize(
     ("types", "designs", "expected"),
     [
-        (["tdx"], None, [("tdx", "mirror"), ("tdx", "private")]),
+        (["tdx"], None, {("tdx", "mirror"), ("tdx", "private")}),
         (
             ["sw_protected"],
             None,
-            [
+            {
                 ("sw_protected", "none"),
                 ("sw_protected+mirror", "mirror"),
                 ("sw_protected+mirror", "private"),
-            ],
+            },
         ),
         (
             ["sw_protected+mirror"],
             None,
-            [("sw_protected+mirror", "mirror"), ("sw_protected+mirror", "private")],
+            {("sw_protected+mirror", "mirror"), ("sw_protected+mirror", "private")},
         ),
         (
             None,
             ["private"],
-            [("tdx", "private"), ("snp", "private"), ("sw_protected+mirror", "private")],
+            {("tdx", "private"), ("snp", "private"), ("sw_protected+mirror", "private")},
         ),
-        (["snp", "default"], ["gmem", "none"], [("default", "none"), ("snp", "gmem")]),
+        (["snp", "default"], ["gmem", "none"], {("default", "none"), ("snp", "gmem")}),
     ],
 )
 def test_filters(
-    types: list[str] | None, designs: list[str] | None, expected: list[tuple[str, str]]
+    types: list[str] | None, designs: list[str] | None, expected: set[tuple[str, str]]
 ) -> None:
-    assert list(cmp.select_pairs(types, designs)) == expected
+    # The selected pairs, in the matrix's order.
+    assert list(cmp.select_pairs(types, designs)) == [p for p in cmp.PAIRS if p in expected]
 
 
 def test_filters_that_select_nothing_or_unknown_names() -> None:
@@ -325,16 +370,28 @@ def test_a_design_that_breaks_mid_run_is_a_row(monkeypatch: pytest.MonkeyPatch) 
 # ----- output formats -----------------------------------------------------------------------
 
 
-def test_json_record(result: cmp.CompareResult) -> None:
+def test_json_envelope(result: cmp.CompareResult) -> None:
     doc = json.loads(result.to_json())
-    assert doc["simulated"] is True and doc["command"] == "compare"
-    params = doc["parameters"]
+    assert doc["simulated"] is True and doc["workload"] == "compare"
+    assert doc["version"] == tdpmmu.__version__ and doc["seed"] == 0
+    params = doc["config"]["workload"]
     assert params["vcpus"] == 2 and params["bytes_per_vcpu"] == 4 << 20
     assert params["workload"] == "both" and "psc_exit_ns" in params["costs"]
-    assert [(r["vm_type"], r["design"]) for r in doc["rows"]] == list(cmp.PAIRS)
-    for rec in doc["rows"]:
+    rows = doc["result"]["rows"]
+    assert [(r["vm_type"], r["design"]) for r in rows] == [
+        (r.vm_type, r.design) for r in result.rows
+    ]
+    assert len(doc["config"]["vms"]) == len(rows)
+    for rec in rows:
         assert set(cmp.SUMMARY_FIELDS) <= set(rec)
         assert rec["phases"][0]["name"] == "setup"
+        # Each row: its full VM configuration and its modeled time by cost field.
+        assert rec["spec"]["costs"] == params["costs"]
+        assert sum(rec["cost_breakdown"].values()) == pytest.approx(rec["modeled_ns"])
+    assert doc["modeled_ns"] == pytest.approx(sum(r["modeled_ns"] for r in rows))
+    assert sum(doc["cost_breakdown"].values()) == pytest.approx(doc["modeled_ns"])
+    assert doc["wall_s"] >= sum(r["wall_s"] for r in rows)
+    assert cmp.CompareResult.from_json(result.to_json()) == result
 
 
 def test_text_table_labels_both_clocks(result: cmp.CompareResult) -> None:
@@ -350,8 +407,9 @@ def test_text_table_labels_both_clocks(result: cmp.CompareResult) -> None:
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", *TINY_ARGS, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert len(doc["rows"]) == len(cmp.PAIRS)
-    assert doc["parameters"]["conversions"] == 8
+    pairs = {(r["vm_type"], r["design"]) for r in doc["result"]["rows"]}
+    assert pairs == set(cmp.PAIRS)
+    assert doc["config"]["workload"]["conversions"] == 8
 
 
 @pytest.mark.cli
@@ -360,8 +418,12 @@ def test_cli_csv_and_filters(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(args) == 0
     reader = csv.DictReader(io.StringIO(capsys.readouterr().out))
     assert reader.fieldnames == list(cmp.SUMMARY_FIELDS)
-    got = [(r["vm_type"], r["design"]) for r in reader]
-    assert got == [("tdx", "private"), ("snp", "private")]
+    got = [(r["vm_type"], r["design"], r["options"]) for r in reader]
+    interfaces = config.TDX_OPTION_CHOICES["interface"]
+    expected = [("snp", "private", "")]
+    expected += [("tdx", "private", f"interface={i}") for i in interfaces]
+    assert [g for g in got if g[0] == "snp"] + [g for g in got if g[0] == "tdx"] == expected
+    assert len(got) == len(expected)
 
 
 @pytest.mark.cli
@@ -393,9 +455,8 @@ def test_cli_bad_input_exits_2(bad: list[str], capsys: pytest.CaptureFixture[str
 
 @pytest.mark.parametrize("vm_type", ["tdx", "snp", "sw_protected"])
 def test_private_mem_conversions_workload(vm_type: str) -> None:
-    vm = tdpmmu.VM(vm_type, memory="8MiB", vcpus=2)
-    if vm_type == "tdx":
-        vm.finalize()
+    vm = VmSpec.create(vm_type, memory="8MiB", vcpus=2).build()
+    launch(vm)
     res = private_mem_conversions(vm, 4, 8, touch_first=True)
     assert res.requests == 8 and res.unexpected == {}
     assert res.faults == 3 * 4 * 8  # private write, shared write, private write again
@@ -410,5 +471,138 @@ def test_private_mem_conversions_refuses_what_cannot_run() -> None:
     vm = tdpmmu.VM("sw_protected", memory="8MiB")
     with pytest.raises(tdpmmu.ConfigError, match="without overlap"):
         private_mem_conversions(vm, 1024, 4)
-    with pytest.raises(tdpmmu.ConfigError, match="vcpus"):
-        private_mem_conversions(vm, 4, 4, vcpus=2)
+    with pytest.raises(tdpmmu.ConfigError, match="chunks"):
+        private_mem_conversions(vm, 0, 4)
+    with pytest.raises(tdpmmu.ConfigError, match="finalized"):
+        private_mem_conversions(tdpmmu.VM("tdx", memory="8MiB"), 4, 4)
+
+
+# ----- defaults that fit any size -------------------------------------------------------------
+
+
+def test_default_conversions_are_scaled_to_a_small_region() -> None:
+    default_n, default_chunk = cmp.DEFAULTS["conversions"], cmp.DEFAULTS["chunk_pages"]
+    # Large enough: the defaults as they are, nothing said.
+    assert cmp.fit_conversions(4 * default_n * default_chunk) == (default_n, default_chunk, ())
+    # 4 MiB (1024 pages): scaled so that the chunks cover at most half of the region, and said.
+    n, chunk, adjusted = cmp.fit_conversions(1024)
+    assert chunk == default_chunk and n * chunk * 2 <= 1024 and n < default_n
+    assert len(adjusted) == 1 and f"{default_n} -> {n}" in adjusted[0]
+    # A region smaller than one chunk: both scale down.
+    n, chunk, adjusted = cmp.fit_conversions(3)
+    assert (n, chunk) == (1, 3) and len(adjusted) == 2
+    # A value given is kept, and refused when it does not fit; nothing is scaled without a
+    # conversion phase.
+    assert cmp.fit_conversions(1024, 8, 4)[:2] == (8, 4)
+    with pytest.raises(tdpmmu.ConfigError, match="does not fit"):
+        cmp.fit_conversions(1024, default_n, default_chunk)
+    assert cmp.fit_conversions(1024, convert=False)[2] == ()
+
+
+def test_compare_runs_on_4m_with_default_conversions(capsys: pytest.CaptureFixture[str]) -> None:
+    # Used to fail: 512 x 16 pages do not fit in 4 MiB.
+    assert main(["compare", "-b", "4M", "-v", "1", "--types", "snp"]) == 0
+    out = capsys.readouterr().out
+    assert "scaled to fit: conversions 512 ->" in out
+    (conv,) = [p for p in tiny_snp_conversions().phases if p.name == "conversions"]
+    assert conv.stats["conversions"] > 0
+
+
+def tiny_snp_conversions() -> cmp.CompareRow:
+    (row,) = cmp.compare(
+        vcpus=1, bytes_per_vcpu="4M", types=["snp"], designs=["gmem"], image_pages=0
+    ).rows
+    return row
+
+
+# ----- defaults that show what the designs change ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def defaults() -> cmp.CompareResult:
+    # The default backing, folio and TDX sweep, on a tiny region.
+    return cmp.compare(vcpus=2, bytes_per_vcpu="4M", image_pages=16)
+
+
+def test_default_snp_designs_differ(defaults: cmp.CompareResult) -> None:
+    assert defaults.params.backing == defaults.params.folio == 2 << 20
+    by = {(r.vm_type, r.design): r for r in defaults.rows}
+    gmem, private = by["snp", "gmem"], by["snp", "private"]
+    # 2M folios let gmem prepare 2M RMP entries and map 2M leaves; the private design's hooks
+    # install 4K NPT leaves one RMPUPDATE each.
+    assert gmem.huge_leaves > 0 == private.huge_leaves
+    assert gmem.faults < private.faults and gmem.rmpupdate < private.rmpupdate
+    assert gmem.check_ok and private.check_ok, (gmem.check_error, private.check_error)
+    # Same rows on 4K pages: the designs' fault counts no longer differ.
+    small = tiny(types=["snp"])
+    assert len({r.faults - r.retries for r in small.rows}) == 1
+
+
+def test_default_hook_interfaces_differ(defaults: cmp.CompareResult) -> None:
+    for label, design in cmp.PAIRS:
+        if not config.variant(*cmp.VM_TYPES[label]).tdx_options:
+            continue
+        got = [r for r in defaults.rows if (r.vm_type, r.design) == (label, design)]
+        assert len(got) == len(config.TDX_OPTION_CHOICES["interface"]) >= 2
+        four, two = got[0], got[1]
+        hooks = [tuple(r.hook(h) for h in cmp.HOOK_COUNTERS) for r in (four, two)]
+        assert hooks[0] != hooks[1], (label, design)
+        assert four.hook_calls == two.hook_calls  # the same calls under other names
+        assert four.seamcalls == two.seamcalls
+        assert four.check_ok == two.check_ok
+
+
+def test_text_output_fits_and_says_what_it_shows(defaults: cmp.CompareResult) -> None:
+    text = cmp.format_text(defaults)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= render.WIDTH
+    # The "total" column says it is summed over vCPUs.
+    (rule,) = [i for i, line in enumerate(lines) if line.startswith("Modeled time, memory")]
+    assert "over vCPUs" in "\n".join(lines[rule : rule + 5])
+    # External tables are S-EPT only on a TD.
+    for line in lines:
+        if "sw_protected+mirror/" in line and "never freed" in line:
+            assert "external tables" in line and "S-EPT" not in line
+    footnotes = [line for line in lines if line.startswith("[")]
+    assert footnotes and all("S-EPT" not in f for f in footnotes if "sw_protected+mirror" in f)
+    assert any("tdx/" in f and "S-EPT tables never freed" in f for f in footnotes)
+    assert "What the tables show:" in lines
+
+
+def test_findings_are_derived_from_the_rows(defaults: cmp.CompareResult) -> None:
+    text = " ".join(cmp.format_text(defaults).split())
+    findings = text[text.index("What the tables show:") :]
+    # Which design costs least per fault, per VM type with a choice.
+    for label in ("snp",):
+        rows = [r for r in defaults.rows if r.vm_type == label]
+        best = min(rows, key=lambda r: r.modeled_ns_per_fault or 0.0)
+        assert f"{label}: {best.design} costs least per fault" in findings
+    # Every failed row is explained with its own counts; a design that held is not mentioned.
+    for r in defaults.rows:
+        if not r.check_ok:
+            left = int(r.stats["sept_tables"])
+            assert f"{left:,} {cmp.external_tables_name(r.spec.vm_type)} were never freed" in (
+                findings
+            )
+    failed_designs = {r.design for r in defaults.rows if not r.check_ok}
+    assert failed_designs, "the private design on a mirror root is expected to fail teardown"
+    assert failed_designs <= {"private"}
+    assert "The expected finding for the private design" in findings
+    upstream_ok = [r for r in defaults.rows if r.check_ok]
+    assert f"Every other row ({len(upstream_ok)}) passed" in findings
+    # Without a failing row, no failure is reported.
+    clean = cmp.format_text(tiny(types=["tdx"], designs=["mirror"]))
+    assert "Every row passed its check and teardown audit." in clean
+    assert "never freed" not in clean
+
+
+@pytest.mark.cli
+def test_cli_backing_and_folio(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["compare", "-v", "1", "-b", "4M", "--types", "snp", "--designs", "gmem", "--json"]
+    rows = {}
+    for size in ("4K", "2M"):
+        assert main([*base, "--backing", size, "--folio", size]) == 0
+        (rows[size],) = json.loads(capsys.readouterr().out)["result"]["rows"]
+    assert rows["2M"]["huge_leaves"] > 0 == rows["4K"]["huge_leaves"]
+    assert rows["2M"]["faults"] < rows["4K"]["faults"]
+    assert rows["2M"]["spec"]["folio"] == 2 << 20

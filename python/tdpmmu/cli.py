@@ -158,13 +158,13 @@ def _add_cost(p: argparse.ArgumentParser, example: str) -> None:
     )
 
 
-def _add_folio(p: argparse.ArgumentParser, default: str) -> None:
+def _add_folio(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--folio",
         choices=tuple(coerce.FOLIO_SIZES),
         default=default,
         help="guest_memfd folio size of confidential VMs: 4K or 2M (2M lets SNP map 2M from 2M "
-        f"RMP entries; default: {default})",
+        f"RMP entries; default: {default or '4K'})",
     )
 
 
@@ -233,7 +233,7 @@ def _add_demand_paging(sub: "argparse._SubParsersAction[_Parser]") -> None:
         metavar="KEY=VALUE",
         help=_tdx_help(sweep=False),
     )
-    _add_folio(dp, "4K")
+    _add_folio(dp, None)
     dp.add_argument(
         "--image-pages",
         type=_non_negative_int,

@@ -206,21 +206,19 @@ def hooks(
         design = value.name
         options = {**tdx_options(value.tdx_options(), "hooks"), **options}
     else:
-        missing = [
-            m
-            for m in (
-                "link_external_spt",
-                "set_external_spte",
-                "remove_external_spte",
-                "free_external_spt",
-            )
-            if not callable(getattr(value, m, None))
-        ]
-        if missing:
-            raise TypeError(
-                f"hooks: expected a design name, a tdpmmu.HookDesign or an object with the four "
-                f"hook methods; {type(value).__name__} lacks {', '.join(missing)}"
-            )
+        for method in (
+            "link_external_spt",
+            "set_external_spte",
+            "remove_external_spte",
+            "free_external_spt",
+        ):
+            if not callable(getattr(value, method, None)):
+                # The binding's own wording (a design name is a str; anything else is taken as
+                # a hook object).
+                raise TypeError(
+                    f"hooks: a hook object needs a method {method}(gfn, level, value); "
+                    f"got {type(value).__name__}"
+                )
         design, hook_object = "mirror", value
     if design not in variant.designs:
         known = design in config.DESIGNS

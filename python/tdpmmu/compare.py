@@ -72,6 +72,7 @@ __all__ = [
     "PhaseResult",
     "compare",
     "external_tables_name",
+    "fit_conversions",
     "format_text",
     "run_pair",
     "select_pairs",
@@ -227,7 +228,8 @@ class CompareParams:
             seed=self.seed,
             tdx=dict(tdx) or None,
             mirror=mirror,
-            folio=self.folio,
+            # guest_memfd folios only exist on VMs with private memory.
+            folio=self.folio if vm_type != "default" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -671,6 +673,48 @@ def _sweep(tdx: Mapping[str, object] | None) -> dict[str, tuple[coerce.TdxValue,
     return out
 
 
+def fit_conversions(
+    test_pages: int,
+    conversions: int | None = None,
+    chunk_pages: int | None = None,
+    *,
+    convert: bool = True,
+) -> tuple[int, int, tuple[str, ...]]:
+    """``(conversions, chunk_pages, adjusted)`` for a test region of ``test_pages`` pages.
+
+    A value given is kept (and refused when the chunks do not fit the region side by side); a
+    default (``None``) is ``DEFAULTS``'s, scaled down when the region is small so the chunks
+    cover at most half of it. ``adjusted`` says in words what was scaled (only when ``convert``:
+    without a conversion phase nothing is used).
+    """
+    coerce.count(test_pages, "test_pages")
+    adjusted: list[str] = []
+    default_chunk = int(DEFAULTS["chunk_pages"])
+    default_conversions = int(DEFAULTS["conversions"])
+    if chunk_pages is None:
+        chunk_pages = min(default_chunk, test_pages)
+        if convert and chunk_pages != default_chunk:
+            adjusted.append(
+                f"chunk pages {default_chunk} -> {chunk_pages} (the test region has "
+                f"{test_pages} pages)"
+            )
+    coerce.count(chunk_pages, "chunk_pages")
+    if conversions is None:
+        conversions = min(default_conversions, max(1, test_pages // (2 * chunk_pages)))
+        if convert and conversions != default_conversions:
+            adjusted.append(
+                f"conversions {default_conversions} -> {conversions} so that the chunks cover at "
+                f"most half of the {test_pages}-page test region"
+            )
+    coerce.count(conversions, "conversions", 1 if convert else 0)
+    if convert and test_pages // conversions < chunk_pages:
+        raise ConfigError(
+            f"conversions x chunk_pages = {conversions} x {chunk_pages} pages does not fit in "
+            f"the {test_pages}-page test region without overlap; use fewer or smaller chunks"
+        )
+    return conversions, chunk_pages, tuple(adjusted)
+
+
 def compare(
     workload: Workload = "both",
     vcpus: int = DEFAULTS["vcpus"],
@@ -706,29 +750,9 @@ def compare(
     conv = workload in ("conversions", "both")
     coerce.count(image_pages, "image_pages", 0)
     test_pages = vcpus * per_vcpu // PAGE_SIZE
-    adjusted: list[str] = []
-    if chunk_pages is None:
-        chunk_pages = min(DEFAULTS["chunk_pages"], test_pages)
-        if conv and chunk_pages != DEFAULTS["chunk_pages"]:
-            adjusted.append(
-                f"chunk pages {DEFAULTS['chunk_pages']} -> {chunk_pages} "
-                f"(the test region has {test_pages} pages)"
-            )
-    coerce.count(chunk_pages, "chunk_pages")
-    if conversions is None:
-        fit = max(1, test_pages // (2 * chunk_pages))
-        conversions = min(DEFAULTS["conversions"], fit)
-        if conv and conversions != DEFAULTS["conversions"]:
-            adjusted.append(
-                f"conversions {DEFAULTS['conversions']} -> {conversions} so that the chunks "
-                f"cover at most half of the {test_pages}-page test region"
-            )
-    coerce.count(conversions, "conversions", 1 if conv else 0)
-    if conv and test_pages // conversions < chunk_pages:
-        raise ConfigError(
-            f"conversions x chunk_pages = {conversions} x {chunk_pages} pages does not fit in "
-            f"the {test_pages}-page test region without overlap; use fewer or smaller chunks"
-        )
+    conversions, chunk_pages, adjusted = fit_conversions(
+        test_pages, conversions, chunk_pages, convert=conv
+    )
     sweep = {**_sweep(DEFAULTS["tdx"]), **_sweep(tdx)}
     params = CompareParams(
         workload=workload,
@@ -744,7 +768,7 @@ def compare(
         backing=coerce.backing(backing),
         folio=coerce.folio(folio),
         tdx=sweep,
-        adjusted=tuple(adjusted),
+        adjusted=adjusted,
     )
     pairs = select_pairs(types, designs)
     if tdx and not any(config.variant(*VM_TYPES[t]).tdx_options for t, _ in pairs):

@@ -43,8 +43,8 @@ class VmSpec:
     levels: int = 4
     #: Host page size behind the default memslot (bytes).
     backing: int = 4096
-    #: guest_memfd folio size (bytes).
-    folio: int = 4096
+    #: guest_memfd folio size (bytes); None: not given (the engine's default, 4 KiB).
+    folio: int | None = None
     #: Hook design name (the variant's default when none was asked for).
     hooks: str = "none"
     #: TDX options as the engine takes them (only on variants with TDX options).
@@ -74,7 +74,7 @@ class VmSpec:
         *,
         tdx: Mapping[str, object] | None = None,
         mirror: bool = False,
-        folio: str | int = "4K",
+        folio: str | int | None = None,
     ) -> "VmSpec":
         """Coerce ``tdpmmu.VM``'s arguments (same names, same meaning) into a spec."""
         variant = coerce.vm_type(vm_type, mirror)
@@ -93,7 +93,7 @@ class VmSpec:
             vcpus=coerce.count(vcpus, "vcpus"),
             levels=coerce.levels(levels),
             backing=backing_bytes,
-            folio=coerce.folio(folio),
+            folio=None if folio is None else coerce.folio(folio),
             hooks=design,
             tdx=options,
             costs=coerce.cost_model(costs),
@@ -148,6 +148,7 @@ class VmSpec:
 
     def build(self) -> VM:
         """A new ``tdpmmu.VM`` of this configuration (not yet launched: see ``launch``)."""
+        extra: dict[str, Any] = {} if self.folio is None else {"folio": self.folio}
         vm = VM(
             vm_type=self.vm_type,
             memory=self.memory,
@@ -162,7 +163,7 @@ class VmSpec:
             slot_zap_all=self.slot_zap_all,
             tdx=dict(self.tdx) if self.tdx else None,
             mirror=self.mirror,
-            folio=self.folio,
+            **extra,
         )
         _SPECS[vm] = self
         return vm
@@ -197,7 +198,7 @@ class VmSpec:
             slot_zap_all=data.get("slot_zap_all", True),
             tdx=data.get("tdx") or None,
             mirror=data.get("mirror", False),
-            folio=data.get("folio", 4096),
+            folio=data.get("folio"),
         )
 
     def describe(self) -> str:
@@ -209,7 +210,7 @@ class VmSpec:
             f"{self.levels}-level TDP",
             f"backing {coerce.size_name(self.backing)}",
         ]
-        if self.confidential:
+        if self.folio is not None:
             parts.append(f"folio {coerce.size_name(self.folio)}")
         if self.tdx:
             parts.append("tdx " + ",".join(f"{k}={_text(v)}" for k, v in self.tdx.items()))

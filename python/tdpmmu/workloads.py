@@ -228,7 +228,7 @@ def demand_paging(
     hooks: object = None,
     tdx: Mapping[str, object] | None = None,
     mirror: bool = False,
-    folio: str | int = "4K",
+    folio: str | int | None = None,
     image_pages: int = 0,
 ) -> DemandPagingResult:
     """KVM's ``demand_paging_test``: every vCPU writes each page of its slice once, in order.
