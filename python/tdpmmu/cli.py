@@ -105,10 +105,12 @@ def _tdx_help(sweep: bool) -> str:
         "int": "an integer >= 0",
         "probability": "a probability 0..1 of OPERAND_BUSY",
     }
-    parts = []
+    # Keys that take the same kind of value are listed together ("A, B=P").
+    groups: dict[str, list[str]] = {}
     for key, choices in config.TDX_OPTION_CHOICES.items():
         kind = choices[0] if len(choices) == 1 else None
-        parts.append(f"{key}={kinds[kind] if kind in kinds else '|'.join(choices)}")
+        groups.setdefault(kinds[kind] if kind in kinds else "|".join(choices), []).append(key)
+    parts = [f"{', '.join(keys)}={value}" for value, keys in groups.items()]
     where = ", ".join(v.label for v in config.VARIANTS if v.tdx_options)
     text = f"TDX module option for {where} VMs (repeatable): " + "; ".join(parts)
     if sweep:
@@ -201,6 +203,7 @@ def _add_demand_paging(sub: "argparse._SubParsersAction[_Parser]") -> None:
         "--backing",
         choices=tuple(BACKING_SOURCES),
         default="anonymous",
+        metavar="SOURCE",
         help="backing source: "
         + ", ".join(f"{k}={v}" for k, v in BACKING_SOURCES.items())
         + " host pages (default: anonymous)",
