@@ -890,7 +890,7 @@ def _findings(result: CompareResult) -> list[str]:
         best = timed[0]
         if all(r.modeled_ns_per_fault == best.modeled_ns_per_fault for r in timed):
             text = (
-                f"{vm_type}: all {len(timed)} designs cost the same, {_per_fault_us(best)} µs "
+                f"{vm_type}: all {len(timed)} rows cost the same, {_per_fault_us(best)} µs "
                 "modeled per fault"
             )
         else:
