@@ -72,7 +72,12 @@ VM_CASES: list[Any] = [
         "private",
     ),
     case("batch-float64", lambda vm: vm.fault_batch(np.zeros(4)), TypeError, "gfns"),
-    case("batch-int64", lambda vm: vm.fault_batch(np.arange(4)), TypeError, "gfns"),
+    case(
+        "batch-int64-negative",
+        lambda vm: vm.fault_batch(np.array([100, -3, 101])),
+        tdpmmu.ConfigError,
+        r"gfns\[1\] = -3",
+    ),
     case("batch-2d", lambda vm: vm.fault_batch(np.zeros((2, 2), dtype=U64)), TypeError, "gfns"),
     case("batch-list", lambda vm: vm.fault_batch([100, 101]), TypeError, "gfns"),
     case(
@@ -264,3 +269,43 @@ def test_demand_paging_bad_arguments() -> None:
         tdpmmu.demand_paging(vcpus=0)
     with pytest.raises(ValueError, match="backing"):
         tdpmmu.demand_paging(bytes_per_vcpu="4M", backing="3M")
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint32, np.int8, np.uint16])
+def test_fault_batch_takes_any_integer_dtype(dtype: type) -> None:
+    """`np.arange(n)` (int64) and every other integer dtype work like uint64 gfns."""
+    vm = tdpmmu.VM(memory="64MiB")
+    rets = vm.fault_batch(np.arange(100, 110, dtype=dtype))
+    assert list(rets) == [tdpmmu.Ret.FIXED] * 10
+    assert vm.stats["pf_fixed"] == 10
+    # Same gfns again: already mapped.
+    assert list(vm.fault_batch(np.arange(100, 110))) == [tdpmmu.Ret.SPURIOUS] * 10
+    vm.check()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: tdpmmu.VM(vcpus=True),
+        lambda: tdpmmu.VM(levels=True),
+        lambda: tdpmmu.VM().delete_memslot(True),
+        lambda: tdpmmu.VM().fault(True),
+        lambda: tdpmmu.VM(vcpus=2).fault(0, vcpu=True),
+    ],
+)
+def test_bool_is_not_an_int(call: Callable[[], object]) -> None:
+    """`True` where an integer is meant is refused (it used to mean 1)."""
+    with pytest.raises(TypeError, match="bool"):
+        call()
+
+
+def test_range_errors_are_config_errors_in_decimal() -> None:
+    vm = tdpmmu.VM(memory="64MiB", vcpus=2)
+    with pytest.raises(tdpmmu.ConfigError, match=r"write_percent: must be in 0\.\.101 .*got 101"):
+        vm.run_memstress(1, 8, 0, False, False, 101, 0)
+    with pytest.raises(tdpmmu.ConfigError, match=r"vcpu: must be in 0\.\.2 .*got 5"):
+        vm.fault(0, vcpu=5)
+    with pytest.raises(tdpmmu.ConfigError, match=r"gfn: gfn must be in 0\.\.0x1000000000"):
+        vm.fault(1 << 40)
+    with pytest.raises(ValueError, match="npages"):
+        vm.zap_gfn_range(0, 0)

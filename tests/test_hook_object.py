@@ -23,8 +23,9 @@ class Recorder:
         self.calls.append(("set_external_spte", gfn, level))
         return -16 if self.sets == self.busy_on_set else 0
 
-    def remove_external_spte(self, gfn: int, level: int, spte: int) -> None:
+    def remove_external_spte(self, gfn: int, level: int, spte: int) -> int:
         self.calls.append(("remove_external_spte", gfn, level))
+        return 0
 
     def free_external_spt(self, gfn: int, level: int, pfn: int) -> int:
         self.calls.append(("free_external_spt", gfn, level))

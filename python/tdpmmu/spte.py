@@ -5,9 +5,8 @@ returns); the predicates are written here from the bit layout so that tests can 
 against each other.
 """
 
-from typing import Any
-
 from tdpmmu import _core
+from tdpmmu.types import SpteFields
 
 __all__ = [
     "ACCESSED",
@@ -44,9 +43,9 @@ MMU_WRITABLE = 1 << 58
 PFN_MASK = ((1 << 52) - 1) & ~0xFFF  # bits 51:12
 
 
-def decode(value: int) -> dict[str, Any]:
+def decode(value: int) -> SpteFields:
     """Name the fields of an SPTE (present, frozen, mmio, pfn, rwx, memtype, ...)."""
-    return dict(_core.spte_decode(value))
+    return _core.spte_decode(value)
 
 
 def make_leaf(pfn: int, level: int = 1, *, exec: bool = True, prefetch: bool = False) -> int:

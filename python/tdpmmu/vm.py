@@ -8,57 +8,41 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import cast
 
-from tdpmmu import _core
+from tdpmmu import _core, coerce, config
 from tdpmmu.costs import CostModel
 from tdpmmu.hooks import HookDesign
-from tdpmmu.sizes import BACKING_SIZES, format_size, parse_backing, parse_size
+from tdpmmu.sizes import BACKING_SIZES, format_size, parse_size
 from tdpmmu.stats import Stats
 from tdpmmu.trace import Event
 
 __all__ = ["DEFAULT_HOOKS", "VM"]
 
-#: Hook design each VM type uses when ``hooks=None`` (architecture §3: upstream behaviour).
+#: Hook design each VM type uses when ``hooks=None`` (upstream KVM's), from ``tdpmmu.config``.
 DEFAULT_HOOKS: dict[str, str] = {
-    "default": "none",
-    "sw_protected": "none",
-    "snp": "gmem",
-    "tdx": "mirror",
+    v.vm_type: v.default_design for v in config.VARIANTS if not v.mirror
 }
 
 
 _BACKING_NAMES = {size: name for name, size in BACKING_SIZES.items()}
 
 
-def _cost_model(costs: CostModel | Mapping[str, float] | None) -> CostModel:
-    if costs is None:
-        return CostModel()
-    if isinstance(costs, CostModel):
-        return costs
-    if isinstance(costs, Mapping):
-        return CostModel().replace(**costs)
-    raise TypeError(f"costs: expected a tdpmmu.CostModel, a mapping or None, got {costs!r}")
+TdxValue = str | bool | int | float
 
 
-def _options(tdx: Mapping[str, object] | None, mirror: bool, folio: str | int) -> dict[str, str]:
-    """Type-specific options as the native constructor takes them (all values as text)."""
-    if not isinstance(mirror, bool):
-        raise TypeError(f"mirror: expected bool, got {mirror!r}")
-    options: dict[str, str] = {}
-    if mirror:
-        options["mirror"] = "true"
-    size = parse_size(folio, "folio")
-    if size not in (4096, 2 << 20):
-        raise _core.ConfigError(f"folio: guest_memfd folio size must be 4K or 2M, got {folio!r}")
-    if size != 4096:
-        options["folio"] = "2M"
-    if tdx is not None:
-        if not isinstance(tdx, Mapping):
-            raise TypeError(f"tdx: expected a mapping of TDX options, got {tdx!r}")
-        for key, value in tdx.items():
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            options[str(key)] = str(value)
-    return options
+def _resolve_hooks(
+    hooks: object, tdx: Mapping[str, TdxValue] | None
+) -> tuple[str | None, dict[str, TdxValue], object | None]:
+    """``(design name or None for the default, TDX options, hook object)`` for ``hooks=``."""
+    if tdx is not None and not isinstance(tdx, Mapping):
+        raise TypeError(f"tdx: expected a mapping of TDX options, got {tdx!r}")
+    options: dict[str, TdxValue] = {str(k): v for k, v in (tdx or {}).items()}
+    if hooks is None or isinstance(hooks, str):
+        return hooks, options, None
+    if isinstance(hooks, HookDesign):
+        return hooks.name, {**hooks.tdx_options(), **options}, None
+    # Any other object answers the hooks of the mirror design (slow: re-enters Python per
+    # call); the engine checks it has the four hook methods.
+    return "mirror", options, hooks
 
 
 class VM(_core.Vm):
@@ -85,34 +69,18 @@ class VM(_core.Vm):
         nx_huge_pages: bool = False,
         slot_zap_all: bool = True,
         *,
-        tdx: Mapping[str, object] | None = None,
+        tdx: Mapping[str, TdxValue] | None = None,
         mirror: bool = False,
-        folio: str | int = "4K",
+        folio: str | int | None = None,
     ) -> "VM":
         if not isinstance(vm_type, str):
             raise TypeError(f"vm_type: expected str, got {type(vm_type).__name__}")
-        memory_bytes = parse_size(memory, "memory")
-        if memory_bytes == 0 or memory_bytes % 4096:
-            raise _core.ConfigError(
-                f"memory: must be a positive multiple of 4 KiB (4096 bytes), got {memory!r}"
-            )
-        backing_bytes = parse_backing(backing, "backing")
-        hook_object: object | None = None
-        if hooks is None:
-            # An unknown vm_type is reported by the engine, which owns the list of types.
-            hooks_name = "mirror" if mirror else DEFAULT_HOOKS.get(vm_type, "none")
-        elif isinstance(hooks, str):
-            hooks_name = hooks
-        elif isinstance(hooks, HookDesign):
-            hooks_name = hooks.name
-            design_options = hooks.tdx_options()
-            if design_options:
-                tdx = {**design_options, **(tdx or {})}
-        else:
-            # A user object with the four hook methods (slow: every call re-enters Python).
-            hook_object, hooks_name = hooks, "mirror"
-        model = _cost_model(costs)
-        options = _options(tdx, mirror, folio)
+        memory_bytes = coerce.size(memory, "memory")
+        backing_bytes = coerce.backing(backing)
+        # Which (vm_type, mirror, design, TDX options) combinations are valid is the engine's
+        # to say (tdpmmu.config); here the hooks= value only says what it names.
+        design, options, hook_object = _resolve_hooks(hooks, tdx)
+        model = coerce.cost_model(costs)
         self = cast(
             "VM",
             super().__new__(
@@ -122,14 +90,16 @@ class VM(_core.Vm):
                 vcpus,
                 levels,
                 backing_bytes,
-                hooks_name,
+                design,
                 model.to_dict(),
                 seed,
                 trace,
                 nx_huge_pages,
                 slot_zap_all,
-                options,
-                hook_object,
+                tdx=options or None,
+                mirror=mirror,
+                folio=None if folio is None else parse_size(folio, "folio"),
+                hook_object=hook_object,
             ),
         )
         self._costs = model
@@ -155,7 +125,7 @@ class VM(_core.Vm):
         self, gfn: int, npages: int, backing: str | int = "4K", gmem: bool = False
     ) -> int:
         """Add a memslot of ``npages`` 4 KiB pages at ``gfn``; returns its slot id."""
-        return super().add_memslot(gfn, npages, parse_backing(backing, "backing"), gmem)
+        return super().add_memslot(gfn, npages, coerce.backing(backing), gmem)
 
     def trace_events(self) -> list[Event]:  # type: ignore[override]
         """Events in the order they happened (``trace=True``): hooks by hook name, SEAMCALLs

@@ -20,6 +20,7 @@ from tdpmmu._core import ConfigError
 from tdpmmu.costs import CostModel
 from tdpmmu.results import Envelope, sum_breakdowns
 from tdpmmu.stats import Stats
+from tdpmmu.types import VcpuRecord
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec, launch, vm_config
 
@@ -42,6 +43,16 @@ BACKING_SOURCES: Mapping[str, str] = {
     "anonymous_hugetlb_2mb": "2M",
     "anonymous_hugetlb_1gb": "1G",
 }
+
+
+def _vcpu_record(d: VcpuRecord) -> dict[str, float]:
+    """One vCPU's native record as plain floats."""
+    return {
+        "wall_s": d["wall_s"],
+        "modeled_ns": d["modeled_ns"],
+        "faults": float(d["faults"]),
+        "pages": float(d["pages"]),
+    }
 
 
 def _rate(pages: int, seconds: float) -> float:
@@ -313,7 +324,7 @@ def demand_paging(
         modeled_guest_execution_time_s=modeled_s,
         modeled_per_vcpu_demand_paging_rate_pgs_per_s=modeled_rate,
         modeled_overall_demand_paging_rate_pgs_per_s=_rate(pages0 * nvcpus, modeled_s),
-        per_vcpu=tuple(dict(d) for d in per_vcpu),
+        per_vcpu=tuple(_vcpu_record(d) for d in per_vcpu),
         stats=stats,
         cost_breakdown=breakdown,
         wall_s=time.perf_counter() - run_start,

@@ -29,7 +29,7 @@ fn main() {
         vm.fault_batch(&gfns, None, true, false, 0, &mut out)
             .unwrap();
         let e = t.elapsed().as_secs_f64();
-        let (f, _) = tdpmmu_core::floor::native_floor(&gfns, 4).unwrap();
+        let (f, _) = tdpmmu_native_floor::native_floor(&gfns, 4).unwrap();
         println!(
             "{mode}: engine {:.1} ns/fault, floor {:.1} ns/fault, ratio {:.2}",
             e / n as f64 * 1e9,

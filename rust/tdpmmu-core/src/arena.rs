@@ -73,6 +73,25 @@ impl Drop for Region {
     }
 }
 
+/// `n` zeroed atomics, allocated fallibly: a failed allocation is `OutOfMemory` naming `what`,
+/// never an abort. Zeroed pages stay untouched (lazily backed) until written, so per-page
+/// metadata of a TiB guest costs what is used.
+pub fn try_zeroed_atomics(n: usize, what: &str) -> Result<Box<[AtomicU64]>> {
+    if n == 0 {
+        return Ok(Box::new([]));
+    }
+    let oom = || Error::OutOfMemory(format!("cannot allocate {what} ({n} x 8 bytes)"));
+    let layout = std::alloc::Layout::array::<AtomicU64>(n).map_err(|_| oom())?;
+    // SAFETY: layout has non-zero size; the result is checked for null.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) } as *mut AtomicU64;
+    if p.is_null() {
+        return Err(oom());
+    }
+    // SAFETY: p is a fresh, zeroed allocation of n AtomicU64 (all-zero is a valid value) with
+    // the global allocator's layout for [AtomicU64; n], which Box<[AtomicU64]> frees the same way.
+    Ok(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) })
+}
+
 pub struct Arena {
     tables: Region,
     meta: Region,

@@ -296,6 +296,26 @@ pub fn variant(vm_type: VmType, mirror: bool) -> Result<&'static Variant> {
         })
 }
 
+/// The design named `name` for a VM of `vm_type` (with `mirror`); an unknown name is refused
+/// with the designs that VM takes.
+pub fn parse_design(name: &str, vm_type: VmType, mirror: bool) -> Result<Design> {
+    Design::parse(name).map_err(|_| {
+        let allowed = variant(vm_type, mirror)
+            .map(|v| {
+                v.designs
+                    .iter()
+                    .map(|d| d.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_else(|_| Design::NAMES.join(", "));
+        bad_arg(
+            "hooks",
+            format!("{name:?} is not a hook design; allowed: {allowed}"),
+        )
+    })
+}
+
 /// Guest-memory level of a guest_memfd folio: 1 (4K) or 2 (2M).
 pub const FOLIO_LEVELS: &[u8] = &[1, 2];
 

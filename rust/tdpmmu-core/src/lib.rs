@@ -1,9 +1,8 @@
 //! tdpmmu-core: a user-space model of Linux KVM's x86 TDP MMU (no Python here).
 //!
-//! Module map follows the project's architecture document: `spte` (bit layout), `arena`
-//! (page-table memory), `iter` (the pre-order walker), `mmu` (SPTE updates, teardown, splits),
-//! `vm` (roots and the fault path), `zap` (zaps, memslots, pre-fault), `external` (mirror
-//! hooks), `check` (invariants), `memstress` (the selftest-shaped workload), `floor` (bench floor).
+//! Layered like KVM: generic MMU below (`tdp_iter`, `tdp_mmu`, the fault entry `mmu`), the
+//! vendor code behind an ops table (`vendor`), the public operations on top (`vm`). Imports
+//! point down only. `src/README.md` maps each module to the KVM file whose logic it holds.
 
 pub mod arena;
 pub mod attrs;
@@ -11,22 +10,25 @@ pub mod check;
 pub mod config;
 pub mod cost;
 pub mod error;
-pub mod external;
-pub mod floor;
 pub mod gmem;
-pub mod iter;
+pub mod hooks;
 pub mod memslot;
 pub mod memstress;
 pub mod mmu;
-pub mod snp;
+pub mod op;
+pub mod page_fault;
 pub mod spte;
 pub mod stats;
-pub mod tdx;
+pub mod tdp_iter;
+pub mod tdp_mmu;
+pub mod trace;
+pub mod vendor;
 pub mod vm;
-pub mod zap;
 
-pub use cost::{COST_FIELDS, CostModel};
+pub use config::{Design, VmConfig, VmType};
+pub use cost::{COST_FIELDS, Cost, CostModel};
 pub use error::{Error, Result};
 pub use memstress::{MemstressArgs, VcpuResult};
-pub use stats::COUNTER_NAMES;
-pub use vm::{FaultResult, Ret, Root, Vm, VmConfig};
+pub use page_fault::{FaultResult, Ret};
+pub use stats::{C, COUNTER_NAMES};
+pub use vm::Vm;

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::arena::try_zeroed_atomics;
 use crate::error::{Result, bad_arg};
 use crate::spte::pages_per_level;
 
@@ -21,8 +22,6 @@ pub struct Memslot {
     pub gmem: bool,
     /// Host pfn of the slot's first guest_memfd page (private memory); 0 without guest_memfd.
     pub gmem_pfn: u64,
-    /// SEV-SNP: the RMP entries of this slot's guest_memfd pages.
-    pub rmp: Option<std::sync::Arc<crate::snp::Rmp>>,
     /// One bit per backing page: set once the host page was allocated (first touch).
     touched: Box<[AtomicU64]>,
     /// The same for the guest_memfd pages of a gmem slot.
@@ -30,22 +29,35 @@ pub struct Memslot {
 }
 
 impl Memslot {
-    pub fn new(id: u32, gfn: u64, npages: u64, level: u8, host_pfn: u64, gmem: bool) -> Self {
+    /// A slot with its first-touch bitmaps (allocated fallibly and lazily backed, so a huge
+    /// slot costs what it touches, and a failure is `OutOfMemory`, not an abort).
+    pub fn new(
+        id: u32,
+        gfn: u64,
+        npages: u64,
+        level: u8,
+        host_pfn: u64,
+        gmem_pfn: Option<u64>,
+    ) -> Result<Self> {
         let backing_pages = npages / pages_per_level(level);
         let words = backing_pages.div_ceil(64) as usize;
-        let touched = (0..words).map(|_| AtomicU64::new(0)).collect();
-        Self {
+        Ok(Self {
             id,
             gfn,
             npages,
             level,
             host_pfn,
-            gmem,
-            gmem_pfn: 0,
-            rmp: None,
-            gmem_touched: gmem.then(|| (0..words).map(|_| AtomicU64::new(0)).collect()),
-            touched,
-        }
+            gmem: gmem_pfn.is_some(),
+            gmem_pfn: gmem_pfn.unwrap_or(0),
+            gmem_touched: match gmem_pfn {
+                Some(_) => Some(try_zeroed_atomics(
+                    words,
+                    "the guest_memfd first-touch bitmap",
+                )?),
+                None => None,
+            },
+            touched: try_zeroed_atomics(words, "the memslot first-touch bitmap")?,
+        })
     }
 
     #[inline(always)]
@@ -203,21 +215,27 @@ impl Memslots {
         Ok(())
     }
 
-    pub fn add(&mut self, gfn: u64, npages: u64, level: u8, gmem: bool) -> u32 {
-        let id = self.next_id;
-        self.next_id += 1;
+    /// Add a slot (already validated by `check_add`); returns its id. guest_memfd pages are a
+    /// separate host allocation from the shared mapping. Nothing changes on failure.
+    pub fn add(&mut self, gfn: u64, npages: u64, level: u8, gmem: bool) -> Result<u32> {
+        let span = npages.div_ceil(DATA_PFN_ALIGN) * DATA_PFN_ALIGN;
         let host_pfn = self.next_data_pfn;
-        self.next_data_pfn += npages.div_ceil(DATA_PFN_ALIGN) * DATA_PFN_ALIGN;
-        let mut slot = Memslot::new(id, gfn, npages, level, host_pfn, gmem);
-        if gmem {
-            // guest_memfd pages are a separate host allocation from the shared mapping.
-            slot.gmem_pfn = self.next_data_pfn;
-            self.next_data_pfn += npages.div_ceil(DATA_PFN_ALIGN) * DATA_PFN_ALIGN;
-        }
+        let gmem_pfn = gmem.then_some(host_pfn + span);
+        let id = self.next_id;
+        let slot = Memslot::new(id, gfn, npages, level, host_pfn, gmem_pfn)?;
+        self.next_id += 1;
+        self.next_data_pfn += if gmem { 2 * span } else { span };
         let pos = self.slots.partition_point(|s| s.gfn < gfn);
         self.slots.insert(pos, slot);
         self.generation += 2;
-        id
+        Ok(id)
+    }
+
+    /// Every slot overlapping [gfn, end).
+    pub fn overlapping(&self, gfn: u64, end: u64) -> impl Iterator<Item = &Memslot> {
+        self.slots
+            .iter()
+            .filter(move |s| s.gfn < end && gfn < s.end())
     }
 
     pub fn remove(&mut self, id: u32) -> Option<Memslot> {

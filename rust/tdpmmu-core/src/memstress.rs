@@ -5,10 +5,12 @@
 use std::sync::Barrier;
 use std::time::Instant;
 
-use crate::error::{Result, bad_arg};
+use crate::error::{Error, Result, bad_arg};
+use crate::mmu::Mmu;
+use crate::op::Ops;
+use crate::page_fault::Ret;
 use crate::spte::{access_allowed, is_last, is_shadow_present};
 use crate::stats::Ctx;
-use crate::vm::{Ret, Vm};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VcpuResult {
@@ -48,154 +50,143 @@ impl Lcg {
 /// no outcome because every fault re-validates its walk).
 const LOCK_BATCH: usize = 64;
 
-impl Vm {
-    pub fn run_memstress(&self, a: &MemstressArgs) -> Result<Vec<VcpuResult>> {
-        self.ensure_alive()?;
-        if a.vcpus == 0 || a.vcpus > self.cfg.vcpus {
-            return Err(bad_arg(
-                "vcpus",
-                format!("must be in 1..={}, got {}", self.cfg.vcpus, a.vcpus),
-            ));
-        }
-        if a.pages_per_vcpu == 0 {
-            return Err(bad_arg("pages_per_vcpu", "must be > 0"));
-        }
-        if a.write_percent > 100 {
-            return Err(bad_arg(
-                "write_percent",
-                format!("must be in 0..=100, got {}", a.write_percent),
-            ));
-        }
-        let span = if a.overlap {
-            a.pages_per_vcpu
-        } else {
-            a.pages_per_vcpu * a.vcpus as u64
-        };
-        self.check_range(a.base_gfn, span)?;
-        let is_private = self.check_private(a.private)?;
-        {
-            let st = self.mmu_lock.read();
-            let mut g = a.base_gfn;
-            while g < a.base_gfn + span {
-                let Some(s) = st.memslots.find(g) else {
-                    return Err(bad_arg(
-                        "base_gfn",
-                        format!("gfn {g:#x} of the workload is not in any memslot"),
-                    ));
-                };
-                g = s.end();
-            }
-        }
-        let barrier = Barrier::new(a.vcpus as usize);
-        let results: Vec<(VcpuResult, Ctx, Option<crate::error::Error>)> =
-            std::thread::scope(|sc| {
-                let handles: Vec<_> = (0..a.vcpus)
-                    .map(|v| {
-                        let barrier = &barrier;
-                        sc.spawn(move || {
-                            barrier.wait();
-                            self.memstress_vcpu(a, v, is_private)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("vCPU thread panicked"))
-                    .collect()
-            });
-        if self.arena_has_deferred() {
-            self.grace_period();
-        }
-        let mut out = Vec::with_capacity(results.len());
-        let mut first_err = None;
-        for (r, ctx, e) in results {
-            self.totals.merge(&ctx);
-            if let Some(msg) = ctx.bug {
-                let mut bugged = Ctx::default();
-                bugged.bug = Some(msg);
-                let fin = self.finish(&bugged);
-                first_err = first_err.or(fin.err());
-            }
-            first_err = first_err.or(e);
-            out.push(r);
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(out),
+/// Run the workload on `a.vcpus` real threads (each with its own context, merged at the end).
+/// `max_vcpus` is the VM's vCPU count; `check_range` validates the region's gfns.
+pub fn run(
+    mmu: &Mmu,
+    ops: &Ops,
+    a: &MemstressArgs,
+    max_vcpus: u32,
+    check_range: impl Fn(u64, u64) -> Result<()>,
+) -> Result<Vec<VcpuResult>> {
+    ops.ensure_alive()?;
+    if a.vcpus == 0 || a.vcpus > max_vcpus {
+        return Err(bad_arg(
+            "vcpus",
+            format!("must be in 1..={max_vcpus}, got {}", a.vcpus),
+        ));
+    }
+    if a.pages_per_vcpu == 0 {
+        return Err(bad_arg("pages_per_vcpu", "must be > 0"));
+    }
+    if a.write_percent > 100 {
+        return Err(bad_arg(
+            "write_percent",
+            format!("must be in 0..=100, got {}", a.write_percent),
+        ));
+    }
+    let span = if a.overlap {
+        a.pages_per_vcpu
+    } else {
+        a.pages_per_vcpu * a.vcpus as u64
+    };
+    check_range(a.base_gfn, span)?;
+    {
+        let st = ops.mmu_lock.read();
+        let mut g = a.base_gfn;
+        while g < a.base_gfn + span {
+            let Some(s) = st.memslots.find(g) else {
+                return Err(bad_arg(
+                    "base_gfn",
+                    format!("gfn {g:#x} of the workload is not in any memslot"),
+                ));
+            };
+            g = s.end();
         }
     }
+    let barrier = Barrier::new(a.vcpus as usize);
+    let results: Vec<(VcpuResult, Ctx, Option<Error>)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..a.vcpus)
+            .map(|v| {
+                let barrier = &barrier;
+                sc.spawn(move || {
+                    barrier.wait();
+                    vcpu_thread(mmu, ops, a, v)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("vCPU thread panicked"))
+            .collect()
+    });
+    ops.grace_period(&mmu.tdp.arena);
+    let mut out = Vec::with_capacity(results.len());
+    let mut first_err = None;
+    for (r, ctx, e) in results {
+        let fin = ops.finish(&ctx);
+        first_err = first_err.or(fin.err()).or(e);
+        out.push(r);
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
 
-    fn memstress_vcpu(
-        &self,
-        a: &MemstressArgs,
-        v: u32,
-        is_private: Option<bool>,
-    ) -> (VcpuResult, Ctx, Option<crate::error::Error>) {
-        let mut ctx = Ctx::new(&self.costs, self.cfg.trace);
-        let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
-        let base = if a.overlap {
-            a.base_gfn
-        } else {
-            a.base_gfn + v as u64 * a.pages_per_vcpu
-        };
-        let mut res = VcpuResult::default();
-        let start = Instant::now();
-        let mut i = 0u64;
-        let mut err = None;
-        'outer: while i < a.pages_per_vcpu {
-            let st = self.mmu_lock.read();
-            for _ in 0..LOCK_BATCH {
-                if i >= a.pages_per_vcpu {
-                    break;
-                }
-                let off = if a.random_access {
-                    rng.next_u32() as u64 % a.pages_per_vcpu
-                } else {
-                    i
-                };
-                let write = a.write_percent == 100 || (rng.next_u32() % 100) < a.write_percent;
-                let gfn = base + off;
-                let p = is_private.unwrap_or_else(|| st.attrs.is_private(gfn));
-                let mirror = self.has_mirror && p;
-                let bits = self.root_gfn_bits(mirror);
-                loop {
-                    // The "hardware" walk: no exit if the current mapping allows the access.
-                    let root = if mirror {
-                        &self.vcpu_mirror_root
-                    } else {
-                        &self.vcpu_root
-                    }[v as usize]
-                        .load(std::sync::atomic::Ordering::Acquire);
-                    if root != crate::arena::NO_TABLE {
-                        let (level, s) = self.lookup(root, gfn, bits);
-                        if is_shadow_present(s)
-                            && is_last(s, level)
-                            && access_allowed(s, write, false)
-                        {
-                            break;
-                        }
-                    }
-                    res.faults += 1;
-                    match self.page_fault(
-                        &st, &mut ctx, gfn, is_private, write, false, v as usize, false,
-                    ) {
-                        Ok(r) if r.ret == Ret::Retry => continue,
-                        Ok(_) => break,
-                        Err(e) => {
-                            err = Some(e);
-                            break 'outer;
-                        }
-                    }
-                }
-                if ctx.bug.is_some() {
-                    break 'outer;
-                }
-                i += 1;
-                res.pages += 1;
+fn vcpu_thread(
+    mmu: &Mmu,
+    ops: &Ops,
+    a: &MemstressArgs,
+    v: u32,
+) -> (VcpuResult, Ctx, Option<Error>) {
+    let mut ctx = ops.ctx();
+    let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
+    let base = if a.overlap {
+        a.base_gfn
+    } else {
+        a.base_gfn + v as u64 * a.pages_per_vcpu
+    };
+    let tdp = &mmu.tdp;
+    let mut res = VcpuResult::default();
+    let start = Instant::now();
+    let mut i = 0u64;
+    let mut err = None;
+    'outer: while i < a.pages_per_vcpu {
+        let st = ops.mmu_lock.read();
+        for _ in 0..LOCK_BATCH {
+            if i >= a.pages_per_vcpu {
+                break;
             }
+            let off = if a.random_access {
+                rng.next_u32() as u64 % a.pages_per_vcpu
+            } else {
+                i
+            };
+            let write = a.write_percent == 100 || (rng.next_u32() % 100) < a.write_percent;
+            let gfn = base + off;
+            let mirror = tdp.shape.has_mirror && mmu.is_private(&st, gfn, a.private);
+            let bits = tdp.root_gfn_bits(mirror);
+            loop {
+                // The "hardware" walk: no exit if the current mapping allows the access.
+                let root = tdp.vcpu_root(v as usize, mirror);
+                if root != crate::arena::NO_TABLE {
+                    let (level, s) = tdp.lookup(root, gfn, bits);
+                    if is_shadow_present(s) && is_last(s, level) && access_allowed(s, write, false)
+                    {
+                        break;
+                    }
+                }
+                res.faults += 1;
+                match mmu.page_fault(
+                    &st, &mut ctx, gfn, a.private, write, false, v as usize, false,
+                ) {
+                    Ok(r) if r.ret == Ret::Retry => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        err = Some(e);
+                        break 'outer;
+                    }
+                }
+            }
+            if ctx.bug.is_some() {
+                break 'outer;
+            }
+            i += 1;
+            res.pages += 1;
         }
-        res.wall_s = start.elapsed().as_secs_f64();
-        res.modeled_ns = ctx.modeled_ns;
-        (res, ctx, err)
     }
+    res.wall_s = start.elapsed().as_secs_f64();
+    res.modeled_ns = ctx.modeled_ns;
+    (res, ctx, err)
 }

@@ -4,6 +4,7 @@
 use parking_lot::Mutex;
 
 use crate::cost::{Cost, CostModel, NCOSTS, ledger_ns};
+pub use crate::trace::Event;
 
 macro_rules! counters {
     ($($name:ident $(= $display:literal)?),* $(,)?) => {
@@ -78,16 +79,6 @@ counters!(
 );
 
 pub const NCOUNTERS: usize = COUNTER_NAMES.len();
-
-/// One trace event: hook or SEAMCALL name (or a KVM step), gfn, level, and a detail word
-/// (a SEAMCALL's status, a hook's SPTE, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub op: &'static str,
-    pub gfn: u64,
-    pub level: u8,
-    pub detail: u64,
-}
 
 /// Per-operation / per-thread accumulator.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 use tdpmmu_core::memslot::DATA_BASE_PFN;
 use tdpmmu_core::spte::{self, SHADOW_NONPRESENT_VALUE, make_leaf_spte};
 use tdpmmu_core::stats::C;
-use tdpmmu_core::{MemstressArgs, Ret, Vm, VmConfig};
+use tdpmmu_core::{Design, MemstressArgs, Ret, Vm, VmConfig};
 
 const M2: u64 = 512;
 const G1: u64 = 262_144;
@@ -22,7 +22,7 @@ fn stat(vm: &Vm, name: &str) -> f64 {
 }
 
 fn c(vm: &Vm, c: C) -> i64 {
-    vm.totals.get(c)
+    vm.counter(c)
 }
 
 #[test]
@@ -193,11 +193,11 @@ fn fast_zap_frees_roots_without_flush_and_vcpus_reload() {
 fn freed_tables_are_reused_after_the_operation_lifo() {
     let vm = vm(1 << 30, 4096);
     vm.fault(0, None, true, false, 0).unwrap();
-    let before = vm.arena.high_water();
+    let before = vm.arena().high_water();
     vm.zap_all_fast().unwrap();
     vm.fault(0, None, true, false, 0).unwrap();
     assert_eq!(
-        vm.arena.high_water(),
+        vm.arena().high_water(),
         before,
         "no new tables: the freed ones came back"
     );
@@ -292,11 +292,7 @@ fn bad_input_leaves_vm_unchanged() {
             ..VmConfig::default()
         },
         VmConfig {
-            vm_type: "bogus".into(),
-            ..VmConfig::default()
-        },
-        VmConfig {
-            hooks: "mirror".into(),
+            hooks: Some(Design::Mirror),
             ..VmConfig::default()
         },
     ] {

@@ -1,26 +1,19 @@
 //! SEV-SNP and SW_PROTECTED_VM behaviours (spec §8, §10 item 24 and the SNP parts of 5/8/14).
 
+mod common;
+
+use common::{c, config};
 use tdpmmu_core::spte::is_shadow_present;
 use tdpmmu_core::stats::C;
 use tdpmmu_core::{Error, Ret, Vm, VmConfig};
 
 fn vm(vm_type: &str, hooks: &str, opts: &[(&str, &str)], backing: u64) -> Vm {
-    let mut cfg = VmConfig {
-        vm_type: vm_type.into(),
-        hooks: hooks.into(),
-        memory: 1 << 30,
+    Vm::new(VmConfig {
         backing,
         trace: true,
-        ..VmConfig::default()
-    };
-    for (k, v) in opts {
-        cfg.set_option(k, v).unwrap();
-    }
-    Vm::new(cfg).unwrap()
-}
-
-fn c(vm: &Vm, c: C) -> i64 {
-    vm.totals.get(c)
+        ..config(vm_type, hooks, opts).unwrap()
+    })
+    .unwrap()
 }
 
 #[test]
@@ -150,7 +143,7 @@ fn private_design_breaks_on_unflagged_zaps() {
         v.fault(9, Some(true), true, false, 0),
         Err(Error::Bugged(_))
     ));
-    assert!(v.bugged.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(v.bugged());
     let g = vm("snp", "gmem", &[], 4096);
     g.fault(9, Some(true), true, false, 0).unwrap();
     g.zap_gfn_range(9, 1).unwrap();
@@ -179,7 +172,7 @@ fn sw_protected_today_and_mirrored() {
     v.check().unwrap();
 
     let m = vm("sw_protected", "mirror", &[("mirror", "true")], 4096);
-    assert_eq!(m.gfn_direct_bits, 1 << 35);
+    assert_eq!(m.shared_bit(), 1 << 35);
     m.fault(4, Some(true), true, false, 0).unwrap();
     assert_eq!(c(&m, C::link_external_spt), 3);
     assert_eq!(c(&m, C::set_external_spte), 1);
@@ -188,7 +181,14 @@ fn sw_protected_today_and_mirrored() {
         0,
         "no SEAMCALLs in software"
     );
-    assert_eq!(m.totals.snapshot().modeled_ns, 1200.0 + 2000.0 + 7500.0);
+    assert_eq!(
+        m.stats()
+            .into_iter()
+            .find(|(n, _)| *n == "modeled_ns")
+            .unwrap()
+            .1,
+        1200.0 + 2000.0 + 7500.0
+    );
     m.set_memory_attributes(4, 1, false).unwrap();
     assert_eq!(c(&m, C::remove_external_spte), 1);
     m.check().unwrap();
@@ -207,20 +207,21 @@ fn invalid_combinations_are_config_errors() {
         ("tdx", "gmem", false),
         ("default", "none", true),
     ] {
-        let mut cfg = VmConfig {
-            vm_type: t.into(),
-            hooks: h.into(),
-            mirror,
-            ..VmConfig::default()
-        };
-        cfg.folio_level = 1;
+        let m = if mirror { "true" } else { "false" };
+        let cfg = config(t, h, &[("mirror", m)]).unwrap();
         assert!(
             matches!(Vm::new(cfg), Err(Error::Config(_))),
             "{t}/{h}/{mirror}"
         );
     }
-    let mut cfg = VmConfig::default();
-    assert!(cfg.set_option("folio", "1G").is_err());
+    // A 1G folio does not exist; a folio on a VM without guest_memfd is refused.
+    let cfg = config("snp", "", &[("folio", "1G")]).unwrap();
+    assert!(matches!(Vm::new(cfg), Err(Error::Config(_))));
+    let cfg = config("default", "", &[("folio", "2M")]).unwrap();
+    assert!(matches!(Vm::new(cfg), Err(Error::Config(_))));
+    // Unknown names are refused where they are parsed.
+    assert!(config("bogus", "", &[]).is_err());
+    assert!(config("tdx", "bogus", &[]).is_err());
 }
 
 /// Regressions found by the differential test.

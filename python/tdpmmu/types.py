@@ -1,0 +1,85 @@
+"""Shapes of the engine's introspection results, as ``TypedDict``s (for type checkers and
+readers; at run time they are plain dicts).
+"""
+
+from typing import Literal, TypedDict
+
+__all__ = ["MatrixRow", "RmpEntry", "RootInfo", "SpteFields", "VcpuRecord"]
+
+
+class SpteFields(TypedDict):
+    """``tdpmmu.spte.decode(value)``: the fields of one SPTE as KVM's EPT format defines them."""
+
+    value: int
+    #: "leaf", "nonleaf", "mmio", "frozen" or "nonpresent".
+    kind: str
+    present: bool
+    frozen: bool
+    mmio: bool
+    readable: bool
+    writable: bool
+    executable: bool
+    #: EPT memory type (6 = write-back).
+    memtype: int
+    ipat: bool
+    large: bool
+    accessed: bool
+    dirty: bool
+    host_writable: bool
+    mmu_writable: bool
+    suppress_ve: bool
+    #: Host page-frame number (a table's pfn for a non-leaf).
+    pfn: int
+    #: Memslot generation recorded in an MMIO SPTE (0 otherwise).
+    mmio_generation: int
+
+
+class RootInfo(TypedDict):
+    """One root of ``vm.roots()`` (KVM's root ``kvm_mmu_page``)."""
+
+    #: Host pfn of the root table.
+    pfn: int
+    #: The role word (level, direct, access, invalid, efer_nx, cr0_wp, is_mirror bits).
+    role: int
+    level: int
+    #: The role has ``is_mirror`` (TDX private memory).
+    mirror: bool
+    #: References: one per vCPU that loaded it, plus the TDP MMU's while the root is valid.
+    refcount: int
+    invalid: bool
+    scheduled_to_zap: bool
+
+
+class RmpEntry(TypedDict):
+    """``vm.rmp_entry(gfn)``: the SEV-SNP RMP entry of the guest_memfd page behind ``gfn``."""
+
+    #: The page is assigned to the guest (private).
+    assigned: bool
+    #: The guest has PVALIDATEd it.
+    validated: bool
+    size: Literal["4K", "2M"]
+    #: Guest-physical address the entry is assigned to, in bytes.
+    gpa: int
+
+
+class VcpuRecord(TypedDict):
+    """One vCPU of ``vm.run_memstress(...)``."""
+
+    #: Host wall-clock seconds of this vCPU's thread.
+    wall_s: float
+    #: Modeled nanoseconds charged on this vCPU.
+    modeled_ns: float
+    #: Faults taken (RETRYs re-fault and count again).
+    faults: int
+    #: Pages accessed.
+    pages: int
+
+
+class MatrixRow(TypedDict):
+    """One row of ``tdpmmu._core.MATRIX`` (read through ``tdpmmu.config.VARIANTS``)."""
+
+    vm_type: str
+    mirror: bool
+    designs: tuple[str, ...]
+    mirror_root: bool
+    tdx_options: bool

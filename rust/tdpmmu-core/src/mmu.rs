@@ -1,0 +1,238 @@
+//! The fault entry (KVM's mmu.c for the TDP MMU): one EPT/NPT violation as the vCPU takes it —
+//! the exit, `kvm_mmu_page_fault` with the `kvm_page_fault` built once up front, the MMIO
+//! cache, `kvm_mmu_faultin_pfn` (host page or guest_memfd), the huge-page adjust, the map,
+//! and what the guest does after a private fault. VM-type behaviour comes only from the
+//! vendor: this path never asks which VM type it runs.
+
+use crate::cost::Cost;
+use crate::error::Result;
+use crate::gmem;
+use crate::memslot::Memslot;
+use crate::op::MmuState;
+use crate::page_fault::{FaultResult, KvmPageFault, Ret};
+use crate::spte::{self, is_mmio, mmio_generation, pages_per_level};
+use crate::stats::{C, Ctx};
+use crate::tdp_mmu::TdpMmu;
+use crate::vendor::Vendor;
+
+pub struct Mmu {
+    pub tdp: TdpMmu,
+    pub vendor: Box<dyn Vendor>,
+    /// `kvm_arch_has_private_mem`: memory attributes and guest_memfd exist.
+    pub has_private_mem: bool,
+    /// guest_memfd folio level: 1 (4K) or 2 (2M).
+    pub folio_level: u8,
+    // The vendor's constant answers, asked once.
+    exit_cost: Cost,
+    private_write: bool,
+    local_retries: u32,
+}
+
+impl Mmu {
+    pub fn new(
+        tdp: TdpMmu,
+        vendor: Box<dyn Vendor>,
+        has_private_mem: bool,
+        folio_level: u8,
+    ) -> Self {
+        Self {
+            exit_cost: vendor.exit_cost(),
+            private_write: vendor.private_fault_is_write(),
+            local_retries: vendor.private_fault_local_retries(),
+            tdp,
+            vendor,
+            has_private_mem,
+            folio_level,
+        }
+    }
+
+    /// Whether an access to `gfn` is private when the caller leaves it to the attributes.
+    #[inline(always)]
+    pub fn is_private(&self, st: &MmuState, gfn: u64, private: Option<bool>) -> bool {
+        match private {
+            Some(p) => p,
+            None => self.has_private_mem && st.attrs.is_private(gfn),
+        }
+    }
+
+    /// One fault as the vCPU takes it (mmu_lock held for read): the exit, then
+    /// `kvm_mmu_page_fault`; a private fault that returns RETRY may be retried inside KVM
+    /// without re-entering the guest (the vendor says how often). `prefetch` is a pre-fault
+    /// (KVM_PRE_FAULT_MEMORY / populate): no exit, no fault counters.
+    #[allow(clippy::too_many_arguments)]
+    pub fn page_fault(
+        &self,
+        st: &MmuState,
+        ctx: &mut Ctx,
+        gfn: u64,
+        private: Option<bool>,
+        write: bool,
+        exec: bool,
+        vcpu: usize,
+        prefetch: bool,
+    ) -> Result<FaultResult> {
+        let start_ns = ctx.modeled_ns;
+        let is_private = self.is_private(st, gfn, private);
+        if !prefetch {
+            self.vendor.vcpu_run_allowed()?;
+            ctx.charge(self.exit_cost, 1);
+        }
+        let write = write || (is_private && self.private_write);
+        let mut retries = 0;
+        loop {
+            let (mut r, pfn) =
+                self.kvm_mmu_page_fault(st, ctx, gfn, is_private, write, exec, vcpu, prefetch)?;
+            if r.ret == Ret::Retry
+                && is_private
+                && !prefetch
+                && ctx.bug.is_none()
+                && retries < self.local_retries
+            {
+                retries += 1;
+                ctx.inc(C::tdx_local_retries);
+                continue;
+            }
+            if is_private && !prefetch {
+                self.vendor.post_private_fault(ctx, gfn, pfn, r.ret);
+            }
+            r.retries = retries;
+            r.modeled_ns = ctx.modeled_ns - start_ns;
+            return Ok(r);
+        }
+    }
+
+    /// `kvm_mmu_do_page_fault` + `kvm_tdp_mmu_page_fault`. Returns the outcome and the exact
+    /// pfn faulted in (0 if none).
+    #[allow(clippy::too_many_arguments)]
+    fn kvm_mmu_page_fault(
+        &self,
+        st: &MmuState,
+        ctx: &mut Ctx,
+        gfn: u64,
+        is_private: bool,
+        write: bool,
+        exec: bool,
+        vcpu: usize,
+        prefetch: bool,
+    ) -> Result<(FaultResult, u64)> {
+        // An exit's handling is charged per fault; a pre-fault only per leaf it installs.
+        if !prefetch {
+            ctx.charge(Cost::fault_handling_ns, 1);
+        }
+        let tdp = &self.tdp;
+        // kvm_mmu_reload: a vCPU without a direct root loads its roots first.
+        if tdp.vcpu_root(vcpu, false) == crate::arena::NO_TABLE {
+            tdp.mmu_load(ctx, vcpu)?;
+        }
+        let mirror = tdp.shape.has_mirror && is_private;
+        let root = tdp.vcpu_root(vcpu, mirror);
+        let gfn_bits = tdp.root_gfn_bits(mirror);
+        let slot = st.memslots.find(gfn);
+        let mut f = KvmPageFault::new(gfn, is_private, write, exec, prefetch);
+
+        // MMIO cache: a current-generation MMIO SPTE is handled without a page fault.
+        if slot.is_none() && !prefetch && !is_private {
+            let (level, s) = tdp.lookup(root, gfn, gfn_bits);
+            if level == 1
+                && is_mmio(s)
+                && mmio_generation(s) == st.memslots.generation & spte::MMIO_GEN_MASK
+            {
+                f.spte = s;
+                return Ok((f.result(Ret::Emulate), 0));
+            }
+        }
+        if !prefetch {
+            ctx.inc(C::pf_taken);
+        }
+        // kvm_mmu_faultin_pfn: the access must match the attribute, and private memory must
+        // come from guest_memfd; otherwise userspace gets KVM_EXIT_MEMORY_FAULT.
+        let mismatch = self.has_private_mem && is_private != st.attrs.is_private(gfn);
+        let no_gmem = is_private && slot.is_none_or(|s| !s.gmem);
+        if mismatch || no_gmem {
+            if !prefetch {
+                ctx.inc(C::pf_memory_fault);
+            }
+            (f.level, f.spte) = tdp.lookup(root, gfn, gfn_bits);
+            return Ok((f.result(Ret::MemoryFault), 0));
+        }
+        let mut pfn = 0;
+        match slot {
+            Some(s) => {
+                pfn = self.faultin_pfn(ctx, s, &mut f);
+                if self.has_private_mem {
+                    // Mixed private/shared ranges cannot be mapped huge (KVM_LPAGE_MIXED_FLAG).
+                    while f.max_level > 1 {
+                        let base = spte::round_gfn(gfn, f.max_level);
+                        if st.attrs.uniform(base, base + pages_per_level(f.max_level))
+                            == Some(is_private)
+                        {
+                            break;
+                        }
+                        f.max_level -= 1;
+                    }
+                }
+            }
+            // MMIO: 4K, but an exec fault still marks the tables it links NX-disallowed.
+            None => f.mmio = true,
+        }
+        self.hugepage_adjust(&mut f);
+        ctx.op_private = is_private;
+        let ret = tdp.map(ctx, &mut f, root, st.memslots.generation);
+        ctx.op_private = false;
+        let ret = ret?;
+        if prefetch && ret == Ret::Fixed {
+            ctx.charge(Cost::fault_handling_ns, 1);
+        }
+        if !prefetch {
+            match ret {
+                Ret::Fixed => ctx.inc(C::pf_fixed),
+                Ret::Spurious => ctx.inc(C::pf_spurious),
+                Ret::Emulate => ctx.inc(C::pf_emulate),
+                Ret::Retry => ctx.inc(C::pf_retry),
+                Ret::WriteProtected => ctx.inc(C::pf_write_protected),
+                Ret::MemoryFault => ctx.inc(C::pf_memory_fault),
+                Ret::Continue | Ret::Invalid => {}
+            }
+        }
+        Ok((f.result(ret), pfn))
+    }
+
+    /// `kvm_mmu_faultin_pfn`: shared pages come from the host mapping (allocated on first
+    /// touch), private ones from guest_memfd, whose folio size and the vendor cap the level.
+    /// Returns the exact pfn.
+    #[inline]
+    fn faultin_pfn(&self, ctx: &mut Ctx, slot: &Memslot, f: &mut KvmPageFault) -> u64 {
+        let (pfn, first) = if f.is_private {
+            let (pfn, first) = gmem::get_pfn(&*self.vendor, ctx, slot, f.gfn);
+            f.max_level = slot
+                .level
+                .min(self.folio_level)
+                .min(self.vendor.private_max_level(pfn));
+            (pfn, first)
+        } else {
+            f.max_level = slot.level;
+            (slot.pfn(f.gfn), slot.touch(f.gfn))
+        };
+        f.pfn = pfn;
+        if first {
+            ctx.inc(C::host_pages_allocated);
+            ctx.charge(Cost::host_page_alloc_ns, 1);
+            ctx.charge(Cost::host_zero_4k_ns, pages_per_level(slot.level) - 1);
+        }
+        pfn
+    }
+
+    /// `kvm_mmu_hugepage_adjust`.
+    fn hugepage_adjust(&self, f: &mut KvmPageFault) {
+        f.huge_page_disallowed = f.exec && self.tdp.shape.nx_huge_pages;
+        if f.max_level == 1 {
+            return;
+        }
+        f.req_level = f.max_level;
+        if f.huge_page_disallowed {
+            return;
+        }
+        f.goal_level = f.req_level;
+        f.pfn &= !(pages_per_level(f.goal_level) - 1);
+    }
+}

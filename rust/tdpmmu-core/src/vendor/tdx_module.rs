@@ -1,0 +1,640 @@
+//! A model of the TDX module's side of private memory: the TD's state (HKID, finalized, TLB
+//! epoch), its own S-EPT tree (in a separate arena, one state per entry), and the SEAMCALL
+//! leaves KVM issues, each checking its preconditions and answering with a status code instead
+//! of trusting the caller. OPERAND_BUSY can be injected per try of a leaf (`TdxOptions::busy`).
+
+use std::sync::atomic::Ordering;
+
+use parking_lot::Mutex;
+
+use crate::arena::Arena;
+use crate::config::{TdxOptions, Track};
+use crate::cost::Cost;
+use crate::error::{Result, bad_arg};
+use crate::spte::{self, SHADOW_NONPRESENT_VALUE, spte_to_pfn};
+use crate::stats::{C, Ctx};
+
+/// SEAMCALL completion status (class bits as the module reports them; bit 63 = error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Status {
+    Success = 0,
+    OperandBusy = 0x8000_0200_0000_0000,
+    EptWalkFailed = 0xC000_0B00_0000_0000,
+    EptEntryStateIncorrect = 0xC000_0B0D_0000_0000,
+    TlbTrackingNotDone = 0xC000_0B08_0000_0000,
+    OpStateIncorrect = 0xC000_0C00_0000_0000,
+    PageMetadataIncorrect = 0xC000_0300_0000_0000,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Success => "TDX_SUCCESS",
+            Self::OperandBusy => "TDX_OPERAND_BUSY",
+            Self::EptWalkFailed => "TDX_EPT_WALK_FAILED",
+            Self::EptEntryStateIncorrect => "TDX_EPT_ENTRY_STATE_INCORRECT",
+            Self::TlbTrackingNotDone => "TDX_TLB_TRACKING_NOT_DONE",
+            Self::OpStateIncorrect => "TDX_OP_STATE_INCORRECT",
+            Self::PageMetadataIncorrect => "TDX_PAGE_METADATA_INCORRECT",
+        }
+    }
+}
+
+// S-EPT entry encoding inside the model (not an EPT format): state in bits 0-3, pfn or table
+// pfn in 12-51, the TLB epoch an entry was blocked in, in 52-62.
+pub(crate) const FREE: u64 = SHADOW_NONPRESENT_VALUE;
+pub(crate) const ST_TABLE: u64 = 1;
+const ST_MAPPED: u64 = 2;
+const ST_PENDING: u64 = 3;
+const ST_BLOCKED_LEAF: u64 = 4;
+const ST_BLOCKED_TABLE: u64 = 5;
+const EPOCH_SHIFT: u32 = 52;
+const EPOCH_MASK: u64 = 0x7ff;
+
+pub(crate) fn state(e: u64) -> u64 {
+    if e == FREE { 0 } else { e & 0xf }
+}
+fn mk(st: u64, pfn: u64, epoch: u64) -> u64 {
+    st | (pfn << 12) & spte::PFN_MASK | (epoch & EPOCH_MASK) << EPOCH_SHIFT
+}
+fn epoch_of(e: u64) -> u64 {
+    (e >> EPOCH_SHIFT) & EPOCH_MASK
+}
+
+#[derive(Debug)]
+pub struct TdState {
+    pub(crate) finalized: bool,
+    pub(crate) hkid_assigned: bool,
+    epoch: u64,
+    /// Epoch at which all vCPUs were last forced out of the guest.
+    kicked_epoch: u64,
+    pub(crate) nr_premapped: i64,
+    rng: u64,
+    /// Leaves blocked by a batched zap, waiting for the single TRACK.
+    pending_remove: Vec<u64>,
+}
+
+/// The TDX module, as far as private memory goes.
+pub struct TdxModule {
+    pub arena: Arena,
+    pub root: u32,
+    levels: u8,
+    vcpus: u32,
+    pub opts: TdxOptions,
+    pub software: bool,
+    pub(crate) st: Mutex<TdState>,
+    /// Mirror of `TdState::finalized` for the fault path.
+    finalized_flag: std::sync::atomic::AtomicBool,
+}
+
+impl TdxModule {
+    /// `software`: the SW_PROTECTED mirror variant — the same external tree, no TDX module:
+    /// no SEAMCALL counts or costs, runnable from the start.
+    pub fn new(
+        levels: u8,
+        vcpus: u32,
+        capacity: usize,
+        opts: TdxOptions,
+        seed: u64,
+        software: bool,
+    ) -> Result<Self> {
+        let arena = Arena::new(capacity)?;
+        // The S-EPT root belongs to the TD's control structures (not a KVM external_spt page).
+        let root = arena.alloc(levels, 0, crate::arena::SP_EXTERNAL)?;
+        Ok(Self {
+            arena,
+            root,
+            levels,
+            vcpus,
+            opts,
+            software,
+            finalized_flag: std::sync::atomic::AtomicBool::new(software),
+            st: Mutex::new(TdState {
+                finalized: software,
+                hkid_assigned: true,
+                epoch: 1,
+                kicked_epoch: 0,
+                nr_premapped: 0,
+                rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+                pending_remove: Vec::new(),
+            }),
+        })
+    }
+
+    /// Lock-free: every TD fault asks.
+    pub fn finalized(&self) -> bool {
+        self.finalized_flag
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn busy(&self, st: &mut TdState, leaf: usize) -> bool {
+        let p = self.opts.busy[leaf];
+        if p <= 0.0 {
+            return false;
+        }
+        st.rng ^= st.rng << 13;
+        st.rng ^= st.rng >> 7;
+        st.rng ^= st.rng << 17;
+        ((st.rng >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    pub(crate) fn seamcall(
+        &self,
+        ctx: &mut Ctx,
+        c: C,
+        ns: Cost,
+        gfn: u64,
+        level: u8,
+        status: Status,
+    ) -> Status {
+        if self.software {
+            // The SW_PROTECTED mirror backend keeps the tree but issues no SEAMCALLs.
+            return status;
+        }
+        ctx.inc(c);
+        ctx.charge(ns, 1);
+        ctx.trace(
+            crate::stats::COUNTER_NAMES[c as usize],
+            gfn,
+            level,
+            status as u64,
+        );
+        if status == Status::OperandBusy {
+            ctx.inc(C::seamcall_busy);
+        }
+        status
+    }
+
+    /// The S-EPT entry for `gfn` at `level` (PG level), if every table above it is linked.
+    pub(crate) fn entry(
+        &self,
+        gfn: u64,
+        level: u8,
+    ) -> std::result::Result<&std::sync::atomic::AtomicU64, Status> {
+        let mut table = self.root;
+        let mut l = self.levels;
+        while l > level {
+            let e = self
+                .arena
+                .entry(table, spte::index(gfn, l))
+                .load(Ordering::Acquire);
+            if state(e) != ST_TABLE {
+                return Err(Status::EptWalkFailed);
+            }
+            table = (spte_to_pfn(e) - crate::arena::TABLE_BASE_PFN) as u32;
+            l -= 1;
+        }
+        Ok(self.arena.entry(table, spte::index(gfn, l)))
+    }
+
+    /// Every non-FREE S-EPT entry in tree order: (gfn, level, state name, pfn). For table
+    /// entries the pfn is the S-EPT table's host pfn.
+    pub fn dump(&self) -> Vec<(u64, u8, &'static str, u64)> {
+        let mut out = Vec::new();
+        self.dump_table(self.root, self.levels, 0, &mut out);
+        out
+    }
+
+    fn dump_table(
+        &self,
+        t: u32,
+        level: u8,
+        base: u64,
+        out: &mut Vec<(u64, u8, &'static str, u64)>,
+    ) {
+        for i in 0..spte::ENTRIES_PER_TABLE {
+            let e = self.arena.entry(t, i).load(Ordering::Acquire);
+            let gfn = base + i as u64 * spte::pages_per_level(level);
+            let name = match state(e) {
+                0 => continue,
+                ST_TABLE => "TABLE",
+                ST_MAPPED => "MAPPED",
+                ST_PENDING => "PENDING",
+                ST_BLOCKED_LEAF => "BLOCKED",
+                ST_BLOCKED_TABLE => "BLOCKED_TABLE",
+                _ => "UNKNOWN",
+            };
+            out.push((gfn, level, name, spte_to_pfn(e)));
+            if matches!(state(e), ST_TABLE | ST_BLOCKED_TABLE) {
+                let c = (spte_to_pfn(e) - crate::arena::TABLE_BASE_PFN) as u32;
+                self.dump_table(c, level - 1, gfn, out);
+            }
+        }
+    }
+
+    /// Number of S-EPT tables linked under the root and every present leaf (gfn, pfn).
+    pub fn snapshot(&self) -> (usize, Vec<(u64, u64)>) {
+        let mut tables = 0;
+        let mut leaves = Vec::new();
+        self.collect(self.root, self.levels, 0, &mut tables, &mut leaves);
+        (tables, leaves)
+    }
+
+    fn collect(
+        &self,
+        t: u32,
+        level: u8,
+        base: u64,
+        tables: &mut usize,
+        leaves: &mut Vec<(u64, u64)>,
+    ) {
+        for i in 0..spte::ENTRIES_PER_TABLE {
+            let e = self.arena.entry(t, i).load(Ordering::Acquire);
+            let gfn = base + i as u64 * spte::pages_per_level(level);
+            match state(e) {
+                ST_TABLE | ST_BLOCKED_TABLE => {
+                    *tables += 1;
+                    let c = (spte_to_pfn(e) - crate::arena::TABLE_BASE_PFN) as u32;
+                    self.collect(c, level - 1, gfn, tables, leaves);
+                }
+                ST_MAPPED | ST_PENDING | ST_BLOCKED_LEAF => leaves.push((gfn, spte_to_pfn(e))),
+                _ => {}
+            }
+        }
+    }
+
+    // ----- SEAMCALL leaves --------------------------------------------------------------------
+
+    /// TDH.MEM.SEPT.ADD: link a new S-EPT table under the entry at `level` (PG level).
+    pub(crate) fn sept_add(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64, level: u8) -> Status {
+        let ns = Cost::tdh_mem_sept_add_ns;
+        if self.busy(st, 0) {
+            return self.seamcall(ctx, C::sept_add, ns, gfn, level, Status::OperandBusy);
+        }
+        if !st.hkid_assigned {
+            return self.seamcall(ctx, C::sept_add, ns, gfn, level, Status::OpStateIncorrect);
+        }
+        let e = match self.entry(gfn, level) {
+            Ok(e) => e,
+            Err(s) => return self.seamcall(ctx, C::sept_add, ns, gfn, level, s),
+        };
+        if e.load(Ordering::Acquire) != FREE {
+            return self.seamcall(
+                ctx,
+                C::sept_add,
+                ns,
+                gfn,
+                level,
+                Status::EptEntryStateIncorrect,
+            );
+        }
+        let Ok(t) = self.arena.alloc(
+            level - 1,
+            spte::round_gfn(gfn, level),
+            crate::arena::SP_EXTERNAL,
+        ) else {
+            return self.seamcall(
+                ctx,
+                C::sept_add,
+                ns,
+                gfn,
+                level,
+                Status::PageMetadataIncorrect,
+            );
+        };
+        e.store(mk(ST_TABLE, Arena::pfn(t), 0), Ordering::Release);
+        ctx.inc(C::sept_tables);
+        self.seamcall(ctx, C::sept_add, ns, gfn, level, Status::Success)
+    }
+
+    pub(crate) fn leaf_install(
+        &self,
+        ctx: &mut Ctx,
+        st: &mut TdState,
+        gfn: u64,
+        pfn: u64,
+        aug: bool,
+    ) -> Status {
+        let (c, ns) = if aug {
+            (C::page_aug, Cost::tdh_mem_page_aug_ns)
+        } else {
+            (C::page_add, Cost::tdh_mem_page_add_ns)
+        };
+        if aug && self.busy(st, 1) {
+            return self.seamcall(ctx, c, ns, gfn, 1, Status::OperandBusy);
+        }
+        if !st.hkid_assigned || st.finalized != aug {
+            return self.seamcall(ctx, c, ns, gfn, 1, Status::OpStateIncorrect);
+        }
+        let e = match self.entry(gfn, 1) {
+            Ok(e) => e,
+            Err(s) => return self.seamcall(ctx, c, ns, gfn, 1, s),
+        };
+        if e.load(Ordering::Acquire) != FREE {
+            return self.seamcall(ctx, c, ns, gfn, 1, Status::EptEntryStateIncorrect);
+        }
+        e.store(
+            mk(if aug { ST_PENDING } else { ST_MAPPED }, pfn, 0),
+            Ordering::Release,
+        );
+        let s = self.seamcall(ctx, c, ns, gfn, 1, Status::Success);
+        if !aug && self.opts.measure {
+            for _ in 0..16 {
+                self.seamcall(
+                    ctx,
+                    C::mr_extend,
+                    Cost::tdh_mr_extend_ns,
+                    gfn,
+                    1,
+                    Status::Success,
+                );
+            }
+        }
+        s
+    }
+
+    /// TDG.MEM.PAGE.ACCEPT by the guest after a runtime private fault.
+    pub fn accept(&self, ctx: &mut Ctx, gfn: u64) {
+        if let Ok(e) = self.entry(gfn, 1) {
+            let v = e.load(Ordering::Acquire);
+            if state(v) == ST_PENDING {
+                e.store(mk(ST_MAPPED, spte_to_pfn(v), 0), Ordering::Release);
+                self.seamcall(
+                    ctx,
+                    C::page_accept,
+                    Cost::tdg_mem_page_accept_ns,
+                    gfn,
+                    1,
+                    Status::Success,
+                );
+            }
+        }
+    }
+
+    pub(crate) fn range_block(
+        &self,
+        ctx: &mut Ctx,
+        st: &mut TdState,
+        gfn: u64,
+        level: u8,
+    ) -> Status {
+        let ns = Cost::tdh_mem_range_block_ns;
+        if self.busy(st, 2) {
+            return self.seamcall(ctx, C::range_block, ns, gfn, level, Status::OperandBusy);
+        }
+        let e = match self.entry(gfn, level) {
+            Ok(e) => e,
+            Err(s) => return self.seamcall(ctx, C::range_block, ns, gfn, level, s),
+        };
+        let v = e.load(Ordering::Acquire);
+        let new = match state(v) {
+            ST_MAPPED | ST_PENDING if level == 1 => mk(ST_BLOCKED_LEAF, spte_to_pfn(v), st.epoch),
+            ST_TABLE => mk(ST_BLOCKED_TABLE, spte_to_pfn(v), st.epoch),
+            _ => {
+                return self.seamcall(
+                    ctx,
+                    C::range_block,
+                    ns,
+                    gfn,
+                    level,
+                    Status::EptEntryStateIncorrect,
+                );
+            }
+        };
+        e.store(new, Ordering::Release);
+        self.seamcall(ctx, C::range_block, ns, gfn, level, Status::Success)
+    }
+
+    fn mem_track(&self, ctx: &mut Ctx, st: &mut TdState) -> Status {
+        let ns = Cost::tdh_mem_track_ns;
+        if self.busy(st, 3) {
+            return self.seamcall(ctx, C::mem_track, ns, 0, 0, Status::OperandBusy);
+        }
+        if !st.finalized {
+            return self.seamcall(ctx, C::mem_track, ns, 0, 0, Status::OpStateIncorrect);
+        }
+        st.epoch += 1;
+        self.seamcall(ctx, C::mem_track, ns, 0, 0, Status::Success)
+    }
+
+    /// KVM_REQ_OUTSIDE_GUEST_MODE to every vCPU: all of them leave the old TLB epoch.
+    pub(crate) fn kick_all(&self, ctx: &mut Ctx, st: &mut TdState) {
+        st.kicked_epoch = st.epoch;
+        if self.software {
+            return;
+        }
+        ctx.inc(C::vcpu_kicks);
+        ctx.charge(Cost::kick_base_ns, 1);
+        ctx.charge(Cost::kick_per_vcpu_ns, self.vcpus as u64);
+        ctx.trace("kick", 0, 0, self.vcpus as u64);
+    }
+
+    pub(crate) fn tracking_done(&self, st: &TdState, e: u64) -> bool {
+        // Blocked in an older epoch, and every vCPU left the guest since the last TRACK.
+        !st.finalized
+            || ((epoch_of(e) & EPOCH_MASK) != (st.epoch & EPOCH_MASK)
+                && st.kicked_epoch == st.epoch)
+    }
+
+    pub(crate) fn page_remove(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64) -> (Status, u64) {
+        let ns = Cost::tdh_mem_page_remove_ns;
+        if self.busy(st, 4) {
+            return (
+                self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::OperandBusy),
+                0,
+            );
+        }
+        let e = match self.entry(gfn, 1) {
+            Ok(e) => e,
+            Err(s) => return (self.seamcall(ctx, C::page_remove, ns, gfn, 1, s), 0),
+        };
+        let v = e.load(Ordering::Acquire);
+        if state(v) != ST_BLOCKED_LEAF {
+            return (
+                self.seamcall(
+                    ctx,
+                    C::page_remove,
+                    ns,
+                    gfn,
+                    1,
+                    Status::EptEntryStateIncorrect,
+                ),
+                0,
+            );
+        }
+        if !self.tracking_done(st, v) {
+            return (
+                self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::TlbTrackingNotDone),
+                0,
+            );
+        }
+        e.store(FREE, Ordering::Release);
+        (
+            self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::Success),
+            spte_to_pfn(v),
+        )
+    }
+
+    pub(crate) fn wbinvd_and_clear(&self, ctx: &mut Ctx, gfn: u64, pfn: u64) {
+        if self.software {
+            return;
+        }
+        self.seamcall(
+            ctx,
+            C::page_wbinvd,
+            Cost::tdh_phymem_page_wbinvd_ns,
+            gfn,
+            1,
+            Status::Success,
+        );
+        ctx.inc(C::page_clear);
+        ctx.charge(Cost::page_clear_ns, 1);
+        ctx.trace("clear", gfn, 1, pfn);
+    }
+
+    /// tdx.c's busy handling on the zap side: on OPERAND_BUSY, block vCPU entry, kick everyone,
+    /// retry once; the caller treats any failure of the retry (a second OPERAND_BUSY included)
+    /// as a KVM bug. Busy injection applies to the retry too.
+    pub(crate) fn no_vcpus<T>(
+        &self,
+        ctx: &mut Ctx,
+        st: &mut TdState,
+        mut f: impl FnMut(&Self, &mut Ctx, &mut TdState) -> (Status, T),
+    ) -> (Status, T) {
+        let (s, v) = f(self, ctx, st);
+        if s != Status::OperandBusy {
+            return (s, v);
+        }
+        self.kick_all(ctx, st);
+        f(self, ctx, st)
+    }
+
+    /// BLOCK → TRACK → kick → REMOVE → WBINVD → clear for one private 4K page.
+    pub(crate) fn remove_page(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64) {
+        let (s, ()) = self.no_vcpus(ctx, st, |m, c, st| (m.range_block(c, st, gfn, 1), ()));
+        if s != Status::Success {
+            if self.opts.v6_16() && !st.finalized && s == Status::EptEntryStateIncorrect {
+                // Premapped (counted, never PAGE.ADDed): nothing to remove in the module.
+                st.nr_premapped -= 1;
+                return;
+            }
+            ctx.bug(format!(
+                "TDH.MEM.RANGE.BLOCK failed for gfn {gfn:#x}: {}",
+                s.name()
+            ));
+            return;
+        }
+        if self.opts.track == Track::Batched {
+            st.pending_remove.push(gfn);
+            return;
+        }
+        self.track_and_kick(ctx, st);
+        let (s, pfn) = self.no_vcpus(ctx, st, |m, c, st| m.page_remove(c, st, gfn));
+        if s != Status::Success {
+            ctx.bug(format!(
+                "TDH.MEM.PAGE.REMOVE failed for gfn {gfn:#x}: {}",
+                s.name()
+            ));
+            return;
+        }
+        self.wbinvd_and_clear(ctx, gfn, pfn);
+    }
+
+    pub(crate) fn track_and_kick(&self, ctx: &mut Ctx, st: &mut TdState) {
+        if st.finalized {
+            let (s, ()) = self.no_vcpus(ctx, st, |m, c, st| (m.mem_track(c, st), ()));
+            if s != Status::Success {
+                ctx.bug(format!("TDH.MEM.TRACK failed: {}", s.name()));
+                return;
+            }
+            self.kick_all(ctx, st);
+        }
+    }
+
+    /// End of a zap with `track=batched`: one TRACK + kick, then REMOVE each blocked page.
+    pub fn flush_batched(&self, ctx: &mut Ctx) {
+        let mut st = self.st.lock();
+        if st.pending_remove.is_empty() {
+            return;
+        }
+        self.track_and_kick(ctx, &mut st);
+        let pending = std::mem::take(&mut st.pending_remove);
+        for gfn in pending {
+            let (s, pfn) = self.no_vcpus(ctx, &mut st, |m, c, st| m.page_remove(c, st, gfn));
+            if s != Status::Success {
+                ctx.bug(format!(
+                    "TDH.MEM.PAGE.REMOVE failed for gfn {gfn:#x}: {}",
+                    s.name()
+                ));
+                return;
+            }
+            self.wbinvd_and_clear(ctx, gfn, pfn);
+        }
+    }
+
+    /// KVM_TDX_FINALIZE_VM.
+    pub fn finalize(&self) -> Result<()> {
+        let mut st = self.st.lock();
+        if st.finalized {
+            return Err(bad_arg("finalize", "the TD is already finalized"));
+        }
+        if st.nr_premapped != 0 {
+            return Err(bad_arg(
+                "finalize",
+                format!(
+                    "{} premapped page(s) still lack TDH.MEM.PAGE.ADD (v6.16 nr_premapped)",
+                    st.nr_premapped
+                ),
+            ));
+        }
+        st.finalized = true;
+        self.finalized_flag
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// v6.16 populate: the caller issues PAGE.ADD for a page set_external_spte only counted.
+    pub fn populate_page_add(&self, ctx: &mut Ctx, gfn: u64, pfn: u64) -> Status {
+        let mut st = self.st.lock();
+        let s = self.leaf_install(ctx, &mut st, gfn, pfn, false);
+        if s == Status::Success {
+            st.nr_premapped -= 1;
+        }
+        s
+    }
+
+    /// `tdx_mmu_release_hkid`.
+    pub fn release_hkid(&self, ctx: &mut Ctx) {
+        let mut st = self.st.lock();
+        if !st.hkid_assigned {
+            return;
+        }
+        for v in 0..self.vcpus {
+            self.seamcall(
+                ctx,
+                C::vp_flush,
+                Cost::tdh_vp_flush_ns,
+                0,
+                0,
+                Status::Success,
+            );
+            let _ = v;
+        }
+        self.seamcall(
+            ctx,
+            C::vpflushdone,
+            Cost::tdh_mng_vpflushdone_ns,
+            0,
+            0,
+            Status::Success,
+        );
+        self.seamcall(
+            ctx,
+            C::cache_wb,
+            Cost::tdh_phymem_cache_wb_ns,
+            0,
+            0,
+            Status::Success,
+        );
+        self.seamcall(
+            ctx,
+            C::key_freeid,
+            Cost::tdh_mng_key_freeid_ns,
+            0,
+            0,
+            Status::Success,
+        );
+        st.hkid_assigned = false;
+    }
+}

@@ -1,0 +1,917 @@
+//! One VM and its public operations — the ioctls and guest events a user drives (x86.c,
+//! kvm_main.c). Construction turns the typed configuration into a vendor backend, a hook
+//! dispatch site and a TDP MMU; every operation validates its arguments, then runs in the `op`
+//! bracket and calls the MMU, guest_memfd or the vendor.
+
+use std::sync::Arc;
+
+use crate::arena::Arena;
+use crate::attrs::PrivateRanges;
+use crate::check;
+use crate::config::{Design, Variant, VmConfig, VmType};
+use crate::cost::{COST_FIELDS, Cost};
+use crate::error::{Error, Result, bad_arg};
+use crate::gmem;
+use crate::hooks::{Dispatch, ExternalOps};
+use crate::memslot::{Memslot, Memslots, backing_level};
+use crate::memstress::{self, MemstressArgs, VcpuResult};
+use crate::mmu::Mmu;
+use crate::op::{MmuState, Ops};
+use crate::page_fault::{FaultResult, Ret};
+use crate::spte::{self, SHADOW_NONPRESENT_VALUE, pages_per_level};
+use crate::stats::{C, COUNTER_NAMES, Event};
+use crate::tdp_mmu::{Root, TdpMmu, TdpShape};
+use crate::vendor::Vendor;
+use crate::vendor::plain::Plain;
+use crate::vendor::rmp;
+use crate::vendor::sev::Snp;
+use crate::vendor::sw_mirror::SwMirror;
+use crate::vendor::tdx::Tdx;
+use crate::vendor::tdx_module::TdxModule;
+
+pub const MAX_VCPUS: u32 = 4096;
+
+/// Page tables needed to map `pages` 4K pages in one root of `levels` levels, root included.
+pub fn tables_needed(pages: u64, levels: u8) -> u64 {
+    let mut n = 1; // root
+    let mut covered = pages;
+    for _ in 1..levels {
+        covered = covered.div_ceil(512);
+        n += covered;
+    }
+    n
+}
+
+fn host_ram_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        1 << 34
+    } else {
+        pages as u64 * size as u64
+    }
+}
+
+/// A memslot as users see it: (id, gfn, npages, backing bytes, has guest_memfd, host pfn).
+pub type MemslotInfo = (u32, u64, u64, u64, bool, u64);
+
+pub struct Vm {
+    pub cfg: VmConfig,
+    pub variant: &'static Variant,
+    pub design: Design,
+    pub mmu: Mmu,
+    pub ops: Ops,
+    /// The hooks go to a caller's backend (e.g. a Python object), not to the vendor's model.
+    pub user_hooks: bool,
+}
+
+impl Vm {
+    pub fn new(cfg: VmConfig) -> Result<Self> {
+        Self::build(cfg, None)
+    }
+
+    /// A VM whose mirror-table hooks go to a caller-supplied backend (e.g. a Python object)
+    /// instead of the vendor's model. Only for VM types with a mirror root; the hooks fire as
+    /// under the `mirror` design.
+    pub fn with_hooks(mut cfg: VmConfig, hooks: Arc<dyn ExternalOps>) -> Result<Self> {
+        cfg.hooks = Some(Design::Mirror);
+        let v = crate::config::variant(cfg.vm_type, cfg.mirror)?;
+        if !v.mirror_root {
+            return Err(bad_arg(
+                "hooks",
+                format!(
+                    "a hook object needs a VM with a mirror root (tdx, or sw_protected with mirror=True), not {:?}",
+                    cfg.vm_type.name()
+                ),
+            ));
+        }
+        Self::build(cfg, Some(hooks))
+    }
+
+    fn build(cfg: VmConfig, user_hooks: Option<Arc<dyn ExternalOps>>) -> Result<Self> {
+        if cfg.levels != 4 && cfg.levels != 5 {
+            return Err(bad_arg(
+                "levels",
+                format!("must be 4 or 5, got {}", cfg.levels),
+            ));
+        }
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(bad_arg(
+                "vcpus",
+                format!("must be in 1..={MAX_VCPUS}, got {}", cfg.vcpus),
+            ));
+        }
+        let level = backing_level(cfg.backing, "backing")?;
+        let (variant, design) = cfg.resolve()?;
+        let shared_bit = if cfg.levels == 4 {
+            1u64 << 35
+        } else {
+            1u64 << 39
+        };
+        let gfn_direct_bits = if variant.mirror_root { shared_bit } else { 0 };
+        // A guest with a shared bit has the half of its guest-physical space below it.
+        let max_gfn: u64 = if gfn_direct_bits != 0 {
+            gfn_direct_bits
+        } else if cfg.levels == 4 {
+            1 << 36
+        } else {
+            1 << 40
+        };
+        if cfg.memory == 0 || !cfg.memory.is_multiple_of(4096) {
+            return Err(bad_arg(
+                "memory",
+                format!(
+                    "must be a positive multiple of 4096 bytes, got {}",
+                    cfg.memory
+                ),
+            ));
+        }
+        if !cfg.memory.is_multiple_of(cfg.backing) {
+            return Err(bad_arg(
+                "memory",
+                format!(
+                    "must be a multiple of the backing page size {} bytes, got {}",
+                    cfg.backing, cfg.memory
+                ),
+            ));
+        }
+        let pages = cfg.memory / 4096;
+        if pages > max_gfn {
+            return Err(bad_arg(
+                "memory",
+                format!(
+                    "{} bytes exceeds the {}-level guest-physical limit of {} bytes",
+                    cfg.memory,
+                    cfg.levels,
+                    max_gfn * 4096
+                ),
+            ));
+        }
+        let ram = host_ram_bytes();
+        let need = tables_needed(pages, cfg.levels);
+        if need.saturating_mul(4096) > ram {
+            return Err(bad_arg(
+                "memory",
+                format!(
+                    "{} bytes of guest memory needs {} bytes of page tables when fully mapped at 4K, more than this machine's {} bytes of RAM",
+                    cfg.memory,
+                    need * 4096,
+                    ram
+                ),
+            ));
+        }
+        // Reserve address space for every table the host could hold; pages are only backed when used.
+        let capacity = (ram / 4096).min(u32::MAX as u64 - 1) as usize;
+        let arena = Arena::new(capacity)?;
+        let has_private_mem = cfg.vm_type.has_private_mem();
+        let mut memslots = Memslots::new();
+        memslots.add(0, pages, level, has_private_mem)?;
+        memslots.generation = 0;
+        let mut attrs = PrivateRanges::default();
+        if has_private_mem {
+            // As a VMM does for a confidential guest: all initial memory is private.
+            attrs.set(0, pages, true);
+        }
+
+        let module_hooked = user_hooks.is_none();
+        let (vendor, model_hooks): (Box<dyn Vendor>, Option<Arc<dyn ExternalOps>>) =
+            match (cfg.vm_type, variant.mirror) {
+                (VmType::Tdx, _) => {
+                    let t = Tdx::new(
+                        cfg.levels,
+                        cfg.vcpus,
+                        capacity,
+                        cfg.tdx.clone(),
+                        cfg.seed,
+                        module_hooked,
+                    )?;
+                    let h = t.hooks();
+                    (Box::new(t), Some(h))
+                }
+                (VmType::SwProtected, true) => {
+                    let s = SwMirror::new(
+                        cfg.levels,
+                        cfg.vcpus,
+                        capacity,
+                        cfg.tdx.clone(),
+                        cfg.seed,
+                        module_hooked,
+                    )?;
+                    let h = s.hooks();
+                    (Box::new(s), Some(h))
+                }
+                (VmType::Snp, _) => {
+                    let s = Snp::new(design, cfg.folio_level)?;
+                    let h = s.private_hooks();
+                    (Box::new(s), Some(h))
+                }
+                (VmType::Default | VmType::SwProtected, _) => (
+                    Box::new(Plain {
+                        vm_type: cfg.vm_type,
+                    }),
+                    None,
+                ),
+            };
+        let ext = match design {
+            Design::None | Design::Gmem => None,
+            Design::Mirror | Design::Private => user_hooks.or(model_hooks),
+        };
+        let slot0 = &memslots.slots[0];
+        if slot0.gmem {
+            vendor.gmem_bind(slot0.gmem_pfn, slot0.npages)?;
+        }
+        let shape = TdpShape {
+            levels: cfg.levels,
+            vcpus: cfg.vcpus,
+            has_mirror: variant.mirror_root,
+            gfn_direct_bits,
+            max_gfn,
+            nx_huge_pages: cfg.nx_huge_pages,
+        };
+        let tdp = TdpMmu::new(arena, shape, Dispatch::new(design, cfg.tdx.interface, ext));
+        let mmu = Mmu::new(tdp, vendor, has_private_mem, cfg.folio_level);
+        let ops = Ops::new(MmuState { memslots, attrs }, cfg.costs, cfg.trace);
+        Ok(Self {
+            variant,
+            design,
+            mmu,
+            ops,
+            user_hooks: !module_hooked,
+            cfg,
+        })
+    }
+
+    // ----- properties --------------------------------------------------------------------
+
+    pub fn levels(&self) -> u8 {
+        self.cfg.levels
+    }
+    /// Exclusive bound of guest gfns (on a VM with a mirror root: the shared bit).
+    pub fn max_gfn(&self) -> u64 {
+        self.mmu.tdp.shape.max_gfn
+    }
+    /// The shared (direct) alias bit as a gfn bit value; 0 if the VM has none.
+    pub fn shared_bit(&self) -> u64 {
+        self.mmu.tdp.shape.gfn_direct_bits
+    }
+    pub fn has_mirror(&self) -> bool {
+        self.mmu.tdp.shape.has_mirror
+    }
+    pub fn bugged(&self) -> bool {
+        self.ops.bugged()
+    }
+    pub fn destroyed(&self) -> bool {
+        self.ops.destroyed()
+    }
+    /// TDX: the TD was finalized (is runnable).
+    pub fn finalized(&self) -> bool {
+        self.mmu.vendor.finalized()
+    }
+    pub fn arena(&self) -> &Arena {
+        &self.mmu.tdp.arena
+    }
+    pub fn counter(&self, c: C) -> i64 {
+        self.ops.totals.get(c)
+    }
+    pub fn events(&self) -> Vec<Event> {
+        self.ops.totals.events()
+    }
+
+    /// Counters by KVM name, the modeled clock (the ledger's exact sum) and memory gauges.
+    pub fn stats(&self) -> Vec<(&'static str, f64)> {
+        let t = self.ops.totals.snapshot();
+        let mut v: Vec<(&'static str, f64)> = COUNTER_NAMES
+            .iter()
+            .zip(t.c.iter())
+            .map(|(n, c)| (*n, *c as f64))
+            .collect();
+        v.push(("modeled_ns", t.ledger_ns()));
+        v.push(("page_table_bytes", (self.arena().live() * 4096) as f64));
+        v.push(("page_table_peak_bytes", (self.arena().peak() * 4096) as f64));
+        v
+    }
+
+    /// Modeled nanoseconds charged to each `CostModel` field, in field order; the values add up
+    /// (in this order) to exactly `modeled_ns` of `stats()`.
+    pub fn cost_breakdown(&self) -> Vec<(&'static str, f64)> {
+        let t = self.ops.totals.snapshot();
+        let rates = self.cfg.costs.rates();
+        COST_FIELDS
+            .iter()
+            .zip(t.units.iter().zip(rates.iter()))
+            .map(|(n, (u, r))| (*n, *u as f64 * r))
+            .collect()
+    }
+
+    pub fn roots_snapshot(&self) -> Vec<Root> {
+        self.mmu.tdp.roots_snapshot()
+    }
+
+    /// The newest valid root of the given kind (what `walk`/`spte` inspect).
+    pub fn current_root(&self, mirror: bool) -> Option<u32> {
+        self.mmu.tdp.current_root(mirror)
+    }
+
+    pub fn memslots(&self) -> Vec<MemslotInfo> {
+        let st = self.ops.mmu_lock.read();
+        st.memslots
+            .slots
+            .iter()
+            .map(|s| (s.id, s.gfn, s.npages, s.backing_bytes(), s.gmem, s.host_pfn))
+            .collect()
+    }
+
+    pub fn memslot_generation(&self) -> u64 {
+        self.ops.mmu_lock.read().memslots.generation
+    }
+
+    // ----- argument checks ---------------------------------------------------------------
+
+    pub fn check_gfn(&self, gfn: u64, arg: &str) -> Result<()> {
+        if gfn >= self.max_gfn() {
+            return Err(bad_arg(
+                arg,
+                format!(
+                    "gfn {gfn:#x} is beyond the guest-physical limit; allowed 0..{:#x}",
+                    self.max_gfn()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn check_range(&self, gfn: u64, npages: u64) -> Result<()> {
+        self.check_gfn(gfn, "gfn")?;
+        if npages == 0 {
+            return Err(bad_arg("npages", "must be > 0"));
+        }
+        if gfn.checked_add(npages).is_none_or(|e| e > self.max_gfn()) {
+            return Err(bad_arg(
+                "npages",
+                format!(
+                    "range [{gfn:#x}, +{npages:#x}) runs past the guest-physical limit {:#x}",
+                    self.max_gfn()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn check_vcpu(&self, vcpu: u32) -> Result<()> {
+        if vcpu >= self.cfg.vcpus {
+            return Err(bad_arg(
+                "vcpu",
+                format!("must be in 0..{}, got {vcpu}", self.cfg.vcpus),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn check_private(&self, private: Option<bool>) -> Result<Option<bool>> {
+        if private == Some(true) && !self.mmu.has_private_mem {
+            return Err(bad_arg(
+                "private",
+                "a default VM has no private memory; use private=False or None",
+            ));
+        }
+        Ok(private)
+    }
+
+    fn check_confidential(&self, what: &str) -> Result<()> {
+        if !self.mmu.has_private_mem {
+            return Err(bad_arg(
+                what,
+                format!("a {} VM has no private memory", self.cfg.vm_type.name()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every gfn of [gfn, end) must be in a memslot (with guest_memfd if `need_gmem`).
+    fn check_covered(st: &MmuState, gfn: u64, end: u64, need_gmem: bool) -> Result<()> {
+        let mut g = gfn;
+        while g < end {
+            match st.memslots.find(g) {
+                Some(s) if !need_gmem || s.gmem => g = s.end(),
+                Some(s) => {
+                    return Err(bad_arg(
+                        "gfn",
+                        format!("memslot {} holding gfn {g:#x} has no guest_memfd", s.id),
+                    ));
+                }
+                None => {
+                    return Err(bad_arg(
+                        "gfn",
+                        format!("gfn {g:#x} of [{gfn:#x}, {end:#x}) is not in any memslot"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- faults ------------------------------------------------------------------------
+
+    /// One EPT-violation-style fault, as the guest would take it.
+    pub fn fault(
+        &self,
+        gfn: u64,
+        private: Option<bool>,
+        write: bool,
+        exec: bool,
+        vcpu: u32,
+    ) -> Result<FaultResult> {
+        self.ops.ensure_alive()?;
+        self.check_gfn(gfn, "gfn")?;
+        self.check_vcpu(vcpu)?;
+        let private = self.check_private(private)?;
+        self.ops.read(self.arena(), |st, ctx| {
+            self.mmu
+                .page_fault(st, ctx, gfn, private, write, exec, vcpu as usize, false)
+        })
+    }
+
+    /// Faults for a batch of gfns on one vCPU, one read-lock hold per batch; `out` receives
+    /// each fault's `Ret` code.
+    pub fn fault_batch(
+        &self,
+        gfns: &[u64],
+        private: Option<bool>,
+        write: bool,
+        exec: bool,
+        vcpu: u32,
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.ops.ensure_alive()?;
+        self.check_vcpu(vcpu)?;
+        let private = self.check_private(private)?;
+        if let Some((i, g)) = gfns.iter().enumerate().find(|(_, g)| **g >= self.max_gfn()) {
+            return Err(bad_arg(
+                "gfns",
+                format!(
+                    "gfns[{i}] = {g:#x} is beyond the guest-physical limit; allowed 0..{:#x}",
+                    self.max_gfn()
+                ),
+            ));
+        }
+        if gfns.len() != out.len() {
+            return Err(bad_arg(
+                "out",
+                format!("has {} entries for {} gfns", out.len(), gfns.len()),
+            ));
+        }
+        self.ops.read(self.arena(), |st, ctx| {
+            for (g, o) in gfns.iter().zip(out.iter_mut()) {
+                let r =
+                    self.mmu
+                        .page_fault(st, ctx, *g, private, write, exec, vcpu as usize, false)?;
+                *o = r.ret as u8;
+                if ctx.bug.is_some() {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// KVM_PRE_FAULT_MEMORY: prefetch faults over [gfn, gfn + npages), each continuing after the
+    /// page it mapped. Returns the number of leaves installed.
+    pub fn populate(&self, gfn: u64, npages: u64, private: Option<bool>, vcpu: u32) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        self.check_vcpu(vcpu)?;
+        let private = self.check_private(private)?;
+        let end = gfn + npages;
+        self.ops.read(self.arena(), |st, ctx| {
+            // Reject the whole request before changing anything.
+            let mut g = gfn;
+            while g < end {
+                let Some(s) = st.memslots.find(g) else {
+                    return Err(bad_arg(
+                        "gfn",
+                        format!("gfn {g:#x} of the range is not in any memslot"),
+                    ));
+                };
+                g = s.end();
+            }
+            if self.mmu.has_private_mem {
+                let want = self.mmu.is_private(st, gfn, private);
+                if st.attrs.uniform(gfn, end) != Some(want) {
+                    return Err(bad_arg(
+                        "private",
+                        format!(
+                            "the range's memory attributes are not all {}",
+                            if want { "private" } else { "shared" }
+                        ),
+                    ));
+                }
+                if want {
+                    let mut g = gfn;
+                    while g < end {
+                        let s = st.memslots.find(g).expect("covered: checked above");
+                        if !s.gmem {
+                            return Err(bad_arg(
+                                "private",
+                                format!(
+                                    "private memory needs guest_memfd; memslot {} holding gfn {g:#x} has none",
+                                    s.id
+                                ),
+                            ));
+                        }
+                        g = s.end();
+                    }
+                }
+                self.mmu.vendor.populate_allowed(want)?;
+            }
+            let mut installed = 0;
+            let mut g = gfn;
+            while g < end {
+                let r = self
+                    .mmu
+                    .page_fault(st, ctx, g, private, true, false, vcpu as usize, true)?;
+                if ctx.bug.is_some() {
+                    // KVM's pre-fault loop ends with -EIO once the VM is bugged.
+                    break;
+                }
+                match r.ret {
+                    Ret::Retry => continue,
+                    Ret::Fixed => {
+                        installed += 1;
+                        if r.private {
+                            self.mmu
+                                .vendor
+                                .post_populate(ctx, g, spte::spte_to_pfn(r.spte));
+                        }
+                    }
+                    _ => {}
+                }
+                if ctx.bug.is_some() {
+                    break;
+                }
+                g = (g | (pages_per_level(r.level) - 1)) + 1;
+            }
+            Ok(installed)
+        })
+    }
+
+    // ----- zaps and memslots -------------------------------------------------------------
+
+    /// `kvm_zap_gfn_range`: leaves in all valid roots; one flush if anything was zapped.
+    pub fn zap_gfn_range(&self, gfn: u64, npages: u64) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        self.ops.write(self.arena(), |_, ctx| {
+            Ok(self.mmu.tdp.zap_gfn_range(ctx, gfn, gfn + npages))
+        })
+    }
+
+    /// Host mm invalidation (`kvm_tdp_mmu_unmap_gfn_range` with the SHARED filter).
+    pub fn mmu_notifier_invalidate(&self, gfn: u64, npages: u64) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        self.ops.write(self.arena(), |_, ctx| {
+            Ok(self
+                .mmu
+                .tdp
+                .unmap_gfn_range(ctx, false, true, gfn, gfn + npages))
+        })
+    }
+
+    /// `kvm_mmu_zap_all_fast`: direct roots only.
+    pub fn zap_all_fast(&self) -> Result<()> {
+        self.ops.write(self.arena(), |_, ctx| {
+            self.mmu.tdp.zap_all_fast(ctx);
+            Ok(())
+        })
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION2 (create): a slot of `npages` at `gfn` backed by host pages
+    /// of `backing` bytes, with guest_memfd if `gmem`. Returns the slot id.
+    pub fn add_memslot(&self, gfn: u64, npages: u64, backing: u64, gmem: bool) -> Result<u32> {
+        let level = backing_level(backing, "backing")?;
+        if gmem && !self.mmu.has_private_mem {
+            return Err(bad_arg(
+                "gmem",
+                "a default VM has no guest_memfd; use gmem=False",
+            ));
+        }
+        self.ops.ensure_alive()?;
+        self.ops.write(self.arena(), |st, _| {
+            st.memslots.check_add(gfn, npages, level, self.max_gfn())?;
+            let id = st.memslots.add(gfn, npages, level, gmem)?;
+            let slot: &Memslot = st.memslots.by_id(id).expect("just added");
+            if gmem && let Err(e) = self.mmu.vendor.gmem_bind(slot.gmem_pfn, npages) {
+                st.memslots.remove(id);
+                return Err(e);
+            }
+            Ok(id)
+        })
+    }
+
+    /// Memslot deletion: a fast zap for default VMs with KVM_X86_QUIRK_SLOT_ZAP_ALL, otherwise
+    /// a leaf zap of the slot in every root (`kvm_mmu_zap_memslot`).
+    pub fn delete_memslot(&self, id: u32) -> Result<()> {
+        self.ops.ensure_alive()?;
+        self.ops.write(self.arena(), |st, ctx| {
+            let Some(slot) = st.memslots.by_id(id) else {
+                let ids: Vec<String> = st.memslots.slots.iter().map(|s| s.id.to_string()).collect();
+                return Err(bad_arg(
+                    "slot",
+                    format!("no memslot {id}; existing: [{}]", ids.join(", ")),
+                ));
+            };
+            let (start, end) = (slot.gfn, slot.end());
+            if self.cfg.vm_type == VmType::Default && self.cfg.slot_zap_all {
+                self.mmu.tdp.zap_all_fast(ctx);
+            } else {
+                self.mmu.tdp.unmap_gfn_range(ctx, true, true, start, end);
+            }
+            if let Some(slot) = st.memslots.remove(id)
+                && slot.gmem
+            {
+                self.mmu.vendor.gmem_unbind(slot.gmem_pfn, slot.npages);
+            }
+            Ok(())
+        })
+    }
+
+    // ----- private memory ----------------------------------------------------------------
+
+    /// KVM_SET_MEMORY_ATTRIBUTES: before the change, unmap the range under the *old*
+    /// attribute's filter (to-shared zaps private mappings, to-private zaps shared ones).
+    /// Returns the number of leaves zapped.
+    pub fn set_memory_attributes(&self, gfn: u64, npages: u64, private: bool) -> Result<u64> {
+        self.check_confidential("private")?;
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        let end = gfn + npages;
+        self.ops.write(self.arena(), |st, ctx| {
+            Self::check_covered(st, gfn, end, false)?;
+            if st.attrs.uniform(gfn, end) == Some(private) {
+                return Ok(0);
+            }
+            // The guest's conversion request exits to the host (SNP page-state change, TDX
+            // MapGPA), and guest_memfd does its bookkeeping; a 2M folio only partly converted
+            // is split.
+            ctx.inc(C::conversions);
+            ctx.charge(Cost::psc_exit_ns, 1);
+            ctx.charge(Cost::gmem_convert_ns, 1);
+            if self.cfg.folio_level == 2 {
+                let mut splits = 0;
+                for edge in [gfn, end] {
+                    let inside_gmem = st.memslots.find(edge.min(end - 1)).is_some_and(|s| s.gmem);
+                    if !edge.is_multiple_of(512) && inside_gmem {
+                        splits += 1;
+                    }
+                }
+                if gfn / 512 == (end - 1) / 512 && splits == 2 {
+                    splits = 1; // both edges inside one folio
+                }
+                ctx.add(C::gmem_splits, splits);
+                ctx.charge(Cost::gmem_split_2m_ns, splits as u64);
+            }
+            let zapped = self
+                .mmu
+                .tdp
+                .unmap_gfn_range(ctx, !private, private, gfn, end);
+            st.attrs.set(gfn, end, private);
+            Ok(zapped)
+        })
+    }
+
+    /// guest_memfd punch hole: `kvm_gmem_invalidate_begin` unmaps with the PRIVATE filter, then
+    /// guest_memfd frees the pages (the vendor's invalidate). Returns the leaves zapped.
+    pub fn punch_hole(&self, gfn: u64, npages: u64) -> Result<u64> {
+        self.check_confidential("vm_type")?;
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        let end = gfn + npages;
+        self.ops.write(self.arena(), |st, ctx| {
+            Self::check_covered(st, gfn, end, true)?;
+            let zapped = self.mmu.tdp.unmap_gfn_range(ctx, true, false, gfn, end);
+            gmem::invalidate(&*self.mmu.vendor, ctx, &st.memslots, gfn, end);
+            Ok(zapped)
+        })
+    }
+
+    /// KVM_TDX_FINALIZE_VM: the TD becomes runnable.
+    pub fn finalize(&self) -> Result<()> {
+        self.mmu.vendor.finalize_supported()?;
+        self.ops.ensure_alive()?;
+        self.ops
+            .write(self.arena(), |_, _| self.mmu.vendor.finalize())
+    }
+
+    /// Tear the VM down in KVM's order: release guest_memfd (zap every private leaf, HKID still
+    /// assigned), the vendor's pre-destroy (TDX: release the HKID), then invalidate and zap
+    /// every root exclusively (on a TD only `free_external_spt` → RECLAIM runs then).
+    /// Afterwards every operation is refused.
+    pub fn destroy(&self) -> Result<()> {
+        self.ops.ensure_alive()?;
+        self.ops.write(self.arena(), |st, ctx| {
+            let tdp = &self.mmu.tdp;
+            let gmem: Vec<(u64, u64)> = st
+                .memslots
+                .slots
+                .iter()
+                .filter(|s| s.gmem)
+                .map(|s| (s.gfn, s.end()))
+                .collect();
+            for (s, e) in gmem {
+                tdp.unmap_gfn_range(ctx, true, false, s, e);
+                gmem::invalidate(&*self.mmu.vendor, ctx, &st.memslots, s, e);
+            }
+            if self.mmu.vendor.zap_mirror_before_pre_destroy()
+                && let Some(mirror) = tdp.current_root(true)
+            {
+                // Pre-upstream order: tear the (now leaf-less) mirror tree down while the
+                // HKID is still assigned, so each S-EPT table goes by SEPT.REMOVE.
+                tdp.zap_root(ctx, mirror, false);
+            }
+            self.mmu.vendor.vm_pre_destroy(ctx);
+            tdp.uninit(ctx);
+            self.ops.mark_destroyed();
+            Ok(())
+        })
+    }
+
+    fn snp(&self, what: &str) -> Result<&Snp> {
+        self.mmu
+            .vendor
+            .as_any()
+            .downcast_ref::<Snp>()
+            .ok_or_else(|| bad_arg("vm_type", what))
+    }
+
+    /// The external tree of a VM with a mirror root (TDX's S-EPT or the software mirror).
+    fn external_tree(&self) -> Option<&TdxModule> {
+        let v = self.mmu.vendor.as_any();
+        v.downcast_ref::<Tdx>()
+            .map(|t| &*t.module)
+            .or_else(|| v.downcast_ref::<SwMirror>().map(|s| &*s.module))
+    }
+
+    /// The guest's PVALIDATE over [gfn, gfn + npages) at 4K or 2M. Validation of a page that
+    /// is not assigned to the guest is bad input (checked before anything changes); other
+    /// architectural failures (double validation, size mismatch) are counted and returned.
+    pub fn pvalidate(
+        &self,
+        gfn: u64,
+        npages: u64,
+        size_2m: bool,
+        validate: bool,
+    ) -> Result<Vec<(&'static str, u64)>> {
+        let snp = self.snp("PVALIDATE is an SEV-SNP guest instruction")?;
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        let step = if size_2m { 512 } else { 1 };
+        if size_2m && (!gfn.is_multiple_of(512) || !npages.is_multiple_of(512)) {
+            return Err(bad_arg(
+                "gfn",
+                "2M PVALIDATE needs a 2M-aligned gfn and a multiple of 512 pages",
+            ));
+        }
+        self.ops.write(self.arena(), |st, ctx| {
+            for g in (gfn..gfn + npages).step_by(step as usize) {
+                let Some(slot) = st.memslots.find(g).filter(|s| s.gmem) else {
+                    return Err(bad_arg(
+                        "gfn",
+                        format!("gfn {g:#x} is not guest_memfd memory of an SNP guest"),
+                    ));
+                };
+                let e = snp.rmp.get(slot.gmem_pfn(g));
+                if !rmp::assigned(e) || rmp::entry_gfn(e) != g {
+                    return Err(bad_arg(
+                        "gfn",
+                        format!(
+                            "gfn {g:#x} is not assigned to the guest in the RMP (validate an assigned page)"
+                        ),
+                    ));
+                }
+            }
+            let mut out: Vec<(&'static str, u64)> = Vec::new();
+            for g in (gfn..gfn + npages).step_by(step as usize) {
+                let slot = st.memslots.find(g).expect("checked");
+                let s = snp
+                    .rmp
+                    .pvalidate(ctx, slot.gmem_pfn(g), g, size_2m, validate);
+                match out.iter_mut().find(|(n, _)| *n == s.name()) {
+                    Some((_, c)) => *c += 1,
+                    None => out.push((s.name(), 1)),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// An NPF with the RMP size-mismatch bit (`sev_handle_rmp_fault`): PSMASH the 2M RMP entry
+    /// (tolerating one already split) and zap the 512-page gfn range so the NPT is rebuilt.
+    pub fn rmp_fault(&self, gfn: u64) -> Result<()> {
+        let snp = self.snp("RMP faults exist only on SEV-SNP")?;
+        self.ops.ensure_alive()?;
+        self.check_gfn(gfn, "gfn")?;
+        self.ops.write(self.arena(), |st, ctx| {
+            let Some(slot) = st.memslots.find(gfn).filter(|s| s.gmem) else {
+                return Err(bad_arg(
+                    "gfn",
+                    format!("gfn {gfn:#x} is not guest_memfd memory"),
+                ));
+            };
+            snp.handle_rmp_fault(ctx, slot.gmem_pfn(gfn));
+            let base = gfn & !511;
+            self.mmu.tdp.zap_gfn_range(ctx, base, base + 512);
+            Ok(())
+        })
+    }
+
+    /// RMP entry of the guest_memfd page behind `gfn`: (assigned, validated, 2M, gfn).
+    pub fn rmp_entry(&self, gfn: u64) -> Result<(bool, bool, bool, u64)> {
+        self.check_gfn(gfn, "gfn")?;
+        let no_entry = || {
+            bad_arg(
+                "gfn",
+                format!("gfn {gfn:#x} has no RMP entry (not SNP guest_memfd memory)"),
+            )
+        };
+        let snp = self
+            .mmu
+            .vendor
+            .as_any()
+            .downcast_ref::<Snp>()
+            .ok_or_else(no_entry)?;
+        let st = self.ops.mmu_lock.read();
+        let slot = st
+            .memslots
+            .find(gfn)
+            .filter(|s| s.gmem)
+            .ok_or_else(no_entry)?;
+        let e = snp.rmp.get(slot.gmem_pfn(gfn));
+        Ok((
+            rmp::assigned(e),
+            rmp::validated(e),
+            rmp::is_2m(e),
+            rmp::entry_gfn(e),
+        ))
+    }
+
+    /// The external tree's entries (not FREE) in tree order: (gfn, level, state, pfn).
+    pub fn sept_entries(&self) -> Result<Vec<(u64, u8, &'static str, u64)>> {
+        match self.external_tree() {
+            Some(m) => Ok(m.dump()),
+            None => Err(Error::Config(
+                "vm_type: only TDX VMs (and sw_protected with mirror=True) have an S-EPT".into(),
+            )),
+        }
+    }
+
+    // ----- inspection --------------------------------------------------------------------
+
+    /// Entries on the path to `gfn` in the current root of the kind `private` selects.
+    pub fn walk(&self, gfn: u64, private: bool) -> Result<Vec<(u8, u64)>> {
+        self.check_gfn(gfn, "gfn")?;
+        let mirror = self.has_mirror() && private;
+        if private && !self.has_mirror() {
+            self.check_private(Some(true))?;
+        }
+        let _st = self.ops.mmu_lock.read();
+        let tdp = &self.mmu.tdp;
+        Ok(match tdp.current_root(mirror) {
+            Some(root) => tdp.walk_root(root, gfn, tdp.root_gfn_bits(mirror)),
+            None => Vec::new(),
+        })
+    }
+
+    /// The leaf for `gfn` (or the entry where the walk stopped).
+    pub fn spte(&self, gfn: u64, private: bool) -> Result<u64> {
+        Ok(self
+            .walk(gfn, private)?
+            .last()
+            .map(|e| e.1)
+            .unwrap_or(SHADOW_NONPRESENT_VALUE))
+    }
+
+    /// Every invariant (`check::check`); after `destroy()`, the teardown audit.
+    pub fn check(&self) -> Result<()> {
+        if self.destroyed() {
+            let st = self.ops.mmu_lock.read();
+            return check::check_teardown(&self.mmu, &st);
+        }
+        self.ops.ensure_alive()?;
+        let st = self.ops.mmu_lock.write();
+        let totals = self.ops.totals.snapshot();
+        check::check(&self.mmu, &st, &totals)
+    }
+
+    /// The memstress-shaped workload on real threads (`memstress::run`).
+    pub fn run_memstress(&self, a: &MemstressArgs) -> Result<Vec<VcpuResult>> {
+        self.check_private(a.private)?;
+        memstress::run(&self.mmu, &self.ops, a, self.cfg.vcpus, |g, n| {
+            self.check_range(g, n)
+        })
+    }
+}
