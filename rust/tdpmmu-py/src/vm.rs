@@ -254,6 +254,31 @@ impl Vm {
             4096
         }
     }
+    /// The seed of every seeded draw (TDX busy injection).
+    #[getter]
+    fn seed(&self) -> u64 {
+        self.inner.cfg.seed
+    }
+    /// The TDX options in effect as {name: value} (every option, defaults included), or an
+    /// empty dict on VM types without a TD-shaped mirror.
+    #[getter]
+    fn tdx_options<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        if !self.inner.variant.tdx_options {
+            return Ok(d);
+        }
+        let o = &self.inner.cfg.tdx;
+        d.set_item("version", o.version.name())?;
+        d.set_item("sept_free", o.sept_free.name())?;
+        d.set_item("track", o.track.name())?;
+        d.set_item("interface", o.interface.name())?;
+        d.set_item("measure", o.measure)?;
+        d.set_item("max_local_retries", o.max_local_retries)?;
+        for (leaf, p) in core::config::BUSY_LEAVES.iter().zip(o.busy) {
+            d.set_item(*leaf, p)?;
+        }
+        Ok(d)
+    }
     /// Memslot generation (bumped by 2 per memslot change; MMIO SPTEs record it).
     #[getter]
     fn memslot_generation(&self, py: Python<'_>) -> PyResult<u64> {
