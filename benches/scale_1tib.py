@@ -17,8 +17,8 @@ default: KVM_PRE_FAULT_MEMORY on a runnable TD, TDH.MEM.PAGE.AUG per page) or be
 page, then finalize). Either way each new mirror table below the root also adds an S-EPT table
 (TDH.MEM.SEPT.ADD); the script prints their bytes (``sept_tables`` x 4 KiB) beside the mirror's.
 Peak RSS comes from ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux). For a TD the
-issue's targets (create + finalize + populate within 60 s, peak RSS under 6 GiB) are printed with a
-``met`` verdict; they are never turned into the exit status.
+issue's targets (create + finalize + populate within 60 s, peak RSS under 6 GiB) are printed beside
+the measured figures, with what each is for; they are never turned into the exit status.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import platform
 import resource
 import sys
 import time
-from typing import Any
 
-from tdpmmu import _core
+from tdpmmu import VM
 
 PAGE = 4096
 
@@ -49,15 +48,8 @@ TDX_TARGET_S = 60.0
 TDX_TARGET_RSS = 6 << 30
 
 
-def make_vm(vm_type: str, memory: int, levels: int, tdx: dict[str, str] | None = None) -> Any:
-    """tdpmmu.VM if it imports, else the raw native class (4K backing, 1 vCPU)."""
-    try:
-        from tdpmmu import VM
-    except Exception:
-        hooks = {"snp": "gmem", "tdx": "mirror"}.get(vm_type, "none")
-        return _core.Vm(
-            vm_type, memory, 1, levels, PAGE, hooks, {}, 0, False, False, True, tdx or {}
-        )
+def make_vm(vm_type: str, memory: int, levels: int, tdx: dict[str, str] | None = None) -> VM:
+    """A ``vm_type`` guest of ``memory`` bytes: 4K backing, 1 vCPU, the type's default hooks."""
     return VM(vm_type=vm_type, memory=memory, levels=levels, backing=PAGE, tdx=tdx)
 
 
@@ -171,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"modeled time       : {float(stats['modeled_ns']) / 1e9:,.3f} s (cost model)")
     if is_tdx:
         total = t_create + t_fin + t_pop
-        met_t = "yes" if total <= TDX_TARGET_S else "NO"
-        met_m = "yes" if rss < TDX_TARGET_RSS else "NO"
-        print(f"target wall        : create+finalize+populate {total:,.3f} s <= 60 s: {met_t}")
-        print(f"target peak RSS    : {gib(rss)} < 6 GiB: {met_m}")
+        print(
+            f"target wall        : create+finalize+populate {total:,.3f} s, target <= "
+            f"{TDX_TARGET_S:.0f} s (guards: a 1 TiB TD is built in an interactive run)"
+        )
+        print(
+            f"target peak RSS    : {gib(rss)}, target < {gib(TDX_TARGET_RSS)} (guards: a 1 TiB "
+            "TD's mirror + S-EPT tables fit a developer machine)"
+        )
     ok = installed == npages
 
     if args.check:

@@ -20,31 +20,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 from conftest import CONVERT_CHUNKS
-from test_fault_bench import FIXED, PATTERNS, U64Array, make_pattern, record_batch, run_rounds
+from test_fault_bench import (
+    FIXED,
+    PATTERNS,
+    U64Array,
+    make_pattern,
+    record_batch,
+    run_rounds,
+    tables_for,
+)
 
-from tdpmmu import _core
+from tdpmmu import VM
 
 if TYPE_CHECKING:
     from conftest import BenchSizes, Results
     from pytest_benchmark.fixture import BenchmarkFixture
 
-_VM: Any
-try:
-    from tdpmmu import VM as _VM
-except Exception:  # pragma: no cover - only while python/tdpmmu/vm.py is being written
-    _VM = None
-
 DIRECTIONS = ("to_shared", "to_private")
 
 
-def make_cvm(vm_type: str, memory: int) -> Any:
+def make_cvm(vm_type: str, memory: int) -> VM:
     """A runnable confidential VM (4 levels, 4K backing, 1 vCPU, the type's default hooks):
     a TD is finalized (vCPUs may run only after TDH.MR.FINALIZE); an SNP guest needs nothing."""
-    if _VM is not None:
-        vm = _VM(vm_type=vm_type, memory=memory)
-    else:
-        hooks = {"snp": "gmem", "tdx": "mirror"}[vm_type]
-        vm = _core.Vm(vm_type, memory, 1, 4, 4096, hooks, {}, 0, False, False, True)
+    vm = VM(vm_type=vm_type, memory=memory)
     if vm_type == "tdx":
         vm.finalize()
     return vm
@@ -115,9 +113,12 @@ def test_private_first_touch(
     got = counters(vm, *FAULT_COUNTERS[vm_type])
     assert got == dict.fromkeys(FAULT_COUNTERS[vm_type], len(gfns)), got
     stats = vm.stats_dict()
+    # The private root's tree over these gfns: every table but the root (KVM's tdp_mmu_pages).
+    below_root = tables_for(gfns) - 1
+    assert stats["tdp_mmu_pages"] == below_root, (stats["tdp_mmu_pages"], below_root)
     if vm_type == "tdx":
         # One S-EPT table per mirror table below the root, each added by TDH.MEM.SEPT.ADD.
-        assert stats["sept_tables"] == stats["TDH.MEM.SEPT.ADD"] > 0, stats
+        assert stats["sept_tables"] == stats["TDH.MEM.SEPT.ADD"] == below_root, stats
         benchmark.extra_info["sept_tables"] = stats["sept_tables"]
     benchmark.extra_info["tdp_mmu_pages"] = stats["tdp_mmu_pages"]
     benchmark.extra_info["modeled_ns_per_fault"] = float(stats["modeled_ns"]) / len(gfns)
