@@ -334,6 +334,7 @@ def test_text_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[added by report]" in out
     assert "docs/costs.md §7.1 R1" in out and "docs/costs.md §7.1 R6" in out
     assert "shared/" not in out
+    assert max(len(x) for x in out.splitlines()) <= 100, "text output stays within 100 columns"
     # The SNP rows reflect the override: 3 + 1.2 + 2 + 7.5 + 1 + 0.5 µs on first touch (PSC
     # added by the report); 3 + 0.107 + 1.2 + 2 + 1 + 0.5 µs once allocated (request charged
     # by the engine).

@@ -7,18 +7,17 @@ and to print next to its results.
 
 import dataclasses
 
+from tdpmmu import config
 from tdpmmu._core import ConfigError
 
 __all__ = ["DESIGNS", "HookDesign"]
 
-#: Design names the engine knows (which VM types take which: README, "Confidential VMs").
-DESIGNS = ("none", "mirror", "private", "gmem")
+#: Design names the engine knows (which VM types take which: ``tdpmmu.config.VARIANTS``).
+DESIGNS = config.DESIGNS
 
+#: The TDX options a design carries (those whose values are names), with their choices.
 _CHOICES = {
-    "sept_free": ("teardown", "sept_remove"),
-    "track": ("per_page", "batched"),
-    "interface": ("four_hook", "two_hook"),
-    "version": ("6.19", "6.16"),
+    key: config.TDX_OPTION_CHOICES[key] for key in ("sept_free", "track", "interface", "version")
 }
 
 

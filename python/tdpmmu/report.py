@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from tdpmmu import __version__
+from tdpmmu import __version__, render
 from tdpmmu.costs import CostModel
 from tdpmmu.stats import Stats
 from tdpmmu.vm import VM
@@ -537,16 +537,16 @@ HEADER = (
 
 
 def _table(rows: Sequence[Row]) -> list[str]:
-    width = max(len(r.label) for r in rows)
-    lines = [
-        f"{'item':<{width}}  {'modeled µs':>10}  {'published µs':>12}  {'modeled/published':>17}",
+    columns = (
+        render.Column("item", right=False, key=True),
+        render.Column(("modeled", "µs")),
+        render.Column(("published", "µs")),
+        render.Column(("modeled /", "published")),
+    )
+    cells = [
+        (r.label, f"{r.modeled_ns / 1000:.3f}", r.published.text(), r.ratio_text()) for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"{r.label:<{width}}  {r.modeled_ns / 1000:>10.3f}  {r.published.text():>12}  "
-            f"{r.ratio_text():>17}"
-        )
-    return lines
+    return render.table(columns, cells)
 
 
 def format_text(report: Report) -> str:
@@ -555,9 +555,11 @@ def format_text(report: Report) -> str:
         f"{k}={v:g}" for k, v in report.costs.to_dict().items() if v != getattr(default, k)
     ]
     out = [
-        HEADER.format(version=__version__),
-        f"vCPUs: {report.vcpus}; teardown pages: {TEARDOWN_PAGES}; cost overrides: "
-        f"{', '.join(overrides) if overrides else 'none'}",
+        *render.wrap(HEADER.format(version=__version__), subsequent=""),
+        *render.wrap(
+            f"vCPUs: {report.vcpus}; teardown pages: {TEARDOWN_PAGES}; cost overrides: "
+            f"{', '.join(overrides) if overrides else 'none'}"
+        ),
         "",
         *_table(report.rows),
         "",
@@ -570,10 +572,15 @@ def format_text(report: Report) -> str:
     for r in report.rows:
         out += [
             f"* {r.label} = {r.modeled_ns / 1000:.3f}",
-            f"    = {r.breakdown()}",
-            f"    published: {r.published.text()} µs ({r.published.conditions}); "
-            f"source: {r.published.source}",
-            f"    note: {r.note}",
+            *render.wrap(f"= {r.breakdown()}", indent="    ", subsequent="      "),
+            *render.wrap(
+                f"published: {r.published.text()} µs ({r.published.conditions})",
+                indent="    ",
+                subsequent="      ",
+            ),
+            # The citation starts its own line so "docs/costs.md §x Rn" is never split.
+            *render.wrap(f"source: {r.published.source}", indent="    ", subsequent="      "),
+            *render.wrap(f"note: {r.note}", indent="    ", subsequent="      "),
         ]
     return "\n".join(out)
 
