@@ -6,7 +6,18 @@ use pyo3::sync::PyOnceLock;
 
 static RET_MEMBERS: PyOnceLock<Vec<Py<PyAny>>> = PyOnceLock::new();
 
-/// Let the Python package hand over its `Ret` IntEnum so `Fault.ret` returns its members.
+/// Internal: ``tdpmmu.ret`` hands over ``tdpmmu.Ret``'s members at import.
+///
+/// Afterwards ``Fault.ret`` returns those members instead of plain ints; before it, plain ints.
+///
+/// Args:
+///     members: the ``Ret`` members in value order (at least 8).
+///
+/// Returns:
+///     None.
+///
+/// Raises:
+///     ValueError: fewer than 8 members.
 #[pyfunction]
 pub fn _register_ret(py: Python<'_>, members: Vec<Py<PyAny>>) -> PyResult<()> {
     if members.len() < 8 {

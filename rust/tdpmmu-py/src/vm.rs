@@ -17,7 +17,12 @@ use crate::errors::{base_err, call, call_detached, config_err, to_py};
 use crate::hooks::{HOOK_METHODS, PyHooks, current_hook};
 use crate::ret::ret_obj;
 
-/// Outcome of one fault (`kvm_mmu_page_fault`'s RET_PF_* and where it ended).
+/// Outcome of one guest page fault, as ``VM.fault`` returns it (read-only).
+///
+/// Models what ``kvm_mmu_page_fault`` returned for one EPT/NPT violation: KVM's RET_PF_* code
+/// (``ret``), where the fault ended (``level``, ``spte``), how often KVM retried it locally
+/// (``retries``) and the modeled time it cost (``modeled_ns``), for the 4 KiB guest page
+/// ``gfn``. Only ``VM.fault`` creates it.
 #[pyclass(frozen, module = "tdpmmu._core", name = "Fault")]
 pub struct Fault {
     r: core::FaultResult,
@@ -25,40 +30,75 @@ pub struct Fault {
 
 #[pymethods]
 impl Fault {
-    /// `tdpmmu.Ret`: FIXED, SPURIOUS, RETRY, EMULATE, WRITE_PROTECTED, INVALID or MEMORY_FAULT.
+    /// KVM's RET_PF_* result, as a ``tdpmmu.Ret`` member (an ``int``).
+    ///
+    /// The model returns FIXED (a leaf was installed), SPURIOUS (the present leaf already allowed
+    /// the access, or the new SPTE equals the old), RETRY (the walk met a FROZEN entry, a cmpxchg
+    /// lost, or a hook answered -EBUSY, after TDX's local retries ran out), EMULATE (a gfn in no
+    /// memslot: MMIO; an MMIO SPTE was installed or hit the MMIO cache) or MEMORY_FAULT (the
+    /// access's kind does not match the gfn's memory attribute, or a private access to memory
+    /// without guest_memfd: KVM's -EFAULT with KVM_EXIT_MEMORY_FAULT; nothing changed). CONTINUE,
+    /// WRITE_PROTECTED and INVALID exist for KVM's numbering but the model never returns them.
     #[getter]
     fn ret(&self, py: Python<'_>) -> Py<PyAny> {
         ret_obj(py, self.r.ret as u8)
     }
-    /// Level of the entry the fault installed or stopped at (1 = 4K, 2 = 2M, 3 = 1G, ...).
+    /// Level of the entry the fault ended at: 1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB, up to ``VM.levels``.
+    ///
+    /// FIXED and SPURIOUS: the leaf that maps ``gfn`` now. EMULATE: 1 (MMIO SPTEs are 4 KiB).
+    /// MEMORY_FAULT: where a walk of the root the access would use stops (a leaf, or the first
+    /// non-present entry, e.g. ``VM.levels`` in an empty root). RETRY: the level the fault had
+    /// reached, or 1 if it stopped above its goal level.
     #[getter]
     fn level(&self) -> u8 {
         self.r.level
     }
-    /// Times KVM retried the fault locally (TDX private faults) before returning.
+    /// How many times KVM retried this fault locally before returning to the guest (an ``int``).
+    ///
+    /// Only TDX private faults retry locally: a RETRY (a SEAMCALL answered OPERAND_BUSY) is retried
+    /// up to ``tdx["max_local_retries"]`` times (default 1000), each retry charging
+    /// ``fault_handling_ns`` again and counting ``pf_taken``, ``pf_retry`` and
+    /// ``tdx_local_retries``. 0 for every other fault.
     #[getter]
     fn retries(&self) -> u32 {
         self.r.retries
     }
-    /// Modeled nanoseconds this fault cost (exit, handling, host page, SEAMCALLs, ...).
+    /// Modeled nanoseconds this fault cost (a ``float``; cost-model time, not host time).
+    ///
+    /// The exit and re-entry (``exit_entry_ns``, on a TD ``td_exit_entry_ns``), KVM's handling
+    /// (``fault_handling_ns`` per try), first-touch host allocation, TLB flushes, huge-page splits,
+    /// the hooks' SEAMCALLs or RMP instructions, and what the guest does right after (a TD's
+    /// TDG.MEM.PAGE.ACCEPT, an SNP guest's PVALIDATE). The same amount is added to
+    /// ``VM.stats["modeled_ns"]``.
     #[getter]
     fn modeled_ns(&self) -> f64 {
         self.r.modeled_ns
     }
-    /// The SPTE value at `level` after the fault.
+    /// The 64-bit SPTE at ``level`` after the fault (an ``int``).
+    ///
+    /// FIXED: the leaf installed; SPURIOUS: the present leaf; EMULATE: the MMIO SPTE; MEMORY_FAULT
+    /// and RETRY: the entry where the walk stopped (``tdpmmu.spte.SHADOW_NONPRESENT_VALUE`` when
+    /// nothing is there). Decode it with ``tdpmmu.spte.decode``.
     #[getter]
     fn spte(&self) -> u64 {
         self.r.spte
     }
+    /// The guest page-frame number that faulted: the 4 KiB page at guest-physical ``gfn << 12``.
+    ///
+    /// Never carries the shared bit (the ``gfn`` argument of ``VM.fault``, unchanged).
     #[getter]
     fn gfn(&self) -> u64 {
         self.r.gfn
     }
-    /// The fault was a private access.
+    /// True if the fault was handled as a private access.
+    ///
+    /// ``VM.fault(private=None)`` resolves it from the gfn's memory attribute; always False on a
+    /// default VM.
     #[getter]
     fn private(&self) -> bool {
         self.r.private
     }
+    /// The fault as ``Fault(ret=..., gfn=0x..., level=..., retries=..., modeled_ns=..., ...)``.
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let ret = ret_obj(py, self.r.ret as u8);
         Ok(format!(
@@ -74,7 +114,20 @@ impl Fault {
     }
 }
 
-/// Native VM. Use `tdpmmu.VM`, which subclasses this and adds the friendly constructor.
+/// Native VM (``tdpmmu._core.Vm``); use ``tdpmmu.VM``, which subclasses it.
+///
+/// ``tdpmmu.VM`` coerces the constructor's arguments (sizes, hook designs, cost models) and
+/// documents them.
+///
+/// Conventions of every method: a gfn is the guest page-frame number of a 4 KiB guest page
+/// (guest-physical address >> 12) in ``0..max_gfn``; npages counts 4 KiB pages; sizes are in
+/// bytes. A bad argument raises ``tdpmmu.ConfigError`` (also a ``ValueError``) whose message
+/// starts with the argument's name, and the VM is unchanged; an argument of the wrong Python
+/// type (a bool where an int is expected, an int where a bool is, a list for an array) raises
+/// ``TypeError``. After a KVM_BUG_ON every operation raises ``tdpmmu.VmBugged``; after
+/// ``destroy()`` every operation raises ``ConfigError`` naming ``vm`` (inspection methods still
+/// answer). A Rust panic surfaces as ``tdpmmu.TdpmmuError``. Calls that take the VM's locks
+/// release the GIL.
 #[pyclass(subclass, frozen, module = "tdpmmu._core", name = "Vm")]
 pub struct Vm {
     inner: Arc<core::Vm>,
@@ -100,6 +153,9 @@ fn option_value<'a>(key: &str, v: &'a Bound<'_, PyAny>) -> PyResult<OptionValue<
 
 #[pymethods]
 impl Vm {
+    /// Build the VM from already-coerced arguments; ``tdpmmu.VM(...)`` is the constructor to use.
+    ///
+    /// Sizes are in bytes, ``hooks`` is a design name or None, ``costs`` a dict of nanoseconds.
     #[new]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all, *, tdx = None, mirror = false, folio = None, hook_object = None))]
@@ -201,51 +257,74 @@ impl Vm {
         })
     }
 
-    /// "default", "tdx", "snp" or "sw_protected".
+    /// The VM type: ``"default"``, ``"tdx"``, ``"snp"`` or ``"sw_protected"``.
+    ///
+    /// KVM's KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_X86_SNP_VM and KVM_X86_SW_PROTECTED_VM.
     #[getter]
     fn vm_type(&self) -> &'static str {
         self.inner.cfg.vm_type.name()
     }
-    /// Guest memory in bytes (slot 0 covers it from gfn 0).
+    /// Guest memory in bytes given at creation: the default memslot (slot 0) covers it from gfn 0.
+    ///
+    /// Memslots added later are not included.
     #[getter]
     fn memory(&self) -> u64 {
         self.inner.cfg.memory
     }
+    /// Number of vCPUs (1..4096); vCPU indices are ``0..vcpus``.
     #[getter]
     fn vcpus(&self) -> u32 {
         self.inner.cfg.vcpus
     }
-    /// Paging levels of the TDP tables: 4 or 5.
+    /// TDP paging levels: 4 (guest-physical gfns below 2**36) or 5 (below 2**40).
     #[getter]
     fn levels(&self) -> u8 {
         self.inner.cfg.levels
     }
-    /// Exclusive bound of guest gfns (on a VM with a mirror root: the shared bit).
+    /// Exclusive upper bound of every gfn argument.
+    ///
+    /// 2**36 with 4 levels, 2**40 with 5; on a VM with a mirror root (tdx, and sw_protected with
+    /// ``mirror=True``) the shared bit (2**35 or 2**39): the guest owns the half of guest-physical
+    /// space below it, and shared accesses are chosen with ``private=False``, not with the bit.
     #[getter]
     fn max_gfn(&self) -> u64 {
         self.inner.max_gfn()
     }
-    /// The shared (direct) alias bit as a gfn bit value; 0 if the VM has none.
+    /// The shared bit as a gfn value, or 0 if the VM has none.
+    ///
+    /// ``1 << 35`` (4 levels) or ``1 << 39`` (5 levels) on a VM with a mirror root (tdx, and
+    /// sw_protected with ``mirror=True``). The direct root maps shared gfn ``g`` at index ``g |
+    /// shared_bit``; gfn arguments, ``Fault.gfn`` and ``walk`` never carry the bit.
     #[getter]
     fn shared_bit(&self) -> u64 {
         self.inner.shared_bit()
     }
-    /// A KVM_BUG_ON fired; every further operation raises VmBugged.
+    /// True once a KVM_BUG_ON fired; every further operation then raises ``tdpmmu.VmBugged``.
+    ///
+    /// A SEAMCALL, RMP instruction or hook failed where KVM does not expect it to.
     #[getter]
     fn bugged(&self) -> bool {
         self.inner.bugged()
     }
-    /// The hook design in effect ("none", "mirror", "private" or "gmem").
+    /// The hook design in effect: ``"none"``, ``"mirror"``, ``"private"`` or ``"gmem"``.
+    ///
+    /// ``"mirror"`` when a hook object answers the hooks. Which VM types take which design:
+    /// ``tdpmmu.config.VARIANTS``.
     #[getter]
     fn hooks_name(&self) -> &'static str {
         self.inner.design.name()
     }
-    /// sw_protected with a mirror root (the seed's variant).
+    /// True for ``VM("sw_protected", mirror=True)``, False otherwise.
+    ///
+    /// That variant has a TDX-shaped mirror root and shared bit over a software external tree (no
+    /// SEAMCALLs). A TD's mirror root comes with ``vm_type="tdx"`` and does not set this.
     #[getter]
     fn mirror(&self) -> bool {
         self.inner.cfg.mirror
     }
-    /// guest_memfd folio size in bytes (4096 or 2097152).
+    /// guest_memfd folio size in bytes: 4096 (the default) or 2097152 (``folio="2M"``).
+    ///
+    /// A private mapping is never larger than the folio. 4096 on a default VM (no guest_memfd).
     #[getter]
     fn folio(&self) -> u64 {
         if self.inner.cfg.folio_level == 2 {
@@ -254,13 +333,19 @@ impl Vm {
             4096
         }
     }
-    /// The seed of every seeded draw (TDX busy injection).
+    /// Seed of the VM's seeded draws (TDX OPERAND_BUSY injection), an int in ``0..2**64``.
     #[getter]
     fn seed(&self) -> u64 {
         self.inner.cfg.seed
     }
-    /// The TDX options in effect as {name: value} (every option, defaults included), or an
-    /// empty dict on VM types without a TD-shaped mirror.
+    /// The TDX options in effect as a new dict ``{name: value}``: every option, defaults included.
+    ///
+    /// Keys: ``version`` ("6.19" or "6.16"), ``sept_free`` ("teardown" or "sept_remove"), ``track``
+    /// ("per_page" or "batched"), ``interface`` ("four_hook" or "two_hook"), ``measure`` (bool),
+    /// ``max_local_retries`` (int) and one OPERAND_BUSY probability (float in [0, 1]) per leaf of
+    /// TDH.MEM.SEPT.ADD, TDH.MEM.PAGE.AUG, TDH.MEM.RANGE.BLOCK, TDH.MEM.TRACK and
+    /// TDH.MEM.PAGE.REMOVE. An empty dict on VM types without a TD-shaped mirror (default, snp,
+    /// sw_protected without ``mirror``).
     #[getter]
     fn tdx_options<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -279,21 +364,61 @@ impl Vm {
         }
         Ok(d)
     }
-    /// Memslot generation (bumped by 2 per memslot change; MMIO SPTEs record it).
+    /// KVM's memslot generation: 0 for a new VM, +2 per memslot added or deleted.
+    ///
+    /// Slot 0 comes with the VM and is not an addition. An MMIO SPTE records the generation it was
+    /// made in; one of an older generation is stale, and the next fault on it installs a new one.
     #[getter]
     fn memslot_generation(&self, py: Python<'_>) -> PyResult<u64> {
         self.run(py, |vm| Ok(vm.memslot_generation()))
     }
-    /// TDX: the TD was finalized (is runnable).
+    /// True once the TD is runnable (its vCPUs can fault).
+    ///
+    /// On a tdx VM after ``finalize()`` (KVM_TDX_FINALIZE_VM); on sw_protected with ``mirror=True``
+    /// from the start; False on other VM types.
     #[getter]
     fn finalized(&self) -> bool {
         self.inner.finalized()
     }
+    /// True after ``destroy()`` (also called when a ``with`` block ends).
+    ///
+    /// Every operation that changes the VM or runs a vCPU then raises ``ConfigError`` naming
+    /// ``vm``; ``check()`` audits the teardown.
     #[getter]
     fn destroyed(&self) -> bool {
         self.inner.destroyed()
     }
 
+    /// Make a range private or shared (KVM_SET_MEMORY_ATTRIBUTES).
+    ///
+    /// Models one guest conversion request and KVM's handling of it. If the attribute of any page
+    /// of ``[gfn, gfn + npages)`` changes, the request charges ``psc_exit_ns + gmem_convert_ns``
+    /// (counter ``conversions``) plus, with ``folio="2M"``, ``gmem_split_2m_ns`` per 2 MiB folio
+    /// the range only partly covers (``gmem_splits``); then, before the change, KVM unmaps the
+    /// range under the old attribute's filter (``kvm_arch_pre_set_memory_attributes``): going
+    /// shared zaps private leaves (on a VM with a mirror root the mirror root's, through the hooks:
+    /// a TD removes each page with BLOCK, TRACK, kick, PAGE.REMOVE, WBINVD and clear), going
+    /// private zaps shared ones (the direct root's); a VM without a mirror root has one root and
+    /// loses every leaf of the range. One remote TLB flush if a valid root lost a leaf. A range
+    /// already all of the requested kind is a no-op that costs nothing. guest_memfd pages are not
+    /// freed (``punch_hole`` does that) and the RMP is not changed.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1; the range must end at or below ``max_gfn`` and
+    ///         every page must be in a memslot (with or without guest_memfd).
+    ///     private: True (default) to make the range private, False to make it shared.
+    ///
+    /// Returns:
+    ///     int: the number of present leaves zapped (0 when nothing changed).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``private`` on a default VM (no private memory); ``gfn`` or
+    ///         ``npages`` for a range beyond ``max_gfn`` or not covered by memslots; ``vm`` after
+    ///         ``destroy()``. The VM is unchanged.
+    ///     VmBugged: the VM was bugged, or a hook or SEAMCALL failed during the zap.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfn, npages, private = true))]
     fn set_memory_attributes(
         &self,
@@ -306,19 +431,119 @@ impl Vm {
         self.run(py, |vm| vm.set_memory_attributes(gfn, npages, private))
     }
 
+    /// Free the guest_memfd pages of a range (fallocate(PUNCH_HOLE) on the VM's guest_memfd).
+    ///
+    /// Models ``kvm_gmem_invalidate_begin``: KVM unmaps the range with the PRIVATE filter (on a VM
+    /// with a mirror root: the mirror root and invalid roots, through the hooks; on a VM without
+    /// one, every leaf of the range in its one root), with one remote TLB flush if a valid root
+    /// lost a leaf; then guest_memfd frees the pages: the vendor's ``kvm_arch_gmem_invalidate``
+    /// (SNP with design "gmem": RMPUPDATE back to shared, one instruction per 2 MiB RMP entry
+    /// wholly inside the range, PSMASH first for one it only partly covers) and the freed backing
+    /// pages (whole ones only) count as never touched, so the next private fault allocates and
+    /// charges them again. The memory attributes do not change.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1; every page must be in a memslot with guest_memfd.
+    ///
+    /// Returns:
+    ///     int: the number of present leaves zapped.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``vm_type`` on a default VM (no guest_memfd); ``gfn`` or ``npages``
+    ///         for a range beyond ``max_gfn`` or a page that is not in a guest_memfd memslot;
+    ///         ``vm`` after ``destroy()``. The VM is unchanged.
+    ///     VmBugged: the VM was bugged, or a hook, SEAMCALL or RMP instruction failed.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn punch_hole(&self, py: Python<'_>, gfn: Int, npages: Int) -> PyResult<u64> {
         let (gfn, npages) = self.range(py, &gfn, &npages)?;
         self.run(py, |vm| vm.punch_hole(gfn, npages))
     }
 
+    /// Make the TD runnable (KVM_TDX_FINALIZE_VM).
+    ///
+    /// Before it no vCPU can run (``fault``, ``fault_batch`` and ``run_memstress`` raise) and
+    /// ``populate(..., private=True)`` builds the initial image with TDH.MEM.PAGE.ADD (the page is
+    /// MAPPED at once; 16 TDH.MR.EXTEND per page with ``tdx={"measure": True}``). After it, private
+    /// faults and pre-faults use TDH.MEM.PAGE.AUG (PENDING until the guest's TDG.MEM.PAGE.ACCEPT),
+    /// and zaps of private pages TRACK and kick the vCPUs. Charges nothing.
+    ///
+    /// Returns:
+    ///     None.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``vm_type`` on a VM that is not a TD (default, snp, sw_protected;
+    ///         sw_protected with ``mirror=True`` runs from the start); ``finalize`` if the TD is
+    ///         already finalized or, with ``tdx={"version": "6.16"}``, while pre-faulted pages
+    ///         still lack TDH.MEM.PAGE.ADD (``nr_premapped`` is not 0); ``vm`` after ``destroy()``.
+    ///     VmBugged: the VM was bugged.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn finalize(&self, py: Python<'_>) -> PyResult<()> {
         self.run(py, |vm| vm.finalize())
     }
 
+    /// Tear the VM down in KVM's order (the last reference to the VM goes: ``kvm_destroy_vm``).
+    ///
+    /// 1. guest_memfd is released: every guest_memfd memslot is unmapped with the PRIVATE filter
+    ///    and its pages are freed (as ``punch_hole``) while a TD still has its HKID, so a TD
+    ///    removes each private page (BLOCK, TRACK, kick, PAGE.REMOVE, WBINVD, clear) and SNP
+    ///    returns every RMP entry to shared;
+    /// 2. with ``tdx={"sept_free": "sept_remove"}`` the leaf-less mirror tree is torn down before
+    ///    the HKID goes, each S-EPT table by BLOCK (its parent entry), TRACK, kick, SEPT.REMOVE,
+    ///    WBINVD and clear;
+    /// 3. ``kvm_arch_pre_destroy_vm``: a TD releases its HKID (TDH.VP.FLUSH per vCPU,
+    ///    TDH.MNG.VPFLUSHDONE, TDH.PHYMEM.CACHE.WB, TDH.MNG.KEY.FREEID);
+    /// 4. every vCPU drops its roots, and every root is invalidated and zapped exclusively
+    ///    (``kvm_mmu_uninit_tdp_mmu``); on the mirror root only ``free_external_spt`` is left to
+    ///    run, so each remaining S-EPT table goes by TDH.PHYMEM.PAGE.RECLAIM and clear.
+    ///
+    /// Afterwards every operation that changes the VM or runs a vCPU raises ``ConfigError`` naming
+    /// ``vm``; inspection (``walk``, ``spte``, ``roots``, ``memslots``, ``tables``, ``stats``,
+    /// ``rmp_entry``, ``sept_entries``, ``trace_events``) still answers, and ``check()`` audits the
+    /// teardown (no roots, no KVM page tables, no S-EPT or external tables, no private leaves, no
+    /// assigned RMP entries). Leaving a ``with tdpmmu.VM(...)`` block calls it.
+    ///
+    /// Returns:
+    ///     None.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``vm`` if the VM is already destroyed.
+    ///     VmBugged: the VM was bugged (it is then not torn down), or a hook or SEAMCALL failed
+    ///         during the teardown (the VM is then destroyed and bugged).
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn destroy(&self, py: Python<'_>) -> PyResult<()> {
         self.run(py, |vm| vm.destroy())
     }
 
+    /// The SEV-SNP guest's PVALIDATE over a range: validate private pages, or rescind validation.
+    ///
+    /// Models the guest instruction against the RMP: one PVALIDATE per 4 KiB page, or per 2 MiB
+    /// page with ``size_2m``; each charges ``pvalidate_ns`` and counts ``pvalidate``. Architectural
+    /// failures are reported, not raised, count ``pvalidate_errors`` and change nothing:
+    /// ``NO_UPDATE`` (the page is already in the requested state) and ``FAIL_SIZEMISMATCH`` (a 4
+    /// KiB PVALIDATE inside a 2 MiB RMP entry, or a 2 MiB one over 4 KiB entries). A guest rescinds
+    /// validation (``validate=False``) before it hands a page back for conversion to shared.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``; a multiple of 512 with ``size_2m``.
+    ///     npages: number of 4 KiB pages, >= 1 (default 1); a multiple of 512 with ``size_2m``.
+    ///     size_2m: issue 2 MiB PVALIDATEs, one per 512 pages (default False: 4 KiB ones).
+    ///     validate: True (default) to validate, False to rescind validation.
+    ///
+    /// Returns:
+    ///     dict[str, int]: status name -> number of PVALIDATEs that ended with it: ``"SUCCESS"``,
+    ///     ``"NO_UPDATE"``, ``"FAIL_SIZEMISMATCH"``.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``vm_type`` on a VM that is not SNP; ``gfn`` if ``size_2m`` and
+    ///         ``gfn`` or ``npages`` is not a multiple of 512, or if a page is not guest_memfd
+    ///         memory assigned to the guest at that gpa in the RMP (checked before any PVALIDATE
+    ///         runs); ``gfn`` or ``npages`` for a range beyond ``max_gfn``; ``vm`` after
+    ///         ``destroy()``.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfn, npages = Int::of(1), size_2m = false, validate = true))]
     #[pyo3(text_signature = "(self, /, gfn, npages=1, size_2m=False, validate=True)")]
     fn pvalidate<'py>(
@@ -338,11 +563,49 @@ impl Vm {
         Ok(d)
     }
 
+    /// Handle a nested page fault with the RMP size-mismatch bit set (``sev_handle_rmp_fault``).
+    ///
+    /// KVM PSMASHes the 2 MiB RMP entry behind ``gfn`` (if the entry is an assigned 2 MiB one; an
+    /// entry already split is tolerated) and zaps the 2 MiB-aligned gfn range ``[gfn & ~511,
+    /// +512)`` in every valid root so the NPT is rebuilt at 4 KiB, with one remote TLB flush if a
+    /// leaf was zapped. Counts ``rmp_faults``. Use it before a 4 KiB PVALIDATE or conversion inside
+    /// a 2 MiB RMP entry.
+    ///
+    /// Args:
+    ///     gfn: any 4 KiB guest page of the 2 MiB range, in ``0..max_gfn``; it must be guest_memfd
+    ///         memory.
+    ///
+    /// Returns:
+    ///     None.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``vm_type`` on a VM that is not SNP; ``gfn`` beyond ``max_gfn`` or
+    ///         not guest_memfd memory; ``vm`` after ``destroy()``.
+    ///     VmBugged: the VM was bugged, or the RMP instruction failed.
+    ///     TypeError: ``gfn`` is not an int.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn rmp_fault(&self, py: Python<'_>, gfn: Int) -> PyResult<()> {
         let gfn = gfn_arg(py, "gfn", &gfn, self.inner.max_gfn())?;
         self.run(py, |vm| vm.rmp_fault(gfn))
     }
 
+    /// The SEV-SNP RMP entry of the guest_memfd page behind ``gfn`` (inspection; changes nothing).
+    ///
+    /// Args:
+    ///     gfn: the 4 KiB guest page, in ``0..max_gfn``; it must be in a guest_memfd memslot of an
+    ///         SNP VM.
+    ///
+    /// Returns:
+    ///     dict: ``assigned`` (bool: the page is private to the guest), ``validated`` (bool: the
+    ///     guest has PVALIDATEd it), ``size`` (``"4K"`` or ``"2M"``: the entry's page size) and
+    ///     ``gpa`` (int: the guest-physical address in bytes the entry is assigned to, 0 when not
+    ///     assigned); see ``tdpmmu.types.RmpEntry``.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` beyond ``max_gfn``, or with no RMP entry (not SNP
+    ///         guest_memfd memory; also on every other VM type).
+    ///     TypeError: ``gfn`` is not an int.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn rmp_entry<'py>(&self, py: Python<'py>, gfn: Int) -> PyResult<Bound<'py, PyDict>> {
         let gfn = gfn_arg(py, "gfn", &gfn, self.inner.max_gfn())?;
         let (assigned, validated, two_m, g) = self.run(py, |vm| vm.rmp_entry(gfn))?;
@@ -354,10 +617,32 @@ impl Vm {
         Ok(d)
     }
 
+    /// The entries of the external tree: a TD's S-EPT, or sw_protected+mirror's software tree.
+    ///
+    /// The S-EPT is the one the model of the TDX module keeps (inspection; changes nothing).
+    ///
+    /// Returns:
+    ///     list[tuple[int, int, str, int]]: every entry that is not FREE, in tree order, as ``(gfn,
+    ///     level, state, pfn)``: the first gfn the entry covers; its level (``VM.levels`` down to
+    ///     1; an entry at level L > 1 links a table of level L - 1); its state, ``"TABLE"``,
+    ///     ``"MAPPED"``, ``"PENDING"`` (added by PAGE.AUG, not yet accepted by the guest),
+    ///     ``"BLOCKED"`` or ``"BLOCKED_TABLE"``; and a pfn: a leaf's private page, or for a table
+    ///     entry the S-EPT table's own page (the module's memory, not one of ``tables()``). Empty
+    ///     when a hook object answers the hooks (the model is then not driven).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``vm_type`` on a VM without an external tree (default, snp,
+    ///         sw_protected without ``mirror``).
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn sept_entries(&self, py: Python<'_>) -> PyResult<Vec<(u64, u8, &'static str, u64)>> {
         self.run(py, |vm| vm.sept_entries())
     }
 
+    /// The trace as plain tuples (``tdpmmu.VM.trace_events`` wraps them as ``tdpmmu.Event``).
+    ///
+    /// Returns:
+    ///     list[tuple[str, int, int, int]]: ``(op, gfn, level, detail)`` per event, empty unless
+    ///     the VM was created with ``trace=True``. See ``tdpmmu.Event`` for the ops and details.
     fn trace_events(&self) -> Vec<(&'static str, u64, u8, u64)> {
         self.inner
             .events()
@@ -366,6 +651,48 @@ impl Vm {
             .collect()
     }
 
+    /// Take one guest page fault (an EPT/NPT violation) on a vCPU and handle it as KVM does.
+    ///
+    /// Models the exit, ``kvm_mmu_page_fault`` and ``kvm_tdp_mmu_page_fault``, and the re-entry.
+    /// The vCPU loads its roots on its first fault (a TD's mirror root first). A gfn in no memslot
+    /// is MMIO: an MMIO SPTE is installed at 4 KiB, or one of the current memslot generation is
+    /// found without a page fault (the MMIO cache; no ``pf_taken``): EMULATE. An access whose kind
+    /// (private or shared) does not match the gfn's memory attribute, or a private access to memory
+    /// without guest_memfd, is KVM_EXIT_MEMORY_FAULT: MEMORY_FAULT, nothing changes. Otherwise KVM
+    /// faults the pfn in (the first touch of a host backing page is charged; private pages come
+    /// from guest_memfd), picks the level (the memslot's backing page; for private memory at most
+    /// the folio, 4 KiB on a TD, and on SNP the RMP entry's size; never larger than a range of
+    /// uniform attributes; 4 KiB for an exec fault with ``nx_huge_pages``) and walks the vCPU's
+    /// root, linking missing tables and splitting huge leaves in the way, to install the leaf with
+    /// a cmpxchg. A private fault uses the mirror root on a VM that has one; the hooks fire as the
+    /// design says. On a TD a private fault is a write, a RETRY is retried inside KVM
+    /// (``Fault.retries``) and the guest accepts the page afterwards; on SNP the guest PVALIDATEs a
+    /// page it was just given.
+    ///
+    /// Args:
+    ///     gfn: the faulting 4 KiB guest page, in ``0..max_gfn`` (without the shared bit: the alias
+    ///         is chosen with ``private``).
+    ///     private: True for a private access, False for a shared one, None (default) for what the
+    ///         gfn's memory attribute says; a default VM has only shared memory and refuses True.
+    ///     write: True (default) for a write access, False for a read (a read maps the same
+    ///         writable SPTE, as KVM does for a writable host page).
+    ///     exec: True for an instruction fetch (default False); with ``nx_huge_pages`` it maps 4
+    ///         KiB only and splits a huge leaf in the way.
+    ///     vcpu: index of the faulting vCPU, in ``0..vcpus`` (default 0).
+    ///
+    /// Returns:
+    ///     tdpmmu.Fault: the outcome (``ret``, ``level``, ``spte``, ``retries``, ``modeled_ns``,
+    ///     ``gfn``, ``private``).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` or ``vcpu`` out of range; ``private`` (True) on a default
+    ///         VM; ``vm`` on a TD that is not finalized yet or after ``destroy()``. The VM is
+    ///         unchanged.
+    ///     VmBugged: the VM was bugged, or a hook, SEAMCALL or RMP instruction failed in this
+    ///         fault.
+    ///     OutOfMemory: no page-table memory for a table the walk needs.
+    ///     TypeError: an argument of the wrong type (e.g. ``write=1`` or a bool ``gfn``).
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfn, private = None, write = true, exec = false, vcpu = Int::of(0)))]
     #[pyo3(text_signature = "(self, /, gfn, private=None, write=True, exec=False, vcpu=0)")]
     fn fault(
@@ -383,6 +710,33 @@ impl Vm {
         Ok(Fault { r })
     }
 
+    /// Take one fault per gfn of an array, in order, on one vCPU, in one native call.
+    ///
+    /// Each gfn is handled exactly as ``fault(gfn, private, write, exec, vcpu)`` would (same
+    /// counters, costs and hooks), under one hold of ``mmu_lock`` for read; only the RET_PF_* codes
+    /// are returned. Use it to drive many faults without a Python call each.
+    ///
+    /// Args:
+    ///     gfns: 1-D numpy array of any integer dtype (copied before the GIL is released), each
+    ///         value in ``0..max_gfn``; may be empty.
+    ///     private: as ``fault``'s, for every gfn (True, False or None: by each gfn's attribute).
+    ///     write: as ``fault``'s, for every gfn (default True).
+    ///     exec: as ``fault``'s, for every gfn (default False).
+    ///     vcpu: the faulting vCPU, in ``0..vcpus`` (default 0).
+    ///
+    /// Returns:
+    ///     numpy.ndarray: uint8, one ``tdpmmu.Ret`` code per gfn (``Ret(code)`` names it).
+    ///
+    /// Raises:
+    ///     TypeError: ``gfns`` is not a 1-D numpy integer array (a list is refused), or another
+    ///         argument has the wrong type.
+    ///     ConfigError: naming ``gfns`` (a negative value or one >= ``max_gfn``, with its index),
+    ///         ``vcpu`` out of range, ``private`` (True) on a default VM, ``vm`` on a TD that is
+    ///         not finalized or after ``destroy()``; all refused before any fault runs.
+    ///     VmBugged: the VM was bugged, or a fault bugged it (the batch stops there; earlier faults
+    ///         stay done).
+    ///     OutOfMemory: no page-table memory for a table (earlier faults stay done).
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfns, private = None, write = true, exec = false, vcpu = Int::of(0)))]
     #[pyo3(text_signature = "(self, /, gfns, private=None, write=True, exec=False, vcpu=0)")]
     fn fault_batch<'py>(
@@ -403,6 +757,41 @@ impl Vm {
         Ok(PyArray1::from_vec(py, out))
     }
 
+    /// Pre-fault a range without exits (KVM_PRE_FAULT_MEMORY, or a TD's initial image).
+    ///
+    /// Before ``finalize()`` a TD's private pre-faults are its initial image
+    /// (KVM_TDX_INIT_MEM_REGION).
+    ///
+    /// Runs prefetch faults on vCPU 0 from ``gfn`` on: each maps its page at the level a fault
+    /// would choose, and the next starts after the page it mapped (a 2 MiB-backed range takes one
+    /// per 2 MiB); a page already mapped is skipped. Leaves are made with Accessed clear. A
+    /// pre-fault is an ioctl, not an exit: it charges ``fault_handling_ns`` per leaf installed
+    /// (plus first-touch host allocation), no ``exit_entry_ns``, and counts no ``pf_taken`` or
+    /// ``pf_fixed``. Private pre-faults on a TD: before ``finalize()`` TDH.MEM.PAGE.ADD (MAPPED at
+    /// once; with ``tdx={"measure": True}`` also 16 TDH.MR.EXTEND per page; with ``"version":
+    /// "6.16"`` the hook only counts ``nr_premapped`` and populate issues PAGE.ADD after the map);
+    /// after it TDH.MEM.PAGE.AUG (PENDING until the guest first touches and accepts the page).
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1; every page must be in a memslot.
+    ///     private: True for private memory, False for shared, None (default) for the range's
+    ///         memory attribute. On a VM with private memory the whole range's attribute must be of
+    ///         that kind, and private memory must be in guest_memfd memslots; a TD before
+    ///         ``finalize()`` takes only private pre-faults (its initial image).
+    ///
+    /// Returns:
+    ///     int: the number of leaves installed (pages already mapped are not counted).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` (a page in no memslot) or ``npages`` for a bad range;
+    ///         ``private`` on a default VM (True), when the range's attributes are not all of the
+    ///         requested kind, for private memory without guest_memfd, or for shared memory on a TD
+    ///         not yet finalized; ``vm`` after ``destroy()``. All refused before anything changes.
+    ///     VmBugged: the VM was bugged, or a hook or SEAMCALL failed (the pre-faults stop there).
+    ///     OutOfMemory: no page-table memory for a table.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfn, npages, private = None))]
     fn populate(
         &self,
@@ -415,20 +804,109 @@ impl Vm {
         self.run(py, |vm| vm.populate(gfn, npages, private, 0))
     }
 
+    /// Zap the leaves of a range in every valid root (``kvm_zap_gfn_range``).
+    ///
+    /// Every present leaf that overlaps ``[gfn, gfn + npages)`` (a huge leaf partly inside is
+    /// zapped whole) in every valid root, direct and mirror, is set to ``SHADOW_NONPRESENT_VALUE``,
+    /// charging ``spte_update_ns`` each; page tables stay linked. One remote TLB flush if anything
+    /// was zapped. On a mirror root the hooks fire under design "mirror" (a TD removes each page:
+    /// BLOCK, TRACK, kick, PAGE.REMOVE, WBINVD, clear) but not under "private" (this zap has no
+    /// PRIVATE filter, so the S-EPT keeps the page). Host pages are not freed.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1; the range must end at or below ``max_gfn`` (it need
+    ///         not be in a memslot).
+    ///
+    /// Returns:
+    ///     int: the number of present leaves zapped, over all roots.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` or ``npages`` for a range beyond ``max_gfn``; ``vm`` after
+    ///         ``destroy()``. The VM is unchanged.
+    ///     VmBugged: the VM was bugged, or a hook or SEAMCALL failed during the zap.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn zap_gfn_range(&self, py: Python<'_>, gfn: Int, npages: Int) -> PyResult<u64> {
         let (gfn, npages) = self.range(py, &gfn, &npages)?;
         self.run(py, |vm| vm.zap_gfn_range(gfn, npages))
     }
 
+    /// Unmap a range for a host mm event (the MMU notifier's ``invalidate_range_start``).
+    ///
+    /// Models ``kvm_unmap_gfn_range`` → ``kvm_tdp_mmu_unmap_gfn_range`` with the SHARED attribute
+    /// filter: on a VM with a mirror root only the direct roots (and invalid roots) are zapped, so
+    /// private memory behind the mirror root stays mapped; a VM without a mirror root has one
+    /// direct root for both kinds, and every leaf of the range in it (and in invalid roots) is
+    /// zapped. One remote TLB flush if a valid root lost a leaf. Each entry zapped charges
+    /// ``spte_update_ns``. Host pages are not freed. The range is in gfns (the model's host mapping
+    /// is linear).
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1; the range must end at or below ``max_gfn``.
+    ///
+    /// Returns:
+    ///     int: the number of present leaves zapped.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` or ``npages`` for a range beyond ``max_gfn``; ``vm`` after
+    ///         ``destroy()``. The VM is unchanged.
+    ///     VmBugged: the VM was bugged, or a hook failed during the zap.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn mmu_notifier_invalidate(&self, py: Python<'_>, gfn: Int, npages: Int) -> PyResult<u64> {
         let (gfn, npages) = self.range(py, &gfn, &npages)?;
         self.run(py, |vm| vm.mmu_notifier_invalidate(gfn, npages))
     }
 
+    /// Invalidate and zap every direct root (``kvm_mmu_zap_all_fast``, KVM's "fast zap").
+    ///
+    /// Every valid direct root is marked invalid; every vCPU drops its reference to it (and loads a
+    /// new root on its next fault); each invalidated root is zapped with the shared (atomic) setter
+    /// in four passes (4 KiB, 2 MiB, 1 GiB, root level), charging ``spte_update_ns`` per entry, and
+    /// the TDP MMU drops its reference; a root whose refcount reaches 0 is freed. Mirror roots are
+    /// not touched. No remote TLB flush. Deleting a memslot of a default VM with
+    /// ``slot_zap_all=True`` does the same.
+    ///
+    /// Returns:
+    ///     None.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``vm`` after ``destroy()``.
+    ///     VmBugged: the VM was bugged.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn zap_all_fast(&self, py: Python<'_>) -> PyResult<()> {
         self.run(py, |vm| vm.zap_all_fast())
     }
 
+    /// Create a memslot (KVM_SET_USER_MEMORY_REGION2).
+    ///
+    /// The slot maps ``[gfn, gfn + npages)`` to a fresh range of host pages of ``backing`` bytes (1
+    /// GiB-aligned on the host) and, with ``gmem``, has a guest_memfd: separate host pages for
+    /// private memory (on SNP, RMP entries bound to the VM). Its pages start shared (only the
+    /// memory given at creation starts private on a confidential VM). The memslot generation grows
+    /// by 2. ``tdpmmu.VM.add_memslot`` also takes ``backing`` as ``"4K"``, ``"2M"`` or ``"1G"``.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page; a multiple of the backing page (1, 512 or 262144 pages).
+    ///     npages: number of 4 KiB pages, >= 1, a multiple of the backing page; the slot must end
+    ///         at or below ``max_gfn`` and must not overlap another memslot.
+    ///     backing: host page size in bytes: 4096 (default), 2097152 or 1073741824.
+    ///     gmem: give the slot a guest_memfd (default False); only VMs with private memory (tdx,
+    ///         snp, sw_protected) take it.
+    ///
+    /// Returns:
+    ///     int: the new slot's id (ids count up and are never reused; the default slot is 0).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` (misaligned, or overlapping a memslot), ``npages``,
+    ///         ``backing`` (not a host page size), ``gmem`` (on a default VM) or ``vm`` (after
+    ///         ``destroy()``). The VM is unchanged.
+    ///     OutOfMemory: the slot's bookkeeping could not be allocated.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfn, npages, backing = Int::of(4096), gmem = false))]
     #[pyo3(text_signature = "(self, /, gfn, npages, backing=4096, gmem=False)")]
     fn add_memslot(
@@ -444,15 +922,59 @@ impl Vm {
         self.run(py, |vm| vm.add_memslot(gfn, npages, backing, gmem))
     }
 
+    /// Delete a memslot (KVM_SET_USER_MEMORY_REGION2 with size 0).
+    ///
+    /// On a default VM with ``slot_zap_all=True`` (KVM_X86_QUIRK_SLOT_ZAP_ALL, the default) KVM
+    /// zaps everything with the fast zap (as ``zap_all_fast``). Otherwise it zaps the slot's leaves
+    /// in every root, mirror and direct, valid and invalid (``kvm_mmu_zap_memslot``, PRIVATE and
+    /// SHARED), with one remote TLB flush if a valid root lost a leaf; a TD removes the private
+    /// pages through the hooks. The slot's guest_memfd is unbound (on SNP its RMP entries are
+    /// dropped) and its first-touch state is forgotten. The memslot generation grows by 2. The
+    /// memory attributes of the range stay as they are.
+    ///
+    /// Args:
+    ///     slot: the slot's id, as ``add_memslot`` returned it or ``memslots()`` lists it (0 is the
+    ///         default slot).
+    ///
+    /// Returns:
+    ///     None.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``slot`` (no such memslot, or negative) or ``vm`` (after
+    ///         ``destroy()``). The VM is unchanged.
+    ///     VmBugged: the VM was bugged, or a hook or SEAMCALL failed during the zap.
+    ///     TypeError: ``slot`` is not an int.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn delete_memslot(&self, py: Python<'_>, slot: Int) -> PyResult<()> {
         let slot = in_range(py, "slot", &slot, u32::MAX as u128)? as u32;
         self.run(py, |vm| vm.delete_memslot(slot))
     }
 
+    /// The memslots, ordered by gfn (inspection).
+    ///
+    /// Returns:
+    ///     list[tuple[int, int, int, int, bool, int]]: one ``(id, gfn, npages, backing, gmem,
+    ///     host_pfn)`` per slot: its id, first gfn, size in 4 KiB pages, host page size in bytes,
+    ///     whether it has a guest_memfd, and the host pfn of its first (shared) page.
+    ///
+    /// Raises:
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn memslots(&self, py: Python<'_>) -> PyResult<Vec<core::vm::MemslotInfo>> {
         self.run(py, |vm| Ok(vm.memslots()))
     }
 
+    /// The TDP roots, newest first (inspection).
+    ///
+    /// Returns:
+    ///     list[dict]: one dict per root (``tdpmmu.types.RootInfo``): ``pfn`` (host pfn of the root
+    ///     table), ``role`` (KVM's ``kvm_mmu_page_role`` word: level, direct, access, efer_nx,
+    ///     cr0_wp; bit 11 set when invalid, bit 19 ``is_mirror``), ``level`` (= ``levels``),
+    ///     ``mirror``, ``refcount`` (one per vCPU that loaded it plus one for the TDP MMU while it
+    ///     is valid), ``invalid`` and ``scheduled_to_zap``. Empty before the first fault or
+    ///     pre-fault, and after ``destroy()``.
+    ///
+    /// Raises:
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn roots<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let roots = self.run(py, |vm| Ok(vm.roots_snapshot()))?;
         let out = PyList::empty(py);
@@ -470,19 +992,62 @@ impl Vm {
         Ok(out)
     }
 
+    /// The entries on the path to ``gfn``, as the hardware walk sees them (inspection).
+    ///
+    /// Walks the newest valid root of the kind ``private`` selects: the mirror root for
+    /// ``private=True`` on a VM with one, else the direct root (on a VM with a shared bit, at index
+    /// ``gfn | shared_bit``). A VM without a mirror root (snp, sw_protected) walks its one root
+    /// either way.
+    ///
+    /// Args:
+    ///     gfn: the 4 KiB guest page, in ``0..max_gfn``.
+    ///     private: True to walk the private (mirror) root, False (default) for the direct root; a
+    ///         default VM refuses True.
+    ///
+    /// Returns:
+    ///     list[tuple[int, int]]: ``(level, spte)`` from the root level down, ending at a leaf or
+    ///     at the first non-present entry; ``[]`` when there is no such root (before the first
+    ///     fault, after ``zap_all_fast`` until the next fault, after ``destroy()``).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` beyond ``max_gfn``, or ``private`` (True) on a default VM.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfn, private = false))]
     fn walk(&self, py: Python<'_>, gfn: Int, private: bool) -> PyResult<Vec<(u8, u64)>> {
         let gfn = gfn_arg(py, "gfn", &gfn, self.inner.max_gfn())?;
         self.run(py, |vm| vm.walk(gfn, private))
     }
 
+    /// The SPTE that maps ``gfn``: the last entry of ``walk(gfn, private)`` (inspection).
+    ///
+    /// Args:
+    ///     gfn: the 4 KiB guest page, in ``0..max_gfn``.
+    ///     private: True for the private (mirror) root, False (default) for the direct root; a
+    ///         default VM refuses True.
+    ///
+    /// Returns:
+    ///     int: the leaf, or the entry where the walk stopped; ``SHADOW_NONPRESENT_VALUE`` (``1 <<
+    ///     63``) when there is no root.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` beyond ``max_gfn``, or ``private`` (True) on a default VM.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfn, private = false))]
     fn spte(&self, py: Python<'_>, gfn: Int, private: bool) -> PyResult<u64> {
         let gfn = gfn_arg(py, "gfn", &gfn, self.inner.max_gfn())?;
         self.run(py, |vm| vm.spte(gfn, private))
     }
 
-    /// Read-only, zero-copy (N, 512) uint64 view of every table handed out so far.
+    /// A read-only, zero-copy view of the KVM page tables (inspection).
+    ///
+    /// Returns:
+    ///     numpy.ndarray: shape ``(N, 512)``, dtype uint64: row ``i`` is the table at host pfn
+    ///     ``TABLE_BASE_PFN + i``, for every table handed out so far (roots included; freed tables
+    ///     keep their last contents, e.g. ``FROZEN_SPTE`` after a shared teardown). The view is
+    ///     live: later operations show through it, but N is fixed when it is taken. It keeps the VM
+    ///     alive. S-EPT and software external tables are not in it (``sept_entries``).
     fn tables<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<u64>>> {
         let py = slf.py();
         let arena = slf.get().inner.arena();
@@ -497,6 +1062,15 @@ impl Vm {
         Ok(arr)
     }
 
+    /// The VM's counters as a new plain dict (``tdpmmu.VM.stats`` wraps it as a ``tdpmmu.Stats``).
+    ///
+    /// Returns:
+    ///     dict[str, int | float]: every name of ``tdpmmu._core.COUNTER_NAMES`` (KVM's counters
+    ///     such as ``pf_taken`` and ``pages_4k``, the hook names, SEAMCALL leaves such as
+    ///     ``"TDH.MEM.PAGE.AUG"``, RMP and guest_memfd counters) as ints, ``modeled_ns`` (float:
+    ///     the modeled clock so far, the exact sum of ``cost_breakdown()``), and
+    ///     ``page_table_bytes`` and ``page_table_peak_bytes`` (ints: KVM page tables, roots
+    ///     included, live now and at peak, 4096 bytes each).
     fn stats_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (k, v) in self.inner.stats() {
@@ -509,6 +1083,13 @@ impl Vm {
         Ok(d)
     }
 
+    /// Modeled nanoseconds charged so far to each ``tdpmmu.CostModel`` field.
+    ///
+    /// Take it before and after an operation to see what the operation cost and why.
+    ///
+    /// Returns:
+    ///     dict[str, float]: every cost field, in field order, zeros included; the values add up
+    ///     exactly to ``stats_dict()["modeled_ns"]``.
     fn cost_breakdown<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (k, v) in self.inner.cost_breakdown() {
@@ -517,10 +1098,73 @@ impl Vm {
         Ok(d)
     }
 
+    /// Check every invariant of the model's state (none changes; takes ``mmu_lock`` for write).
+    ///
+    /// Live VM: every reachable table is linked once, at its level, with its root's mirror flag and
+    /// the gfn it covers; no FROZEN_SPTE at rest; non-present entries are SHADOW_NONPRESENT_VALUE
+    /// or MMIO SPTEs; every leaf lies in a memslot, is no larger than its backing page, maps the
+    /// right pfn (guest_memfd for private memory) and agrees with the memory attributes; the
+    /// vendor's state agrees (SNP: an assigned RMP entry of the leaf's gpa and size behind every
+    /// private leaf; TDX and the software mirror: the external tree has the mirror tree's tables
+    /// and private leaves); root refcounts equal their holders;
+    /// ``pages_4k``/``pages_2m``/``pages_1g`` and ``tdp_mmu_pages`` match the tables; no table
+    /// leaked. After ``destroy()``: the teardown audit (no roots, no KVM tables, no S-EPT or
+    /// external tables, no private leaves, no assigned RMP entries).
+    ///
+    /// Returns:
+    ///     None.
+    ///
+    /// Raises:
+    ///     InvariantError: an invariant is broken (the message says which).
+    ///     VmBugged: the VM was bugged (a bugged VM is not checked).
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     fn check(&self, py: Python<'_>) -> PyResult<()> {
         self.run(py, |vm| vm.check())
     }
 
+    /// Run a memstress-shaped guest workload on real threads (KVM selftests' memstress.c).
+    ///
+    /// vCPUs ``0..vcpus`` each run on an OS thread; the threads start together, and each makes
+    /// ``pages_per_vcpu`` accesses to its slice ``[base_gfn + v * pages_per_vcpu,
+    /// +pages_per_vcpu)`` (vCPU ``v``), or with ``overlap`` to ``[base_gfn, base_gfn +
+    /// pages_per_vcpu)``. Each access is first translated by the "hardware" walk of the vCPU's
+    /// root: if a present leaf allows it, it costs nothing (no exit); otherwise the vCPU takes the
+    /// fault path exactly as ``fault()`` and retries a RETRY until the access is mapped or another
+    /// outcome ends it. The threads take ``mmu_lock`` for read per 64 accesses. KVM's
+    /// ``demand_paging_test`` is ``overlap=False, random_access=False, write_percent=100``.
+    ///
+    /// Args:
+    ///     vcpus: number of vCPU threads, 1..``self.vcpus``.
+    ///     pages_per_vcpu: accesses per vCPU, which is also its slice's size in 4 KiB pages, >= 1.
+    ///     base_gfn: first gfn of the region, in ``0..max_gfn``; every page of the region must be
+    ///         in a memslot.
+    ///     overlap: every vCPU walks the same ``pages_per_vcpu`` pages (memstress's ``-o``) instead
+    ///         of a slice of its own.
+    ///     random_access: each access picks a page of the slice at random (pages may repeat or be
+    ///         missed) instead of going in order.
+    ///     write_percent: share of the accesses that are writes, 0..100 (100: every access, no
+    ///         draw).
+    ///     seed: seed of the per-vCPU Park-Miller generator (vCPU ``v`` uses ``seed + v``), in
+    ///         ``0..2**64``.
+    ///     private: True, False or None (default: by each gfn's memory attribute), as for
+    ///         ``fault``.
+    ///
+    /// Returns:
+    ///     list[dict]: one ``tdpmmu.types.VcpuRecord`` per vCPU, in vCPU order: ``wall_s`` (float:
+    ///     host wall-clock seconds of the thread's loop), ``modeled_ns`` (float: modeled time
+    ///     charged on that vCPU), ``faults`` (int: faults taken, RETRYs included) and ``pages``
+    ///     (int: accesses made).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``vcpus``, ``pages_per_vcpu``, ``base_gfn``, ``write_percent`` or
+    ///         ``seed`` out of range; ``base_gfn`` when a page of the region is in no memslot;
+    ///         ``npages`` when the region runs past ``max_gfn`` (the engine's range check names its
+    ///         own argument); ``private`` (True) on a default VM; ``vm`` on a TD that is not
+    ///         finalized or after ``destroy()``.
+    ///     VmBugged: the VM was bugged, or a fault bugged it (every thread stops).
+    ///     OutOfMemory: no page-table memory for a table.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private = None))]
     fn run_memstress<'py>(
@@ -559,7 +1203,7 @@ impl Vm {
         Ok(out)
     }
 
-    /// Test hook: panic inside the core to prove panics surface as TdpmmuError.
+    /// Test hook: panic inside the engine to prove a panic surfaces as ``tdpmmu.TdpmmuError``.
     fn _inject_panic(&self, py: Python<'_>) -> PyResult<()> {
         call_detached(py, || -> core::Result<()> {
             panic!("injected panic (test hook)")
