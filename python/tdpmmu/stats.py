@@ -32,6 +32,10 @@ class Stats(Mapping[str, int | float]):
         """Per-counter difference ``self - other`` (keys missing in ``other`` count as 0)."""
         return Stats({k: v - other.get(k, 0) for k, v in self._data.items()})
 
+    def __reduce__(self) -> tuple[type["Stats"], tuple[dict[str, int | float]]]:
+        # The read-only view itself cannot be pickled; its contents can.
+        return (Stats, (dict(self._data),))
+
     def to_dict(self) -> dict[str, int | float]:
         return dict(self._data)
 

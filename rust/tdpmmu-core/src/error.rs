@@ -13,6 +13,12 @@ pub enum Error {
     Invariant(String),
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+    /// The caller asked a long operation to stop (Ctrl-C); the VM is consistent.
+    #[error("interrupted")]
+    Interrupted,
+    /// A fault kept returning RETRY without progress (e.g. a hook that always answers -EBUSY).
+    #[error("livelock: {0}")]
+    Livelock(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

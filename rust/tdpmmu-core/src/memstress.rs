@@ -3,6 +3,7 @@
 //! takes the fault path (an EPT violation), others are served by the "hardware" walk.
 
 use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::error::{Error, Result, bad_arg};
@@ -10,7 +11,6 @@ use crate::mmu::Mmu;
 use crate::op::Ops;
 use crate::page_fault::Ret;
 use crate::spte::{access_allowed, is_last, is_shadow_present};
-use crate::stats::Ctx;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VcpuResult {
@@ -50,8 +50,16 @@ impl Lcg {
 /// no outcome because every fault re-validates its walk).
 const LOCK_BATCH: usize = 64;
 
-/// Run the workload on `a.vcpus` real threads (each with its own context, merged at the end).
-/// `max_vcpus` is the VM's vCPU count; `check_range` validates the region's gfns.
+/// Fault attempts (KVM's local retries included) of one access after which it is declared a
+/// livelock: KVM's vCPU would re-enter the guest forever (a user's hook that always answers
+/// -EBUSY does that); the model stops with an error instead.
+pub const MAX_ATTEMPTS_PER_ACCESS: u64 = 1 << 20;
+
+/// Run the workload on `a.vcpus` real threads. Each thread holds its vCPU, takes `mmu_lock`
+/// for read per batch of accesses and merges its counters into the VM's at the end of every
+/// batch (so `check()` from another thread sees consistent totals). Every thread stops as soon
+/// as one of them hits a KVM_BUG_ON, an error, a livelock, the VM's destruction, or the
+/// caller's interrupt (polled here on the calling thread).
 pub fn run(
     mmu: &Mmu,
     ops: &Ops,
@@ -95,16 +103,32 @@ pub fn run(
         }
     }
     let barrier = Barrier::new(a.vcpus as usize);
-    let results: Vec<(VcpuResult, Ctx, Option<Error>)> = std::thread::scope(|sc| {
+    let stop = AtomicBool::new(false);
+    let running = AtomicUsize::new(a.vcpus as usize);
+    let mut interrupted = false;
+    let results: Vec<(VcpuResult, Option<Error>)> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..a.vcpus)
             .map(|v| {
-                let barrier = &barrier;
+                let (barrier, stop, running) = (&barrier, &stop, &running);
                 sc.spawn(move || {
                     barrier.wait();
-                    vcpu_thread(mmu, ops, a, v)
+                    let r = vcpu_thread(mmu, ops, a, v, stop);
+                    if r.1.is_some() {
+                        stop.store(true, Ordering::Release);
+                    }
+                    running.fetch_sub(1, Ordering::AcqRel);
+                    r
                 })
             })
             .collect();
+        // The calling thread watches for its caller's interrupt while the vCPUs run.
+        while running.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            if !interrupted && crate::op::interrupted() {
+                interrupted = true;
+                stop.store(true, Ordering::Release);
+            }
+        }
         handles
             .into_iter()
             .map(|h| h.join().expect("vCPU thread panicked"))
@@ -113,15 +137,22 @@ pub fn run(
     ops.grace_period(&mmu.tdp.arena);
     let mut out = Vec::with_capacity(results.len());
     let mut first_err = None;
-    for (r, ctx, e) in results {
-        let fin = ops.finish(&ctx);
-        first_err = first_err.or(fin.err()).or(e);
+    for (r, e) in results {
+        // A bug recorded by any thread surfaces as VmBugged before other errors.
+        if let Some(Error::Bugged(_)) = &e {
+            first_err = e.or(first_err);
+        } else {
+            first_err = first_err.or(e);
+        }
         out.push(r);
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(out),
+    if let Some(e) = first_err {
+        return Err(e);
     }
+    if interrupted {
+        return Err(Error::Interrupted);
+    }
+    Ok(out)
 }
 
 fn vcpu_thread(
@@ -129,7 +160,9 @@ fn vcpu_thread(
     ops: &Ops,
     a: &MemstressArgs,
     v: u32,
-) -> (VcpuResult, Ctx, Option<Error>) {
+    stop: &AtomicBool,
+) -> (VcpuResult, Option<Error>) {
+    let _vcpu = ops.vcpu(v as usize);
     let mut ctx = ops.ctx();
     let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
     let base = if a.overlap {
@@ -143,7 +176,15 @@ fn vcpu_thread(
     let mut i = 0u64;
     let mut err = None;
     'outer: while i < a.pages_per_vcpu {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
         let st = ops.mmu_lock.read();
+        // The VM may have been destroyed or bugged while this vCPU was between batches.
+        if let Err(e) = ops.ensure_alive() {
+            err = Some(e);
+            break;
+        }
         for _ in 0..LOCK_BATCH {
             if i >= a.pages_per_vcpu {
                 break;
@@ -157,6 +198,7 @@ fn vcpu_thread(
             let gfn = base + off;
             let mirror = tdp.shape.has_mirror && mmu.is_private(&st, gfn, a.private);
             let bits = tdp.root_gfn_bits(mirror);
+            let mut retries = 0u64;
             loop {
                 // The "hardware" walk: no exit if the current mapping allows the access.
                 let root = tdp.vcpu_root(v as usize, mirror);
@@ -168,10 +210,22 @@ fn vcpu_thread(
                     }
                 }
                 res.faults += 1;
-                match mmu.page_fault(
-                    &st, &mut ctx, gfn, a.private, write, false, v as usize, false,
-                ) {
-                    Ok(r) if r.ret == Ret::Retry => continue,
+                match mmu.page_fault(&st, &mut ctx, gfn, a.private, write, false, v as usize, false)
+                {
+                    Ok(r) if r.ret == Ret::Retry => {
+                        // A KVM_BUG_ON ends the vCPU (KVM kills the VM); RETRY otherwise
+                        // re-enters the guest, which faults again.
+                        if ctx.bug.is_some() || stop.load(Ordering::Acquire) {
+                            break 'outer;
+                        }
+                        retries += 1 + r.retries as u64;
+                        if retries >= MAX_ATTEMPTS_PER_ACCESS {
+                            err = Some(Error::Livelock(format!(
+                                "vCPU {v}: the fault at gfn {gfn:#x} was retried {retries} times without progress"
+                            )));
+                            break 'outer;
+                        }
+                    }
                     Ok(_) => break,
                     Err(e) => {
                         err = Some(e);
@@ -185,8 +239,23 @@ fn vcpu_thread(
             i += 1;
             res.pages += 1;
         }
+        // Merge per batch, before the lock is released: the totals are whole whenever no
+        // batch holds the lock (check() takes it for write).
+        res.modeled_ns = ctx.modeled_ns;
+        let fin = ops.finish(&ctx);
+        ctx.clear_counts();
+        drop(st);
+        if let Err(e) = fin {
+            err = Some(e);
+            break;
+        }
     }
     res.wall_s = start.elapsed().as_secs_f64();
     res.modeled_ns = ctx.modeled_ns;
-    (res, ctx, err)
+    // What the last (interrupted) batch counted, merged under the lock as every batch is.
+    let _st = ops.mmu_lock.read();
+    if let Err(e) = ops.finish(&ctx) {
+        err = err.or(Some(e));
+    }
+    (res, err)
 }

@@ -3,9 +3,10 @@
 //! tables freed under the read lock, merge the context into the VM's totals, and turn a
 //! KVM_BUG_ON recorded on the way into `VmBugged`.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::arena::Arena;
 use crate::attrs::PrivateRanges;
@@ -13,6 +14,29 @@ use crate::cost::CostModel;
 use crate::error::{Error, Result, bad_arg};
 use crate::memslot::Memslots;
 use crate::stats::{Ctx, Totals};
+
+thread_local! {
+    /// The calling thread's way to learn that its caller wants it to stop (the bindings check
+    /// for Ctrl-C here); None = never.
+    static INTERRUPT: Cell<Option<fn() -> bool>> = const { Cell::new(None) };
+}
+
+/// Run `f` with `check` as this thread's interrupt check (polled by long operations).
+pub fn with_interrupt_check<T>(check: fn() -> bool, f: impl FnOnce() -> T) -> T {
+    let prev = INTERRUPT.with(|c| c.replace(Some(check)));
+    let r = f();
+    INTERRUPT.with(|c| c.set(prev));
+    r
+}
+
+/// Whether this thread's caller asked it to stop. Cheap enough to call every few thousand
+/// faults; long loops call it and end with `Error::Interrupted`, leaving the VM consistent.
+pub fn interrupted() -> bool {
+    INTERRUPT.with(|c| c.get().is_some_and(|f| f()))
+}
+
+/// Faults between interrupt checks in long loops.
+pub const INTERRUPT_EVERY: u64 = 1 << 14;
 
 /// State protected by `mmu_lock` (faults hold it for read; zaps, memslot and attribute
 /// changes for write).
@@ -30,10 +54,13 @@ pub struct Ops {
     bugged: AtomicBool,
     bug_msg: Mutex<Option<String>>,
     destroyed: AtomicBool,
+    /// A vCPU runs one thing at a time: each fault, batch, populate or memstress thread holds
+    /// its vCPU for the duration (taken before `mmu_lock`, never while holding it).
+    vcpus: Box<[Mutex<()>]>,
 }
 
 impl Ops {
-    pub fn new(state: MmuState, costs: CostModel, trace: bool) -> Self {
+    pub fn new(state: MmuState, costs: CostModel, trace: bool, vcpus: u32) -> Self {
         let totals = Totals::default();
         totals.set_rates(&costs);
         Self {
@@ -44,7 +71,13 @@ impl Ops {
             bugged: AtomicBool::new(false),
             bug_msg: Mutex::new(None),
             destroyed: AtomicBool::new(false),
+            vcpus: (0..vcpus).map(|_| Mutex::new(())).collect(),
         }
+    }
+
+    /// Hold vCPU `v` (index checked by the caller): another thread using the same vCPU waits.
+    pub fn vcpu(&self, v: usize) -> MutexGuard<'_, ()> {
+        self.vcpus[v].lock()
     }
 
     /// A fresh per-operation (or per-vCPU-thread) context.
@@ -100,8 +133,9 @@ impl Ops {
         }
     }
 
-    /// Merge what the operation did (even if it failed part-way: its changes are real), and
-    /// return its error, else the bug it recorded.
+    /// Merge what the operation did (even if it failed part-way: its changes are real) while
+    /// it still holds `mmu_lock`, so whoever takes the lock next sees tables and totals agree;
+    /// return the operation's error, else the bug it recorded.
     fn end<T>(&self, ctx: &Ctx, r: Result<T>) -> Result<T> {
         let fin = self.finish(ctx);
         let v = r?;
@@ -119,10 +153,11 @@ impl Ops {
         let mut ctx = self.ctx();
         let r = {
             let st = self.mmu_lock.read();
-            self.ensure_alive().and_then(|()| body(&st, &mut ctx))
+            let r = self.ensure_alive().and_then(|()| body(&st, &mut ctx));
+            self.end(&ctx, r)
         };
         self.grace_period(arena);
-        self.end(&ctx, r)
+        r
     }
 
     /// Run `body` under the write lock; tables it freed are reusable when it ends.
@@ -133,12 +168,9 @@ impl Ops {
     ) -> Result<T> {
         self.ensure_alive()?;
         let mut ctx = self.ctx();
-        let r = {
-            let mut st = self.mmu_lock.write();
-            let r = self.ensure_alive().and_then(|()| body(&mut st, &mut ctx));
-            arena.quiesce();
-            r
-        };
+        let mut st = self.mmu_lock.write();
+        let r = self.ensure_alive().and_then(|()| body(&mut st, &mut ctx));
+        arena.quiesce();
         self.end(&ctx, r)
     }
 }

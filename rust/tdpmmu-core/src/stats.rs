@@ -130,6 +130,16 @@ impl Ctx {
         self.modeled_ns += self.rates[f as usize] * n as f64;
     }
 
+    /// Forget what was counted (after it was merged into the totals); the running clock and
+    /// the cost values stay.
+    pub fn clear_counts(&mut self) {
+        self.c = [0; NCOUNTERS];
+        self.units = [0; NCOSTS];
+        if let Some(ev) = self.events.as_mut() {
+            ev.clear();
+        }
+    }
+
     /// Modeled time of this context's ledger (exact sum over fields).
     pub fn ledger_ns(&self) -> f64 {
         ledger_ns(&self.units, &self.rates)

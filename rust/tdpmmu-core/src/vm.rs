@@ -16,7 +16,7 @@ use crate::hooks::{Dispatch, ExternalOps};
 use crate::memslot::{Memslot, Memslots, backing_level};
 use crate::memstress::{self, MemstressArgs, VcpuResult};
 use crate::mmu::Mmu;
-use crate::op::{MmuState, Ops};
+use crate::op::{self, MmuState, Ops};
 use crate::page_fault::{FaultResult, Ret};
 use crate::spte::{self, SHADOW_NONPRESENT_VALUE, pages_per_level};
 use crate::stats::{C, COUNTER_NAMES, Event};
@@ -235,7 +235,7 @@ impl Vm {
         };
         let tdp = TdpMmu::new(arena, shape, Dispatch::new(design, cfg.tdx.interface, ext));
         let mmu = Mmu::new(tdp, vendor, has_private_mem, cfg.folio_level);
-        let ops = Ops::new(MmuState { memslots, attrs }, cfg.costs, cfg.trace);
+        let ops = Ops::new(MmuState { memslots, attrs }, cfg.costs, cfg.trace, cfg.vcpus);
         Ok(Self {
             variant,
             design,
@@ -430,6 +430,7 @@ impl Vm {
         self.check_gfn(gfn, "gfn")?;
         self.check_vcpu(vcpu)?;
         let private = self.check_private(private)?;
+        let _vcpu = self.ops.vcpu(vcpu as usize);
         self.ops.read(self.arena(), |st, ctx| {
             self.mmu
                 .page_fault(st, ctx, gfn, private, write, exec, vcpu as usize, false)
@@ -487,6 +488,7 @@ impl Vm {
         self.check_vcpu(vcpu)?;
         let private = self.check_private(private)?;
         let end = gfn + npages;
+        let _vcpu = self.ops.vcpu(vcpu as usize);
         self.ops.read(self.arena(), |st, ctx| {
             // Reject the whole request before changing anything.
             let mut g = gfn;
@@ -530,7 +532,12 @@ impl Vm {
             }
             let mut installed = 0;
             let mut g = gfn;
+            let mut steps = 0u64;
             while g < end {
+                steps += 1;
+                if steps.is_multiple_of(op::INTERRUPT_EVERY) && op::interrupted() {
+                    return Err(Error::Interrupted);
+                }
                 let r = self
                     .mmu
                     .page_fault(st, ctx, g, private, true, false, vcpu as usize, true)?;

@@ -60,6 +60,10 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::Bugged(_) => &t.bugged,
         Error::Invariant(_) => &t.invariant,
         Error::OutOfMemory(_) => &t.oom,
+        Error::Interrupted => {
+            return pyo3::exceptions::PyKeyboardInterrupt::new_err("tdpmmu: interrupted");
+        }
+        Error::Livelock(_) => &t.base,
     };
     PyErr::from_type(ty.bind(py).clone(), e.to_string())
 }
@@ -96,13 +100,61 @@ pub fn call<T>(py: Python<'_>, f: impl FnOnce() -> core::Result<T>) -> PyResult<
     }
 }
 
-/// Run core code with the GIL released; panics become `TdpmmuError`.
+thread_local! {
+    /// When this thread last looked for a pending signal, and the exception it found.
+    static SIGNALS: std::cell::RefCell<(Option<std::time::Instant>, Option<PyErr>)> =
+        const { std::cell::RefCell::new((None, None)) };
+}
+
+static MAIN_THREAD: std::sync::OnceLock<std::thread::ThreadId> = std::sync::OnceLock::new();
+
+/// Remember the thread that imported the module: Python delivers signals there.
+pub fn set_main_thread() {
+    let _ = MAIN_THREAD.set(std::thread::current().id());
+}
+
+/// The core's interrupt check on the main thread: at most every 50 ms, take the GIL and run
+/// Python's signal handlers; a raised exception (KeyboardInterrupt) is kept to re-raise.
+fn check_signals() -> bool {
+    SIGNALS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.1.is_some() {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        if s.0.is_some_and(|t| now.duration_since(t).as_millis() < 50) {
+            return false;
+        }
+        s.0 = Some(now);
+        if let Err(e) = Python::attach(|py| py.check_signals()) {
+            s.1 = Some(e);
+            return true;
+        }
+        false
+    })
+}
+
+/// Run core code with the GIL released; panics become `TdpmmuError`. On the main thread long
+/// operations poll for Ctrl-C and end with the KeyboardInterrupt Python raised.
 pub fn call_detached<T: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> core::Result<T> + Send,
 ) -> PyResult<T> {
-    match py.detach(move || catch_unwind(AssertUnwindSafe(f))) {
+    let on_main = MAIN_THREAD.get() == Some(&std::thread::current().id());
+    let r = py.detach(move || {
+        catch_unwind(AssertUnwindSafe(|| {
+            if on_main {
+                core::op::with_interrupt_check(check_signals, f)
+            } else {
+                f()
+            }
+        }))
+    });
+    match r {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(Error::Interrupted)) => Err(SIGNALS
+            .with(|s| s.borrow_mut().1.take())
+            .unwrap_or_else(|| to_py(py, Error::Interrupted))),
         Ok(Err(e)) => Err(to_py(py, e)),
         Err(p) => Err(panic_to_py(py, p)),
     }

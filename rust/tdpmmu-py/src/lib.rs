@@ -18,6 +18,7 @@ use tdpmmu_core as core;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    errors::set_main_thread();
     let t = errors::err_types(py)?;
     m.add("TdpmmuError", t.base.bind(py))?;
     m.add("ConfigError", t.config.bind(py))?;

@@ -7,6 +7,8 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use super::rmp::{self, Rmp, RmpStatus};
 use super::{CheckResult, Vendor};
 use crate::error::{Result, bad_arg};
@@ -20,7 +22,13 @@ pub struct Snp {
     pub design: HookDesign,
     /// guest_memfd folio level: 1 (4K) or 2 (2M).
     pub folio_level: u8,
+    /// guest_memfd prepares a folio under its folio lock, and the guest validates a page once:
+    /// both are serialized per 2M region here (striped locks), so vCPUs faulting the same
+    /// pages concurrently prepare and validate each once.
+    folio_locks: Box<[Mutex<()>]>,
 }
+
+const FOLIO_LOCKS: usize = 256;
 
 impl Snp {
     pub fn new(design: HookDesign, folio_level: u8) -> Result<Self> {
@@ -28,7 +36,12 @@ impl Snp {
             rmp: Arc::new(Rmp::new()?),
             design,
             folio_level,
+            folio_locks: (0..FOLIO_LOCKS).map(|_| Mutex::new(())).collect(),
         })
+    }
+
+    fn folio_lock(&self, pfn: u64) -> parking_lot::MutexGuard<'_, ()> {
+        self.folio_locks[((pfn >> 9) as usize) % FOLIO_LOCKS].lock()
     }
 
     /// The external-hook backend of the `private` design.
@@ -55,6 +68,10 @@ impl Vendor for Snp {
     fn gmem_prepare(&self, ctx: &mut Ctx, pfn: u64, gfn: u64) {
         if self.design != HookDesign::Gmem || rmp::assigned(self.rmp.get(pfn)) {
             return;
+        }
+        let _folio = self.folio_lock(pfn);
+        if rmp::assigned(self.rmp.get(pfn)) {
+            return; // another vCPU prepared it while this one waited for the folio
         }
         ctx.inc(C::gmem_prepare);
         let head = pfn & !511;
@@ -85,6 +102,10 @@ impl Vendor for Snp {
         if ret != Ret::Fixed {
             return;
         }
+        if rmp::validated(self.rmp.get(pfn)) {
+            return;
+        }
+        let _folio = self.folio_lock(pfn);
         let e = self.rmp.get(pfn);
         if !rmp::assigned(e) || rmp::validated(e) {
             return;

@@ -346,6 +346,8 @@ impl TdxModule {
 
     /// TDG.MEM.PAGE.ACCEPT by the guest after a runtime private fault.
     pub fn accept(&self, ctx: &mut Ctx, gfn: u64) {
+        // Under the module's lock: two vCPUs touching the same PENDING page accept it once.
+        let _st = self.st.lock();
         if let Ok(e) = self.entry(gfn, 1) {
             let v = e.load(Ordering::Acquire);
             if state(v) == ST_PENDING {
