@@ -55,7 +55,20 @@ _FALSE = ("false", "no", "off", "0")
 
 
 def count(value: object, name: str, minimum: int = 1) -> int:
-    """An integer count ``>= minimum`` (bool is refused: ``True`` as a count is a mistake)."""
+    """An integer count ``>= minimum`` (bool is refused: ``True`` as a count is a mistake).
+
+    Args:
+        value: the value to check (an int).
+        name: the argument named in error messages.
+        minimum: the smallest allowed value (default 1).
+
+    Returns:
+        int: ``value`` unchanged.
+
+    Raises:
+        ConfigError: ``value < minimum``, naming ``name``.
+        TypeError: ``value`` is not an int, or is a bool.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected int, got {type(value).__name__}")
     if value < minimum:
@@ -64,6 +77,18 @@ def count(value: object, name: str, minimum: int = 1) -> int:
 
 
 def flag(value: object, name: str) -> bool:
+    """A real bool (an int such as 1 is refused: it is probably a misplaced argument).
+
+    Args:
+        value: the value to check.
+        name: the argument named in error messages.
+
+    Returns:
+        bool: ``value`` unchanged.
+
+    Raises:
+        TypeError: ``value`` is not a bool, naming ``name``.
+    """
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected bool, got {value!r}")
     return value
@@ -72,7 +97,22 @@ def flag(value: object, name: str) -> bool:
 def size(value: object, name: str, *, multiple: int = PAGE_SIZE, positive: bool = True) -> int:
     """Bytes from an int or a size string (``"64M"``, ``"1GiB"``, powers of 1024), checked to
     be a multiple of ``multiple`` (the 4 KiB guest page unless told) and, unless
-    ``positive=False``, non-zero."""
+    ``positive=False``, non-zero.
+
+    Args:
+        value: an int (bytes) or a size string (``tdpmmu.sizes.parse_size``).
+        name: the argument named in error messages.
+        multiple: the size must be a multiple of this many bytes (default 4096).
+        positive: refuse 0 (default True).
+
+    Returns:
+        int: the size in bytes.
+
+    Raises:
+        ConfigError: negative, unparsable, zero (when ``positive``) or not a multiple of
+            ``multiple``, naming ``name``.
+        TypeError: ``value`` is neither int nor str (or is a bool).
+    """
     nbytes = parse_size(value, name)  # type: ignore[arg-type]  # parse_size checks the type
     if positive and nbytes == 0:
         raise ConfigError(f"{name}: must be > 0, got {value!r}")
@@ -82,12 +122,36 @@ def size(value: object, name: str, *, multiple: int = PAGE_SIZE, positive: bool 
 
 
 def backing(value: object, name: str = "backing") -> int:
-    """Host page size behind a memslot, in bytes: one of ``sizes.BACKING_SIZES``."""
+    """Host page size behind a memslot, in bytes: one of ``sizes.BACKING_SIZES``.
+
+    Args:
+        value: ``"4K"``, ``"2M"``, ``"1G"`` or the same in bytes.
+        name: the argument named in error messages (default ``"backing"``).
+
+    Returns:
+        int: 4096, 2097152 or 1073741824.
+
+    Raises:
+        ConfigError: not a host page size, naming ``name``.
+        TypeError: ``value`` is neither int nor str (or is a bool).
+    """
     return parse_backing(value, name)  # type: ignore[arg-type]  # parse_backing checks it
 
 
 def folio(value: object, name: str = "folio") -> int:
-    """guest_memfd folio size in bytes: 4 KiB or 2 MiB."""
+    """guest_memfd folio size in bytes: 4 KiB or 2 MiB (``FOLIO_SIZES``).
+
+    Args:
+        value: ``"4K"``, ``"2M"`` or the same in bytes.
+        name: the argument named in error messages (default ``"folio"``).
+
+    Returns:
+        int: 4096 or 2097152.
+
+    Raises:
+        ConfigError: any other size, naming ``name``.
+        TypeError: ``value`` is neither int nor str (or is a bool).
+    """
     nbytes = parse_size(value, name)  # type: ignore[arg-type]
     if nbytes not in FOLIO_SIZES.values():
         raise ConfigError(
@@ -97,7 +161,15 @@ def folio(value: object, name: str = "folio") -> int:
 
 
 def size_name(nbytes: int) -> str:
-    """``4096 -> "4K"``: the name of a backing or folio size."""
+    """``4096 -> "4K"``: the name of a backing or folio size.
+
+    Args:
+        nbytes: a size in bytes.
+
+    Returns:
+        str: ``"4K"``, ``"2M"`` or ``"1G"``, or the number as text for any other size.
+        Never raises.
+    """
     for table in (BACKING_SIZES, FOLIO_SIZES):
         for key, val in table.items():
             if val == nbytes:
@@ -106,6 +178,19 @@ def size_name(nbytes: int) -> str:
 
 
 def levels(value: object, name: str = "levels") -> int:
+    """TDP paging levels: 4 or 5 (``LEVELS``).
+
+    Args:
+        value: the level count (an int).
+        name: the argument named in error messages (default ``"levels"``).
+
+    Returns:
+        int: 4 or 5.
+
+    Raises:
+        ConfigError: any other int, naming ``name``.
+        TypeError: ``value`` is not an int (or is a bool).
+    """
     n = count(value, name)
     if n not in LEVELS:
         raise ConfigError(f"{name}: must be one of {', '.join(map(str, LEVELS))}, got {n}")
@@ -113,7 +198,20 @@ def levels(value: object, name: str = "levels") -> int:
 
 
 def vm_type(value: object, mirror: object = False) -> config.Variant:
-    """The matrix row of ``(vm_type, mirror)`` (``ConfigError`` naming the bad argument)."""
+    """The matrix row of ``(vm_type, mirror)`` (``tdpmmu.config.variant`` with type checks).
+
+    Args:
+        value: the VM type name, one of ``tdpmmu.config.VM_TYPES``.
+        mirror: True for sw_protected's mirrored variant (default False).
+
+    Returns:
+        tdpmmu.config.Variant: the row.
+
+    Raises:
+        ConfigError: naming ``vm_type`` (unknown) or ``mirror`` (on a type other than
+            sw_protected).
+        TypeError: ``value`` is not a str, or ``mirror`` not a bool.
+    """
     if not isinstance(value, str):
         raise TypeError(f"vm_type: expected str, got {type(value).__name__}")
     return config.variant(value, flag(mirror, "mirror"))
@@ -121,7 +219,20 @@ def vm_type(value: object, mirror: object = False) -> config.Variant:
 
 def cost_model(costs: object, name: str = "costs") -> CostModel:
     """A ``CostModel`` from ``None`` (the documented defaults), a ``CostModel`` or a mapping of
-    field name -> ns (unknown names and negative or non-finite values are refused)."""
+    field name -> ns (unknown names and negative or non-finite values are refused).
+
+    Args:
+        costs: None, a ``tdpmmu.CostModel`` (returned as is) or a mapping of field name ->
+            modeled nanoseconds overriding the defaults.
+        name: the argument named in a ``TypeError`` (default ``"costs"``).
+
+    Returns:
+        CostModel: the model.
+
+    Raises:
+        ConfigError: an unknown field (naming ``costs``) or a bad value (naming the field).
+        TypeError: ``costs`` is none of the above.
+    """
     if costs is None:
         return CostModel()
     if isinstance(costs, CostModel):
@@ -134,7 +245,23 @@ def cost_model(costs: object, name: str = "costs") -> CostModel:
 def tdx_option(key: str, value: object) -> TdxValue:
     """One TDX option, checked against ``config.TDX_OPTION_CHOICES`` and typed as the engine
     takes it: a name (str), ``bool``, ``int`` or a probability (``float`` in [0, 1]). Text is
-    accepted for every kind (``"batched"``, ``"true"``, ``"3"``, ``"0.1"``), as the CLI gives."""
+    accepted for every kind (``"batched"``, ``"true"``, ``"3"``, ``"0.1"``), as the CLI gives.
+
+    Args:
+        key: the option, a key of ``TDX_OPTION_CHOICES`` (``"version"``, ``"sept_free"``,
+            ``"track"``, ``"interface"``, ``"measure"``, ``"max_local_retries"`` or a
+            SEAMCALL leaf such as ``"TDH.MEM.PAGE.AUG"``; ``tdpmmu.VM`` documents each).
+        value: its value: one of the option's names; a bool or true/false/yes/no/on/off/1/0
+            for ``measure``; an int >= 0 (or its text, any base prefix) for
+            ``max_local_retries``; a probability in [0, 1] for a leaf.
+
+    Returns:
+        str | bool | int | float: the typed value. (The engine refuses a
+        ``max_local_retries`` above 1000000 when the VM is built.)
+
+    Raises:
+        ConfigError: an unknown key (naming ``tdx``) or a bad value (naming ``tdx[key]``).
+    """
     choices = config.TDX_OPTION_CHOICES.get(key)
     arg = f"tdx[{key!r}]"
     if choices is None:
@@ -177,7 +304,19 @@ def tdx_option(key: str, value: object) -> TdxValue:
 
 
 def tdx_options(tdx: object, name: str = "tdx") -> dict[str, TdxValue]:
-    """Every option of a ``tdx={...}`` mapping through ``tdx_option`` (``None`` -> ``{}``)."""
+    """Every option of a ``tdx={...}`` mapping through ``tdx_option`` (``None`` -> ``{}``).
+
+    Args:
+        tdx: None or a mapping of option -> value (``tdx_option``).
+        name: the argument named in a ``TypeError`` (default ``"tdx"``).
+
+    Returns:
+        dict[str, TdxValue]: option -> typed value, keys stripped.
+
+    Raises:
+        ConfigError: as ``tdx_option``.
+        TypeError: ``tdx`` is not a mapping.
+    """
     if tdx is None:
         return {}
     if not isinstance(tdx, Mapping):
@@ -195,6 +334,21 @@ def hooks(
     hook methods (design ``mirror``, the object answering the hooks). The design must be one
     the variant accepts (``config.VARIANTS``); TDX options only apply to variants that take
     them.
+
+    Args:
+        value: the ``hooks=`` value, as above (``tdpmmu.VM`` documents the forms).
+        variant: the VM's matrix row (``vm_type``).
+        tdx: the ``tdx=`` mapping, or None (default).
+
+    Returns:
+        tuple[str, dict[str, TdxValue], object | None]: the design name, the merged TDX
+        options and the hook object (None unless ``value`` is one).
+
+    Raises:
+        ConfigError: naming ``hooks`` (unknown design, or one the variant does not take) or
+            ``tdx`` (options on a variant that takes none, or a bad option).
+        TypeError: ``value`` is not None, a str or a ``HookDesign`` and lacks a hook method,
+            or ``tdx`` is not a mapping.
     """
     options = tdx_options(tdx)
     hook_object: object | None = None

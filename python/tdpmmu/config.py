@@ -51,6 +51,7 @@ class Variant:
 
     @property
     def default_design(self) -> str:
+        """The design ``VM(hooks=None)`` uses on this variant: upstream KVM's, ``designs[0]``."""
         return self.designs[0]
 
     @property
@@ -75,8 +76,16 @@ VARIANTS: tuple[Variant, ...] = tuple(
 def variant(vm_type: str, mirror: bool = False) -> Variant:
     """The matrix row of ``(vm_type, mirror)``.
 
-    Raises ``tdpmmu.ConfigError`` naming the argument for an unknown VM type or a ``mirror``
-    the VM type does not take.
+    Args:
+        vm_type: a VM type name, one of ``VM_TYPES``.
+        mirror: True for sw_protected's mirrored variant (default False).
+
+    Returns:
+        Variant: the row, with its designs (the default first) and whether TDX options apply.
+
+    Raises:
+        ConfigError: naming ``vm_type`` (unknown) or ``mirror`` (True on a type other than
+            sw_protected).
     """
     if vm_type not in VM_TYPES:
         raise _core.ConfigError(
@@ -89,10 +98,33 @@ def variant(vm_type: str, mirror: bool = False) -> Variant:
 
 
 def designs(vm_type: str, mirror: bool = False) -> tuple[str, ...]:
-    """Hook designs a VM of this type accepts; the first is the default."""
+    """Hook designs a VM of this type accepts; the first is the default.
+
+    Args:
+        vm_type: a VM type name, one of ``VM_TYPES``.
+        mirror: True for sw_protected's mirrored variant (default False).
+
+    Returns:
+        tuple[str, ...]: design names, e.g. ``("mirror", "private")`` for tdx.
+
+    Raises:
+        ConfigError: as ``variant``.
+    """
     return variant(vm_type, mirror).designs
 
 
 def default_design(vm_type: str, mirror: bool = False) -> str:
-    """The design ``VM(vm_type, hooks=None)`` uses: upstream KVM's for that VM type."""
+    """The design ``VM(vm_type, hooks=None)`` uses: upstream KVM's for that VM type.
+
+    Args:
+        vm_type: a VM type name, one of ``VM_TYPES``.
+        mirror: True for sw_protected's mirrored variant (default False).
+
+    Returns:
+        str: "none" (default, sw_protected), "mirror" (tdx, sw_protected with mirror) or
+        "gmem" (snp).
+
+    Raises:
+        ConfigError: as ``variant``.
+    """
     return variant(vm_type, mirror).default_design

@@ -146,10 +146,25 @@ SOURCES: dict[str, str] = {
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CostModel:
-    """Nanosecond costs of the operations tdpmmu models (``docs/costs.md``; ``SOURCES``).
+    """Nanosecond costs of the operations tdpmmu models but does not execute (docs/costs.md).
 
-    Defaults are the engine's (``tdpmmu._core.COST_DEFAULTS``); the fields are declared here, in
-    the engine's order, for typing and documentation.
+    Each field is the modeled time of one unit of work: a VM exit, a host page allocation, a
+    remote TLB flush, a SEAMCALL, an RMP instruction, ... (the comment on each field says which;
+    ``SOURCES`` cites the published figure behind its default). Whenever the engine does that
+    work it charges the field, and a VM's modeled clock (``VM.stats["modeled_ns"]``) is the sum
+    over fields of units x nanoseconds (``VM.cost_breakdown()``). Pass one to
+    ``tdpmmu.VM(costs=...)``; a frozen value, so ``replace`` makes variants for a sweep.
+
+    Args:
+        **fields: keyword-only, each a field name (``field_names()``) and its cost in modeled
+            nanoseconds, a finite int or float >= 0. Unset fields keep the engine's defaults
+            (``tdpmmu._core.COST_DEFAULTS``; the fields are declared here in the engine's
+            order).
+
+    Raises:
+        ConfigError: a value that is not a finite number >= 0 (a bool included), naming the
+            field.
+        TypeError: an unknown field name (the dataclass's own check).
     """
 
     #: A VM exit plus the re-entry, charged to every fault that exits (§3.1).
@@ -169,32 +184,54 @@ class CostModel:
     # --- TDX (§5)
     #: TD exit plus TDH.VP.ENTER, charged to every TD exit instead of ``exit_entry_ns`` (§5.2).
     td_exit_entry_ns: float = _D["td_exit_entry_ns"]
+    #: TDH.MEM.SEPT.ADD: link one S-EPT table (§5.3).
     tdh_mem_sept_add_ns: float = _D["tdh_mem_sept_add_ns"]
+    #: TDH.MEM.PAGE.AUG: add a 4 KiB private page to a finalized TD (§5.3).
     tdh_mem_page_aug_ns: float = _D["tdh_mem_page_aug_ns"]
+    #: TDH.MEM.PAGE.ADD: add an initial-image page before ``finalize()`` (§5.3).
     tdh_mem_page_add_ns: float = _D["tdh_mem_page_add_ns"]
+    #: TDH.MR.EXTEND of one 256-byte chunk, 16 per ADDed page with ``tdx["measure"]`` (§5.3).
     tdh_mr_extend_ns: float = _D["tdh_mr_extend_ns"]
+    #: The guest's TDG.MEM.PAGE.ACCEPT of one PENDING page after its fault (§5.3).
     tdg_mem_page_accept_ns: float = _D["tdg_mem_page_accept_ns"]
+    #: TDH.MEM.RANGE.BLOCK of one S-EPT entry (§5.4).
     tdh_mem_range_block_ns: float = _D["tdh_mem_range_block_ns"]
+    #: TDH.MEM.TRACK: advance the TD's TLB epoch (§5.4).
     tdh_mem_track_ns: float = _D["tdh_mem_track_ns"]
     #: Kicking every vCPU out of the TD: ``kick_base_ns + kick_per_vcpu_ns * vcpus`` (§5.4).
     kick_base_ns: float = _D["kick_base_ns"]
+    #: Per-vCPU part of that kick (§5.4).
     kick_per_vcpu_ns: float = _D["kick_per_vcpu_ns"]
+    #: TDH.MEM.PAGE.REMOVE of one blocked private page (§5.4).
     tdh_mem_page_remove_ns: float = _D["tdh_mem_page_remove_ns"]
+    #: TDH.PHYMEM.PAGE.WBINVD: write back and invalidate one page that left the TD (§5.4).
     tdh_phymem_page_wbinvd_ns: float = _D["tdh_phymem_page_wbinvd_ns"]
+    #: Clearing one 4 KiB page that left the TD (§5.4).
     page_clear_ns: float = _D["page_clear_ns"]
+    #: TDH.PHYMEM.PAGE.RECLAIM of one page after the HKID release (§5.5).
     tdh_phymem_page_reclaim_ns: float = _D["tdh_phymem_page_reclaim_ns"]
+    #: TDH.MEM.SEPT.REMOVE of one S-EPT table (``tdx["sept_free"] == "sept_remove"``) (§5.5).
     tdh_mem_sept_remove_ns: float = _D["tdh_mem_sept_remove_ns"]
+    #: TDH.VP.FLUSH, once per vCPU at the HKID release (§5.6).
     tdh_vp_flush_ns: float = _D["tdh_vp_flush_ns"]
+    #: TDH.MNG.VPFLUSHDONE, once at the HKID release (§5.6).
     tdh_mng_vpflushdone_ns: float = _D["tdh_mng_vpflushdone_ns"]
+    #: TDH.PHYMEM.CACHE.WB, once at the HKID release (§5.6).
     tdh_phymem_cache_wb_ns: float = _D["tdh_phymem_cache_wb_ns"]
+    #: TDH.MNG.KEY.FREEID, once at the HKID release (§5.6).
     tdh_mng_key_freeid_ns: float = _D["tdh_mng_key_freeid_ns"]
     # --- SEV-SNP and guest_memfd (§6)
+    #: One RMPUPDATE of a 4 KiB or 2 MiB RMP entry (§6.1).
     rmpupdate_ns: float = _D["rmpupdate_ns"]
+    #: One PSMASH: split a 2 MiB RMP entry into 512 4 KiB ones (§6.1).
     psmash_ns: float = _D["psmash_ns"]
+    #: The guest's PVALIDATE of one page (4 KiB or 2 MiB) (§6.1).
     pvalidate_ns: float = _D["pvalidate_ns"]
     #: One conversion request from the guest (SNP page-state change, TDX MapGPA) (§6.2).
     psc_exit_ns: float = _D["psc_exit_ns"]
+    #: guest_memfd's bookkeeping for one conversion request (§6.3).
     gmem_convert_ns: float = _D["gmem_convert_ns"]
+    #: Splitting one 2 MiB guest_memfd folio a conversion only partly covers (§6.3).
     gmem_split_2m_ns: float = _D["gmem_split_2m_ns"]
 
     def __post_init__(self) -> None:
@@ -210,10 +247,26 @@ class CostModel:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
+        """Every cost field's name, in the engine's order (``tdpmmu._core.COST_FIELDS``).
+
+        Returns:
+            tuple[str, ...]: the names, e.g. ``("exit_entry_ns", "fault_handling_ns", ...)``.
+        """
         return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self, **changes: Any) -> Self:
-        """A copy with some costs changed; unknown names raise ``ConfigError``."""
+        """A copy with some costs changed (the model itself is frozen).
+
+        Args:
+            **changes: field name -> new cost in modeled nanoseconds (a finite number >= 0).
+
+        Returns:
+            CostModel: the new model; fields not named keep this model's values.
+
+        Raises:
+            ConfigError: an unknown field name ("costs: unknown field(s) ..."), or a value that
+                is not a finite number >= 0 (naming the field).
+        """
         unknown = set(changes) - set(self.field_names())
         if unknown:
             raise ConfigError(
@@ -223,7 +276,11 @@ class CostModel:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, float]:
-        """Field name -> ns as float; this is what the native module takes."""
+        """Every field as a plain dict, the form the native module takes.
+
+        Returns:
+            dict[str, float]: field name -> modeled nanoseconds, in field order. Never raises.
+        """
         return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 

@@ -18,7 +18,21 @@ BACKING_SIZES = {"4K": 4096, "2M": 2 << 20, "1G": 1 << 30}
 
 
 def parse_size(value: str | int, name: str = "size") -> int:
-    """Return ``value`` in bytes; ``name`` is the argument named in the error message."""
+    """Bytes from an int or a size string: ``4096``, ``"4K"``, ``"2M"``, ``"16GiB"``, ``"0x1000"``.
+
+    Suffixes K, M, G, T, P, E are powers of 1024 (case-insensitive; ``B``/``iB`` may follow).
+
+    Args:
+        value: a non-negative int (bytes) or a string as above.
+        name: the argument named in error messages (default ``"size"``).
+
+    Returns:
+        int: the size in bytes.
+
+    Raises:
+        ConfigError: a negative int or an unparsable string, naming ``name``.
+        TypeError: ``value`` is neither int nor str (or is a bool).
+    """
     # bool is an int subclass; True as a size is certainly a mistake.
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise TypeError(f"{name}: expected a size as int or str, got {type(value).__name__}")
@@ -43,7 +57,20 @@ def parse_size(value: str | int, name: str = "size") -> int:
 
 
 def parse_backing(value: str | int, name: str = "backing") -> int:
-    """Return the backing page size in bytes; only 4 KiB, 2 MiB and 1 GiB exist on x86."""
+    """A host backing page size in bytes; only 4 KiB, 2 MiB and 1 GiB pages exist on x86.
+
+    Args:
+        value: ``"4K"``, ``"2M"``, ``"1G"`` or any ``parse_size`` spelling of 4096, 2097152 or
+            1073741824 bytes.
+        name: the argument named in error messages (default ``"backing"``).
+
+    Returns:
+        int: 4096, 2097152 or 1073741824.
+
+    Raises:
+        ConfigError: not one of those sizes (or unparsable), naming ``name``.
+        TypeError: ``value`` is neither int nor str (or is a bool).
+    """
     size = parse_size(value, name)
     if size not in BACKING_SIZES.values():
         raise ConfigError(
@@ -54,7 +81,15 @@ def parse_backing(value: str | int, name: str = "backing") -> int:
 
 
 def format_size(nbytes: int) -> str:
-    """Shortest exact binary spelling: 67108864 -> '64MiB', 4097 -> '4097'."""
+    """Shortest exact binary spelling of a size: 67108864 -> '64MiB', 4097 -> '4097'.
+
+    Args:
+        nbytes: a size in bytes (an int; anything that is not a whole number of KiB is
+            written as its plain number).
+
+    Returns:
+        str: the spelling, which ``parse_size`` reads back to ``nbytes``. Never raises.
+    """
     for exp, unit in ((6, "EiB"), (5, "PiB"), (4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
         step = 1 << (10 * exp)
         if nbytes >= step and nbytes % step == 0:

@@ -44,43 +44,129 @@ PFN_MASK = ((1 << 52) - 1) & ~0xFFF  # bits 51:12
 
 
 def decode(value: int) -> SpteFields:
-    """Name the fields of an SPTE (present, frozen, mmio, pfn, rwx, memtype, ...)."""
+    """Name the fields of an SPTE (present, frozen, mmio, pfn, rwx, memtype, ...).
+
+    Args:
+        value: a 64-bit SPTE, an int in ``0..2**64`` (from ``VM.walk``, ``VM.spte``,
+            ``Fault.spte`` or ``VM.tables()``).
+
+    Returns:
+        tdpmmu.types.SpteFields: a dict of the fields (see there); the level is not known, so
+        ``kind`` says which of leaf and non-leaf a present entry can be.
+
+    Raises:
+        OverflowError: ``value`` is negative or >= 2**64.
+        TypeError: ``value`` is not an int.
+    """
     return _core.spte_decode(value)
 
 
 def make_leaf(pfn: int, level: int = 1, *, exec: bool = True, prefetch: bool = False) -> int:
-    """Writable write-back leaf for host ``pfn`` at ``level`` (1=4K, 2=2M, 3=1G).
+    """The writable write-back leaf SPTE KVM makes for host ``pfn`` at ``level``.
 
-    ``exec=False`` drops X (NX huge pages); ``prefetch=True`` leaves Accessed clear.
+    ``pfn << 12 | 0x8600_0000_0000_0B77`` at 4 KiB; a huge leaf also sets bit 7.
+
+    Args:
+        pfn: host page-frame number, in ``0..2**40`` (used as given, not aligned).
+        level: 1 = 4 KiB (default), 2 = 2 MiB, 3 = 1 GiB.
+        exec: keep X (default True); False drops it, as for a huge leaf under NX huge pages.
+        prefetch: a pre-fault's leaf, with Accessed clear (default False).
+
+    Returns:
+        int: the SPTE.
+
+    Raises:
+        ConfigError: naming ``pfn`` or ``level`` out of range.
+        TypeError: an argument of the wrong type (a bool ``pfn``, an int ``exec``).
     """
     return _core.make_leaf_spte(pfn, level, exec=exec, prefetch=prefetch)
 
 
 def make_nonleaf(child_pfn: int) -> int:
-    """Entry pointing at the page table at host ``child_pfn``."""
+    """The non-leaf SPTE linking the page table at host ``child_pfn``.
+
+    ``child_pfn << 12 | 0x8000_0000_0000_0907`` (present, RWX, Accessed, suppress-#VE).
+
+    Args:
+        child_pfn: host page-frame number of the child table, in ``0..2**40``.
+
+    Returns:
+        int: the SPTE.
+
+    Raises:
+        ConfigError: naming ``child_pfn`` out of range.
+        TypeError: ``child_pfn`` is not an int (or is a bool).
+    """
     return _core.make_nonleaf_spte(child_pfn)
 
 
 def make_mmio(gfn: int, generation: int) -> int:
-    """MMIO SPTE (EPT misconfig encoding) caching ``gfn`` for memslot ``generation``."""
+    """The MMIO SPTE (an EPT-misconfig encoding) caching ``gfn`` for memslot ``generation``.
+
+    What KVM installs for an access to a gfn in no memslot; a later access in the same
+    memslot generation is emulated without a page fault.
+
+    Args:
+        gfn: the guest page-frame number, in ``0..2**40``.
+        generation: the memslot generation (``VM.memslot_generation``), in ``0..2**19``.
+
+    Returns:
+        int: the SPTE.
+
+    Raises:
+        ConfigError: naming ``gfn`` or ``generation`` out of range.
+        TypeError: an argument is not an int (or is a bool).
+    """
     return _core.make_mmio_spte(gfn, generation)
 
 
 def is_shadow_present(value: int) -> bool:
-    """Bit 11 only, as KVM's ``is_shadow_present_pte``: MMIO and frozen entries are not."""
+    """Whether an SPTE is present: bit 11 only, as KVM's ``is_shadow_present_pte``.
+
+    Args:
+        value: the SPTE (an int).
+
+    Returns:
+        bool: True for leaves and non-leaves; False for non-present, MMIO and frozen
+        entries. Never raises for an int.
+    """
     return bool(value & MMU_PRESENT)
 
 
 def is_frozen(value: int) -> bool:
-    """Exact equality, as KVM's ``is_frozen_spte``."""
+    """Whether an SPTE is ``FROZEN_SPTE``: exact equality, as KVM's ``is_frozen_spte``.
+
+    Args:
+        value: the SPTE (an int).
+
+    Returns:
+        bool: True only for ``FROZEN_SPTE`` (an entry another thread is updating). Never
+        raises.
+    """
     return value == FROZEN_SPTE
 
 
 def is_last(value: int, level: int) -> bool:
-    """Whether a (present) entry at ``level`` is a leaf: any 4K entry, or a huge one."""
+    """Whether a present entry at ``level`` is a leaf, as KVM's ``is_last_spte``.
+
+    Args:
+        value: the SPTE (an int), assumed present.
+        level: its level, 1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB, ...
+
+    Returns:
+        bool: True for any 4 KiB entry, or one with bit 7 (page size) set. Never raises.
+    """
     return level == 1 or bool(value & PAGE_SIZE)
 
 
 def pfn(value: int) -> int:
-    """Host page-frame number in bits 51:12 (a data page for a leaf, a table for a non-leaf)."""
+    """The host page-frame number in bits 51:12 of an SPTE, as KVM's ``spte_to_pfn``.
+
+    Args:
+        value: the SPTE (an int).
+
+    Returns:
+        int: a data page's pfn for a leaf, the child table's for a non-leaf (an MMIO SPTE
+        holds its gfn there). Never raises.
+    """
     return (value & PFN_MASK) >> 12

@@ -9,8 +9,17 @@ __all__ = ["Stats"]
 class Stats(Mapping[str, int | float]):
     """An immutable snapshot of a VM's counters, read as a mapping: ``stats["pf_fixed"]``.
 
-    Counters are ints; ``modeled_ns`` (the modeled clock, all vCPUs and host work) is a float.
-    Taking a snapshot does not change the VM; subtract two snapshots to get a delta.
+    ``VM.stats`` returns one. Keys are KVM's counter names (``pf_taken``, ``pf_fixed``,
+    ``pages_4k``, ``tdp_mmu_pages``, ``remote_tlb_flush``, ...), the external hooks'
+    (``link_external_spt``, ...), SEAMCALL leaves (``"TDH.MEM.PAGE.AUG"``, ...), SNP and
+    guest_memfd counters (``rmpupdate``, ``conversions``, ...; all listed in
+    ``tdpmmu._core.COUNTER_NAMES``), then ``modeled_ns`` and ``page_table_bytes`` /
+    ``page_table_peak_bytes``. Counters are ints; ``modeled_ns`` (the modeled clock, all vCPUs
+    and host work) is a float. Taking a snapshot does not change the VM; subtract two snapshots
+    to get a delta. A missing key raises ``KeyError``, as for any mapping.
+
+    Args:
+        data: name -> value; copied, so later VM activity does not show through.
     """
 
     __slots__ = ("_data",)
@@ -29,7 +38,14 @@ class Stats(Mapping[str, int | float]):
         return len(self._data)
 
     def __sub__(self, other: Mapping[str, int | float]) -> "Stats":
-        """Per-counter difference ``self - other`` (keys missing in ``other`` count as 0)."""
+        """Per-counter difference ``self - other`` (keys missing in ``other`` count as 0).
+
+        Args:
+            other: an earlier snapshot (any mapping of name -> number).
+
+        Returns:
+            Stats: a snapshot of the deltas, with this snapshot's keys.
+        """
         return Stats({k: v - other.get(k, 0) for k, v in self._data.items()})
 
     def __reduce__(self) -> tuple[type["Stats"], tuple[dict[str, int | float]]]:
@@ -37,6 +53,7 @@ class Stats(Mapping[str, int | float]):
         return (Stats, (dict(self._data),))
 
     def to_dict(self) -> dict[str, int | float]:
+        """The snapshot as a new plain dict (name -> value). Never raises."""
         return dict(self._data)
 
     def __repr__(self) -> str:

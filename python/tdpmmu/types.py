@@ -11,7 +11,8 @@ class SpteFields(TypedDict):
     """``tdpmmu.spte.decode(value)``: the fields of one SPTE as KVM's EPT format defines them."""
 
     value: int
-    #: "leaf", "nonleaf", "mmio", "frozen" or "nonpresent".
+    #: "frozen", "mmio", "nonpresent", or for a present entry (the level is not known)
+    #: "huge-leaf-or-4k-nonleaf" (bit 7 set) or "leaf-or-nonleaf".
     kind: str
     present: bool
     frozen: bool
@@ -28,9 +29,11 @@ class SpteFields(TypedDict):
     host_writable: bool
     mmu_writable: bool
     suppress_ve: bool
-    #: Host page-frame number (a table's pfn for a non-leaf).
+    #: Host page-frame number, bits 51:12 (a table's pfn for a non-leaf, the gfn of an MMIO
+    #: SPTE).
     pfn: int
-    #: Memslot generation recorded in an MMIO SPTE (0 otherwise).
+    #: Memslot generation recorded in an MMIO SPTE; None for every other entry (the engine
+    #: returns None although this field is typed ``int``).
     mmio_generation: int
 
 
@@ -63,7 +66,7 @@ class RmpEntry(TypedDict):
 
 
 class VcpuRecord(TypedDict):
-    """One vCPU of ``vm.run_memstress(...)``."""
+    """One vCPU of ``vm.run_memstress(...)`` (its list is in vCPU order)."""
 
     #: Host wall-clock seconds of this vCPU's thread.
     wall_s: float
