@@ -154,7 +154,14 @@ SUMMARY_FIELDS: Final[tuple[str, ...]] = (
 
 def external_tables_name(vm_type: str) -> str:
     """What the mirror root's external tables are on this VM type: a TD's are the TDX
-    module's S-EPT; sw_protected+mirror keeps a software tree (no TDX module)."""
+    module's S-EPT; sw_protected+mirror keeps a software tree (no TDX module).
+
+    Args:
+        vm_type: an engine VM type (``"tdx"``, ``"sw_protected"``, ...).
+
+    Returns:
+        str: ``"S-EPT tables"`` for tdx, ``"external tables"`` otherwise. Never raises.
+    """
     return "S-EPT tables" if vm_type == "tdx" else "external tables"
 
 
@@ -194,6 +201,7 @@ class CompareParams:
 
     @property
     def test_pages(self) -> int:
+        """The test region in 4 KiB pages: ``vcpus x bytes_per_vcpu / 4096``."""
         return self.vcpus * self.bytes_per_vcpu // PAGE_SIZE
 
     @property
@@ -216,6 +224,22 @@ class CompareParams:
         ]
 
     def spec(self, label: str, design: str, tdx: Mapping[str, coerce.TdxValue]) -> VmSpec:
+        """The VM configuration of one row of this workload.
+
+        Args:
+            label: the VM type label, a key of ``VM_TYPES`` (``"sw_protected+mirror"`` is
+                sw_protected with ``mirror=True``).
+            design: the hook design, one the label's variant takes.
+            tdx: the row's TDX options (empty for variants without them).
+
+        Returns:
+            VmSpec: memory = test region + image rounded to the backing page, and this
+            workload's vCPUs, levels, backing, folio (none on a default VM), costs and seed.
+
+        Raises:
+            KeyError: ``label`` is not a key of ``VM_TYPES``.
+            ConfigError: ``design`` or ``tdx`` is not valid for the variant.
+        """
         vm_type, mirror = VM_TYPES[label]
         return VmSpec.create(
             vm_type=vm_type,
@@ -233,6 +257,7 @@ class CompareParams:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The parameters as plain JSON types (plus ``memory``); never raises."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["costs"] = self.costs.to_dict()
         out["tdx"] = {k: list(v) for k, v in self.tdx.items()}
@@ -242,6 +267,19 @@ class CompareParams:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CompareParams":
+        """The parameters a ``to_dict()`` mapping describes.
+
+        Args:
+            data: the mapping (extra keys such as ``memory`` are ignored).
+
+        Returns:
+            CompareParams: the parameters.
+
+        Raises:
+            KeyError: ``costs`` or ``tdx`` is missing.
+            TypeError: another field is missing.
+            ConfigError: a bad cost value.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in data.items() if k in names}
         fields["costs"] = coerce.cost_model(data["costs"])
@@ -267,12 +305,24 @@ class PhaseResult:
     stats: Stats
 
     def to_dict(self) -> dict[str, Any]:
+        """The phase as plain JSON types; never raises."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["stats"] = self.stats.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PhaseResult":
+        """The phase a ``to_dict()`` mapping describes.
+
+        Args:
+            data: the mapping.
+
+        Returns:
+            PhaseResult: the phase.
+
+        Raises:
+            KeyError: a field is missing.
+        """
         return cls(
             name=str(data["name"]),
             wall_s=float(data["wall_s"]),
@@ -334,6 +384,7 @@ class CompareRow:
 
     @property
     def tdx(self) -> Mapping[str, coerce.TdxValue]:
+        """The row's TDX options (``spec.tdx``; empty on variants without them)."""
         return self.spec.tdx
 
     @property
@@ -347,7 +398,17 @@ class CompareRow:
         return int(self.stats["pf_retry"])
 
     def hook(self, name: str) -> int:
-        """Calls of one external-table hook (``HOOK_COUNTERS``)."""
+        """Calls of one external-table hook over the whole row.
+
+        Args:
+            name: a hook name of ``HOOK_COUNTERS`` (any counter name works).
+
+        Returns:
+            int: the count from the final ``stats``.
+
+        Raises:
+            KeyError: ``name`` is not a counter.
+        """
         return int(self.stats[name])
 
     @property
@@ -372,6 +433,14 @@ class CompareRow:
         return "yes" if self.check_ok else f"NO ({self.check_error})"
 
     def phase(self, name: str) -> PhaseResult | None:
+        """The phase called ``name`` ("setup", "demand-paging", "conversions", "teardown").
+
+        Args:
+            name: the phase name (a failed phase matches without its " (failed)" suffix).
+
+        Returns:
+            PhaseResult | None: the phase, or None when it did not run. Never raises.
+        """
         for p in self.phases:
             if p.name.removesuffix(" (failed)") == name:
                 return p
@@ -385,6 +454,8 @@ class CompareRow:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as plain JSON types: ``summary()`` plus spec, cost breakdown, notes,
+        phases and final stats; never raises."""
         out = self.summary()
         out["spec"] = self.spec.to_dict()
         out["cost_breakdown"] = dict(self.cost_breakdown)
@@ -395,6 +466,20 @@ class CompareRow:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CompareRow":
+        """The row a ``to_dict()`` mapping describes.
+
+        Args:
+            data: the mapping (the derived summary columns in it are ignored).
+
+        Returns:
+            CompareRow: the row.
+
+        Raises:
+            KeyError: ``spec``, ``cost_breakdown``, ``notes``, ``phases`` or ``stats`` is
+                missing.
+            TypeError: another field is missing.
+            ConfigError: the spec is not valid.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in data.items() if k in names}
         fields["spec"] = VmSpec.from_dict(data["spec"])
@@ -407,7 +492,12 @@ class CompareRow:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CompareResult:
+    """What ``compare`` returns: the workload's parameters and one ``CompareRow`` per pair
+    (and per swept TDX option value), in the engine's pair order."""
+
+    #: The workload every row ran.
     params: CompareParams
+    #: One row per (VM type, hook design, TDX options).
     rows: tuple[CompareRow, ...]
     #: Host wall-clock seconds of the whole comparison.
     wall_s: float = 0.0
@@ -430,6 +520,18 @@ class CompareResult:
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> "CompareResult":
+        """The result an envelope of a comparison describes.
+
+        Args:
+            env: an envelope with ``workload == "compare"``.
+
+        Returns:
+            CompareResult: the result.
+
+        Raises:
+            ConfigError: ``env`` holds another workload's result (naming ``envelope``).
+            KeyError: a field is missing.
+        """
         if env.workload != "compare":
             raise ConfigError(f"envelope: a {env.workload} result, not compare")
         return cls(
@@ -439,13 +541,34 @@ class CompareResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """``envelope().to_dict()``: the whole comparison as plain JSON types."""
         return self.envelope().to_dict()
 
     def to_json(self, **kwargs: Any) -> str:
+        """The whole comparison as one JSON document (its envelope).
+
+        Args:
+            **kwargs: passed to ``json.dumps`` (e.g. ``indent=2``).
+
+        Returns:
+            str: the JSON text; ``from_json`` reads it back.
+        """
         return self.envelope().to_json(**kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> "CompareResult":
+        """The result a ``to_json`` text describes.
+
+        Args:
+            text: JSON as ``to_json`` wrote it.
+
+        Returns:
+            CompareResult: the result.
+
+        Raises:
+            ConfigError: not a tdpmmu envelope, another schema, or not a compare result.
+            json.JSONDecodeError: ``text`` is not JSON.
+        """
         return cls.from_envelope(Envelope.from_json(text))
 
     def to_csv(self) -> str:
@@ -474,7 +597,20 @@ def select_pairs(
     types: Iterable[str] | None = None, designs: Iterable[str] | None = None
 ) -> tuple[tuple[str, str], ...]:
     """The pairs of ``PAIRS`` that pass the filters. A type filter matches a label exactly or by
-    its engine type: "sw_protected" selects both sw_protected rows, "sw_protected+mirror" one."""
+    its engine type: "sw_protected" selects both sw_protected rows, "sw_protected+mirror" one.
+
+    Args:
+        types: VM type labels or engine types to keep (names, or text with commas), or None
+            for all.
+        designs: design names to keep, or None for all.
+
+    Returns:
+        tuple[tuple[str, str], ...]: ``(label, design)`` pairs in ``PAIRS`` order.
+
+    Raises:
+        ConfigError: an unknown type or design (naming ``types`` or ``designs``), or filters
+            that leave no pair.
+    """
     type_names = sorted({*VM_TYPES, *config.VM_TYPES})
     t_sel = _pick(types, type_names, "types")
     d_sel = _pick(designs, DESIGNS, "designs")
@@ -547,7 +683,24 @@ def run_pair(
     tdx: Mapping[str, coerce.TdxValue] | None = None,
 ) -> CompareRow:
     """Run the workload of ``params`` on one pair (with ``tdx`` options on variants that take
-    them); the engine's verdict becomes the row's."""
+    them); the engine's verdict becomes the row's.
+
+    A design that breaks during the workload (``InvariantError``, ``VmBugged``,
+    ``OutOfMemory``, a leak, a fault that does not map its page) is the row's result
+    (``check_ok`` False with the reason), not an exception.
+
+    Args:
+        label: the VM type label, a key of ``VM_TYPES``.
+        design: the hook design; ``(label, design)`` must be one of ``PAIRS``.
+        params: the workload (``compare`` builds it).
+        tdx: the row's TDX options (None or empty for variants without them).
+
+    Returns:
+        CompareRow: the row.
+
+    Raises:
+        ConfigError: ``(label, design)`` is not a valid pair, or the VM cannot be built.
+    """
     if (label, design) not in PAIRS:
         raise ConfigError(
             f"{label}/{design} is not a valid pair; valid: "
@@ -686,6 +839,19 @@ def fit_conversions(
     default (``None``) is ``DEFAULTS``'s, scaled down when the region is small so the chunks
     cover at most half of it. ``adjusted`` says in words what was scaled (only when ``convert``:
     without a conversion phase nothing is used).
+
+    Args:
+        test_pages: the test region in 4 KiB pages, >= 1.
+        conversions: number of conversion chunks, >= 1 (>= 0 without ``convert``), or None.
+        chunk_pages: 4 KiB pages per chunk, >= 1, or None.
+        convert: the workload has a conversion phase (default True).
+
+    Returns:
+        tuple[int, int, tuple[str, ...]]: conversions, chunk pages, and what was scaled.
+
+    Raises:
+        ConfigError: a count out of range (naming it), or chunks that do not fit the region.
+        TypeError: a count that is not an int.
     """
     coerce.count(test_pages, "test_pages")
     adjusted: list[str] = []
@@ -741,6 +907,33 @@ def compare(
     ``tdx`` sets that option. ``conversions``/``chunk_pages`` default to ``DEFAULTS``, scaled
     down to fit the test region (``CompareParams.adjusted`` says so); values given that do not
     fit are refused. Bad parameters raise ``ConfigError`` before any pair runs.
+
+    Args:
+        workload: ``"demand-paging"``, ``"conversions"`` or ``"both"`` (default).
+        vcpus: vCPUs of every VM, >= 1 (default 4).
+        bytes_per_vcpu: test memory per vCPU, bytes or a size string, a positive multiple of
+            4096 (default ``"1G"``).
+        conversions: conversion chunks, >= 1, or None (default: scaled ``DEFAULTS``).
+        chunk_pages: 4 KiB pages per chunk, >= 1, or None (default: scaled ``DEFAULTS``).
+        types: VM types to run (labels or engine types), or None for all.
+        designs: hook designs to run, or None for all.
+        costs: a ``CostModel``, a mapping of overrides, or None for the defaults.
+        tdx: TDX options for the rows that take them; a list or ``"a,b"`` sweeps values.
+        levels: TDP paging levels, 4 (default) or 5.
+        seed: seed of every VM, >= 0 (default 0).
+        image_pages: initial-image pages per VM, >= 0 (default 256).
+        teardown: run the teardown phase (``VM.destroy``) (default True).
+        backing: host page size behind guest memory (default ``"2M"``).
+        folio: guest_memfd folio size on VMs with private memory (default ``"2M"``).
+
+    Returns:
+        CompareResult: one row per pair and TDX option combination.
+
+    Raises:
+        ConfigError: a bad parameter (naming it), filters that leave no pair, TDX options
+            when no selected row takes them, or a row whose VM cannot be built; all before
+            any pair runs.
+        TypeError: a parameter of the wrong type.
     """
     start = time.perf_counter()
     if workload not in WORKLOADS:
@@ -1007,7 +1200,15 @@ def _findings(result: CompareResult) -> list[str]:
 
 def format_text(result: CompareResult) -> str:
     """The human-readable report: tables within ``render.WIDTH`` columns, the legend, and what
-    the tables show."""
+    the tables show.
+
+    Args:
+        result: what ``compare`` returned.
+
+    Returns:
+        str: the report (lines of at most 100 columns), ending with a newline. Never raises
+        for a ``CompareResult``.
+    """
     p = result.params
     swept = p.swept
     lines: list[str] = []

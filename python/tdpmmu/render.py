@@ -42,16 +42,35 @@ class Column:
 
     @property
     def lines(self) -> tuple[str, ...]:
+        """The header as a tuple of lines (one line when ``header`` is a str)."""
         return (self.header,) if isinstance(self.header, str) else self.header
 
 
 def fmt_int(n: int | None) -> str:
-    """``1234567 -> "1,234,567"``; ``None -> "-"``."""
+    """An int with thousands separators: ``1234567 -> "1,234,567"``; ``None -> "-"``.
+
+    Args:
+        n: the number, or None for a missing value.
+
+    Returns:
+        str: the text. Never raises for an int or None.
+    """
     return "-" if n is None else f"{n:,}"
 
 
 def fmt_float(x: float | None, digits: int) -> str:
-    """Fixed point with thousands separators; ``None -> "-"``."""
+    """Fixed point with thousands separators: ``fmt_float(1234.5, 1) -> "1,234.5"``.
+
+    Args:
+        x: the number, or None for a missing value (``"-"``).
+        digits: digits after the decimal point, >= 0.
+
+    Returns:
+        str: the text.
+
+    Raises:
+        ValueError: ``digits`` is negative.
+    """
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
@@ -88,6 +107,17 @@ def table(
 
     When it would be wider than ``width``, the non-key columns are split over several tables
     (separated by a blank line), each starting with the key columns.
+
+    Args:
+        columns: the columns, left to right.
+        rows: each row's cells as already formatted strings, one per column.
+        width: the widest a line may be, in characters (default ``WIDTH``, 100).
+
+    Returns:
+        list[str]: the lines (no trailing spaces).
+
+    Raises:
+        ValueError: a row's cell count differs from the column count.
     """
     rows = [list(r) for r in rows]
     for r in rows:
@@ -119,7 +149,17 @@ def table(
 
 def wrap(text: str, *, width: int = WIDTH, indent: str = "", subsequent: str = "  ") -> list[str]:
     """``text`` wrapped at ``width`` columns (continuation lines indented by ``subsequent``);
-    an empty text is one empty line."""
+    an empty text is one empty line.
+
+    Args:
+        text: the prose (words are never broken at hyphens).
+        width: the widest a line may be (default ``WIDTH``, 100).
+        indent: prefix of the first line (default none).
+        subsequent: prefix of every further line (default two spaces).
+
+    Returns:
+        list[str]: the lines. Never raises for a str.
+    """
     if not text:
         return [""]
     return textwrap.wrap(

@@ -41,7 +41,18 @@ SCHEMA = 1
 
 def json_safe(value: Any) -> Any:
     """``value`` with plain JSON types only: mappings -> dict, sequences -> list, non-finite
-    floats -> None, objects with ``to_dict()`` -> their dict."""
+    floats -> None, objects with ``to_dict()`` -> their dict.
+
+    Args:
+        value: a bool, int, str, None, float, mapping, list or tuple of those, or an object
+            with ``to_dict()``.
+
+    Returns:
+        Any: the converted value (a new object; mapping keys become str).
+
+    Raises:
+        TypeError: a value of any other type ("cannot store ... in a result envelope").
+    """
     if isinstance(value, bool | int | str) or value is None:
         return value
     if isinstance(value, float):
@@ -57,7 +68,15 @@ def json_safe(value: Any) -> Any:
 
 
 def sum_breakdowns(parts: list[Mapping[str, float]]) -> dict[str, float]:
-    """Field-wise sum of cost breakdowns (keys in first-seen order)."""
+    """Field-wise sum of cost breakdowns (keys in first-seen order).
+
+    Args:
+        parts: breakdowns, each field name -> modeled nanoseconds (``VM.cost_breakdown()``).
+
+    Returns:
+        dict[str, float]: field -> the sum over ``parts`` (a field missing from a part counts
+        as 0). Never raises for numeric values.
+    """
     out: dict[str, float] = {}
     for part in parts:
         for k, v in part.items():
@@ -67,7 +86,15 @@ def sum_breakdowns(parts: list[Mapping[str, float]]) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Envelope:
-    """One run: what was configured, both clocks, and what the workload measured."""
+    """One run: what was configured, both clocks, and what the workload measured.
+
+    The fields below are keyword-only. The envelope checks that ``cost_breakdown`` sums to
+    ``modeled_ns`` when it is made.
+
+    Raises:
+        ConfigError: ``cost_breakdown`` does not sum to ``modeled_ns`` (relative tolerance
+            1e-9, absolute 1e-3 ns), naming ``cost_breakdown``.
+    """
 
     #: Which workload produced it: "demand_paging", "private_mem_conversions", "compare".
     workload: str
@@ -106,7 +133,23 @@ class Envelope:
         wall_s: float,
         result: Mapping[str, Any],
     ) -> "Envelope":
-        """An envelope whose modeled clock and breakdown are ``vm``'s now."""
+        """An envelope whose modeled clock and breakdown are ``vm``'s now.
+
+        Args:
+            workload: the workload's name, e.g. ``"demand_paging"``.
+            vm: the VM the workload ran on; its ``modeled_ns`` and ``cost_breakdown()`` are
+                taken now.
+            config: the full configuration (made JSON-safe).
+            seed: the run's seed.
+            wall_s: host wall-clock seconds of the run.
+            result: what the workload measured (made JSON-safe).
+
+        Returns:
+            Envelope: the record.
+
+        Raises:
+            TypeError: ``config`` or ``result`` holds a value ``json_safe`` cannot store.
+        """
         return cls(
             workload=workload,
             config=json_safe(config),
@@ -118,6 +161,13 @@ class Envelope:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The envelope as plain JSON types, in the documented key order.
+
+        Returns:
+            dict[str, Any]: tool, version, simulated, schema, workload, config, seed,
+            modeled_ns, cost_breakdown, wall_s, result (non-finite floats as None). Never
+            raises.
+        """
         out = {
             "tool": self.tool,
             "version": self.version,
@@ -134,10 +184,32 @@ class Envelope:
         return dict(json_safe(out))
 
     def to_json(self, **kwargs: Any) -> str:
+        """The envelope as one JSON document (``to_dict()``; never NaN or Infinity).
+
+        Args:
+            **kwargs: passed to ``json.dumps`` (e.g. ``indent=2``).
+
+        Returns:
+            str: the JSON text; ``from_json`` reads it back.
+        """
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Envelope":
+        """The envelope a ``to_dict()`` mapping (or parsed JSON) describes.
+
+        Args:
+            data: the mapping; ``tool``, ``version``, ``simulated``, ``schema`` and
+                ``result`` may be absent (defaults: this tdpmmu, schema ``SCHEMA``).
+
+        Returns:
+            Envelope: the envelope.
+
+        Raises:
+            ConfigError: not a tdpmmu envelope (a required key missing, or another tool),
+                another schema, or a breakdown that does not sum (naming ``envelope`` or
+                ``cost_breakdown``).
+        """
         missing = [
             k
             for k in ("workload", "config", "seed", "modeled_ns", "cost_breakdown", "wall_s")
@@ -165,17 +237,37 @@ class Envelope:
 
     @classmethod
     def from_json(cls, text: str) -> "Envelope":
+        """The envelope a ``to_json()`` text describes.
+
+        Args:
+            text: the JSON text.
+
+        Returns:
+            Envelope: the envelope.
+
+        Raises:
+            ConfigError: as ``from_dict``.
+            json.JSONDecodeError: ``text`` is not JSON.
+        """
         return cls.from_dict(json.loads(text))
 
 
 class Result(Protocol):
     """What every workload result offers: its envelope, JSON both ways."""
 
-    def envelope(self) -> Envelope: ...
+    def envelope(self) -> Envelope:
+        """The result as an ``Envelope`` (configuration, both clocks, what was measured)."""
+        ...
 
-    def to_dict(self) -> dict[str, Any]: ...
+    def to_dict(self) -> dict[str, Any]:
+        """``envelope().to_dict()``: the result as plain JSON types."""
+        ...
 
-    def to_json(self, **kwargs: Any) -> str: ...
+    def to_json(self, **kwargs: Any) -> str:
+        """``envelope().to_json(**kwargs)``: the result as one JSON document."""
+        ...
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Self: ...
+    def from_envelope(cls, env: Envelope) -> Self:
+        """The result an ``env`` of its workload describes (``ConfigError`` for another)."""
+        ...

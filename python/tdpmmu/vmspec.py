@@ -76,7 +76,37 @@ class VmSpec:
         mirror: bool = False,
         folio: str | int | None = None,
     ) -> "VmSpec":
-        """Coerce ``tdpmmu.VM``'s arguments (same names, same meaning) into a spec."""
+        """Coerce ``tdpmmu.VM``'s arguments (same names, same meaning) into a spec.
+
+        Unlike ``tdpmmu.VM`` itself, TDX option values may be text (``"true"``, ``"0.1"``),
+        as the CLI gives them (``tdpmmu.coerce.tdx_option``), and the VM-type x design matrix
+        is checked here, before any VM is built.
+
+        Args:
+            vm_type: ``"default"``, ``"tdx"``, ``"snp"`` or ``"sw_protected"``.
+            memory: guest memory, bytes or a size string; a positive multiple of 4096 and of
+                the backing page.
+            vcpus: number of vCPUs, >= 1.
+            levels: 4 or 5.
+            backing: ``"4K"``, ``"2M"``, ``"1G"`` or bytes.
+            hooks: None (the VM type's default design), a design name, a ``HookDesign`` or a
+                hook object.
+            costs: a ``CostModel``, a mapping of overrides, or None.
+            seed: an int >= 0.
+            trace: record trace events (bool).
+            nx_huge_pages: KVM's NX huge pages mitigation (bool).
+            slot_zap_all: KVM_X86_QUIRK_SLOT_ZAP_ALL (bool).
+            tdx: TDX options (``tdpmmu.VM`` documents each), or None.
+            mirror: sw_protected's mirrored variant (bool).
+            folio: ``"4K"``, ``"2M"`` or bytes, or None (not given).
+
+        Returns:
+            VmSpec: the coerced spec (hook design resolved, never None).
+
+        Raises:
+            ConfigError: a bad value, naming the argument.
+            TypeError: a value of the wrong type.
+        """
         variant = coerce.vm_type(vm_type, mirror)
         design, options, hook_object = coerce.hooks(hooks, variant, tdx)
         backing_bytes = coerce.backing(backing)
@@ -106,6 +136,7 @@ class VmSpec:
 
     @property
     def variant(self) -> config.Variant:
+        """The spec's row of the VM-type x design matrix (``tdpmmu.config.variant``)."""
         return config.variant(self.vm_type, self.mirror)
 
     @property
@@ -121,10 +152,24 @@ class VmSpec:
 
     @property
     def pages(self) -> int:
+        """Guest memory in 4 KiB pages (``memory // 4096``)."""
         return self.memory // coerce.PAGE_SIZE
 
     def replace(self, **changes: Any) -> "VmSpec":
-        """A copy with some fields changed, coerced again (``VmSpec.create`` rules)."""
+        """A copy with some fields changed, coerced again (``VmSpec.create`` rules).
+
+        Args:
+            **changes: field name -> new value, as ``create`` takes it (e.g.
+                ``vcpus=8``, ``backing="2M"``). A hook object is kept unless ``hooks`` is
+                changed.
+
+        Returns:
+            VmSpec: the new spec.
+
+        Raises:
+            ConfigError: a bad value, naming the field.
+            TypeError: a value of the wrong type. (An unknown field name is ignored.)
+        """
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields.update(changes)
         hook_object = fields.pop("hook_object")
@@ -147,7 +192,18 @@ class VmSpec:
         )
 
     def build(self) -> VM:
-        """A new ``tdpmmu.VM`` of this configuration (not yet launched: see ``launch``)."""
+        """A new ``tdpmmu.VM`` of this configuration (not yet launched: see ``launch``).
+
+        ``spec_of(vm)`` finds this spec again for the VM's results.
+
+        Returns:
+            VM: the new VM.
+
+        Raises:
+            ConfigError: what the engine refuses that coercion could not know (e.g. page
+                tables too large for this machine's RAM).
+            OutOfMemory: the VM's arena or metadata could not be reserved.
+        """
         extra: dict[str, Any] = {} if self.folio is None else {"folio": self.folio}
         vm = VM(
             vm_type=self.vm_type,
@@ -170,7 +226,12 @@ class VmSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: sizes in bytes, ``costs`` as field -> ns, ``tdx`` as given to the engine;
-        a user hook object is recorded by its type name only."""
+        a user hook object is recorded by its type name only.
+
+        Returns:
+            dict[str, Any]: every field, plus ``label`` (``vm_type`` or
+            ``"sw_protected+mirror"``). Never raises.
+        """
         out: dict[str, Any] = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "costs"
         }
@@ -183,7 +244,20 @@ class VmSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "VmSpec":
         """The spec ``to_dict`` described (a hook object cannot be restored: ``hooks`` keeps
-        its design name)."""
+        its design name).
+
+        Args:
+            data: a ``to_dict()`` mapping; ``trace``, ``nx_huge_pages``, ``slot_zap_all``,
+                ``tdx``, ``mirror`` and ``folio`` may be absent (defaults as ``create``).
+
+        Returns:
+            VmSpec: the spec.
+
+        Raises:
+            KeyError: a required field is missing.
+            ConfigError: a bad value (``create`` rules).
+            TypeError: a value of the wrong type.
+        """
         return cls.create(
             vm_type=data["vm_type"],
             memory=data["memory"],
@@ -202,7 +276,8 @@ class VmSpec:
         )
 
     def describe(self) -> str:
-        """One line: ``tdx/mirror, 4 vCPUs, 4GiB, 4-level, backing 2M, folio 2M, tdx: ...``."""
+        """One line for people, e.g. ``tdx/mirror, 4 vCPUs, memory 4GiB, 4-level TDP, backing
+        2M, folio 2M, tdx track=batched, seed 0`` (returns a str; never raises)."""
         parts = [
             f"{self.label}/{self.hooks}",
             f"{self.vcpus} vCPU{'s' if self.vcpus != 1 else ''}",
@@ -229,6 +304,21 @@ def launch(vm: VM, *, image_gfn: int = 0, image_pages: int = 0) -> None:
     ``TDH.MEM.PAGE.ADD`` before ``finalize``; on other confidential VMs they are populated as
     private memory (``KVM_PRE_FAULT_MEMORY``); on a default VM, populated. A TD is then
     finalized.
+
+    Args:
+        vm: the VM to launch (new, or at least not yet finalized if a TD).
+        image_gfn: first gfn of the initial image (default 0).
+        image_pages: 4 KiB pages of the initial image, >= 0 (default 0: none).
+
+    Returns:
+        None.
+
+    Raises:
+        ConfigError: ``image_pages`` < 0, or what ``VM.set_memory_attributes``,
+            ``VM.populate`` or ``VM.finalize`` refuse (e.g. an image outside every memslot).
+        TypeError: ``image_pages`` is not an int.
+        VmBugged: a SEAMCALL or RMP instruction failed during the launch.
+        OutOfMemory: page-table memory ran out.
     """
     coerce.count(image_pages, "image_pages", 0)
     if vm.vm_type != "default":
@@ -242,8 +332,17 @@ def launch(vm: VM, *, image_gfn: int = 0, image_pages: int = 0) -> None:
 
 
 def describe_vm(vm: VM) -> dict[str, Any]:
-    """What a VM says about its own configuration (for results about a VM the caller built;
-    fields it does not expose — seed, folio, TDX options — are absent)."""
+    """What a VM says about its own configuration, for results about a VM the caller built.
+
+    Args:
+        vm: any ``tdpmmu.VM``.
+
+    Returns:
+        dict[str, Any]: ``vm_type``, ``memory``, ``vcpus``, ``levels``, ``backing``,
+        ``hooks``, ``costs`` (field -> ns) and ``shared_bit``. The seed, folio and TDX options
+        are not included (``VM.seed``, ``VM.folio``, ``VM.tdx_options`` have them). Never
+        raises.
+    """
     return {
         "vm_type": vm.vm_type,
         "memory": vm.memory,
@@ -262,12 +361,26 @@ _SPECS: "weakref.WeakKeyDictionary[VM, VmSpec]" = weakref.WeakKeyDictionary()
 
 
 def spec_of(vm: VM) -> VmSpec | None:
-    """The spec ``vm`` was built from by ``VmSpec.build``, or None for a VM made directly."""
+    """The spec ``vm`` was built from by ``VmSpec.build``, or None for a VM made directly.
+
+    Args:
+        vm: any ``tdpmmu.VM``.
+
+    Returns:
+        VmSpec | None: the spec (kept while the VM lives). Never raises.
+    """
     return _SPECS.get(vm)
 
 
 def vm_config(vm: VM) -> dict[str, Any]:
     """``vm``'s configuration for a result envelope: its full spec when ``VmSpec.build`` made it,
-    else what the VM exposes (``describe_vm``)."""
+    else what the VM exposes (``describe_vm``).
+
+    Args:
+        vm: any ``tdpmmu.VM``.
+
+    Returns:
+        dict[str, Any]: ``spec_of(vm).to_dict()`` or ``describe_vm(vm)``. Never raises.
+    """
     spec = spec_of(vm)
     return spec.to_dict() if spec is not None else describe_vm(vm)

@@ -110,26 +110,32 @@ class DemandPagingResult:
 
     @property
     def vm_type(self) -> str:
+        """The VM type the run used (``spec.vm_type``)."""
         return self.spec.vm_type
 
     @property
     def vcpus(self) -> int:
+        """Number of vCPUs, each a thread with its own slice (``spec.vcpus``)."""
         return self.spec.vcpus
 
     @property
     def backing(self) -> int:
+        """Host page size behind guest memory, in bytes (``spec.backing``)."""
         return self.spec.backing
 
     @property
     def levels(self) -> int:
+        """TDP paging levels, 4 or 5 (``spec.levels``)."""
         return self.spec.levels
 
     @property
     def seed(self) -> int:
+        """The run's seed (``spec.seed``)."""
         return self.spec.seed
 
     @property
     def costs(self) -> CostModel:
+        """The cost model the modeled figures use (``spec.costs``)."""
         return self.spec.costs
 
     @property
@@ -138,6 +144,12 @@ class DemandPagingResult:
         return float(self.stats["modeled_ns"])
 
     def envelope(self) -> Envelope:
+        """The run as a ``tdpmmu.results.Envelope`` (workload ``"demand_paging"``).
+
+        Returns:
+            Envelope: the full configuration (VM spec and workload parameters), both clocks,
+            the cost breakdown and every figure of this result. Never raises.
+        """
         return Envelope(
             workload="demand_paging",
             config={
@@ -175,6 +187,18 @@ class DemandPagingResult:
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> "DemandPagingResult":
+        """The result an envelope describes (``from_json``'s second half).
+
+        Args:
+            env: an envelope of this workload, e.g. ``Envelope.from_json(text)``.
+
+        Returns:
+            DemandPagingResult: the result, equal to the one the envelope was made from.
+
+        Raises:
+            ConfigError: ``env`` holds another workload's result (naming ``envelope``).
+            KeyError: a field the result needs is missing from ``env``.
+        """
         if env.workload != "demand_paging":
             raise ConfigError(f"envelope: a {env.workload} result, not demand_paging")
         wl, r = env.config["workload"], env.result
@@ -208,14 +232,38 @@ class DemandPagingResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The envelope as plain JSON types (non-finite rates as None)."""
+        """The envelope as plain JSON types (non-finite rates as None).
+
+        Returns:
+            dict[str, Any]: ``envelope().to_dict()``. Never raises.
+        """
         return self.envelope().to_dict()
 
     def to_json(self, **kwargs: Any) -> str:
+        """The result as one JSON document (its envelope; non-finite rates as null).
+
+        Args:
+            **kwargs: passed to ``json.dumps`` (e.g. ``indent=2``).
+
+        Returns:
+            str: the JSON text; ``from_json`` reads it back. Never raises for a result.
+        """
         return self.envelope().to_json(**kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> "DemandPagingResult":
+        """The result a ``to_json`` text describes.
+
+        Args:
+            text: JSON as ``to_json`` wrote it.
+
+        Returns:
+            DemandPagingResult: the result.
+
+        Raises:
+            ConfigError: not a tdpmmu envelope, another schema, or another workload's result.
+            json.JSONDecodeError: ``text`` is not JSON.
+        """
         return cls.from_envelope(Envelope.from_json(text))
 
 
@@ -255,6 +303,36 @@ def demand_paging(
     The VM is set up as a VMM would (``vmspec.launch``): on a confidential VM the test region is
     private memory; ``image_pages`` pages after the region are populated as the initial image
     (a TD adds them with TDH.MEM.PAGE.ADD), and a TD is finalized before the vCPUs run.
+
+    Args:
+        vm_type: ``tdpmmu.VM``'s ``vm_type`` (default ``"default"``).
+        vcpus: number of vCPUs, each a real thread, >= 1 (default 1; at most 4096).
+        bytes_per_vcpu: memory per vCPU slice, bytes or a size string (``"64M"``, ``"1G"``;
+            powers of 1024), a positive multiple of 4096 (default ``"1G"``); ``vcpus x
+            bytes_per_vcpu`` must be a multiple of the backing page.
+        backing: host page size (``"4K"`` default, ``"2M"``, ``"1G"``, or bytes) or a selftest
+            ``-s`` name from ``BACKING_SOURCES`` (``"anonymous_thp"``, ...).
+        overlap: every vCPU walks the whole region instead of its own slice (default False).
+        costs: ``tdpmmu.VM``'s ``costs`` (a ``CostModel``, a mapping of overrides or None).
+        seed: ``tdpmmu.VM``'s ``seed``, an int >= 0 (default 0).
+        levels: TDP paging levels, 4 (default) or 5.
+        hooks: ``tdpmmu.VM``'s ``hooks`` (None: the VM type's default design).
+        tdx: ``tdpmmu.VM``'s ``tdx`` options (text values accepted, as the CLI gives them).
+        mirror: ``tdpmmu.VM``'s ``mirror`` (sw_protected only).
+        folio: ``tdpmmu.VM``'s ``folio`` (``"4K"``/``"2M"``; VM types with guest_memfd).
+        image_pages: initial-image pages (4 KiB) populated after the region before the run,
+            >= 0 (default 0).
+
+    Returns:
+        DemandPagingResult: both clocks' times and rates (guest 4 KiB pages per second), the
+        per-vCPU records, the counters and the cost breakdown.
+
+    Raises:
+        ConfigError: a bad value, naming the argument (``vcpus``, ``bytes_per_vcpu``,
+            ``backing``, ``image_pages``, or any ``tdpmmu.VM`` argument).
+        TypeError: a value of the wrong type.
+        VmBugged: the run hit a KVM_BUG_ON (e.g. a busy SEAMCALL twice on the zap side).
+        OutOfMemory: page-table memory ran out.
     """
     run_start = time.perf_counter()
     nvcpus = coerce.count(vcpus, "vcpus")
@@ -361,6 +439,12 @@ class ConversionsResult:
     wall_s: float
 
     def envelope(self) -> Envelope:
+        """The run as a ``tdpmmu.results.Envelope`` (workload ``"private_mem_conversions"``).
+
+        Returns:
+            Envelope: the VM's configuration, the workload parameters, both clocks, the cost
+            breakdown and the counts of this result. Never raises.
+        """
         seed = self.vm.get("seed", 0)
         return Envelope(
             workload="private_mem_conversions",
@@ -389,6 +473,18 @@ class ConversionsResult:
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> "ConversionsResult":
+        """The result an envelope describes (``from_json``'s second half).
+
+        Args:
+            env: an envelope of this workload, e.g. ``Envelope.from_json(text)``.
+
+        Returns:
+            ConversionsResult: the result, equal to the one the envelope was made from.
+
+        Raises:
+            ConfigError: ``env`` holds another workload's result (naming ``envelope``).
+            KeyError: a field the result needs is missing from ``env``.
+        """
         if env.workload != "private_mem_conversions":
             raise ConfigError(f"envelope: a {env.workload} result, not private_mem_conversions")
         wl, r = env.config["workload"], env.result
@@ -410,13 +506,38 @@ class ConversionsResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The envelope as plain JSON types (non-finite rates as None).
+
+        Returns:
+            dict[str, Any]: ``envelope().to_dict()``. Never raises.
+        """
         return self.envelope().to_dict()
 
     def to_json(self, **kwargs: Any) -> str:
+        """The result as one JSON document (its envelope; non-finite rates as null).
+
+        Args:
+            **kwargs: passed to ``json.dumps`` (e.g. ``indent=2``).
+
+        Returns:
+            str: the JSON text; ``from_json`` reads it back. Never raises for a result.
+        """
         return self.envelope().to_json(**kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> "ConversionsResult":
+        """The result a ``to_json`` text describes.
+
+        Args:
+            text: JSON as ``to_json`` wrote it.
+
+        Returns:
+            ConversionsResult: the result.
+
+        Raises:
+            ConfigError: not a tdpmmu envelope, another schema, or another workload's result.
+            json.JSONDecodeError: ``text`` is not JSON.
+        """
         return cls.from_envelope(Envelope.from_json(text))
 
 
@@ -468,6 +589,30 @@ def private_mem_conversions(
     already written by the guest (on SNP they must be validated). Fault-path outcomes that
     leave a page unmapped (MEMORY_FAULT, EMULATE, WRITE_PROTECTED) and PVALIDATE failures are
     counted in ``unexpected``.
+
+    Args:
+        vm: a running confidential ``tdpmmu.VM`` (not a default VM; a TD must be finalized).
+        chunks: number of chunks, >= 1.
+        chunk_pages: 4 KiB pages per chunk, >= 1; ``chunks x chunk_pages`` must fit in the
+            region without overlap.
+        base_gfn: first gfn of the region, >= 0 (default 0).
+        region_pages: the region's size in 4 KiB pages, >= 1 (default: from ``base_gfn`` to
+            the end of the VM's memory).
+        touch_first: the guest writes each chunk as private memory before converting it
+            (default False: the chunks must already be written, and on SNP validated).
+
+    Returns:
+        ConversionsResult: the requests made (two per chunk), faults taken, RMP splits, the
+        unexpected outcomes, and the modeled and host time of the workload.
+
+    Raises:
+        ConfigError: naming ``vm`` (a default VM, or a TD not finalized), ``chunks``,
+            ``chunk_pages``, ``base_gfn`` or ``region_pages``, or the chunks do not fit in the
+            region; an engine operation's own ``ConfigError`` (e.g. a chunk outside every
+            memslot).
+        TypeError: a count that is not an int, or ``touch_first`` not a bool.
+        VmBugged: a conversion, fault or PVALIDATE hit a KVM_BUG_ON.
+        OutOfMemory: page-table memory ran out.
     """
     if vm.vm_type == "default":
         raise ConfigError("vm: a default VM has no private memory to convert")
