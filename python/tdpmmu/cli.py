@@ -508,6 +508,13 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tdpmmu`` argument parser with its subcommands (``demand-paging``, ``compare``,
+    ``report``).
+
+    Returns:
+        argparse.ArgumentParser: the parser; ``parse_args`` sets ``command`` and ``run`` (the
+        subcommand's function). Usage errors print one line and exit with status 2.
+    """
     parser = _Parser(
         prog="tdpmmu",
         description="Run KVM selftest workloads on tdpmmu's simulated TDP MMU.",
@@ -534,6 +541,18 @@ def _silence_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tdpmmu`` command line (the ``tdpmmu`` script and ``python -m tdpmmu``).
+
+    Args:
+        argv: the arguments after the program name, or None (default) for ``sys.argv[1:]``.
+
+    Returns:
+        int: the exit status: 0 on success, 1 when the simulator reports a ``TdpmmuError``,
+        2 for a ``ConfigError`` (one line on stderr), 141 when stdout's reader went away.
+
+    Raises:
+        SystemExit: from argparse for ``--help``, ``--version`` and usage errors (status 2).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
