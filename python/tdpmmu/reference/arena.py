@@ -45,18 +45,22 @@ class MmuPage:
 
     @property
     def pfn(self) -> int:
+        """Host pfn of this table: ``TABLE_BASE_PFN + index``."""
         return TABLE_BASE_PFN + self.index
 
     @property
     def level(self) -> int:
+        """The table's level (from its role word): 1 for a table of 4K leaves, up to the root's."""
         return self.role & ROLE_LEVEL_MASK
 
     @property
     def invalid(self) -> bool:
+        """The role's invalid bit (a root that was invalidated)."""
         return bool(self.role & ROLE_INVALID)
 
     @property
     def is_mirror(self) -> bool:
+        """The role's ``is_mirror`` bit (a table of a TD's mirror root)."""
         return bool(self.role & ROLE_IS_MIRROR)
 
 

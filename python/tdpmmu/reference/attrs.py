@@ -12,6 +12,7 @@ class PrivateRanges:
         self._ranges: list[tuple[int, int]] = []
 
     def ranges(self) -> list[tuple[int, int]]:
+        """The private ranges as sorted, disjoint ``(start, end)`` gfn pairs (a copy)."""
         return list(self._ranges)
 
     def _covering(self, gfn: int) -> tuple[int, int] | None:
@@ -21,6 +22,7 @@ class PrivateRanges:
         return None
 
     def is_private(self, gfn: int) -> bool:
+        """Whether ``gfn``'s memory attribute is private."""
         return self._covering(gfn) is not None
 
     def uniform(self, start: int, end: int) -> bool | None:
@@ -31,6 +33,7 @@ class PrivateRanges:
         return None if any(start <= s < end for s, _ in self._ranges) else False
 
     def set(self, start: int, end: int, private: bool) -> None:
+        """Set the attribute of ``[start, end)`` to private (``private=True``) or shared."""
         kept: list[tuple[int, int]] = []
         for s, e in self._ranges:
             if e <= start or s >= end:

@@ -33,13 +33,23 @@ class ExternalOps(Protocol):
     """A backend of the four hooks; ``level`` is the level of the entry written (of the freed
     table for ``free_external_spt``), ``gfn`` the first gfn it maps."""
 
-    def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int: ...
+    def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        """Link the child table ``child`` at (``gfn``, ``level``); returns ``HOOK_OK``,
+        ``HOOK_EBUSY`` or ``HOOK_EIO``."""
+        ...
 
-    def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int: ...
+    def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
+        """Install ``new_spte`` at (``gfn``, ``level``); returns ``HOOK_OK``, ``HOOK_EBUSY`` or
+        ``HOOK_EIO``."""
+        ...
 
-    def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None: ...
+    def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
+        """Remove the leaf ``old_spte`` at (``gfn``, ``level``); failures are KVM_BUG_ONs."""
+        ...
 
-    def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> int: ...
+    def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> int:
+        """Free the table ``sp`` of level ``level`` covering ``gfn``; returns a ``HOOK_*`` code."""
+        ...
 
 
 class ExternalHooks:
@@ -80,19 +90,27 @@ class ExternalHooks:
         return self.backend
 
     def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        """Count and trace ``link_external_spt(gfn, level, child)``, then call the backend; returns
+        its ``HOOK_*`` code (``HOOK_EIO`` without one)."""
         backend = self._call("link_external_spt", gfn, level, child.index)
         return HOOK_EIO if backend is None else backend.link_external_spt(gfn, level, child)
 
     def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
+        """Count and trace ``set_external_spte(gfn, level, new_spte)``, then call the backend;
+        returns its ``HOOK_*`` code (``HOOK_EIO`` without one)."""
         backend = self._call("set_external_spte", gfn, level, new_spte)
         return HOOK_EIO if backend is None else backend.set_external_spte(gfn, level, new_spte)
 
     def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
+        """Count and trace ``remove_external_spte(gfn, level, old_spte)`` (as ``set_external_spte``
+        under the two-hook interface), then call the backend."""
         backend = self._call("remove_external_spte", gfn, level, old_spte)
         if backend is not None:
             backend.remove_external_spte(gfn, level, old_spte)
 
     def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> None:
+        """Count and trace ``free_external_spt(gfn, level, sp)``, then call the backend (returns
+        None)."""
         backend = self._call("free_external_spt", gfn, level, 0)
         if backend is not None:
             backend.free_external_spt(gfn, level, sp)

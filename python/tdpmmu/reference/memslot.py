@@ -68,17 +68,21 @@ class Memslot:
 
     @property
     def backing_pages(self) -> int:
+        """4 KiB pages per backing page: 1, 512 or 262144."""
         return self.backing >> PAGE_SHIFT
 
     @property
     def max_level(self) -> int:
+        """The largest leaf level the backing allows: 1 (4K), 2 (2M) or 3 (1G)."""
         return BACKING_LEVEL[self.backing]
 
     @property
     def end(self) -> int:
+        """The first gfn after the slot (``gfn + npages``)."""
         return self.gfn + self.npages
 
     def contains(self, gfn: int) -> bool:
+        """Whether ``gfn`` lies in ``[self.gfn, self.end)``."""
         return self.gfn <= gfn < self.end
 
     def pfn(self, gfn: int) -> int:
@@ -90,6 +94,7 @@ class Memslot:
         return self.gmem_pfn + (gfn - self.gfn)
 
     def as_tuple(self) -> tuple[int, int, int, int, bool, int]:
+        """``(id, gfn, npages, backing bytes, gmem, host_pfn)``, as ``VM.memslots()`` lists it."""
         return (self.id, self.gfn, self.npages, self.backing, self.gmem, self.host_pfn)
 
 
@@ -139,6 +144,7 @@ class Memslots:
         self.generation += 2
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """KVM's ``gfn_to_memslot``: the slot holding ``gfn``, or None."""
         for slot in self.by_id.values():
             if slot.contains(gfn):
                 return slot

@@ -81,10 +81,13 @@ ACC_ALL = 7  # ACC_EXEC | ACC_WRITE | ACC_USER
 
 
 def is_shadow_present_pte(spte: int) -> bool:
+    """KVM's ``is_shadow_present_pte``: bit 11 of ``spte`` (MMIO and FROZEN entries are not
+    present)."""
     return bool(spte & SPTE_MMU_PRESENT_MASK)
 
 
 def is_large_pte(spte: int) -> bool:
+    """Bit 7 (page size) of ``spte``: a huge leaf at level 2 or 3."""
     return bool(spte & PT_PAGE_SIZE_MASK)
 
 
@@ -94,14 +97,17 @@ def is_last_spte(spte: int, level: int) -> bool:
 
 
 def is_frozen_spte(spte: int) -> bool:
+    """Whether ``spte`` is exactly ``FROZEN_SPTE`` (an entry being updated)."""
     return spte == FROZEN_SPTE
 
 
 def is_mmio_spte(spte: int) -> bool:
+    """Whether ``spte`` is an MMIO SPTE (``SHADOW_MMIO_MASK`` bits equal ``SHADOW_MMIO_VALUE``)."""
     return (spte & SHADOW_MMIO_MASK) == SHADOW_MMIO_VALUE
 
 
 def spte_to_pfn(spte: int) -> int:
+    """The host pfn in bits 51:12 of ``spte``."""
     return (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
 
 

@@ -102,12 +102,15 @@ class Ctx:
         self.op_private = False
 
     def count(self, name: str, delta: int = 1) -> None:
+        """Add ``delta`` (default 1) to the counter ``name`` (a name of ``COUNTER_NAMES``)."""
         self.stats[name] += delta
 
     def charge(self, field: str, units: int = 1) -> None:
+        """Charge ``units`` (default 1) of the cost ``field`` to the ledger (the modeled clock)."""
         self.ledger.charge(field, units)
 
     def trace(self, op: str, gfn: int, level: int, detail: int) -> None:
+        """Record one ``TraceEvent(op, gfn, level, detail)`` if the VM traces (else nothing)."""
         if self.events is not None:
             self.events.append(TraceEvent(op, gfn, level, detail))
 

@@ -58,12 +58,15 @@ class TdpIter:
 
     @property
     def index(self) -> int:
+        """Index of the current entry in its table (``spte_index`` of the aliased gfn)."""
         return spte_index(self.gfn | self.gfn_bits, self.level)
 
     def read(self) -> int:
+        """The current entry's value, read from the table now."""
         return self.sp.spt[self.index]
 
     def write(self, value: int) -> None:
+        """Store ``value`` in the current entry (no FROZEN protocol: callers hold the lock)."""
         self.sp.spt[self.index] = value
 
     # -- movement -----------------------------------------------------------------------

@@ -133,6 +133,7 @@ class TdpMmu:
     # ==================================================================================
 
     def root_role(self, mirror: bool = False) -> int:
+        """The role word of a root (``mirror=True``: with ``is_mirror``)."""
         return tdp_root_role(self.levels, is_mirror=mirror)
 
     def root_gfn_bits(self, mirror: bool) -> int:
@@ -140,6 +141,7 @@ class TdpMmu:
         return 0 if mirror else self.gfn_direct_bits
 
     def valid_direct_root(self) -> MmuPage | None:
+        """The newest valid direct root, or None."""
         return self.current_root(mirror=False)
 
     def current_root(self, mirror: bool) -> MmuPage | None:
@@ -150,17 +152,21 @@ class TdpMmu:
         return None
 
     def tdp_mmu_root_match(self, root: MmuPage, types: int) -> bool:
+        """Whether ``root`` is one of the ``types`` (``KVM_*_ROOTS`` bits)."""
         if root.invalid:
             return bool(types & KVM_INVALID_ROOTS)
         return bool(types & (KVM_MIRROR_ROOTS if root.is_mirror else KVM_DIRECT_ROOTS))
 
     def kvm_tdp_mmu_get_root(self, root: MmuPage) -> bool:
+        """Take a reference to ``root`` unless its refcount is 0; returns whether it did."""
         if root.refcount == 0:
             return False
         root.refcount += 1
         return True
 
     def kvm_tdp_mmu_put_root(self, root: MmuPage) -> None:
+        """Drop one reference to ``root``; at 0 the (invalid) root is freed (KVM_BUG_ON if still
+        valid)."""
         if root.refcount <= 0:
             self.ctx.kvm_bug_on(f"put of root pfn {root.pfn:#x} with refcount {root.refcount}")
             return
@@ -201,12 +207,15 @@ class TdpMmu:
                 self.kvm_tdp_mmu_put_root(root)
 
     def kvm_tdp_mmu_invalidate_roots(self, types: int) -> None:
+        """Mark every valid root of ``types`` invalid and scheduled to zap."""
         for root in self.roots:
             if not root.invalid and self.tdp_mmu_root_match(root, types):
                 root.role |= ROLE_INVALID
                 root.scheduled_to_zap = True
 
     def kvm_tdp_mmu_zap_invalidated_roots(self, shared: bool) -> None:
+        """Zap every root scheduled to zap (``shared``: with the atomic setter), then drop the TDP
+        MMU's reference."""
         scheduled = [r for r in self.roots if r.scheduled_to_zap]
         for root in scheduled:
             root.scheduled_to_zap = False
@@ -216,6 +225,8 @@ class TdpMmu:
 
     def kvm_mmu_zap_all_fast(self) -> None:
         # External page tables cannot be fast-zapped: only direct roots are obsoleted.
+        """``kvm_mmu_zap_all_fast``: invalidate the direct roots, vCPUs drop them, zap them
+        (shared)."""
         self.kvm_tdp_mmu_invalidate_roots(KVM_DIRECT_ROOTS)
         self.kvm_mmu_free_obsolete_roots()
         self.kvm_tdp_mmu_zap_invalidated_roots(shared=True)
@@ -236,9 +247,11 @@ class TdpMmu:
             self.kvm_tdp_mmu_put_root(root)
 
     def tdp_account_mmu_page(self, sp: MmuPage) -> None:
+        """Count a new child table ``sp`` in ``tdp_mmu_pages``."""
         self.ctx.count("tdp_mmu_pages")
 
     def tdp_unaccount_mmu_page(self, sp: MmuPage) -> None:
+        """Uncount a freed child table ``sp`` from ``tdp_mmu_pages``."""
         self.ctx.count("tdp_mmu_pages", -1)
 
     # ==================================================================================
@@ -407,6 +420,7 @@ class TdpMmu:
             fault.goal_level -= 1
 
     def child_role(self, it: TdpIter) -> int:
+        """The role word of a table linked under iterator ``it``: the parent's, one level down."""
         parent = it.sp
         return (parent.role & ~ROLE_LEVEL_MASK) | (it.level - 1)
 
@@ -435,6 +449,8 @@ class TdpMmu:
         return True  # no TLB flush: the translation did not change
 
     def is_access_allowed(self, fault: KvmPageFault, spte: int) -> bool:
+        """Whether the present leaf ``spte`` allows ``fault``'s access (exec needs X, write needs
+        W)."""
         if fault.exec:
             return bool(spte & SPTE_EXECUTABLE)
         if fault.write:
@@ -442,6 +458,8 @@ class TdpMmu:
         return True
 
     def make_spte(self, fault: KvmPageFault, gfn: int, level: int) -> int:
+        """The leaf SPTE for ``fault`` at (``gfn``, ``level``): guest_memfd pfn if private, else the
+        host page."""
         slot = fault.slot
         assert slot is not None
         pfn = slot.private_pfn(gfn) if fault.private else slot.pfn(gfn)
@@ -449,6 +467,8 @@ class TdpMmu:
         return make_leaf_spte(pfn, level, exec=exec_ok, prefetch=fault.prefetch)
 
     def tdp_mmu_map_handle_target_level(self, fault: KvmPageFault, it: TdpIter) -> Any:
+        """``tdp_mmu_map_handle_target_level``: install the leaf for ``fault`` at ``it``; returns a
+        ``Ret``."""
         old = it.old_spte
         fault.level, fault.spte = it.level, old
         if (
@@ -479,6 +499,7 @@ class TdpMmu:
     # ==================================================================================
 
     def roots_matching(self, types: int) -> list[MmuPage]:
+        """Every root of ``types`` (``KVM_*_ROOTS`` bits), newest first."""
         return [r for r in self.roots if self.tdp_mmu_root_match(r, types)]
 
     def tdp_mmu_zap_leafs(self, root: MmuPage, start: int, end: int) -> tuple[bool, int]:
@@ -547,6 +568,8 @@ class TdpMmu:
     # ==================================================================================
 
     def walk_root(self, root: MmuPage, gfn: int, gfn_bits: int) -> list[tuple[int, int]]:
+        """``(level, spte)`` from ``root`` down to ``gfn`` (with ``gfn_bits``), ending at a leaf or
+        a non-present entry."""
         out: list[tuple[int, int]] = []
         sp = root
         while True:

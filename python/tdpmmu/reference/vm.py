@@ -200,26 +200,32 @@ class ReferenceVM:
     # -- properties that tdpmmu.VM also has ----------------------------------------------
     @property
     def shared_bit(self) -> int:
+        """The shared bit as a gfn value on a VM with a mirror root, else 0 (``VM.shared_bit``)."""
         return self.gfn_direct_bits
 
     @property
     def bugged(self) -> bool:
+        """True once a KVM_BUG_ON fired (``VM.bugged``)."""
         return self._bug_msg is not None
 
     @property
     def destroyed(self) -> bool:
+        """True after ``destroy()`` (``VM.destroyed``)."""
         return self._destroyed
 
     @property
     def finalized(self) -> bool:
+        """True once the TD is runnable (``VM.finalized``)."""
         return self.vendor.finalized
 
     @property
     def hooks_name(self) -> str:
+        """The hook design in effect (``VM.hooks_name``)."""
         return self.design
 
     @property
     def memslot_generation(self) -> int:
+        """KVM's memslot generation, +2 per memslot change (``VM.memslot_generation``)."""
         return self.slots.generation
 
     @property
@@ -233,6 +239,7 @@ class ReferenceVM:
         return self.ctx.ledger.breakdown()
 
     def stats_dict(self) -> dict[str, int | float]:
+        """Counters, ``modeled_ns`` and page-table bytes as a new dict (``VM.stats_dict``)."""
         out: dict[str, int | float] = dict(self.ctx.stats)
         out["modeled_ns"] = self.ctx.ledger.ns
         out["page_table_bytes"] = len(self.arena.live) * 4096
@@ -382,6 +389,10 @@ class ReferenceVM:
     def add_memslot(
         self, gfn: int, npages: int, backing: int | str = 4096, gmem: bool = False
     ) -> int:
+        """Create a memslot of ``npages`` 4 KiB pages at ``gfn`` with host pages of ``backing``
+        (bytes or "4K"/"2M"/"1G") and, with ``gmem``, a guest_memfd; returns the slot id.
+        Raises ``ValueError`` where ``VM.add_memslot`` raises ``ConfigError`` (a bad range,
+        misalignment, overlap, ``gmem`` on a default VM), ``TypeError`` for a non-int count."""
         backing_size = backing_bytes(backing)
         if gmem and not self.confidential:
             raise ValueError("gmem: a default VM cannot have guest_memfd memslots")
@@ -401,6 +412,8 @@ class ReferenceVM:
         return slot_id
 
     def delete_memslot(self, slot: int) -> None:
+        """Delete memslot ``slot`` with KVM's zap (``VM.delete_memslot``); ``ValueError`` for an
+        unknown id."""
         self._ensure_alive()
         if slot not in self.slots:
             raise ValueError(f"slot: no memslot with id {slot!r}")

@@ -44,6 +44,8 @@ class Rmp:
         self._entries: dict[int, RmpEntry] = {}  # only entries that are not all-zero
 
     def get(self, off: int) -> RmpEntry:
+        """The RMP entry of guest_memfd page ``off`` (offset in the range; an all-shared entry when
+        unset)."""
         return self._entries.get(off, _RMP_SHARED)
 
     def _put(self, off: int, entry: RmpEntry) -> None:
@@ -58,6 +60,7 @@ class Rmp:
         return PG_LEVEL_2M if e.assigned and e.size_2m else PG_LEVEL_4K
 
     def assigned_offsets(self) -> list[int]:
+        """Offsets of every assigned (private) page, sorted."""
         return sorted(off for off, e in self._entries.items() if e.assigned)
 
     def rmpupdate(self, ctx: Ctx, off: int, gfn: int, private: bool, size_2m: bool) -> str:

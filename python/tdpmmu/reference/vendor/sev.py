@@ -29,9 +29,12 @@ class SnpPrivateHooks:
         self.slots = slots
 
     def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        """Nothing to do on SNP: tables have no RMP state; returns ``HOOK_OK``."""
         return HOOK_OK
 
     def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
+        """RMPUPDATE the page of ``new_spte`` to private at ``gfn`` (2M when ``level`` is 2);
+        ``HOOK_EIO`` and a KVM_BUG_ON on failure."""
         ctx = self.ctx
         found = self.slots.rmp_for_pfn(spte_to_pfn(new_spte))
         if found is None:
@@ -45,6 +48,8 @@ class SnpPrivateHooks:
         return HOOK_OK
 
     def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
+        """RMPUPDATE the page of ``old_spte`` back to shared (2M when ``level`` is 2); a KVM_BUG_ON
+        on failure."""
         ctx = self.ctx
         found = self.slots.rmp_for_pfn(spte_to_pfn(old_spte))
         if found is not None:
@@ -53,6 +58,7 @@ class SnpPrivateHooks:
                 ctx.kvm_bug_on(f"RMPUPDATE to shared failed for gfn {gfn:#x}")
 
     def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> int:
+        """Nothing to do on SNP; returns ``HOOK_OK``."""
         return HOOK_OK
 
 
@@ -70,6 +76,7 @@ class SevVendor(Vendor):
 
     @property
     def external(self) -> ExternalOps | None:
+        """The external hooks' backend: ``SnpPrivateHooks`` under design "private", else None."""
         return self.hooks
 
     def gmem_prepare(self, slot: Memslot, gfn: int) -> None:
@@ -90,6 +97,8 @@ class SevVendor(Vendor):
         return min(max_level, slot.rmp.level(gfn - slot.gfn))
 
     def after_private_fault(self, ret: Any, gfn: int, slot: Memslot | None) -> None:
+        """After a private fault returned ``ret`` for ``gfn`` in ``slot``: the guest PVALIDATEs a
+        page it was just given (FIXED only)."""
         if ret == Ret.FIXED and slot is not None:
             self.snp_guest_validate(slot, gfn)
 

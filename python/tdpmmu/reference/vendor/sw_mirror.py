@@ -30,9 +30,11 @@ class SwMirrorHooks(TdxSeptHooks):
     """tdx.c's hooks over the software tree: no page clears, no kicks to pay for."""
 
     def clear_page(self) -> None:
+        """The software tree clears nothing (no MOVDIR64B to pay for)."""
         pass
 
     def kick_all_vcpus(self) -> None:
+        """Every vCPU leaves the old TLB epoch, with no kick counted or charged."""
         self.module.vcpus_left_guest()
 
 

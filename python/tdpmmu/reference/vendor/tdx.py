@@ -45,10 +45,14 @@ class TdxOptions:
 
     @property
     def v6_16(self) -> bool:
+        """True when the KVM side follows the 6.16 populate flow (``version == "6.16"``)."""
         return self.version == "6.16"
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> TdxOptions:
+        """Options from a ``tdx={...}`` mapping (``tdpmmu.config.TDX_OPTION_CHOICES``);
+        ``ConfigError`` for an unknown key, a bad value, or a non-zero busy probability (not
+        modeled here)."""
         choices = config.TDX_OPTION_CHOICES
         values: dict[str, Any] = {}
         for key, value in (options or {}).items():
@@ -101,19 +105,26 @@ class TdxSeptHooks:
 
     # -- kvm_x86_ops -----------------------------------------------------------------------
     def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        """``link_external_spt`` -> ``tdx_sept_link_private_spt(gfn, level)`` (``child`` unused)."""
         return self.tdx_sept_link_private_spt(gfn, level)
 
     def set_external_spte(self, gfn: int, level: int, new_spte: int) -> int:
+        """``set_external_spte`` -> ``tdx_sept_set_private_spte`` with the pfn of ``new_spte`` at
+        (``gfn``, ``level``)."""
         return self.tdx_sept_set_private_spte(gfn, level, spte_to_pfn(new_spte))
 
     def remove_external_spte(self, gfn: int, level: int, old_spte: int) -> None:
+        """``remove_external_spte`` -> ``tdx_sept_remove_private_spte(gfn, level)`` (``old_spte``
+        unused)."""
         self.tdx_sept_remove_private_spte(gfn, level)
 
     def free_external_spt(self, gfn: int, level: int, sp: MmuPage) -> int:
+        """``free_external_spt`` -> ``tdx_sept_free_private_spt(gfn, level)`` (``sp`` unused)."""
         return self.tdx_sept_free_private_spt(gfn, level)
 
     # -- tdx.c -----------------------------------------------------------------------------
     def tdx_sept_link_private_spt(self, gfn: int, level: int) -> int:
+        """TDH.MEM.SEPT.ADD for (``gfn``, ``level``); ``HOOK_EIO`` and a KVM_BUG_ON on failure."""
         status = self.module.tdh_mem_sept_add(gfn, level)
         if status == TDX_SUCCESS:
             return HOOK_OK
@@ -121,6 +132,8 @@ class TdxSeptHooks:
         return HOOK_EIO
 
     def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> int:
+        """Map ``pfn`` at ``gfn``: PAGE.AUG (finalized) or PAGE.ADD (initial image; v6.16 counts
+        ``nr_premapped``); 4K ``level`` only, else a KVM_BUG_ON."""
         if level != PG_LEVEL_4K:
             self.ctx.kvm_bug_on(f"private mapping at level {level}: TDX maps 4K only")
             return HOOK_EIO
@@ -138,6 +151,8 @@ class TdxSeptHooks:
         return HOOK_EIO
 
     def tdx_sept_remove_private_spte(self, gfn: int, level: int) -> None:
+        """Remove the private page at ``gfn``: BLOCK, TRACK, kick, REMOVE, WBINVD, clear
+        (``track="batched"``: BLOCK now, the rest at the zap's end); ``level`` is 4K."""
         m = self.module
         if not m.hkid_assigned:
             self.ctx.kvm_bug_on("remove_external_spte with the HKID released")
@@ -201,6 +216,8 @@ class TdxSeptHooks:
                 return
 
     def tdx_sept_free_private_spt(self, gfn: int, sp_level: int) -> int:
+        """Free the S-EPT table of level ``sp_level`` covering ``gfn``: RECLAIM + clear after the
+        HKID release; SEPT.REMOVE path or a KVM_BUG_ON before it."""
         m = self.module
         level = sp_level + 1  # the S-EPT entry linking this table sits one level up
         where = m.sept_table_entry(gfn, level)
@@ -253,25 +270,32 @@ class TdxVendor(Vendor):
 
     @property
     def external(self) -> ExternalOps:
+        """The backend of the external hooks: the ``TdxSeptHooks``."""
         return self.hooks
 
     @property
     def finalized(self) -> bool:
+        """Whether KVM_TDX_FINALIZE_VM ran."""
         return self.module.finalized
 
     def check_vcpu_can_run(self) -> None:
+        """``ConfigError`` naming ``vm`` while the TD is not finalized."""
         if not self.module.finalized:
             raise ConfigError(
                 "vm: the TD is not finalized: no vCPU can run yet (use populate, then finalize)"
             )
 
     def check_populate(self, private: bool) -> None:
+        """Before finalize only private pre-faults: ``ConfigError`` naming ``private`` when
+        ``private`` is False."""
         if not self.module.finalized and not private:
             raise ConfigError(
                 "private: before finalize only the private initial image can be populated"
             )
 
     def private_max_mapping_level(self, slot: Memslot, gfn: int, max_level: int) -> int:
+        """4K: the S-EPT maps private memory at 4K only (``slot``, ``gfn`` and ``max_level`` do not
+        matter)."""
         return PG_LEVEL_4K  # the S-EPT maps private memory at 4K only
 
     def after_private_fault(self, ret: Any, gfn: int, slot: Memslot | None) -> None:
@@ -292,9 +316,13 @@ class TdxVendor(Vendor):
             self.ctx.kvm_bug_on(f"TDH.MEM.PAGE.ADD failed for gfn {gfn:#x}: {status}")
 
     def zap_end(self) -> None:
+        """End of a leaf zap: with ``track="batched"``, one TRACK + kick, then REMOVE each blocked
+        page."""
         self.hooks.flush_batched()
 
     def finalize(self) -> None:
+        """KVM_TDX_FINALIZE_VM (``ConfigError`` if already finalized or, v6.16, pages still
+        premapped)."""
         self.module.finalize()
 
     def vm_destroy(self, tdp_mmu: TdpMmu) -> None:

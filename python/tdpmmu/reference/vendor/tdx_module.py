@@ -30,6 +30,9 @@ _EPOCH_MASK = 0x7FF
 
 @dataclasses.dataclass(frozen=True)
 class SeptEntry:
+    """One S-EPT entry that is not FREE: its state (``SEPT_TABLE``, ``SEPT_MAPPED``,
+    ``SEPT_PENDING``, ``SEPT_BLOCKED``, ``SEPT_BLOCKED_TABLE``), pfn and blocking epoch."""
+
     state: str
     pfn: int  # the mapped page, or the S-EPT table's host pfn
     epoch: int = 0  # TLB epoch in which the entry was blocked
@@ -195,6 +198,7 @@ class TdxModule:
         return self._seamcall(leaf, cost, TDX_SUCCESS), e.pfn
 
     def tdh_phymem_page_wbinvd(self) -> str:
+        """TDH.PHYMEM.PAGE.WBINVD of a page that left the TD; returns ``TDX_SUCCESS``."""
         return self._seamcall("TDH.PHYMEM.PAGE.WBINVD", "tdh_phymem_page_wbinvd_ns", TDX_SUCCESS)
 
     def sept_table_entry(self, gfn: int, level: int) -> tuple[list[SeptEntry | None], int] | str:
