@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 Workload = Literal["demand-paging", "conversions", "both"]
+#: The ``workload`` values ``compare`` takes: one phase, the other, or both in turn.
 WORKLOADS: Final[tuple[Workload, ...]] = ("demand-paging", "conversions", "both")
 
 #: VM type labels of the comparison and how each is built: (engine vm_type, mirror=).

@@ -35,10 +35,14 @@ FROZEN_SPTE: int = _core.FROZEN_SPTE
 
 # Bit layout (§1.1, §1.2); only what the predicates below need.
 PAGE_SIZE = 1 << 7  # huge leaf at level 2/3
+#: Bit 8: Accessed (clear in a pre-fault's leaf).
 ACCESSED = 1 << 8
+#: Bit 9: Dirty.
 DIRTY = 1 << 9
 MMU_PRESENT = 1 << 11  # software "shadow present": backed by memory or a child table
+#: Bit 57: the host page is writable (KVM's shadow_host_writable_mask).
 HOST_WRITABLE = 1 << 57
+#: Bit 58: KVM may make the SPTE writable (KVM's shadow_mmu_writable_mask).
 MMU_WRITABLE = 1 << 58
 PFN_MASK = ((1 << 52) - 1) & ~0xFFF  # bits 51:12
 

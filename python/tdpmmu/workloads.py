@@ -33,6 +33,7 @@ __all__ = [
     "private_mem_conversions",
 ]
 
+#: The guest page (4096 bytes): the unit of every rate and page count here.
 PAGE_SIZE = coerce.PAGE_SIZE
 
 #: The selftests' ``-s`` backing sources that exist on this model, with their host page size.
