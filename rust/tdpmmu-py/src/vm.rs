@@ -790,6 +790,8 @@ impl Vm {
     ///         not yet finalized; ``vm`` after ``destroy()``. All refused before anything changes.
     ///     VmBugged: the VM was bugged, or a hook or SEAMCALL failed (the pre-faults stop there).
     ///     OutOfMemory: no page-table memory for a table.
+    ///     KeyboardInterrupt: Ctrl-C, polled every 16384 pre-fault attempts when called from
+    ///         the main thread; the leaves installed so far stay and the VM is consistent.
     ///     TypeError: an argument of the wrong type.
     ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[pyo3(signature = (gfn, npages, private = None))]
@@ -1161,8 +1163,13 @@ impl Vm {
     ///         ``npages`` when the region runs past ``max_gfn`` (the engine's range check names its
     ///         own argument); ``private`` (True) on a default VM; ``vm`` on a TD that is not
     ///         finalized or after ``destroy()``.
-    ///     VmBugged: the VM was bugged, or a fault bugged it (every thread stops).
+    ///     VmBugged: the VM was bugged, or a fault bugged it (every thread stops; a bug is
+    ///         reported before any other thread's error).
     ///     OutOfMemory: no page-table memory for a table.
+    ///     KeyboardInterrupt: Ctrl-C on the calling (main) thread stopped every vCPU thread; what
+    ///         they did stays and the VM is consistent.
+    ///     TdpmmuError: a livelock: one access got RETRY 2**20 times in a row (e.g. a hook object
+    ///         that always answers -16); every thread stops.
     ///     TypeError: an argument of the wrong type.
     ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[allow(clippy::too_many_arguments)]
