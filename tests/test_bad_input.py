@@ -205,7 +205,7 @@ CTOR_CASES: list[Any] = [
     case("memory-garbage", {"memory": "lots"}, ValueError, "memory"),
     case("memory-bool", {"memory": True}, TypeError, "memory"),
     case("memory-beyond-gpa", {"memory": "64PiB"}, tdpmmu.ConfigError, "memory"),
-    case("memory-beyond-ram", {"memory": "256TiB", "levels": 5}, tdpmmu.ConfigError, "memory"),
+    case("memory-beyond-ram", {"memory": "256TiB", "levels": 5}, tdpmmu.OutOfMemory, "memory"),
     case(
         "memory-not-backing-multiple",
         {"memory": "3MiB", "backing": "2M"},

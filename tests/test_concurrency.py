@@ -230,3 +230,47 @@ def test_bugged_vm_raises_for_everything() -> None:
         vm.fault_batch(np.arange(4), private=True)
     with pytest.raises(VmBugged):
         vm.run_memstress(1, 4, 0, False, False, 100, 0)
+
+
+# ----- 3, 4. allocation failures and the memory budget ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "call"),
+    [
+        # Slot bitmaps of 2^40 pages: aborted the interpreter in the allocator before.
+        (lambda: tdpmmu.VM(levels=5), lambda vm: vm.add_memslot(1 << 18, (1 << 40) - (1 << 18))),
+        # RMP entries of a 128 TiB guest_memfd slot: aborted in the RMP allocation before.
+        (lambda: tdpmmu.VM("snp"), lambda vm: vm.add_memslot(1 << 35, 1 << 35, gmem=True)),
+        # A slot whose page tables could grow past the machine: populate was OOM-killed before.
+        (lambda: tdpmmu.VM(memory="1GiB"), lambda vm: vm.add_memslot(1 << 18, 1 << 35)),
+    ],
+)
+def test_huge_slots_are_refused_before_allocating(make, call) -> None:  # type: ignore[no-untyped-def]
+    vm = make()
+    before = (vm.memslots(), vm.committed_bytes, vm.stats.to_dict())
+    with pytest.raises(tdpmmu.OutOfMemory, match="budget"):
+        call(vm)
+    assert (vm.memslots(), vm.committed_bytes, vm.stats.to_dict()) == before
+    vm.check()
+
+
+def test_every_page_table_tree_counts_against_the_budget() -> None:
+    # An 11 TiB TD: one tree fits the machine, the mirror tree plus the S-EPT do not.
+    with pytest.raises(tdpmmu.OutOfMemory, match="2 trees"):
+        tdpmmu.VM("tdx", memory="11TiB", budget="40GiB")
+    tdpmmu.VM("default", memory="11TiB", budget="40GiB")
+
+
+def test_budget_is_committed_and_released_with_memslots() -> None:
+    vm = tdpmmu.VM(memory="64MiB", budget="1MiB")
+    base = vm.committed_bytes
+    assert 0 < base <= vm.budget == 1 << 20
+    slot = vm.add_memslot(1 << 20, 512)
+    assert vm.committed_bytes > base
+    with pytest.raises(tdpmmu.OutOfMemory):
+        vm.add_memslot(1 << 22, 1 << 18)  # 1 GiB more: over the 1 MiB budget
+    vm.delete_memslot(slot)
+    assert vm.committed_bytes == base
+    with pytest.raises(tdpmmu.OutOfMemory, match="budget of 4096 bytes"):
+        tdpmmu.VM(memory="64MiB", budget=4096)

@@ -150,6 +150,12 @@ class VM(_core.Vm):
             types with guest_memfd (tdx, snp, sw_protected). A private mapping is never
             larger than its folio; with ``"2M"`` SNP prepares whole 2 MiB RMP entries and a
             conversion that covers part of a 2 MiB folio splits it (``gmem_split_2m_ns``).
+        budget: bytes of page tables and per-page metadata the VM may commit (int or a size
+            string; default: this machine's RAM). Every memslot commits, up front, the page
+            tables of every tree that can map it fully at 4K (the direct tree; on a VM with a
+            mirror root the mirror tree plus the S-EPT or software external tree) and its
+            first-touch bitmaps and RMP entries; a VM or ``add_memslot`` that would exceed the
+            budget raises ``tdpmmu.OutOfMemory`` before allocating anything.
 
     Valid VM types and hook designs (``tdpmmu.config.VARIANTS``; the first is the default):
     ``default``: none; ``tdx``: mirror, private; ``snp``: gmem, private; ``sw_protected``:
@@ -192,6 +198,7 @@ class VM(_core.Vm):
         tdx: Mapping[str, TdxValue] | None = None,
         mirror: bool = False,
         folio: str | int | None = None,
+        budget: str | int | None = None,
     ) -> "VM":
         """Create the VM; the class docstring documents every argument and error."""
         if not isinstance(vm_type, str):
@@ -220,6 +227,7 @@ class VM(_core.Vm):
                 tdx=options or None,
                 mirror=mirror,
                 folio=None if folio is None else parse_size(folio, "folio"),
+                budget=None if budget is None else coerce.size(budget, "budget", multiple=1),
                 hook_object=hook_object,
             ),
         )

@@ -344,6 +344,8 @@ pub struct VmConfig {
     pub folio_level: u8,
     /// A folio size was given explicitly (only VM types with guest_memfd take one).
     pub folio_given: bool,
+    /// Bytes of page tables and per-page metadata the VM may commit (None = the host's RAM).
+    pub budget: Option<u64>,
 }
 
 impl Default for VmConfig {
@@ -364,6 +366,7 @@ impl Default for VmConfig {
             mirror: false,
             folio_level: 1,
             folio_given: false,
+            budget: None,
         }
     }
 }

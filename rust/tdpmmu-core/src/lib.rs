@@ -19,6 +19,7 @@ pub mod op;
 pub mod page_fault;
 pub mod spte;
 pub mod stats;
+pub mod sync;
 pub mod tdp_iter;
 pub mod tdp_mmu;
 pub mod trace;

@@ -210,8 +210,9 @@ fn vcpu_thread(
                     }
                 }
                 res.faults += 1;
-                match mmu.page_fault(&st, &mut ctx, gfn, a.private, write, false, v as usize, false)
-                {
+                match mmu.page_fault(
+                    &st, &mut ctx, gfn, a.private, write, false, v as usize, false,
+                ) {
                     Ok(r) if r.ret == Ret::Retry => {
                         // A KVM_BUG_ON ends the vCPU (KVM kills the VM); RETRY otherwise
                         // re-enters the guest, which faults again.

@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use crate::sync::{Mutex, MutexGuard, RwLock};
 
 use crate::arena::Arena;
 use crate::attrs::PrivateRanges;
@@ -43,6 +43,9 @@ pub const INTERRUPT_EVERY: u64 = 1 << 14;
 pub struct MmuState {
     pub memslots: Memslots,
     pub attrs: PrivateRanges,
+    /// Bytes of the memory budget the memslots have committed (page tables of every tree that
+    /// can map them, fully mapped at 4K, and their per-page metadata).
+    pub committed: u64,
 }
 
 /// The lock, the merged counters and the VM's life state.

@@ -1,7 +1,7 @@
 //! KVM-named counters. Each operation (or each vCPU thread of a batch) counts into its own
 //! `Ctx`, which is merged into the VM's totals once at the end: no shared cache line per fault.
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::cost::{Cost, CostModel, NCOSTS, ledger_ns};
 pub use crate::trace::Event;

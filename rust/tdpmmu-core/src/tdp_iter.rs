@@ -81,6 +81,7 @@ impl<'a> TdpIter<'a> {
     /// The position changed: point at the new entry and read it.
     #[inline(always)]
     fn moved(&mut self) {
+        crate::sync::yield_point();
         let p = self.arena.entry(self.table(), self.index());
         self.cur = Some(p);
         self.old_spte = p.load(Ordering::Acquire);
@@ -108,6 +109,7 @@ impl<'a> TdpIter<'a> {
 
     #[inline(always)]
     fn read(&mut self) {
+        crate::sync::yield_point();
         self.old_spte = self.sptep().load(Ordering::Acquire);
     }
 

@@ -57,6 +57,18 @@ fn host_ram_bytes() -> u64 {
     }
 }
 
+/// Bytes a memslot can commit: the page tables of every tree that can map it (fully mapped at
+/// 4K: the direct tree, or a mirror tree plus the external tree that shadows it), its
+/// first-touch bitmaps, and the vendor's per-page metadata of its guest_memfd (SNP's RMP).
+pub fn slot_bytes(npages: u64, level: u8, levels: u8, trees: u64, gmem_meta: u64) -> u64 {
+    let tables = tables_needed(npages, levels)
+        .saturating_mul(4096)
+        .saturating_mul(trees);
+    let bitmap = (npages / pages_per_level(level)).div_ceil(64) * 8;
+    let bitmaps = if gmem_meta > 0 { 2 * bitmap } else { bitmap };
+    tables.saturating_add(bitmaps).saturating_add(gmem_meta)
+}
+
 /// A memslot as users see it: (id, gfn, npages, backing bytes, has guest_memfd, host pfn).
 pub type MemslotInfo = (u32, u64, u64, u64, bool, u64);
 
@@ -68,6 +80,8 @@ pub struct Vm {
     pub ops: Ops,
     /// The hooks go to a caller's backend (e.g. a Python object), not to the vendor's model.
     pub user_hooks: bool,
+    /// Bytes of page tables and metadata the VM may commit.
+    pub budget: u64,
 }
 
 impl Vm {
@@ -153,17 +167,27 @@ impl Vm {
             ));
         }
         let ram = host_ram_bytes();
-        let need = tables_needed(pages, cfg.levels);
-        if need.saturating_mul(4096) > ram {
-            return Err(bad_arg(
-                "memory",
-                format!(
-                    "{} bytes of guest memory needs {} bytes of page tables when fully mapped at 4K, more than this machine's {} bytes of RAM",
-                    cfg.memory,
-                    need * 4096,
-                    ram
-                ),
-            ));
+        let budget = cfg.budget.unwrap_or(ram);
+        let trees = if variant.mirror_root { 2 } else { 1 };
+        // Vendor metadata of slot 0's guest_memfd (SNP's RMP), as the vendor will allocate it.
+        let gmem_meta = if cfg.vm_type == VmType::Snp {
+            crate::vendor::rmp::Rmp::bytes_for(pages)
+        } else {
+            u64::from(cfg.vm_type.has_private_mem())
+        };
+        let need = slot_bytes(pages, level, cfg.levels, trees, gmem_meta);
+        if need > budget {
+            return Err(Error::OutOfMemory(format!(
+                "memory: {} bytes of guest memory needs {need} bytes of page tables ({} tree{}, fully mapped at 4K) and metadata, more than the budget of {budget} bytes{}",
+                cfg.memory,
+                trees,
+                if trees > 1 { "s" } else { "" },
+                if cfg.budget.is_none() {
+                    " (this machine's RAM)"
+                } else {
+                    ""
+                }
+            )));
         }
         // Reserve address space for every table the host could hold; pages are only backed when used.
         let capacity = (ram / 4096).min(u32::MAX as u64 - 1) as usize;
@@ -235,13 +259,23 @@ impl Vm {
         };
         let tdp = TdpMmu::new(arena, shape, Dispatch::new(design, cfg.tdx.interface, ext));
         let mmu = Mmu::new(tdp, vendor, has_private_mem, cfg.folio_level);
-        let ops = Ops::new(MmuState { memslots, attrs }, cfg.costs, cfg.trace, cfg.vcpus);
+        let ops = Ops::new(
+            MmuState {
+                memslots,
+                attrs,
+                committed: need,
+            },
+            cfg.costs,
+            cfg.trace,
+            cfg.vcpus,
+        );
         Ok(Self {
             variant,
             design,
             mmu,
             ops,
             user_hooks: !module_hooked,
+            budget,
             cfg,
         })
     }
@@ -328,6 +362,30 @@ impl Vm {
 
     pub fn memslot_generation(&self) -> u64 {
         self.ops.mmu_lock.read().memslots.generation
+    }
+
+    /// What a slot commits against the budget (`slot_bytes` with this VM's trees and vendor).
+    fn slot_cost(&self, npages: u64, level: u8, gmem: bool) -> u64 {
+        let trees = if self.has_mirror() { 2 } else { 1 };
+        let meta = if gmem {
+            self.mmu.vendor.gmem_metadata_bytes(npages)
+        } else {
+            0
+        };
+        // A gmem slot always has a second first-touch bitmap, even without vendor metadata.
+        slot_bytes(
+            npages,
+            level,
+            self.cfg.levels,
+            trees,
+            meta.max(u64::from(gmem)),
+        )
+    }
+
+    /// Bytes of the budget committed so far (page tables of every tree, fully mapped, and
+    /// metadata of every memslot).
+    pub fn committed_bytes(&self) -> u64 {
+        self.ops.mmu_lock.read().committed
     }
 
     // ----- argument checks ---------------------------------------------------------------
@@ -610,12 +668,20 @@ impl Vm {
         self.ops.ensure_alive()?;
         self.ops.write(self.arena(), |st, _| {
             st.memslots.check_add(gfn, npages, level, self.max_gfn())?;
+            let need = self.slot_cost(npages, level, gmem);
+            if st.committed.saturating_add(need) > self.budget {
+                return Err(Error::OutOfMemory(format!(
+                    "add_memslot: {npages} pages need {need} bytes of page tables (every tree, fully mapped at 4K) and metadata; the VM's budget of {} bytes has {} committed",
+                    self.budget, st.committed
+                )));
+            }
             let id = st.memslots.add(gfn, npages, level, gmem)?;
             let slot: &Memslot = st.memslots.by_id(id).expect("just added");
             if gmem && let Err(e) = self.mmu.vendor.gmem_bind(slot.gmem_pfn, npages) {
                 st.memslots.remove(id);
                 return Err(e);
             }
+            st.committed += need;
             Ok(id)
         })
     }
@@ -638,10 +704,11 @@ impl Vm {
             } else {
                 self.mmu.tdp.unmap_gfn_range(ctx, true, true, start, end);
             }
-            if let Some(slot) = st.memslots.remove(id)
-                && slot.gmem
-            {
-                self.mmu.vendor.gmem_unbind(slot.gmem_pfn, slot.npages);
+            if let Some(slot) = st.memslots.remove(id) {
+                if slot.gmem {
+                    self.mmu.vendor.gmem_unbind(slot.gmem_pfn, slot.npages);
+                }
+                st.committed -= self.slot_cost(slot.npages, slot.level, slot.gmem);
             }
             Ok(())
         })

@@ -35,7 +35,10 @@ fn files(dir: &Path) -> Vec<PathBuf> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.')) {
+            } else if p
+                .file_name()
+                .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+            {
                 out.push(p);
             }
         }

@@ -158,7 +158,7 @@ impl Vm {
     /// Sizes are in bytes, ``hooks`` is a design name or None, ``costs`` a dict of nanoseconds.
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all, *, tdx = None, mirror = false, folio = None, hook_object = None))]
+    #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all, *, tdx = None, mirror = false, folio = None, budget = None, hook_object = None))]
     fn new(
         py: Python<'_>,
         vm_type: &str,
@@ -175,6 +175,7 @@ impl Vm {
         tdx: Option<&Bound<'_, PyDict>>,
         mirror: bool,
         folio: Option<Int>,
+        budget: Option<Int>,
         hook_object: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let mut cm = core::CostModel::default();
@@ -211,6 +212,9 @@ impl Vm {
             mirror,
             ..VmConfig::default()
         };
+        if let Some(b) = budget {
+            cfg.budget = Some(in_range(py, "budget", &b, 1 << 62)?);
+        }
         if let Some(f) = folio {
             cfg.folio_given = true;
             cfg.folio_level = match f.0 {
@@ -332,6 +336,19 @@ impl Vm {
         } else {
             4096
         }
+    }
+    /// Bytes of page tables and per-page metadata the VM may commit: the ``budget=`` given at
+    /// construction, else this machine's RAM. Checked before anything is allocated.
+    #[getter]
+    fn budget(&self) -> u64 {
+        self.inner.budget
+    }
+    /// Bytes of the budget committed so far: the page tables of every tree that can map the
+    /// memslots (fully mapped at 4K: the direct tree, or the mirror tree plus the S-EPT or
+    /// software external tree) and their first-touch bitmaps and RMP entries.
+    #[getter]
+    fn committed_bytes(&self, py: Python<'_>) -> PyResult<u64> {
+        self.run(py, |vm| Ok(vm.committed_bytes()))
     }
     /// Seed of the VM's seeded draws (TDX OPERAND_BUSY injection), an int in ``0..2**64``.
     #[getter]

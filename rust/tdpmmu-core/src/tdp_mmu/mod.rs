@@ -11,7 +11,7 @@ mod zap;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::arena::{Arena, NO_TABLE, SP_MIRROR};
 use crate::cost::Cost;

@@ -27,6 +27,7 @@ impl TdpMmu {
         new: u64,
     ) -> Result<(), Busy> {
         debug_assert!(!is_frozen(it.old_spte));
+        crate::sync::yield_point();
         if self.hooks.on_spte_changes() && self.hooks_fire(it.table(), ctx) && !is_frozen(new) {
             return self.set_external_spte_present(ctx, it, new);
         }
@@ -78,6 +79,8 @@ impl TdpMmu {
             it.old_spte = cur;
             return Err(Busy);
         }
+        // Frozen: another vCPU may see FROZEN_SPTE here and must retry.
+        crate::sync::yield_point();
         let ret = if is_last(new, it.level) {
             self.hooks.set_external_spte(ctx, it.gfn, it.level, new)
         } else {
@@ -89,6 +92,7 @@ impl TdpMmu {
                 }
             }
         };
+        crate::sync::yield_point();
         if ret == HookRet::Ok {
             sptep.store(new, Ordering::Release);
             self.handle_changed_spte(ctx, it.gfn, old, new, it.level, true);
@@ -188,6 +192,7 @@ impl TdpMmu {
         for i in 0..spte::ENTRIES_PER_TABLE {
             let gfn = base + i as u64 * pages_per_level(level);
             let e = self.arena.entry(table, i);
+            crate::sync::yield_point();
             let old = if shared {
                 loop {
                     let old = e.swap(FROZEN_SPTE, Ordering::AcqRel);
@@ -195,7 +200,7 @@ impl TdpMmu {
                         break old;
                     }
                     // Another thread is mid-install in this dying table; wait for it.
-                    std::hint::spin_loop();
+                    crate::sync::spin_wait();
                 }
             } else {
                 let old = e.load(Ordering::Acquire);
@@ -237,7 +242,7 @@ impl TdpMmu {
                     return false;
                 }
                 if is_frozen(it.old_spte) {
-                    std::hint::spin_loop();
+                    crate::sync::spin_wait();
                     it.reread();
                     continue;
                 }

@@ -60,11 +60,16 @@ pub trait Vendor: Send + Sync {
     /// `kvm_arch_gmem_invalidate`: guest_memfd frees [pfn, pfn + npages).
     fn gmem_invalidate(&self, _ctx: &mut Ctx, _pfn: u64, _npages: u64) {}
 
-    /// A guest_memfd range [pfn, pfn + npages) is bound to a memslot / unbound from it.
+    /// A guest_memfd range [pfn, pfn + npages) is bound to a memslot / unbound from it. The VM
+    /// calls both with `mmu_lock` held for write.
     fn gmem_bind(&self, _pfn: u64, _npages: u64) -> Result<()> {
         Ok(())
     }
     fn gmem_unbind(&self, _pfn: u64, _npages: u64) {}
+    /// Bytes of vendor metadata binding `npages` of guest_memfd commits (SNP: RMP entries).
+    fn gmem_metadata_bytes(&self, _npages: u64) -> u64 {
+        0
+    }
 
     /// KVM_PRE_FAULT_MEMORY of private (or shared) memory is allowed now.
     fn populate_allowed(&self, _private: bool) -> Result<()> {

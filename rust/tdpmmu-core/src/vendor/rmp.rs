@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::arena::try_zeroed_atomics;
 use crate::cost::Cost;
@@ -71,6 +71,27 @@ struct Chunk {
     len: AtomicU64,
 }
 
+/// Give the pages behind `entries` back to the kernel: they read as zero afterwards, and a huge
+/// range that was never touched is not touched now (zeroing it by hand would commit it).
+fn release_pages(entries: &[AtomicU64]) {
+    let bytes = std::mem::size_of_val(entries);
+    // SAFETY: the range is one live allocation we own; MADV_DONTNEED on private anonymous
+    // memory only replaces its contents with zeros, which is a valid value of every entry.
+    let r = unsafe {
+        libc::madvise(
+            entries.as_ptr() as *mut libc::c_void,
+            bytes,
+            libc::MADV_DONTNEED,
+        )
+    };
+    if r != 0 {
+        // Not page-aligned (a small allocation from the heap): zero it by hand.
+        for e in entries {
+            e.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The RMP of the guest_memfd pages bound to one VM.
 pub struct Rmp {
     /// Chunk pointers by (pfn - DATA_BASE_PFN) / CHUNK; lazily backed, null = not bound.
@@ -94,6 +115,11 @@ impl Rmp {
             spare: Mutex::new(Vec::new()),
             owned: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Bytes of RMP entries binding `npages` allocates (whole chunks).
+    pub fn bytes_for(npages: u64) -> u64 {
+        npages.div_ceil(CHUNK) * CHUNK * 8
     }
 
     fn dir_index(pfn: u64) -> Option<usize> {
@@ -140,27 +166,37 @@ impl Rmp {
             .filter(|i| i + chunks as usize <= DIR_LEN)
             .ok_or_else(|| Error::OutOfMemory("the RMP directory is full".into()))?;
         for k in 0..chunks {
-            let len = (npages - k * CHUNK).min(CHUNK);
-            let spare = self.spare.lock().pop();
-            let c = match spare {
-                Some(c) => c,
-                None => {
-                    let c = Box::into_raw(Box::new(Chunk {
-                        entries: try_zeroed_atomics(CHUNK as usize, "RMP entries")?,
-                        len: AtomicU64::new(0),
-                    }));
-                    self.owned.lock().push(c);
-                    c
-                }
-            };
-            // SAFETY: c is a live chunk we own (fresh or from the spare list).
-            unsafe { &*c }.len.store(len, Ordering::Release);
-            self.dir[first + k as usize].store(c as u64, Ordering::Release);
+            if let Err(e) = self.bind_chunk(first + k as usize, (npages - k * CHUNK).min(CHUNK)) {
+                // Leave nothing half bound.
+                self.unbind(pfn, k * CHUNK);
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    /// Drop the entries of [pfn, pfn + npages); the chunks are zeroed and kept for reuse.
+    fn bind_chunk(&self, index: usize, len: u64) -> Result<()> {
+        let spare = self.spare.lock().pop();
+        let c = match spare {
+            Some(c) => c,
+            None => {
+                let c = Box::into_raw(Box::new(Chunk {
+                    entries: try_zeroed_atomics(CHUNK as usize, "RMP entries")?,
+                    len: AtomicU64::new(0),
+                }));
+                self.owned.lock().push(c);
+                c
+            }
+        };
+        // SAFETY: c is a live chunk we own (fresh or from the spare list).
+        unsafe { &*c }.len.store(len, Ordering::Release);
+        self.dir[index].store(c as u64, Ordering::Release);
+        Ok(())
+    }
+
+    /// Drop the entries of [pfn, pfn + npages); the chunks' pages go back to the kernel and the
+    /// chunks are kept for reuse (never freed while the RMP lives, so a reader racing this sees
+    /// zeroed entries, never freed memory; the VM unbinds under `mmu_lock` held for write).
     pub fn unbind(&self, pfn: u64, npages: u64) {
         let Some(first) = Self::dir_index(pfn) else {
             return;
@@ -172,10 +208,8 @@ impl Rmp {
             }
             // SAFETY: p was a live chunk in the directory; no longer reachable through it.
             let c = unsafe { &*p };
-            let len = c.len.swap(0, Ordering::AcqRel);
-            for e in &c.entries[..len as usize] {
-                e.store(0, Ordering::Relaxed);
-            }
+            c.len.store(0, Ordering::Release);
+            release_pages(&c.entries);
             self.spare.lock().push(p);
         }
     }

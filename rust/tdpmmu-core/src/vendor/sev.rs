@@ -7,7 +7,7 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use super::rmp::{self, Rmp, RmpStatus};
 use super::{CheckResult, Vendor};
@@ -40,7 +40,7 @@ impl Snp {
         })
     }
 
-    fn folio_lock(&self, pfn: u64) -> parking_lot::MutexGuard<'_, ()> {
+    fn folio_lock(&self, pfn: u64) -> crate::sync::MutexGuard<'_, ()> {
         self.folio_locks[((pfn >> 9) as usize) % FOLIO_LOCKS].lock()
     }
 
@@ -159,6 +159,10 @@ impl Vendor for Snp {
 
     fn gmem_unbind(&self, pfn: u64, npages: u64) {
         self.rmp.unbind(pfn, npages);
+    }
+
+    fn gmem_metadata_bytes(&self, npages: u64) -> u64 {
+        Rmp::bytes_for(npages)
     }
 
     fn finalize_supported(&self) -> Result<()> {

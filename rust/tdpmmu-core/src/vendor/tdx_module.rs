@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::arena::Arena;
 use crate::config::{TdxOptions, Track};
