@@ -116,7 +116,7 @@ def test_two_threads_on_one_vcpu_with_fast_zaps_keep_root_refcounts() -> None:
 
     def faults() -> None:
         while not stop.is_set():
-            vm.fault_batch(np.arange(0, 2048), vcpu=0)
+            vm.fault_batch(np.arange(0, 2048, dtype=np.uint64), vcpu=0)
 
     threads = [threading.Thread(target=faults) for _ in range(2)]
     for t in threads:
@@ -152,10 +152,15 @@ def test_check_during_memstress_sees_consistent_totals(vm_type: str) -> None:
 
 
 @pytest.mark.parametrize("folio", ["4K", "2M"])
-def test_snp_gmem_overlapping_vcpus_prepare_and_validate_once(folio: str) -> None:
+@pytest.mark.parametrize("random_access", [False, True])
+def test_snp_gmem_overlapping_vcpus_prepare_and_validate_once(
+    folio: str, random_access: bool
+) -> None:
     pages = 1 << 14
     vm = tdpmmu.VM("snp", memory="256MiB", vcpus=4, folio=folio, backing="2M")
-    vm.run_memstress(4, pages, 0, True, False, 100, 0)
+    vm.run_memstress(4, pages, 0, True, random_access, 100, 0)
+    # Random order touches each page only with high probability: fault the rest.
+    vm.fault_batch(np.arange(pages), private=True)
     s = vm.stats
     assert not vm.bugged
     assert s["pvalidate_errors"] == 0 and s["rmp_failures"] == 0
@@ -199,6 +204,8 @@ def test_ctrl_c_interrupts_memstress() -> None:
     with pytest.raises(KeyboardInterrupt):
         vm.run_memstress(2, 1 << 21, 0, False, True, 100, 0)
     timer.join()
+    # Stopped part-way (an interrupt noticed only after the call would see every page done).
+    assert vm.stats["pages_4k"] < 2 << 21
     vm.check()
 
 
