@@ -175,7 +175,8 @@ class VM(_core.Vm):
         TypeError: a value of the wrong type (its note names the argument): ``vm_type`` not
             a str, a bool or str where an int is expected, an int where a bool is, ``memory``
             a float, ``costs`` or ``tdx`` not a mapping, a hook object missing a method.
-        OutOfMemory: the page-table arena or the VM's metadata could not be reserved.
+        OutOfMemory: the memory's page tables and metadata (fully mapped at 4 KiB) exceed
+            ``budget``, or the page-table arena or the VM's metadata could not be reserved.
     """
 
     _costs: CostModel
@@ -290,7 +291,9 @@ class VM(_core.Vm):
             ConfigError: naming ``gfn`` (misaligned, or overlapping a memslot), ``npages``,
                 ``backing`` (not 4K, 2M or 1G), ``gmem`` (on a default VM) or ``vm`` (after
                 ``destroy()``); the VM is unchanged.
-            OutOfMemory: the slot's bookkeeping could not be allocated.
+            OutOfMemory: the slot's page tables and metadata (fully mapped at 4 KiB) would
+                exceed the VM's ``budget`` (nothing is allocated), or its bookkeeping could not
+                be allocated.
             VmBugged: the VM was bugged.
             TypeError: an argument of the wrong type.
         """

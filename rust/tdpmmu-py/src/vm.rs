@@ -922,7 +922,9 @@ impl Vm {
     ///     ConfigError: naming ``gfn`` (misaligned, or overlapping a memslot), ``npages``,
     ///         ``backing`` (not a host page size), ``gmem`` (on a default VM) or ``vm`` (after
     ///         ``destroy()``). The VM is unchanged.
-    ///     OutOfMemory: the slot's bookkeeping could not be allocated.
+    ///     OutOfMemory: the slot's page tables and metadata (fully mapped at 4 KiB) would exceed
+    ///         the VM's ``budget`` (nothing is allocated), or its bookkeeping could not be
+    ///         allocated.
     ///     VmBugged: the VM was bugged.
     ///     TypeError: an argument of the wrong type.
     ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
