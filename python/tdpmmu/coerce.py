@@ -30,6 +30,7 @@ __all__ = [
     "count",
     "flag",
     "folio",
+    "hook_parts",
     "hooks",
     "levels",
     "size",
@@ -324,6 +325,50 @@ def tdx_options(tdx: object, name: str = "tdx") -> dict[str, TdxValue]:
     return {str(k).strip(): tdx_option(str(k).strip(), v) for k, v in tdx.items()}
 
 
+def hook_parts(
+    value: object, tdx: object = None
+) -> tuple[str | None, dict[str, object], object | None]:
+    """What a ``hooks=`` value names, before any check against a VM type: ``(design name or
+    None for the VM type's default, TDX options, hook object)``.
+
+    A ``HookDesign`` contributes its name and its TDX options (the explicit ``tdx`` ones win);
+    any other object than None, a str or a ``HookDesign`` is a hook object answering the
+    ``mirror`` design's calls (its methods are checked here).
+
+    Args:
+        value: the ``hooks=`` value (``tdpmmu.VM`` documents the forms).
+        tdx: the ``tdx=`` mapping, or None.
+
+    Returns:
+        tuple[str | None, dict[str, object], object | None]: design name (None = default),
+        TDX options as given (values unconverted), hook object (None unless ``value`` is one).
+
+    Raises:
+        TypeError: ``tdx`` is not a mapping, or a hook object lacks one of the four methods.
+    """
+    if tdx is not None and not isinstance(tdx, Mapping):
+        raise TypeError(f"tdx: expected a mapping of TDX options, got {tdx!r}")
+    options: dict[str, object] = {str(k).strip(): v for k, v in (tdx or {}).items()}
+    if value is None or isinstance(value, str):
+        return value, options, None
+    if isinstance(value, HookDesign):
+        return value.name, {**value.tdx_options(), **options}, None
+    for method in (
+        "link_external_spt",
+        "set_external_spte",
+        "remove_external_spte",
+        "free_external_spt",
+    ):
+        if not callable(getattr(value, method, None)):
+            # The binding's own wording (a design name is a str; anything else is taken as a
+            # hook object).
+            raise TypeError(
+                f"hooks: a hook object needs a method {method}(gfn, level, value); "
+                f"got {type(value).__name__}"
+            )
+    return "mirror", options, value
+
+
 def hooks(
     value: object, variant: config.Variant, tdx: object = None
 ) -> tuple[str, dict[str, TdxValue], object | None]:
@@ -350,30 +395,9 @@ def hooks(
         TypeError: ``value`` is not None, a str or a ``HookDesign`` and lacks a hook method,
             or ``tdx`` is not a mapping.
     """
-    options = tdx_options(tdx)
-    hook_object: object | None = None
-    if value is None:
-        design = variant.default_design
-    elif isinstance(value, str):
-        design = value
-    elif isinstance(value, HookDesign):
-        design = value.name
-        options = {**tdx_options(value.tdx_options(), "hooks"), **options}
-    else:
-        for method in (
-            "link_external_spt",
-            "set_external_spte",
-            "remove_external_spte",
-            "free_external_spt",
-        ):
-            if not callable(getattr(value, method, None)):
-                # The binding's own wording (a design name is a str; anything else is taken as
-                # a hook object).
-                raise TypeError(
-                    f"hooks: a hook object needs a method {method}(gfn, level, value); "
-                    f"got {type(value).__name__}"
-                )
-        design, hook_object = "mirror", value
+    name, raw, hook_object = hook_parts(value, tdx)
+    design = variant.default_design if name is None else name
+    options = tdx_options(raw)
     if design not in variant.designs:
         known = design in config.DESIGNS
         raise ConfigError(

@@ -11,7 +11,6 @@ from typing import cast
 
 from tdpmmu import _core, coerce, config
 from tdpmmu.costs import CostModel
-from tdpmmu.hooks import HookDesign
 from tdpmmu.sizes import BACKING_SIZES, format_size, parse_size
 from tdpmmu.stats import Stats
 from tdpmmu.trace import Event
@@ -28,22 +27,6 @@ _BACKING_NAMES = {size: name for name, size in BACKING_SIZES.items()}
 
 
 TdxValue = str | bool | int | float
-
-
-def _resolve_hooks(
-    hooks: object, tdx: Mapping[str, TdxValue] | None
-) -> tuple[str | None, dict[str, TdxValue], object | None]:
-    """``(design name or None for the default, TDX options, hook object)`` for ``hooks=``."""
-    if tdx is not None and not isinstance(tdx, Mapping):
-        raise TypeError(f"tdx: expected a mapping of TDX options, got {tdx!r}")
-    options: dict[str, TdxValue] = {str(k): v for k, v in (tdx or {}).items()}
-    if hooks is None or isinstance(hooks, str):
-        return hooks, options, None
-    if isinstance(hooks, HookDesign):
-        return hooks.name, {**hooks.tdx_options(), **options}, None
-    # Any other object answers the hooks of the mirror design (slow: re-enters Python per
-    # call); the engine checks it has the four hook methods.
-    return "mirror", options, hooks
 
 
 class VM(_core.Vm):
@@ -208,7 +191,7 @@ class VM(_core.Vm):
         backing_bytes = coerce.backing(backing)
         # Which (vm_type, mirror, design, TDX options) combinations are valid is the engine's
         # to say (tdpmmu.config); here the hooks= value only says what it names.
-        design, options, hook_object = _resolve_hooks(hooks, tdx)
+        design, options, hook_object = coerce.hook_parts(hooks, tdx)
         model = coerce.cost_model(costs)
         self = cast(
             "VM",
@@ -225,7 +208,7 @@ class VM(_core.Vm):
                 trace,
                 nx_huge_pages,
                 slot_zap_all,
-                tdx=options or None,
+                tdx=cast("dict[str, TdxValue]", options) or None,
                 mirror=mirror,
                 folio=None if folio is None else parse_size(folio, "folio"),
                 budget=None if budget is None else coerce.size(budget, "budget", multiple=1),
