@@ -101,3 +101,81 @@ impl TdpMmu {
         ctx.charge(Cost::tlb_flush_per_vcpu_ns, self.shape.vcpus as u64);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The TDP MMU on its own: an arena, a shape, a dispatch site with a recording backend —
+    //! no VM, no vendor, no TD.
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{Design, Interface};
+    use crate::hooks::{ExternalOps, HookRet};
+    use crate::page_fault::{KvmPageFault, Ret};
+
+    #[derive(Default)]
+    struct Record(crate::sync::Mutex<Vec<(&'static str, u64, u8)>>);
+
+    impl ExternalOps for Record {
+        fn link_external_spt(&self, _: &mut Ctx, gfn: u64, level: u8, _: u32) -> HookRet {
+            self.0.lock().push(("link", gfn, level));
+            HookRet::Ok
+        }
+        fn set_external_spte(&self, _: &mut Ctx, gfn: u64, level: u8, _: u64) -> HookRet {
+            self.0.lock().push(("set", gfn, level));
+            HookRet::Ok
+        }
+        fn remove_external_spte(&self, _: &mut Ctx, gfn: u64, level: u8, _: u64) {
+            self.0.lock().push(("remove", gfn, level));
+        }
+        fn free_external_spt(&self, _: &mut Ctx, gfn: u64, level: u8, _: u32) -> HookRet {
+            self.0.lock().push(("free", gfn, level));
+            HookRet::Ok
+        }
+    }
+
+    fn mirror_mmu(rec: Arc<Record>) -> TdpMmu {
+        let shape = TdpShape {
+            levels: 4,
+            vcpus: 1,
+            has_mirror: true,
+            gfn_direct_bits: 1 << 35,
+            max_gfn: 1 << 35,
+            nx_huge_pages: false,
+        };
+        let hooks = Dispatch::new(Design::Mirror, Interface::FourHook, Some(rec));
+        TdpMmu::new(Arena::new(64).unwrap(), shape, hooks)
+    }
+
+    #[test]
+    fn map_and_zap_a_mirror_leaf_without_a_vm() {
+        let rec = Arc::new(Record::default());
+        let mmu = mirror_mmu(rec.clone());
+        let mut ctx = Ctx::default();
+        mmu.mmu_load(&mut ctx, 0).unwrap();
+        let root = mmu.vcpu_root(0, true);
+        let mut f = KvmPageFault::new(0x1234, true, true, false, false);
+        f.pfn = 0x4_0000_0000;
+        assert_eq!(mmu.map(&mut ctx, &mut f, root, 0).unwrap(), Ret::Fixed);
+        assert_eq!(
+            *rec.0.lock(),
+            vec![
+                ("link", 0, 4),
+                ("link", 0, 3),
+                ("link", 0x1200, 2),
+                ("set", 0x1234, 1)
+            ]
+        );
+        assert_eq!(ctx.c[C::link_external_spt as usize], 3);
+        assert_eq!(mmu.lookup(root, 0x1234, 0).1, f.spte);
+        // A PRIVATE-filtered unmap reaches the mirror root and removes the leaf.
+        assert_eq!(
+            mmu.unmap_gfn_range(&mut ctx, true, false, 0x1234, 0x1235),
+            1
+        );
+        assert_eq!(rec.0.lock().last(), Some(&("remove", 0x1234, 1)));
+        // The direct root (shared alias) was never touched by the hooks.
+        let direct = mmu.vcpu_root(0, false);
+        assert_eq!(mmu.walk_root(direct, 0x1234, 1 << 35).len(), 1);
+    }
+}
