@@ -38,22 +38,7 @@ import tdpmmu
 
 # Names whose docstring is still missing in a module this work does not own. Each is a strict
 # xfail: documenting it makes the test pass unexpectedly, and the entry must then be removed.
-PENDING = frozenset(
-    {
-        "tdpmmu.report.Published.text",
-        "tdpmmu.report.Report",
-        "tdpmmu.report.Report.to_dict",
-        "tdpmmu.report.Row",
-        "tdpmmu.report.Row.modeled_ns",
-        "tdpmmu.report.Row.ratio_text",
-        "tdpmmu.report.Row.breakdown",
-        "tdpmmu.report.Row.to_dict",
-        "tdpmmu.report.build_report",
-        "tdpmmu.report.format_text",
-        "tdpmmu.report.ledger_components",
-        "tdpmmu.report.to_json",
-    }
-)
+PENDING: frozenset[str] = frozenset()
 
 # VM methods that cannot raise (they only read what the VM already has); every other public
 # method of VM must have a Raises: section.

@@ -92,6 +92,11 @@ class Published:
     conditions: str
 
     def text(self) -> str:
+        """The figure as printed: ``"2.54"`` or a range ``"15-16"`` (µs).
+
+        Returns:
+            str: the low end, or ``low-high`` when the published figure is a range.
+        """
         if self.low_us == self.high_us:
             return f"{self.low_us:g}"
         return f"{self.low_us:g}-{self.high_us:g}"
@@ -176,6 +181,13 @@ class Component:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Row:
+    """One line of the report: a modeled all-in cost per page beside its published figure.
+
+    ``components`` are the cost-ledger terms (CostModel field x units, per page) that make up
+    ``modeled_ns``; terms the engine did not charge (the SNP first-touch page-state-change
+    exit) are marked ``engine=False``.
+    """
+
     key: str
     label: str
     components: tuple[Component, ...]
@@ -186,6 +198,7 @@ class Row:
 
     @property
     def modeled_ns(self) -> float:
+        """Modeled nanoseconds per page: the sum of the row's components."""
         return sum(c.ns for c in self.components)
 
     @property
@@ -195,10 +208,22 @@ class Row:
         return us / self.published.high_us, us / self.published.low_us
 
     def ratio_text(self) -> str:
+        """``modeled / published`` as printed: one ratio, or a range against a published range.
+
+        Returns:
+            str: e.g. ``"5.00"`` or ``"1.25-1.33"``.
+        """
         lo, hi = self.ratio
         return f"{lo:.2f}" if math.isclose(lo, hi) else f"{lo:.2f}-{hi:.2f}"
 
     def breakdown(self) -> str:
+        """The row's terms in µs with their CostModel field, e.g.
+        ``"2.000 (fault_handling_ns) + 7.500 (host_page_alloc_ns)"``.
+
+        Returns:
+            str: the nonzero terms joined by ``+``; a fractional unit count is shown as
+            ``x count`` and a term the report added itself as ``[added by report]``.
+        """
         terms = []
         for c in self.components:
             if c.ns == 0:
@@ -211,6 +236,12 @@ class Row:
         return " + ".join(terms)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: key, label, modeled and engine ns, every component, the published
+        figure with its source and conditions, the two ratios and the note.
+
+        Returns:
+            dict[str, Any]: plain types only.
+        """
         lo, hi = self.ratio
         return {
             "key": self.key,
@@ -236,6 +267,9 @@ class Row:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Report:
+    """The whole report (``python -m tdpmmu report``): the rows measured with one cost model
+    and vCPU count, and dynamic removal at each published vCPU count."""
+
     vcpus: int
     costs: CostModel
     rows: tuple[Row, ...]
@@ -243,6 +277,12 @@ class Report:
     removal_by_vcpus: tuple[Row, ...]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict marked ``simulated``/``modeled``, with the version, the vCPU count,
+        the cost fields that differ from the defaults and every row.
+
+        Returns:
+            dict[str, Any]: plain types only.
+        """
         default = CostModel()
         overrides = {k: v for k, v in self.costs.to_dict().items() if v != getattr(default, k)}
         return {
@@ -274,9 +314,22 @@ def ledger_components(
     (two ``VM.cost_breakdown()`` results), one ``Component`` per field that moved, in field order,
     divided by ``per`` (pages).
 
-    Refuses (``RuntimeError``) a ledger that does not explain the change of the modeled clock
-    (``modeled_ns``, the ``stats["modeled_ns"]`` delta), has fields the cost model does not know,
-    went backwards, or holds a fractional number of units of a field."""
+    Args:
+        before: ``vm.cost_breakdown()`` before the measured operation.
+        after: ``vm.cost_breakdown()`` after it.
+        modeled_ns: the ``stats["modeled_ns"]`` delta over the same operation, in ns.
+        costs: the VM's cost model (each field's ns per unit).
+        what: the row's name, for error messages.
+        per: pages the operation covered (the terms are per page); default 1.
+
+    Returns:
+        tuple[Component, ...]: one term per field whose ledger moved.
+
+    Raises:
+        RuntimeError: the ledger does not explain the change of the modeled clock, has fields
+            the cost model does not know, went backwards, or holds a fractional number of
+            units of a field.
+    """
     fields = costs.field_names()
     if tuple(before) != fields or tuple(after) != fields:
         raise RuntimeError(
@@ -503,7 +556,19 @@ def snp_private_fault_no_alloc(costs: CostModel, vcpus: int) -> Row:
 
 
 def build_report(vcpus: int = 4, costs: CostModel | Mapping[str, float] | None = None) -> Report:
-    """Run the small VMs and collect every row (cheap: a few thousand simulated faults)."""
+    """Run the small VMs and collect every row (cheap: a few thousand simulated faults).
+
+    Args:
+        vcpus: vCPUs of the measured TDs (kick and TLB-flush costs scale with it), >= 1.
+        costs: a ``CostModel``, a mapping of field -> ns over the defaults, or None.
+
+    Returns:
+        Report: every row, measured with the engine's cost ledger.
+
+    Raises:
+        ValueError: ``vcpus`` is not an int >= 1.
+        ConfigError: a cost field is unknown or its value negative or not finite.
+    """
     if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
         raise ValueError(f"vcpus: must be an int >= 1, got {vcpus!r}")
     if costs is None:
@@ -550,6 +615,16 @@ def _table(rows: Sequence[Row]) -> list[str]:
 
 
 def format_text(report: Report) -> str:
+    """The report as text within 100 columns: the header (SIMULATED, MODELED), the table of
+    rows beside their published figures, the removal-vs-vCPUs table, and each row's terms with
+    its source.
+
+    Args:
+        report: what ``build_report`` returned.
+
+    Returns:
+        str: the lines joined by newlines.
+    """
     default = CostModel()
     overrides = [
         f"{k}={v:g}" for k, v in report.costs.to_dict().items() if v != getattr(default, k)
@@ -586,4 +661,12 @@ def format_text(report: Report) -> str:
 
 
 def to_json(report: Report) -> str:
+    """``report.to_dict()`` as JSON.
+
+    Args:
+        report: what ``build_report`` returned.
+
+    Returns:
+        str: one JSON object.
+    """
     return json.dumps(report.to_dict())
