@@ -18,9 +18,9 @@ file checks what a program can check:
   every constructor argument;
 - every ``tdpmmu.Ret`` member is named in ``Ret``'s docstring.
 
-``tdpmmu.report`` is being rewritten elsewhere; its undocumented names are listed in
-``PENDING`` as strict xfails, so each one fails the suite once it gets its docstring (then
-delete it from the list).
+A name whose docstring has to wait (e.g. in a module being rewritten elsewhere) can go in
+``PENDING``: a strict xfail, so the suite fails once the name gets its docstring and the entry
+must be deleted.
 """
 
 import ast
