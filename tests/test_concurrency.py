@@ -114,14 +114,18 @@ def test_two_threads_on_one_vcpu_with_fast_zaps_keep_root_refcounts() -> None:
     vm = tdpmmu.VM(memory="64MiB", vcpus=2)
     stop = threading.Event()
 
-    def faults() -> None:
+    def faults(base: int) -> None:
+        g = base
         while not stop.is_set():
-            vm.fault_batch(np.arange(0, 2048, dtype=np.uint64), vcpu=0)
+            # Small batches: after each fast zap the next one reloads the vCPU's roots.
+            vm.fault_batch(np.arange(g % 4096, g % 4096 + 8, dtype=np.uint64), vcpu=0)
+            g += 8
 
-    threads = [threading.Thread(target=faults) for _ in range(2)]
+    threads = [threading.Thread(target=faults, args=(k * 2048,)) for k in range(2)]
     for t in threads:
         t.start()
-    for _ in range(200):
+    deadline = time.perf_counter() + 2.0
+    while time.perf_counter() < deadline:
         vm.zap_all_fast()
     stop.set()
     for t in threads:
@@ -281,3 +285,15 @@ def test_budget_is_committed_and_released_with_memslots() -> None:
     assert vm.committed_bytes == base
     with pytest.raises(tdpmmu.OutOfMemory, match="budget of 4096 bytes"):
         tdpmmu.VM(memory="64MiB", budget=4096)
+
+
+def test_ctrl_c_interrupts_a_long_fault_batch() -> None:
+    vm = tdpmmu.VM(memory="32GiB")
+    gfns = np.arange(1 << 23, dtype=np.uint64)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        vm.fault_batch(gfns)
+    timer.join()
+    assert vm.stats["pages_4k"] < 1 << 23  # stopped part-way
+    vm.check()

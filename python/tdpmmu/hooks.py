@@ -24,7 +24,23 @@ _CHOICES = {
 @dataclasses.dataclass(frozen=True, slots=True)
 class HookDesign:
     """Which SPTE changes call the external hooks (``name``) and, for TD-shaped mirrors, how
-    the TDX side answers them. ``None`` for an option means the engine's default (upstream)."""
+    the TDX side answers them. ``None`` for an option means the engine's default (upstream).
+
+    Args:
+        name: the design: ``"mirror"`` (every change of an entry in a mirror table: upstream
+            TDX), ``"private"`` (every change made for a private fault or a PRIVATE-filtered
+            zap), ``"gmem"`` (guest_memfd prepare/invalidate only: upstream SNP) or
+            ``"none"``. Which VM types take which: ``tdpmmu.config.VARIANTS``.
+        sept_free: ``"teardown"`` (upstream: S-EPT tables live until the HKID is released) or
+            ``"sept_remove"`` (BLOCK, TRACK, SEPT.REMOVE when a mirror table is freed).
+        track: ``"per_page"`` (BLOCK, TRACK, kick, REMOVE per page) or ``"batched"`` (one TRACK
+            and kick per zap).
+        interface: ``"four_hook"`` or ``"two_hook"`` (links and removals as set_external_spte).
+        version: ``"6.19"`` (PAGE.ADD from set_external_spte) or ``"6.16"`` (nr_premapped).
+
+    Raises:
+        ConfigError: an unknown design or option value, naming it and the allowed values.
+    """
 
     name: str = "mirror"
     sept_free: str | None = None

@@ -176,7 +176,15 @@ impl TdxOptions {
             OptionValue::Name(n) => Ok(n),
             other => Err(bad_arg(&arg, format!("expected a name, got {other:?}"))),
         };
-        let renamed = |e: crate::error::Error| bad_arg(&arg, e.to_string());
+        // The enum's own error names the option; say it once, as tdx["key"].
+        let renamed = |e: crate::error::Error| {
+            let msg = e.to_string();
+            let bare = msg
+                .split_once(": ")
+                .map_or(msg.as_str(), |(_, m)| m)
+                .to_string();
+            bad_arg(&arg, bare)
+        };
         match key {
             "version" => self.version = TdxVersion::parse(want_name()?).map_err(renamed)?,
             "sept_free" => self.sept_free = SeptFree::parse(want_name()?).map_err(renamed)?,

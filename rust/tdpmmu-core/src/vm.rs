@@ -524,8 +524,12 @@ impl Vm {
                 format!("has {} entries for {} gfns", out.len(), gfns.len()),
             ));
         }
+        let _vcpu = self.ops.vcpu(vcpu as usize);
         self.ops.read(self.arena(), |st, ctx| {
-            for (g, o) in gfns.iter().zip(out.iter_mut()) {
+            for (i, (g, o)) in gfns.iter().zip(out.iter_mut()).enumerate() {
+                if (i as u64 + 1).is_multiple_of(op::INTERRUPT_EVERY) && op::interrupted() {
+                    return Err(Error::Interrupted);
+                }
                 let r =
                     self.mmu
                         .page_fault(st, ctx, *g, private, write, exec, vcpu as usize, false)?;
@@ -844,10 +848,16 @@ impl Vm {
         self.ops.ensure_alive()?;
         self.check_range(gfn, npages)?;
         let step = if size_2m { 512 } else { 1 };
-        if size_2m && (!gfn.is_multiple_of(512) || !npages.is_multiple_of(512)) {
+        if size_2m && !gfn.is_multiple_of(512) {
             return Err(bad_arg(
                 "gfn",
-                "2M PVALIDATE needs a 2M-aligned gfn and a multiple of 512 pages",
+                format!("2M PVALIDATE needs a 2M-aligned gfn (a multiple of 512), got {gfn:#x}"),
+            ));
+        }
+        if size_2m && !npages.is_multiple_of(512) {
+            return Err(bad_arg(
+                "npages",
+                format!("2M PVALIDATE needs a multiple of 512 pages, got {npages}"),
             ));
         }
         self.ops.write(self.arena(), |st, ctx| {
@@ -985,7 +995,17 @@ impl Vm {
     pub fn run_memstress(&self, a: &MemstressArgs) -> Result<Vec<VcpuResult>> {
         self.check_private(a.private)?;
         memstress::run(&self.mmu, &self.ops, a, self.cfg.vcpus, |g, n| {
-            self.check_range(g, n)
+            self.check_gfn(g, "base_gfn")?;
+            if g.checked_add(n).is_none_or(|e| e > self.max_gfn()) {
+                return Err(bad_arg(
+                    "pages_per_vcpu",
+                    format!(
+                        "the workload's region [{g:#x}, +{n:#x}) runs past the guest-physical limit {:#x}",
+                        self.max_gfn()
+                    ),
+                ));
+            }
+            Ok(())
         })
     }
 }

@@ -87,7 +87,13 @@ fn fuzz_corpus_replays() {
             (Ok(o), None) => {
                 if let Some(b) = o.bug {
                     // Group messages by their text before the first number.
-                    let key: String = b.split("0x").next().unwrap_or(&b).to_string();
+                    let msg = b.split("0x").next().unwrap_or(&b);
+                    let status = b
+                        .rsplit(": ")
+                        .next()
+                        .filter(|_| b.contains(": "))
+                        .unwrap_or("");
+                    let key = format!("{:<28} {msg} .. {status}", o.kind);
                     *bugs.entry(key).or_default() += 1;
                 }
                 flaws += usize::from(o.flawed.is_some());
