@@ -4,29 +4,42 @@ Every (vm_type, mirror, design) of ``tdpmmu.config.VARIANTS``, a Python hook obj
 VM with a mirror root, and a few option variants (2 MiB folios, TDX OPERAND_BUSY injection,
 the pre-upstream TDX options) run these threads on one VM at once:
 
-- faulters: overlapping ``fault_batch``/``fault``/``run_memstress``/``populate`` from several
-  threads, on shared vCPU indices (serialized per index, as KVM's vcpu->mutex), private,
-  shared and by-attribute, over slot 0 and over memslots that come and go;
+- three faulters: overlapping ``fault_batch``/``fault``/``run_memstress``/``populate``, mostly
+  on a hot 8 MiB of slot 0, private, shared and by attribute, on vCPU indices they share
+  (the engine serializes calls per vCPU, as KVM's vcpu->mutex), and over memslots that come
+  and go (MMIO while a slot is gone);
 - a zapper: ``zap_gfn_range``, ``mmu_notifier_invalidate``, ``zap_all_fast``, ``punch_hole``,
   ``rmp_fault``;
-- a converter (confidential VMs): ``set_memory_attributes`` both ways, with SNP's rescinding
-  PVALIDATE and a hole punch after going shared;
-- a memslot changer: adds and deletes slots (guest_memfd slots on confidential VMs) and
-  converts them;
+- a converter (confidential VMs): ``set_memory_attributes`` both ways, SNP's rescinding
+  PVALIDATE before going shared, a hole punch after;
+- a memslot changer: adds slots (guest_memfd slots on confidential VMs, 4K or 2M backing),
+  converts them, punches them, and deletes them, the guest touching each slot after it is
+  added and before it is deleted;
 - a ``check()`` caller.
+
+Every fault's Ret must be one the access can get (FIXED, SPURIOUS, RETRY; MEMORY_FAULT when
+the access's kind and the attribute differ; EMULATE only outside slot 0). A hook object
+(``LedgerHooks``) keeps its own external tree, answers -EBUSY now and then, and must see every
+leaf set once and removed once, every table linked once and freed after its contents; its
+leaves must equal the mirror root's, and nothing may be left after ``destroy()``.
 
 Scenarios: ``mixed`` (run, stop, ``check()``, ``destroy()``, ``check()`` audits the teardown),
 ``destroy`` (``destroy()`` mid-way: every later operation must raise ConfigError "destroyed";
 the teardown audit passes) and, for design "private" only, ``unflagged`` (the zaps without a
-PRIVATE filter, whose S-EPT/RMP fallout is that design's known flaw: the VM may end bugged, but
-only with that flaw's KVM_BUG_ON). The "private" design gets only flagged operations in the
-other scenarios: ``set_memory_attributes`` (on SNP, to private only over all-shared ranges:
-KVM zaps the whole range of a mixed one with the SHARED filter), ``punch_hole``,
-``delete_memslot``, and on a VM with a mirror root the SHARED-filtered zaps that never touch it.
+PRIVATE filter, no memslot changer: the S-EPT/RMP fallout is that design's known flaw, so the
+VM may end bugged, but only with that flaw's KVM_BUG_ON, or with a stale external leaf). The
+"private" design gets only flagged operations in the other scenarios: ``set_memory_attributes``
+(on SNP, to private only over all-shared ranges: KVM zaps the whole range of a mixed one with
+the SHARED filter, which on SNP's one root takes the private leaves too), ``punch_hole``,
+``delete_memslot``, and on a VM with a mirror root the SHARED-filtered zaps that never touch
+it; on a mirror root its teardown audit may fail only by its other documented flaw (external
+tables never freed). No other VM may end bugged.
 
 Each scenario runs in a subprocess with a timeout (a hang fails the test; the child dumps every
 thread's stack first). Seeds are fixed; a failure prints the command that reruns it:
-``python tests/test_stress.py CASE SCENARIO --seed N --duration S``.
+``python tests/test_stress.py CASE SCENARIO --seed N --duration S``. The soak
+(``TDPMMU_SOAK=1 pytest -m slow tests/test_stress.py``) runs every scenario longer over more
+seeds.
 """
 
 from __future__ import annotations
@@ -142,15 +155,11 @@ DYN_BASE = 1 << 20  # memslots that come and go: DYN_SLOTS positions of DYN_PAGE
 DYN_PAGES = 512
 DYN_SLOTS = 4
 FAULTERS = 3
-# vCPUs 0 and 1 are shared by every thread's fault, populate (vCPU 0) and run_memstress (0, 1):
-# calls the engine serializes per vCPU, as KVM's vcpu->mutex does. fault_batch does not hold
-# its vCPU yet (test_fault_batch_waits_for_its_vcpu), so until it does each fault_batch caller
-# gets a vCPU of its own: 2 + i for faulter i, the last one for the memslot changer. Set
-# FAULT_BATCH_SHARES_VCPUS when that test passes, to let fault_batch share them too.
-FAULT_BATCH_SHARES_VCPUS = False
-SHARED_VCPUS = 2
-VCPUS = SHARED_VCPUS + FAULTERS + 1
-CHANGER_VCPU = VCPUS - 1
+# Every thread's fault, fault_batch, populate (vCPU 0) and run_memstress (vCPUs 0 and 1) share
+# these vCPUs: the engine serializes the calls per vCPU, as KVM's vcpu->mutex does
+# (test_calls_on_one_vcpu_wait_for_each_other).
+VCPUS = 3
+MEMSTRESS_VCPUS = 2
 JOIN_S = 20.0  # a thread still running this long after the stop is a hang
 WATCHDOG_S = 90.0  # the child dumps every stack and exits after this long
 TIMEOUT_S = 120.0  # the parent kills the child after this long
@@ -297,15 +306,11 @@ def _allowed_rets(case: Case, dynamic: bool) -> set[int]:
     return {int(x) for x in ok}
 
 
-def _batch_vcpu(r: random.Random, own: int) -> int:
-    return r.randrange(VCPUS) if FAULT_BATCH_SHARES_VCPUS else own
-
-
-def faulter(run: Run, r: random.Random, index: int) -> None:
+def faulter(run: Run, r: random.Random) -> None:
     vm, case = run.vm, run.case
     kinds: list[bool | None] = [None, True, False] if case.confidential else [None, False]
     private = r.choice(kinds)
-    vcpu = r.randrange(SHARED_VCPUS)
+    vcpu = r.randrange(VCPUS)
     roll = r.random()
     if roll < 0.55:
         base = r.randrange(0, HOT_PAGES if r.random() < 0.8 else SLOT0_PAGES - 64)
@@ -330,7 +335,7 @@ def faulter(run: Run, r: random.Random, index: int) -> None:
     elif roll < 0.9:
         n = r.choice([64, 256])
         base = r.randrange(0, HOT_PAGES - n)
-        vm.run_memstress(SHARED_VCPUS, n, base, True, True, 50, r.randrange(1 << 32))
+        vm.run_memstress(MEMSTRESS_VCPUS, n, base, True, True, 50, r.randrange(1 << 32))
         run.ops["run_memstress"] += 1
         return
     else:
@@ -345,7 +350,7 @@ def faulter(run: Run, r: random.Random, index: int) -> None:
             run.ops["populate_mixed"] += 1
         run.ops["populate"] += 1
         return
-    rets = vm.fault_batch(gfns, private=private, vcpu=_batch_vcpu(r, SHARED_VCPUS + index))
+    rets = vm.fault_batch(gfns, private=private, vcpu=vcpu)
     _count_rets(run, op, [int(x) for x in rets], _allowed_rets(case, dynamic), gfns, private)
 
 
@@ -458,7 +463,7 @@ def memslot_changer(
 def touch(run: Run, r: random.Random, base: int) -> None:
     """The guest touches every 7th page of a slot, as the attributes say."""
     gfns = np.arange(base, base + DYN_PAGES, 7, dtype=np.uint64)
-    rets = run.vm.fault_batch(gfns, vcpu=_batch_vcpu(r, CHANGER_VCPU))
+    rets = run.vm.fault_batch(gfns, vcpu=r.randrange(VCPUS))
     allowed = _allowed_rets(run.case, True)
     _count_rets(run, "slot_touch", [int(x) for x in rets], allowed, gfns, None)
 
@@ -530,9 +535,7 @@ def run_scenario(case: Case, scenario: str, seed: int, duration: float) -> dict[
     slots: dict[int, int] = {}
     slot_attrs = dict.fromkeys(range(DYN_SLOTS), False)
     chunks = dict.fromkeys(range(HOT_PAGES // CHUNK), True)
-    threads = [
-        _thread(run, f"faulter{i}", lambda r, i=i: faulter(run, r, i)) for i in range(FAULTERS)
-    ] + [
+    threads = [_thread(run, f"faulter{i}", lambda r: faulter(run, r)) for i in range(FAULTERS)] + [
         _thread(run, "zapper", lambda r: zapper(run, r)),
         _thread(run, "check", lambda r: checker(run, r)),
     ]
@@ -651,12 +654,6 @@ MEMSLOT_DELETE_BUG = (
     "unmap) fires remove_external_spte for the direct root's shared leaves (op_private covers "
     "every root), TDH.MEM.RANGE.BLOCK finds no S-EPT entry: KVM_BUG_ON "
     "(test_private_design_memslot_delete_of_a_shared_leaf)"
-)
-FAULT_BATCH_VCPU_BUG = (
-    "engine bug: fault_batch does not hold its vCPU (fault, populate and run_memstress do); "
-    "racing another call on the same vCPU after zap_all_fast, both load the vCPU's root and "
-    "a root reference leaks (check: 'root N refcount 3 but 2 holders'). When fixed, remove "
-    "this mark and set FAULT_BATCH_SHARES_VCPUS = True"
 )
 
 # (case id, scenario) -> marks. The memslot changer deletes slots the guest just touched
@@ -785,20 +782,12 @@ print("serialized" if seen == [True] else "ran while vCPU 0 was in a fault")
 """
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        pytest.param(
-            "fault_batch", marks=pytest.mark.xfail(strict=True, reason=FAULT_BATCH_VCPU_BUG)
-        ),
-        "fault",
-        "populate",
-        "run_memstress",
-    ],
-)
-def test_fault_batch_waits_for_its_vcpu(call: str) -> None:
+@pytest.mark.parametrize("call", ["fault_batch", "fault", "populate", "run_memstress"])
+def test_calls_on_one_vcpu_wait_for_each_other(call: str) -> None:
     # A hook object holds vCPU 0 inside a private fault; a call on vCPU 0 from another thread
-    # must wait for it (KVM: vcpu->mutex around KVM_RUN and KVM_PRE_FAULT_MEMORY).
+    # must wait for it (KVM: vcpu->mutex around KVM_RUN and KVM_PRE_FAULT_MEMORY). fault_batch
+    # did not: racing a fault on its vCPU right after zap_all_fast, both loaded the vCPU's root
+    # and a root reference leaked ("root N refcount 3 but 2 holders").
     try:
         p = subprocess.run(
             [sys.executable, "-c", GATE, call], capture_output=True, text=True, timeout=60
