@@ -5,6 +5,11 @@
 #[path = "../driver.rs"]
 mod driver;
 
+// TDPMMU_FUZZ_STRICT=1: known engine bugs (driver::KNOWN_BUGS) are findings too.
+static STRICT: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    std::env::var_os("TDPMMU_FUZZ_STRICT").is_some_and(|v| !v.is_empty())
+});
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    driver::fuzz_one(data);
+    driver::fuzz_one(data, *STRICT);
 });

@@ -17,7 +17,14 @@ use std::sync::mpsc;
 /// Corpus entries that fail because of an engine bug not fixed yet: (file name, reason).
 /// Each is still run and must still fail; once the engine is fixed it passes, and this test
 /// then asks for its mark to be removed.
-const KNOWN_FAILURES: &[(&str, &str)] = &[];
+const KNOWN_FAILURES: &[(&str, &str)] = &[(
+    // sw_protected + mirror, hooks "private": add_memslot(0x2200, 1, 4K, gmem=false);
+    // fault(0x2200, private=False) maps a shared leaf in the direct root; delete_memslot ->
+    // VmBugged "TDH.MEM.RANGE.BLOCK failed for gfn 0x2200: TDX_EPT_WALK_FAILED".
+    "known-private-design-memslot-delete",
+    "design \"private\": delete_memslot unmaps with PRIVATE|SHARED and the shared leaf goes \
+     to the external hooks (driver::KNOWN_BUGS; tests/test_stress.py MEMSLOT_DELETE_BUG)",
+)];
 
 fn corpus_dir() -> PathBuf {
     match std::env::var_os("FUZZ_CORPUS_DIR") {
@@ -52,7 +59,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 fn replay(data: Vec<u8>) -> Result<driver::Outcome, String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let r = std::panic::catch_unwind(|| driver::fuzz_one(&data));
+        let r = std::panic::catch_unwind(|| driver::fuzz_one(&data, true));
         let _ = tx.send(r.map_err(|p| {
             p.downcast_ref::<String>()
                 .cloned()
