@@ -286,18 +286,26 @@ impl fmt::Display for Case {
 
 /// Guest-physical layout the decoder aims at: slot 0 is [0, mem_pages); extra slots go above
 /// it, from `extra_base`.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Layout {
     mem_pages: u64,
     extra_base: u64,
     max_gfn: u64,
     vcpus: u32,
+    /// The last gfns decoded, so later operations can hit the same pages.
+    recent: std::cell::RefCell<Vec<u64>>,
 }
+
+const RECENT: usize = 16;
 
 impl Layout {
     fn gfn(&self, b: &mut Bytes) -> u64 {
         let sel = b.u8();
-        let g = match sel % 10 {
+        if sel >= 252 {
+            // Beyond the guest-physical limit: refused by the API.
+            return self.max_gfn + u64::from(sel - 252);
+        }
+        let g = match sel % 12 {
             // Anywhere in slot 0.
             0..=3 => u64::from(b.u16()) % self.mem_pages,
             // Around a 2M boundary of slot 0 (or just past its end).
@@ -310,14 +318,20 @@ impl Layout {
             // At the top of the guest-physical space.
             8 => self.max_gfn - 1 - u64::from(b.u8() % 4),
             // Anything below 4G pages.
-            _ => u64::from(b.u32()),
-        };
-        // Out-of-range gfns are refused by the API; keep a few of them.
-        if g >= self.max_gfn && sel < 250 {
-            g % self.max_gfn
-        } else {
-            g
+            9 => u64::from(b.u32()),
+            // A gfn decoded before (or slot 0's first page).
+            _ => {
+                let r = self.recent.borrow();
+                let i = b.u8() as usize;
+                r.get(i % r.len().max(1)).copied().unwrap_or(0)
+            }
+        } % self.max_gfn;
+        let mut r = self.recent.borrow_mut();
+        if r.len() == RECENT {
+            r.remove(0);
         }
+        r.push(g);
+        g
     }
 
     fn npages(&self, b: &mut Bytes) -> u64 {
@@ -421,7 +435,7 @@ impl Layout {
                 gfn: self.gfn(b),
                 npages: self.npages(b),
             },
-            16 => {
+            16 | 25 => {
                 let size_2m = b.bool();
                 let (gfn, npages) = if size_2m && !b.one_in(4) {
                     // Mostly 2M-aligned, as the API wants.
@@ -477,7 +491,7 @@ impl Layout {
                 vcpu: self.vcpu(b),
             },
             // Not nested in a concurrent step from here on.
-            24 | 25 => Op::Finalize,
+            24 => Op::Finalize,
             26 => {
                 let stress = self.memstress(b);
                 let n = 1 + b.u8() as usize % MAX_CONCURRENT_OPS;
@@ -653,6 +667,7 @@ pub fn decode(data: &[u8]) -> Case {
         extra_base: mem_pages.next_multiple_of(512) + 512,
         max_gfn,
         vcpus: cfg.vcpus.clamp(1, 4),
+        recent: Default::default(),
     };
     let mut ops = Vec::new();
     while !b.done() && ops.len() < MAX_OPS {

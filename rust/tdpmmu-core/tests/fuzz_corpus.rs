@@ -26,6 +26,9 @@ const KNOWN_FAILURES: &[(&str, &str)] = &[(
      to the external hooks (driver::KNOWN_BUGS; tests/test_stress.py MEMSLOT_DELETE_BUG)",
 )];
 
+/// Runs of an input with a memstress or a concurrent step (a race shows in some runs only).
+const THREADED_REPEATS: usize = 20;
+
 fn corpus_dir() -> PathBuf {
     match std::env::var_os("FUZZ_CORPUS_DIR") {
         Some(d) => PathBuf::from(d),
@@ -90,7 +93,19 @@ fn fuzz_corpus_replays() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let known = KNOWN_FAILURES.iter().find(|(n, _)| *n == name);
         let data = std::fs::read(path).unwrap();
-        match (replay(data), known) {
+        // A race may show in one run of many: inputs with threads run several times.
+        let threaded = driver::decode(&data)
+            .ops
+            .iter()
+            .any(|o| matches!(o, driver::Op::Memstress(_) | driver::Op::Concurrent { .. }));
+        let mut r = replay(data.clone());
+        for _ in 1..if threaded { THREADED_REPEATS } else { 1 } {
+            if r.is_err() {
+                break;
+            }
+            r = replay(data.clone());
+        }
+        match (r, known) {
             (Ok(o), None) => {
                 if let Some(b) = o.bug {
                     // Group messages by their text before the first number.
