@@ -1334,3 +1334,24 @@ def test_sw_protected_mirror_teardown_costs_nothing_modeled() -> None:
     expected = 4 * c.spte_update_ns + c.tlb_flush_base_ns + 2 * c.tlb_flush_per_vcpu_ns
     assert d["modeled_ns"] == pytest.approx(expected)
     assert (d["free_external_spt"], d["remove_external_spte"], d["page_clear"]) == (3, 1, 0)
+
+
+@pytest.mark.parametrize(("vm_type", "mirror"), [("tdx", False), ("sw_protected", True)])
+def test_private_design_memslot_delete_hooks_only_the_private_root(
+    vm_type: str, mirror: bool
+) -> None:
+    # A memslot delete unmaps under both filters; a design keyed on the private flag must see
+    # the flag on the mirror root only, not on the direct root's shared leaves (which it
+    # used to hand to the hooks: TDH.MEM.RANGE.BLOCK on a gfn the S-EPT never had).
+    vm = tdpmmu.VM(vm_type, memory="64MiB", hooks="private", mirror=mirror, trace=True)
+    if vm_type == "tdx":
+        vm.finalize()
+    slot = vm.add_memslot(0x8000, 1)  # a shared slot beyond the default one
+    vm.fault(0x8000, private=False)
+    vm.fault(5, private=True)
+    n = len(vm.trace_events())
+    vm.delete_memslot(slot)
+    assert not vm.bugged
+    assert [e.op for e in vm.trace_events()[n:] if e.op.endswith("_spte")] == []
+    assert vm.spte(0x8000) == SVE
+    vm.check()

@@ -530,20 +530,31 @@ class TdpMmu:
         self, start: int, end: int, *, private: bool, shared: bool
     ) -> tuple[bool, int]:
         """The attribute filter picks the roots (TD: PRIVATE -> mirror, SHARED -> direct;
-        other VMs: the direct root), invalid roots always included."""
-        if self.has_mirror:
-            types = KVM_INVALID_ROOTS
-            if private:
-                types |= KVM_MIRROR_ROOTS
-            if shared:
-                types |= KVM_DIRECT_ROOTS
-        else:
-            types = KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS
-        self.ctx.op_private = private
-        try:
-            return self.kvm_tdp_mmu_zap_leafs(types, start, end)
-        finally:
-            self.ctx.op_private = False
+        other VMs: the direct root), invalid roots always included.  The zap acts for private
+        memory on the roots the PRIVATE filter picked: on a VM with a mirror root, a zap under
+        both filters is private on the mirror root and shared on the direct root (what a hook
+        design keyed on the private flag sees); without one, the single root is zapped once
+        with the PRIVATE filter's flag."""
+        if not self.has_mirror:
+            self.ctx.op_private = private
+            try:
+                return self.kvm_tdp_mmu_zap_leafs(KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS, start, end)
+            finally:
+                self.ctx.op_private = False
+        flush, zapped = False, 0
+        for wanted, is_private in ((private, True), (shared, False)):
+            if not wanted:
+                continue
+            self.ctx.op_private = is_private
+            try:
+                for root in self.roots:
+                    if root.is_mirror != is_private:
+                        continue
+                    f, n = self.tdp_mmu_zap_leafs(root, start, end)
+                    flush, zapped = flush or f, zapped + n
+            finally:
+                self.ctx.op_private = False
+        return flush, zapped
 
     def tdp_mmu_zap_root(self, root: MmuPage, shared: bool) -> None:
         """Zap a whole root, finest level first so each pass frees little at a time."""

@@ -55,11 +55,22 @@ impl TdpMmu {
 
     /// Leaf zap of [start, end) in every root matching `types` (write lock held).
     pub fn zap_leafs(&self, ctx: &mut Ctx, types: RootTypes, start: u64, end: u64) -> ZapOutcome {
+        self.zap_leafs_where(ctx, start, end, |r| types.matches(r))
+    }
+
+    /// Leaf zap of [start, end) in every root `pick` selects (write lock held).
+    fn zap_leafs_where(
+        &self,
+        ctx: &mut Ctx,
+        start: u64,
+        end: u64,
+        pick: impl Fn(&super::Root) -> bool,
+    ) -> ZapOutcome {
         let targets: Vec<(u32, bool)> = self
             .roots
             .lock()
             .iter()
-            .filter(|r| types.matches(r))
+            .filter(|r| pick(r))
             .map(|r| (r.table, r.invalid))
             .collect();
         let mut out = ZapOutcome::default();
@@ -82,7 +93,10 @@ impl TdpMmu {
 
     /// `kvm_tdp_mmu_unmap_gfn_range` + flush: the attribute filter picks the roots (with a
     /// mirror root: PRIVATE -> mirror, SHARED -> direct; otherwise the direct root), invalid
-    /// roots always included. The operation acts for private memory if `private`.
+    /// roots always included. The operation acts for private memory on the roots the PRIVATE
+    /// filter selected: with a mirror root, a zap under both filters is private on the mirror
+    /// root and shared on the direct root (what a design keyed on the private flag sees);
+    /// without one, the single root is zapped once with the PRIVATE filter's flag.
     pub fn unmap_gfn_range(
         &self,
         ctx: &mut Ctx,
@@ -91,21 +105,29 @@ impl TdpMmu {
         start: u64,
         end: u64,
     ) -> u64 {
-        let types = if self.shape.has_mirror {
-            let mut t = RootTypes::INVALID;
-            if private {
-                t = t.or(RootTypes::MIRROR);
+        let mut out = ZapOutcome::default();
+        if self.shape.has_mirror {
+            let passes = [
+                (private, true, RootTypes::MIRROR),
+                (shared, false, RootTypes::DIRECT),
+            ];
+            for (wanted, is_private, kind) in passes {
+                if !wanted {
+                    continue;
+                }
+                ctx.op_private = is_private;
+                let o = self.zap_leafs_where(ctx, start, end, |r| {
+                    (r.is_mirror() == is_private) && (r.invalid || kind.matches(r))
+                });
+                ctx.op_private = false;
+                out.flush |= o.flush;
+                out.zapped += o.zapped;
             }
-            if shared {
-                t = t.or(RootTypes::DIRECT);
-            }
-            t
         } else {
-            RootTypes::DIRECT.or(RootTypes::INVALID)
-        };
-        ctx.op_private = private;
-        let out = self.zap_leafs(ctx, types, start, end);
-        ctx.op_private = false;
+            ctx.op_private = private;
+            out = self.zap_leafs(ctx, RootTypes::DIRECT.or(RootTypes::INVALID), start, end);
+            ctx.op_private = false;
+        }
         if out.flush {
             self.flush_remote_tlbs(ctx);
         }
