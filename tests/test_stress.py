@@ -109,7 +109,8 @@ def _cases() -> dict[str, Case]:
             cases.append(Case(v.vm_type, v.mirror, HOOK_OBJECT))
     huge = (("folio", "2M"), ("backing", "2M"))
     cases += [
-        Case("snp", False, "gmem", huge, "2M"),
+        Case("snp", False, "gmem", (*huge, ("nx_huge_pages", True)), "2M-nx"),
+        Case("default", False, "none", (("backing", "2M"), ("nx_huge_pages", True)), "2M-nx"),
         Case("sw_protected", False, "none", huge, "2M"),
         Case(
             "tdx",
@@ -311,6 +312,7 @@ def faulter(run: Run, r: random.Random) -> None:
     kinds: list[bool | None] = [None, True, False] if case.confidential else [None, False]
     private = r.choice(kinds)
     vcpu = r.randrange(VCPUS)
+    exec_ = r.random() < 0.15  # with nx_huge_pages: 4K only, splitting a huge leaf in the way
     roll = r.random()
     if roll < 0.55:
         base = r.randrange(0, HOT_PAGES if r.random() < 0.8 else SLOT0_PAGES - 64)
@@ -329,7 +331,7 @@ def faulter(run: Run, r: random.Random) -> None:
         op = "fault_batch_dyn"
     elif roll < 0.8:
         gfn = r.randrange(HOT_PAGES)
-        f = vm.fault(gfn, private=private, write=r.random() < 0.7, vcpu=vcpu)
+        f = vm.fault(gfn, private=private, write=r.random() < 0.7, exec=exec_, vcpu=vcpu)
         _count_rets(run, "fault", [int(f.ret)], _allowed_rets(case, False), [gfn], private)
         return
     elif roll < 0.9:
@@ -350,7 +352,7 @@ def faulter(run: Run, r: random.Random) -> None:
             run.ops["populate_mixed"] += 1
         run.ops["populate"] += 1
         return
-    rets = vm.fault_batch(gfns, private=private, vcpu=vcpu)
+    rets = vm.fault_batch(gfns, private=private, exec=exec_, vcpu=vcpu)
     _count_rets(run, op, [int(x) for x in rets], _allowed_rets(case, dynamic), gfns, private)
 
 
@@ -580,7 +582,26 @@ def run_scenario(case: Case, scenario: str, seed: int, duration: float) -> dict[
         "rets": dict(run.rets),
         "ends": dict(run.ends),
         "hook_calls": dict(hooks.calls) if hooks else {},
+        "stats": {k: v for k, v in vm.stats.items() if k in SHOWN_STATS and v},
     }
+
+
+#: Counters in a run's summary: evidence that the racy paths ran.
+SHOWN_STATS = frozenset(
+    {
+        "pf_retry",
+        "huge_page_splits",
+        "roots_allocated",
+        "seamcall_busy",
+        "tdx_local_retries",
+        "psmash",
+        "pvalidate_errors",
+        "rmp_faults",
+        "gmem_splits",
+        "conversions",
+        "external_spt_leaked",
+    }
+)
 
 
 def finish(run: Run, slots: dict[int, int]) -> str:
@@ -647,22 +668,9 @@ def run_child(case_id: str, scenario: str, seed: int, duration: float) -> dict[s
     return summary
 
 
-# ----- engine bugs this file found (each with a deterministic reproduction below) ---------
-
-MEMSLOT_DELETE_BUG = (
-    "engine bug: design 'private' on a VM with a mirror root: delete_memslot (PRIVATE|SHARED "
-    "unmap) fires remove_external_spte for the direct root's shared leaves (op_private covers "
-    "every root), TDH.MEM.RANGE.BLOCK finds no S-EPT entry: KVM_BUG_ON "
-    "(test_private_design_memslot_delete_of_a_shared_leaf)"
-)
-
-# (case id, scenario) -> marks. The memslot changer deletes slots the guest just touched
-# (shared leaves) within the first few operations, so these fail on every run.
-XFAIL: dict[tuple[str, str], Any] = {
-    (cid, scenario): pytest.mark.xfail(strict=True, reason=MEMSLOT_DELETE_BUG)
-    for cid in ("tdx/private", "sw_protected+mirror/private")
-    for scenario in ("mixed", "destroy")
-}
+# (case id, scenario) -> marks: xfail(strict=True, reason=<engine bug>) for a scenario an engine
+# bug makes fail, until it is fixed (none open).
+XFAIL: dict[tuple[str, str], Any] = {}
 
 
 def _params(scenarios: tuple[str, ...]) -> list[Any]:
@@ -723,20 +731,6 @@ def test_soak(case_id: str, scenario: str) -> None:
     (TDPMMU_SOAK_SEEDS seeds from 100, TDPMMU_SOAK_DURATION seconds each)."""
     for seed in range(100, 100 + SOAK_SEEDS):
         run_child(case_id, scenario, seed, SOAK_DURATION)
-
-
-@pytest.mark.xfail(strict=True, reason=MEMSLOT_DELETE_BUG)
-@pytest.mark.parametrize(("vm_type", "mirror"), [("tdx", False), ("sw_protected", True)])
-def test_private_design_memslot_delete_of_a_shared_leaf(vm_type: str, mirror: bool) -> None:
-    # No thread needed. KVM's kvm_mmu_zap_memslot unmaps with PRIVATE|SHARED: the mirror root's
-    # private leaves go through the hooks, the direct root's shared leaves do not.
-    vm = tdpmmu.VM(vm_type, memory="32MiB", hooks="private", mirror=mirror)
-    if vm_type == "tdx":
-        vm.finalize()
-    slot = vm.add_memslot(DYN_BASE, DYN_PAGES)  # shared memory
-    assert vm.fault(DYN_BASE, private=False).ret == Ret.FIXED  # a leaf in the direct root
-    vm.delete_memslot(slot)  # VmBugged: TDH.MEM.RANGE.BLOCK ... TDX_EPT_WALK_FAILED
-    vm.check()
 
 
 GATE = """
