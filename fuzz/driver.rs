@@ -13,8 +13,14 @@
 //! `OutOfMemory`, `Interrupted` or `Livelock` from any operation, `check()` holds after every
 //! operation on a VM that is neither bugged nor destroyed, every operation is refused once the
 //! VM is bugged or destroyed, and after `destroy()` (in the sequence, or at the end for a VM
-//! still alive) `check()`'s teardown audit holds. Config errors and VmBugged are fine
-//! outcomes.
+//! still alive) `check()`'s teardown audit holds. Config errors are fine outcomes, and so is
+//! VmBugged when the configuration explains the KVM_BUG_ON (`expected_bug`: SEAMCALL busy
+//! injection, the "private" design's documented flaw after an unflagged zap); any other
+//! KVM_BUG_ON is a finding. Besides, on the "private" design the documented flaws (a stale
+//! external leaf after an unflagged zap, unreclaimed external tables or RMP entries at
+//! teardown) are not findings, and a KVM_BUG_ON during `destroy()` excuses what the vendor
+//! leaked (not KVM's own tables). `KNOWN_BUGS` are engine bugs reported and not fixed yet: the
+//! fuzzer passes over them unless `strict`.
 
 #![allow(dead_code)]
 
@@ -62,10 +68,6 @@ impl Bytes<'_> {
     }
     fn bool(&mut self) -> bool {
         self.u8() & 1 == 1
-    }
-    /// A value in lo..=hi.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + u64::from(self.u16()) % (hi - lo + 1)
     }
     fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
         xs[self.u8() as usize % xs.len()]
@@ -759,16 +761,15 @@ struct Runner<'a> {
 pub struct Known {
     pub name: &'static str,
     pub reason: &'static str,
+    /// Whether a KVM_BUG_ON (message) after these operations on this VM is this bug.
+    pub matches: fn(vm: &Vm, ops: &[Op], msg: &str) -> bool,
 }
 
-/// Known engine bugs the driver recognizes by their KVM_BUG_ON (see `expected_bug`).
-pub const KNOWN_BUGS: &[Known] = &[Known {
-    name: "private-design-memslot-delete",
-    reason: "design \"private\": delete_memslot unmaps with PRIVATE|SHARED, so the direct \
-             root's shared leaves go to the external hooks too and the TDX module refuses \
-             (TDH.MEM.RANGE.BLOCK: TDX_EPT_WALK_FAILED / TDX_EPT_ENTRY_STATE_INCORRECT); \
-             tests/test_stress.py MEMSLOT_DELETE_BUG",
-}];
+/// Known engine bugs, recognized by their KVM_BUG_ON (see `expected_bug`). Empty: the one
+/// listed here (design "private": delete_memslot sent the direct root's shared leaves to the
+/// private hooks, TDH.MEM.RANGE.BLOCK: TDX_EPT_WALK_FAILED) was fixed by 211d233; its input
+/// is `finding-private-design-memslot-delete` in the kept corpus.
+pub const KNOWN_BUGS: &[Known] = &[];
 
 enum BugClass {
     Expected,
@@ -793,25 +794,19 @@ fn expected_bug(vm: &Vm, flaw_armed: bool, ops: &[Op], msg: &str) -> BugClass {
     {
         return BugClass::Expected;
     }
+    if let Some(k) = KNOWN_BUGS.iter().find(|k| (k.matches)(vm, ops, msg)) {
+        return BugClass::Known(k);
+    }
     if vm.design != Design::Private {
         return BugClass::Unexpected;
     }
-    let flaw = (msg.starts_with("TDH.MEM.PAGE.AUG failed")
+    // AUG on a running TD, PAGE.ADD (populate) before finalize.
+    let flaw = ((msg.starts_with("TDH.MEM.PAGE.AUG failed")
+        || msg.starts_with("TDH.MEM.PAGE.ADD failed"))
         && msg.ends_with("TDX_EPT_ENTRY_STATE_INCORRECT"))
         || (msg.starts_with("RMPUPDATE to private failed") && msg.ends_with("FAIL_PERMISSION"));
     if flaw && flaw_armed {
         return BugClass::Expected;
-    }
-    let deleted = ops.iter().any(|o| {
-        matches!(o, Op::DeleteMemslot { .. })
-            || matches!(o, Op::Concurrent { ops, .. } if ops.iter().any(|o| matches!(o, Op::DeleteMemslot { .. })))
-    });
-    if deleted
-        && vm.has_mirror()
-        && msg.starts_with("TDH.MEM.RANGE.BLOCK failed")
-        && (msg.ends_with("TDX_EPT_WALK_FAILED") || msg.ends_with("TDX_EPT_ENTRY_STATE_INCORRECT"))
-    {
-        return BugClass::Known(&KNOWN_BUGS[0]);
     }
     BugClass::Unexpected
 }

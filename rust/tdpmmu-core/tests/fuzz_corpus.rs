@@ -17,14 +17,7 @@ use std::sync::mpsc;
 /// Corpus entries that fail because of an engine bug not fixed yet: (file name, reason).
 /// Each is still run and must still fail; once the engine is fixed it passes, and this test
 /// then asks for its mark to be removed.
-const KNOWN_FAILURES: &[(&str, &str)] = &[(
-    // sw_protected + mirror, hooks "private": add_memslot(0x2200, 1, 4K, gmem=false);
-    // fault(0x2200, private=False) maps a shared leaf in the direct root; delete_memslot ->
-    // VmBugged "TDH.MEM.RANGE.BLOCK failed for gfn 0x2200: TDX_EPT_WALK_FAILED".
-    "known-private-design-memslot-delete",
-    "design \"private\": delete_memslot unmaps with PRIVATE|SHARED and the shared leaf goes \
-     to the external hooks (driver::KNOWN_BUGS; tests/test_stress.py MEMSLOT_DELETE_BUG)",
-)];
+const KNOWN_FAILURES: &[(&str, &str)] = &[];
 
 /// Runs of an input with a memstress or a concurrent step (a race shows in some runs only).
 const THREADED_REPEATS: usize = 20;
