@@ -668,9 +668,19 @@ def run_child(case_id: str, scenario: str, seed: int, duration: float) -> dict[s
     return summary
 
 
-# (case id, scenario) -> marks: xfail(strict=True, reason=<engine bug>) for a scenario an engine
-# bug makes fail, until it is fixed (none open).
-XFAIL: dict[tuple[str, str], Any] = {}
+CHECK_DESTROY_RACE = (
+    "engine bug: check() tests `destroyed` before it takes mmu_lock, so a destroy() in between "
+    "makes it run the live-VM invariants on the torn-down VM; on the private design (external "
+    "tables outlive teardown) that is a false 'InvariantError: 0 mirror page tables but N "
+    "S-EPT tables' (test_check_racing_destroy_audits_the_teardown)"
+)
+
+# (case id, scenario) -> marks for a scenario an engine bug makes fail, until it is fixed.
+# Not strict: the check() thread meets the race in about one destroy() of four.
+XFAIL: dict[tuple[str, str], Any] = {
+    (cid, "destroy"): pytest.mark.xfail(strict=False, reason=CHECK_DESTROY_RACE)
+    for cid in ("tdx/private", "sw_protected+mirror/private")
+}
 
 
 def _params(scenarios: tuple[str, ...]) -> list[Any]:
@@ -685,7 +695,7 @@ def _params(scenarios: tuple[str, ...]) -> list[Any]:
     return out
 
 
-DURATION = 0.6
+DURATION = 0.5
 SEED = 1
 
 
@@ -731,6 +741,58 @@ def test_soak(case_id: str, scenario: str) -> None:
     (TDPMMU_SOAK_SEEDS seeds from 100, TDPMMU_SOAK_DURATION seconds each)."""
     for seed in range(100, 100 + SOAK_SEEDS):
         run_child(case_id, scenario, seed, SOAK_DURATION)
+
+
+CHECK_RACING_DESTROY = """
+import threading, time
+import tdpmmu
+
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:  # the race shows within a few dozen attempts
+    vm = tdpmmu.VM("tdx", memory="32MiB", hooks="private")
+    vm.finalize()
+    vm.populate(0, 512, private=True)  # S-EPT tables the private design never frees
+    errors = []
+    go = threading.Event()
+
+    def checks():
+        go.wait()
+        while not vm.destroyed:
+            try:
+                vm.check()
+            except tdpmmu.InvariantError as e:
+                if "teardown left" not in str(e):  # the audit's documented flaw is fine
+                    errors.append(str(e))
+
+    t = threading.Thread(target=checks)
+    t.start()
+    go.set()
+    vm.destroy()
+    t.join()
+    if errors:
+        print(errors[0])
+        break
+else:
+    print("no live check of a destroyed VM")
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=CHECK_DESTROY_RACE)
+def test_check_racing_destroy_audits_the_teardown() -> None:
+    # A check() racing destroy() is either the live check before it or the teardown audit
+    # after it; on the private design the audit fails only by its documented flaw, and only
+    # once destroy() is done (the loop stops at vm.destroyed).
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", CHECK_RACING_DESTROY],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("hung for 120 s")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "no live check of a destroyed VM"
 
 
 GATE = """
