@@ -20,7 +20,7 @@ use std::sync::mpsc;
 const KNOWN_FAILURES: &[(&str, &str)] = &[];
 
 /// Runs of an input with a memstress or a concurrent step (a race shows in some runs only).
-const THREADED_REPEATS: usize = 20;
+const THREADED_REPEATS: usize = 10;
 
 fn corpus_dir() -> PathBuf {
     match std::env::var_os("FUZZ_CORPUS_DIR") {
