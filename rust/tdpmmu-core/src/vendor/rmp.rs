@@ -274,6 +274,44 @@ impl Rmp {
         RmpStatus::Success
     }
 
+    /// RMPUPDATE to private of one unassigned 4K page as a single compare-and-swap: the vCPU
+    /// whose swap wins issues the RMPUPDATE (counted, charged, traced); a vCPU that finds the
+    /// page already assigned returns None and issues nothing. Used by guest_memfd's prepare,
+    /// which runs once per folio.
+    pub fn assign_4k_once(&self, ctx: &mut Ctx, pfn: u64, gfn: u64) -> Option<RmpStatus> {
+        let e = self.entry(pfn)?;
+        let new = ASSIGNED | gfn << GFN_SHIFT;
+        if e.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return None;
+        }
+        ctx.inc(C::rmpupdate);
+        ctx.charge(Cost::rmpupdate_ns, 1);
+        ctx.trace("rmpupdate", gfn, 1, 1);
+        Some(RmpStatus::Success)
+    }
+
+    /// The guest's PVALIDATE of an assigned, not yet validated 4K page, once: the vCPU whose
+    /// compare-and-swap sets the validated bit issues the PVALIDATE (counted, charged, traced).
+    /// None if another vCPU validated it first.
+    pub fn validate_4k_once(&self, ctx: &mut Ctx, pfn: u64, gfn: u64) -> Option<RmpStatus> {
+        let e = self.entry(pfn)?;
+        let old = e.load(Ordering::Acquire);
+        if !assigned(old) || is_2m(old) || validated(old) || entry_gfn(old) != gfn {
+            return None;
+        }
+        if e.compare_exchange(old, old | VALIDATED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return None;
+        }
+        ctx.inc(C::pvalidate);
+        ctx.charge(Cost::pvalidate_ns, 1);
+        ctx.trace("pvalidate", gfn, 1, 1);
+        Some(RmpStatus::Success)
+    }
+
     /// PSMASH: split an assigned 2M entry into 512 4K entries with the same attributes.
     pub fn psmash(&self, ctx: &mut Ctx, pfn: u64) -> RmpStatus {
         ctx.inc(C::psmash);

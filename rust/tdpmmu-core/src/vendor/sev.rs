@@ -69,14 +69,20 @@ impl Vendor for Snp {
         if self.design != HookDesign::Gmem || rmp::assigned(self.rmp.get(pfn)) {
             return;
         }
+        if self.folio_level < 2 {
+            // A 4K folio: one compare-and-swap decides which vCPU prepares it.
+            if self.rmp.assign_4k_once(ctx, pfn, gfn).is_some() {
+                ctx.inc(C::gmem_prepare);
+            }
+            return;
+        }
         let _folio = self.folio_lock(pfn);
         if rmp::assigned(self.rmp.get(pfn)) {
             return; // another vCPU prepared it while this one waited for the folio
         }
         ctx.inc(C::gmem_prepare);
         let head = pfn & !511;
-        let whole_2m_shared = self.folio_level >= 2
-            && (gfn & 511) == (pfn & 511)
+        let whole_2m_shared = (gfn & 511) == (pfn & 511)
             && self.rmp.is_bound(head + 511)
             && (0..512).all(|i| !rmp::assigned(self.rmp.get(head + i)));
         let st = if whole_2m_shared {
@@ -102,7 +108,13 @@ impl Vendor for Snp {
         if ret != Ret::Fixed {
             return;
         }
-        if rmp::validated(self.rmp.get(pfn)) {
+        let e = self.rmp.get(pfn);
+        if !rmp::assigned(e) || rmp::validated(e) {
+            return;
+        }
+        if !rmp::is_2m(e) {
+            // A 4K entry: one compare-and-swap decides which vCPU's guest validates it.
+            self.rmp.validate_4k_once(ctx, pfn, gfn);
             return;
         }
         let _folio = self.folio_lock(pfn);
@@ -110,12 +122,7 @@ impl Vendor for Snp {
         if !rmp::assigned(e) || rmp::validated(e) {
             return;
         }
-        let (p, g, two_m) = if rmp::is_2m(e) {
-            (pfn & !511, gfn & !511, true)
-        } else {
-            (pfn, gfn, false)
-        };
-        let st = self.rmp.pvalidate(ctx, p, g, two_m, true);
+        let st = self.rmp.pvalidate(ctx, pfn & !511, gfn & !511, true, true);
         if st != RmpStatus::Success {
             ctx.bug(format!(
                 "guest PVALIDATE of gfn {gfn:#x} failed: {}",
