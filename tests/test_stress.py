@@ -95,10 +95,6 @@ class Case:
     def mirror_root(self) -> bool:
         return self.vm_type == "tdx" or self.mirror
 
-    @property
-    def folio_2m(self) -> bool:
-        return dict(self.extra).get("folio") == "2M"
-
 
 def _cases() -> dict[str, Case]:
     cases: list[Case] = []
@@ -164,10 +160,6 @@ MEMSTRESS_VCPUS = 2
 JOIN_S = 20.0  # a thread still running this long after the stop is a hang
 WATCHDOG_S = 90.0  # the child dumps every stack and exits after this long
 TIMEOUT_S = 120.0  # the parent kills the child after this long
-
-
-class Stop(Exception):
-    """A thread's expected end: the VM was destroyed, or bugged by the expected flaw."""
 
 
 @dataclass
