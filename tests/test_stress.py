@@ -660,19 +660,9 @@ def run_child(case_id: str, scenario: str, seed: int, duration: float) -> dict[s
     return summary
 
 
-CHECK_DESTROY_RACE = (
-    "engine bug: check() tests `destroyed` before it takes mmu_lock, so a destroy() in between "
-    "makes it run the live-VM invariants on the torn-down VM; on the private design (external "
-    "tables outlive teardown) that is a false 'InvariantError: 0 mirror page tables but N "
-    "S-EPT tables' (test_check_racing_destroy_audits_the_teardown)"
-)
-
 # (case id, scenario) -> marks for a scenario an engine bug makes fail, until it is fixed.
-# Not strict: the check() thread meets the race in about one destroy() of four.
-XFAIL: dict[tuple[str, str], Any] = {
-    (cid, "destroy"): pytest.mark.xfail(strict=False, reason=CHECK_DESTROY_RACE)
-    for cid in ("tdx/private", "sw_protected+mirror/private")
-}
+# Empty: the last one (check() racing destroy()) is fixed.
+XFAIL: dict[tuple[str, str], Any] = {}
 
 
 def _params(scenarios: tuple[str, ...]) -> list[Any]:
@@ -769,7 +759,6 @@ else:
 """
 
 
-@pytest.mark.xfail(strict=True, reason=CHECK_DESTROY_RACE)
 def test_check_racing_destroy_audits_the_teardown() -> None:
     # A check() racing destroy() is either the live check before it or the teardown audit
     # after it; on the private design the audit fails only by its documented flaw, and only

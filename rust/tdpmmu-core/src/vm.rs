@@ -981,12 +981,13 @@ impl Vm {
 
     /// Every invariant (`check::check`); after `destroy()`, the teardown audit.
     pub fn check(&self) -> Result<()> {
+        // Take the lock first: a check() that overlaps destroy() is then either the live check
+        // before it or the teardown audit after it.
+        let st = self.ops.mmu_lock.write();
         if self.destroyed() {
-            let st = self.ops.mmu_lock.read();
             return check::check_teardown(&self.mmu, &st);
         }
         self.ops.ensure_alive()?;
-        let st = self.ops.mmu_lock.write();
         let totals = self.ops.totals.snapshot();
         check::check(&self.mmu, &st, &totals)
     }
