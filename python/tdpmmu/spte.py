@@ -1,4 +1,4 @@
-"""SPTE values of the EPT flavour KVM's TDP MMU uses (spec: shared/spec/kvm-tdp-mmu.md §1).
+"""SPTE values of the EPT flavour KVM's TDP MMU uses (KVM: arch/x86/kvm/mmu/spte.h; docs/model.md).
 
 The constructors call the engine's own (so they can never disagree with what ``vm.walk``
 returns); the predicates are written here from the bit layout so that tests can check the two

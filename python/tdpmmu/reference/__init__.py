@@ -1,7 +1,7 @@
 """A readable, pure-Python reference model of tdpmmu's VMs.
 
 This package re-implements the semantics pinned down in ``docs/model.md`` (which in turn
-follows ``shared/spec/kvm-tdp-mmu.md``) in plain Python; from the rest of ``tdpmmu`` it takes
+follows KVM's TDP MMU and ``docs/model.md``) in plain Python; from the rest of ``tdpmmu`` it takes
 only the exception classes, ``Ret`` and ``tdpmmu.config`` (the engine's one definition of the
 VM-type x hook-design matrix and of the TDX option choices).  It is slow on purpose: every
 SPTE lives in a plain Python list and every step of KVM's fault and zap paths is a named
