@@ -1,4 +1,4 @@
-"""KVM-selftest-shaped workloads (tools/testing/selftests/kvm: demand_paging_test and friends) run on a simulated VM.
+"""KVM-selftest-shaped workloads (tools/testing/selftests/kvm) run on a simulated VM.
 
 Two clocks are reported side by side and never mixed:
 - **host wall-clock**: how long the simulator took (a property of tdpmmu and this machine);
