@@ -36,6 +36,8 @@ pub const MAX_OPS: usize = 48;
 pub const MAX_CONCURRENT_OPS: usize = 4;
 /// Memstress and concurrent steps in one input at most (later ones are skipped).
 pub const MAX_STRESS: usize = 3;
+/// check() calls at most by the checker thread of one concurrent step.
+pub const CONCURRENT_CHECKS: usize = 100;
 
 const KB4: u64 = 4096;
 const MB2: u64 = 2 << 20;
@@ -815,6 +817,7 @@ fn expected_bug(vm: &Vm, flaw_armed: bool, ops: &[Op], msg: &str) -> BugClass {
 /// tests/test_stress.py): after an unflagged zap the external tree keeps a leaf the mirror
 /// dropped; at teardown the root zap carries no private flag, so a mirror root's external
 /// tables are never reclaimed.
+const FLAW: &str = "the private design's flaw";
 const FLAW_STALE: (&str, &str) = ("mirror and S-EPT disagree: ", "only in mirror []");
 const FLAW_TEARDOWN: (&str, &str) = ("teardown left ", " and 0 private leaf(s) never freed");
 /// The generic part of the teardown audit (KVM's own tables), which no design excuses.
@@ -953,25 +956,11 @@ impl Runner<'_> {
             Ok(()) => Ok(()),
             Err(e) => {
                 let msg = e.to_string();
-                let private = vm.design == Design::Private;
-                // After an unflagged zap: the stale external leaf, or at teardown whatever the
-                // vendor never heard was unmapped (S-EPT leaves and tables, RMP entries).
-                let armed_flaw = self.flaw_armed
-                    && (matches(&msg, FLAW_STALE)
-                        || (vm.destroyed() && !matches(&msg, KVM_TEARDOWN)));
-                let teardown_flaw =
-                    vm.destroyed() && vm.has_mirror() && matches(&msg, FLAW_TEARDOWN);
-                if private && (armed_flaw || teardown_flaw) {
-                    self.note(format!("check() {when}: the private design's flaw: {msg}"));
-                    self.out.flawed = Some(msg);
-                    return Ok(());
-                }
-                // A KVM_BUG_ON during destroy() (the VM is destroyed and bugged): KVM leaks
-                // what the vendor could not free, but KVM's own tables still go.
-                if vm.destroyed() && vm.bugged() && !matches(&msg, KVM_TEARDOWN) {
-                    self.note(format!(
-                        "check() {when}: leaked after a bugged teardown: {msg}"
-                    ));
+                if let Some(why) = self.excuse(&msg) {
+                    self.note(format!("check() {when}: {why}: {msg}"));
+                    if why == FLAW {
+                        self.out.flawed = Some(msg);
+                    }
                     return Ok(());
                 }
                 let what = if vm.destroyed() {
@@ -982,6 +971,26 @@ impl Runner<'_> {
                 Err(self.finding(format!("{what} failed {when}: {e}")))
             }
         }
+    }
+
+    /// Why an invariant error from `check()` is not a finding, if it is not:
+    /// - design "private": after an unflagged zap, the stale external leaf, or at teardown
+    ///   whatever the vendor never heard was unmapped (S-EPT leaves and tables, RMP entries);
+    ///   on a mirror root, the external tables the teardown's unflagged root zap leaves;
+    /// - a KVM_BUG_ON during destroy() (destroyed and bugged): KVM leaks what the vendor could
+    ///   not free, but KVM's own tables still go.
+    fn excuse(&self, msg: &str) -> Option<&'static str> {
+        let vm = self.vm;
+        let armed_flaw = self.flaw_armed
+            && (matches(msg, FLAW_STALE) || (vm.destroyed() && !matches(msg, KVM_TEARDOWN)));
+        let teardown_flaw = vm.destroyed() && vm.has_mirror() && matches(msg, FLAW_TEARDOWN);
+        if vm.design == Design::Private && (armed_flaw || teardown_flaw) {
+            return Some(FLAW);
+        }
+        if vm.destroyed() && vm.bugged() && !matches(msg, KVM_TEARDOWN) {
+            return Some("leaked after a bugged teardown");
+        }
+        None
     }
 
     fn step(&mut self, i: usize, op: &Op) -> Result<(), Finding> {
@@ -1067,17 +1076,38 @@ impl Runner<'_> {
         if vm.design == Design::Private && ops.iter().any(|o| unflagged_zap(vm, o)) {
             self.flaw_armed = true;
         }
-        let (a, bs) = std::thread::scope(|sc| {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (a, bs, checked) = std::thread::scope(|sc| {
             let h = sc.spawn(|| {
                 let r = vm.run_memstress(stress).map(|v| v.len());
                 (show(&r), r.err())
+            });
+            // A third thread calls check() while the other two run (it takes mmu_lock for
+            // write, so it sees the VM between operations); its first error is judged below.
+            let c = sc.spawn(|| {
+                for _ in 0..CONCURRENT_CHECKS {
+                    if done.load(std::sync::atomic::Ordering::Acquire) {
+                        break;
+                    }
+                    match vm.check() {
+                        Ok(()) | Err(Error::Bugged(_)) => {}
+                        Err(e) => return Some(e),
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                None
             });
             let bs: Vec<(String, Option<Error>)> = ops.iter().map(|o| Self::apply(vm, o)).collect();
             let a = match h.join() {
                 Ok(a) => a,
                 Err(p) => std::panic::resume_unwind(p),
             };
-            (a, bs)
+            done.store(true, std::sync::atomic::Ordering::Release);
+            let checked = match c.join() {
+                Ok(c) => c,
+                Err(p) => std::panic::resume_unwind(p),
+            };
+            (a, bs, checked)
         });
         self.note(format!(
             "#{i} thread A: vm.run_memstress(&{}) => {}",
@@ -1105,6 +1135,23 @@ impl Runner<'_> {
             }
         }
         self.classify_bug(i, ops)?;
+        if let Some(e) = checked {
+            let msg = e.to_string();
+            match (&e, self.excuse(&msg)) {
+                (Error::Invariant(_), Some(why)) => {
+                    self.note(format!("#{i} thread C: check() => {why}: {msg}"));
+                    if why == FLAW && self.out.flawed.is_none() {
+                        self.out.flawed = Some(msg);
+                    }
+                }
+                _ => {
+                    self.note(format!("#{i} thread C: check() => Err({e:?})"));
+                    return Err(self.finding(format!(
+                        "#{i} check() during the concurrent step returned {e:?}"
+                    )));
+                }
+            }
+        }
         self.check(&format!("after #{i} (concurrent)"))
     }
 }
