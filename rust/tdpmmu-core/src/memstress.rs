@@ -175,7 +175,9 @@ fn vcpu_thread(
     let start = Instant::now();
     let mut i = 0u64;
     let mut err = None;
-    'outer: while i < a.pages_per_vcpu {
+    // Every way out of a batch goes through the merge below, under the batch's lock.
+    let mut done = false;
+    while !done && i < a.pages_per_vcpu {
         if stop.load(Ordering::Acquire) {
             break;
         }
@@ -185,7 +187,7 @@ fn vcpu_thread(
             err = Some(e);
             break;
         }
-        for _ in 0..LOCK_BATCH {
+        'batch: for _ in 0..LOCK_BATCH {
             if i >= a.pages_per_vcpu {
                 break;
             }
@@ -217,25 +219,37 @@ fn vcpu_thread(
                         // A KVM_BUG_ON ends the vCPU (KVM kills the VM); RETRY otherwise
                         // re-enters the guest, which faults again.
                         if ctx.bug.is_some() || stop.load(Ordering::Acquire) {
-                            break 'outer;
+                            {
+                                done = true;
+                                break 'batch;
+                            }
                         }
                         retries += 1 + r.retries as u64;
                         if retries >= MAX_ATTEMPTS_PER_ACCESS {
                             err = Some(Error::Livelock(format!(
                                 "vCPU {v}: the fault at gfn {gfn:#x} was retried {retries} times without progress"
                             )));
-                            break 'outer;
+                            {
+                                done = true;
+                                break 'batch;
+                            }
                         }
                     }
                     Ok(_) => break,
                     Err(e) => {
                         err = Some(e);
-                        break 'outer;
+                        {
+                            done = true;
+                            break 'batch;
+                        }
                     }
                 }
             }
             if ctx.bug.is_some() {
-                break 'outer;
+                {
+                    done = true;
+                    break 'batch;
+                }
             }
             i += 1;
             res.pages += 1;
@@ -247,16 +261,11 @@ fn vcpu_thread(
         ctx.clear_counts();
         drop(st);
         if let Err(e) = fin {
-            err = Some(e);
+            err = err.or(Some(e));
             break;
         }
     }
     res.wall_s = start.elapsed().as_secs_f64();
     res.modeled_ns = ctx.modeled_ns;
-    // What the last (interrupted) batch counted, merged under the lock as every batch is.
-    let _st = ops.mmu_lock.read();
-    if let Err(e) = ops.finish(&ctx) {
-        err = err.or(Some(e));
-    }
     (res, err)
 }

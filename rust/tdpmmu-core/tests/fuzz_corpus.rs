@@ -21,12 +21,7 @@ const KNOWN_FAILURES: &[(&str, &str)] = &[];
 
 /// Corpus entries that hit a racy engine bug not fixed yet (they fail in some runs only):
 /// (file name, reason). Run, and allowed either outcome; remove the mark once fixed.
-const KNOWN_RACY: &[(&str, &str)] = &[(
-    "finding-memstress-early-exit-unmerged-tables",
-    "memstress::vcpu_thread leaves a batch by `break 'outer` (here the private design's \
-     RMPUPDATE KVM_BUG_ON) with mmu_lock released before merging its counters: a concurrent \
-     check() saw \"4 child tables reachable, tdp_mmu_pages says 0\" (driver::KNOWN_RACES)",
-)];
+const KNOWN_RACY: &[(&str, &str)] = &[];
 
 /// Runs of an input with a memstress or a concurrent step (a race shows in some runs only).
 const THREADED_REPEATS: usize = 10;
