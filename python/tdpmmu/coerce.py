@@ -55,25 +55,27 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
-def count(value: object, name: str, minimum: int = 1) -> int:
+def count(value: object, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     """An integer count ``>= minimum`` (bool is refused: ``True`` as a count is a mistake).
 
     Args:
         value: the value to check (an int).
         name: the argument named in error messages.
         minimum: the smallest allowed value (default 1).
+        maximum: the largest allowed value (default: no limit).
 
     Returns:
         int: ``value`` unchanged.
 
     Raises:
-        ConfigError: ``value < minimum``, naming ``name``.
+        ConfigError: ``value`` outside ``minimum..maximum``, naming ``name``.
         TypeError: ``value`` is not an int, or is a bool.
     """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected int, got {type(value).__name__}")
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+    if value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ConfigError(f"{name}: must be {allowed}, got {value}")
     return value
 
 

@@ -26,18 +26,22 @@ SOURCES: dict[str, str] = {
         "vCPUs x 1 GiB on Cascade Lake (0.315 s / 262,144 faults, Matlack 2021); sweep 0.5-1.5 µs"
     ),
     "fault_handling_ns": (
-        "docs/costs.md §3.2: 2 µs (E), KVM's fault handling without host allocation; bounded by "
-        "slow-path faults of 10.5-13.5 µs at 64-96 vCPUs and populate faults of 11.8 µs at 16 "
-        "vCPUs (D); sweep 1-10 µs"
+        "docs/costs.md §3.2: 0.3 µs (E), KVM's handling of an exit outside mmu_lock; a share of "
+        "the single-vCPU all-ins R1 (TDX, 2.54 µs) and R6 (SNP, 6.1 µs) after their per-operation "
+        "parts; sweep 0.2-2 µs"
+    ),
+    "fault_map_ns": (
+        "docs/costs.md §3.2: 0.2 µs (E), KVM's work under mmu_lock per fault (walk, new SPTE, "
+        "install); a share of R1/R6; what an exclusive mmu_lock serializes; sweep 0.1-1 µs"
     ),
     "host_page_alloc_ns": (
-        "docs/costs.md §3.3: 7.5 µs (E), midpoint of 5-10 µs = populate fault (≈12-20 µs, loaded "
-        "hosts) minus fast-path fault (≈1.2 µs) (D, rough); zeroing alone is ≈0.32 µs per 4 KiB"
+        "docs/costs.md §3.3: 0.62 µs (E+D), allocating a host page (≈0.3 µs, E) plus clearing its "
+        "first 4 KiB (≈0.32 µs, D from 12.7-12.9 GB/s single-thread clearing, Arora 2025); sweep "
+        "0.4-2 µs"
     ),
     "host_zero_4k_ns": (
-        "docs/costs.md §3.4: 1 µs (E) per further 4 KiB of a huge backing page; between ≈0.1-0.3 "
-        "µs (one thread clearing) and ≈20 µs (96 vCPUs zeroing 1 GiB HugeTLB at 19.3 GiB/s, "
-        "Gardon 2022); sweep 0.1-20 µs"
+        "docs/costs.md §3.4: 0.32 µs (D) per further 4 KiB, single-thread page clearing at "
+        "12.7-12.9 GB/s (Arora 2025, Raghavendra 2025); sweep 0.1-1 µs"
     ),
     "tlb_flush_base_ns": (
         "docs/costs.md §4.1: 1 µs (E), fixed part of a remote flush modeled as 1 µs + 0.2 µs x "
@@ -52,15 +56,16 @@ SOURCES: dict[str, str] = {
         "on one thread (1.547 s / 25.17 M SPTEs, Matlack 2022); sweep 50-150 ns"
     ),
     "td_exit_entry_ns": (
-        "docs/costs.md §5.2: 2 µs (E), TD exit + TDH.VP.ENTER; below the 2.54 µs all-in private "
-        "fault (R1) and the ≈3.9 µs CPUID-via-#VE round trip; not published alone; sweep 1-4 µs"
+        "docs/costs.md §5.2: 1 µs (E), TD exit + TDH.VP.ENTER; a share of R1's 2.54 µs single-vCPU "
+        "all-in (exit, fault, AUG, ACCEPT and clearing in one); the module-handled CPUID round "
+        "trip is 0.65 µs (M); sweep 0.7-4 µs"
     ),
     "tdh_mem_sept_add_ns": (
         "docs/costs.md §5.3: 1 µs (E), not published; taken as comparable to AUG; sweep 0.3-2 µs"
     ),
     "tdh_mem_page_aug_ns": (
-        "docs/costs.md §5.3: 1 µs (E), not published; a share of the 2.54 µs all-in private fault "
-        "(R1); sweep 0.3-2 µs"
+        "docs/costs.md §5.3: 0.5 µs (E), not published; a share of R1's 2.54 µs single-vCPU "
+        "all-in; sweep 0.3-2 µs"
     ),
     "tdh_mem_page_add_ns": (
         "docs/costs.md §5.3: 1 µs (E), not published; taken equal to AUG, its build-time "
@@ -141,6 +146,58 @@ SOURCES: dict[str, str] = {
         "docs/costs.md §6.3: 10.7 µs (D), a 2 MiB folio split/merge costs ~100x a conversion (M, "
         "Roth 2025); sweep 5-20 µs"
     ),
+    "line_local_ns": (
+        "docs/costs.md §12.1: 2.3 ns (M-here), an uncontended LOCK CMPXCHG on a line the CPU owns"
+    ),
+    "line_smt_ns": (
+        "docs/costs.md §12.1: 8.1 ns (M), CAS ping-pong between SMT siblings (Ice Lake 8375C, "
+        "core-to-core-latency)"
+    ),
+    "line_socket_ns": (
+        "docs/costs.md §12.1: 51 ns (M), CAS ping-pong between cores of one socket (Ice Lake "
+        "8375C; 47-48 ns on Cascade Lake)"
+    ),
+    "line_remote_ns": (
+        "docs/costs.md §12.1: 108 ns (M), CAS ping-pong across sockets (2x Ice Lake 8375C; "
+        "134-136 ns on Cascade Lake)"
+    ),
+    "walk_read_ns": (
+        "docs/costs.md §12.1: 2.25 ns (M-here), one level of a serialized 4-level walk over "
+        "cache-resident tables (9 ns per walk)"
+    ),
+    "guest_access_ns": (
+        "docs/costs.md §12.1: 150 ns (M-here), a guest access that misses the TLB: a serialized "
+        "walk with a 32 MiB leaf level (149 ns)"
+    ),
+    "zone_lock_hold_ns": (
+        "docs/costs.md §12.2: 1.9 µs (E), refilling a per-CPU page list (63 pages) under the "
+        "zone lock, ≈30 ns per page; sweep 0.5-5 µs"
+    ),
+    "userspace_exit_ns": (
+        "docs/costs.md §12.3: 1.5 µs (E), a KVM_EXIT_MEMORY_FAULT round trip: return from "
+        "KVM_RUN, re-enter, fault again; sweep 0.5-5 µs"
+    ),
+    "uffd_wake_ns": (
+        "docs/costs.md §12.3: wake-up latency of a thread asleep on userfaultfd (D), the "
+        "remainder of the 1-vCPU MINOR figure (23,876 pages/s, Kalyazin 2025) after its other "
+        "parts, split over its two wake-ups"
+    ),
+    "uffd_read_ns": (
+        "docs/costs.md §12.3: 1 µs (E), poll() return and read() of one userfaultfd message"
+    ),
+    "uffdio_copy_ns": (
+        "docs/costs.md §12.3: 1 µs (E), UFFDIO_COPY's ioctl and 4 KiB copy beyond allocation"
+    ),
+    "uffdio_continue_ns": (
+        "docs/costs.md §12.3: 0.5 µs (E), UFFDIO_CONTINUE mapping a page-cache page"
+    ),
+    "uffd_wq_hold_ns": (
+        "docs/costs.md §12.3: 100 ns (E), one hold of a userfaultfd wait-queue spinlock"
+    ),
+    "uffd_wake_scan_ns": (
+        "docs/costs.md §12.3: 20 ns (E), matching one waiter while waking a userfaultfd range "
+        "(__wake_userfault scans every waiter)"
+    ),
 }
 
 
@@ -171,6 +228,8 @@ class CostModel:
     exit_entry_ns: float = _D["exit_entry_ns"]
     #: KVM's handling of one fault (or one pre-faulted leaf), without host allocation (§3.2).
     fault_handling_ns: float = _D["fault_handling_ns"]
+    #: KVM's work under mmu_lock per fault: the walk, the new SPTE, the install (§3.2).
+    fault_map_ns: float = _D["fault_map_ns"]
     #: First touch of a host backing page: allocation plus zeroing its first 4 KiB (§3.3).
     host_page_alloc_ns: float = _D["host_page_alloc_ns"]
     #: Zeroing each further 4 KiB of a huge backing page on first touch (§3.4).
@@ -233,6 +292,35 @@ class CostModel:
     gmem_convert_ns: float = _D["gmem_convert_ns"]
     #: Splitting one 2 MiB guest_memfd folio a conversion only partly covers (§6.3).
     gmem_split_2m_ns: float = _D["gmem_split_2m_ns"]
+    # Virtual-time mechanisms (docs/costs.md §12; charged only by clock="virtual" runs).
+    #: An atomic on a cache line this CPU already owns.
+    line_local_ns: float = _D["line_local_ns"]
+    #: Moving a contended cache line between SMT siblings.
+    line_smt_ns: float = _D["line_smt_ns"]
+    #: Moving it between cores of one socket.
+    line_socket_ns: float = _D["line_socket_ns"]
+    #: Moving it between sockets.
+    line_remote_ns: float = _D["line_remote_ns"]
+    #: One level of KVM's walk (a shared SPTE read).
+    walk_read_ns: float = _D["walk_read_ns"]
+    #: The guest's own time for one access of the workload.
+    guest_access_ns: float = _D["guest_access_ns"]
+    #: One refill of a CPU's page list under the zone lock (every 63 pages).
+    zone_lock_hold_ns: float = _D["zone_lock_hold_ns"]
+    #: A KVM_EXIT_MEMORY_FAULT round trip to userspace and back.
+    userspace_exit_ns: float = _D["userspace_exit_ns"]
+    #: Wake-up latency of a thread asleep on userfaultfd.
+    uffd_wake_ns: float = _D["uffd_wake_ns"]
+    #: A userfaultfd reader's poll() return and read().
+    uffd_read_ns: float = _D["uffd_read_ns"]
+    #: UFFDIO_COPY beyond the page allocation.
+    uffdio_copy_ns: float = _D["uffdio_copy_ns"]
+    #: UFFDIO_CONTINUE.
+    uffdio_continue_ns: float = _D["uffdio_continue_ns"]
+    #: One hold of a userfaultfd wait-queue lock.
+    uffd_wq_hold_ns: float = _D["uffd_wq_hold_ns"]
+    #: Matching one waiter while waking a userfaultfd range.
+    uffd_wake_scan_ns: float = _D["uffd_wake_scan_ns"]
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

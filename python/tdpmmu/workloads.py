@@ -23,14 +23,17 @@ from tdpmmu.stats import Stats
 from tdpmmu.types import VcpuRecord
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec, launch, vm_config
+from tdpmmu.vtime import Machine, VirtualOptions, by_resource
 
 __all__ = [
     "BACKING_SOURCES",
+    "OUTCOMES",
     "PAGE_SIZE",
     "ConversionsResult",
     "DemandPagingResult",
     "demand_paging",
     "private_mem_conversions",
+    "virtual_options",
 ]
 
 #: The guest page (4096 bytes): the unit of every rate and page count here.
@@ -54,6 +57,10 @@ def _vcpu_record(d: VcpuRecord) -> dict[str, float]:
         "faults": float(d["faults"]),
         "pages": float(d["pages"]),
     }
+
+
+#: Fault outcomes a virtual-time run counts per vCPU (``VM.run_virtual``'s records).
+OUTCOMES = ("hits", "fixed", "spurious", "retry", "emulate", "memory_fault", "write_protected")
 
 
 def _rate(pages: int, seconds: float) -> float:
@@ -108,6 +115,15 @@ class DemandPagingResult:
     cost_breakdown: Mapping[str, float]
     #: Host wall-clock seconds of the whole run (VM creation, setup, vCPUs).
     wall_s: float
+    #: The clock and the shared resources' knobs the run used.
+    options: VirtualOptions = dataclasses.field(default_factory=VirtualOptions)
+    #: Virtual-time runs only (else empty): ``outcomes`` (every vCPU's fault outcomes summed:
+    #: ``accesses`` = hits + fixed + spurious + emulate + write_protected; ``faults`` = those
+    #: minus hits plus retry and memory_fault), ``vcpu_breakdown`` (the vCPUs' modeled time by
+    #: CostModel field and wait kind), ``resources`` (the same by resource, ``tdpmmu.vtime``),
+    #: ``host_breakdown`` (userfaultfd readers and the remover), ``lock_acquires``,
+    #: ``lock_contended``, ``lock_wait_ns``, ``steps`` and ``switches`` (engine work).
+    virtual: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def vm_type(self) -> str:
@@ -161,6 +177,7 @@ class DemandPagingResult:
                     "overlap": self.overlap,
                     "image_pages": self.image_pages,
                     "backing_source": self.backing_source,
+                    "options": self.options.to_dict(),
                 },
             },
             seed=self.seed,
@@ -183,6 +200,7 @@ class DemandPagingResult:
                 ),
                 "per_vcpu": [dict(d) for d in self.per_vcpu],
                 "stats": self.stats.to_dict(),
+                "virtual": dict(self.virtual),
             },
         )
 
@@ -230,6 +248,8 @@ class DemandPagingResult:
             stats=Stats(r["stats"]),
             cost_breakdown=dict(env.cost_breakdown),
             wall_s=env.wall_s,
+            options=VirtualOptions.from_dict(wl.get("options", {"clock": "host"})),
+            virtual=dict(r.get("virtual", {})),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,6 +310,14 @@ def demand_paging(
     mirror: bool = False,
     folio: str | int | None = None,
     image_pages: int = 0,
+    clock: str | None = None,
+    mmu_lock: str = "shared",
+    userfault: str | None = None,
+    uffd_all: bool = False,
+    uffd_readers: int = 1,
+    uffd_delay_us: float = 0.0,
+    machine: Machine | Mapping[str, Any] | None = None,
+    tdx_module: str = "1.5",
 ) -> DemandPagingResult:
     """KVM's ``demand_paging_test``: every vCPU writes each page of its slice once, in order.
 
@@ -323,10 +351,29 @@ def demand_paging(
         folio: ``tdpmmu.VM``'s ``folio`` (``"4K"``/``"2M"``; VM types with guest_memfd).
         image_pages: initial-image pages (4 KiB) populated after the region before the run,
             >= 0 (default 0).
+        clock: ``"virtual"`` (the default, except with a ``hooks`` object): every vCPU is
+            simulated on one host thread in modeled-time order, with ``mmu_lock``, the host
+            memory path, userfaultfd, IPIs and the TDX module's locks as shared resources, so the
+            modeled rates show how the VM scales; deterministic for a seed. ``"host"``: one real
+            thread per vCPU, for host-speed measurements; its modeled time has no concurrency
+            (N vCPUs model N x one). A ``hooks`` object (Python code) runs on host threads only.
+        mmu_lock: ``"shared"`` (faults take mmu_lock for read, default) or ``"exclusive"`` (for
+            write, KVM before parallel TDP MMU faults). Virtual time only.
+        userfault: None/``"none"`` (anonymous memory), ``"MISSING"`` or ``"MINOR"`` (the
+            selftest's ``-u``: userfaultfd with reader threads), or ``"memory_fault"``
+            (KVM_EXIT_MEMORY_FAULT: each vCPU thread resolves its own fault). Default VMs (the
+            test memory must be shared). Virtual time only.
+        uffd_all: one userfaultfd for all vCPUs (``-a``) instead of one per vCPU.
+        uffd_readers: reader threads per userfaultfd (``-r``), 1..64 (default 1).
+        uffd_delay_us: userspace delay per fault in µs (``-d``), >= 0 (default 0).
+        machine: the host (``tdpmmu.vtime.Machine`` or a mapping of its fields; default 2
+            sockets x 64 cores x 2 threads, 150 GB/s per socket).
+        tdx_module: TDX module lock table, ``"1.5"`` (default) or ``"1.0"`` (AUG exclusive).
 
     Returns:
         DemandPagingResult: both clocks' times and rates (guest 4 KiB pages per second), the
-        per-vCPU records, the counters and the cost breakdown.
+        per-vCPU records, the counters and the cost breakdown; virtual-time runs add fault
+        outcomes, lock figures and the vCPUs' modeled time by resource (``virtual``).
 
     Raises:
         ConfigError: a bad value, naming the argument (``vcpus``, ``bytes_per_vcpu``,
@@ -336,6 +383,17 @@ def demand_paging(
         OutOfMemory: page-table memory ran out.
     """
     run_start = time.perf_counter()
+    opts = virtual_options(
+        clock=clock,
+        hooks=hooks,
+        mmu_lock=mmu_lock,
+        userfault=userfault,
+        uffd_all=uffd_all,
+        uffd_readers=uffd_readers,
+        uffd_delay_us=uffd_delay_us,
+        machine=machine,
+        tdx_module=tdx_module,
+    )
     nvcpus = coerce.count(vcpus, "vcpus")
     per_vcpu_bytes = coerce.size(bytes_per_vcpu, "bytes_per_vcpu")
     backing_bytes, source = _backing(backing)
@@ -366,10 +424,14 @@ def demand_paging(
     launch(vm, image_gfn=total // PAGE_SIZE, image_pages=image)
     # memstress's -o: the region keeps its size and each vCPU's slice becomes all of it.
     slice_pages = total // PAGE_SIZE if flag else per_vcpu_bytes // PAGE_SIZE
+    if opts.userfault != "none" and spec.confidential:
+        raise ConfigError(
+            f"userfault: {opts.userfault} resolves shared memory; a {spec.vm_type} VM's test "
+            "memory is private (use vm_type='default')"
+        )
     # The selftest's clock: from starting the vCPU threads to joining them. run_memstress
-    # spawns and joins them inside one native call (without the GIL).
-    start = time.perf_counter()
-    per_vcpu = vm.run_memstress(
+    # spawns and joins them inside one native call (without the GIL); run_virtual runs them all.
+    margs = (
         nvcpus,
         slice_pages,
         0,
@@ -379,9 +441,26 @@ def demand_paging(
         spec.seed,
         True if spec.confidential else None,
     )
-    wall_s = time.perf_counter() - start
+    virtual: dict[str, Any] = {}
+    start = time.perf_counter()
+    if opts.clock == "virtual":
+        rec = vm.run_virtual(*margs, **opts.run_kwargs())
+        wall_s = time.perf_counter() - start
+        per_vcpu: list[VcpuRecord] = [
+            {
+                "wall_s": rec["wall_s"],
+                "modeled_ns": v["modeled_ns"],
+                "faults": v["faults"],
+                "pages": v["accesses"],
+            }
+            for v in rec["vcpus"]
+        ]
+        virtual = _virtual_summary(rec)
+    else:
+        per_vcpu = vm.run_memstress(*margs)
+        wall_s = time.perf_counter() - start
     if len(per_vcpu) != nvcpus:
-        raise RuntimeError(f"run_memstress returned {len(per_vcpu)} records for {nvcpus} vCPUs")
+        raise RuntimeError(f"the run returned {len(per_vcpu)} records for {nvcpus} vCPUs")
     pages0 = int(per_vcpu[0]["pages"])
     modeled_s = max(float(d["modeled_ns"]) for d in per_vcpu) / 1e9
     wall_rate = _rate(pages0, wall_s)
@@ -407,7 +486,86 @@ def demand_paging(
         stats=stats,
         cost_breakdown=breakdown,
         wall_s=time.perf_counter() - run_start,
+        options=opts,
+        virtual=virtual,
     )
+
+
+def virtual_options(
+    *,
+    clock: str | None,
+    hooks: object,
+    mmu_lock: str = "shared",
+    userfault: str | None = None,
+    uffd_all: bool = False,
+    uffd_readers: int = 1,
+    uffd_delay_us: float = 0.0,
+    machine: Machine | Mapping[str, Any] | None = None,
+    tdx_module: str = "1.5",
+) -> VirtualOptions:
+    """The run's ``VirtualOptions`` from a workload's keyword arguments.
+
+    Args:
+        clock: ``"virtual"``, ``"host"`` or None (virtual unless ``hooks`` is an object that is
+            not a design name: Python hooks run on host threads only).
+        hooks: the workload's ``hooks`` argument.
+        mmu_lock, userfault, uffd_all, uffd_readers, uffd_delay_us, machine, tdx_module: as
+            ``demand_paging``.
+
+    Returns:
+        VirtualOptions: the checked options.
+
+    Raises:
+        ConfigError: a value out of range, naming it; ``clock="virtual"`` with a hooks object.
+        TypeError: a value of the wrong type.
+    """
+    hooks_object = hooks is not None and not isinstance(hooks, str)
+    if clock is None:
+        clock = "host" if hooks_object else "virtual"
+    elif clock == "virtual" and hooks_object:
+        raise ConfigError(
+            'clock: "virtual" runs the built-in hook designs; a hooks object (Python code) '
+            'runs on host threads: use clock="host"'
+        )
+    if machine is None:
+        m = Machine()
+    elif isinstance(machine, Machine):
+        m = machine
+    elif isinstance(machine, Mapping):
+        m = Machine(**machine)
+    else:
+        raise TypeError(f"machine: expected tdpmmu.vtime.Machine or a mapping, got {machine!r}")
+    return VirtualOptions(
+        clock=clock,
+        mmu_lock=mmu_lock,
+        userfault="none" if userfault is None else userfault,
+        uffd_all=uffd_all,
+        uffd_readers=uffd_readers,
+        uffd_delay_us=uffd_delay_us,
+        machine=m,
+        tdx_module=tdx_module,
+    )
+
+
+def _virtual_summary(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """What a virtual-time run adds to a workload result (``DemandPagingResult.virtual``)."""
+    outcomes = {k: 0 for k in ("accesses", "faults", *OUTCOMES, "local_retries")}
+    for v in rec["vcpus"]:
+        for k in outcomes:
+            outcomes[k] += int(v[k])
+    vb = dict(rec["breakdown"])
+    return {
+        "outcomes": outcomes,
+        "vcpu_breakdown": vb,
+        "resources": by_resource(vb),
+        "host_breakdown": dict(rec["host_breakdown"]),
+        "lock_acquires": int(rec["lock_acquires"]),
+        "lock_contended": int(rec["lock_contended"]),
+        "lock_wait_ns": float(vb.get("wait_mmu_lock", 0.0)),
+        "steps": int(rec["steps"]),
+        "switches": int(rec["switches"]),
+        "engine_wall_s": float(rec["wall_s"]),
+    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -166,6 +166,8 @@ class Mmu:
             fault.max_level = PG_LEVEL_4K  # MMIO faults map at 4K
         self.kvm_mmu_hugepage_adjust(fault)
         self.ctx.op_private = is_private
+        if not prefetch:
+            self.ctx.charge("fault_map_ns")  # KVM's work under mmu_lock
         try:
             ret = tdp_mmu.kvm_tdp_mmu_map(root, fault, gfn_bits)
         finally:

@@ -47,16 +47,17 @@ macro_rules! cost_model {
 
 cost_model!(
     exit_entry_ns = 1200.0,
-    fault_handling_ns = 2000.0,
-    host_page_alloc_ns = 7500.0,
-    host_zero_4k_ns = 1000.0,
+    fault_handling_ns = 300.0,
+    fault_map_ns = 200.0,
+    host_page_alloc_ns = 620.0,
+    host_zero_4k_ns = 320.0,
     tlb_flush_base_ns = 1000.0,
     tlb_flush_per_vcpu_ns = 200.0,
     spte_update_ns = 60.0,
     // TDX (see python/tdpmmu/costs.py for the source of each default).
-    td_exit_entry_ns = 2000.0,
+    td_exit_entry_ns = 1000.0,
     tdh_mem_sept_add_ns = 1000.0,
-    tdh_mem_page_aug_ns = 1000.0,
+    tdh_mem_page_aug_ns = 500.0,
     tdh_mem_page_add_ns = 1000.0,
     tdh_mr_extend_ns = 200.0,
     tdg_mem_page_accept_ns = 200.0,
@@ -80,9 +81,60 @@ cost_model!(
     psc_exit_ns = 2000.0,
     gmem_convert_ns = 107.0,
     gmem_split_2m_ns = 10700.0,
+    // Virtual-time mechanisms (docs/costs.md "Mechanisms"): cache-line transfers by distance,
+    // the guest's own access, the host allocator, userfaultfd, IPIs.
+    line_local_ns = 2.3,
+    line_smt_ns = 8.1,
+    line_socket_ns = 51.0,
+    line_remote_ns = 108.0,
+    walk_read_ns = 2.25,
+    guest_access_ns = 150.0,
+    zone_lock_hold_ns = 1900.0,
+    userspace_exit_ns = 1500.0,
+    uffd_wake_ns = 18700.0,
+    uffd_read_ns = 1000.0,
+    uffdio_copy_ns = 1000.0,
+    uffdio_continue_ns = 500.0,
+    uffd_wq_hold_ns = 100.0,
+    uffd_wake_scan_ns = 20.0,
 );
 
 pub const NCOSTS: usize = COST_FIELDS.len();
+
+macro_rules! waits {
+    ($($name:ident),* $(,)?) => {
+        /// Modeled time that is not a fixed per-operation cost: what the virtual-time engine's
+        /// shared resources add (queueing, contended cache lines, bandwidth, sleeps). Only
+        /// virtual-time runs charge these; each is reported beside the ledger.
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Wait { $($name),* }
+        pub const WAIT_FIELDS: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+waits!(
+    // Queued for mmu_lock (behind a writer, or behind readers for a writer).
+    wait_mmu_lock,
+    // Cache-line transfers of contended lock words (mmu_lock, the VMA lock, the zone lock,
+    // the userfaultfd wait queue), including waiting for the line.
+    wait_lock_line,
+    // SPTE reads and cmpxchgs of the walk, and spins on FROZEN entries.
+    wait_spte,
+    // Memory bandwidth and the allocator's zone lock behind first-touch zeroing.
+    wait_host_mem,
+    // A vCPU asleep on userfaultfd until userspace resolved its fault (queueing included).
+    wait_uffd,
+    // IPI fan-out (flushes, kicks) and the exits IPIs force on running vCPUs.
+    wait_ipi,
+    // A vCPU kept out of the guest (TDX entry blocked while S-EPT removal kicks, BUSY entry).
+    wait_entry,
+    // Guest execution between faults (the guest's own accesses).
+    guest_ns,
+);
+
+pub const NWAITS: usize = WAIT_FIELDS.len();
 
 /// Modeled time of a ledger: units x rate per field, summed in field order (so the total is
 /// exactly the sum of the breakdown a caller adds up in the same order).

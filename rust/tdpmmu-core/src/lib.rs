@@ -17,6 +17,7 @@ pub mod memstress;
 pub mod mmu;
 pub mod op;
 pub mod page_fault;
+pub mod sim;
 pub mod spte;
 pub mod stats;
 pub mod sync;
@@ -25,6 +26,7 @@ pub mod tdp_mmu;
 pub mod trace;
 pub mod vendor;
 pub mod vm;
+pub mod vtime;
 
 pub use config::{Design, VmConfig, VmType};
 pub use cost::{COST_FIELDS, Cost, CostModel};

@@ -46,6 +46,11 @@ impl Mmu {
         }
     }
 
+    /// The ledger field of one exit + re-entry on this VM type.
+    pub fn exit_cost(&self) -> Cost {
+        self.exit_cost
+    }
+
     /// Whether an access to `gfn` is private when the caller leaves it to the attributes.
     #[inline(always)]
     pub fn is_private(&self, st: &MmuState, gfn: u64, private: Option<bool>) -> bool {
@@ -177,7 +182,17 @@ impl Mmu {
         }
         self.hugepage_adjust(&mut f);
         ctx.op_private = is_private;
+        // In virtual time the fault takes the engine's mmu_lock here, as KVM does after
+        // faultin_pfn (otherwise the caller holds the real lock).
+        if !prefetch {
+            crate::sim::with(|e| e.fault_lock(ctx));
+            // KVM's work under mmu_lock: the walk, the new SPTE, the install.
+            ctx.charge(Cost::fault_map_ns, 1);
+        }
         let ret = tdp.map(ctx, &mut f, root, st.memslots.generation);
+        if !prefetch {
+            crate::sim::with(|e| e.fault_unlock(ctx));
+        }
         ctx.op_private = false;
         let ret = ret?;
         if prefetch && ret == Ret::Fixed {
@@ -216,8 +231,12 @@ impl Mmu {
         f.pfn = pfn;
         if first {
             ctx.inc(C::host_pages_allocated);
+        }
+        let pages = pages_per_level(slot.level);
+        let host = crate::sim::with(|e| e.host_page(ctx, pfn, pages, f.is_private, first));
+        if first && host.is_none() {
             ctx.charge(Cost::host_page_alloc_ns, 1);
-            ctx.charge(Cost::host_zero_4k_ns, pages_per_level(slot.level) - 1);
+            ctx.charge(Cost::host_zero_4k_ns, pages - 1);
         }
         pfn
     }

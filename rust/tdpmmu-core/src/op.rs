@@ -78,6 +78,11 @@ impl Ops {
         }
     }
 
+    /// The VM's cost values.
+    pub fn costs(&self) -> &CostModel {
+        &self.costs
+    }
+
     /// Hold vCPU `v` (index checked by the caller): another thread using the same vCPU waits.
     pub fn vcpu(&self, v: usize) -> MutexGuard<'_, ()> {
         self.vcpus[v].lock()

@@ -3,7 +3,7 @@
 
 use crate::sync::Mutex;
 
-use crate::cost::{Cost, CostModel, NCOSTS, ledger_ns};
+use crate::cost::{Cost, CostModel, NCOSTS, NWAITS, Wait, ledger_ns};
 pub use crate::trace::Event;
 
 macro_rules! counters {
@@ -86,6 +86,8 @@ pub struct Ctx {
     pub c: [i64; NCOUNTERS],
     /// The cost ledger: units charged per `CostModel` field.
     pub units: [i64; NCOSTS],
+    /// Modeled time added by the virtual-time engine's shared resources, per kind.
+    pub waits: [f64; NWAITS],
     /// The VM's cost values, so a charge also advances the running clock below.
     rates: [f64; NCOSTS],
     /// Running modeled clock of this context (per-fault and per-vCPU figures); the VM's total
@@ -104,6 +106,7 @@ impl Default for Ctx {
         Self {
             c: [0; NCOUNTERS],
             units: [0; NCOSTS],
+            waits: [0.0; NWAITS],
             rates: CostModel::default().rates(),
             modeled_ns: 0.0,
             bug: None,
@@ -130,19 +133,39 @@ impl Ctx {
         self.modeled_ns += self.rates[f as usize] * n as f64;
     }
 
+    /// Add `ns` of modeled time of kind `w` (virtual-time runs only).
+    #[inline(always)]
+    pub fn wait(&mut self, w: Wait, ns: f64) {
+        if ns > 0.0 {
+            self.waits[w as usize] += ns;
+            self.modeled_ns += ns;
+        }
+    }
+
+    /// The value of one cost field.
+    #[inline(always)]
+    pub fn rate(&self, f: Cost) -> f64 {
+        self.rates[f as usize]
+    }
+
     /// Forget what was counted (after it was merged into the totals); the running clock and
     /// the cost values stay.
     pub fn clear_counts(&mut self) {
         self.c = [0; NCOUNTERS];
         self.units = [0; NCOSTS];
+        self.waits = [0.0; NWAITS];
         if let Some(ev) = self.events.as_mut() {
             ev.clear();
         }
     }
 
-    /// Modeled time of this context's ledger (exact sum over fields).
+    /// Modeled time of this context: its ledger (exact sum over fields), then its waits.
     pub fn ledger_ns(&self) -> f64 {
-        ledger_ns(&self.units, &self.rates)
+        let mut t = ledger_ns(&self.units, &self.rates);
+        for w in self.waits {
+            t += w;
+        }
+        t
     }
     #[inline(always)]
     pub fn trace(&mut self, op: &'static str, gfn: u64, level: u8, detail: u64) {
@@ -194,6 +217,9 @@ impl Totals {
             *a += *b;
         }
         for (a, b) in t.units.iter_mut().zip(ctx.units.iter()) {
+            *a += *b;
+        }
+        for (a, b) in t.waits.iter_mut().zip(ctx.waits.iter()) {
             *a += *b;
         }
         t.modeled_ns += ctx.modeled_ns;

@@ -9,7 +9,7 @@ use crate::arena::Arena;
 use crate::attrs::PrivateRanges;
 use crate::check;
 use crate::config::{Design, Variant, VmConfig, VmType};
-use crate::cost::{COST_FIELDS, Cost};
+use crate::cost::{COST_FIELDS, Cost, WAIT_FIELDS};
 use crate::error::{Error, Result, bad_arg};
 use crate::gmem;
 use crate::hooks::{Dispatch, ExternalOps};
@@ -339,6 +339,12 @@ impl Vm {
             .iter()
             .zip(t.units.iter().zip(rates.iter()))
             .map(|(n, (u, r))| (*n, *u as f64 * r))
+            .chain(
+                WAIT_FIELDS
+                    .iter()
+                    .zip(t.waits.iter())
+                    .map(|(n, w)| (*n, *w)),
+            )
             .collect()
     }
 
@@ -1008,5 +1014,68 @@ impl Vm {
             }
             Ok(())
         })
+    }
+
+    /// The memstress-shaped workload in virtual time (`vtime::run`): every simulated vCPU on
+    /// this thread, interleaved in modeled-time order. One operation: it holds `mmu_lock` for
+    /// read throughout (other host threads' writers wait for it to end).
+    pub fn run_virtual(&self, a: &crate::vtime::VtArgs) -> Result<crate::vtime::VtResult> {
+        if self.user_hooks {
+            return Err(bad_arg(
+                "clock",
+                "virtual time runs the built-in hook designs only; a VM with a hooks object \
+                 runs on host threads (clock=\"host\")",
+            ));
+        }
+        self.check_private(a.ms.private)?;
+        let span = if a.ms.overlap {
+            a.ms.pages_per_vcpu
+        } else {
+            a.ms.pages_per_vcpu.saturating_mul(a.ms.vcpus as u64)
+        };
+        self.check_gfn(a.ms.base_gfn, "base_gfn")?;
+        if a.ms
+            .base_gfn
+            .checked_add(span)
+            .is_none_or(|e| e > self.max_gfn())
+        {
+            return Err(bad_arg(
+                "pages_per_vcpu",
+                format!(
+                    "the workload's region [{:#x}, +{span:#x}) runs past the guest-physical limit {:#x}",
+                    a.ms.base_gfn,
+                    self.max_gfn()
+                ),
+            ));
+        }
+        if let Some((g, n)) = a.remove {
+            self.check_range(g, n)?;
+        }
+        self.ops.ensure_alive()?;
+        let st = self.ops.mmu_lock.read();
+        self.ops.ensure_alive()?;
+        {
+            let mut g = a.ms.base_gfn;
+            while g < a.ms.base_gfn + span {
+                let Some(s) = st.memslots.find(g) else {
+                    return Err(bad_arg(
+                        "base_gfn",
+                        format!("gfn {g:#x} of the workload is not in any memslot"),
+                    ));
+                };
+                g = s.end();
+            }
+        }
+        let side = crate::vtime::VmSide {
+            mmu: &self.mmu,
+            ops: &self.ops,
+            max_vcpus: self.cfg.vcpus,
+            td: self.cfg.vm_type == VmType::Tdx,
+            exit_ns: self.cfg.costs.rates()[self.mmu.exit_cost() as usize],
+        };
+        let r = crate::vtime::run(&side, &st, a);
+        drop(st);
+        self.ops.grace_period(self.arena());
+        r
     }
 }

@@ -35,6 +35,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DATA_BASE_PFN", core::memslot::DATA_BASE_PFN)?;
     m.add("COST_FIELDS", PyTuple::new(py, core::COST_FIELDS)?)?;
     m.add("COUNTER_NAMES", PyTuple::new(py, core::COUNTER_NAMES)?)?;
+    m.add("WAIT_FIELDS", PyTuple::new(py, core::cost::WAIT_FIELDS)?)?;
+    m.add(
+        "USERFAULT_MODES",
+        PyTuple::new(py, core::vtime::Userfault::NAMES)?,
+    )?;
     let defaults = core::CostModel::default();
     let cd = PyDict::new(py);
     for (k, v) in core::COST_FIELDS.iter().zip(defaults.rates()) {

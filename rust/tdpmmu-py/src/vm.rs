@@ -1229,6 +1229,221 @@ impl Vm {
         Ok(out)
     }
 
+    /// Run the memstress-shaped workload in virtual time: every vCPU simulated on one host thread.
+    ///
+    /// Models KVM's page faults at scale. vCPUs ``0..vcpus`` make the accesses ``run_memstress``
+    /// describes, but as simulated threads of a deterministic discrete-event engine: each access
+    /// that faults takes the real fault path on the real tables, split into steps where
+    /// concurrency matters (exit, host page, ``mmu_lock``, each walk read and cmpxchg, each hook
+    /// or SEAMCALL, flush, unlock, entry), and the steps of all vCPUs run in modeled-time order.
+    /// Lost cmpxchg races, FROZEN entries, RETRY and SPURIOUS come from that interleaving alone;
+    /// the same arguments give the same result bit for bit. Shared resources are mechanisms with
+    /// ``CostModel`` parameters: ``mmu_lock`` as KVM's queued rwlock (a waiting writer blocks new
+    /// readers), contended cache lines costed by CPU distance on ``machine``, the host
+    /// first-touch path (VMA lock, per-CPU page lists and the zone lock, zeroing bounded by each
+    /// socket's bandwidth), userfaultfd (one context per vCPU or one for all, reader threads,
+    /// FIFO faults, wake-ups), IPIs, and the TDX module's try-locks (a SEAMCALL that overlaps a
+    /// conflicting one gets OPERAND_BUSY). The run is one operation: it holds the VM's
+    /// ``mmu_lock`` for read throughout (other threads' writers wait for it).
+    ///
+    /// Args:
+    ///     vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private:
+    ///         as ``run_memstress`` (``vcpus`` in 1..``self.vcpus``, at most 4096).
+    ///     passes: times each vCPU walks its accesses, >= 1 (default 1: first touch only); 0 runs
+    ///         until the remover is done (needs ``remove``).
+    ///     mmu_lock: ``"shared"`` (default: faults take ``mmu_lock`` for read, parallel TDP MMU
+    ///         faults) or ``"exclusive"`` (for write, KVM before parallel faults).
+    ///     userfault: ``"none"`` (default: anonymous memory, the host allocates on first touch),
+    ///         ``"MISSING"`` or ``"MINOR"`` (userfaultfd resolved by reader threads, the
+    ///         selftest's ``-u``), or ``"memory_fault"`` (KVM_EXIT_MEMORY_FAULT: each vCPU thread
+    ///         resolves its own fault). Shared memory only.
+    ///     uffd_all: one userfaultfd for all vCPUs (the selftest's ``-a``) instead of one each.
+    ///     uffd_readers: reader threads per userfaultfd (``-r``), 1..64 (default 1).
+    ///     uffd_delay_ns: userspace handling delay per fault (``-d``, here in ns), >= 0.
+    ///     machine: dict with ``sockets`` (1..64), ``cores_per_socket`` (1..1024),
+    ///         ``threads_per_core`` (1..8) and ``mem_bw_gbps`` (per socket, > 0); missing keys
+    ///         keep the default 2 x 64 x 2 CPUs, 150 GB/s. vCPU ``i`` runs on CPU ``i``.
+    ///     tdx_module: ``"1.5"`` (default: AUG/SEPT.ADD take the S-EPT lock shared) or ``"1.0"``
+    ///         (exclusive: concurrent private faults of one TD collide).
+    ///     remove: ``(gfn, npages)``: a host thread zaps these private pages one at a time under
+    ///         ``mmu_lock`` for write while the vCPUs run (TDX: BLOCK, TRACK, kick, REMOVE).
+    ///
+    /// Returns:
+    ///     dict: ``tdpmmu.types.VirtualRecord``: ``elapsed_ns`` (float, modeled time to the last
+    ///     vCPU's end), ``vcpus`` (list of per-vCPU dicts: ``modeled_ns``, ``accesses``, ``hits``,
+    ///     ``faults``, ``fixed``, ``spurious``, ``retry``, ``emulate``, ``memory_fault``,
+    ///     ``write_protected``, ``local_retries``), ``breakdown`` (CostModel field or wait kind ->
+    ///     modeled ns over all vCPUs; sums to the vCPUs' modeled time), ``host_breakdown`` (the
+    ///     same for the reader and remover threads), ``lock_acquires``, ``lock_contended``,
+    ///     ``removed``, ``remove_ns``, ``steps``, ``switches`` (engine scheduling points and
+    ///     thread switches) and ``wall_s`` (host seconds of the engine loop).
+    ///
+    /// Raises:
+    ///     ConfigError: an argument out of range, naming it (as ``run_memstress``, plus
+    ///         ``passes``, ``mmu_lock``, ``userfault``, ``uffd_readers``, ``uffd_delay``,
+    ///         ``machine.<key>``, ``tdx_module``, ``remove``); ``clock`` on a VM with a hooks
+    ///         object (those run on host threads only).
+    ///     VmBugged: a fault or removal hit a KVM_BUG_ON (the run stops).
+    ///     OutOfMemory: no page-table memory.
+    ///     KeyboardInterrupt: Ctrl-C stopped the run; what it did stays.
+    ///     TdpmmuError: a livelock (one access retried 2**20 times).
+    ///     TypeError: an argument of the wrong type.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private = None, *, passes = None, mmu_lock = "shared", userfault = "none", uffd_all = false, uffd_readers = None, uffd_delay_ns = 0.0, machine = None, tdx_module = "1.5", remove = None))]
+    fn run_virtual<'py>(
+        &self,
+        py: Python<'py>,
+        vcpus: Int,
+        pages_per_vcpu: Int,
+        base_gfn: Int,
+        overlap: bool,
+        random_access: bool,
+        write_percent: Int,
+        seed: Int,
+        private: Option<bool>,
+        passes: Option<Int>,
+        mmu_lock: &str,
+        userfault: &str,
+        uffd_all: bool,
+        uffd_readers: Option<Int>,
+        uffd_delay_ns: f64,
+        machine: Option<Bound<'py, PyDict>>,
+        tdx_module: &str,
+        remove: Option<(Int, Int)>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        use core::vtime::{Machine, Userfault, VtArgs};
+        let max_gfn = self.inner.max_gfn();
+        let exclusive = match mmu_lock {
+            "shared" => false,
+            "exclusive" => true,
+            _ => {
+                return Err(config_err(
+                    py,
+                    format!("mmu_lock: must be \"shared\" or \"exclusive\", got {mmu_lock:?}"),
+                ));
+            }
+        };
+        let Some(uf) = Userfault::parse(userfault) else {
+            return Err(config_err(
+                py,
+                format!(
+                    "userfault: must be one of {}, got {userfault:?}",
+                    Userfault::NAMES.join(", ")
+                ),
+            ));
+        };
+        let tdx_1_0 = match tdx_module {
+            "1.5" => false,
+            "1.0" => true,
+            _ => {
+                return Err(config_err(
+                    py,
+                    format!("tdx_module: must be \"1.5\" or \"1.0\", got {tdx_module:?}"),
+                ));
+            }
+        };
+        let mut m = Machine::default();
+        if let Some(d) = machine {
+            for (k, v) in d.iter() {
+                let k: String = k.extract()?;
+                let int = |v: &Bound<'py, PyAny>| -> PyResult<u32> {
+                    let i: Int = v.extract()?;
+                    Ok(in_range(py, &format!("machine.{k}"), &i, 1 << 31)? as u32)
+                };
+                match k.as_str() {
+                    "sockets" => m.sockets = int(&v)?,
+                    "cores_per_socket" => m.cores_per_socket = int(&v)?,
+                    "threads_per_core" => m.threads_per_core = int(&v)?,
+                    "mem_bw_gbps" => m.mem_bw_gbps = v.extract()?,
+                    _ => {
+                        return Err(config_err(
+                            py,
+                            format!(
+                                "machine: unknown key {k:?}; allowed: sockets, cores_per_socket, \
+                                 threads_per_core, mem_bw_gbps"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let remove = match remove {
+            None => None,
+            Some((g, n)) => Some((
+                gfn_arg(py, "remove", &g, max_gfn)?,
+                count_arg(py, "remove", &n, max_gfn)?,
+            )),
+        };
+        let a = VtArgs {
+            ms: MemstressArgs {
+                vcpus: count_arg(py, "vcpus", &vcpus, self.inner.cfg.vcpus as u64)? as u32,
+                pages_per_vcpu: count_arg(py, "pages_per_vcpu", &pages_per_vcpu, max_gfn)?,
+                base_gfn: gfn_arg(py, "base_gfn", &base_gfn, max_gfn)?,
+                overlap,
+                random_access,
+                write_percent: in_range(py, "write_percent", &write_percent, 101)? as u32,
+                seed: in_range(py, "seed", &seed, 1 << 64)?,
+                private,
+            },
+            passes: match passes {
+                Some(p) => in_range(py, "passes", &p, 1 << 32)? as u32,
+                None => 1,
+            },
+            exclusive,
+            userfault: uf,
+            uffd_all,
+            uffd_readers: match uffd_readers {
+                Some(r) => in_range(py, "uffd_readers", &r, 1 << 32)? as u32,
+                None => 1,
+            },
+            uffd_delay_ns,
+            machine: m,
+            tdx_module_1_0: tdx_1_0,
+            remove,
+        };
+        let r = self.run(py, |vm| vm.run_virtual(&a))?;
+        let rates = self.inner.cfg.costs.rates();
+        let breakdown = |units: &[i64], waits: &[f64]| -> PyResult<Bound<'py, PyDict>> {
+            let d = PyDict::new(py);
+            for ((n, u), rate) in core::COST_FIELDS.iter().zip(units).zip(rates.iter()) {
+                d.set_item(*n, *u as f64 * rate)?;
+            }
+            for (n, w) in core::cost::WAIT_FIELDS.iter().zip(waits) {
+                d.set_item(*n, *w)?;
+            }
+            Ok(d)
+        };
+        let out = PyDict::new(py);
+        out.set_item("elapsed_ns", r.elapsed_ns)?;
+        let vl = PyList::empty(py);
+        for v in &r.vcpus {
+            let d = PyDict::new(py);
+            d.set_item("modeled_ns", v.modeled_ns)?;
+            d.set_item("accesses", v.accesses)?;
+            d.set_item("hits", v.hits)?;
+            d.set_item("faults", v.faults)?;
+            d.set_item("fixed", v.fixed)?;
+            d.set_item("spurious", v.spurious)?;
+            d.set_item("retry", v.retry)?;
+            d.set_item("emulate", v.emulate)?;
+            d.set_item("memory_fault", v.memory_fault)?;
+            d.set_item("write_protected", v.write_protected)?;
+            d.set_item("local_retries", v.local_retries)?;
+            vl.append(d)?;
+        }
+        out.set_item("vcpus", vl)?;
+        out.set_item("breakdown", breakdown(&r.units, &r.waits)?)?;
+        out.set_item("host_breakdown", breakdown(&r.host_units, &r.host_waits)?)?;
+        out.set_item("lock_acquires", r.lock_acquires)?;
+        out.set_item("lock_contended", r.lock_contended)?;
+        out.set_item("removed", r.removed)?;
+        out.set_item("remove_ns", r.remove_ns)?;
+        out.set_item("steps", r.steps)?;
+        out.set_item("switches", r.switches)?;
+        out.set_item("wall_s", r.wall_s)?;
+        Ok(out)
+    }
+
     /// Test hook: panic inside the engine to prove a panic surfaces as ``tdpmmu.TdpmmuError``.
     fn _inject_panic(&self, py: Python<'_>) -> PyResult<()> {
         call_detached(py, || -> core::Result<()> {

@@ -32,6 +32,9 @@ impl TdpMmu {
         let end = f.gfn + 1;
         let mut at_goal = false;
         while it.in_range(end) {
+            // Virtual time: the walk's read of this level takes time, during which other
+            // vCPUs may change the entry.
+            crate::sim::with(|e| e.spte_access(ctx, false));
             if self.shape.nx_huge_pages {
                 self.disallowed_hugepage_adjust(f, it.old_spte, it.level);
             }

@@ -28,6 +28,7 @@ impl TdpMmu {
     ) -> Result<(), Busy> {
         debug_assert!(!is_frozen(it.old_spte));
         crate::sync::yield_point();
+        crate::sim::with(|e| e.spte_access(ctx, true));
         if self.hooks.on_spte_changes() && self.hooks_fire(it.table(), ctx) && !is_frozen(new) {
             return self.set_external_spte_present(ctx, it, new);
         }
@@ -93,6 +94,8 @@ impl TdpMmu {
             }
         };
         crate::sync::yield_point();
+        // Virtual time: the entry stays FROZEN for as long as the hook took.
+        crate::sim::with(|e| e.step(ctx));
         if ret == HookRet::Ok {
             sptep.store(new, Ordering::Release);
             self.handle_changed_spte(ctx, it.gfn, old, new, it.level, true);
@@ -201,6 +204,7 @@ impl TdpMmu {
                     }
                     // Another thread is mid-install in this dying table; wait for it.
                     crate::sync::spin_wait();
+                    crate::sim::with(|e| e.spin(ctx));
                 }
             } else {
                 let old = e.load(Ordering::Acquire);
@@ -243,6 +247,7 @@ impl TdpMmu {
                 }
                 if is_frozen(it.old_spte) {
                     crate::sync::spin_wait();
+                    crate::sim::with(|e| e.spin(ctx));
                     it.reread();
                     continue;
                 }

@@ -11,6 +11,7 @@ use crate::arena::Arena;
 use crate::config::{TdxOptions, Track};
 use crate::cost::Cost;
 use crate::error::{Result, bad_arg};
+use crate::sim::TdxLock;
 use crate::spte::{self, SHADOW_NONPRESENT_VALUE, spte_to_pfn};
 use crate::stats::{C, Ctx};
 
@@ -128,7 +129,22 @@ impl TdxModule {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn busy(&self, st: &mut TdState, leaf: usize) -> bool {
+    /// Whether this try of SEAMCALL `leaf` (0 SEPT.ADD, 1 PAGE.AUG, 2 RANGE.BLOCK, 3 TRACK,
+    /// 4 PAGE.REMOVE) returns OPERAND_BUSY: in virtual time when it overlaps a conflicting
+    /// SEAMCALL in modeled time, else by the injection option.
+    fn busy(&self, ctx: &Ctx, st: &mut TdState, leaf: usize) -> bool {
+        if !self.software {
+            let (lock, ns) = match leaf {
+                0 => (TdxLock::SeptShared, Cost::tdh_mem_sept_add_ns),
+                1 => (TdxLock::SeptShared, Cost::tdh_mem_page_aug_ns),
+                2 => (TdxLock::SeptExclusive, Cost::tdh_mem_range_block_ns),
+                3 => (TdxLock::EpochExclusive, Cost::tdh_mem_track_ns),
+                _ => (TdxLock::SeptShared, Cost::tdh_mem_page_remove_ns),
+            };
+            if crate::sim::with(|e| e.tdx_busy(ctx, lock, ctx.rate(ns))) == Some(true) {
+                return true;
+            }
+        }
         let p = self.opts.busy[leaf];
         if p <= 0.0 {
             return false;
@@ -259,7 +275,7 @@ impl TdxModule {
     /// TDH.MEM.SEPT.ADD: link a new S-EPT table under the entry at `level` (PG level).
     pub(crate) fn sept_add(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64, level: u8) -> Status {
         let ns = Cost::tdh_mem_sept_add_ns;
-        if self.busy(st, 0) {
+        if self.busy(ctx, st, 0) {
             return self.seamcall(ctx, C::sept_add, ns, gfn, level, Status::OperandBusy);
         }
         if !st.hkid_assigned {
@@ -311,7 +327,7 @@ impl TdxModule {
         } else {
             (C::page_add, Cost::tdh_mem_page_add_ns)
         };
-        if aug && self.busy(st, 1) {
+        if aug && self.busy(ctx, st, 1) {
             return self.seamcall(ctx, c, ns, gfn, 1, Status::OperandBusy);
         }
         if !st.hkid_assigned || st.finalized != aug {
@@ -372,7 +388,7 @@ impl TdxModule {
         level: u8,
     ) -> Status {
         let ns = Cost::tdh_mem_range_block_ns;
-        if self.busy(st, 2) {
+        if self.busy(ctx, st, 2) {
             return self.seamcall(ctx, C::range_block, ns, gfn, level, Status::OperandBusy);
         }
         let e = match self.entry(gfn, level) {
@@ -400,7 +416,7 @@ impl TdxModule {
 
     fn mem_track(&self, ctx: &mut Ctx, st: &mut TdState) -> Status {
         let ns = Cost::tdh_mem_track_ns;
-        if self.busy(st, 3) {
+        if self.busy(ctx, st, 3) {
             return self.seamcall(ctx, C::mem_track, ns, 0, 0, Status::OperandBusy);
         }
         if !st.finalized {
@@ -412,13 +428,20 @@ impl TdxModule {
 
     /// KVM_REQ_OUTSIDE_GUEST_MODE to every vCPU: all of them leave the old TLB epoch.
     pub(crate) fn kick_all(&self, ctx: &mut Ctx, st: &mut TdState) {
+        self.kick(ctx, st, false);
+    }
+
+    /// `block_entry`: KVM's `wait_for_sept_zap` keeps vCPUs out until the caller's retry.
+    fn kick(&self, ctx: &mut Ctx, st: &mut TdState, block_entry: bool) {
         st.kicked_epoch = st.epoch;
         if self.software {
             return;
         }
         ctx.inc(C::vcpu_kicks);
-        ctx.charge(Cost::kick_base_ns, 1);
-        ctx.charge(Cost::kick_per_vcpu_ns, self.vcpus as u64);
+        if crate::sim::with(|e| e.kick_all(ctx, block_entry)).is_none() {
+            ctx.charge(Cost::kick_base_ns, 1);
+            ctx.charge(Cost::kick_per_vcpu_ns, self.vcpus as u64);
+        }
         ctx.trace("kick", 0, 0, self.vcpus as u64);
     }
 
@@ -431,7 +454,7 @@ impl TdxModule {
 
     pub(crate) fn page_remove(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64) -> (Status, u64) {
         let ns = Cost::tdh_mem_page_remove_ns;
-        if self.busy(st, 4) {
+        if self.busy(ctx, st, 4) {
             return (
                 self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::OperandBusy),
                 0,
@@ -498,8 +521,10 @@ impl TdxModule {
         if s != Status::OperandBusy {
             return (s, v);
         }
-        self.kick_all(ctx, st);
-        f(self, ctx, st)
+        self.kick(ctx, st, true);
+        let r = f(self, ctx, st);
+        crate::sim::with(|e| e.unblock_entry(ctx));
+        r
     }
 
     /// BLOCK → TRACK → kick → REMOVE → WBINVD → clear for one private 4K page.
