@@ -12,16 +12,18 @@ early, e.g. ``python -m tdpmmu compare | head``: the output stops quietly, with 
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tdpmmu import __version__, coerce, config, render
 from tdpmmu import compare as compare_mod
 from tdpmmu._core import ConfigError, TdpmmuError
 from tdpmmu.costs import CostModel
 from tdpmmu.sizes import BACKING_SIZES, format_size
+from tdpmmu.vtime import CLOCKS, LOCK_MODES, USERFAULT_MODES, Machine
 from tdpmmu.workloads import BACKING_SOURCES, DemandPagingResult, demand_paging
 
 __all__ = ["BACKING_SOURCES", "EXIT_BROKEN_PIPE", "build_parser", "main"]
@@ -90,6 +92,135 @@ def _size(text: str) -> str:
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
     return text
+
+
+def _float_min(minimum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= minimum or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _topology(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    try:
+        s, c, t = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected SOCKETSxCORESxTHREADS (e.g. 2x64x2), got {text!r}"
+        ) from None
+    try:
+        Machine(sockets=s, cores_per_socket=c, threads_per_core=t)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s, c, t
+
+
+def _add_virtual(p: argparse.ArgumentParser) -> None:
+    """The clock and shared-resource flags (demand_paging_test's -u -a -r -d, plus long ones)."""
+    g = p.add_argument_group(
+        "modeled time at scale",
+        "virtual time (the default) simulates every vCPU on one host thread in modeled-time "
+        "order, with mmu_lock, host memory, userfaultfd, IPIs and the TDX module's locks as "
+        "shared resources; deterministic for a seed",
+    )
+    g.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default=None,
+        help="virtual (default) or host: one real thread per vCPU, for host-speed runs; its "
+        "modeled time has no concurrency (N vCPUs model N x one)",
+    )
+    g.add_argument(
+        "--mmu-lock",
+        choices=LOCK_MODES,
+        default="shared",
+        help="faults take mmu_lock for read (shared, default) or write (exclusive: KVM before "
+        "parallel TDP MMU faults)",
+    )
+    g.add_argument(
+        "-u",
+        "--userfault",
+        choices=USERFAULT_MODES,
+        default="none",
+        metavar="MODE",
+        help="first-touch resolution: none (anonymous, default), MISSING or MINOR (userfaultfd "
+        "with reader threads), memory_fault (KVM_EXIT_MEMORY_FAULT, the vCPU resolves it)",
+    )
+    g.add_argument(
+        "-a",
+        "--uffd-all",
+        action="store_true",
+        help="one userfaultfd for all vCPUs instead of one per vCPU",
+    )
+    g.add_argument(
+        "-r",
+        "--uffd-readers",
+        type=_int(1),
+        default=1,
+        metavar="N",
+        help="reader threads per userfaultfd, 1..64 (default: 1)",
+    )
+    g.add_argument(
+        "-d",
+        "--uffd-delay",
+        type=_float_min(0.0),
+        default=0.0,
+        metavar="USEC",
+        help="userspace delay per fault, µs (default: 0)",
+    )
+    g.add_argument(
+        "--machine",
+        type=_topology,
+        default=None,
+        metavar="SxCxT",
+        help="host topology: sockets x cores per socket x threads per core (default: 2x64x2); "
+        "vCPU i runs on CPU i",
+    )
+    g.add_argument(
+        "--mem-bw",
+        type=_float_min(0.001),
+        default=None,
+        metavar="GBPS",
+        help="memory bandwidth per socket for zeroing, GB/s (default: 150)",
+    )
+    g.add_argument(
+        "--tdx-module",
+        choices=("1.5", "1.0"),
+        default="1.5",
+        help="TDX module lock table: 1.5 (AUG takes the S-EPT lock shared, default) or 1.0 "
+        "(exclusive)",
+    )
+
+
+def _machine(args: argparse.Namespace) -> Machine:
+    m = Machine()
+    if args.machine is not None:
+        s, c, t = args.machine
+        m = dataclasses.replace(m, sockets=s, cores_per_socket=c, threads_per_core=t)
+    if args.mem_bw is not None:
+        m = dataclasses.replace(m, mem_bw_gbps=args.mem_bw)
+    return m
+
+
+def _virtual_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "clock": args.clock,
+        "mmu_lock": args.mmu_lock,
+        "userfault": args.userfault,
+        "uffd_all": args.uffd_all,
+        "uffd_readers": args.uffd_readers,
+        "uffd_delay_us": args.uffd_delay,
+        "machine": _machine(args),
+        "tdx_module": args.tdx_module,
+    }
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -246,6 +377,7 @@ def _add_demand_paging(sub: "argparse._SubParsersAction[_Parser]") -> None:
         "(a TD adds them with TDH.MEM.PAGE.ADD before finalize; default: 0)",
     )
     _add_levels_seed_cost(dp, "exit_entry_ns=800")
+    _add_virtual(dp)
     dp.add_argument(
         "--json", action="store_true", help="print the result envelope as one JSON line"
     )
@@ -290,6 +422,8 @@ def _print_demand_paging(r: DemandPagingResult) -> None:
             "= the slowest vCPU's modeled time (vCPUs run in parallel)."
         ),
     ]
+    if r.virtual:
+        out += ["", *_virtual_lines(r)]
     total = r.modeled_ns
     parts = sorted(
         ((k, v) for k, v in r.cost_breakdown.items() if v), key=lambda kv: kv[1], reverse=True
@@ -304,6 +438,51 @@ def _print_demand_paging(r: DemandPagingResult) -> None:
         [[k, f"{v / 1e6:,.3f}", f"{100 * v / total:.1f}%"] for k, v in parts],
     )
     print("\n".join(out))
+
+
+def _virtual_lines(r: DemandPagingResult) -> list[str]:
+    """A virtual-time run's outcomes, lock figures and vCPU time by resource."""
+    v, o = r.virtual, r.options
+    oc = v["outcomes"]
+    m = o.machine
+    out = render.wrap(
+        f"Virtual time (simulated): mmu_lock {o.mmu_lock}; userfault {o.userfault}"
+        + (
+            f" ({'one uffd for all' if o.uffd_all else 'one uffd per vCPU'}, "
+            f"{o.uffd_readers} reader(s), {o.uffd_delay_us:g} µs delay)"
+            if o.userfault in ("MISSING", "MINOR")
+            else ""
+        )
+        + f"; machine {m.sockets}x{m.cores_per_socket}x{m.threads_per_core} CPUs, "
+        f"{m.mem_bw_gbps:g} GB/s per socket; {v['steps']:,} engine steps in "
+        f"{v['engine_wall_s']:.3f} s host time"
+    )
+    out.append(
+        f"Accesses {oc['accesses']:,}: {oc['hits']:,} hits; faults {oc['faults']:,}: fixed "
+        f"{oc['fixed']:,}, spurious {oc['spurious']:,}, retry {oc['retry']:,}, emulate "
+        f"{oc['emulate']:,}, memory fault {oc['memory_fault']:,}"
+    )
+    acq, cont = v["lock_acquires"], v["lock_contended"]
+    out.append(
+        f"mmu_lock: {acq:,} acquisitions, {cont:,} queued, "
+        f"{v['lock_wait_ns'] / max(1, acq):,.1f} ns waited per acquisition"
+    )
+    res = v["resources"]
+    total = sum(res.values())
+    out += ["", "vCPU modeled time by resource (simulated):"]
+    out += render.table(
+        [
+            render.Column("resource", right=False, key=True),
+            render.Column("ms modeled"),
+            render.Column("share"),
+        ],
+        [
+            [k, f"{ns / 1e6:,.3f}", f"{100 * ns / total:.1f}%" if total else "-"]
+            for k, ns in res.items()
+            if ns
+        ],
+    )
+    return out
 
 
 def _run_demand_paging(args: argparse.Namespace) -> int:
@@ -321,6 +500,7 @@ def _run_demand_paging(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         folio=args.folio,
         image_pages=args.image_pages,
+        **_virtual_kwargs(args),
     )
     if args.json:
         print(result.to_json())
