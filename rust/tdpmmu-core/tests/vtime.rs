@@ -210,7 +210,6 @@ fn stock_userfaultfd_scales_worse_than_memory_fault_exits() {
         a.uffd_all = all;
         rate(&run("default", &a).1)
     };
-    let shared8 = rate_of(Userfault::Missing, true, 8);
     let shared32 = rate_of(Userfault::Missing, true, 32);
     let shared64 = rate_of(Userfault::Missing, true, 64);
     let shared256 = rate_of(Userfault::Missing, true, 256);
