@@ -614,6 +614,19 @@ def _add_compare(sub: "argparse._SubParsersAction[_Parser]") -> None:
         "--json", action="store_true", help="print the result envelope as one JSON line"
     )
     out.add_argument("--csv", action="store_true", help="print CSV, one line per row")
+    cp.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="virtual",
+        help="virtual (default: vCPUs simulated in modeled-time order, contention shows) or "
+        "host (real threads; modeled time has no concurrency)",
+    )
+    cp.add_argument(
+        "--mmu-lock",
+        choices=LOCK_MODES,
+        default="shared",
+        help="virtual time: faults take mmu_lock for read (shared, default) or write (exclusive)",
+    )
     cp.set_defaults(run=_run_compare)
 
 
@@ -640,6 +653,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         teardown=args.teardown,
         backing=args.backing,
         folio=args.folio,
+        clock=args.clock,
+        mmu_lock=args.mmu_lock,
     )
     if args.json:
         print(result.to_json())

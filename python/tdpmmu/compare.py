@@ -54,6 +54,7 @@ from tdpmmu._core import ConfigError, InvariantError, OutOfMemory, VmBugged
 from tdpmmu.costs import CostModel
 from tdpmmu.results import Envelope, sum_breakdowns
 from tdpmmu.sizes import format_size
+from tdpmmu.vtime import VirtualOptions
 from tdpmmu.stats import Stats
 from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.workloads import PAGE_SIZE, private_mem_conversions
@@ -199,6 +200,11 @@ class CompareParams:
     tdx: Mapping[str, tuple[coerce.TdxValue, ...]]
     #: Defaults that were scaled to fit the test region, said in words.
     adjusted: tuple[str, ...] = ()
+    #: How the demand-paging phase runs its vCPUs: ``"virtual"`` (simulated in modeled-time
+    #: order, so contention shows in the modeled time) or ``"host"`` (real threads).
+    clock: str = "virtual"
+    #: Virtual time only: faults take mmu_lock ``"shared"`` (read) or ``"exclusive"`` (write).
+    mmu_lock: str = "shared"
 
     @property
     def test_pages(self) -> int:
@@ -722,10 +728,11 @@ def run_pair(
         launch(vm, image_gfn=test_pages, image_pages=params.image_pages)
         run.end()
 
-        # 2. demand paging: the selftest's guest, vCPUs as real threads.
+        # 2. demand paging: the selftest's guest, vCPUs simulated in virtual time (or real
+        # threads with clock="host").
         if dp:
             run.begin("demand-paging")
-            per_vcpu = vm.run_memstress(
+            margs = (
                 params.vcpus,
                 pages_per_vcpu,
                 0,
@@ -735,10 +742,18 @@ def run_pair(
                 params.seed,
                 True if spec.confidential else None,
             )
-            run.end(
-                fault_ns=sum(float(d["modeled_ns"]) for d in per_vcpu),
-                pages=int(sum(d["pages"] for d in per_vcpu)),
-            )
+            if params.clock == "virtual":
+                rec = vm.run_virtual(*margs, mmu_lock=params.mmu_lock)
+                run.end(
+                    fault_ns=sum(float(v["modeled_ns"]) for v in rec["vcpus"]),
+                    pages=int(sum(v["accesses"] for v in rec["vcpus"])),
+                )
+            else:
+                per_vcpu = vm.run_memstress(*margs)
+                run.end(
+                    fault_ns=sum(float(d["modeled_ns"]) for d in per_vcpu),
+                    pages=int(sum(d["pages"] for d in per_vcpu)),
+                )
 
         # 3. conversions (confidential VMs only).
         if conv and not spec.confidential:
@@ -898,6 +913,8 @@ def compare(
     teardown: bool = True,
     backing: str | int = DEFAULTS["backing"],
     folio: str | int = DEFAULTS["folio"],
+    clock: str = "virtual",
+    mmu_lock: str = "shared",
 ) -> CompareResult:
     """Run ``workload`` on every valid (VM type x hook design) pair that passes the filters.
 
@@ -926,6 +943,11 @@ def compare(
         teardown: run the teardown phase (``VM.destroy``) (default True).
         backing: host page size behind guest memory (default ``"2M"``).
         folio: guest_memfd folio size on VMs with private memory (default ``"2M"``).
+        clock: ``"virtual"`` (default: the demand-paging vCPUs are simulated in modeled-time
+            order, so lock and host-memory contention show in the modeled time) or ``"host"``
+            (real threads; modeled time without concurrency).
+        mmu_lock: virtual time only: faults take mmu_lock ``"shared"`` (default) or
+            ``"exclusive"``.
 
     Returns:
         CompareResult: one row per pair and TDX option combination.
@@ -963,6 +985,8 @@ def compare(
         folio=coerce.folio(folio),
         tdx=sweep,
         adjusted=adjusted,
+        clock=VirtualOptions(clock=clock, mmu_lock=mmu_lock).clock,
+        mmu_lock=mmu_lock,
     )
     pairs = select_pairs(types, designs)
     if tdx and not any(config.variant(*VM_TYPES[t]).tdx_options for t, _ in pairs):

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from tdpmmu import __version__, render
+from tdpmmu import __version__, _core, render
 from tdpmmu.costs import CostModel
 from tdpmmu.stats import Stats
 from tdpmmu.vm import VM
@@ -331,11 +331,15 @@ def ledger_components(
             units of a field.
     """
     fields = costs.field_names()
-    if tuple(before) != fields or tuple(after) != fields:
+    # The wait kinds follow the fields; operations outside virtual-time runs charge none.
+    waits = tuple(_core.WAIT_FIELDS)
+    if tuple(before) != fields + waits or tuple(after) != fields + waits:
         raise RuntimeError(
             f"{what}: the engine's cost ledger has fields {tuple(after)}, the cost model "
             f"{fields}; the extension and the Python package are out of step"
         )
+    if any(after[w] != before[w] for w in waits):
+        raise RuntimeError(f"{what}: a wait was charged outside a virtual-time run")
     delta = {f: after[f] - before[f] for f in fields}
     total = math.fsum(delta.values())
     if not math.isclose(total, modeled_ns, rel_tol=1e-12, abs_tol=1e-6):

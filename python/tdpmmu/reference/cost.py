@@ -70,6 +70,20 @@ DEFAULT_COSTS: dict[str, float] = {
 }
 
 
+#: The engine's wait kinds, in its order: modeled time only virtual-time runs charge (the
+#: reference models operations outside them, so its waits stay 0).
+WAIT_FIELDS: tuple[str, ...] = (
+    "wait_mmu_lock",
+    "wait_lock_line",
+    "wait_spte",
+    "wait_host_mem",
+    "wait_uffd",
+    "wait_ipi",
+    "wait_entry",
+    "guest_ns",
+)
+
+
 def costs_from(costs: Any) -> dict[str, float]:
     """The defaults overridden by ``costs`` (None, a mapping or a CostModel)."""
     merged = dict(DEFAULT_COSTS)

@@ -17,7 +17,7 @@ from .. import config
 from .arena import Arena
 from .attrs import PrivateRanges
 from .check import check_live, check_teardown
-from .cost import CostLedger, costs_from
+from .cost import WAIT_FIELDS, CostLedger, costs_from
 from .errors import ConfigError, Ret, VmBugged
 from .gmem import free_folios, partly_converted_2m_folios
 from .hooks import ExternalHooks
@@ -234,9 +234,12 @@ class ReferenceVM:
         return self.stats_dict()
 
     def cost_breakdown(self) -> dict[str, float]:
-        """Modeled ns charged to each CostModel field (field order, zeros included); the
-        values add up, in that order from 0.0, to exactly ``stats["modeled_ns"]``."""
-        return self.ctx.ledger.breakdown()
+        """Modeled ns charged to each CostModel field (field order, zeros included), then each
+        wait kind (always 0 here: waits come only from virtual-time runs); the values add up,
+        in that order from 0.0, to exactly ``stats["modeled_ns"]``."""
+        out = self.ctx.ledger.breakdown()
+        out.update(dict.fromkeys(WAIT_FIELDS, 0.0))
+        return out
 
     def stats_dict(self) -> dict[str, int | float]:
         """Counters, ``modeled_ns`` and page-table bytes as a new dict (``VM.stats_dict``)."""
