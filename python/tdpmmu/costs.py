@@ -35,7 +35,7 @@ SOURCES: dict[str, str] = {
         "install); a share of R1/R6; what an exclusive mmu_lock serializes; sweep 0.1-1 µs"
     ),
     "host_page_alloc_ns": (
-        "docs/costs.md §3.3: 0.62 µs (E+D), allocating a host page (≈0.3 µs, E) plus clearing its "
+        "docs/costs.md §3.3: 0.62 µs (E), allocating a host page (≈0.3 µs, E) plus clearing its "
         "first 4 KiB (≈0.32 µs, D from 12.7-12.9 GB/s single-thread clearing, Arora 2025); sweep "
         "0.4-2 µs"
     ),
@@ -147,7 +147,7 @@ SOURCES: dict[str, str] = {
         "Roth 2025); sweep 5-20 µs"
     ),
     "line_local_ns": (
-        "docs/costs.md §12.1: 2.3 ns (M-here), an uncontended LOCK CMPXCHG on a line the CPU owns"
+        "docs/costs.md §12.1: 2.3 ns (M) on the development machine, an uncontended LOCK CMPXCHG on a line the CPU owns"
     ),
     "line_smt_ns": (
         "docs/costs.md §12.1: 8.1 ns (M), CAS ping-pong between SMT siblings (Ice Lake 8375C, "
@@ -162,11 +162,11 @@ SOURCES: dict[str, str] = {
         "134-136 ns on Cascade Lake)"
     ),
     "walk_read_ns": (
-        "docs/costs.md §12.1: 2.25 ns (M-here), one level of a serialized 4-level walk over "
+        "docs/costs.md §12.1: 2.25 ns (M) on the development machine, one level of a serialized 4-level walk over "
         "cache-resident tables (9 ns per walk)"
     ),
     "guest_access_ns": (
-        "docs/costs.md §12.1: 150 ns (M-here), a guest access that misses the TLB: a serialized "
+        "docs/costs.md §12.1: 150 ns (M) on the development machine, a guest access that misses the TLB: a serialized "
         "walk with a 32 MiB leaf level (149 ns)"
     ),
     "zone_lock_hold_ns": (
