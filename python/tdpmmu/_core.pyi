@@ -6,7 +6,7 @@ import numpy.typing as npt
 from typing_extensions import disjoint_base
 
 from tdpmmu.ret import Ret
-from tdpmmu.types import RmpEntry, RootInfo, SpteFields, VcpuRecord
+from tdpmmu.types import RmpEntry, RootInfo, SpteFields, VcpuRecord, VirtualRecord
 
 __version__: Final[str]
 
@@ -23,6 +23,8 @@ TABLE_BASE_PFN: Final[int]
 DATA_BASE_PFN: Final[int]
 COST_FIELDS: Final[tuple[str, ...]]
 COUNTER_NAMES: Final[tuple[str, ...]]
+WAIT_FIELDS: Final[tuple[str, ...]]
+USERFAULT_MODES: Final[tuple[str, ...]]
 COST_DEFAULTS: Final[dict[str, float]]
 VM_TYPES: Final[tuple[str, ...]]
 DESIGNS: Final[tuple[str, ...]]
@@ -163,4 +165,25 @@ class Vm:
         seed: int,
         private: bool | None = None,
     ) -> list[VcpuRecord]: ...
+    def run_virtual(
+        self,
+        vcpus: int,
+        pages_per_vcpu: int,
+        base_gfn: int,
+        overlap: bool,
+        random_access: bool,
+        write_percent: int,
+        seed: int,
+        private: bool | None = None,
+        *,
+        passes: int | None = None,
+        mmu_lock: str = "shared",
+        userfault: str = "none",
+        uffd_all: bool = False,
+        uffd_readers: int | None = None,
+        uffd_delay_ns: float = 0.0,
+        machine: dict[str, int | float] | None = None,
+        tdx_module: str = "1.5",
+        remove: tuple[int, int] | None = None,
+    ) -> VirtualRecord: ...
     def _inject_panic(self) -> None: ...

@@ -54,9 +54,9 @@ from tdpmmu._core import ConfigError, InvariantError, OutOfMemory, VmBugged
 from tdpmmu.costs import CostModel
 from tdpmmu.results import Envelope, sum_breakdowns
 from tdpmmu.sizes import format_size
-from tdpmmu.vtime import VirtualOptions
 from tdpmmu.stats import Stats
 from tdpmmu.vmspec import VmSpec, launch
+from tdpmmu.vtime import VirtualOptions
 from tdpmmu.workloads import PAGE_SIZE, private_mem_conversions
 
 __all__ = [

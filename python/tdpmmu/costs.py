@@ -147,7 +147,8 @@ SOURCES: dict[str, str] = {
         "Roth 2025); sweep 5-20 µs"
     ),
     "line_local_ns": (
-        "docs/costs.md §12.1: 2.3 ns (M) on the development machine, an uncontended LOCK CMPXCHG on a line the CPU owns"
+        "docs/costs.md §12.1: 2.3 ns (M) on the development machine, an uncontended LOCK "
+        "CMPXCHG on a line the CPU owns"
     ),
     "line_smt_ns": (
         "docs/costs.md §12.1: 8.1 ns (M), CAS ping-pong between SMT siblings (Ice Lake 8375C, "
@@ -162,12 +163,12 @@ SOURCES: dict[str, str] = {
         "134-136 ns on Cascade Lake)"
     ),
     "walk_read_ns": (
-        "docs/costs.md §12.1: 2.25 ns (M) on the development machine, one level of a serialized 4-level walk over "
-        "cache-resident tables (9 ns per walk)"
+        "docs/costs.md §12.1: 2.25 ns (M) on the development machine, one level of a "
+        "serialized 4-level walk over cache-resident tables (9 ns per walk)"
     ),
     "guest_access_ns": (
-        "docs/costs.md §12.1: 150 ns (M) on the development machine, a guest access that misses the TLB: a serialized "
-        "walk with a 32 MiB leaf level (149 ns)"
+        "docs/costs.md §12.1: 150 ns (M) on the development machine, a guest access that "
+        "misses the TLB: a serialized walk with a 32 MiB leaf level (149 ns)"
     ),
     "zone_lock_hold_ns": (
         "docs/costs.md §12.2: 1.9 µs (E), refilling a per-CPU page list (63 pages) under the "

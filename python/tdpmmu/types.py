@@ -4,7 +4,15 @@ readers; at run time they are plain dicts).
 
 from typing import Literal, TypedDict
 
-__all__ = ["MatrixRow", "RmpEntry", "RootInfo", "SpteFields", "VcpuRecord"]
+__all__ = [
+    "MatrixRow",
+    "RmpEntry",
+    "RootInfo",
+    "SpteFields",
+    "VcpuRecord",
+    "VirtualRecord",
+    "VirtualVcpu",
+]
 
 
 class SpteFields(TypedDict):
@@ -76,6 +84,50 @@ class VcpuRecord(TypedDict):
     faults: int
     #: Pages accessed.
     pages: int
+
+
+class VirtualVcpu(TypedDict):
+    """One simulated vCPU of ``vm.run_virtual(...)`` (its list is in vCPU order)."""
+
+    #: Its modeled clock when it finished, ns.
+    modeled_ns: float
+    #: Guest accesses made; each is a hit or ends in one final fault outcome.
+    accesses: int
+    #: Accesses the mapping allowed (no exit), including after a RETRY.
+    hits: int
+    #: Fault attempts (every exit, RETRYs included).
+    faults: int
+    fixed: int
+    spurious: int
+    retry: int
+    emulate: int
+    memory_fault: int
+    write_protected: int
+    #: Retries KVM made inside one exit (TDX local retries).
+    local_retries: int
+
+
+class VirtualRecord(TypedDict):
+    """What ``vm.run_virtual(...)`` returns."""
+
+    #: Modeled time from the start to the last vCPU's end, ns.
+    elapsed_ns: float
+    vcpus: list[VirtualVcpu]
+    #: The vCPUs' modeled ns by CostModel field, then by wait kind (``_core.WAIT_FIELDS``).
+    breakdown: dict[str, float]
+    #: The same for the host threads (userfaultfd readers, the remover).
+    host_breakdown: dict[str, float]
+    #: ``mmu_lock`` acquisitions, and those that queued.
+    lock_acquires: int
+    lock_contended: int
+    #: Pages the remover zapped and its modeled ns doing it.
+    removed: int
+    remove_ns: float
+    #: Engine scheduling points and thread switches.
+    steps: int
+    switches: int
+    #: Host seconds of the engine loop.
+    wall_s: float
 
 
 class MatrixRow(TypedDict):

@@ -58,8 +58,10 @@ RESOURCES: Final[Mapping[str, tuple[str, ...]]] = {
         "uffd_wq_hold_ns",
         "uffd_wake_scan_ns",
     ),
-    "SEAMCALLs": tuple(f for f in _core.COST_FIELDS if f.startswith(("tdh_", "tdg_")))
-    + ("page_clear_ns",),
+    "SEAMCALLs": (
+        *(f for f in _core.COST_FIELDS if f.startswith(("tdh_", "tdg_"))),
+        "page_clear_ns",
+    ),
     "flushes and IPIs": (
         "tlb_flush_base_ns",
         "tlb_flush_per_vcpu_ns",
@@ -135,8 +137,10 @@ class Machine:
         for name, hi in (("sockets", 64), ("cores_per_socket", 1024), ("threads_per_core", 8)):
             coerce.count(getattr(self, name), f"machine.{name}", 1, hi)
         bw = self.mem_bw_gbps
-        if isinstance(bw, bool) or not isinstance(bw, int | float) or not (
-            math.isfinite(bw) and bw > 0
+        if (
+            isinstance(bw, bool)
+            or not isinstance(bw, int | float)
+            or not (math.isfinite(bw) and bw > 0)
         ):
             raise ConfigError(f"machine.mem_bw_gbps: must be a finite number > 0, got {bw!r}")
 
@@ -194,8 +198,10 @@ class VirtualOptions:
         coerce.flag(self.uffd_all, "uffd_all")
         coerce.count(self.uffd_readers, "uffd_readers", 1, 64)
         d = self.uffd_delay_us
-        if isinstance(d, bool) or not isinstance(d, int | float) or not (
-            math.isfinite(d) and d >= 0
+        if (
+            isinstance(d, bool)
+            or not isinstance(d, int | float)
+            or not (math.isfinite(d) and d >= 0)
         ):
             raise ConfigError(f"uffd_delay_us: must be a finite number >= 0, got {d!r}")
         if not isinstance(self.machine, Machine):

@@ -1247,8 +1247,17 @@ impl Vm {
     /// ``mmu_lock`` for read throughout (other threads' writers wait for it).
     ///
     /// Args:
-    ///     vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private:
-    ///         as ``run_memstress`` (``vcpus`` in 1..``self.vcpus``, at most 4096).
+    ///     vcpus: simulated vCPUs, 1..``self.vcpus`` (at most 4096); vCPU ``i`` runs on CPU ``i``.
+    ///     pages_per_vcpu: accesses per vCPU per pass, which is also its slice's size in 4 KiB
+    ///         pages, >= 1.
+    ///     base_gfn: first gfn of the region, in ``0..max_gfn``; every page of the region must be
+    ///         in a memslot.
+    ///     overlap: every vCPU walks the same ``pages_per_vcpu`` pages (memstress's ``-o``).
+    ///     random_access: each access picks a page of the slice at random.
+    ///     write_percent: share of the accesses that are writes, 0..100.
+    ///     seed: seed of the per-vCPU Park-Miller generator (vCPU ``v`` uses ``seed + v``), in
+    ///         ``0..2**64``.
+    ///     private: True, False or None (default: by each gfn's memory attribute).
     ///     passes: times each vCPU walks its accesses, >= 1 (default 1: first touch only); 0 runs
     ///         until the remover is done (needs ``remove``).
     ///     mmu_lock: ``"shared"`` (default: faults take ``mmu_lock`` for read, parallel TDP MMU
