@@ -276,7 +276,8 @@ def test_injected_panic_becomes_tdpmmu_error(vm: tdpmmu.VM) -> None:
 
 
 def test_demand_paging_small() -> None:
-    r = tdpmmu.demand_paging(vcpus=2, bytes_per_vcpu="4M")
+    # Host clock: one real thread per vCPU, so the modeled time is the plain per-fault ledger.
+    r = tdpmmu.demand_paging(vcpus=2, bytes_per_vcpu="4M", clock="host")
     assert r.pages_per_vcpu == 1024
     assert [d["pages"] for d in r.per_vcpu] == [1024, 1024]
     assert r.stats["pf_fixed"] == 2048
@@ -286,12 +287,34 @@ def test_demand_paging_small() -> None:
     slowest = max(d["modeled_ns"] for d in r.per_vcpu) / 1e9
     assert r.modeled_guest_execution_time_s == slowest
     assert r.modeled_per_vcpu_demand_paging_rate_pgs_per_s == pytest.approx(1024 / slowest)
-    # Every fault is one exit + handling (racing vCPUs may add RETRY/SPURIOUS ones), and every
-    # 4K page is allocated by the host once.
+    # Every fault is one exit + handling + map step (racing vCPUs may add RETRY/SPURIOUS ones,
+    # which reach the map step too), and every 4K page is allocated by the host once.
     c, s = r.costs, r.stats
     assert s["host_pages_allocated"] == 2048
-    expected = s["pf_taken"] * (c.exit_entry_ns + c.fault_handling_ns) + 2048 * c.host_page_alloc_ns
+    per_fault = c.exit_entry_ns + c.fault_handling_ns + c.fault_map_ns
+    expected = s["pf_taken"] * per_fault + 2048 * c.host_page_alloc_ns
     assert s["modeled_ns"] == pytest.approx(expected)
+    # Outside virtual time the wait kinds stay at zero.
+    assert all(r.cost_breakdown[k] == 0.0 for k in tdpmmu._core.WAIT_FIELDS)
+
+
+def test_demand_paging_small_virtual_default() -> None:
+    r = tdpmmu.demand_paging(vcpus=2, bytes_per_vcpu="4M")
+    assert r.options.clock == "virtual"
+    assert r.pages_per_vcpu == 1024
+    assert [d["pages"] for d in r.per_vcpu] == [1024, 1024]
+    # Every page is fixed exactly once, and every access is a hit or exactly one outcome.
+    assert r.stats["pf_fixed"] == 2048
+    assert r.stats["host_pages_allocated"] == 2048
+    o = r.virtual["outcomes"]
+    assert o["accesses"] == 2048
+    assert o["fixed"] == 2048
+    assert o["accesses"] == (
+        o["hits"] + o["fixed"] + o["spurious"] + o["emulate"] + o["write_protected"]
+    )
+    slowest = max(d["modeled_ns"] for d in r.per_vcpu) / 1e9
+    assert r.modeled_guest_execution_time_s == slowest
+    assert tdpmmu.DemandPagingResult.from_json(r.to_json()) == r
 
 
 def test_demand_paging_overlap_walks_whole_region() -> None:

@@ -145,21 +145,45 @@ def test_backing_sources_and_cost_overrides(capsys: pytest.CaptureFixture[str]) 
             "exit_entry_ns=0",
             "--cost",
             "fault_handling_ns=1000",
+            "--clock",
+            "host",
             "--json",
         ]
     )
     assert rc == 0
     rec = json.loads(capsys.readouterr().out)
+    assert rec["config"]["workload"]["options"]["clock"] == "host"
     vm = rec["config"]["vm"]
     assert (
         vm["backing"] == 2 << 20 and rec["config"]["workload"]["backing_source"] == "anonymous_thp"
     )
     assert rec["result"]["stats"]["pages_2m"] == 2
     assert vm["costs"]["exit_entry_ns"] == 0.0
-    # Two 2M faults: handling + allocation + zeroing the other 511 4K pages, no exit cost.
+    # Two 2M faults: handling + map step + allocation + zeroing the other 511 4K pages, no exit
+    # cost.
     c = vm["costs"]
-    per_fault = c["fault_handling_ns"] + c["host_page_alloc_ns"] + 511 * c["host_zero_4k_ns"]
+    per_fault = (
+        c["fault_handling_ns"]
+        + c["fault_map_ns"]
+        + c["host_page_alloc_ns"]
+        + 511 * c["host_zero_4k_ns"]
+    )
     assert rec["modeled_ns"] == pytest.approx(2 * per_fault)
+
+
+def test_demand_paging_defaults_to_virtual_time(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demand-paging", "-v", "2", "-b", "4M", "-s", "anonymous_thp", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["config"]["workload"]["options"]["clock"] == "virtual"
+    # Each 2M page is fixed exactly once; every access is a hit or exactly one outcome.
+    stats = rec["result"]["stats"]
+    assert stats["pages_2m"] == 4 and stats["pf_fixed"] == 4
+    o = rec["result"]["virtual"]["outcomes"]
+    assert o["accesses"] == 2 * 1024
+    assert o["accesses"] == (
+        o["hits"] + o["fixed"] + o["spurious"] + o["emulate"] + o["write_protected"]
+    )
+    assert o["fixed"] == 4
 
 
 def test_overlap_and_levels(capsys: pytest.CaptureFixture[str]) -> None:

@@ -154,11 +154,12 @@ def test_first_touch_4k_fault_cost_is_exact() -> None:
     vm = tdpmmu.VM(memory="64MiB")
     r = vm.fault(10)
     assert r.ret is Ret.FIXED
-    expected = c.exit_entry_ns + c.fault_handling_ns + c.host_page_alloc_ns
+    expected = c.exit_entry_ns + c.fault_handling_ns + c.fault_map_ns + c.host_page_alloc_ns
     assert r.modeled_ns == expected
     assert vm.stats["modeled_ns"] == expected
-    # A spurious fault is an exit and handling, no allocation.
-    assert vm.fault(10).modeled_ns == c.exit_entry_ns + c.fault_handling_ns
+    # A spurious fault is an exit, handling and the map step (which finds the SPTE already
+    # there), no allocation.
+    assert vm.fault(10).modeled_ns == c.exit_entry_ns + c.fault_handling_ns + c.fault_map_ns
 
 
 def test_first_touch_2m_backing_zeroes_the_rest() -> None:
@@ -167,15 +168,21 @@ def test_first_touch_2m_backing_zeroes_the_rest() -> None:
     r = vm.fault(3)
     assert r.level == 2
     assert r.modeled_ns == (
-        c.exit_entry_ns + c.fault_handling_ns + c.host_page_alloc_ns + 511 * c.host_zero_4k_ns
+        c.exit_entry_ns
+        + c.fault_handling_ns
+        + c.fault_map_ns
+        + c.host_page_alloc_ns
+        + 511 * c.host_zero_4k_ns
     )
 
 
 def test_custom_costs_change_the_modeled_time() -> None:
-    c = CostModel(exit_entry_ns=100.0, fault_handling_ns=20.0, host_page_alloc_ns=3.0)
+    c = CostModel(
+        exit_entry_ns=100.0, fault_handling_ns=20.0, fault_map_ns=4000.0, host_page_alloc_ns=3.0
+    )
     vm = tdpmmu.VM(memory="64MiB", costs=c)
     assert vm.costs is c
-    assert vm.fault(10).modeled_ns == 123.0
+    assert vm.fault(10).modeled_ns == 4123.0
 
 
 def test_zap_charges_spte_updates_and_flush() -> None:

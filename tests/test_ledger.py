@@ -7,6 +7,7 @@ import pytest
 
 import tdpmmu
 from tdpmmu import config
+from tdpmmu._core import WAIT_FIELDS
 
 
 def _odd_costs() -> tdpmmu.CostModel:
@@ -45,13 +46,17 @@ def test_breakdown_sums_exactly_to_modeled_ns(variant: config.Variant) -> None:
         )
         _exercise(vm)
         b = vm.cost_breakdown()
-        assert list(b) == list(tdpmmu.CostModel.field_names())
+        # Every CostModel field in order, then the wait kinds.
+        assert list(b) == [*tdpmmu.CostModel.field_names(), *WAIT_FIELDS]
+        # Outside virtual-time runs nothing waits.
+        assert all(b[w] == 0.0 for w in WAIT_FIELDS), (variant.label, design)
         total = 0.0
         for v in b.values():
             total += v
         assert total == vm.stats["modeled_ns"], (variant.label, design)
         # Each field's share is a whole number of units of that field.
-        for field, ns in b.items():
+        for field in tdpmmu.CostModel.field_names():
+            ns = b[field]
             units = ns / getattr(costs, field)
             assert math.isclose(units, round(units), abs_tol=1e-6), (field, units)
         assert sum(1 for v in b.values() if v) >= 4
@@ -65,6 +70,7 @@ def test_first_touch_fault_is_charged_to_its_fields() -> None:
     assert b == {
         "exit_entry_ns": c.exit_entry_ns,
         "fault_handling_ns": c.fault_handling_ns,
+        "fault_map_ns": c.fault_map_ns,
         "host_page_alloc_ns": c.host_page_alloc_ns,
     }
     assert r.modeled_ns == sum(b.values())

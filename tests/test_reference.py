@@ -472,13 +472,20 @@ def test_tables_freed_by_an_operation_are_reused_only_after_it() -> None:
 
 def test_mmio_cache_hit_rules() -> None:
     vm = ReferenceVM(memory="64MiB", slot_zap_all=False)
+    c = vm.costs
     r = vm.fault(GiB + 5)
     spte = ref.make_mmio_spte(GiB + 5, vm.memslot_generation)
     assert (r.ret, r.level, r.spte) == (Ret.EMULATE, 1, spte)
+    # Creating the MMIO SPTE goes through the map step.
+    assert r.modeled_ns == c["exit_entry_ns"] + c["fault_handling_ns"] + c["fault_map_ns"]
     s = vm.stats
     assert (s["pf_taken"], s["pf_emulate"], s["pf_mmio_spte_created"]) == (1, 1, 1)
-    r = vm.fault(GiB + 5)  # cache hit: no pf_taken, no pf_emulate
-    assert (r.ret, r.spte, r.modeled_ns) == (Ret.EMULATE, spte, 3200)
+    r = vm.fault(GiB + 5)  # cache hit: no pf_taken, no pf_emulate, no map step
+    assert (r.ret, r.spte, r.modeled_ns) == (
+        Ret.EMULATE,
+        spte,
+        c["exit_entry_ns"] + c["fault_handling_ns"],
+    )
     s = vm.stats
     assert (s["pf_taken"], s["pf_emulate"], s["pf_mmio_spte_created"]) == (1, 1, 1)
     # A memslot change bumps the generation: the stale SPTE is replaced on the next fault.
@@ -515,20 +522,29 @@ def test_fault_results_and_counters() -> None:
 
 def test_costs_first_touch_and_overrides() -> None:
     vm = ReferenceVM(memory="2GiB", backing="2M", costs={"exit_entry_ns": 100})
+    c = vm.costs
+    assert c["exit_entry_ns"] == 100  # the override; the rest are the defaults
+    assert {k: v for k, v in c.items() if k != "exit_entry_ns"} == {
+        k: v for k, v in ref.DEFAULT_COSTS.items() if k != "exit_entry_ns"
+    }
+    first_touch = c["host_page_alloc_ns"] + 511 * c["host_zero_4k_ns"]
+    fault = 100 + c["fault_handling_ns"] + c["fault_map_ns"]  # exit, handling, map step
     r = vm.fault(0)
-    assert r.modeled_ns == 100 + 2000 + 7500 + 1000 * 511
+    assert r.modeled_ns == fault + first_touch
     assert vm.stats["host_pages_allocated"] == 1
     r = vm.fault(1)
-    assert r.modeled_ns == 2100 and r.ret == Ret.SPURIOUS
+    assert r.modeled_ns == fault and r.ret == Ret.SPURIOUS
     assert vm.populate(MiB2, 3 * MiB2) == 3
     assert vm.stats["host_pages_allocated"] == 4
-    first_touch = 7500 + 511_000
-    expected = (2100 + first_touch) + 2100 + 3 * (2000 + first_touch)  # populate: no exit cost
+    # populate is a prefetch: no exit and no map-step cost, handling only for what it fixes.
+    expected = (fault + first_touch) + fault + 3 * (c["fault_handling_ns"] + first_touch)
     assert vm.stats["modeled_ns"] == pytest.approx(expected)
     # A split charges 512 SPTE updates.
     nx = ReferenceVM(memory="1GiB", backing="2M", nx_huge_pages=True)
     nx.fault(0)
-    assert nx.fault(0, exec=True).modeled_ns == 3200 + 512 * 60
+    d = nx.costs
+    split_fault = d["exit_entry_ns"] + d["fault_handling_ns"] + d["fault_map_ns"]
+    assert nx.fault(0, exec=True).modeled_ns == split_fault + 512 * d["spte_update_ns"]
 
 
 def test_first_touch_is_forgotten_with_the_memslot() -> None:
@@ -1021,20 +1037,29 @@ def exact_sum(breakdown: dict[str, float]) -> float:
 
 
 def test_cost_breakdown_has_every_field_and_sums_exactly() -> None:
+    from tdpmmu._core import WAIT_FIELDS
     from tdpmmu.costs import CostModel
 
     vm = ReferenceVM(memory="64MiB", vcpus=3)
+    c = vm.costs
     b = vm.cost_breakdown()
-    assert list(b) == list(CostModel.field_names()) and set(b.values()) == {0.0}
+    # Every CostModel field in order, then the wait kinds (zero outside virtual time).
+    assert list(b) == [*CostModel.field_names(), *WAIT_FIELDS] and set(b.values()) == {0.0}
     assert vm.stats["modeled_ns"] == 0.0
     vm.fault(1)
     vm.zap_gfn_range(0, 8)
     b = vm.cost_breakdown()
-    assert b["exit_entry_ns"] == 1200 and b["fault_handling_ns"] == 2000
-    assert b["host_page_alloc_ns"] == 7500 and b["host_zero_4k_ns"] == 0  # 4K page: no more
+    assert list(b) == [*CostModel.field_names(), *WAIT_FIELDS]
+    assert b["exit_entry_ns"] == c["exit_entry_ns"]
+    assert b["fault_handling_ns"] == c["fault_handling_ns"]
+    assert b["fault_map_ns"] == c["fault_map_ns"]
+    assert b["host_page_alloc_ns"] == c["host_page_alloc_ns"]
+    assert b["host_zero_4k_ns"] == 0  # 4K page: no more
     # One remote TLB flush: the base once, the per-vCPU part once per vCPU.
-    assert b["tlb_flush_base_ns"] == 1000 and b["tlb_flush_per_vcpu_ns"] == 3 * 200
-    assert b["spte_update_ns"] == 60
+    assert b["tlb_flush_base_ns"] == c["tlb_flush_base_ns"]
+    assert b["tlb_flush_per_vcpu_ns"] == 3 * c["tlb_flush_per_vcpu_ns"]
+    assert b["spte_update_ns"] == c["spte_update_ns"]
+    assert all(b[w] == 0.0 for w in WAIT_FIELDS)
     assert vm.stats["modeled_ns"] == exact_sum(b)  # equal, not approximately
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tdpmmu import VM, CostModel, cli, report
+from tdpmmu._core import WAIT_FIELDS
 
 #: Every field a distinct value (ns), so no two components can stand in for each other.
 DISTINCT = CostModel().replace(
@@ -70,11 +71,18 @@ def expected_units(v: int) -> dict[str, dict[str, float]]:
         "tlb_flush_base_ns": 1,
         "tlb_flush_per_vcpu_ns": v,
     }
-    snp_fault = {"exit_entry_ns": 1, "fault_handling_ns": 1, "rmpupdate_ns": 1, "pvalidate_ns": 1}
+    snp_fault = {
+        "exit_entry_ns": 1,
+        "fault_handling_ns": 1,
+        "fault_map_ns": 1,
+        "rmpupdate_ns": 1,
+        "pvalidate_ns": 1,
+    }
     return {
         "tdx_private_fault": {
             "td_exit_entry_ns": 1,
             "fault_handling_ns": 1,
+            "fault_map_ns": 1,
             "host_page_alloc_ns": 1,
             "tdh_mem_sept_add_ns": 1 / 512,
             "tdh_mem_page_aug_ns": 1,
@@ -83,6 +91,7 @@ def expected_units(v: int) -> dict[str, dict[str, float]]:
         "tdx_private_fault_no_alloc": {
             "td_exit_entry_ns": 1,
             "fault_handling_ns": 1,
+            "fault_map_ns": 1,
             "tdh_mem_page_aug_ns": 1,
             "tdg_mem_page_accept_ns": 1,
         },
@@ -122,12 +131,14 @@ def expected_totals(c: CostModel, v: int) -> dict[str, float]:
     return {
         "tdx_private_fault": c.td_exit_entry_ns
         + c.fault_handling_ns
+        + c.fault_map_ns
         + c.host_page_alloc_ns
         + c.tdh_mem_page_aug_ns
         + c.tdg_mem_page_accept_ns
         + c.tdh_mem_sept_add_ns / 512,
         "tdx_private_fault_no_alloc": c.td_exit_entry_ns
         + c.fault_handling_ns
+        + c.fault_map_ns
         + c.tdh_mem_page_aug_ns
         + c.tdg_mem_page_accept_ns,
         f"tdx_dynamic_removal@{v}": request(c) + removal(c, v) + c.spte_update_ns + tlb,
@@ -142,12 +153,14 @@ def expected_totals(c: CostModel, v: int) -> dict[str, float]:
         "snp_private_fault": c.psc_exit_ns
         + c.exit_entry_ns
         + c.fault_handling_ns
+        + c.fault_map_ns
         + c.host_page_alloc_ns
         + c.rmpupdate_ns
         + c.pvalidate_ns,
         "snp_private_fault_no_alloc": request(c)
         + c.exit_entry_ns
         + c.fault_handling_ns
+        + c.fault_map_ns
         + c.rmpupdate_ns
         + c.pvalidate_ns,
     }
@@ -299,7 +312,8 @@ def test_conversion_requests_and_folio_splits_from_the_ledger() -> None:
 
 def test_ledger_components_refuse_what_does_not_add_up() -> None:
     c = DISTINCT
-    zero = dict.fromkeys(CostModel.field_names(), 0.0)
+    # A ledger is every CostModel field in order, then the wait kinds.
+    zero = dict.fromkeys([*CostModel.field_names(), *WAIT_FIELDS], 0.0)
     after = zero | {"exit_entry_ns": c.exit_entry_ns, "fault_handling_ns": 2 * c.fault_handling_ns}
     total = c.exit_entry_ns + 2 * c.fault_handling_ns
     comps = report.ledger_components(zero, after, total, c, "probe")
@@ -322,6 +336,14 @@ def test_ledger_components_refuse_what_does_not_add_up() -> None:
     # A ledger with fields the cost model does not have (engine and package out of step).
     with pytest.raises(RuntimeError, match="out of step"):
         report.ledger_components(zero, zero | {"new_ns": 0.0}, 0.0, c, "probe")
+    # ... or without the wait kinds.
+    fields_only = dict.fromkeys(CostModel.field_names(), 0.0)
+    with pytest.raises(RuntimeError, match="out of step"):
+        report.ledger_components(fields_only, fields_only, 0.0, c, "probe")
+    # A wait charged by an operation outside a virtual-time run.
+    waited = zero | {"wait_mmu_lock": 5.0}
+    with pytest.raises(RuntimeError, match="wait was charged"):
+        report.ledger_components(zero, waited, 5.0, c, "probe")
 
 
 def test_text_output(capsys: pytest.CaptureFixture[str]) -> None:

@@ -78,9 +78,12 @@ def test_b24_fault_cost_is_exit_handling_alloc_rmpupdate_pvalidate() -> None:
     vm = snp()
     c = vm.costs
     r = vm.fault(7)
+    # The exit, KVM's handling and its map step, the host allocation, the RMPUPDATE of gmem
+    # prepare and the guest's PVALIDATE.
     assert r.modeled_ns == pytest.approx(
         c.exit_entry_ns
         + c.fault_handling_ns
+        + c.fault_map_ns
         + c.host_page_alloc_ns
         + c.rmpupdate_ns
         + c.pvalidate_ns

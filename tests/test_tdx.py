@@ -852,13 +852,13 @@ def test_prefaulted_pages_are_accepted_on_the_guests_next_touch() -> None:
     assert leaf_states(vm) == {0: "MAPPED", 1: "PENDING", 2: "PENDING", 3: "PENDING", 4: "PENDING"}
     vm.check()
     # The guest's first touch finds the leaf present (SPURIOUS) and accepts the page: one TD
-    # exit, the fault handling, the ACCEPT; nothing else.
+    # exit, the fault handling, the map step (which finds the leaf), the ACCEPT; nothing else.
     n, s0 = mark(vm), vm.stats
     r = vm.fault(1)
     assert (r.ret, r.private, r.level) == (Ret.SPURIOUS, True, 1)
     assert shape(since(vm, n)) == [("TDG.MEM.PAGE.ACCEPT", 1, 1)]
     assert all(e.detail == 0 for e in since(vm, n))  # TDX_SUCCESS
-    expected = c.td_exit_entry_ns + c.fault_handling_ns + c.tdg_mem_page_accept_ns
+    expected = c.td_exit_entry_ns + c.fault_handling_ns + c.fault_map_ns + c.tdg_mem_page_accept_ns
     assert r.modeled_ns == pytest.approx(expected)
     d = vm.stats - s0
     assert d["modeled_ns"] == pytest.approx(expected)
@@ -868,7 +868,7 @@ def test_prefaulted_pages_are_accepted_on_the_guests_next_touch() -> None:
     n = mark(vm)
     r = vm.fault(1)
     assert r.ret == Ret.SPURIOUS and since(vm, n) == []
-    assert r.modeled_ns == pytest.approx(c.td_exit_entry_ns + c.fault_handling_ns)
+    assert r.modeled_ns == pytest.approx(c.td_exit_entry_ns + c.fault_handling_ns + c.fault_map_ns)
     # A read touch accepts too (private faults are writes), and so does a batch.
     n = mark(vm)
     assert vm.fault(2, write=False).ret == Ret.SPURIOUS
@@ -1001,11 +1001,11 @@ def test_b06_b25_busy_aug_restores_and_retries_locally() -> None:
         r = vm.fault(g)
         assert r.ret == Ret.FIXED
         retries += r.retries
-        # One TD exit/entry however often KVM retried inside; every attempt handles the fault
-        # and issues an AUG; one accept.
+        # One TD exit/entry however often KVM retried inside; every attempt handles the fault,
+        # goes through the map step and issues an AUG; one accept.
         expected = (
             c.td_exit_entry_ns
-            + (r.retries + 1) * (c.fault_handling_ns + c.tdh_mem_page_aug_ns)
+            + (r.retries + 1) * (c.fault_handling_ns + c.fault_map_ns + c.tdh_mem_page_aug_ns)
             + c.host_page_alloc_ns
             + c.tdg_mem_page_accept_ns
         )
@@ -1294,7 +1294,9 @@ def test_sw_protected_mirror_basics() -> None:
     assert ops(vm.trace_events()) == [h[0] for h in hooks_of(vm.trace_events())]
     assert seamcall_total(vm) == 0
     c = vm.costs
-    assert r.modeled_ns == c.exit_entry_ns + c.fault_handling_ns + c.host_page_alloc_ns
+    assert r.modeled_ns == (
+        c.exit_entry_ns + c.fault_handling_ns + c.fault_map_ns + c.host_page_alloc_ns
+    )
     # Shared alias indexing as on a TD.
     vm.set_memory_attributes(0x100, 1, private=False)
     vm.fault(0x100)

@@ -10,6 +10,7 @@ import pytest
 
 import tdpmmu
 from tdpmmu import config
+from tdpmmu._core import WAIT_FIELDS
 from tdpmmu.results import Envelope
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec, launch, spec_of
@@ -122,18 +123,25 @@ def test_demand_paging_refuses_bad_configurations(kwargs: dict[str, Any], match:
 # ----- the selftest's host wall clock ---------------------------------------------------------
 
 
-def test_wall_clock_is_measured_around_the_vcpu_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("clock", "runner"), [("host", "run_memstress"), ("virtual", "run_virtual")]
+)
+def test_wall_clock_is_measured_around_the_vcpu_threads(
+    monkeypatch: pytest.MonkeyPatch, clock: str, runner: str
+) -> None:
     # Make starting/joining the vCPUs slow (as 256 threads on 2 cores are): the selftest's
-    # clock includes it, the threads' own clocks do not.
-    native = VM.run_memstress
+    # clock includes it, the threads' own clocks do not. In virtual time the same clock is
+    # measured around the one native call that runs every simulated vCPU.
+    native = getattr(VM, runner)
     delay = 0.2
 
-    def slow_start(self: VM, *args: Any) -> Any:
+    def slow_start(self: VM, *args: Any, **kwargs: Any) -> Any:
         time.sleep(delay)
-        return native(self, *args)
+        return native(self, *args, **kwargs)
 
-    monkeypatch.setattr(VM, "run_memstress", slow_start)
-    r = demand_paging(vcpus=2, bytes_per_vcpu="1M")
+    monkeypatch.setattr(VM, runner, slow_start)
+    r = demand_paging(vcpus=2, bytes_per_vcpu="1M", clock=clock)
+    assert r.options.clock == clock
     assert r.total_guest_execution_time_s >= delay
     assert r.slowest_vcpu_wall_s == max(d["wall_s"] for d in r.per_vcpu) < delay
     assert r.per_vcpu_demand_paging_rate_pgs_per_s == pytest.approx(
@@ -168,19 +176,51 @@ def test_demand_paging_envelope() -> None:
     assert vm["vm_type"] == "snp" and vm["hooks"] == config.default_design("snp")
     assert vm["costs"] == r.costs.to_dict() and vm["costs"]["psc_exit_ns"] == 1.0
     assert doc["config"]["workload"]["bytes_per_vcpu"] == 1 << 20
-    # Modeled time with its breakdown by CostModel field, which sums to it.
+    # Modeled time with its breakdown by CostModel field then wait kind, which sums to it.
+    assert doc["config"]["workload"]["options"]["clock"] == "virtual"
     assert doc["modeled_ns"] == r.stats["modeled_ns"] > 0
-    assert set(doc["cost_breakdown"]) == set(tdpmmu.CostModel.field_names())
+    assert list(doc["cost_breakdown"]) == [*tdpmmu.CostModel.field_names(), *WAIT_FIELDS]
     assert sum(doc["cost_breakdown"].values()) == pytest.approx(doc["modeled_ns"], abs=1e-6)
+    # Virtual time: every page fixed once; every access a hit or exactly one outcome.
+    assert r.stats["pf_fixed"] == 2 * 256
+    o = r.virtual["outcomes"]
+    assert o["accesses"] == 2 * 256
+    assert o["accesses"] == (
+        o["hits"] + o["fixed"] + o["spurious"] + o["emulate"] + o["write_protected"]
+    )
     assert doc["wall_s"] >= doc["result"]["total_guest_execution_time_s"] > 0
     # JSON round trip, both as an envelope and as the typed result.
     assert Envelope.from_json(r.to_json()) == r.envelope()
     assert DemandPagingResult.from_json(r.to_json()) == r
 
 
+def test_demand_paging_envelope_host_clock() -> None:
+    r = demand_paging(
+        vm_type="snp",
+        vcpus=2,
+        bytes_per_vcpu="1M",
+        costs={"psc_exit_ns": 1.0},
+        seed=7,
+        clock="host",
+    )
+    doc = json.loads(r.to_json())
+    assert doc["config"]["workload"]["options"]["clock"] == "host"
+    assert doc["modeled_ns"] == r.stats["modeled_ns"] > 0
+    b = doc["cost_breakdown"]
+    assert list(b) == [*tdpmmu.CostModel.field_names(), *WAIT_FIELDS]
+    # Host threads wait for nothing in the ledger: the waits are virtual time's alone.
+    assert all(b[w] == 0.0 for w in WAIT_FIELDS)
+    assert sum(b.values()) == pytest.approx(doc["modeled_ns"], abs=1e-6)
+    assert r.virtual == {}
+    assert Envelope.from_json(r.to_json()) == r.envelope()
+    assert DemandPagingResult.from_json(r.to_json()) == r
+
+
 def test_envelope_round_trip_with_an_unbounded_rate() -> None:
+    # Host clock: with every cost zero nothing takes modeled time (in virtual time the host's
+    # memory bandwidth still does), so the modeled rate is unbounded.
     zero = {name: 0.0 for name in tdpmmu.CostModel.field_names()}
-    r = demand_paging(bytes_per_vcpu="1M", costs=zero)
+    r = demand_paging(bytes_per_vcpu="1M", costs=zero, clock="host")
     assert math.isinf(r.modeled_per_vcpu_demand_paging_rate_pgs_per_s)
     text = r.to_json()
     assert json.loads(text)["result"]["modeled_per_vcpu_demand_paging_rate_pgs_per_s"] is None
