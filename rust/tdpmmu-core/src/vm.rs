@@ -1049,22 +1049,28 @@ impl Vm {
             ));
         }
         if let Some((g, n)) = a.remove {
+            self.check_confidential("remove")?;
             self.check_range(g, n)?;
         }
         self.ops.ensure_alive()?;
         let st = self.ops.mmu_lock.read();
         self.ops.ensure_alive()?;
-        {
-            let mut g = a.ms.base_gfn;
-            while g < a.ms.base_gfn + span {
+        let covered = |start: u64, n: u64, arg: &str| -> Result<()> {
+            let mut g = start;
+            while g < start + n {
                 let Some(s) = st.memslots.find(g) else {
                     return Err(bad_arg(
-                        "base_gfn",
-                        format!("gfn {g:#x} of the workload is not in any memslot"),
+                        arg,
+                        format!("gfn {g:#x} of the range is not in any memslot"),
                     ));
                 };
                 g = s.end();
             }
+            Ok(())
+        };
+        covered(a.ms.base_gfn, span, "base_gfn")?;
+        if let Some((g, n)) = a.remove {
+            covered(g, n, "remove")?;
         }
         let side = crate::vtime::VmSide {
             mmu: &self.mmu,
