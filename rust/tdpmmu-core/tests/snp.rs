@@ -181,13 +181,14 @@ fn sw_protected_today_and_mirrored() {
         0,
         "no SEAMCALLs in software"
     );
+    let k = tdpmmu_core::CostModel::default();
     assert_eq!(
         m.stats()
             .into_iter()
             .find(|(n, _)| *n == "modeled_ns")
             .unwrap()
             .1,
-        1200.0 + 2000.0 + 7500.0
+        k.exit_entry_ns + k.fault_handling_ns + k.fault_map_ns + k.host_page_alloc_ns
     );
     m.set_memory_attributes(4, 1, false).unwrap();
     assert_eq!(c(&m, C::remove_external_spte), 1);
