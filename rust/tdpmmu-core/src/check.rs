@@ -204,6 +204,43 @@ pub fn check(mmu: &Mmu, st: &MmuState, totals: &Ctx) -> Result<()> {
             w.seen.len()
         )));
     }
+    check_dirty_logs(mmu, st, &roots)
+}
+
+/// Dirty logging: in a slot that logs dirty pages every page under a writable leaf of a valid
+/// direct root has its bit set in the bitmap (otherwise a write would escape the log).
+fn check_dirty_logs(mmu: &Mmu, st: &MmuState, roots: &[crate::tdp_mmu::Root]) -> Result<()> {
+    let tdp = &mmu.tdp;
+    for slot in &st.memslots.slots {
+        let Some(log) = &slot.dirty else { continue };
+        for r in roots.iter().filter(|r| !r.invalid && !r.is_mirror()) {
+            let bits = tdp.root_gfn_bits(false);
+            let mut it = crate::tdp_iter::TdpIter::start(
+                &tdp.arena,
+                r.table,
+                tdp.levels(),
+                1,
+                slot.gfn,
+                bits,
+            );
+            while it.in_range(slot.end()) {
+                let s = it.old_spte;
+                if is_shadow_present(s) && is_last(s, it.level) && s & spte::PT_WRITABLE != 0 {
+                    // A huge leaf is writable only while every page under it counts as dirty
+                    // (initially-set logs protect huge pages lazily).
+                    let lo = it.gfn.max(slot.gfn);
+                    let hi = (it.gfn + pages_per_level(it.level)).min(slot.end());
+                    if let Some(g) = (lo..hi).find(|g| !log.is_set(g - slot.gfn)) {
+                        return Err(fail(format!(
+                            "memslot {} logs dirty pages: gfn {g:#x} is writable (level-{} leaf at {:#x}) but not marked dirty",
+                            slot.id, it.level, it.gfn
+                        )));
+                    }
+                }
+                it.next();
+            }
+        }
+    }
     Ok(())
 }
 

@@ -26,6 +26,69 @@ pub struct Memslot {
     touched: Box<[AtomicU64]>,
     /// The same for the guest_memfd pages of a gmem slot.
     gmem_touched: Option<Box<[AtomicU64]>>,
+    /// KVM_MEM_LOG_DIRTY_PAGES: the dirty bitmap (one bit per 4 KiB page) while logging.
+    pub dirty: Option<DirtyLog>,
+}
+
+/// A memslot's dirty log (`KVM_MEM_LOG_DIRTY_PAGES`).
+#[derive(Debug)]
+pub struct DirtyLog {
+    /// One bit per 4 KiB page: set when a writable SPTE was installed (or made writable).
+    pub bits: Box<[AtomicU64]>,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET does not clear or re-protect; CLEAR does.
+    pub manual_protect: bool,
+    /// KVM_DIRTY_LOG_INITIALLY_SET: the bitmap starts all set and nothing is write-protected
+    /// up front (huge pages are split or protected as CLEAR reaches them).
+    pub initially_set: bool,
+    /// KVM's `eager_page_split`: huge pages are split when protection reaches them.
+    pub eager_split: bool,
+}
+
+impl DirtyLog {
+    pub fn new(
+        npages: u64,
+        manual_protect: bool,
+        initially_set: bool,
+        eager_split: bool,
+    ) -> Result<Self> {
+        let words = npages.div_ceil(64) as usize;
+        let bits = try_zeroed_atomics(words, "the dirty bitmap")?;
+        if initially_set {
+            for (i, w) in bits.iter().enumerate() {
+                let left = npages - i as u64 * 64;
+                w.store(
+                    if left >= 64 { !0 } else { (1 << left) - 1 },
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        Ok(Self {
+            bits,
+            manual_protect,
+            initially_set,
+            eager_split,
+        })
+    }
+
+    /// `mark_page_dirty_in_slot` for the page at `index` within the slot.
+    #[inline(always)]
+    pub fn mark(&self, index: u64) {
+        let w = &self.bits[(index / 64) as usize];
+        let bit = 1u64 << (index % 64);
+        if w.load(Ordering::Relaxed) & bit == 0 {
+            w.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes of the bitmap of `npages` pages.
+    pub fn bytes(npages: u64) -> u64 {
+        npages.div_ceil(64) * 8
+    }
+
+    #[inline(always)]
+    pub fn is_set(&self, index: u64) -> bool {
+        self.bits[(index / 64) as usize].load(Ordering::Relaxed) & (1 << (index % 64)) != 0
+    }
 }
 
 impl Memslot {
@@ -57,7 +120,16 @@ impl Memslot {
                 None => None,
             },
             touched: try_zeroed_atomics(words, "the memslot first-touch bitmap")?,
+            dirty: None,
         })
+    }
+
+    /// Mark `gfn` dirty if the slot logs dirty pages.
+    #[inline(always)]
+    pub fn mark_dirty(&self, gfn: u64) {
+        if let Some(d) = &self.dirty {
+            d.mark(gfn - self.gfn);
+        }
     }
 
     #[inline(always)]
@@ -168,6 +240,10 @@ impl Memslots {
 
     pub fn by_id(&self, id: u32) -> Option<&Memslot> {
         self.slots.iter().find(|s| s.id == id)
+    }
+
+    pub fn by_id_mut(&mut self, id: u32) -> Option<&mut Memslot> {
+        self.slots.iter_mut().find(|s| s.id == id)
     }
 
     /// Validate an addition; does not change anything.

@@ -10,7 +10,6 @@ use crate::error::{Error, Result, bad_arg};
 use crate::mmu::Mmu;
 use crate::op::Ops;
 use crate::page_fault::Ret;
-use crate::spte::{access_allowed, is_last, is_shadow_present};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VcpuResult {
@@ -204,12 +203,8 @@ fn vcpu_thread(
             loop {
                 // The "hardware" walk: no exit if the current mapping allows the access.
                 let root = tdp.vcpu_root(v as usize, mirror);
-                if root != crate::arena::NO_TABLE {
-                    let (level, s) = tdp.lookup(root, gfn, bits);
-                    if is_shadow_present(s) && is_last(s, level) && access_allowed(s, write, false)
-                    {
-                        break;
-                    }
+                if root != crate::arena::NO_TABLE && tdp.hw_access(root, gfn, bits, write) {
+                    break;
                 }
                 res.faults += 1;
                 match mmu.page_fault(

@@ -120,10 +120,6 @@ impl Mmu {
         vcpu: usize,
         prefetch: bool,
     ) -> Result<(FaultResult, u64)> {
-        // An exit's handling is charged per fault; a pre-fault only per leaf it installs.
-        if !prefetch {
-            ctx.charge(Cost::fault_handling_ns, 1);
-        }
         let tdp = &self.tdp;
         // kvm_mmu_reload: a vCPU without a direct root loads its roots first.
         if tdp.vcpu_root(vcpu, false) == crate::arena::NO_TABLE {
@@ -142,12 +138,23 @@ impl Mmu {
                 && is_mmio(s)
                 && mmio_generation(s) == st.memslots.generation & spte::MMIO_GEN_MASK
             {
+                ctx.charge(Cost::fault_handling_ns, 1);
                 f.spte = s;
                 return Ok((f.result(Ret::Emulate), 0));
             }
         }
         if !prefetch {
             ctx.inc(C::pf_taken);
+            // fast_page_fault: a write to a present shared leaf fixed without mmu_lock.
+            if write
+                && !is_private
+                && !(self.has_private_mem && st.attrs.is_private(gfn))
+                && let Some(ret) = self.fast_page_fault(ctx, slot, root, gfn, gfn_bits, &mut f)
+            {
+                return Ok((f.result(ret), 0));
+            }
+            // An exit's handling is charged per slow-path fault; a pre-fault per leaf.
+            ctx.charge(Cost::fault_handling_ns, 1);
         }
         // kvm_mmu_faultin_pfn: the access must match the attribute, and private memory must
         // come from guest_memfd; otherwise userspace gets KVM_EXIT_MEMORY_FAULT.
@@ -198,6 +205,15 @@ impl Mmu {
         if prefetch && ret == Ret::Fixed {
             ctx.charge(Cost::fault_handling_ns, 1);
         }
+        // make_spte: a writable SPTE in a slot that logs dirty pages marks the page dirty.
+        if ret == Ret::Fixed
+            && f.spte & spte::PT_WRITABLE != 0
+            && let Some(s) = slot
+            && s.dirty.is_some()
+        {
+            s.mark_dirty(gfn);
+            ctx.inc(C::dirty_pages_logged);
+        }
         if !prefetch {
             match ret {
                 Ret::Fixed => ctx.inc(C::pf_fixed),
@@ -225,7 +241,8 @@ impl Mmu {
                 .min(self.vendor.private_max_level(pfn));
             (pfn, first)
         } else {
-            f.max_level = slot.level;
+            // Dirty logging tracks 4K pages: no huge mapping in a logged slot.
+            f.max_level = if slot.dirty.is_some() { 1 } else { slot.level };
             (slot.pfn(f.gfn), slot.touch(f.gfn))
         };
         f.pfn = pfn;
@@ -239,6 +256,67 @@ impl Mmu {
             ctx.charge(Cost::host_zero_4k_ns, pages - 1);
         }
         pfn
+    }
+
+    /// `fast_page_fault` on the direct root: a write to a present leaf that is MMU-writable
+    /// but write-protected (dirty logging) gets W and D back with one cmpxchg and marks the
+    /// page dirty; a leaf that already allows the write is spurious. No lock, no pfn lookup;
+    /// up to 4 lost cmpxchgs, then the slow path. None: not fixable here.
+    fn fast_page_fault(
+        &self,
+        ctx: &mut Ctx,
+        slot: Option<&Memslot>,
+        root: u32,
+        gfn: u64,
+        gfn_bits: u64,
+        f: &mut KvmPageFault,
+    ) -> Option<Ret> {
+        let (level, e) = self.tdp.leaf_ptr(root, gfn, gfn_bits)?;
+        let mut s = e.load(std::sync::atomic::Ordering::Acquire);
+        for _ in 0..=4 {
+            crate::sim::with(|env| env.spte_access(ctx, false));
+            if !spte::is_shadow_present(s) || !spte::is_last(s, level) {
+                return None;
+            }
+            f.level = level;
+            if spte::access_allowed(s, true, f.exec) {
+                f.spte = s;
+                ctx.charge(Cost::fast_fix_ns, 1);
+                ctx.inc(C::pf_fast);
+                ctx.inc(C::pf_spurious);
+                return Some(Ret::Spurious);
+            }
+            // Write-protected for page tracking (MMU-writable clear), or a huge page in a
+            // logged slot (it must be split): the slow path decides.
+            if s & spte::MMU_WRITABLE == 0 || (level > 1 && slot.is_some_and(|m| m.dirty.is_some()))
+            {
+                return None;
+            }
+            let new = s | spte::PT_WRITABLE | spte::DIRTY | spte::ACCESSED;
+            crate::sim::with(|env| env.spte_access(ctx, true));
+            match e.compare_exchange(
+                s,
+                new,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    f.spte = new;
+                    if let Some(m) = slot
+                        && m.dirty.is_some()
+                    {
+                        m.mark_dirty(gfn);
+                        ctx.inc(C::dirty_pages_logged);
+                    }
+                    ctx.charge(Cost::fast_fix_ns, 1);
+                    ctx.inc(C::pf_fast);
+                    ctx.inc(C::pf_fixed);
+                    return Some(Ret::Fixed);
+                }
+                Err(cur) => s = cur,
+            }
+        }
+        None
     }
 
     /// `kvm_mmu_hugepage_adjust`.

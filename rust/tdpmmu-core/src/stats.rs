@@ -26,6 +26,7 @@ counters!(
     pf_emulate,
     pf_retry,
     pf_write_protected,
+    pf_fast,
     pf_memory_fault,
     pf_mmio_spte_created,
     pages_4k,
@@ -76,6 +77,11 @@ counters!(
     gmem_invalidate,
     conversions,
     gmem_splits,
+    // Dirty logging, aging, eager split and huge-page recovery.
+    sptes_write_protected,
+    dirty_pages_logged,
+    sptes_aged,
+    huge_pages_recovered,
 );
 
 pub const NCOUNTERS: usize = COUNTER_NAMES.len();

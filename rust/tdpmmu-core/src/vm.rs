@@ -4,6 +4,7 @@
 //! bracket and calls the MMU, guest_memfd or the vendor.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::arena::Arena;
 use crate::attrs::PrivateRanges;
@@ -21,6 +22,11 @@ use crate::page_fault::{FaultResult, Ret};
 use crate::spte::{self, SHADOW_NONPRESENT_VALUE, pages_per_level};
 use crate::stats::{C, COUNTER_NAMES, Event};
 use crate::tdp_mmu::{Root, TdpMmu, TdpShape};
+
+/// The backing level of memslot `id` (1 if it is gone).
+fn slot_level_of(st: &MmuState, id: u32) -> u8 {
+    st.memslots.by_id(id).map_or(1, |s| s.level)
+}
 use crate::vendor::Vendor;
 use crate::vendor::plain::Plain;
 use crate::vendor::rmp;
@@ -693,6 +699,280 @@ impl Vm {
             }
             st.committed += need;
             Ok(id)
+        })
+    }
+
+    // ----- dirty logging, aging, splitting (spec §7) ---------------------------------------
+
+    fn slot_range(st: &MmuState, id: u32) -> Result<(u64, u64)> {
+        match st.memslots.by_id(id) {
+            Some(s) => Ok((s.gfn, s.end())),
+            None => Err(bad_arg("slot", format!("no memslot with id {id}"))),
+        }
+    }
+
+    /// Toggle `KVM_MEM_LOG_DIRTY_PAGES` on memslot `id` (`kvm_mmu_slot_apply_flags`).
+    /// Enabling allocates the dirty bitmap (all set with `initially_set`) and, unless manual
+    /// protection with initially-set is asked for, splits huge pages (`eager_split`) and
+    /// write-protects every leaf of the slot; disabling frees the bitmap and recovers huge
+    /// mappings. guest_memfd slots cannot log dirty pages. Returns the SPTEs changed
+    /// (write-protected, or made huge again).
+    pub fn set_dirty_logging(
+        &self,
+        id: u32,
+        enable: bool,
+        manual_protect: bool,
+        initially_set: bool,
+        eager_split: bool,
+    ) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        if initially_set && !manual_protect {
+            return Err(bad_arg(
+                "initially_set",
+                "KVM_DIRTY_LOG_INITIALLY_SET needs manual_protect=True \
+                 (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
+            ));
+        }
+        self.ops.write(self.arena(), |st, ctx| {
+            let (start, end) = Self::slot_range(st, id)?;
+            let slot = st.memslots.by_id(id).expect("found above");
+            if slot.gmem {
+                return Err(bad_arg(
+                    "slot",
+                    format!(
+                        "memslot {id} has guest_memfd: KVM refuses KVM_MEM_LOG_DIRTY_PAGES on \
+                         guest_memfd slots (private memory cannot be dirty-logged)"
+                    ),
+                ));
+            }
+            if slot.dirty.is_some() == enable {
+                return Ok(0);
+            }
+            let npages = end - start;
+            let bytes = crate::memslot::DirtyLog::bytes(npages);
+            let tdp = &self.mmu.tdp;
+            let mut changed = 0;
+            if enable {
+                if st.committed.saturating_add(bytes) > self.budget {
+                    return Err(Error::OutOfMemory(format!(
+                        "set_dirty_logging: the dirty bitmap of {npages} pages needs {bytes} \
+                         bytes; the VM's budget of {} bytes has {} committed",
+                        self.budget, st.committed
+                    )));
+                }
+                let log = crate::memslot::DirtyLog::new(
+                    npages,
+                    manual_protect,
+                    initially_set,
+                    eager_split,
+                )?;
+                st.memslots.by_id_mut(id).expect("found above").dirty = Some(log);
+                st.committed += bytes;
+                st.memslots.generation += 2;
+                if !(manual_protect && initially_set) {
+                    if eager_split {
+                        tdp.try_split_huge_pages(ctx, start, end, 1)?;
+                    }
+                    changed = tdp.wrprot_range(ctx, start, end, 1);
+                }
+            } else {
+                st.memslots.by_id_mut(id).expect("found above").dirty = None;
+                st.committed -= bytes;
+                st.memslots.generation += 2;
+                let level = slot_level_of(st, id);
+                changed = tdp
+                    .recover_huge_pages(ctx, start, end, |g| self.recoverable_level(st, g, level));
+            }
+            if changed > 0 {
+                tdp.flush_remote_tlbs(ctx);
+            }
+            Ok(changed)
+        })
+    }
+
+    /// The largest huge-page level a gfn of a slot backed at `level` may be mapped at again.
+    fn recoverable_level(&self, st: &MmuState, gfn: u64, level: u8) -> u8 {
+        if self.mmu.has_private_mem && st.attrs.is_private(gfn) {
+            return 1;
+        }
+        level
+    }
+
+    /// KVM_GET_DIRTY_LOG for memslot `id`: the bitmap as 64-bit words (bit i of word w = page
+    /// `64 * w + i` of the slot). Without manual protection the bits are taken (cleared) and
+    /// those pages write-protected again, under `mmu_lock` for write, with one flush; with it
+    /// the bitmap is only copied (KVM_CLEAR_DIRTY_LOG re-arms).
+    pub fn get_dirty_log(&self, id: u32) -> Result<Vec<u64>> {
+        self.ops.ensure_alive()?;
+        self.ops.write(self.arena(), |st, ctx| {
+            let (start, _) = Self::slot_range(st, id)?;
+            let slot = st.memslots.by_id(id).expect("found above");
+            let Some(log) = &slot.dirty else {
+                return Err(bad_arg(
+                    "slot",
+                    format!("memslot {id} does not log dirty pages (set_dirty_logging first)"),
+                ));
+            };
+            let mut out = Vec::with_capacity(log.bits.len());
+            let mut changed = 0;
+            for (w, word) in log.bits.iter().enumerate() {
+                if log.manual_protect {
+                    out.push(word.load(Ordering::Acquire));
+                    continue;
+                }
+                let mask = word.swap(0, Ordering::AcqRel);
+                out.push(mask);
+                if mask != 0 {
+                    changed += self
+                        .mmu
+                        .tdp
+                        .clear_dirty_pt_masked(ctx, start + 64 * w as u64, mask);
+                }
+            }
+            if changed > 0 {
+                self.mmu.tdp.flush_remote_tlbs(ctx);
+            }
+            Ok(out)
+        })
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG for memslot `id` (manual protection only): clear the bits of pages
+    /// [first_page, first_page + npages) of the slot and write-protect those that were set;
+    /// with initially-set, huge pages over them are first split (eager split) or
+    /// write-protected. `first_page` must be a multiple of 64 and `npages` too unless the range
+    /// reaches the slot's end (KVM's rule). Returns the SPTEs write-protected.
+    pub fn clear_dirty_log(&self, id: u32, first_page: u64, npages: u64) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.ops.write(self.arena(), |st, ctx| {
+            let (start, end) = Self::slot_range(st, id)?;
+            let slot = st.memslots.by_id(id).expect("found above");
+            let Some(log) = &slot.dirty else {
+                return Err(bad_arg(
+                    "slot",
+                    format!("memslot {id} does not log dirty pages (set_dirty_logging first)"),
+                ));
+            };
+            if !log.manual_protect {
+                return Err(bad_arg(
+                    "slot",
+                    "KVM_CLEAR_DIRTY_LOG needs manual_protect=True \
+                     (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
+                ));
+            }
+            let size = end - start;
+            if !first_page.is_multiple_of(64) || first_page >= size {
+                return Err(bad_arg(
+                    "first_page",
+                    format!("must be a multiple of 64 below {size}, got {first_page}"),
+                ));
+            }
+            if npages == 0
+                || first_page + npages > size
+                || (!npages.is_multiple_of(64) && first_page + npages != size)
+            {
+                return Err(bad_arg(
+                    "npages",
+                    format!(
+                        "must be > 0, a multiple of 64 unless the range reaches the slot's end \
+                         ({size} pages), and within the slot; got {npages}"
+                    ),
+                ));
+            }
+            let tdp = &self.mmu.tdp;
+            let mut changed = 0;
+            let last = first_page + npages;
+            let mut p = first_page;
+            while p < last {
+                let n = (last - p).min(64);
+                let range = if n == 64 { !0 } else { (1u64 << n) - 1 };
+                let mask = log.bits[(p / 64) as usize].fetch_and(!range, Ordering::AcqRel) & range;
+                if mask != 0 {
+                    let g = start + p;
+                    if log.initially_set {
+                        // Huge pages over the cleared pages: split, or write-protect at 2M+.
+                        let (lo, hi) = (g, g + 64);
+                        if log.eager_split {
+                            tdp.try_split_huge_pages(ctx, lo, hi, 1)?;
+                        } else {
+                            changed += tdp.wrprot_range(ctx, lo, hi, 2);
+                        }
+                    }
+                    changed += tdp.clear_dirty_pt_masked(ctx, g, mask);
+                }
+                p += n;
+            }
+            if changed > 0 {
+                tdp.flush_remote_tlbs(ctx);
+            }
+            Ok(changed)
+        })
+    }
+
+    /// The MMU notifier's clear_young (`kvm_tdp_mmu_age_gfn_range`): clear the Accessed bit of
+    /// every shared leaf in [gfn, gfn + npages); whether any was young. Lockless in KVM.
+    pub fn age_gfn_range(&self, gfn: u64, npages: u64) -> Result<bool> {
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        self.ops.read(self.arena(), |_, ctx| {
+            Ok(self.mmu.tdp.age_gfn_range(ctx, gfn, gfn + npages))
+        })
+    }
+
+    /// The MMU notifier's test_young (`kvm_tdp_mmu_test_age_gfn`): whether a shared leaf in
+    /// [gfn, gfn + npages) has its Accessed bit set. Changes nothing.
+    pub fn test_age_gfn(&self, gfn: u64, npages: u64) -> Result<bool> {
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        self.ops.read(self.arena(), |_, _| {
+            Ok(self.mmu.tdp.test_age_gfn(gfn, gfn + npages))
+        })
+    }
+
+    /// Eager huge-page splitting (`kvm_tdp_mmu_try_split_huge_pages`) of [gfn, gfn + npages)
+    /// down to `target_level` (1 = 4K, 2 = 2M), under `mmu_lock` for read; no flush (the
+    /// translation does not change). Returns the huge pages split.
+    pub fn split_huge_pages(&self, gfn: u64, npages: u64, target_level: u8) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        if !(1..=2).contains(&target_level) {
+            return Err(bad_arg(
+                "target_level",
+                format!("must be 1 (4K) or 2 (2M), got {target_level}"),
+            ));
+        }
+        self.ops.read(self.arena(), |_, ctx| {
+            self.mmu
+                .tdp
+                .try_split_huge_pages(ctx, gfn, gfn + npages, target_level)
+        })
+    }
+
+    /// `kvm_mmu_recover_huge_pages` for memslot `id` (mmu_lock for read): tables whose range
+    /// the slot's backing (and, on a confidential VM, the attributes) allow to map huge become
+    /// one huge leaf again; one flush if any did. Not for a slot that logs dirty pages.
+    /// Returns the huge leaves made.
+    pub fn recover_huge_pages(&self, id: u32) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.ops.read(self.arena(), |st, ctx| {
+            let (start, end) = Self::slot_range(st, id)?;
+            let slot = st.memslots.by_id(id).expect("found above");
+            if slot.dirty.is_some() {
+                return Err(bad_arg(
+                    "slot",
+                    format!(
+                        "memslot {id} logs dirty pages: huge pages are recovered when logging stops"
+                    ),
+                ));
+            }
+            let level = slot.level;
+            let made = self
+                .mmu
+                .tdp
+                .recover_huge_pages(ctx, start, end, |g| self.recoverable_level(st, g, level));
+            if made > 0 {
+                self.mmu.tdp.flush_remote_tlbs(ctx);
+            }
+            Ok(made)
         })
     }
 

@@ -253,8 +253,13 @@ fn modeled_cost_of_a_first_touch_fault() {
     let r = vm.fault(0, None, true, false, 0).unwrap();
     let exit_and_kvm = k.exit_entry_ns + k.fault_handling_ns + k.fault_map_ns;
     assert_eq!(r.modeled_ns, exit_and_kvm + k.host_page_alloc_ns);
-    // A spurious re-fault: no host page, but the walk under the lock still runs.
+    // A write exit on a leaf that already allows it: fast_page_fault finds it spurious
+    // without mmu_lock.
     let r = vm.fault(0, None, true, false, 0).unwrap();
+    assert_eq!(r.ret, Ret::Spurious);
+    assert_eq!(r.modeled_ns, k.exit_entry_ns + k.fast_fix_ns);
+    // A read exit is not fast-path material: the slow path walks under the lock.
+    let r = vm.fault(0, None, false, false, 0).unwrap();
     assert_eq!(r.modeled_ns, exit_and_kvm);
 }
 

@@ -145,7 +145,7 @@ impl TdpMmu {
     /// `tdp_mmu_split_huge_page` (shared): fill the child with the 512 smaller mappings of the
     /// huge SPTE, then replace the huge SPTE with a link. No TLB flush is needed: the
     /// translation does not change.
-    fn split_huge_page(
+    pub(crate) fn split_huge_page(
         &self,
         ctx: &mut Ctx,
         it: &mut TdpIter<'_>,

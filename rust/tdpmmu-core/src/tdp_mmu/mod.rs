@@ -3,6 +3,7 @@
 //! and a hook dispatch site. It knows nothing of VM types: a mirror root and a shared alias
 //! bit are properties it is built with, and external changes go through `hooks::Dispatch`.
 
+mod dirty;
 mod map;
 mod roots;
 mod set;

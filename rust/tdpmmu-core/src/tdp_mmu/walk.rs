@@ -15,6 +15,51 @@ impl TdpMmu {
         last
     }
 
+    /// The leaf entry that maps `gfn` in `root`, if the path reaches one: (level, entry).
+    #[inline]
+    pub fn leaf_ptr(
+        &self,
+        root: u32,
+        gfn: u64,
+        gfn_bits: u64,
+    ) -> Option<(u8, &std::sync::atomic::AtomicU64)> {
+        if gfn_bits != 0 && gfn >= gfn_bits {
+            return None;
+        }
+        let mut table = root;
+        let mut level = self.shape.levels;
+        loop {
+            let e = self.arena.entry(table, spte::index(gfn | gfn_bits, level));
+            let s = e.load(Ordering::Acquire);
+            if !is_shadow_present(s) {
+                return None;
+            }
+            if is_last(s, level) {
+                return Some((level, e));
+            }
+            table = self.arena.idx_of_pfn(spte::spte_to_pfn(s))?;
+            level -= 1;
+        }
+    }
+
+    /// The "hardware" translation of one guest access: true if the mapping allows it, in
+    /// which case the CPU sets the leaf's Accessed bit (and Dirty for a write) as EPT A/D does.
+    #[inline]
+    pub fn hw_access(&self, root: u32, gfn: u64, gfn_bits: u64, write: bool) -> bool {
+        let Some((_, e)) = self.leaf_ptr(root, gfn, gfn_bits) else {
+            return false;
+        };
+        let s = e.load(Ordering::Acquire);
+        if !spte::access_allowed(s, write, false) {
+            return false;
+        }
+        let want = spte::ACCESSED | if write { spte::DIRTY } else { 0 };
+        if s & want != want {
+            e.fetch_or(want, Ordering::AcqRel);
+        }
+        true
+    }
+
     /// Entries on the path from `root` to `gfn`, stopping after a leaf or a non-present entry.
     pub fn walk_root(&self, root: u32, gfn: u64, gfn_bits: u64) -> Vec<(u8, u64)> {
         let mut out = Vec::with_capacity(self.shape.levels as usize);

@@ -24,7 +24,6 @@ use crate::mmu::Mmu;
 use crate::op::{MmuState, Ops};
 use crate::page_fault::Ret;
 use crate::sim::{self, Env};
-use crate::spte::{access_allowed, is_last, is_shadow_present};
 use crate::stats::Ctx;
 use engine::{Engine, EngineConfig};
 
@@ -395,13 +394,9 @@ fn vcpu(
                 e.step(ctx);
                 ctx.wait(Wait::guest_ns, ctx.rate(crate::cost::Cost::guest_access_ns));
                 let root = tdp.vcpu_root(v as usize, mirror);
-                if root != crate::arena::NO_TABLE {
-                    let (level, s) = tdp.lookup(root, gfn, bits);
-                    if is_shadow_present(s) && is_last(s, level) && access_allowed(s, write, false)
-                    {
-                        r.hits += 1;
-                        break;
-                    }
+                if root != crate::arena::NO_TABLE && tdp.hw_access(root, gfn, bits, write) {
+                    r.hits += 1;
+                    break;
                 }
                 r.faults += 1;
                 e.set_in_guest(false);

@@ -1,0 +1,264 @@
+//! Dirty logging, write-protection faults and the fast page fault, aging, eager splitting and
+//! huge-page recovery (spec §7), each written to fail if its rule were broken.
+
+mod common;
+
+use common::{c, config};
+use tdpmmu_core::memstress::MemstressArgs;
+use tdpmmu_core::spte::{ACCESSED, PT_WRITABLE, is_large};
+use tdpmmu_core::stats::C;
+use tdpmmu_core::{CostModel, Ret, Vm, VmConfig};
+
+fn vm(memory: u64, backing: u64) -> Vm {
+    Vm::new(VmConfig {
+        memory,
+        backing,
+        vcpus: 2,
+        ..VmConfig::default()
+    })
+    .unwrap()
+}
+
+fn write(vm: &Vm, gfn: u64) -> Ret {
+    vm.fault(gfn, None, true, false, 0).unwrap().ret
+}
+
+fn bit(words: &[u64], page: u64) -> bool {
+    words[(page / 64) as usize] & (1 << (page % 64)) != 0
+}
+
+#[test]
+fn enabling_the_log_write_protects_and_a_write_is_fixed_on_the_fast_path() {
+    let v = vm(64 << 20, 4096);
+    assert_eq!(v.populate(0, 256, None, 0).unwrap(), 256);
+    assert_eq!(
+        v.set_dirty_logging(0, true, false, false, true).unwrap(),
+        256
+    );
+    assert_eq!(c(&v, C::sptes_write_protected), 256);
+    assert_eq!(v.spte(3, false).unwrap() & PT_WRITABLE, 0);
+    v.check().unwrap();
+    // The write exits; the leaf is MMU-writable, so one cmpxchg restores W without the lock.
+    let k = CostModel::default();
+    let r = v.fault(3, None, true, false, 0).unwrap();
+    assert_eq!(r.ret, Ret::Fixed);
+    assert_eq!(r.modeled_ns, k.exit_entry_ns + k.fast_fix_ns);
+    assert_eq!(c(&v, C::pf_fast), 1);
+    assert_eq!(c(&v, C::pf_fixed), 1);
+    assert_ne!(v.spte(3, false).unwrap() & PT_WRITABLE, 0);
+    // A second write exit on the now-writable leaf is spurious, still on the fast path.
+    assert_eq!(write(&v, 3), Ret::Spurious);
+    assert_eq!(c(&v, C::pf_fast), 2);
+    // A read does not qualify for the fast path and a read of a protected page is allowed.
+    assert_eq!(
+        v.fault(4, None, false, false, 0).unwrap().ret,
+        Ret::Spurious
+    );
+    assert_eq!(c(&v, C::pf_fast), 2);
+    v.check().unwrap();
+    // GET without manual protection: the bits are taken and the pages protected again.
+    let log = v.get_dirty_log(0).unwrap();
+    assert!(bit(&log, 3) && !bit(&log, 4));
+    assert_eq!(log.iter().map(|w| w.count_ones()).sum::<u32>(), 1);
+    assert_eq!(v.spte(3, false).unwrap() & PT_WRITABLE, 0);
+    let again = v.get_dirty_log(0).unwrap();
+    assert!(again.iter().all(|w| *w == 0));
+    assert_eq!(write(&v, 3), Ret::Fixed);
+    assert_eq!(c(&v, C::pf_fast), 3);
+    v.check().unwrap();
+}
+
+#[test]
+fn new_mappings_in_a_logged_slot_are_4k_and_marked_dirty() {
+    let v = vm(64 << 20, 2 << 20);
+    v.set_dirty_logging(0, true, false, false, true).unwrap();
+    let r = v.fault(600, None, false, false, 0).unwrap();
+    assert_eq!(
+        (r.ret, r.level),
+        (Ret::Fixed, 1),
+        "no huge page while logging"
+    );
+    assert!(
+        bit(&v.get_dirty_log(0).unwrap(), 600),
+        "a writable SPTE is a dirty page"
+    );
+    v.check().unwrap();
+    // Logging off: the 2M range is backed by one host huge page; recovery maps it huge.
+    let before = c(&v, C::remote_tlb_flush);
+    for g in 512..1024 {
+        v.fault(g, None, true, false, 0).unwrap();
+    }
+    assert_eq!(
+        v.set_dirty_logging(0, false, false, false, true).unwrap(),
+        1
+    );
+    assert_eq!(c(&v, C::huge_pages_recovered), 1);
+    assert!(c(&v, C::remote_tlb_flush) > before);
+    assert!(is_large(v.spte(700, false).unwrap()));
+    v.check().unwrap();
+}
+
+#[test]
+fn eager_split_breaks_huge_pages_when_logging_starts() {
+    let v = vm(64 << 20, 2 << 20);
+    v.populate(0, 2048, None, 0).unwrap();
+    assert_eq!(c(&v, C::pages_2m), 4);
+    v.set_dirty_logging(0, true, false, false, true).unwrap();
+    assert_eq!(c(&v, C::pages_2m), 0);
+    assert_eq!(c(&v, C::pages_4k), 2048);
+    assert_eq!(c(&v, C::huge_page_splits), 4);
+    assert_eq!(c(&v, C::sptes_write_protected), 2048);
+    v.check().unwrap();
+    // Without eager split the 2M leaves stay and are write-protected at 2M.
+    let w = vm(64 << 20, 2 << 20);
+    w.populate(0, 2048, None, 0).unwrap();
+    assert_eq!(
+        w.set_dirty_logging(0, true, false, false, false).unwrap(),
+        4
+    );
+    assert_eq!(c(&w, C::pages_2m), 4);
+    // A write to a protected 2M page in a logged slot is not fast: the slow path splits it.
+    assert_eq!(write(&w, 7), Ret::Fixed);
+    assert_eq!(c(&w, C::pf_fast), 0);
+    assert_eq!(v.spte(7, false).unwrap() & PT_WRITABLE, 0);
+    assert_eq!(w.fault(7, None, true, false, 0).unwrap().level, 1);
+    w.check().unwrap();
+}
+
+#[test]
+fn manual_protect_with_initially_set_defers_protection_to_clear() {
+    let v = vm(64 << 20, 4096);
+    v.populate(0, 256, None, 0).unwrap();
+    assert_eq!(v.set_dirty_logging(0, true, true, true, true).unwrap(), 0);
+    let log = v.get_dirty_log(0).unwrap();
+    assert_eq!(log.len() as u64, (64 << 20) / 4096 / 64);
+    assert!(log.iter().all(|w| *w == !0), "initially set");
+    assert_ne!(
+        v.spte(5, false).unwrap() & PT_WRITABLE,
+        0,
+        "nothing protected yet"
+    );
+    // GET with manual protection copies only; CLEAR re-arms the first 128 pages.
+    assert_eq!(v.get_dirty_log(0).unwrap(), log);
+    assert_eq!(v.clear_dirty_log(0, 0, 128).unwrap(), 128);
+    let log = v.get_dirty_log(0).unwrap();
+    assert_eq!((log[0], log[1], log[2]), (0, 0, !0));
+    assert_eq!(v.spte(5, false).unwrap() & PT_WRITABLE, 0);
+    assert_ne!(v.spte(200, false).unwrap() & PT_WRITABLE, 0);
+    v.check().unwrap();
+    assert_eq!(write(&v, 5), Ret::Fixed);
+    assert!(bit(&v.get_dirty_log(0).unwrap(), 5));
+    // KVM's rules for CLEAR.
+    assert!(
+        v.clear_dirty_log(0, 3, 64)
+            .unwrap_err()
+            .to_string()
+            .contains("first_page")
+    );
+    assert!(
+        v.clear_dirty_log(0, 0, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("npages")
+    );
+    v.check().unwrap();
+}
+
+#[test]
+fn what_kvm_refuses_is_refused() {
+    let v = vm(64 << 20, 4096);
+    assert!(
+        v.set_dirty_logging(0, true, false, true, true)
+            .unwrap_err()
+            .to_string()
+            .contains("initially_set")
+    );
+    v.set_dirty_logging(0, true, false, false, true).unwrap();
+    assert!(
+        v.clear_dirty_log(0, 0, 64)
+            .unwrap_err()
+            .to_string()
+            .contains("manual_protect")
+    );
+    assert!(v.get_dirty_log(7).unwrap_err().to_string().contains("slot"));
+    assert!(
+        v.recover_huge_pages(0)
+            .unwrap_err()
+            .to_string()
+            .contains("logs dirty")
+    );
+    let td = Vm::new(VmConfig {
+        memory: 64 << 20,
+        ..config("tdx", "", &[]).unwrap()
+    })
+    .unwrap();
+    let err = td
+        .set_dirty_logging(0, true, false, false, true)
+        .unwrap_err();
+    assert!(err.to_string().contains("guest_memfd"), "{err}");
+}
+
+#[test]
+fn aging_clears_accessed_and_the_guest_sets_it_again() {
+    let v = vm(64 << 20, 4096);
+    v.populate(0, 64, None, 0).unwrap();
+    // A pre-fault maps without A (prefetch); a guest access sets it as EPT A/D does.
+    assert!(!v.test_age_gfn(0, 64).unwrap());
+    let a = MemstressArgs {
+        vcpus: 1,
+        pages_per_vcpu: 64,
+        base_gfn: 0,
+        overlap: false,
+        random_access: false,
+        write_percent: 0,
+        seed: 0,
+        private: None,
+    };
+    v.run_memstress(&a).unwrap();
+    assert_eq!(c(&v, C::pf_taken), 0, "every read hit its mapping");
+    assert!(v.test_age_gfn(10, 1).unwrap());
+    assert_ne!(v.spte(10, false).unwrap() & ACCESSED, 0);
+    assert!(v.age_gfn_range(0, 32).unwrap());
+    assert_eq!(c(&v, C::sptes_aged), 32);
+    assert!(!v.test_age_gfn(0, 32).unwrap());
+    assert!(v.test_age_gfn(32, 32).unwrap());
+    assert!(
+        !v.age_gfn_range(0, 32).unwrap(),
+        "nothing young is left there"
+    );
+    // Aging needs no flush and no SPTE bookkeeping.
+    assert_eq!(c(&v, C::remote_tlb_flush), 0);
+    v.check().unwrap();
+}
+
+#[test]
+fn split_huge_pages_to_a_target_level() {
+    let v = Vm::new(VmConfig {
+        memory: 2 << 30,
+        backing: 1 << 30,
+        ..VmConfig::default()
+    })
+    .unwrap();
+    v.populate(0, 1 << 18, None, 0).unwrap();
+    assert_eq!(c(&v, C::pages_1g), 1);
+    assert_eq!(v.split_huge_pages(0, 1 << 18, 2).unwrap(), 1);
+    assert_eq!((c(&v, C::pages_1g), c(&v, C::pages_2m)), (0, 512));
+    // Pre-order: 2M -> 4K in one pass over a range.
+    assert_eq!(v.split_huge_pages(0, 1024, 1).unwrap(), 2);
+    assert_eq!(c(&v, C::pages_4k), 1024);
+    assert!(v.split_huge_pages(0, 1, 3).is_err());
+    v.check().unwrap();
+    // Recovery undoes it where the backing allows: pre-order reaches the 1G table first and
+    // replaces the whole subtree with one 1G leaf, tearing down the 2M and 4K tables below.
+    assert_eq!(v.recover_huge_pages(0).unwrap(), 1);
+    assert_eq!(
+        (c(&v, C::pages_1g), c(&v, C::pages_2m), c(&v, C::pages_4k)),
+        (1, 0, 0)
+    );
+    assert_eq!(
+        c(&v, C::tdp_mmu_pages),
+        1,
+        "only the level-3 table holding the 1G leaf"
+    );
+    v.check().unwrap();
+}
