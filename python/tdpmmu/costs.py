@@ -34,6 +34,11 @@ SOURCES: dict[str, str] = {
         "docs/costs.md §3.2: 0.2 µs (E), KVM's work under mmu_lock per fault (walk, new SPTE, "
         "install); a share of R1/R6; what an exclusive mmu_lock serializes; sweep 0.1-1 µs"
     ),
+    "fast_fix_ns": (
+        "docs/costs.md §3.5: 0.1 µs (E), fast_page_fault's lockless walk and cmpxchg after the "
+        "exit; with the 1.2 µs exit it is the ≈1.2-1.3 µs fast-path round trip (Matlack 2021); "
+        "sweep 0.05-0.5 µs"
+    ),
     "host_page_alloc_ns": (
         "docs/costs.md §3.3: 0.62 µs (E), allocating a host page (≈0.3 µs, E) plus clearing its "
         "first 4 KiB (≈0.32 µs, D from 12.7-12.9 GB/s single-thread clearing, Arora 2025); sweep "
@@ -231,6 +236,8 @@ class CostModel:
     fault_handling_ns: float = _D["fault_handling_ns"]
     #: KVM's work under mmu_lock per fault: the walk, the new SPTE, the install (§3.2).
     fault_map_ns: float = _D["fault_map_ns"]
+    #: fast_page_fault's lockless fix of a write-protected leaf, or its spurious finding (§3.5).
+    fast_fix_ns: float = _D["fast_fix_ns"]
     #: First touch of a host backing page: allocation plus zeroing its first 4 KiB (§3.3).
     host_page_alloc_ns: float = _D["host_page_alloc_ns"]
     #: Zeroing each further 4 KiB of a huge backing page on first touch (§3.4).

@@ -40,7 +40,13 @@ USERFAULT_MODES: Final[tuple[str, ...]] = tuple(_core.USERFAULT_MODES)
 RESOURCES: Final[Mapping[str, tuple[str, ...]]] = {
     "guest": ("guest_ns",),
     "exits": ("exit_entry_ns", "td_exit_entry_ns", "psc_exit_ns", "userspace_exit_ns"),
-    "kvm fault work": ("fault_handling_ns", "fault_map_ns", "spte_update_ns", "wait_spte"),
+    "kvm fault work": (
+        "fault_handling_ns",
+        "fault_map_ns",
+        "fast_fix_ns",
+        "spte_update_ns",
+        "wait_spte",
+    ),
     "mmu_lock wait": ("wait_mmu_lock",),
     "contended lock lines": ("wait_lock_line",),
     "host memory": (

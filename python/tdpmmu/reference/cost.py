@@ -20,6 +20,7 @@ DEFAULT_COSTS: dict[str, float] = {
     "exit_entry_ns": 1200.0,
     "fault_handling_ns": 300.0,
     "fault_map_ns": 200.0,
+    "fast_fix_ns": 100.0,
     "host_page_alloc_ns": 620.0,
     "host_zero_4k_ns": 320.0,
     "tlb_flush_base_ns": 1000.0,

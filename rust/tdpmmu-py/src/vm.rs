@@ -971,6 +971,224 @@ impl Vm {
         self.run(py, |vm| vm.delete_memslot(slot))
     }
 
+    /// Start or stop dirty logging on a memslot (``KVM_MEM_LOG_DIRTY_PAGES``).
+    ///
+    /// Models ``kvm_mmu_slot_apply_flags``. Enabling allocates the slot's dirty bitmap (one bit
+    /// per 4 KiB page; all set with ``initially_set``) and, unless both ``manual_protect`` and
+    /// ``initially_set`` are given, splits the slot's huge pages (``eager_split``, KVM's
+    /// ``eager_page_split``) and write-protects every leaf (W cleared, MMU-writable kept, so
+    /// the guest's next write takes the lockless fast path and marks the page dirty); one
+    /// remote TLB flush if any leaf changed. While logging, new mappings of the slot are 4K
+    /// and every writable SPTE installed marks its page dirty. Disabling frees the bitmap and
+    /// recovers huge mappings where the backing allows (``recover_huge_pages``).
+    ///
+    /// Args:
+    ///     slot: memslot id (from ``memslots()``/``add_memslot``).
+    ///     enabled: True to start logging, False to stop (doing what is already the state is a
+    ///         no-op returning 0).
+    ///     manual_protect: ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``: ``get_dirty_log`` only copies
+    ///         the bitmap and ``clear_dirty_log`` re-arms pages (default False).
+    ///     initially_set: ``KVM_DIRTY_LOG_INITIALLY_SET`` (needs ``manual_protect``): the bitmap
+    ///         starts all set and nothing is write-protected up front (default False).
+    ///     eager_split: split huge pages when protection reaches them (default True).
+    ///
+    /// Returns:
+    ///     int: SPTEs changed: write-protected when enabling, made huge again when disabling.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``slot`` for an unknown id or a guest_memfd slot (KVM refuses
+    ///         dirty logging on private memory), ``initially_set`` without ``manual_protect``,
+    ///         ``vm`` after ``destroy()``. The VM is unchanged.
+    ///     OutOfMemory: the bitmap does not fit the VM's budget.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    #[pyo3(signature = (slot, enabled, manual_protect = false, initially_set = false, eager_split = true))]
+    fn set_dirty_logging(
+        &self,
+        py: Python<'_>,
+        slot: Int,
+        enabled: bool,
+        manual_protect: bool,
+        initially_set: bool,
+        eager_split: bool,
+    ) -> PyResult<u64> {
+        let slot = in_range(py, "slot", &slot, u32::MAX as u128)? as u32;
+        self.run(py, |vm| {
+            vm.set_dirty_logging(slot, enabled, manual_protect, initially_set, eager_split)
+        })
+    }
+
+    /// The memslot's dirty bitmap (``KVM_GET_DIRTY_LOG``).
+    ///
+    /// Models ``kvm_get_dirty_log_protect``. Without manual protection the set bits are taken
+    /// (the bitmap is cleared) and those pages write-protected again under ``mmu_lock`` for
+    /// write, with one remote TLB flush; with ``manual_protect`` the bitmap is only copied.
+    ///
+    /// Args:
+    ///     slot: memslot id; the slot must log dirty pages.
+    ///
+    /// Returns:
+    ///     numpy.ndarray: uint64 words, KVM's layout: bit ``i`` of word ``w`` is page ``64 * w +
+    ///     i`` of the slot. ``numpy.unpackbits(a.view(numpy.uint8), bitorder="little")`` gives
+    ///     one 0/1 per page.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``slot`` for an unknown id or a slot that does not log dirty pages;
+    ///         ``vm`` after ``destroy()``.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: ``slot`` is not an int.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    fn get_dirty_log<'py>(
+        &self,
+        py: Python<'py>,
+        slot: Int,
+    ) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let slot = in_range(py, "slot", &slot, u32::MAX as u128)? as u32;
+        let words = self.run(py, |vm| vm.get_dirty_log(slot))?;
+        Ok(PyArray1::from_vec(py, words))
+    }
+
+    /// Re-arm dirty logging of part of a memslot (``KVM_CLEAR_DIRTY_LOG``).
+    ///
+    /// Models ``kvm_clear_dirty_log_protect``: the bits of pages ``[first_page, first_page +
+    /// npages)`` of the slot are cleared and the pages that were dirty write-protected again
+    /// (with ``initially_set``, huge pages over them are first split or write-protected); one
+    /// remote TLB flush if any SPTE changed. Needs ``manual_protect``.
+    ///
+    /// Args:
+    ///     slot: memslot id; the slot must log dirty pages with ``manual_protect``.
+    ///     first_page: first page, counted from the slot's start, a multiple of 64.
+    ///     npages: pages, >= 1; a multiple of 64 unless the range reaches the slot's end.
+    ///
+    /// Returns:
+    ///     int: the SPTEs write-protected.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``slot`` (unknown, not logging, or without ``manual_protect``),
+    ///         ``first_page`` or ``npages`` out of KVM's rules; ``vm`` after ``destroy()``. The
+    ///         VM is unchanged.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    fn clear_dirty_log(
+        &self,
+        py: Python<'_>,
+        slot: Int,
+        first_page: Int,
+        npages: Int,
+    ) -> PyResult<u64> {
+        let slot = in_range(py, "slot", &slot, u32::MAX as u128)? as u32;
+        let first = in_range(py, "first_page", &first_page, 1 << 64)?;
+        let n = in_range(py, "npages", &npages, 1 << 64)?;
+        self.run(py, |vm| vm.clear_dirty_log(slot, first, n))
+    }
+
+    /// Clear the Accessed bit of a range's shared leaves (the MMU notifier's clear_young).
+    ///
+    /// Models ``kvm_tdp_mmu_age_gfn_range``: lockless in KVM, an atomic AND per young leaf,
+    /// no ``handle_changed_spte`` and no flush. Only the direct root (the notifier's SHARED
+    /// filter). Guest accesses set the bit again (EPT A/D).
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1, within ``max_gfn``.
+    ///
+    /// Returns:
+    ///     bool: whether any leaf in the range was young.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` or ``npages`` out of range; ``vm`` after ``destroy()``.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    fn age_gfn_range(&self, py: Python<'_>, gfn: Int, npages: Int) -> PyResult<bool> {
+        let (gfn, npages) = self.range(py, &gfn, &npages)?;
+        self.run(py, |vm| vm.age_gfn_range(gfn, npages))
+    }
+
+    /// Whether a range has a young shared leaf (the MMU notifier's test_young).
+    ///
+    /// Models ``kvm_tdp_mmu_test_age_gfn``: changes nothing.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1 (default 1).
+    ///
+    /// Returns:
+    ///     bool: True if a present leaf in the range has its Accessed bit set.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` or ``npages`` out of range; ``vm`` after ``destroy()``.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    #[pyo3(signature = (gfn, npages = None))]
+    fn test_age_gfn(&self, py: Python<'_>, gfn: Int, npages: Option<Int>) -> PyResult<bool> {
+        let n = npages.unwrap_or(Int::of(1));
+        let (gfn, npages) = self.range(py, &gfn, &n)?;
+        self.run(py, |vm| vm.test_age_gfn(gfn, npages))
+    }
+
+    /// Split the huge pages of a range (eager page splitting).
+    ///
+    /// Models ``kvm_tdp_mmu_try_split_huge_pages`` under ``mmu_lock`` for read: every present
+    /// huge leaf above ``target_level`` in the direct root becomes a table of 512 smaller
+    /// leaves with the same permissions, in pre-order (1G to 2M to 4K in one pass), charging
+    /// ``spte_update_ns`` per SPTE created; no TLB flush (the translation is unchanged).
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1, within ``max_gfn``.
+    ///     target_level: 1 (split to 4K) or 2 (split 1G pages to 2M).
+    ///
+    /// Returns:
+    ///     int: the huge pages split.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn``, ``npages`` or ``target_level`` out of range; ``vm``
+    ///         after ``destroy()``.
+    ///     OutOfMemory: no page-table memory for a table.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    fn split_huge_pages(
+        &self,
+        py: Python<'_>,
+        gfn: Int,
+        npages: Int,
+        target_level: Int,
+    ) -> PyResult<u64> {
+        let (gfn, npages) = self.range(py, &gfn, &npages)?;
+        let level = in_range(py, "target_level", &target_level, 256)? as u8;
+        self.run(py, |vm| vm.split_huge_pages(gfn, npages, level))
+    }
+
+    /// Map a memslot huge again where its backing allows (huge-page recovery).
+    ///
+    /// Models ``kvm_mmu_recover_huge_pages`` (v6.13+, formerly zapping collapsible SPTEs)
+    /// under ``mmu_lock`` for read: each table at 2M or 1G wholly inside the slot, whose range
+    /// the host backing (and on a confidential VM the shared attribute) allows to map huge,
+    /// is replaced by one huge leaf built from its first present leaf, and the subtree below is
+    /// torn down; one flush if any was. ``set_dirty_logging(slot, False)`` does this.
+    ///
+    /// Args:
+    ///     slot: memslot id; the slot must not log dirty pages.
+    ///
+    /// Returns:
+    ///     int: the huge leaves made.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``slot`` for an unknown id or a slot that logs dirty pages;
+    ///         ``vm`` after ``destroy()``.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: ``slot`` is not an int.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    fn recover_huge_pages(&self, py: Python<'_>, slot: Int) -> PyResult<u64> {
+        let slot = in_range(py, "slot", &slot, u32::MAX as u128)? as u32;
+        self.run(py, |vm| vm.recover_huge_pages(slot))
+    }
+
     /// The memslots, ordered by gfn (inspection).
     ///
     /// Returns:
