@@ -263,6 +263,12 @@ def format_table(res: Results) -> list[str]:
         )
     rows += _cvm_rows(res, s)
     rows += [
+        _value_row(res, f"dirty log: write-protect ns/SPTE ({b})", "dirty_wrprot", 1, "ns"),
+        _value_row(res, f"dirty log: re-dirty fast-path ns/fault ({b})", "dirty_redirty", 1, "ns"),
+        _value_row(res, f"dirty log: GET+CLEAR ns/page ({b})", "dirty_get_clear", 1, "ns"),
+        _ratio_row(
+            res, "re-dirty fast fault / first-touch fault", "dirty_redirty", "engine_seq", ""
+        ),
         _rate_row(res, "virtual time, 256 vCPUs: simulated faults per host s", "virtual_256"),
         _rate_row(res, "virtual time, 1 vCPU: simulated faults per host s", "virtual_1"),
         _ratio_row(

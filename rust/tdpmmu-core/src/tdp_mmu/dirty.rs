@@ -33,6 +33,32 @@ impl TdpMmu {
     /// it; a lost cmpxchg re-reads and retries. Returns the leaves changed (the caller
     /// flushes if any).
     pub fn wrprot_range(&self, ctx: &mut Ctx, start: u64, end: u64, min_level: u8) -> u64 {
+        self.wrprot_where(ctx, start, end, min_level, |_, _| true)
+    }
+
+    /// `kvm_tdp_mmu_clear_dirty_pt_masked` with write-protection (mmu_lock for write): for
+    /// each set bit of `mask`, the 4K leaf at `gfn + bit` loses W; one walk over the 64 pages.
+    /// Returns the leaves changed.
+    pub fn clear_dirty_pt_masked(&self, ctx: &mut Ctx, gfn: u64, mask: u64) -> u64 {
+        if mask == 0 {
+            return 0;
+        }
+        let lo = gfn + mask.trailing_zeros() as u64;
+        let hi = gfn + 64 - mask.leading_zeros() as u64;
+        // Only 4K leaves: a huge page over the range is KVM's caller's business.
+        self.wrprot_where(ctx, lo, hi, 1, |g, level| {
+            level == 1 && g >= gfn && g < gfn + 64 && mask & (1 << (g - gfn)) != 0
+        })
+    }
+
+    fn wrprot_where(
+        &self,
+        ctx: &mut Ctx,
+        start: u64,
+        end: u64,
+        min_level: u8,
+        pick: impl Fn(u64, u8) -> bool,
+    ) -> u64 {
         let mut changed = 0;
         for root in self.valid_direct_roots() {
             let bits = self.root_gfn_bits(false);
@@ -41,7 +67,11 @@ impl TdpMmu {
             while it.in_range(end) {
                 loop {
                     let s = it.old_spte;
-                    if !is_shadow_present(s) || !is_last(s, it.level) || s & PT_WRITABLE == 0 {
+                    if !is_shadow_present(s)
+                        || !is_last(s, it.level)
+                        || s & PT_WRITABLE == 0
+                        || !pick(it.gfn, it.level)
+                    {
                         break;
                     }
                     match it.sptep().compare_exchange(
@@ -62,19 +92,6 @@ impl TdpMmu {
         }
         ctx.add(C::sptes_write_protected, changed as i64);
         ctx.charge(crate::cost::Cost::spte_update_ns, changed);
-        changed
-    }
-
-    /// `kvm_tdp_mmu_clear_dirty_pt_masked` with write-protection (mmu_lock for write): for
-    /// each set bit of `mask`, the 4K leaf at `gfn + bit` loses W. Returns the leaves changed.
-    pub fn clear_dirty_pt_masked(&self, ctx: &mut Ctx, gfn: u64, mask: u64) -> u64 {
-        let mut changed = 0;
-        let mut m = mask;
-        while m != 0 {
-            let bit = m.trailing_zeros() as u64;
-            m &= m - 1;
-            changed += self.wrprot_range(ctx, gfn + bit, gfn + bit + 1, 1);
-        }
         changed
     }
 
