@@ -72,6 +72,18 @@ named_enum!(
 );
 
 named_enum!(
+    /// The order of a TD's teardown (`destroy()`) for its private data pages.
+    Teardown, "teardown" {
+        /// Upstream default: each page leaves by BLOCK, TRACK, kick, REMOVE, WBINVD, clear
+        /// while the HKID is assigned; the HKID is released afterwards.
+        Remove = "remove",
+        /// KVM_TDX_TERMINATE_VM: release the HKID first, then each page by
+        /// TDH.PHYMEM.PAGE.RECLAIM and a clear.
+        TerminateVm = "terminate_vm",
+    }
+);
+
+named_enum!(
     /// TLB tracking of private-page removals.
     Track, "track" {
         /// Upstream: BLOCK, TRACK, kick, REMOVE for each page.
@@ -117,6 +129,7 @@ pub struct TdxOptions {
     pub sept_free: SeptFree,
     pub track: Track,
     pub interface: Interface,
+    pub teardown: Teardown,
     /// Issue TDH.MR.EXTEND for every 256 bytes of an initial-image page.
     pub measure: bool,
     /// Probability of OPERAND_BUSY per try of each leaf of `BUSY_LEAVES`.
@@ -134,6 +147,7 @@ impl Default for TdxOptions {
             sept_free: SeptFree::Teardown,
             track: Track::PerPage,
             interface: Interface::FourHook,
+            teardown: Teardown::Remove,
             measure: false,
             busy: [0.0; 5],
             max_local_retries: 1000,
@@ -157,6 +171,7 @@ pub fn tdx_option_choices() -> Vec<(&'static str, Vec<&'static str>)> {
         ("sept_free", SeptFree::NAMES.to_vec()),
         ("track", Track::NAMES.to_vec()),
         ("interface", Interface::NAMES.to_vec()),
+        ("teardown", Teardown::NAMES.to_vec()),
         ("measure", vec!["bool"]),
         ("max_local_retries", vec!["int"]),
     ];
@@ -190,6 +205,7 @@ impl TdxOptions {
             "sept_free" => self.sept_free = SeptFree::parse(want_name()?).map_err(renamed)?,
             "track" => self.track = Track::parse(want_name()?).map_err(renamed)?,
             "interface" => self.interface = Interface::parse(want_name()?).map_err(renamed)?,
+            "teardown" => self.teardown = Teardown::parse(want_name()?).map_err(renamed)?,
             "measure" => match value {
                 OptionValue::Bool(b) => self.measure = b,
                 other => return Err(bad_arg(&arg, format!("expected a bool, got {other:?}"))),

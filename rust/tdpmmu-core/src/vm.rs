@@ -1079,6 +1079,10 @@ impl Vm {
         self.ops.ensure_alive()?;
         self.ops.write(self.arena(), |st, ctx| {
             let tdp = &self.mmu.tdp;
+            // KVM_TDX_TERMINATE_VM: the key goes first, so private pages are reclaimed.
+            if self.mmu.vendor.release_before_private_zap() {
+                self.mmu.vendor.vm_pre_destroy(ctx);
+            }
             let gmem: Vec<(u64, u64)> = st
                 .memslots
                 .slots

@@ -466,3 +466,46 @@ fn check_after_destroy_audits_what_teardown_left() {
         }
     }
 }
+
+#[test]
+fn terminate_vm_releases_the_key_first_and_reclaims_each_page() {
+    let per_page = |teardown: &str| {
+        let vm = Vm::new(VmConfig {
+            vcpus: 4,
+            ..config("tdx", "mirror", &[("teardown", teardown)]).unwrap()
+        })
+        .unwrap();
+        vm.finalize().unwrap();
+        assert_eq!(vm.populate(0, 1024, Some(true), 0).unwrap(), 1024);
+        let before = vm
+            .stats()
+            .into_iter()
+            .find(|(n, _)| *n == "modeled_ns")
+            .unwrap()
+            .1;
+        vm.destroy().unwrap();
+        let after = vm
+            .stats()
+            .into_iter()
+            .find(|(n, _)| *n == "modeled_ns")
+            .unwrap()
+            .1;
+        vm.check().unwrap(); // the teardown audit: nothing left behind
+        (vm, (after - before) / 1024.0)
+    };
+    let (term, t_ns) = per_page("terminate_vm");
+    // Every data page and every S-EPT table below the root (2 leaf tables, one at 2M, one at
+    // 1G) is reclaimed; nothing is blocked, tracked or removed.
+    assert_eq!(c(&term, C::page_reclaim), 1024 + 4);
+    assert_eq!(c(&term, C::range_block), 0);
+    assert_eq!(c(&term, C::mem_track), 0);
+    assert_eq!(c(&term, C::page_remove), 0);
+    let (rem, r_ns) = per_page("remove");
+    assert_eq!(c(&rem, C::page_remove), 1024);
+    assert_eq!(c(&rem, C::range_block), 1024);
+    // The published claim: reclaiming after the key is released is about 5x faster per page.
+    assert!(
+        r_ns > 3.0 * t_ns,
+        "remove {r_ns} ns/page vs terminate {t_ns} ns/page"
+    );
+}

@@ -24,6 +24,11 @@ use crate::stats::Ctx;
 pub type CheckResult = std::result::Result<(), String>;
 
 pub trait Vendor: Send + Sync {
+    /// `destroy()` releases the VM's key before its private pages go (KVM_TDX_TERMINATE_VM).
+    fn release_before_private_zap(&self) -> bool {
+        false
+    }
+
     /// The ledger field one VM exit + re-entry is charged to.
     fn exit_cost(&self) -> Cost {
         Cost::exit_entry_ns

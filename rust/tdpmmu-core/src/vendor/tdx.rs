@@ -164,6 +164,10 @@ impl Vendor for Tdx {
         self.module.finalized()
     }
 
+    fn release_before_private_zap(&self) -> bool {
+        self.module.opts.teardown == crate::config::Teardown::TerminateVm
+    }
+
     fn zap_mirror_before_pre_destroy(&self) -> bool {
         self.module.opts.sept_free == SeptFree::SeptRemove
     }
@@ -249,7 +253,12 @@ impl ExternalOps for TdxHooks {
         let m = &self.module;
         let mut st = m.st.lock();
         if !st.hkid_assigned {
-            ctx.bug("remove_external_spte with the HKID released: nothing can be mapped");
+            // KVM_TDX_TERMINATE_VM: with the key gone the page is reclaimed, no BLOCK/TRACK.
+            if m.opts.teardown == crate::config::Teardown::TerminateVm {
+                m.reclaim_page(ctx, gfn);
+            } else {
+                ctx.bug("remove_external_spte with the HKID released: nothing can be mapped");
+            }
             return;
         }
         m.remove_page(ctx, &mut st, gfn);

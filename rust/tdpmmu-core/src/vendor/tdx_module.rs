@@ -491,6 +491,41 @@ impl TdxModule {
         )
     }
 
+    /// TDH.PHYMEM.PAGE.RECLAIM of a private 4K page after the HKID was released, then the
+    /// clear: the teardown order of KVM_TDX_TERMINATE_VM.
+    pub(crate) fn reclaim_page(&self, ctx: &mut Ctx, gfn: u64) {
+        let e = match self.entry(gfn, 1) {
+            Ok(e) => e,
+            Err(s) => {
+                ctx.bug(format!(
+                    "reclaim: no S-EPT leaf table for gfn {gfn:#x}: {}",
+                    s.name()
+                ));
+                return;
+            }
+        };
+        let v = e.load(Ordering::Acquire);
+        if !matches!(state(v), ST_MAPPED | ST_PENDING | ST_BLOCKED_LEAF) {
+            ctx.bug(format!(
+                "reclaim: gfn {gfn:#x} has no private page in the S-EPT"
+            ));
+            return;
+        }
+        self.seamcall(
+            ctx,
+            C::page_reclaim,
+            Cost::tdh_phymem_page_reclaim_ns,
+            gfn,
+            1,
+            Status::Success,
+        );
+        if !self.software {
+            ctx.inc(C::page_clear);
+            ctx.charge(Cost::page_clear_ns, 1);
+        }
+        e.store(FREE, Ordering::Release);
+    }
+
     pub(crate) fn wbinvd_and_clear(&self, ctx: &mut Ctx, gfn: u64, pfn: u64) {
         if self.software {
             return;
