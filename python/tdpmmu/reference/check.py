@@ -2,8 +2,9 @@
 
 A live VM: the arena's bookkeeping, root reference counts, every table reachable exactly once
 with the role of its parent, every leaf inside one memslot with the pfn, level and bits it
-must have, the page counters, and (TDX, SW mirror) the mirror tree equal to the S-EPT.  After
-destroy: nothing left behind.
+must have, the page counters, (TDX, SW mirror) the mirror tree equal to the S-EPT, and in a
+memslot that logs dirty pages every page under a writable leaf marked dirty.  After destroy:
+nothing left behind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from .memslot import Memslots
 from .spte import (
     PG_LEVEL_1G,
     PG_LEVEL_2M,
+    PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_WRITABLE,
     is_frozen_spte,
     is_last_spte,
     is_mmio_spte,
@@ -27,6 +30,7 @@ from .spte import (
     spte_to_pfn,
 )
 from .stats import PAGES_STAT, Ctx
+from .tdp_iter import TdpIter
 from .tdp_mmu import TdpMmu
 from .vendor.tdx_module import TdxModule
 
@@ -147,6 +151,38 @@ def check_live(
         fail(f"{len(arena.live) - len(seen)} live tables are not reachable from any root")
     if ctx.stats["roots_allocated"] - ctx.stats["roots_freed"] != len(tdp_mmu.roots):
         fail("roots_allocated - roots_freed != number of roots")
+    _check_dirty_logs(arena, tdp_mmu, slots, fail)
+
+
+def _check_dirty_logs(
+    arena: Arena, tdp_mmu: TdpMmu, slots: Memslots, fail: Callable[[str], None]
+) -> None:
+    """Dirty logging: in a slot that logs dirty pages every page under a writable leaf of a
+    valid direct root has its bit set (otherwise a write would escape the log).  A huge leaf
+    is writable only while every page under it counts as dirty (initially-set logs protect
+    huge pages lazily)."""
+    gfn_bits = tdp_mmu.root_gfn_bits(False)
+    for slot in slots.by_gfn():
+        log = slot.dirty
+        if log is None:
+            continue
+        for root in tdp_mmu.valid_direct_roots():
+            for it in TdpIter(arena, root, PG_LEVEL_4K, slot.gfn, slot.end, gfn_bits):
+                spte = it.old_spte
+                if (
+                    not is_shadow_present_pte(spte)
+                    or not is_last_spte(spte, it.level)
+                    or not spte & SPTE_WRITABLE
+                ):
+                    continue
+                lo = max(it.gfn, slot.gfn)
+                hi = min(it.gfn + pages_per_hpage(it.level), slot.end)
+                for g in range(lo, hi):
+                    if not log.is_set(g - slot.gfn):
+                        fail(
+                            f"memslot {slot.id} logs dirty pages: gfn {g:#x} is writable "
+                            f"(level-{it.level} leaf at {it.gfn:#x}) but not marked dirty"
+                        )
 
 
 def _check_leaf(
@@ -184,10 +220,13 @@ def _check_leaf(
             fail(f"private NPT leaf at gfn {gfn:#x} but its RMP entry is not assigned to it")
         if level == PG_LEVEL_2M and not e.size_2m:
             fail(f"2M private NPT leaf at gfn {gfn:#x} over 4K RMP entries")
+    # X off for an NX huge page, A off after a prefetch or aging, W off while protected for
+    # dirty logging (MMU-writable stays set, so a write can take the fast path).
     allowed = {
-        make_leaf_spte(spte_to_pfn(spte), level, exec=x, prefetch=p)
+        make_leaf_spte(spte_to_pfn(spte), level, exec=x, prefetch=p) & ~w
         for x in (True, False)
         for p in (True, False)
+        for w in (0, SPTE_WRITABLE)
     }
     if spte not in allowed:
         fail(f"leaf {spte:#x} at level {level} gfn {gfn:#x} is not a valid leaf")

@@ -52,6 +52,55 @@ def backing_bytes(value: int | str, what: str = "backing") -> int:
 
 
 @dataclasses.dataclass
+class DirtyLog:
+    """A memslot's dirty log (``KVM_MEM_LOG_DIRTY_PAGES``): one bit per 4 KiB page.
+
+    ``bits`` holds the bitmap as 64-bit words in KVM's layout: bit ``i`` of word ``w`` is page
+    ``64 * w + i`` of the slot.
+    """
+
+    bits: list[int]
+    #: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET does not clear or re-protect; CLEAR does.
+    manual_protect: bool
+    #: KVM_DIRTY_LOG_INITIALLY_SET: the bitmap starts all set and nothing is write-protected
+    #: up front (huge pages are split or protected as CLEAR reaches them).
+    initially_set: bool
+    #: KVM's ``eager_page_split``: huge pages are split when protection reaches them.
+    eager_split: bool
+
+    @classmethod
+    def new(
+        cls, npages: int, manual_protect: bool, initially_set: bool, eager_split: bool
+    ) -> DirtyLog:
+        """The bitmap of a slot of ``npages`` pages: all clear, or all set with
+        ``initially_set`` (the bits past the slot's last page stay clear)."""
+        words = [0] * dirty_bitmap_words(npages)
+        if initially_set:
+            for w in range(len(words)):
+                left = npages - 64 * w
+                words[w] = (1 << 64) - 1 if left >= 64 else (1 << left) - 1
+        return cls(words, manual_protect, initially_set, eager_split)
+
+    def mark(self, index: int) -> None:
+        """``mark_page_dirty_in_slot`` for the page at ``index`` within the slot."""
+        self.bits[index // 64] |= 1 << (index % 64)
+
+    def is_set(self, index: int) -> bool:
+        """Whether page ``index`` of the slot is marked dirty."""
+        return bool(self.bits[index // 64] >> (index % 64) & 1)
+
+
+def dirty_bitmap_words(npages: int) -> int:
+    """64-bit words of the dirty bitmap of ``npages`` pages."""
+    return -(-npages // 64)
+
+
+def dirty_bitmap_bytes(npages: int) -> int:
+    """Bytes of the dirty bitmap of ``npages`` pages (what the VM's budget is charged)."""
+    return dirty_bitmap_words(npages) * 8
+
+
+@dataclasses.dataclass
 class Memslot:
     """One KVM memslot with the model's host placement."""
 
@@ -65,6 +114,7 @@ class Memslot:
     rmp: Rmp | None = None  # SEV-SNP: the RMP entries of the guest_memfd pages
     touched: set[int] = dataclasses.field(default_factory=set)  # backing pages allocated
     gmem_touched: set[int] = dataclasses.field(default_factory=set)  # guest_memfd pages
+    dirty: DirtyLog | None = None  # the dirty log while the slot logs dirty pages
 
     @property
     def backing_pages(self) -> int:
@@ -92,6 +142,11 @@ class Memslot:
     def private_pfn(self, gfn: int) -> int:
         """Host pfn of the guest_memfd page behind ``gfn``."""
         return self.gmem_pfn + (gfn - self.gfn)
+
+    def mark_dirty(self, gfn: int) -> None:
+        """Mark ``gfn`` dirty if the slot logs dirty pages."""
+        if self.dirty is not None:
+            self.dirty.mark(gfn - self.gfn)
 
     def as_tuple(self) -> tuple[int, int, int, int, bool, int]:
         """``(id, gfn, npages, backing bytes, gmem, host_pfn)``, as ``VM.memslots()`` lists it."""

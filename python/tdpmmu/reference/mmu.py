@@ -4,7 +4,9 @@
 (with TDX's local retry of private faults), then what the guest does with the page (TDX
 accept, SNP validate).  :meth:`Mmu.kvm_mmu_page_fault` builds the ``kvm_page_fault`` up
 front, answers MMIO from the cache, turns an attribute mismatch into
-KVM_EXIT_MEMORY_FAULT, looks up the pfn (``faultin_pfn``), picks the level and maps.
+KVM_EXIT_MEMORY_FAULT, looks up the pfn (``faultin_pfn``), picks the level and maps.  A
+write to a present shared leaf is first tried on the lockless fast path
+(:meth:`Mmu.fast_page_fault`), which restores W on a leaf that dirty logging protected.
 """
 
 from __future__ import annotations
@@ -12,19 +14,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .arena import MmuPage
 from .attrs import PrivateRanges
 from .errors import Ret
 from .memslot import Memslots
 from .spte import (
     MMIO_SPTE_GEN_MASK,
     PG_LEVEL_4K,
+    SPTE_ACCESSED,
+    SPTE_DIRTY,
+    SPTE_MMU_WRITABLE,
+    SPTE_WRITABLE,
     gfn_round_for_level,
+    is_last_spte,
     is_mmio_spte,
+    is_shadow_present_pte,
     mmio_spte_generation,
     pages_per_hpage,
 )
 from .stats import Ctx
-from .tdp_mmu import KvmPageFault, TdpMmu
+from .tdp_mmu import KvmPageFault, TdpMmu, is_access_allowed
 from .vendor.base import Vendor
 
 #: the counter of each fault result (vCPU faults only; prefetches count nothing).
@@ -114,10 +123,13 @@ class Mmu:
     def kvm_mmu_page_fault(
         self, vcpu: int, gfn: int, is_private: bool, write: bool, exec: bool, prefetch: bool
     ) -> ReferenceFault:
-        """``kvm_mmu_do_page_fault`` + ``kvm_tdp_mmu_page_fault`` + ``kvm_tdp_mmu_map``."""
+        """``kvm_mmu_do_page_fault`` + ``kvm_tdp_mmu_page_fault`` + ``kvm_tdp_mmu_map``.
+
+        ``fault_handling_ns`` is charged once per exit that KVM handles (an MMIO-cache hit, or
+        a fault the fast path could not fix), once per leaf a prefetch installs; a fault the
+        fast path answered costs ``fast_fix_ns`` instead (and no ``fault_map_ns``).
+        """
         tdp_mmu = self.tdp_mmu
-        if not prefetch:
-            self.ctx.charge("fault_handling_ns")  # per exit; a prefetch per leaf
         tdp_mmu.kvm_mmu_load(vcpu)
         mirror = tdp_mmu.has_mirror and is_private
         root = tdp_mmu.vcpu_mirror_root[vcpu] if mirror else tdp_mmu.vcpu_root[vcpu]
@@ -139,9 +151,16 @@ class Mmu:
                 and is_mmio_spte(spte)
                 and mmio_spte_generation(spte) == (self.slots.generation & MMIO_SPTE_GEN_MASK)
             ):
+                self.ctx.charge("fault_handling_ns")
                 return done(Ret.EMULATE, PG_LEVEL_4K, spte)
         if not prefetch:
             self.ctx.count("pf_taken")
+            # fast_page_fault: a write to a present shared leaf, fixed without mmu_lock.
+            if write and not is_private and not (self.confidential and self.attrs.is_private(gfn)):
+                ret = self.fast_page_fault(root, fault, gfn_bits)
+                if ret is not None:
+                    return done(ret, fault.level, fault.spte)
+            self.ctx.charge("fault_handling_ns")  # per slow-path exit; a prefetch per leaf
         # kvm_mmu_faultin_pfn: the access must match the attribute, and private memory must
         # come from guest_memfd; otherwise userspace gets KVM_EXIT_MEMORY_FAULT.
         mismatch = self.confidential and is_private != self.attrs.is_private(gfn)
@@ -174,6 +193,15 @@ class Mmu:
             self.ctx.op_private = False
         if prefetch and ret == Ret.FIXED:
             self.ctx.charge("fault_handling_ns")
+        # make_spte: a writable SPTE in a slot that logs dirty pages marks the page dirty.
+        if (
+            ret == Ret.FIXED
+            and fault.spte & SPTE_WRITABLE
+            and slot is not None
+            and slot.dirty is not None
+        ):
+            slot.mark_dirty(gfn)
+            self.ctx.count("dirty_pages_logged")
         if not prefetch:
             counter = _RET_COUNTER.get(ret)
             if counter:
@@ -196,12 +224,61 @@ class Mmu:
             self.ctx.count("host_pages_allocated")
             self.ctx.ledger.host_page(slot.backing_pages)
         if not fault.private:
-            fault.max_level = slot.max_level
+            # Dirty logging tracks 4K pages: no huge mapping in a logged slot.
+            fault.max_level = PG_LEVEL_4K if slot.dirty is not None else slot.max_level
             return
         self.vendor.gmem_prepare(slot, fault.gfn)
         fault.max_level = self.vendor.private_max_mapping_level(
             slot, fault.gfn, min(slot.max_level, self.folio_level)
         )
+
+    def fast_page_fault(self, root: MmuPage, fault: KvmPageFault, gfn_bits: int) -> Any:
+        """``fast_page_fault`` on the direct root: no ``mmu_lock``, no pfn lookup.
+
+        The leaf mapping ``fault.gfn`` must be present.  If it already allows the access the
+        fault is spurious; if it is MMU-writable (write-protected only for dirty logging) and
+        not a huge page of a slot that logs dirty pages (which must be split), one cmpxchg
+        restores W (with D and A) and the page is marked dirty in the slot's log.  Returns the
+        ``Ret``, or None when the slow path must decide.  (KVM retries a lost cmpxchg up to 4
+        times; the sequential model never loses one.)
+
+        The fix must make the access allowed (KVM's re-check ``is_access_allowed(fault,
+        new_spte)``): restoring W does not give X, so a write that is also an instruction fetch,
+        on a leaf without X (an NX huge page), goes to the slow path, which splits it.
+        """
+        slot = fault.slot
+        leaf = self.tdp_mmu.leaf_ptr(root, fault.gfn, gfn_bits)
+        if leaf is None:
+            return None
+        level, sp, index = leaf
+        spte = sp.spt[index]
+        if not is_shadow_present_pte(spte) or not is_last_spte(spte, level):
+            return None
+        fault.level = level
+        if is_access_allowed(spte, write=True, exec=fault.exec):
+            fault.spte = spte
+            self.ctx.charge("fast_fix_ns")
+            self.ctx.count("pf_fast")
+            self.ctx.count("pf_spurious")
+            return Ret.SPURIOUS
+        # Write-protected for page tracking (MMU-writable clear), or a huge page in a logged
+        # slot (it must be split): the slow path decides.
+        if not spte & SPTE_MMU_WRITABLE or (
+            level > PG_LEVEL_4K and slot is not None and slot.dirty is not None
+        ):
+            return None
+        new = spte | SPTE_WRITABLE | SPTE_DIRTY | SPTE_ACCESSED
+        if not is_access_allowed(new, write=True, exec=fault.exec):
+            return None  # could not fix the fault here
+        sp.spt[index] = new  # the cmpxchg: same pfn, same presence, no bookkeeping
+        fault.spte = new
+        if slot is not None and slot.dirty is not None:
+            slot.mark_dirty(fault.gfn)
+            self.ctx.count("dirty_pages_logged")
+        self.ctx.charge("fast_fix_ns")
+        self.ctx.count("pf_fast")
+        self.ctx.count("pf_fixed")
+        return Ret.FIXED
 
     def kvm_mmu_hugepage_adjust(self, fault: KvmPageFault) -> None:
         """The level to map at: as large as allowed, unless NX huge pages forbid it."""

@@ -34,6 +34,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "pf_emulate",
     "pf_retry",
     "pf_write_protected",
+    "pf_fast",
     "pf_memory_fault",
     "pf_mmio_spte_created",
     "pages_4k",
@@ -70,6 +71,11 @@ COUNTER_NAMES: tuple[str, ...] = (
     "gmem_invalidate",
     "conversions",
     "gmem_splits",
+    # dirty logging, aging, eager split and huge-page recovery
+    "sptes_write_protected",
+    "dirty_pages_logged",
+    "sptes_aged",
+    "huge_pages_recovered",
 )
 
 #: the page-count counter of each leaf level.

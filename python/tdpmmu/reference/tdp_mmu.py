@@ -1,4 +1,5 @@
-"""The TDP MMU (KVM's tdp_mmu.c): roots, SPTE writers, map, zaps, splits.
+"""The TDP MMU (KVM's tdp_mmu.c): roots, SPTE writers, map, zaps, splits, and the walks
+behind dirty logging (write-protection), aging, eager splitting and huge-page recovery.
 
 :class:`TdpMmu` owns the roots and writes every SPTE.  Installs made under the shared
 ``mmu_lock`` go through :meth:`TdpMmu.tdp_mmu_set_spte_atomic` (a cmpxchg against the
@@ -12,6 +13,7 @@ tables (:meth:`TdpMmu.handle_removed_pt`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from .arena import (
@@ -36,6 +38,7 @@ from .spte import (
     PG_LEVEL_4K,
     PT64_ROOT_MAX_LEVEL,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_ACCESSED,
     SPTE_ENT_PER_PAGE,
     SPTE_EXECUTABLE,
     SPTE_LEVEL_BITS,
@@ -62,6 +65,13 @@ KVM_DIRECT_ROOTS = 1 << 1
 KVM_MIRROR_ROOTS = 1 << 2
 KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
 KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
+
+
+def is_access_allowed(spte: int, write: bool, exec: bool) -> bool:
+    """Whether the present leaf ``spte`` allows an access: a write needs W, an instruction
+    fetch X, a write that is also a fetch both (the engine's ``access_allowed``; KVM's
+    ``is_access_allowed`` looks at X alone for a fetch, as its faults are never both)."""
+    return (not write or bool(spte & SPTE_WRITABLE)) and (not exec or bool(spte & SPTE_EXECUTABLE))
 
 
 def tdp_root_role(levels: int, *, is_mirror: bool = False) -> int:
@@ -450,12 +460,8 @@ class TdpMmu:
 
     def is_access_allowed(self, fault: KvmPageFault, spte: int) -> bool:
         """Whether the present leaf ``spte`` allows ``fault``'s access (exec needs X, write needs
-        W)."""
-        if fault.exec:
-            return bool(spte & SPTE_EXECUTABLE)
-        if fault.write:
-            return bool(spte & SPTE_WRITABLE)
-        return True
+        W, both for a write that is also a fetch)."""
+        return is_access_allowed(spte, fault.write, fault.exec)
 
     def make_spte(self, fault: KvmPageFault, gfn: int, level: int) -> int:
         """The leaf SPTE for ``fault`` at (``gfn``, ``level``): guest_memfd pfn if private, else the
@@ -575,6 +581,188 @@ class TdpMmu:
             self.ctx.charge("spte_update_ns")
 
     # ==================================================================================
+    # Dirty logging, aging, eager splitting, huge-page recovery (spec §7)
+    # ==================================================================================
+    #
+    # guest_memfd slots cannot log dirty pages and the MMU notifier ages shared memory only,
+    # so all of these act on the valid direct roots, never on a mirror root.
+
+    def valid_direct_roots(self) -> list[MmuPage]:
+        """The valid direct roots, in root-list order (newest first)."""
+        return [r for r in self.roots if not r.invalid and not r.is_mirror]
+
+    def wrprot_gfn_range(self, start: int, end: int, min_level: int) -> int:
+        """``kvm_tdp_mmu_wrprot_slot`` over ``[start, end)`` (mmu_lock for read).
+
+        Clears W on every present leaf at ``min_level`` or above, keeping MMU-writable so the
+        fast path may restore it; no ``handle_changed_spte`` (the pfn and presence do not
+        change).  Counts ``sptes_write_protected`` and charges ``spte_update_ns`` per leaf
+        changed.  Returns the leaves changed (the caller flushes if any).
+        """
+        changed = 0
+        gfn_bits = self.root_gfn_bits(False)
+        for root in self.valid_direct_roots():
+            for it in TdpIter(self.arena, root, min_level, start, end, gfn_bits):
+                spte = it.old_spte
+                if (
+                    not is_shadow_present_pte(spte)
+                    or not is_last_spte(spte, it.level)
+                    or not spte & SPTE_WRITABLE
+                ):
+                    continue
+                it.write(spte & ~SPTE_WRITABLE)  # the cmpxchg; never lost here
+                it.old_spte = spte & ~SPTE_WRITABLE
+                changed += 1
+        self.ctx.count("sptes_write_protected", changed)
+        self.ctx.charge("spte_update_ns", changed)
+        return changed
+
+    def kvm_tdp_mmu_clear_dirty_pt_masked(self, gfn: int, mask: int) -> int:
+        """With write-protection (mmu_lock for write): for each set bit ``b`` of ``mask``, the
+        leaf over ``gfn + b`` loses W (one :meth:`wrprot_gfn_range` per bit, from 4K up).
+        Returns the leaves changed."""
+        changed = 0
+        while mask:
+            bit = (mask & -mask).bit_length() - 1
+            mask &= mask - 1
+            changed += self.wrprot_gfn_range(gfn + bit, gfn + bit + 1, PG_LEVEL_4K)
+        return changed
+
+    def kvm_tdp_mmu_age_gfn_range(self, start: int, end: int) -> bool:
+        """The MMU notifier's clear_young (lockless): clear A on every present leaf of
+        ``[start, end)`` with an atomic AND, counting ``sptes_aged``; no bookkeeping, no
+        flush.  Returns whether any leaf was young."""
+        young = False
+        gfn_bits = self.root_gfn_bits(False)
+        for root in self.valid_direct_roots():
+            for it in TdpIter(self.arena, root, PG_LEVEL_4K, start, end, gfn_bits):
+                spte = it.old_spte
+                if (
+                    is_shadow_present_pte(spte)
+                    and is_last_spte(spte, it.level)
+                    and spte & SPTE_ACCESSED
+                ):
+                    it.write(it.read() & ~SPTE_ACCESSED)
+                    it.old_spte = it.read()
+                    young = True
+                    self.ctx.count("sptes_aged")
+        return young
+
+    def kvm_tdp_mmu_test_age_gfn(self, start: int, end: int) -> bool:
+        """The MMU notifier's test_young (lockless): whether a present leaf of ``[start, end)``
+        has its Accessed bit set.  Changes nothing."""
+        gfn_bits = self.root_gfn_bits(False)
+        for root in self.valid_direct_roots():
+            for it in TdpIter(self.arena, root, PG_LEVEL_4K, start, end, gfn_bits):
+                spte = it.old_spte
+                if (
+                    is_shadow_present_pte(spte)
+                    and is_last_spte(spte, it.level)
+                    and spte & SPTE_ACCESSED
+                ):
+                    return True
+        return False
+
+    def kvm_tdp_mmu_try_split_huge_pages(self, start: int, end: int, target_level: int) -> int:
+        """Eager page splitting of ``[start, end)`` (mmu_lock for read).
+
+        Every present huge leaf above ``target_level`` becomes a table of 512 smaller leaves
+        (:meth:`tdp_mmu_split_huge_page`, as the fault path splits: ``spte_update_ns`` x 512,
+        ``huge_page_splits``, the page counters), in pre-order, so a 1G page is split to 2M
+        and each 2M to 4K in one pass; no flush (the translation does not change).  Returns
+        the splits.
+        """
+        splits = 0
+        gfn_bits = self.root_gfn_bits(False)
+        for root in self.valid_direct_roots():
+            it = TdpIter(self.arena, root, target_level + 1, start, end, gfn_bits)
+            while it.valid and it.gfn < end:
+                spte = it.old_spte
+                if (
+                    not is_shadow_present_pte(spte)
+                    or not is_large_pte(spte)
+                    or it.level <= target_level
+                ):
+                    it.next()
+                    continue
+                sp = self.arena.alloc(self.child_role(it), it.gfn)
+                if not self.tdp_mmu_split_huge_page(it, sp, shared=True):
+                    # Lost the cmpxchg: the entry changed under us; look at it again.
+                    self.arena.free_unpublished(sp)
+                    it.old_spte = it.read()
+                    continue
+                splits += 1
+                it.next()  # pre-order: descend into the new table and split its children
+        return splits
+
+    def kvm_tdp_mmu_recover_huge_pages(
+        self, start: int, end: int, max_level: Callable[[int], int]
+    ) -> int:
+        """Huge-page recovery over ``[start, end)`` (mmu_lock for read).
+
+        Each present table at 2M or 1G lying wholly inside the range, where ``max_level`` of
+        its first gfn allows that size, is replaced by one huge leaf built from the first
+        present leaf below it (``make_huge_spte``: the pfn rounded down to the huge page, X
+        unless NX huge pages forbid it, Accessed set, W kept off if that leaf lacked it).
+        The install goes through :meth:`tdp_mmu_set_spte_atomic`, so ``handle_changed_spte``
+        and ``handle_removed_pt`` account for the subtree torn down.  Counts
+        ``huge_pages_recovered``.  Returns the huge leaves made (the caller flushes if any).
+        """
+        made = 0
+        gfn_bits = self.root_gfn_bits(False)
+        for root in self.valid_direct_roots():
+            it = TdpIter(self.arena, root, PG_LEVEL_2M, start, end, gfn_bits)
+            while it.valid and it.gfn < end:
+                spte = it.old_spte
+                span = pages_per_hpage(it.level)
+                whole = it.gfn >= start and it.gfn + span <= end
+                if (
+                    it.level > PG_LEVEL_1G
+                    or not is_shadow_present_pte(spte)
+                    or is_last_spte(spte, it.level)
+                    or not whole
+                    or max_level(it.gfn) < it.level
+                ):
+                    it.next()
+                    continue
+                leaf = self.first_leaf_below(spte, it.level)
+                if leaf is None:
+                    it.next()
+                    continue
+                pfn = spte_to_pfn(leaf) & ~(span - 1)
+                exec_ok = not (self.nx_huge_pages and it.level > PG_LEVEL_4K)
+                huge = make_leaf_spte(pfn, it.level, exec=exec_ok, prefetch=False)
+                if not leaf & SPTE_WRITABLE:
+                    huge &= ~SPTE_WRITABLE
+                if self.tdp_mmu_set_spte_atomic(it, huge):
+                    made += 1
+                    self.ctx.count("huge_pages_recovered")
+                else:
+                    it.old_spte = it.read()
+                    if is_frozen_spte(it.old_spte):
+                        it.next()
+                    continue
+                it.next()
+        return made
+
+    def first_leaf_below(self, spte: int, level: int) -> int | None:
+        """The first present leaf (pre-order) under the table the non-leaf ``spte`` at
+        ``level`` points to, or None (also for a mirror table)."""
+        sp = self.arena.child_sp(spte)
+        if sp.is_mirror:
+            return None
+        child_level = level - 1
+        for child in sp.spt:
+            if not is_shadow_present_pte(child):
+                continue
+            if is_last_spte(child, child_level):
+                return child
+            found = self.first_leaf_below(child, child_level)
+            if found is not None:
+                return found
+        return None
+
+    # ==================================================================================
     # Lookups
     # ==================================================================================
 
@@ -589,6 +777,22 @@ class TdpMmu:
             out.append((level, spte))
             if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
                 return out
+            sp = self.arena.child_sp(spte)
+
+    def leaf_ptr(self, root: MmuPage, gfn: int, gfn_bits: int) -> tuple[int, MmuPage, int] | None:
+        """Where the leaf that maps ``gfn`` in ``root`` lives: ``(level, table, index)``, or
+        None if the path ends at a non-present entry (the lockless walk of the fast path)."""
+        if gfn_bits and gfn >= gfn_bits:
+            return None
+        sp = root
+        while True:
+            level = sp.level
+            index = spte_index(gfn | gfn_bits, level)
+            spte = sp.spt[index]
+            if not is_shadow_present_pte(spte):
+                return None
+            if is_last_spte(spte, level):
+                return level, sp, index
             sp = self.arena.child_sp(spte)
 
     def lookup(self, root: MmuPage, gfn: int, gfn_bits: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from .cost import WAIT_FIELDS, CostLedger, costs_from
 from .errors import ConfigError, Ret, VmBugged
 from .gmem import free_folios, partly_converted_2m_folios
 from .hooks import ExternalHooks
-from .memslot import Memslot, Memslots, backing_bytes, parse_size
+from .memslot import DirtyLog, Memslot, Memslots, backing_bytes, parse_size
 from .mmu import Mmu, ReferenceFault
 from .spte import (
     PAGE_SHIFT,
@@ -429,6 +429,226 @@ class ReferenceVM:
         """``(id, gfn, npages, backing bytes, gmem, host_pfn)`` per slot, by gfn."""
         return [s.as_tuple() for s in self.slots.by_gfn()]
 
+    # -- dirty logging, aging, splitting (spec §7) ---------------------------------------
+    def set_dirty_logging(
+        self,
+        slot: int,
+        enabled: bool,
+        manual_protect: bool = False,
+        initially_set: bool = False,
+        eager_split: bool = True,
+    ) -> int:
+        """Toggle ``KVM_MEM_LOG_DIRTY_PAGES`` on memslot ``slot`` (``kvm_mmu_slot_apply_flags``).
+
+        Enabling allocates the dirty bitmap (all set with ``initially_set``) and, unless
+        ``manual_protect`` and ``initially_set`` are both given, splits the slot's huge pages
+        to 4K (``eager_split``) and write-protects every leaf of the slot; disabling frees the
+        bitmap and recovers huge mappings (:meth:`recover_huge_pages`' walk).  Either way the
+        memslot generation moves on by 2 and one remote TLB flush follows if an SPTE changed.
+        Doing what is already the state returns 0.  Returns the SPTEs changed
+        (write-protected, or made huge again).  ``ConfigError`` for ``initially_set``
+        without ``manual_protect``, an unknown slot or a guest_memfd slot (KVM refuses dirty
+        logging of private memory).  The bitmap's bytes count against the engine's budget
+        while logging; the reference keeps no budget.
+        """
+        slot_id = self._check_slot_id(slot)
+        self._ensure_alive()
+        if initially_set and not manual_protect:
+            raise ConfigError(
+                "initially_set: KVM_DIRTY_LOG_INITIALLY_SET needs manual_protect=True "
+                "(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)"
+            )
+        memslot = self._memslot(slot_id)
+        if memslot.gmem:
+            raise ConfigError(
+                f"slot: memslot {slot_id} has guest_memfd: KVM refuses KVM_MEM_LOG_DIRTY_PAGES "
+                "on guest_memfd slots (private memory cannot be dirty-logged)"
+            )
+        enabled = bool(enabled)
+        if (memslot.dirty is not None) == enabled:
+            return 0
+        self._begin_operation()
+        tdp_mmu = self.tdp_mmu
+        start, end = memslot.gfn, memslot.end
+        changed = 0
+        if enabled:
+            memslot.dirty = DirtyLog.new(
+                memslot.npages, bool(manual_protect), bool(initially_set), bool(eager_split)
+            )
+            self.slots.generation += 2
+            if not (manual_protect and initially_set):
+                if eager_split:
+                    tdp_mmu.kvm_tdp_mmu_try_split_huge_pages(start, end, PG_LEVEL_4K)
+                changed = tdp_mmu.wrprot_gfn_range(start, end, PG_LEVEL_4K)
+        else:
+            memslot.dirty = None
+            self.slots.generation += 2
+            changed = tdp_mmu.kvm_tdp_mmu_recover_huge_pages(
+                start, end, lambda g: self._recoverable_level(g, memslot)
+            )
+        if changed:
+            tdp_mmu.kvm_flush_remote_tlbs()
+        self._end_of_operation()
+        return changed
+
+    def get_dirty_log(self, slot: int) -> list[int]:
+        """``KVM_GET_DIRTY_LOG`` for memslot ``slot`` (``kvm_get_dirty_log_protect``).
+
+        Returns the bitmap as 64-bit words in KVM's layout (bit ``i`` of word ``w`` is page
+        ``64 * w + i`` of the slot), as a list of ints where ``VM.get_dirty_log`` returns a
+        numpy ``uint64`` array.  Without manual protection each word's bits are taken (the
+        word cleared) and those pages write-protected again
+        (:meth:`TdpMmu.kvm_tdp_mmu_clear_dirty_pt_masked`), with one flush if any SPTE
+        changed; with it the bitmap is only copied.  ``ConfigError`` for an unknown slot or
+        one that does not log dirty pages.
+        """
+        slot_id = self._check_slot_id(slot)
+        self._ensure_alive()
+        memslot = self._logging_memslot(slot_id)
+        log = memslot.dirty
+        assert log is not None
+        self._begin_operation()
+        out: list[int] = []
+        changed = 0
+        for w, word in enumerate(log.bits):
+            if log.manual_protect:
+                out.append(word)
+                continue
+            log.bits[w] = 0
+            out.append(word)
+            if word:
+                changed += self.tdp_mmu.kvm_tdp_mmu_clear_dirty_pt_masked(
+                    memslot.gfn + 64 * w, word
+                )
+        if changed:
+            self.tdp_mmu.kvm_flush_remote_tlbs()
+        self._end_of_operation()
+        return out
+
+    def clear_dirty_log(self, slot: int, first_page: int, npages: int) -> int:
+        """``KVM_CLEAR_DIRTY_LOG`` for memslot ``slot`` (``kvm_clear_dirty_log_protect``).
+
+        Needs ``manual_protect``.  Clears the bits of pages ``[first_page, first_page +
+        npages)`` of the slot, 64 at a time, and write-protects the pages that were set; with
+        ``initially_set``, the huge pages over each 64-page window that had a bit set are
+        first split (``eager_split``) or write-protected at 2M and above.  ``first_page`` must
+        be a multiple of 64 below the slot's size, ``npages`` >= 1 within the slot and a
+        multiple of 64 unless the range reaches the slot's end (KVM's rule; ``ConfigError``
+        otherwise, the VM unchanged).  Returns the SPTEs write-protected; one flush if any.
+        """
+        slot_id = self._check_slot_id(slot)
+        for name, value in (("first_page", first_page), ("npages", npages)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {value}")
+        self._ensure_alive()
+        memslot = self._logging_memslot(slot_id)
+        log = memslot.dirty
+        assert log is not None
+        if not log.manual_protect:
+            raise ConfigError(
+                "slot: KVM_CLEAR_DIRTY_LOG needs manual_protect=True "
+                "(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)"
+            )
+        size = memslot.npages
+        if first_page % 64 or first_page >= size:
+            raise ConfigError(
+                f"first_page: must be a multiple of 64 below {size}, got {first_page}"
+            )
+        reaches_end = first_page + npages == size
+        if npages == 0 or first_page + npages > size or (npages % 64 and not reaches_end):
+            raise ConfigError(
+                "npages: must be > 0, a multiple of 64 unless the range reaches the slot's end "
+                f"({size} pages), and within the slot; got {npages}"
+            )
+        self._begin_operation()
+        tdp_mmu = self.tdp_mmu
+        changed = 0
+        last = first_page + npages
+        p = first_page
+        while p < last:
+            n = min(last - p, 64)
+            window = (1 << n) - 1
+            mask = log.bits[p // 64] & window
+            log.bits[p // 64] &= ~window
+            if mask:
+                g = memslot.gfn + p
+                if log.initially_set:
+                    # Huge pages over the 64-page window: split, or write-protect at 2M+.
+                    if log.eager_split:
+                        tdp_mmu.kvm_tdp_mmu_try_split_huge_pages(g, g + 64, PG_LEVEL_4K)
+                    else:
+                        changed += tdp_mmu.wrprot_gfn_range(g, g + 64, PG_LEVEL_2M)
+                changed += tdp_mmu.kvm_tdp_mmu_clear_dirty_pt_masked(g, mask)
+            p += n
+        if changed:
+            tdp_mmu.kvm_flush_remote_tlbs()
+        self._end_of_operation()
+        return changed
+
+    def age_gfn_range(self, gfn: int, npages: int) -> bool:
+        """The MMU notifier's clear_young (``kvm_tdp_mmu_age_gfn_range``): clear the Accessed
+        bit of every leaf of the direct roots in ``[gfn, gfn + npages)``; whether any was
+        young.  No bookkeeping, no flush (lockless in KVM).  ``npages`` >= 1."""
+        self._check_count_range(gfn, npages)
+        self._ensure_alive()
+        self._begin_operation()
+        young = self.tdp_mmu.kvm_tdp_mmu_age_gfn_range(gfn, gfn + npages)
+        self._end_of_operation()
+        return young
+
+    def test_age_gfn(self, gfn: int, npages: int | None = None) -> bool:
+        """The MMU notifier's test_young (``kvm_tdp_mmu_test_age_gfn``): whether a leaf of the
+        direct roots in ``[gfn, gfn + npages)`` (default 1 page) has its Accessed bit set.
+        Changes nothing."""
+        npages = 1 if npages is None else npages
+        self._check_count_range(gfn, npages)
+        self._ensure_alive()
+        return self.tdp_mmu.kvm_tdp_mmu_test_age_gfn(gfn, gfn + npages)
+
+    def split_huge_pages(self, gfn: int, npages: int, target_level: int) -> int:
+        """Eager huge-page splitting (``kvm_tdp_mmu_try_split_huge_pages``) of ``[gfn, gfn +
+        npages)`` in the direct roots down to ``target_level`` (1 = 4K, 2 = 2M; else
+        ``ConfigError``), under ``mmu_lock`` for read; no flush.  Returns the huge pages
+        split."""
+        self._check_count_range(gfn, npages)
+        if isinstance(target_level, bool) or not isinstance(target_level, int):
+            raise TypeError(f"target_level must be an int, got {type(target_level).__name__}")
+        self._ensure_alive()
+        if target_level not in (PG_LEVEL_4K, PG_LEVEL_2M):
+            raise ConfigError(f"target_level: must be 1 (4K) or 2 (2M), got {target_level}")
+        self._begin_operation()
+        splits = self.tdp_mmu.kvm_tdp_mmu_try_split_huge_pages(gfn, gfn + npages, target_level)
+        self._end_of_operation()
+        return splits
+
+    def recover_huge_pages(self, slot: int) -> int:
+        """``kvm_mmu_recover_huge_pages`` for memslot ``slot`` (mmu_lock for read).
+
+        Each table at 2M or 1G wholly inside the slot whose first gfn the slot's backing (and,
+        on a confidential VM, a shared attribute) allows to map at that size becomes one huge
+        leaf again (:meth:`TdpMmu.kvm_tdp_mmu_recover_huge_pages`); one flush if any did.
+        ``ConfigError`` for an unknown slot or one that logs dirty pages (recovery happens
+        when logging stops).  Returns the huge leaves made.
+        """
+        slot_id = self._check_slot_id(slot)
+        self._ensure_alive()
+        memslot = self._memslot(slot_id)
+        if memslot.dirty is not None:
+            raise ConfigError(
+                f"slot: memslot {memslot.id} logs dirty pages: huge pages are recovered when "
+                "logging stops"
+            )
+        self._begin_operation()
+        made = self.tdp_mmu.kvm_tdp_mmu_recover_huge_pages(
+            memslot.gfn, memslot.end, lambda g: self._recoverable_level(g, memslot)
+        )
+        if made:
+            self.tdp_mmu.kvm_flush_remote_tlbs()
+        self._end_of_operation()
+        return made
+
     # -- private memory ------------------------------------------------------------------
     def set_memory_attributes(self, gfn: int, npages: int, private: bool = True) -> int:
         """KVM_SET_MEMORY_ATTRIBUTES: convert ``[gfn, gfn+npages)``; returns leaves zapped.
@@ -673,6 +893,39 @@ class ReferenceVM:
             raise ValueError(
                 "private: a default VM has no private memory (use private=None or False)"
             )
+
+    def _check_count_range(self, gfn: int, npages: int) -> None:
+        """A range of at least one page inside the guest (the engine's ``check_range``)."""
+        self._check_range(gfn, npages)
+        if npages < 1:
+            raise ConfigError(f"npages: must be >= 1, got {npages}")
+
+    def _check_slot_id(self, slot: int) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise TypeError(f"slot must be an int, got {type(slot).__name__}")
+        return slot
+
+    def _memslot(self, slot_id: int) -> Memslot:
+        """The memslot with id ``slot_id`` (``ConfigError`` naming ``slot`` if none)."""
+        if slot_id not in self.slots:
+            raise ConfigError(f"slot: no memslot with id {slot_id}")
+        return self.slots[slot_id]
+
+    def _logging_memslot(self, slot_id: int) -> Memslot:
+        """The memslot ``slot_id``, which must log dirty pages."""
+        memslot = self._memslot(slot_id)
+        if memslot.dirty is None:
+            raise ConfigError(
+                f"slot: memslot {slot_id} does not log dirty pages (set_dirty_logging first)"
+            )
+        return memslot
+
+    def _recoverable_level(self, gfn: int, memslot: Memslot) -> int:
+        """The largest level ``gfn`` of ``memslot`` may be mapped at again: the backing's, or
+        4K for private memory on a confidential VM."""
+        if self.confidential and self.attrs.is_private(gfn):
+            return PG_LEVEL_4K
+        return memslot.max_level
 
     def _check_confidential(self, what: str) -> None:
         if not self.confidential:
