@@ -148,3 +148,25 @@ def test_write_faults_on_private_memory_never_take_the_fast_path() -> None:
     r = td.fault(5, private=True)
     assert td.stats["pf_fast"] == 0
     assert r.ret == tdpmmu.Ret.SPURIOUS
+
+
+def test_nx_recovery_lets_data_faults_map_huge_again() -> None:
+    vm = tdpmmu.VM(memory="1GiB", backing="2M", nx_huge_pages=True)
+    for r in range(6):
+        assert vm.fault(r * 512 + 7, write=False, exec=True).level == 1
+    assert vm.stats["nx_lpage_splits"] == 6
+    assert vm.fault(9).level == 1, "the table the exec fault needed stays"
+    assert vm.nx_recover(4) == 2  # ceil(6 / 4), oldest first
+    assert vm.stats["nx_lpage_splits"] == 4
+    assert vm.fault(9).level == 2
+    assert vm.fault(1024 + 9).level == 1
+    assert vm.nx_recover(0) == 0
+    with pytest.raises(tdpmmu.ConfigError, match="ratio"):
+        vm.nx_recover(-1)
+    vm.check()
+    # Tables of a slot that logs dirty pages are only taken off the list.
+    vm.set_dirty_logging(0, True)
+    left = vm.stats["nx_lpage_splits"]
+    assert vm.nx_recover(1) == 0
+    assert vm.stats["nx_lpage_splits"] == 0 and left > 0
+    vm.check()

@@ -22,6 +22,8 @@ pub const SP_NX_DISALLOWED: u8 = 1 << 1;
 pub const SP_ROOT: u8 = 1 << 2;
 /// Table belongs to the TDX module's S-EPT model, not to KVM.
 pub const SP_EXTERNAL: u8 = 1 << 3;
+/// On the list of possible NX huge pages (`track_possible_nx_huge_page`).
+pub const SP_NX_TRACKED: u8 = 1 << 4;
 
 /// What KVM keeps in `struct kvm_mmu_page` for a table, reduced to what the model uses.
 #[repr(C)]

@@ -204,6 +204,13 @@ pub fn check(mmu: &Mmu, st: &MmuState, totals: &Ctx) -> Result<()> {
             w.seen.len()
         )));
     }
+    let nx = tdp.nx.lock().len() as i64;
+    if nx != totals.c[C::nx_lpage_splits as usize] {
+        return Err(fail(format!(
+            "{nx} tables on the possible-NX-huge-page list, nx_lpage_splits says {}",
+            totals.c[C::nx_lpage_splits as usize]
+        )));
+    }
     check_dirty_logs(mmu, st, &roots)
 }
 

@@ -82,6 +82,9 @@ counters!(
     dirty_pages_logged,
     sptes_aged,
     huge_pages_recovered,
+    // NX huge page mitigation: tables on the recovery list, and those the recovery zapped.
+    nx_lpage_splits,
+    nx_huge_pages_recovered,
 );
 
 pub const NCOUNTERS: usize = COUNTER_NAMES.len();

@@ -976,6 +976,24 @@ impl Vm {
         })
     }
 
+    /// One run of the NX huge page recovery worker (`kvm_recover_nx_huge_pages`, the TDP
+    /// MMU's v6.17+ form under `mmu_lock` for read): zap ⌈nx_lpage_splits / ratio⌉ of the
+    /// oldest tables exec faults had to create under the NX huge page mitigation, so the next
+    /// non-exec faults there can map huge; tables of slots that log dirty pages are only taken
+    /// off the list. One flush if any was zapped. `ratio` 0 does nothing (KVM's
+    /// `nx_huge_pages_recovery_ratio`; its default is 60). Returns the tables zapped.
+    pub fn nx_recover(&self, ratio: u32) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.ops.read(self.arena(), |st, ctx| {
+            let skip = |gfn: u64| st.memslots.find(gfn).is_some_and(|s| s.dirty.is_some());
+            let zapped = self.mmu.tdp.recover_nx_huge_pages(ctx, ratio, skip);
+            if zapped > 0 {
+                self.mmu.tdp.flush_remote_tlbs(ctx);
+            }
+            Ok(zapped)
+        })
+    }
+
     /// Memslot deletion: a fast zap for default VMs with KVM_X86_QUIRK_SLOT_ZAP_ALL, otherwise
     /// a leaf zap of the slot in every root (`kvm_mmu_zap_memslot`).
     pub fn delete_memslot(&self, id: u32) -> Result<()> {

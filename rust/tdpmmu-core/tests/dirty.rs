@@ -262,3 +262,40 @@ fn split_huge_pages_to_a_target_level() {
     );
     v.check().unwrap();
 }
+
+#[test]
+fn nx_recovery_zaps_a_share_of_the_tables_exec_faults_forced() {
+    let v = Vm::new(VmConfig {
+        memory: 1 << 30,
+        backing: 2 << 20,
+        nx_huge_pages: true,
+        ..VmConfig::default()
+    })
+    .unwrap();
+    // Exec faults in 6 empty 2M ranges: each maps 4K and tracks the table it had to create
+    // where a huge page could have been.
+    for r in 0..6u64 {
+        let f = v.fault(r * 512 + 7, None, false, true, 0).unwrap();
+        assert_eq!((f.ret, f.level), (Ret::Fixed, 1));
+    }
+    assert_eq!(c(&v, C::nx_lpage_splits), 6);
+    v.check().unwrap();
+    // A data fault there stays 4K while the table is on the list.
+    assert_eq!(v.fault(9, None, true, false, 0).unwrap().level, 1);
+    // ratio 4: ⌈6 / 4⌉ = 2 tables, the oldest first; one flush.
+    assert_eq!(v.nx_recover(4).unwrap(), 2);
+    assert_eq!(c(&v, C::nx_lpage_splits), 4);
+    assert_eq!(c(&v, C::nx_huge_pages_recovered), 2);
+    assert_eq!(c(&v, C::remote_tlb_flush), 1);
+    v.check().unwrap();
+    // The oldest range is empty again: a data fault maps it 2M.
+    assert_eq!(v.fault(9, None, true, false, 0).unwrap().level, 2);
+    assert_eq!(v.fault(512 + 9, None, true, false, 0).unwrap().level, 2);
+    // The third range is still on the list: 4K.
+    assert_eq!(v.fault(1024 + 9, None, true, false, 0).unwrap().level, 1);
+    assert_eq!(v.nx_recover(0).unwrap(), 0, "ratio 0 recovers nothing");
+    // Zapping the tables another way takes them off the list too.
+    v.zap_all_fast().unwrap();
+    v.fault(0, None, false, false, 0).unwrap(); // loads a new root
+    v.check().unwrap();
+}

@@ -1189,6 +1189,37 @@ impl Vm {
         self.run(py, |vm| vm.recover_huge_pages(slot))
     }
 
+    /// One run of the NX huge page recovery worker.
+    ///
+    /// Models ``kvm_recover_nx_huge_pages`` with the TDP MMU's v6.17+
+    /// ``kvm_tdp_mmu_zap_possible_nx_huge_page`` (``mmu_lock`` for read). With
+    /// ``nx_huge_pages=True`` an exec fault maps 4K where a huge page could have been and puts
+    /// the table it had to create on a list (``stats["nx_lpage_splits"]``); this zaps
+    /// ⌈nx_lpage_splits / ratio⌉ of the oldest (the parent entry is set non-present if it
+    /// still points at the table, and the subtree is torn down), so later non-exec faults there
+    /// map huge again. Tables of a slot that logs dirty pages are only taken off the list. One
+    /// remote TLB flush if any table was zapped. The worker's period is the caller's cadence.
+    ///
+    /// Args:
+    ///     ratio: KVM's ``nx_huge_pages_recovery_ratio``, >= 0 (default 60; 0 recovers nothing).
+    ///
+    /// Returns:
+    ///     int: the tables zapped (``stats["nx_huge_pages_recovered"]`` adds them up).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``ratio`` out of range; ``vm`` after ``destroy()``.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: ``ratio`` is not an int.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    #[pyo3(signature = (ratio = None))]
+    fn nx_recover(&self, py: Python<'_>, ratio: Option<Int>) -> PyResult<u64> {
+        let ratio = match ratio {
+            Some(r) => in_range(py, "ratio", &r, 1 << 32)? as u32,
+            None => 60,
+        };
+        self.run(py, |vm| vm.nx_recover(ratio))
+    }
+
     /// The memslots, ordered by gfn (inspection).
     ///
     /// Returns:

@@ -71,6 +71,10 @@ impl TdpMmu {
                 self.arena.free_now(child);
                 return Ok(Ret::Retry);
             }
+            // The mitigation forced this table where a huge page could have been.
+            if f.huge_page_disallowed && f.req_level >= it.level {
+                self.track_possible_nx_huge_page(ctx, child);
+            }
             it.next_single();
         }
         if !at_goal {

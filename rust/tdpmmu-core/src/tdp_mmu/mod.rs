@@ -5,6 +5,7 @@
 
 mod dirty;
 mod map;
+mod nx;
 mod roots;
 mod set;
 mod walk;
@@ -48,6 +49,9 @@ pub struct TdpMmu {
     /// Per vCPU: the direct root it has loaded (`root.hpa`) and its mirror root.
     pub vcpu_root: Box<[AtomicU32]>,
     pub vcpu_mirror_root: Box<[AtomicU32]>,
+    /// `possible_nx_huge_pages`: tables an exec fault had to create under the NX huge page
+    /// mitigation, oldest first.
+    pub nx: Mutex<nx::NxList>,
 }
 
 impl TdpMmu {
@@ -60,6 +64,7 @@ impl TdpMmu {
             roots: Mutex::new(Vec::new()),
             vcpu_root: (0..n).map(|_| AtomicU32::new(NO_TABLE)).collect(),
             vcpu_mirror_root: (0..n).map(|_| AtomicU32::new(NO_TABLE)).collect(),
+            nx: Mutex::new(nx::NxList::default()),
         }
     }
 

@@ -222,6 +222,7 @@ impl TdpMmu {
         if hooks {
             let _ = self.hooks.free_external_spt(ctx, base, level, table);
         }
+        self.untrack_possible_nx_huge_page(ctx, table);
         self.arena.free_deferred(table);
     }
 
