@@ -170,3 +170,38 @@ def test_nx_recovery_lets_data_faults_map_huge_again() -> None:
     assert vm.nx_recover(1) == 0
     assert vm.stats["nx_lpage_splits"] == 0 and left > 0
     vm.check()
+
+
+def test_read_only_slots_map_without_write_and_emulate_writes() -> None:
+    vm = tdpmmu.VM(memory="16MiB")
+    ro = vm.add_memslot(1 << 20, 512, readonly=True)
+    r = vm.fault((1 << 20) + 3, write=False)
+    assert r.ret == tdpmmu.Ret.FIXED
+    d = spte.decode(r.spte)
+    assert d["writable"] is False and d["dirty"] is False
+    r = vm.fault((1 << 20) + 3, write=True)
+    assert r.ret == tdpmmu.Ret.EMULATE, "a write to read-only memory exits as MMIO"
+    assert vm.stats["pf_emulate"] == 1 and vm.stats["pf_fast"] == 0
+    with pytest.raises(tdpmmu.ConfigError, match="read-only"):
+        vm.set_dirty_logging(ro, True)
+    with pytest.raises(tdpmmu.ConfigError, match="readonly"):
+        tdpmmu.VM("tdx", memory="16MiB").add_memslot(1 << 20, 512, readonly=True)
+    vm.check()
+
+
+def test_moving_a_slot_flushes_the_old_range() -> None:
+    vm = tdpmmu.VM(memory="16MiB", slot_zap_all=False)
+    s = vm.add_memslot(1 << 20, 512)
+    vm.populate(1 << 20, 512)
+    gen = vm.memslot_generation
+    vm.move_memslot(s, 1 << 21)
+    assert vm.memslot_generation > gen
+    assert vm.stats["pages_4k"] == 0, "the old range's leaves are gone"
+    assert [m for m in vm.memslots() if m[0] == s][0][1] == 1 << 21
+    assert vm.fault((1 << 21) + 5).ret == tdpmmu.Ret.FIXED
+    with pytest.raises(tdpmmu.ConfigError, match="new_gfn"):
+        vm.move_memslot(s, 100)  # overlaps slot 0
+    with pytest.raises(tdpmmu.ConfigError, match="guest_memfd"):
+        td = tdpmmu.VM("snp", memory="16MiB")
+        td.move_memslot(0, 1 << 21)
+    vm.check()

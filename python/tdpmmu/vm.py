@@ -250,7 +250,12 @@ class VM(_core.Vm):
         return self._backing
 
     def add_memslot(
-        self, gfn: int, npages: int, backing: str | int = "4K", gmem: bool = False
+        self,
+        gfn: int,
+        npages: int,
+        backing: str | int = "4K",
+        gmem: bool = False,
+        readonly: bool = False,
     ) -> int:
         """Create a memslot (KVM_SET_USER_MEMORY_REGION2) of ``npages`` 4 KiB pages at ``gfn``.
 
@@ -266,21 +271,26 @@ class VM(_core.Vm):
                 bytes.
             gmem: give the slot a guest_memfd for private memory (default False); only VM
                 types with private memory (tdx, snp, sw_protected).
+            readonly: ``KVM_MEM_READONLY`` (default False): SPTEs are never writable and a
+                guest write is emulated (``Ret.EMULATE``); not on tdx/snp nor with ``gmem``.
 
         Returns:
             int: the new slot's id (ids count up and are never reused; slot 0 is the default).
 
         Raises:
             ConfigError: naming ``gfn`` (misaligned, or overlapping a memslot), ``npages``,
-                ``backing`` (not 4K, 2M or 1G), ``gmem`` (on a default VM) or ``vm`` (after
-                ``destroy()``); the VM is unchanged.
+                ``backing`` (not 4K, 2M or 1G), ``gmem`` (on a default VM), ``readonly``
+                (where KVM has no read-only memory) or ``vm`` (after ``destroy()``); the VM is
+                unchanged.
             OutOfMemory: the slot's page tables and metadata (fully mapped at 4 KiB) would
                 exceed the VM's ``budget`` (nothing is allocated), or its bookkeeping could not
                 be allocated.
             VmBugged: the VM was bugged.
             TypeError: an argument of the wrong type.
         """
-        return super().add_memslot(gfn, npages, coerce.backing(backing), gmem)
+        return super().add_memslot(
+            gfn, npages, coerce.backing(backing), gmem, coerce.flag(readonly, "readonly")
+        )
 
     def trace_events(self) -> list[Event]:  # type: ignore[override]
         """The trace: every traced event so far, in order (``VM(trace=True)``; else empty).

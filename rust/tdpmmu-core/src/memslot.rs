@@ -28,6 +28,8 @@ pub struct Memslot {
     gmem_touched: Option<Box<[AtomicU64]>>,
     /// KVM_MEM_LOG_DIRTY_PAGES: the dirty bitmap (one bit per 4 KiB page) while logging.
     pub dirty: Option<DirtyLog>,
+    /// KVM_MEM_READONLY: guest writes exit to userspace (emulated as MMIO).
+    pub readonly: bool,
 }
 
 /// A memslot's dirty log (`KVM_MEM_LOG_DIRTY_PAGES`).
@@ -121,6 +123,7 @@ impl Memslot {
             },
             touched: try_zeroed_atomics(words, "the memslot first-touch bitmap")?,
             dirty: None,
+            readonly: false,
         })
     }
 
@@ -305,6 +308,12 @@ impl Memslots {
         self.slots.insert(pos, slot);
         self.generation += 2;
         Ok(id)
+    }
+
+    /// Keep the slots sorted by gfn after one moved.
+    pub fn resort(&mut self) {
+        self.slots.sort_by_key(|s| s.gfn);
+        self.generation += 2;
     }
 
     /// Every slot overlapping [gfn, end).

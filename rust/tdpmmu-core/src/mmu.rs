@@ -169,7 +169,16 @@ impl Mmu {
         }
         let mut pfn = 0;
         match slot {
+            // A write to a read-only memslot: KVM_PFN_ERR_RO_FAULT, emulated (userspace MMIO).
+            Some(s) if s.readonly && write && !is_private => {
+                if !prefetch {
+                    ctx.inc(C::pf_emulate);
+                }
+                (f.level, f.spte) = tdp.lookup(root, gfn, gfn_bits);
+                return Ok((f.result(Ret::Emulate), 0));
+            }
             Some(s) => {
+                f.map_writable = !s.readonly;
                 pfn = self.faultin_pfn(ctx, s, &mut f);
                 if self.has_private_mem {
                     // Mixed private/shared ranges cannot be mapped huge (KVM_LPAGE_MIXED_FLAG).

@@ -45,6 +45,8 @@ pub struct KvmPageFault {
     pub huge_page_disallowed: bool,
     /// No memslot: the fault installs an MMIO SPTE.
     pub mmio: bool,
+    /// The host mapping may be written (false for a KVM_MEM_READONLY slot): the SPTE gets W.
+    pub map_writable: bool,
     /// Where the fault ended: the level and value of the entry it installed or found.
     pub level: u8,
     pub spte: u64,
@@ -58,6 +60,7 @@ impl KvmPageFault {
             exec,
             prefetch,
             is_private,
+            map_writable: true,
             max_level: 1,
             req_level: 1,
             goal_level: 1,

@@ -674,6 +674,27 @@ impl Vm {
     /// KVM_SET_USER_MEMORY_REGION2 (create): a slot of `npages` at `gfn` backed by host pages
     /// of `backing` bytes, with guest_memfd if `gmem`. Returns the slot id.
     pub fn add_memslot(&self, gfn: u64, npages: u64, backing: u64, gmem: bool) -> Result<u32> {
+        self.add_memslot_flags(gfn, npages, backing, gmem, false)
+    }
+
+    /// `add_memslot` with KVM_MEM_READONLY (`readonly`): guest writes to the slot exit to
+    /// userspace as MMIO; KVM has no read-only memory on VMs with protected state (TDX, SNP)
+    /// and none with guest_memfd.
+    pub fn add_memslot_flags(
+        &self,
+        gfn: u64,
+        npages: u64,
+        backing: u64,
+        gmem: bool,
+        readonly: bool,
+    ) -> Result<u32> {
+        if readonly && (gmem || matches!(self.cfg.vm_type, VmType::Tdx | VmType::Snp)) {
+            return Err(bad_arg(
+                "readonly",
+                "KVM_MEM_READONLY is not available on a VM with protected state (TDX, SNP) or \
+                 with guest_memfd",
+            ));
+        }
         let level = backing_level(backing, "backing")?;
         if gmem && !self.mmu.has_private_mem {
             return Err(bad_arg(
@@ -692,6 +713,7 @@ impl Vm {
                 )));
             }
             let id = st.memslots.add(gfn, npages, level, gmem)?;
+            st.memslots.by_id_mut(id).expect("just added").readonly = readonly;
             let slot: &Memslot = st.memslots.by_id(id).expect("just added");
             if gmem && let Err(e) = self.mmu.vendor.gmem_bind(slot.gmem_pfn, npages) {
                 st.memslots.remove(id);
@@ -743,6 +765,12 @@ impl Vm {
                         "memslot {id} has guest_memfd: KVM refuses KVM_MEM_LOG_DIRTY_PAGES on \
                          guest_memfd slots (private memory cannot be dirty-logged)"
                     ),
+                ));
+            }
+            if enable && slot.readonly {
+                return Err(bad_arg(
+                    "slot",
+                    format!("memslot {id} is read-only: KVM refuses dirty logging on it"),
                 ));
             }
             if slot.dirty.is_some() == enable {
@@ -991,6 +1019,72 @@ impl Vm {
                 self.mmu.tdp.flush_remote_tlbs(ctx);
             }
             Ok(zapped)
+        })
+    }
+
+    /// KVM_MR_MOVE: memslot `id` now starts at `new_gfn` (same host memory, same flags and
+    /// dirty log). KVM first flushes the old range as for a deletion (the fast zap on a default
+    /// VM with the slot-zap-all quirk, otherwise the slot's leaves in every root), then
+    /// installs the moved slot; the generation grows. guest_memfd slots cannot move.
+    pub fn move_memslot(&self, id: u32, new_gfn: u64) -> Result<()> {
+        self.ops.ensure_alive()?;
+        self.check_gfn(new_gfn, "new_gfn")?;
+        self.ops.write(self.arena(), |st, ctx| {
+            let Some(slot) = st.memslots.by_id(id) else {
+                return Err(bad_arg("slot", format!("no memslot {id}")));
+            };
+            if slot.gmem {
+                return Err(bad_arg(
+                    "slot",
+                    format!("memslot {id} has guest_memfd: KVM refuses KVM_MR_MOVE for it"),
+                ));
+            }
+            let (start, end, npages, level) = (slot.gfn, slot.end(), slot.npages, slot.level);
+            let align = pages_per_level(level);
+            if !new_gfn.is_multiple_of(align) {
+                return Err(bad_arg(
+                    "new_gfn",
+                    format!(
+                        "must be a multiple of the backing page ({align} pages), got {new_gfn:#x}"
+                    ),
+                ));
+            }
+            if new_gfn
+                .checked_add(npages)
+                .is_none_or(|e| e > self.max_gfn())
+            {
+                return Err(bad_arg(
+                    "new_gfn",
+                    format!(
+                        "the moved slot would end past the guest's gfn limit {:#x}",
+                        self.max_gfn()
+                    ),
+                ));
+            }
+            if let Some(o) = st
+                .memslots
+                .slots
+                .iter()
+                .find(|s| s.id != id && new_gfn < s.end() && s.gfn < new_gfn + npages)
+            {
+                return Err(bad_arg(
+                    "new_gfn",
+                    format!(
+                        "the moved slot would overlap memslot {} [{:#x}, {:#x})",
+                        o.id,
+                        o.gfn,
+                        o.end()
+                    ),
+                ));
+            }
+            if self.cfg.vm_type == VmType::Default && self.cfg.slot_zap_all {
+                self.mmu.tdp.zap_all_fast(ctx);
+            } else {
+                self.mmu.tdp.unmap_gfn_range(ctx, true, true, start, end);
+            }
+            st.memslots.by_id_mut(id).expect("found above").gfn = new_gfn;
+            st.memslots.resort();
+            Ok(())
         })
     }
 

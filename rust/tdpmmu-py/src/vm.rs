@@ -914,22 +914,25 @@ impl Vm {
     ///     backing: host page size in bytes: 4096 (default), 2097152 or 1073741824.
     ///     gmem: give the slot a guest_memfd (default False); only VMs with private memory (tdx,
     ///         snp, sw_protected) take it.
+    ///     readonly: ``KVM_MEM_READONLY`` (default False): SPTEs of the slot are never writable
+    ///         and a guest write is emulated (``Ret.EMULATE``, userspace MMIO); not on tdx/snp
+    ///         (protected state) nor with ``gmem``, and the slot cannot log dirty pages.
     ///
     /// Returns:
     ///     int: the new slot's id (ids count up and are never reused; the default slot is 0).
     ///
     /// Raises:
     ///     ConfigError: naming ``gfn`` (misaligned, or overlapping a memslot), ``npages``,
-    ///         ``backing`` (not a host page size), ``gmem`` (on a default VM) or ``vm`` (after
-    ///         ``destroy()``). The VM is unchanged.
+    ///         ``backing`` (not a host page size), ``gmem`` (on a default VM), ``readonly`` (where
+    ///         KVM has no read-only memory) or ``vm`` (after ``destroy()``). The VM is unchanged.
     ///     OutOfMemory: the slot's page tables and metadata (fully mapped at 4 KiB) would exceed
     ///         the VM's ``budget`` (nothing is allocated), or its bookkeeping could not be
     ///         allocated.
     ///     VmBugged: the VM was bugged.
     ///     TypeError: an argument of the wrong type.
     ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
-    #[pyo3(signature = (gfn, npages, backing = Int::of(4096), gmem = false))]
-    #[pyo3(text_signature = "(self, /, gfn, npages, backing=4096, gmem=False)")]
+    #[pyo3(signature = (gfn, npages, backing = Int::of(4096), gmem = false, readonly = false))]
+    #[pyo3(text_signature = "(self, /, gfn, npages, backing=4096, gmem=False, readonly=False)")]
     fn add_memslot(
         &self,
         py: Python<'_>,
@@ -937,10 +940,41 @@ impl Vm {
         npages: Int,
         backing: Int,
         gmem: bool,
+        readonly: bool,
     ) -> PyResult<u32> {
         let (gfn, npages) = self.range(py, &gfn, &npages)?;
         let backing = in_range(py, "backing", &backing, 1 << 62)?;
-        self.run(py, |vm| vm.add_memslot(gfn, npages, backing, gmem))
+        self.run(py, |vm| {
+            vm.add_memslot_flags(gfn, npages, backing, gmem, readonly)
+        })
+    }
+
+    /// Move a memslot to another guest-physical address (``KVM_MR_MOVE``).
+    ///
+    /// The same host memory, flags and dirty log, at ``new_gfn``. As KVM does, the old range
+    /// is flushed first like a deletion (the fast zap of everything on a default VM with
+    /// ``slot_zap_all``, otherwise the slot's leaves in every root, with one flush); the
+    /// memslot generation grows. guest_memfd slots cannot move.
+    ///
+    /// Args:
+    ///     slot: the slot's id.
+    ///     new_gfn: the slot's new first gfn, a multiple of its backing page; the moved slot
+    ///         must end at or below ``max_gfn`` and overlap no other slot.
+    ///
+    /// Returns:
+    ///     None.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``slot`` (unknown, or with guest_memfd) or ``new_gfn``
+    ///         (misaligned, past ``max_gfn``, overlapping); ``vm`` after ``destroy()``. The VM is
+    ///         unchanged.
+    ///     VmBugged: the VM was bugged, or a hook failed during the zap.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    fn move_memslot(&self, py: Python<'_>, slot: Int, new_gfn: Int) -> PyResult<()> {
+        let slot = in_range(py, "slot", &slot, u32::MAX as u128)? as u32;
+        let new_gfn = gfn_arg(py, "new_gfn", &new_gfn, self.inner.max_gfn())?;
+        self.run(py, |vm| vm.move_memslot(slot, new_gfn))
     }
 
     /// Delete a memslot (KVM_SET_USER_MEMORY_REGION2 with size 0).

@@ -104,7 +104,13 @@ impl TdpMmu {
             make_mmio_spte(f.gfn, generation)
         } else {
             let exec = !(self.shape.nx_huge_pages && it.level > 1);
-            make_leaf_spte(f.pfn, it.level, exec, f.prefetch)
+            let leaf = make_leaf_spte(f.pfn, it.level, exec, f.prefetch);
+            if f.map_writable {
+                leaf
+            } else {
+                // make_spte without ACC_WRITE: no W, no D, not MMU- or host-writable.
+                leaf & !(spte::PT_WRITABLE | spte::DIRTY | spte::MMU_WRITABLE | spte::HOST_WRITABLE)
+            }
         };
         if new == old {
             return Ok(Ret::Spurious);
