@@ -205,3 +205,20 @@ def test_moving_a_slot_flushes_the_old_range() -> None:
         td = tdpmmu.VM("snp", memory="16MiB")
         td.move_memslot(0, 1 << 21)
     vm.check()
+
+
+def test_write_tracking_returns_write_protected() -> None:
+    vm = tdpmmu.VM(memory="16MiB", backing="2M")
+    vm.populate(0, 512)
+    assert vm.write_track_gfn(7) == 1
+    assert spte.decode(vm.spte(7))["writable"] is False
+    assert vm.fault(7).ret == tdpmmu.Ret.WRITE_PROTECTED
+    assert vm.fault(7, write=False).ret == tdpmmu.Ret.SPURIOUS
+    assert vm.stats["pf_write_protected"] == 1
+    assert vm.write_track_gfn(7, add=False) == 0
+    assert vm.fault(7).ret == tdpmmu.Ret.FIXED
+    with pytest.raises(tdpmmu.ConfigError, match="not write-tracked"):
+        vm.write_track_gfn(7, add=False)
+    with pytest.raises(tdpmmu.ConfigError, match="guest_memfd"):
+        tdpmmu.VM("snp", memory="16MiB").write_track_gfn(3)
+    vm.check()

@@ -30,6 +30,8 @@ pub struct Memslot {
     pub dirty: Option<DirtyLog>,
     /// KVM_MEM_READONLY: guest writes exit to userspace (emulated as MMIO).
     pub readonly: bool,
+    /// Write tracking (`kvm_page_track`): one count per 4 KiB page, allocated on first use.
+    pub write_track: Option<Box<[std::sync::atomic::AtomicU32]>>,
 }
 
 /// A memslot's dirty log (`KVM_MEM_LOG_DIRTY_PAGES`).
@@ -124,7 +126,26 @@ impl Memslot {
             touched: try_zeroed_atomics(words, "the memslot first-touch bitmap")?,
             dirty: None,
             readonly: false,
+            write_track: None,
         })
+    }
+
+    /// Whether a write to `gfn` is tracked (`kvm_gfn_is_write_tracked`).
+    #[inline(always)]
+    pub fn write_tracked(&self, gfn: u64) -> bool {
+        self.write_track
+            .as_ref()
+            .is_some_and(|t| t[(gfn - self.gfn) as usize].load(Ordering::Relaxed) > 0)
+    }
+
+    /// Whether any page of [start, end) ∩ slot is write-tracked (huge pages are disallowed
+    /// over a tracked page).
+    pub fn any_write_tracked(&self, start: u64, end: u64) -> bool {
+        let Some(t) = &self.write_track else {
+            return false;
+        };
+        let (lo, hi) = (start.max(self.gfn), end.min(self.end()));
+        (lo..hi).any(|g| t[(g - self.gfn) as usize].load(Ordering::Relaxed) > 0)
     }
 
     /// Mark `gfn` dirty if the slot logs dirty pages.

@@ -179,7 +179,16 @@ impl Mmu {
             }
             Some(s) => {
                 f.map_writable = !s.readonly;
+                f.write_tracked = !is_private && s.write_tracked(gfn);
                 pfn = self.faultin_pfn(ctx, s, &mut f);
+                // A write-tracked page disallows a huge mapping over it.
+                while f.max_level > 1 && s.write_track.is_some() {
+                    let base = spte::round_gfn(gfn, f.max_level);
+                    if !s.any_write_tracked(base, base + pages_per_level(f.max_level)) {
+                        break;
+                    }
+                    f.max_level -= 1;
+                }
                 if self.has_private_mem {
                     // Mixed private/shared ranges cannot be mapped huge (KVM_LPAGE_MIXED_FLAG).
                     while f.max_level > 1 {

@@ -47,6 +47,9 @@ pub struct KvmPageFault {
     pub mmio: bool,
     /// The host mapping may be written (false for a KVM_MEM_READONLY slot): the SPTE gets W.
     pub map_writable: bool,
+    /// The gfn is write-tracked (`kvm_gfn_is_write_tracked`): the SPTE is made read-only and a
+    /// write returns RET_PF_WRITE_PROTECTED.
+    pub write_tracked: bool,
     /// Where the fault ended: the level and value of the entry it installed or found.
     pub level: u8,
     pub spte: u64,
@@ -61,6 +64,7 @@ impl KvmPageFault {
             prefetch,
             is_private,
             map_writable: true,
+            write_tracked: false,
             max_level: 1,
             req_level: 1,
             goal_level: 1,

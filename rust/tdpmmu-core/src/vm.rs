@@ -1004,6 +1004,67 @@ impl Vm {
         })
     }
 
+    /// Page write tracking (`kvm_write_track_add_gfn` / `_remove_gfn`, as KVMGT uses it):
+    /// adding the first tracker of `gfn` disallows huge pages over it and write-protects every
+    /// leaf mapping it (W and MMU-writable cleared, one flush); a guest write then returns
+    /// RET_PF_WRITE_PROTECTED (the write is emulated). Removing the last tracker lets the next
+    /// fault map the page writable again. Returns the page's tracker count.
+    pub fn write_track_gfn(&self, gfn: u64, add: bool) -> Result<u32> {
+        self.ops.ensure_alive()?;
+        self.check_gfn(gfn, "gfn")?;
+        self.ops.write(self.arena(), |st, ctx| {
+            let Some(slot) = st.memslots.find(gfn) else {
+                return Err(bad_arg("gfn", format!("gfn {gfn:#x} is in no memslot")));
+            };
+            let id = slot.id;
+            if slot.gmem {
+                return Err(bad_arg(
+                    "gfn",
+                    format!("gfn {gfn:#x} is in a guest_memfd slot: KVM tracks shared memory only"),
+                ));
+            }
+            let npages = slot.npages;
+            let untracked = slot.write_track.is_none();
+            if untracked && !add {
+                return Err(bad_arg("gfn", format!("gfn {gfn:#x} is not write-tracked")));
+            }
+            let bytes = npages * 4;
+            if untracked {
+                if st.committed.saturating_add(bytes) > self.budget {
+                    return Err(Error::OutOfMemory(format!(
+                        "write_track_gfn: the slot's tracking counts need {bytes} bytes; the \
+                         VM's budget of {} bytes has {} committed",
+                        self.budget, st.committed
+                    )));
+                }
+                st.committed += bytes;
+            }
+            let slot = st.memslots.by_id_mut(id).expect("found above");
+            if slot.write_track.is_none() {
+                let mut v = Vec::new();
+                v.try_reserve_exact(npages as usize).map_err(|_| {
+                    Error::OutOfMemory("the memslot's write-tracking counts".into())
+                })?;
+                v.resize_with(npages as usize, || std::sync::atomic::AtomicU32::new(0));
+                slot.write_track = Some(v.into_boxed_slice());
+            }
+            let t = &slot.write_track.as_ref().expect("allocated above")[(gfn - slot.gfn) as usize];
+            let n = t.load(Ordering::Relaxed);
+            if add {
+                t.store(n + 1, Ordering::Relaxed);
+                if n == 0 && self.mmu.tdp.write_protect_gfn(ctx, gfn) {
+                    self.mmu.tdp.flush_remote_tlbs(ctx);
+                }
+                Ok(n + 1)
+            } else if n == 0 {
+                Err(bad_arg("gfn", format!("gfn {gfn:#x} is not write-tracked")))
+            } else {
+                t.store(n - 1, Ordering::Relaxed);
+                Ok(n - 1)
+            }
+        })
+    }
+
     /// One run of the NX huge page recovery worker (`kvm_recover_nx_huge_pages`, the TDP
     /// MMU's v6.17+ form under `mmu_lock` for read): zap ⌈nx_lpage_splits / ratio⌉ of the
     /// oldest tables exec faults had to create under the NX huge page mitigation, so the next
@@ -1111,6 +1172,13 @@ impl Vm {
                     self.mmu.vendor.gmem_unbind(slot.gmem_pfn, slot.npages);
                 }
                 st.committed -= self.slot_cost(slot.npages, slot.level, slot.gmem);
+                // What the slot committed while it lived: a dirty bitmap, tracking counts.
+                if slot.dirty.is_some() {
+                    st.committed -= crate::memslot::DirtyLog::bytes(slot.npages);
+                }
+                if slot.write_track.is_some() {
+                    st.committed -= slot.npages * 4;
+                }
             }
             Ok(())
         })

@@ -299,3 +299,32 @@ fn nx_recovery_zaps_a_share_of_the_tables_exec_faults_forced() {
     v.fault(0, None, false, false, 0).unwrap(); // loads a new root
     v.check().unwrap();
 }
+
+#[test]
+fn write_tracked_pages_are_read_only_and_writes_return_write_protected() {
+    let v = vm(64 << 20, 2 << 20);
+    v.populate(0, 512, None, 0).unwrap();
+    assert_eq!(c(&v, C::pages_2m), 1);
+    // Tracking a page write-protects the 2M leaf over it; the next write is emulated.
+    assert_eq!(v.write_track_gfn(7, true).unwrap(), 1);
+    assert_eq!(v.spte(7, false).unwrap() & PT_WRITABLE, 0);
+    assert_eq!(c(&v, C::remote_tlb_flush), 1);
+    let r = v.fault(7, None, true, false, 0).unwrap();
+    assert_eq!(r.ret, Ret::WriteProtected);
+    assert_eq!(c(&v, C::pf_write_protected), 1);
+    assert_eq!(c(&v, C::pf_fast), 0, "MMU-writable is clear: no fast path");
+    // A fresh 2M range with a tracked page maps 4K, read-only at the tracked page only.
+    v.write_track_gfn(600, true).unwrap();
+    assert_eq!(
+        v.fault(600, None, true, false, 0).unwrap().ret,
+        Ret::WriteProtected
+    );
+    let r = v.fault(601, None, true, false, 0).unwrap();
+    assert_eq!((r.ret, r.level), (Ret::Fixed, 1));
+    v.check().unwrap();
+    // The last tracker gone: the page may be written again (via the slow path).
+    assert_eq!(v.write_track_gfn(600, false).unwrap(), 0);
+    assert_eq!(v.fault(600, None, true, false, 0).unwrap().ret, Ret::Fixed);
+    assert!(v.write_track_gfn(600, false).is_err());
+    v.check().unwrap();
+}

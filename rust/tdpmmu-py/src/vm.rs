@@ -1223,6 +1223,35 @@ impl Vm {
         self.run(py, |vm| vm.recover_huge_pages(slot))
     }
 
+    /// Add or remove a write tracker of a shared guest page (KVM's page tracking).
+    ///
+    /// Models ``kvm_write_track_add_gfn`` / ``kvm_write_track_remove_gfn`` (users such as
+    /// KVMGT). The first tracker disallows huge pages over the page and write-protects every
+    /// leaf mapping it (``kvm_tdp_mmu_write_protect_gfn``: W and MMU-writable cleared, one
+    /// flush), so the fast path cannot undo it; a guest write to the page then returns
+    /// ``Ret.WRITE_PROTECTED`` (KVM emulates the write; ``pf_write_protected``). With the last
+    /// tracker removed, the next write fault maps the page writable again.
+    ///
+    /// Args:
+    ///     gfn: a shared guest page in a memslot without guest_memfd, in ``0..max_gfn``.
+    ///     add: True to add a tracker (default), False to remove one.
+    ///
+    /// Returns:
+    ///     int: the page's tracker count afterwards.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` (out of range, in no memslot, in a guest_memfd slot, or
+    ///         not tracked when removing); ``vm`` after ``destroy()``. The VM is unchanged.
+    ///     OutOfMemory: the slot's tracking counts (4 bytes per page) exceed the VM's budget.
+    ///     VmBugged: the VM was bugged.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    #[pyo3(signature = (gfn, add = true))]
+    fn write_track_gfn(&self, py: Python<'_>, gfn: Int, add: bool) -> PyResult<u32> {
+        let gfn = gfn_arg(py, "gfn", &gfn, self.inner.max_gfn())?;
+        self.run(py, |vm| vm.write_track_gfn(gfn, add))
+    }
+
     /// One run of the NX huge page recovery worker.
     ///
     /// Models ``kvm_recover_nx_huge_pages`` with the TDP MMU's v6.17+

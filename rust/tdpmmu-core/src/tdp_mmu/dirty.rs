@@ -95,6 +95,29 @@ impl TdpMmu {
         changed
     }
 
+    /// `kvm_tdp_mmu_write_protect_gfn` (mmu_lock for write): every leaf mapping `gfn`, at any
+    /// level, loses W and MMU-writable, so no fast path can make it writable again. Returns
+    /// whether a leaf changed (the caller flushes).
+    pub fn write_protect_gfn(&self, ctx: &mut Ctx, gfn: u64) -> bool {
+        let mut changed = false;
+        for root in self.valid_direct_roots() {
+            let bits = self.root_gfn_bits(false);
+            let mut it = TdpIter::start(&self.arena, root, self.shape.levels, 1, gfn, bits);
+            while it.in_range(gfn + 1) {
+                let s = it.old_spte;
+                let new = s & !(PT_WRITABLE | spte::MMU_WRITABLE);
+                if is_shadow_present(s) && is_last(s, it.level) && new != s {
+                    self.set_spte(ctx, &mut it, new);
+                    ctx.inc(C::sptes_write_protected);
+                    ctx.charge(crate::cost::Cost::spte_update_ns, 1);
+                    changed = true;
+                }
+                it.next();
+            }
+        }
+        changed
+    }
+
     /// `kvm_tdp_mmu_age_gfn_range` (lockless): clear A on every present leaf of [start, end)
     /// with an atomic AND; no bookkeeping, no flush. Returns whether any leaf was young.
     pub fn age_gfn_range(&self, ctx: &mut Ctx, start: u64, end: u64) -> bool {

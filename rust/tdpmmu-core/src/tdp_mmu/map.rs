@@ -105,14 +105,21 @@ impl TdpMmu {
         } else {
             let exec = !(self.shape.nx_huge_pages && it.level > 1);
             let leaf = make_leaf_spte(f.pfn, it.level, exec, f.prefetch);
-            if f.map_writable {
-                leaf
-            } else {
+            if !f.map_writable {
                 // make_spte without ACC_WRITE: no W, no D, not MMU- or host-writable.
                 leaf & !(spte::PT_WRITABLE | spte::DIRTY | spte::MMU_WRITABLE | spte::HOST_WRITABLE)
+            } else if f.write_tracked {
+                // make_spte's write-protection for a tracked gfn: no W, no MMU-writable.
+                leaf & !(spte::PT_WRITABLE | spte::DIRTY | spte::MMU_WRITABLE)
+            } else {
+                leaf
             }
         };
         if new == old {
+            // Nothing to install; a write to a tracked page still needs emulation.
+            if f.write_tracked && f.write {
+                return Ok(Ret::WriteProtected);
+            }
             return Ok(Ret::Spurious);
         }
         if self.set_spte_atomic(ctx, it, new).is_err() {
@@ -121,6 +128,9 @@ impl TdpMmu {
         f.spte = new;
         if is_shadow_present(old) && !is_last(old, it.level) {
             self.flush_remote_tlbs(ctx);
+        }
+        if f.write_tracked && f.write {
+            return Ok(Ret::WriteProtected);
         }
         if f.mmio {
             ctx.inc(C::pf_mmio_spte_created);
