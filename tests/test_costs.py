@@ -157,9 +157,17 @@ def test_first_touch_4k_fault_cost_is_exact() -> None:
     expected = c.exit_entry_ns + c.fault_handling_ns + c.fault_map_ns + c.host_page_alloc_ns
     assert r.modeled_ns == expected
     assert vm.stats["modeled_ns"] == expected
-    # A spurious fault is an exit, handling and the map step (which finds the SPTE already
-    # there), no allocation.
-    assert vm.fault(10).modeled_ns == c.exit_entry_ns + c.fault_handling_ns + c.fault_map_ns
+    # A spurious read fault is an exit, handling and the map step (which finds the SPTE
+    # already there), no allocation.
+    spurious = vm.fault(10, write=False)
+    assert spurious.ret is Ret.SPURIOUS
+    assert spurious.modeled_ns == c.exit_entry_ns + c.fault_handling_ns + c.fault_map_ns
+    # A spurious write fault is found on the lockless fast path: the exit and fast_fix_ns
+    # only (no handling, no map step).
+    fast = vm.fault(10)
+    assert fast.ret is Ret.SPURIOUS
+    assert fast.modeled_ns == c.exit_entry_ns + c.fast_fix_ns
+    assert vm.stats["pf_fast"] == 1
 
 
 def test_first_touch_2m_backing_zeroes_the_rest() -> None:

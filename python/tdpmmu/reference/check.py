@@ -18,8 +18,9 @@ from .memslot import Memslots
 from .spte import (
     PG_LEVEL_1G,
     PG_LEVEL_2M,
-    PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_ACCESSED,
+    SPTE_EXECUTABLE,
     SPTE_WRITABLE,
     is_frozen_spte,
     is_last_spte,
@@ -30,7 +31,6 @@ from .spte import (
     spte_to_pfn,
 )
 from .stats import PAGES_STAT, Ctx
-from .tdp_iter import TdpIter
 from .tdp_mmu import TdpMmu
 from .vendor.tdx_module import TdxModule
 
@@ -75,13 +75,19 @@ def check_live(
     non_root_tables = 0
     mirror_tables = 0
     mirror_leaves: list[tuple[int, int]] = []
+    # (gfn, level) of the writable leaves of valid direct roots, while a memslot logs.
+    logging = any(slot.dirty is not None for slot in slots)
+    writable: list[tuple[int, int]] = []
 
-    def visit(sp: MmuPage, gfn_bits: int) -> None:
+    def visit(sp: MmuPage, gfn_bits: int, audit_dirty: bool) -> None:
         nonlocal non_root_tables, mirror_tables
         level = sp.level
+        span = pages_per_hpage(level)
         for i, spte in enumerate(sp.spt):
+            if spte == SHADOW_NONPRESENT_VALUE:
+                continue
             # The (un-aliased) gfns that index i of this table maps.
-            gfn = (sp.gfn + i * pages_per_hpage(level)) & ~gfn_bits
+            gfn = (sp.gfn + i * span) & ~gfn_bits
             if is_frozen_spte(spte):
                 fail(f"FROZEN_SPTE at rest in table pfn {sp.pfn:#x}[{i}]")
             if not is_shadow_present_pte(spte):
@@ -103,6 +109,8 @@ def check_live(
                 leaves[PAGES_STAT.get(level, "pages_1g")] += 1
                 if sp.is_mirror:
                     mirror_leaves.append((gfn, spte_to_pfn(spte)))
+                if audit_dirty and spte & SPTE_WRITABLE:
+                    writable.append((gfn, level))
                 continue
             child = arena.live.get(spte_to_pfn(spte) - TABLE_BASE_PFN)
             if child is None:
@@ -124,11 +132,12 @@ def check_live(
             non_root_tables += 1
             if sp.is_mirror:
                 mirror_tables += 1
-            visit(child, gfn_bits)
+            visit(child, gfn_bits, audit_dirty)
 
     for root in tdp_mmu.roots:
         seen.add(root.index)
-        visit(root, tdp_mmu.root_gfn_bits(root.is_mirror))
+        audit = logging and not root.invalid and not root.is_mirror
+        visit(root, tdp_mmu.root_gfn_bits(root.is_mirror), audit)
 
     for name, count in leaves.items():
         if ctx.stats[name] != count:
@@ -151,38 +160,30 @@ def check_live(
         fail(f"{len(arena.live) - len(seen)} live tables are not reachable from any root")
     if ctx.stats["roots_allocated"] - ctx.stats["roots_freed"] != len(tdp_mmu.roots):
         fail("roots_allocated - roots_freed != number of roots")
-    _check_dirty_logs(arena, tdp_mmu, slots, fail)
+    _check_dirty_logs(slots, sorted(writable), fail)
 
 
 def _check_dirty_logs(
-    arena: Arena, tdp_mmu: TdpMmu, slots: Memslots, fail: Callable[[str], None]
+    slots: Memslots, writable: list[tuple[int, int]], fail: Callable[[str], None]
 ) -> None:
     """Dirty logging: in a slot that logs dirty pages every page under a writable leaf of a
-    valid direct root has its bit set (otherwise a write would escape the log).  A huge leaf
-    is writable only while every page under it counts as dirty (initially-set logs protect
-    huge pages lazily)."""
-    gfn_bits = tdp_mmu.root_gfn_bits(False)
+    valid direct root (``writable``: their ``(gfn, level)``, sorted) has its bit set
+    (otherwise a write would escape the log).  A huge leaf is writable only while every page
+    under it counts as dirty (initially-set logs protect huge pages lazily)."""
     for slot in slots.by_gfn():
         log = slot.dirty
         if log is None:
             continue
-        for root in tdp_mmu.valid_direct_roots():
-            for it in TdpIter(arena, root, PG_LEVEL_4K, slot.gfn, slot.end, gfn_bits):
-                spte = it.old_spte
-                if (
-                    not is_shadow_present_pte(spte)
-                    or not is_last_spte(spte, it.level)
-                    or not spte & SPTE_WRITABLE
-                ):
-                    continue
-                lo = max(it.gfn, slot.gfn)
-                hi = min(it.gfn + pages_per_hpage(it.level), slot.end)
-                for g in range(lo, hi):
-                    if not log.is_set(g - slot.gfn):
-                        fail(
-                            f"memslot {slot.id} logs dirty pages: gfn {g:#x} is writable "
-                            f"(level-{it.level} leaf at {it.gfn:#x}) but not marked dirty"
-                        )
+        for gfn, level in writable:
+            end = gfn + pages_per_hpage(level)
+            if end <= slot.gfn or gfn >= slot.end:
+                continue
+            clear = log.first_clear(max(gfn, slot.gfn) - slot.gfn, min(end, slot.end) - slot.gfn)
+            if clear is not None:
+                fail(
+                    f"memslot {slot.id} logs dirty pages: gfn {slot.gfn + clear:#x} is "
+                    f"writable (level-{level} leaf at {gfn:#x}) but not marked dirty"
+                )
 
 
 def _check_leaf(
@@ -220,15 +221,11 @@ def _check_leaf(
             fail(f"private NPT leaf at gfn {gfn:#x} but its RMP entry is not assigned to it")
         if level == PG_LEVEL_2M and not e.size_2m:
             fail(f"2M private NPT leaf at gfn {gfn:#x} over 4K RMP entries")
-    # X off for an NX huge page, A off after a prefetch or aging, W off while protected for
-    # dirty logging (MMU-writable stays set, so a write can take the fast path).
-    allowed = {
-        make_leaf_spte(spte_to_pfn(spte), level, exec=x, prefetch=p) & ~w
-        for x in (True, False)
-        for p in (True, False)
-        for w in (0, SPTE_WRITABLE)
-    }
-    if spte not in allowed:
+    # The leaf make_spte builds, where only these may be off: X (an NX huge page), A (a
+    # prefetch, or aged) and W (protected for dirty logging; MMU-writable stays set, so a
+    # write can take the fast path).
+    optional = SPTE_EXECUTABLE | SPTE_ACCESSED | SPTE_WRITABLE
+    if spte | optional != make_leaf_spte(spte_to_pfn(spte), level):
         fail(f"leaf {spte:#x} at level {level} gfn {gfn:#x} is not a valid leaf")
 
 

@@ -89,6 +89,19 @@ class DirtyLog:
         """Whether page ``index`` of the slot is marked dirty."""
         return bool(self.bits[index // 64] >> (index % 64) & 1)
 
+    def first_clear(self, lo: int, hi: int) -> int | None:
+        """The first page of ``[lo, hi)`` (slot-relative) not marked dirty, or None."""
+        index = lo
+        while index < hi:
+            w, bit = divmod(index, 64)
+            n = min(64 - bit, hi - index)
+            window = ((1 << n) - 1) << bit
+            missing = ~self.bits[w] & window
+            if missing:
+                return 64 * w + (missing & -missing).bit_length() - 1
+            index += n
+        return None
+
 
 def dirty_bitmap_words(npages: int) -> int:
     """64-bit words of the dirty bitmap of ``npages`` pages."""
