@@ -103,6 +103,11 @@ SOURCES: dict[str, str] = {
     "tdh_mem_page_remove_ns": (
         "docs/costs.md §5.4: 2 µs (E), share of R3's 15-16 µs at 4 vCPUs; sweep 1-4 µs"
     ),
+    "tdh_mem_page_demote_ns": (
+        "docs/costs.md §5.4: 2 µs (E), TDH.MEM.PAGE.DEMOTE of a blocked 2M private leaf into a "
+        "new S-EPT table (tdx huge_pages only); not published, taken as comparable to REMOVE; "
+        "sweep 1-4 µs"
+    ),
     "tdh_phymem_page_wbinvd_ns": (
         "docs/costs.md §5.4: 4 µs (E), share of R3's 15-16 µs at 4 vCPUs; sweep 1-8 µs"
     ),
@@ -271,6 +276,8 @@ class CostModel:
     kick_per_vcpu_ns: float = _D["kick_per_vcpu_ns"]
     #: TDH.MEM.PAGE.REMOVE of one blocked private page (§5.4).
     tdh_mem_page_remove_ns: float = _D["tdh_mem_page_remove_ns"]
+    #: TDH.MEM.PAGE.DEMOTE: split a blocked 2M private leaf (huge_pages) (§5.4).
+    tdh_mem_page_demote_ns: float = _D["tdh_mem_page_demote_ns"]
     #: TDH.PHYMEM.PAGE.WBINVD: write back and invalidate one page that left the TD (§5.4).
     tdh_phymem_page_wbinvd_ns: float = _D["tdh_phymem_page_wbinvd_ns"]
     #: Clearing one 4 KiB page that left the TD (§5.4).

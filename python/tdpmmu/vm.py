@@ -116,7 +116,13 @@ class VM(_core.Vm):
             ``"interface"``: ``"four_hook"`` (the four hooks of 6.16-6.19) or ``"two_hook"``
             (the 2026 shape: links and removals arrive as set_external_spte; same
             SEAMCALLs).
+            ``"teardown"``: ``"remove"`` (``destroy()`` removes each private page by BLOCK,
+            TRACK, kick, REMOVE with the HKID assigned) or ``"terminate_vm"``
+            (KVM_TDX_TERMINATE_VM: the HKID is released first, then each page is reclaimed).
             ``"measure"``: bool (False): 16 TDH.MR.EXTEND per initial-image page.
+            ``"huge_pages"``: bool (False; tdx only): once the TD runs, private faults map 2M
+            where the 2M folio and the attributes allow (TDH.MEM.PAGE.AUG at 2M); a 2M leaf a
+            zap only partly covers is split by BLOCK, TRACK, kick, TDH.MEM.PAGE.DEMOTE.
             ``"max_local_retries"``: int 0..1000000 (1000): how often KVM retries a private
             fault that got RETRY before returning to the guest.
             ``"TDH.MEM.SEPT.ADD"``, ``"TDH.MEM.PAGE.AUG"``, ``"TDH.MEM.RANGE.BLOCK"``,

@@ -38,6 +38,7 @@ DEFAULT_COSTS: dict[str, float] = {
     "kick_base_ns": 3000.0,
     "kick_per_vcpu_ns": 500.0,
     "tdh_mem_page_remove_ns": 2000.0,
+    "tdh_mem_page_demote_ns": 2000.0,
     "tdh_phymem_page_wbinvd_ns": 4000.0,
     "page_clear_ns": 1000.0,
     "tdh_phymem_page_reclaim_ns": 4000.0,

@@ -130,6 +130,9 @@ pub struct TdxOptions {
     pub track: Track,
     pub interface: Interface,
     pub teardown: Teardown,
+    /// Map private memory at 2M where guest_memfd's folio and the attributes allow
+    /// (TDH.MEM.PAGE.AUG at 2M; a 2M leaf is split by BLOCK, TRACK, kick, DEMOTE).
+    pub huge_pages: bool,
     /// Issue TDH.MR.EXTEND for every 256 bytes of an initial-image page.
     pub measure: bool,
     /// Probability of OPERAND_BUSY per try of each leaf of `BUSY_LEAVES`.
@@ -148,6 +151,7 @@ impl Default for TdxOptions {
             track: Track::PerPage,
             interface: Interface::FourHook,
             teardown: Teardown::Remove,
+            huge_pages: false,
             measure: false,
             busy: [0.0; 5],
             max_local_retries: 1000,
@@ -173,6 +177,7 @@ pub fn tdx_option_choices() -> Vec<(&'static str, Vec<&'static str>)> {
         ("interface", Interface::NAMES.to_vec()),
         ("teardown", Teardown::NAMES.to_vec()),
         ("measure", vec!["bool"]),
+        ("huge_pages", vec!["bool"]),
         ("max_local_retries", vec!["int"]),
     ];
     v.extend(BUSY_LEAVES.iter().map(|l| (*l, vec!["probability"])));
@@ -208,6 +213,10 @@ impl TdxOptions {
             "teardown" => self.teardown = Teardown::parse(want_name()?).map_err(renamed)?,
             "measure" => match value {
                 OptionValue::Bool(b) => self.measure = b,
+                other => return Err(bad_arg(&arg, format!("expected a bool, got {other:?}"))),
+            },
+            "huge_pages" => match value {
+                OptionValue::Bool(b) => self.huge_pages = b,
                 other => return Err(bad_arg(&arg, format!("expected a bool, got {other:?}"))),
             },
             "max_local_retries" => match value {

@@ -29,6 +29,13 @@ pub trait ExternalOps: Send + Sync {
     fn set_external_spte(&self, ctx: &mut Ctx, gfn: u64, level: u8, new_spte: u64) -> HookRet;
     fn remove_external_spte(&self, ctx: &mut Ctx, gfn: u64, level: u8, old_spte: u64);
     fn free_external_spt(&self, ctx: &mut Ctx, gfn: u64, level: u8, table: u32) -> HookRet;
+    /// Split the huge external leaf at (`gfn`, `level`) into the table `child` (TDX huge-page
+    /// RFC's `split_external_spt`). Backends without huge private pages never get it.
+    fn split_external_spt(&self, ctx: &mut Ctx, gfn: u64, level: u8, child: u32) -> HookRet {
+        let _ = (gfn, level, child);
+        ctx.bug("split_external_spt: this backend has no huge private pages");
+        HookRet::Io
+    }
     /// End of a zap over a range (the `track=batched` TDX option flushes its blocked pages
     /// here); not a KVM hook, so not counted.
     fn zap_end(&self, _ctx: &mut Ctx) {}
@@ -108,6 +115,14 @@ impl Dispatch {
         self.count(ctx, C::free_external_spt, gfn, level, 0);
         match self.backend(ctx) {
             Some(b) => b.free_external_spt(ctx, gfn, level, table),
+            None => HookRet::Io,
+        }
+    }
+
+    pub fn split_external_spt(&self, ctx: &mut Ctx, gfn: u64, level: u8, child: u32) -> HookRet {
+        self.count(ctx, C::split_external_spt, gfn, level, child as u64);
+        match self.backend(ctx) {
+            Some(b) => b.split_external_spt(ctx, gfn, level, child),
             None => HookRet::Io,
         }
     }

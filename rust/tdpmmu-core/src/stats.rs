@@ -44,6 +44,7 @@ counters!(
     set_external_spte,
     remove_external_spte,
     free_external_spt,
+    split_external_spt,
     external_spt_leaked,
     // TDX module SEAMCALLs and guest TDCALLs.
     sept_add = "TDH.MEM.SEPT.ADD",
@@ -53,6 +54,7 @@ counters!(
     range_block = "TDH.MEM.RANGE.BLOCK",
     mem_track = "TDH.MEM.TRACK",
     page_remove = "TDH.MEM.PAGE.REMOVE",
+    page_demote = "TDH.MEM.PAGE.DEMOTE",
     page_wbinvd = "TDH.PHYMEM.PAGE.WBINVD",
     page_reclaim = "TDH.PHYMEM.PAGE.RECLAIM",
     sept_remove = "TDH.MEM.SEPT.REMOVE",

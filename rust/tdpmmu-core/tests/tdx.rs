@@ -509,3 +509,104 @@ fn terminate_vm_releases_the_key_first_and_reclaims_each_page() {
         "remove {r_ns} ns/page vs terminate {t_ns} ns/page"
     );
 }
+
+fn huge_td() -> Vm {
+    let vm = Vm::new(VmConfig {
+        vcpus: 4,
+        backing: 2 << 20,
+        ..config("tdx", "mirror", &[("huge_pages", "true"), ("folio", "2M")]).unwrap()
+    })
+    .unwrap();
+    vm.finalize().unwrap();
+    vm
+}
+
+#[test]
+fn huge_private_pages_aug_at_2m_and_split_by_block_track_demote() {
+    let vm = huge_td();
+    let r = vm.fault(5, Some(true), false, false, 0).unwrap();
+    assert_eq!((r.ret, r.level), (Ret::Fixed, 2), "a 2M AUG");
+    assert_eq!(c(&vm, C::page_aug), 1);
+    assert_eq!(c(&vm, C::sept_add), 2, "no 4K S-EPT table under a 2M leaf");
+    vm.check().unwrap();
+    // Converting one 4K page inside it to shared splits the 2M leaf first (write lock, not a
+    // fault): BLOCK at 2M, TRACK + kick, DEMOTE; then the 4K page leaves as usual.
+    vm.set_memory_attributes(7, 1, false).unwrap();
+    assert_eq!(c(&vm, C::split_external_spt), 1);
+    assert_eq!(c(&vm, C::page_demote), 1);
+    assert_eq!(
+        c(&vm, C::range_block),
+        2,
+        "the 2M block, then the 4K page's"
+    );
+    assert_eq!(c(&vm, C::page_remove), 1);
+    assert_eq!((c(&vm, C::pages_2m), c(&vm, C::pages_4k)), (0, 511));
+    vm.check().unwrap();
+    // Back to private: no promotion on the mirror root, the page maps 4K.
+    vm.set_memory_attributes(7, 1, true).unwrap();
+    let r = vm.fault(7, Some(true), false, false, 0).unwrap();
+    assert_eq!((r.ret, r.level), (Ret::Fixed, 1));
+    vm.check().unwrap();
+    // A range that covers the whole 2M leaf zaps it whole, without a split.
+    vm.fault(1024 + 3, Some(true), false, false, 0).unwrap();
+    vm.set_memory_attributes(1024, 512, false).unwrap();
+    assert_eq!(c(&vm, C::page_demote), 1);
+    vm.check().unwrap();
+    vm.destroy().unwrap();
+    vm.check().unwrap();
+}
+
+#[test]
+fn huge_private_pages_are_off_by_default_and_never_in_the_initial_image() {
+    let vm = Vm::new(VmConfig {
+        backing: 2 << 20,
+        ..config("tdx", "mirror", &[("folio", "2M")]).unwrap()
+    })
+    .unwrap();
+    vm.finalize().unwrap();
+    assert_eq!(vm.fault(5, Some(true), false, false, 0).unwrap().level, 1);
+    let img = Vm::new(VmConfig {
+        backing: 2 << 20,
+        ..config("tdx", "mirror", &[("huge_pages", "true"), ("folio", "2M")]).unwrap()
+    })
+    .unwrap();
+    img.populate(0, 512, Some(true), 0).unwrap();
+    assert_eq!(c(&img, C::page_add), 512, "TDH.MEM.PAGE.ADD is 4K only");
+    img.finalize().unwrap();
+    img.check().unwrap();
+}
+
+#[test]
+fn huge_private_pages_tear_down_in_either_order() {
+    for teardown in ["remove", "terminate_vm"] {
+        let vm = Vm::new(VmConfig {
+            vcpus: 2,
+            backing: 2 << 20,
+            ..config(
+                "tdx",
+                "mirror",
+                &[
+                    ("huge_pages", "true"),
+                    ("folio", "2M"),
+                    ("teardown", teardown),
+                ],
+            )
+            .unwrap()
+        })
+        .unwrap();
+        vm.finalize().unwrap();
+        for g in [0u64, 512, 4096] {
+            assert_eq!(vm.fault(g, Some(true), false, false, 0).unwrap().level, 2);
+        }
+        vm.destroy().unwrap();
+        vm.check().unwrap();
+        if teardown == "terminate_vm" {
+            assert_eq!(c(&vm, C::page_remove), 0);
+            // Three 2M pages and the two S-EPT tables above them are reclaimed and cleared.
+            assert_eq!(c(&vm, C::page_clear), 3 * 512 + 2);
+        } else {
+            assert_eq!(c(&vm, C::page_remove), 3);
+            assert_eq!(c(&vm, C::page_wbinvd), 3 * 512);
+        }
+    }
+}

@@ -358,7 +358,8 @@ impl Vm {
     /// The TDX options in effect as a new dict ``{name: value}``: every option, defaults included.
     ///
     /// Keys: ``version`` ("6.19" or "6.16"), ``sept_free`` ("teardown" or "sept_remove"), ``track``
-    /// ("per_page" or "batched"), ``interface`` ("four_hook" or "two_hook"), ``measure`` (bool),
+    /// ("per_page" or "batched"), ``interface`` ("four_hook" or "two_hook"), ``teardown``
+    /// ("remove" or "terminate_vm"), ``measure`` (bool), ``huge_pages`` (bool),
     /// ``max_local_retries`` (int) and one OPERAND_BUSY probability (float in [0, 1]) per leaf of
     /// TDH.MEM.SEPT.ADD, TDH.MEM.PAGE.AUG, TDH.MEM.RANGE.BLOCK, TDH.MEM.TRACK and
     /// TDH.MEM.PAGE.REMOVE. An empty dict on VM types without a TD-shaped mirror (default, snp,
@@ -374,7 +375,9 @@ impl Vm {
         d.set_item("sept_free", o.sept_free.name())?;
         d.set_item("track", o.track.name())?;
         d.set_item("interface", o.interface.name())?;
+        d.set_item("teardown", o.teardown.name())?;
         d.set_item("measure", o.measure)?;
+        d.set_item("huge_pages", o.huge_pages)?;
         d.set_item("max_local_retries", o.max_local_retries)?;
         for (leaf, p) in core::config::BUSY_LEAVES.iter().zip(o.busy) {
             d.set_item(*leaf, p)?;

@@ -38,6 +38,18 @@ impl TdpMmu {
             if self.shape.nx_huge_pages {
                 self.disallowed_hugepage_adjust(f, it.old_spte, it.level);
             }
+            // No promotion on the mirror root: a table where the fault could map huge stays,
+            // and the fault maps one level down (TDX has no PAGE.PROMOTE in KVM).
+            if mirror
+                && it.level == f.goal_level
+                && it.level > 1
+                && is_shadow_present(it.old_spte)
+                && !is_large(it.old_spte)
+            {
+                let mask = pages_per_level(it.level) - pages_per_level(it.level - 1);
+                f.pfn |= f.gfn & mask;
+                f.goal_level -= 1;
+            }
             if is_frozen(it.old_spte) {
                 return Ok(Ret::Retry);
             }

@@ -4,8 +4,11 @@
 use std::sync::atomic::Ordering;
 
 use super::{RootTypes, TdpMmu};
+use crate::arena::Arena;
 use crate::arena::NO_TABLE;
-use crate::spte::{is_last, is_shadow_present};
+use crate::hooks::HookRet;
+use crate::spte::{self, is_large, is_last, is_shadow_present, pages_per_level};
+use crate::stats::C;
 use crate::stats::Ctx;
 use crate::tdp_iter::TdpIter;
 
@@ -116,6 +119,10 @@ impl TdpMmu {
                     continue;
                 }
                 ctx.op_private = is_private;
+                if is_private {
+                    // A private 2M leaf only partly in the range is split first (write lock).
+                    self.split_mirror_cross_boundary(ctx, start, end);
+                }
                 let o = self.zap_leafs_where(ctx, start, end, |r| {
                     (r.is_mirror() == is_private) && (r.invalid || kind.matches(r))
                 });
@@ -132,6 +139,65 @@ impl TdpMmu {
             self.flush_remote_tlbs(ctx);
         }
         out.zapped
+    }
+
+    /// The huge-page RFC's split of cross-boundary leaves on the mirror root (mmu_lock held for
+    /// write): a huge mirror leaf that covers `start` or `end - 1` but not all of [start, end)
+    /// becomes a table of 512 smaller leaves, with the external tree split by the
+    /// `split_external_spt` hook (TDX: BLOCK, TRACK, kick, DEMOTE). Never on a fault.
+    fn split_mirror_cross_boundary(&self, ctx: &mut Ctx, start: u64, end: u64) {
+        let Some(root) = self.current_root(true) else {
+            return;
+        };
+        let bits = self.root_gfn_bits(true);
+        for edge in [start, end - 1] {
+            let mut it = TdpIter::start(&self.arena, root, self.shape.levels, 2, edge, bits);
+            while it.in_range(edge + 1) {
+                let s = it.old_spte;
+                let span = pages_per_level(it.level);
+                let inside = it.gfn >= start && it.gfn + span <= end;
+                if is_shadow_present(s) && is_large(s) && it.level > 1 && !inside {
+                    self.split_mirror_leaf(ctx, &mut it);
+                    break;
+                }
+                it.next();
+            }
+        }
+    }
+
+    /// `tdp_mmu_split_huge_page` under the write lock on the mirror root.
+    fn split_mirror_leaf(&self, ctx: &mut Ctx, it: &mut TdpIter<'_>) {
+        let huge = it.old_spte;
+        let child_level = it.level - 1;
+        let Ok(child) = self
+            .arena
+            .alloc(child_level, it.gfn, crate::arena::SP_MIRROR)
+        else {
+            ctx.bug("no page-table memory to split a private huge page");
+            return;
+        };
+        if self.hooks.split_external_spt(ctx, it.gfn, it.level, child) != HookRet::Ok {
+            self.arena.free_now(child);
+            ctx.bug("split_external_spt failed");
+            return;
+        }
+        for i in 0..spte::ENTRIES_PER_TABLE {
+            let s = spte::make_small_spte(huge, child_level, i, self.shape.nx_huge_pages);
+            self.arena.entry(child, i).store(s, Ordering::Relaxed);
+        }
+        ctx.charge(
+            crate::cost::Cost::spte_update_ns,
+            spte::ENTRIES_PER_TABLE as u64,
+        );
+        it.sptep().store(
+            spte::make_nonleaf_spte(Arena::pfn(child)),
+            Ordering::Release,
+        );
+        ctx.inc(C::tdp_mmu_pages);
+        ctx.page_stats(it.level, -1);
+        ctx.page_stats(child_level, spte::ENTRIES_PER_TABLE as i64);
+        ctx.inc(C::huge_page_splits);
+        it.old_spte = spte::make_nonleaf_spte(Arena::pfn(child));
     }
 
     /// `tdp_mmu_zap_root`: four passes (4K, 2M, 1G, root level), finest first.

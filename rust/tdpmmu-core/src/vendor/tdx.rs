@@ -117,9 +117,14 @@ impl Vendor for Tdx {
         self.module.opts.max_local_retries
     }
 
-    /// TDX maps private memory at 4K only.
+    /// TDX maps private memory at 4K, or with the `huge_pages` option at 2M once the TD runs
+    /// (TDH.MEM.PAGE.ADD of the initial image is 4K only).
     fn private_max_level(&self, _pfn: u64) -> u8 {
-        1
+        if self.module.opts.huge_pages && self.module_hooked && self.module.finalized() {
+            2
+        } else {
+            1
+        }
     }
 
     /// Back in the guest, TDG.MEM.PAGE.ACCEPT turns an AUGed page into a mapped one.
@@ -216,9 +221,15 @@ impl ExternalOps for TdxHooks {
     }
 
     fn set_external_spte(&self, ctx: &mut Ctx, gfn: u64, level: u8, new_spte: u64) -> HookRet {
-        if level != 1 {
+        let max = if self.module.opts.huge_pages { 2 } else { 1 };
+        if level > max {
             ctx.bug(format!(
-                "private mapping at level {level}: TDX maps private memory at 4K only"
+                "private mapping at level {level}: TDX maps private memory at 4K{}",
+                if max == 2 {
+                    " or 2M"
+                } else {
+                    " only (huge_pages is off)"
+                }
             ));
             return HookRet::Io;
         }
@@ -231,7 +242,7 @@ impl ExternalOps for TdxHooks {
             return HookRet::Ok;
         }
         let aug = st.finalized;
-        match m.leaf_install(ctx, &mut st, gfn, pfn, aug) {
+        match m.leaf_install(ctx, &mut st, gfn, pfn, aug, level) {
             Status::Success => HookRet::Ok,
             Status::OperandBusy => HookRet::Busy,
             s => {
@@ -249,7 +260,7 @@ impl ExternalOps for TdxHooks {
         }
     }
 
-    fn remove_external_spte(&self, ctx: &mut Ctx, gfn: u64, _level: u8, _old_spte: u64) {
+    fn remove_external_spte(&self, ctx: &mut Ctx, gfn: u64, level: u8, _old_spte: u64) {
         let m = &self.module;
         let mut st = m.st.lock();
         if !st.hkid_assigned {
@@ -261,7 +272,7 @@ impl ExternalOps for TdxHooks {
             }
             return;
         }
-        m.remove_page(ctx, &mut st, gfn);
+        m.remove_page(ctx, &mut st, gfn, level);
     }
 
     fn free_external_spt(&self, ctx: &mut Ctx, gfn: u64, sp_level: u8, _table: u32) -> HookRet {
@@ -344,6 +355,24 @@ impl ExternalOps for TdxHooks {
         m.arena.free_now(child);
         ctx.add(C::sept_tables, -1);
         HookRet::Ok
+    }
+
+    /// The huge-page RFC's `tdx_sept_split_private_spt`: BLOCK the 2M leaf, TRACK and kick,
+    /// then DEMOTE it into a new S-EPT table (`mmu_lock` held for write, never on a fault).
+    fn split_external_spt(&self, ctx: &mut Ctx, gfn: u64, level: u8, _child: u32) -> HookRet {
+        let m = &self.module;
+        if level != 2 || !m.opts.huge_pages {
+            ctx.bug(format!(
+                "split_external_spt at level {level} without a 2M private leaf"
+            ));
+            return HookRet::Io;
+        }
+        let mut st = m.st.lock();
+        if m.split_2m(ctx, &mut st, gfn) {
+            HookRet::Ok
+        } else {
+            HookRet::Io
+        }
     }
 
     fn zap_end(&self, ctx: &mut Ctx) {

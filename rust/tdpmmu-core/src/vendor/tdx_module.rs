@@ -26,6 +26,7 @@ pub enum Status {
     TlbTrackingNotDone = 0xC000_0B08_0000_0000,
     OpStateIncorrect = 0xC000_0C00_0000_0000,
     PageMetadataIncorrect = 0xC000_0300_0000_0000,
+    OperandInvalid = 0xC000_0100_0000_0000,
 }
 
 impl Status {
@@ -38,6 +39,7 @@ impl Status {
             Self::TlbTrackingNotDone => "TDX_TLB_TRACKING_NOT_DONE",
             Self::OpStateIncorrect => "TDX_OP_STATE_INCORRECT",
             Self::PageMetadataIncorrect => "TDX_PAGE_METADATA_INCORRECT",
+            Self::OperandInvalid => "TDX_OPERAND_INVALID",
         }
     }
 }
@@ -73,7 +75,7 @@ pub struct TdState {
     pub(crate) nr_premapped: i64,
     rng: u64,
     /// Leaves blocked by a batched zap, waiting for the single TRACK.
-    pending_remove: Vec<u64>,
+    pending_remove: Vec<(u64, u8)>,
 }
 
 /// The TDX module, as far as private memory goes.
@@ -321,6 +323,7 @@ impl TdxModule {
         gfn: u64,
         pfn: u64,
         aug: bool,
+        level: u8,
     ) -> Status {
         let (c, ns) = if aug {
             (C::page_aug, Cost::tdh_mem_page_aug_ns)
@@ -328,23 +331,27 @@ impl TdxModule {
             (C::page_add, Cost::tdh_mem_page_add_ns)
         };
         if aug && self.busy(ctx, st, 1) {
-            return self.seamcall(ctx, c, ns, gfn, 1, Status::OperandBusy);
+            return self.seamcall(ctx, c, ns, gfn, level, Status::OperandBusy);
         }
         if !st.hkid_assigned || st.finalized != aug {
-            return self.seamcall(ctx, c, ns, gfn, 1, Status::OpStateIncorrect);
+            return self.seamcall(ctx, c, ns, gfn, level, Status::OpStateIncorrect);
         }
-        let e = match self.entry(gfn, 1) {
+        // TDH.MEM.PAGE.ADD is 4K only; AUG also maps 2M.
+        if level > 1 + u8::from(aug) {
+            return self.seamcall(ctx, c, ns, gfn, level, Status::OperandInvalid);
+        }
+        let e = match self.entry(gfn, level) {
             Ok(e) => e,
-            Err(s) => return self.seamcall(ctx, c, ns, gfn, 1, s),
+            Err(s) => return self.seamcall(ctx, c, ns, gfn, level, s),
         };
         if e.load(Ordering::Acquire) != FREE {
-            return self.seamcall(ctx, c, ns, gfn, 1, Status::EptEntryStateIncorrect);
+            return self.seamcall(ctx, c, ns, gfn, level, Status::EptEntryStateIncorrect);
         }
         e.store(
             mk(if aug { ST_PENDING } else { ST_MAPPED }, pfn, 0),
             Ordering::Release,
         );
-        let s = self.seamcall(ctx, c, ns, gfn, 1, Status::Success);
+        let s = self.seamcall(ctx, c, ns, gfn, level, Status::Success);
         if !aug && self.opts.measure {
             for _ in 0..16 {
                 self.seamcall(
@@ -364,20 +371,40 @@ impl TdxModule {
     pub fn accept(&self, ctx: &mut Ctx, gfn: u64) {
         // Under the module's lock: two vCPUs touching the same PENDING page accept it once.
         let _st = self.st.lock();
-        if let Ok(e) = self.entry(gfn, 1) {
-            let v = e.load(Ordering::Acquire);
-            if state(v) == ST_PENDING {
-                e.store(mk(ST_MAPPED, spte_to_pfn(v), 0), Ordering::Release);
-                self.seamcall(
-                    ctx,
-                    C::page_accept,
-                    Cost::tdg_mem_page_accept_ns,
-                    gfn,
-                    1,
-                    Status::Success,
-                );
+        let Some((level, e)) = self.leaf_entry(gfn) else {
+            return;
+        };
+        let v = e.load(Ordering::Acquire);
+        if state(v) == ST_PENDING {
+            e.store(mk(ST_MAPPED, spte_to_pfn(v), 0), Ordering::Release);
+            self.seamcall(
+                ctx,
+                C::page_accept,
+                Cost::tdg_mem_page_accept_ns,
+                gfn,
+                level,
+                Status::Success,
+            );
+            // Accepting a 2M page clears all of it: the per-4K cost for each further page.
+            ctx.charge(
+                Cost::tdg_mem_page_accept_ns,
+                spte::pages_per_level(level) - 1,
+            );
+        }
+    }
+
+    /// The leaf entry mapping `gfn` (at 4K or 2M), if any.
+    pub(crate) fn leaf_entry(&self, gfn: u64) -> Option<(u8, &std::sync::atomic::AtomicU64)> {
+        for level in [1u8, 2] {
+            if let Ok(e) = self.entry(gfn, level) {
+                let st = state(e.load(Ordering::Acquire));
+                if matches!(st, ST_MAPPED | ST_PENDING | ST_BLOCKED_LEAF) {
+                    return Some((level, e));
+                }
+                return None;
             }
         }
+        None
     }
 
     pub(crate) fn range_block(
@@ -397,7 +424,7 @@ impl TdxModule {
         };
         let v = e.load(Ordering::Acquire);
         let new = match state(v) {
-            ST_MAPPED | ST_PENDING if level == 1 => mk(ST_BLOCKED_LEAF, spte_to_pfn(v), st.epoch),
+            ST_MAPPED | ST_PENDING if level <= 2 => mk(ST_BLOCKED_LEAF, spte_to_pfn(v), st.epoch),
             ST_TABLE => mk(ST_BLOCKED_TABLE, spte_to_pfn(v), st.epoch),
             _ => {
                 return self.seamcall(
@@ -452,17 +479,23 @@ impl TdxModule {
                 && st.kicked_epoch == st.epoch)
     }
 
-    pub(crate) fn page_remove(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64) -> (Status, u64) {
+    pub(crate) fn page_remove(
+        &self,
+        ctx: &mut Ctx,
+        st: &mut TdState,
+        gfn: u64,
+        level: u8,
+    ) -> (Status, u64) {
         let ns = Cost::tdh_mem_page_remove_ns;
         if self.busy(ctx, st, 4) {
             return (
-                self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::OperandBusy),
+                self.seamcall(ctx, C::page_remove, ns, gfn, level, Status::OperandBusy),
                 0,
             );
         }
-        let e = match self.entry(gfn, 1) {
+        let e = match self.entry(gfn, level) {
             Ok(e) => e,
-            Err(s) => return (self.seamcall(ctx, C::page_remove, ns, gfn, 1, s), 0),
+            Err(s) => return (self.seamcall(ctx, C::page_remove, ns, gfn, level, s), 0),
         };
         let v = e.load(Ordering::Acquire);
         if state(v) != ST_BLOCKED_LEAF {
@@ -472,7 +505,7 @@ impl TdxModule {
                     C::page_remove,
                     ns,
                     gfn,
-                    1,
+                    level,
                     Status::EptEntryStateIncorrect,
                 ),
                 0,
@@ -480,67 +513,139 @@ impl TdxModule {
         }
         if !self.tracking_done(st, v) {
             return (
-                self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::TlbTrackingNotDone),
+                self.seamcall(
+                    ctx,
+                    C::page_remove,
+                    ns,
+                    gfn,
+                    level,
+                    Status::TlbTrackingNotDone,
+                ),
                 0,
             );
         }
         e.store(FREE, Ordering::Release);
         (
-            self.seamcall(ctx, C::page_remove, ns, gfn, 1, Status::Success),
+            self.seamcall(ctx, C::page_remove, ns, gfn, level, Status::Success),
             spte_to_pfn(v),
         )
     }
 
-    /// TDH.PHYMEM.PAGE.RECLAIM of a private 4K page after the HKID was released, then the
-    /// clear: the teardown order of KVM_TDX_TERMINATE_VM.
+    /// TDH.PHYMEM.PAGE.RECLAIM of a private page (4K or 2M) after the HKID was released, then
+    /// the clear: the teardown order of KVM_TDX_TERMINATE_VM.
     pub(crate) fn reclaim_page(&self, ctx: &mut Ctx, gfn: u64) {
-        let e = match self.entry(gfn, 1) {
-            Ok(e) => e,
-            Err(s) => {
-                ctx.bug(format!(
-                    "reclaim: no S-EPT leaf table for gfn {gfn:#x}: {}",
-                    s.name()
-                ));
-                return;
-            }
-        };
-        let v = e.load(Ordering::Acquire);
-        if !matches!(state(v), ST_MAPPED | ST_PENDING | ST_BLOCKED_LEAF) {
+        let Some((level, e)) = self.leaf_entry(gfn) else {
             ctx.bug(format!(
                 "reclaim: gfn {gfn:#x} has no private page in the S-EPT"
             ));
             return;
-        }
+        };
         self.seamcall(
             ctx,
             C::page_reclaim,
             Cost::tdh_phymem_page_reclaim_ns,
             gfn,
-            1,
+            level,
             Status::Success,
         );
         if !self.software {
-            ctx.inc(C::page_clear);
-            ctx.charge(Cost::page_clear_ns, 1);
+            let pages = spte::pages_per_level(level);
+            ctx.add(C::page_clear, pages as i64);
+            ctx.charge(Cost::page_clear_ns, pages);
         }
         e.store(FREE, Ordering::Release);
     }
 
+    /// TDH.MEM.PAGE.DEMOTE: a blocked 2M leaf, tracked out of every vCPU's TLB, becomes a new
+    /// S-EPT table of 512 mapped 4K leaves.
+    pub(crate) fn page_demote(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64) -> Status {
+        let ns = Cost::tdh_mem_page_demote_ns;
+        let e = match self.entry(gfn, 2) {
+            Ok(e) => e,
+            Err(s) => return self.seamcall(ctx, C::page_demote, ns, gfn, 2, s),
+        };
+        let v = e.load(Ordering::Acquire);
+        if state(v) != ST_BLOCKED_LEAF {
+            return self.seamcall(
+                ctx,
+                C::page_demote,
+                ns,
+                gfn,
+                2,
+                Status::EptEntryStateIncorrect,
+            );
+        }
+        if !self.tracking_done(st, v) {
+            return self.seamcall(ctx, C::page_demote, ns, gfn, 2, Status::TlbTrackingNotDone);
+        }
+        let base = spte::round_gfn(gfn, 2);
+        let Ok(t) = self.arena.alloc(1, base, crate::arena::SP_EXTERNAL) else {
+            return self.seamcall(
+                ctx,
+                C::page_demote,
+                ns,
+                gfn,
+                2,
+                Status::PageMetadataIncorrect,
+            );
+        };
+        let pfn = spte_to_pfn(v);
+        for i in 0..spte::ENTRIES_PER_TABLE {
+            self.arena
+                .entry(t, i)
+                .store(mk(ST_MAPPED, pfn + i as u64, 0), Ordering::Release);
+        }
+        e.store(mk(ST_TABLE, Arena::pfn(t), 0), Ordering::Release);
+        ctx.inc(C::sept_tables);
+        self.seamcall(ctx, C::page_demote, ns, gfn, 2, Status::Success)
+    }
+
+    /// KVM's split of a private 2M leaf: BLOCK (2M), TRACK + kick, DEMOTE, each retried once
+    /// after kicking every vCPU out on OPERAND_BUSY. False (and a KVM bug) on failure.
+    pub(crate) fn split_2m(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64) -> bool {
+        let (s, ()) = self.no_vcpus(ctx, st, |m, c, st| (m.range_block(c, st, gfn, 2), ()));
+        if s != Status::Success {
+            ctx.bug(format!(
+                "TDH.MEM.RANGE.BLOCK (2M) failed for gfn {gfn:#x}: {}",
+                s.name()
+            ));
+            return false;
+        }
+        self.track_and_kick(ctx, st);
+        let (s, ()) = self.no_vcpus(ctx, st, |m, c, st| (m.page_demote(c, st, gfn), ()));
+        if s != Status::Success {
+            ctx.bug(format!(
+                "TDH.MEM.PAGE.DEMOTE failed for gfn {gfn:#x}: {}",
+                s.name()
+            ));
+            return false;
+        }
+        true
+    }
+
     pub(crate) fn wbinvd_and_clear(&self, ctx: &mut Ctx, gfn: u64, pfn: u64) {
+        self.wbinvd_and_clear_level(ctx, gfn, pfn, 1);
+    }
+
+    /// Write back and invalidate, then clear, every 4K page of a removed leaf at `level`.
+    pub(crate) fn wbinvd_and_clear_level(&self, ctx: &mut Ctx, gfn: u64, pfn: u64, level: u8) {
         if self.software {
             return;
         }
-        self.seamcall(
-            ctx,
-            C::page_wbinvd,
-            Cost::tdh_phymem_page_wbinvd_ns,
-            gfn,
-            1,
-            Status::Success,
-        );
-        ctx.inc(C::page_clear);
-        ctx.charge(Cost::page_clear_ns, 1);
-        ctx.trace("clear", gfn, 1, pfn);
+        let pages = spte::pages_per_level(level);
+        for _ in 0..pages {
+            self.seamcall(
+                ctx,
+                C::page_wbinvd,
+                Cost::tdh_phymem_page_wbinvd_ns,
+                gfn,
+                1,
+                Status::Success,
+            );
+        }
+        ctx.add(C::page_clear, pages as i64);
+        ctx.charge(Cost::page_clear_ns, pages);
+        ctx.trace("clear", gfn, level, pfn);
     }
 
     /// tdx.c's busy handling on the zap side: on OPERAND_BUSY, block vCPU entry, kick everyone,
@@ -563,8 +668,8 @@ impl TdxModule {
     }
 
     /// BLOCK → TRACK → kick → REMOVE → WBINVD → clear for one private 4K page.
-    pub(crate) fn remove_page(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64) {
-        let (s, ()) = self.no_vcpus(ctx, st, |m, c, st| (m.range_block(c, st, gfn, 1), ()));
+    pub(crate) fn remove_page(&self, ctx: &mut Ctx, st: &mut TdState, gfn: u64, level: u8) {
+        let (s, ()) = self.no_vcpus(ctx, st, |m, c, st| (m.range_block(c, st, gfn, level), ()));
         if s != Status::Success {
             if self.opts.v6_16() && !st.finalized && s == Status::EptEntryStateIncorrect {
                 // Premapped (counted, never PAGE.ADDed): nothing to remove in the module.
@@ -578,11 +683,11 @@ impl TdxModule {
             return;
         }
         if self.opts.track == Track::Batched {
-            st.pending_remove.push(gfn);
+            st.pending_remove.push((gfn, level));
             return;
         }
         self.track_and_kick(ctx, st);
-        let (s, pfn) = self.no_vcpus(ctx, st, |m, c, st| m.page_remove(c, st, gfn));
+        let (s, pfn) = self.no_vcpus(ctx, st, |m, c, st| m.page_remove(c, st, gfn, level));
         if s != Status::Success {
             ctx.bug(format!(
                 "TDH.MEM.PAGE.REMOVE failed for gfn {gfn:#x}: {}",
@@ -590,7 +695,7 @@ impl TdxModule {
             ));
             return;
         }
-        self.wbinvd_and_clear(ctx, gfn, pfn);
+        self.wbinvd_and_clear_level(ctx, gfn, pfn, level);
     }
 
     pub(crate) fn track_and_kick(&self, ctx: &mut Ctx, st: &mut TdState) {
@@ -612,8 +717,8 @@ impl TdxModule {
         }
         self.track_and_kick(ctx, &mut st);
         let pending = std::mem::take(&mut st.pending_remove);
-        for gfn in pending {
-            let (s, pfn) = self.no_vcpus(ctx, &mut st, |m, c, st| m.page_remove(c, st, gfn));
+        for (gfn, level) in pending {
+            let (s, pfn) = self.no_vcpus(ctx, &mut st, |m, c, st| m.page_remove(c, st, gfn, level));
             if s != Status::Success {
                 ctx.bug(format!(
                     "TDH.MEM.PAGE.REMOVE failed for gfn {gfn:#x}: {}",
@@ -621,7 +726,7 @@ impl TdxModule {
                 ));
                 return;
             }
-            self.wbinvd_and_clear(ctx, gfn, pfn);
+            self.wbinvd_and_clear_level(ctx, gfn, pfn, level);
         }
     }
 
@@ -649,7 +754,7 @@ impl TdxModule {
     /// v6.16 populate: the caller issues PAGE.ADD for a page set_external_spte only counted.
     pub fn populate_page_add(&self, ctx: &mut Ctx, gfn: u64, pfn: u64) -> Status {
         let mut st = self.st.lock();
-        let s = self.leaf_install(ctx, &mut st, gfn, pfn, false);
+        let s = self.leaf_install(ctx, &mut st, gfn, pfn, false, 1);
         if s == Status::Success {
             st.nr_premapped -= 1;
         }

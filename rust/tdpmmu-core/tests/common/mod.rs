@@ -30,7 +30,7 @@ pub fn config(vm_type: &str, hooks: &str, opts: &[(&str, &str)]) -> tdpmmu_core:
                     _ => 3,
                 };
             }
-            "measure" => cfg.tdx.set(k, OptionValue::Bool(*v == "true"))?,
+            "measure" | "huge_pages" => cfg.tdx.set(k, OptionValue::Bool(*v == "true"))?,
             _ => match v.parse::<f64>() {
                 Ok(p) if k.starts_with("TDH.") || *k == "max_local_retries" => {
                     cfg.tdx.set(k, OptionValue::Number(p))?
