@@ -311,6 +311,11 @@ impl Mmu {
                 return None;
             }
             let new = s | spte::PT_WRITABLE | spte::DIRTY | spte::ACCESSED;
+            // KVM re-checks that the fixed SPTE allows the access: an exec fault on a
+            // non-executable leaf (NX huge pages) is the slow path's business.
+            if !spte::access_allowed(new, true, f.exec) {
+                return None;
+            }
             crate::sim::with(|env| env.spte_access(ctx, true));
             match e.compare_exchange(
                 s,

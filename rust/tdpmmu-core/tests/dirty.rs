@@ -328,3 +328,22 @@ fn write_tracked_pages_are_read_only_and_writes_return_write_protected() {
     assert!(v.write_track_gfn(600, false).is_err());
     v.check().unwrap();
 }
+
+#[test]
+fn the_fast_path_leaves_a_write_that_is_also_a_fetch_to_the_slow_path() {
+    // A writable 2M leaf without X (NX huge pages): fixing W would not allow the fetch, so
+    // KVM's re-check sends it to the slow path, which splits the page and maps 4K with X.
+    let v = Vm::new(VmConfig {
+        memory: 64 << 20,
+        backing: 2 << 20,
+        nx_huge_pages: true,
+        ..VmConfig::default()
+    })
+    .unwrap();
+    assert_eq!(v.fault(5, None, true, false, 0).unwrap().level, 2);
+    let r = v.fault(5, None, true, true, 0).unwrap();
+    assert_eq!(r.level, 1);
+    assert_ne!(r.spte & tdpmmu_core::spte::PT_EXEC, 0);
+    assert_eq!(c(&v, C::pf_fast), 0);
+    v.check().unwrap();
+}
