@@ -222,3 +222,19 @@ def test_write_tracking_returns_write_protected() -> None:
     with pytest.raises(tdpmmu.ConfigError, match="guest_memfd"):
         tdpmmu.VM("snp", memory="16MiB").write_track_gfn(3)
     vm.check()
+
+
+def test_pml_logs_guest_writes_without_exits() -> None:
+    vm = tdpmmu.VM(memory=PAGES * 4096)
+    writes(vm, PAGES)
+    assert vm.set_dirty_logging(0, True, pml=True) == PAGES
+    assert spte.decode(vm.spte(9))["writable"] is True
+    assert spte.decode(vm.spte(9))["dirty"] is False
+    before = dict(vm.stats)
+    writes(vm, 1024)
+    s = vm.stats
+    assert s["pf_taken"] == before["pf_taken"], "PML logs without exits"
+    assert s["pml_logged"] == 1024 and s["pml_full_exits"] == 2
+    assert list(pages_set(vm.get_dirty_log(0))) == list(range(1024))
+    assert spte.decode(vm.spte(9))["dirty"] is False, "GET re-arms by clearing D"
+    vm.check()

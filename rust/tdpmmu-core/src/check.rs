@@ -232,7 +232,13 @@ fn check_dirty_logs(mmu: &Mmu, st: &MmuState, roots: &[crate::tdp_mmu::Root]) ->
             );
             while it.in_range(slot.end()) {
                 let s = it.old_spte;
-                if is_shadow_present(s) && is_last(s, it.level) && s & spte::PT_WRITABLE != 0 {
+                // With PML a 4K leaf whose D bit is clear is armed: the CPU logs its next write.
+                let armed = log.pml && it.level == 1 && s & spte::DIRTY == 0;
+                if is_shadow_present(s)
+                    && is_last(s, it.level)
+                    && s & spte::PT_WRITABLE != 0
+                    && !armed
+                {
                     // A huge leaf is writable only while every page under it counts as dirty
                     // (initially-set logs protect huge pages lazily).
                     let lo = it.gfn.max(slot.gfn);

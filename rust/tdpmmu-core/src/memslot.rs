@@ -46,6 +46,9 @@ pub struct DirtyLog {
     pub initially_set: bool,
     /// KVM's `eager_page_split`: huge pages are split when protection reaches them.
     pub eager_split: bool,
+    /// The host logs with PML (Intel): 4K leaves are armed by clearing D instead of W, and
+    /// the CPU logs the first write to each (huge pages are still write-protected).
+    pub pml: bool,
 }
 
 impl DirtyLog {
@@ -54,6 +57,7 @@ impl DirtyLog {
         manual_protect: bool,
         initially_set: bool,
         eager_split: bool,
+        pml: bool,
     ) -> Result<Self> {
         let words = npages.div_ceil(64) as usize;
         let bits = try_zeroed_atomics(words, "the dirty bitmap")?;
@@ -71,6 +75,7 @@ impl DirtyLog {
             manual_protect,
             initially_set,
             eager_split,
+            pml,
         })
     }
 
@@ -146,6 +151,19 @@ impl Memslot {
         };
         let (lo, hi) = (start.max(self.gfn), end.min(self.end()));
         (lo..hi).any(|g| t[(g - self.gfn) as usize].load(Ordering::Relaxed) > 0)
+    }
+
+    /// A guest write set the Dirty bit of `gfn`'s 4K leaf: with PML the CPU logs it. True if
+    /// this slot logs with PML (the page is now marked).
+    #[inline]
+    pub fn pml_log(&self, gfn: u64) -> bool {
+        match &self.dirty {
+            Some(d) if d.pml => {
+                d.mark(gfn - self.gfn);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Mark `gfn` dirty if the slot logs dirty pages.

@@ -31,6 +31,33 @@ pub struct MemstressArgs {
     pub private: Option<bool>,
 }
 
+/// A vCPU's PML buffer: the CPU logs the first write to each armed 4K page; when 512
+/// entries filled it, the vCPU exits and KVM moves them to the dirty bitmap (modeled as
+/// marked at once, with one exit per 512).
+#[derive(Debug, Default)]
+pub struct Pml(u32);
+
+impl Pml {
+    pub fn log(
+        &mut self,
+        mmu: &Mmu,
+        st: &crate::op::MmuState,
+        ctx: &mut crate::stats::Ctx,
+        gfn: u64,
+    ) {
+        if !st.memslots.find(gfn).is_some_and(|s| s.pml_log(gfn)) {
+            return;
+        }
+        ctx.inc(crate::stats::C::pml_logged);
+        self.0 += 1;
+        if self.0 == 512 {
+            self.0 = 0;
+            ctx.inc(crate::stats::C::pml_full_exits);
+            ctx.charge(mmu.exit_cost(), 1);
+        }
+    }
+}
+
 /// Park–Miller "minimal standard" generator, as the selftests' `guest_random_u32`.
 #[derive(Debug, Clone, Copy)]
 pub struct Lcg(u32);
@@ -171,6 +198,7 @@ fn vcpu_thread(
     };
     let tdp = &mmu.tdp;
     let mut res = VcpuResult::default();
+    let mut pml = Pml::default();
     let start = Instant::now();
     let mut i = 0u64;
     let mut err = None;
@@ -203,7 +231,12 @@ fn vcpu_thread(
             loop {
                 // The "hardware" walk: no exit if the current mapping allows the access.
                 let root = tdp.vcpu_root(v as usize, mirror);
-                if root != crate::arena::NO_TABLE && tdp.hw_access(root, gfn, bits, write) {
+                if root != crate::arena::NO_TABLE
+                    && let Some(logged) = tdp.hw_access(root, gfn, bits, write)
+                {
+                    if logged {
+                        pml.log(mmu, &st, &mut ctx, gfn);
+                    }
                     break;
                 }
                 res.faults += 1;

@@ -298,6 +298,16 @@ impl Mmu {
             }
             f.level = level;
             if spte::access_allowed(s, true, f.exec) {
+                // The write goes through after re-entry: with PML the CPU sets D and logs it.
+                if s & spte::DIRTY == 0 && level == 1 {
+                    e.fetch_or(
+                        spte::DIRTY | spte::ACCESSED,
+                        std::sync::atomic::Ordering::AcqRel,
+                    );
+                    if slot.is_some_and(|m| m.pml_log(gfn)) {
+                        ctx.inc(C::pml_logged);
+                    }
+                }
                 f.spte = s;
                 ctx.charge(Cost::fast_fix_ns, 1);
                 ctx.inc(C::pf_fast);

@@ -87,6 +87,9 @@ counters!(
     // NX huge page mitigation: tables on the recovery list, and those the recovery zapped.
     nx_lpage_splits,
     nx_huge_pages_recovered,
+    // PML: 4K pages the CPU logged, and the exits when a vCPU's 512-entry log filled.
+    pml_logged,
+    pml_full_exits,
 );
 
 pub const NCOUNTERS: usize = COUNTER_NAMES.len();

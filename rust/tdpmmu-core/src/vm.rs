@@ -739,6 +739,7 @@ impl Vm {
     /// write-protects every leaf of the slot; disabling frees the bitmap and recovers huge
     /// mappings. guest_memfd slots cannot log dirty pages. Returns the SPTEs changed
     /// (write-protected, or made huge again).
+    #[allow(clippy::too_many_arguments)]
     pub fn set_dirty_logging(
         &self,
         id: u32,
@@ -746,6 +747,7 @@ impl Vm {
         manual_protect: bool,
         initially_set: bool,
         eager_split: bool,
+        pml: bool,
     ) -> Result<u64> {
         self.ops.ensure_alive()?;
         if initially_set && !manual_protect {
@@ -793,6 +795,7 @@ impl Vm {
                     manual_protect,
                     initially_set,
                     eager_split,
+                    pml,
                 )?;
                 st.memslots.by_id_mut(id).expect("found above").dirty = Some(log);
                 st.committed += bytes;
@@ -801,7 +804,13 @@ impl Vm {
                     if eager_split {
                         tdp.try_split_huge_pages(ctx, start, end, 1)?;
                     }
-                    changed = tdp.wrprot_range(ctx, start, end, 1);
+                    changed = if pml {
+                        // PML: 4K leaves are armed by clearing D; huge ones still lose W.
+                        tdp.clear_dirty_range(ctx, start, end)
+                            + tdp.wrprot_range(ctx, start, end, 2)
+                    } else {
+                        tdp.wrprot_range(ctx, start, end, 1)
+                    };
                 }
             } else {
                 st.memslots.by_id_mut(id).expect("found above").dirty = None;
@@ -851,10 +860,12 @@ impl Vm {
                 let mask = word.swap(0, Ordering::AcqRel);
                 out.push(mask);
                 if mask != 0 {
-                    changed += self
-                        .mmu
-                        .tdp
-                        .clear_dirty_pt_masked(ctx, start + 64 * w as u64, mask);
+                    changed += self.mmu.tdp.clear_dirty_pt_masked(
+                        ctx,
+                        start + 64 * w as u64,
+                        mask,
+                        !log.pml,
+                    );
                 }
             }
             if changed > 0 {
@@ -925,7 +936,7 @@ impl Vm {
                             changed += tdp.wrprot_range(ctx, lo, hi, 2);
                         }
                     }
-                    changed += tdp.clear_dirty_pt_masked(ctx, g, mask);
+                    changed += tdp.clear_dirty_pt_masked(ctx, g, mask, !log.pml);
                 }
                 p += n;
             }

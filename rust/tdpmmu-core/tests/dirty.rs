@@ -32,7 +32,8 @@ fn enabling_the_log_write_protects_and_a_write_is_fixed_on_the_fast_path() {
     let v = vm(64 << 20, 4096);
     assert_eq!(v.populate(0, 256, None, 0).unwrap(), 256);
     assert_eq!(
-        v.set_dirty_logging(0, true, false, false, true).unwrap(),
+        v.set_dirty_logging(0, true, false, false, true, false)
+            .unwrap(),
         256
     );
     assert_eq!(c(&v, C::sptes_write_protected), 256);
@@ -71,7 +72,8 @@ fn enabling_the_log_write_protects_and_a_write_is_fixed_on_the_fast_path() {
 #[test]
 fn new_mappings_in_a_logged_slot_are_4k_and_marked_dirty() {
     let v = vm(64 << 20, 2 << 20);
-    v.set_dirty_logging(0, true, false, false, true).unwrap();
+    v.set_dirty_logging(0, true, false, false, true, false)
+        .unwrap();
     let r = v.fault(600, None, false, false, 0).unwrap();
     assert_eq!(
         (r.ret, r.level),
@@ -89,7 +91,8 @@ fn new_mappings_in_a_logged_slot_are_4k_and_marked_dirty() {
         v.fault(g, None, true, false, 0).unwrap();
     }
     assert_eq!(
-        v.set_dirty_logging(0, false, false, false, true).unwrap(),
+        v.set_dirty_logging(0, false, false, false, true, false)
+            .unwrap(),
         1
     );
     assert_eq!(c(&v, C::huge_pages_recovered), 1);
@@ -103,7 +106,8 @@ fn eager_split_breaks_huge_pages_when_logging_starts() {
     let v = vm(64 << 20, 2 << 20);
     v.populate(0, 2048, None, 0).unwrap();
     assert_eq!(c(&v, C::pages_2m), 4);
-    v.set_dirty_logging(0, true, false, false, true).unwrap();
+    v.set_dirty_logging(0, true, false, false, true, false)
+        .unwrap();
     assert_eq!(c(&v, C::pages_2m), 0);
     assert_eq!(c(&v, C::pages_4k), 2048);
     assert_eq!(c(&v, C::huge_page_splits), 4);
@@ -113,7 +117,8 @@ fn eager_split_breaks_huge_pages_when_logging_starts() {
     let w = vm(64 << 20, 2 << 20);
     w.populate(0, 2048, None, 0).unwrap();
     assert_eq!(
-        w.set_dirty_logging(0, true, false, false, false).unwrap(),
+        w.set_dirty_logging(0, true, false, false, false, false)
+            .unwrap(),
         4
     );
     assert_eq!(c(&w, C::pages_2m), 4);
@@ -129,7 +134,11 @@ fn eager_split_breaks_huge_pages_when_logging_starts() {
 fn manual_protect_with_initially_set_defers_protection_to_clear() {
     let v = vm(64 << 20, 4096);
     v.populate(0, 256, None, 0).unwrap();
-    assert_eq!(v.set_dirty_logging(0, true, true, true, true).unwrap(), 0);
+    assert_eq!(
+        v.set_dirty_logging(0, true, true, true, true, false)
+            .unwrap(),
+        0
+    );
     let log = v.get_dirty_log(0).unwrap();
     assert_eq!(log.len() as u64, (64 << 20) / 4096 / 64);
     assert!(log.iter().all(|w| *w == !0), "initially set");
@@ -168,12 +177,13 @@ fn manual_protect_with_initially_set_defers_protection_to_clear() {
 fn what_kvm_refuses_is_refused() {
     let v = vm(64 << 20, 4096);
     assert!(
-        v.set_dirty_logging(0, true, false, true, true)
+        v.set_dirty_logging(0, true, false, true, true, false)
             .unwrap_err()
             .to_string()
             .contains("initially_set")
     );
-    v.set_dirty_logging(0, true, false, false, true).unwrap();
+    v.set_dirty_logging(0, true, false, false, true, false)
+        .unwrap();
     assert!(
         v.clear_dirty_log(0, 0, 64)
             .unwrap_err()
@@ -193,7 +203,7 @@ fn what_kvm_refuses_is_refused() {
     })
     .unwrap();
     let err = td
-        .set_dirty_logging(0, true, false, false, true)
+        .set_dirty_logging(0, true, false, false, true, false)
         .unwrap_err();
     assert!(err.to_string().contains("guest_memfd"), "{err}");
 }
@@ -345,5 +355,43 @@ fn the_fast_path_leaves_a_write_that_is_also_a_fetch_to_the_slow_path() {
     assert_eq!(r.level, 1);
     assert_ne!(r.spte & tdpmmu_core::spte::PT_EXEC, 0);
     assert_eq!(c(&v, C::pf_fast), 0);
+    v.check().unwrap();
+}
+
+#[test]
+fn pml_arms_pages_by_clearing_dirty_and_the_cpu_logs_writes_without_exits() {
+    let v = vm(64 << 20, 4096);
+    v.populate(0, 1024, None, 0).unwrap();
+    // Pre-faults map without A but with D: enabling with PML clears D on every 4K leaf.
+    assert_eq!(
+        v.set_dirty_logging(0, true, false, false, true, true)
+            .unwrap(),
+        1024
+    );
+    let s = v.spte(3, false).unwrap();
+    assert_ne!(s & PT_WRITABLE, 0, "PML leaves stay writable");
+    assert_eq!(s & tdpmmu_core::spte::DIRTY, 0);
+    v.check().unwrap();
+    // The guest writes 600 pages: no exit, each logged; one PML-full exit at 512.
+    let a = MemstressArgs {
+        vcpus: 1,
+        pages_per_vcpu: 600,
+        base_gfn: 0,
+        overlap: false,
+        random_access: false,
+        write_percent: 100,
+        seed: 0,
+        private: None,
+    };
+    v.run_memstress(&a).unwrap();
+    assert_eq!(c(&v, C::pf_taken), 0);
+    assert_eq!(c(&v, C::pml_logged), 600);
+    assert_eq!(c(&v, C::pml_full_exits), 1);
+    let log = v.get_dirty_log(0).unwrap();
+    assert_eq!(log.iter().map(|w| w.count_ones()).sum::<u32>(), 600);
+    // GET re-armed them by clearing D again, not by write-protecting.
+    let s = v.spte(3, false).unwrap();
+    assert_ne!(s & PT_WRITABLE, 0);
+    assert_eq!(s & tdpmmu_core::spte::DIRTY, 0);
     v.check().unwrap();
 }

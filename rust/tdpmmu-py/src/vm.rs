@@ -1028,9 +1028,14 @@ impl Vm {
     ///     initially_set: ``KVM_DIRTY_LOG_INITIALLY_SET`` (needs ``manual_protect``): the bitmap
     ///         starts all set and nothing is write-protected up front (default False).
     ///     eager_split: split huge pages when protection reaches them (default True).
+    ///     pml: the host logs with PML (Intel, default False): 4K leaves are armed by clearing
+    ///         their D bit instead of W (no exit: the CPU logs the first write to each page, one
+    ///         PML-full exit per 512 logged pages per vCPU), huge leaves are still
+    ///         write-protected, and GET/CLEAR re-arm by clearing D.
     ///
     /// Returns:
-    ///     int: SPTEs changed: write-protected when enabling, made huge again when disabling.
+    ///     int: SPTEs changed: write-protected (or D-cleared with ``pml``) when enabling, made
+    ///     huge again when disabling.
     ///
     /// Raises:
     ///     ConfigError: naming ``slot`` for an unknown id or a guest_memfd slot (KVM refuses
@@ -1040,7 +1045,8 @@ impl Vm {
     ///     VmBugged: the VM was bugged.
     ///     TypeError: an argument of the wrong type.
     ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
-    #[pyo3(signature = (slot, enabled, manual_protect = false, initially_set = false, eager_split = true))]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (slot, enabled, manual_protect = false, initially_set = false, eager_split = true, pml = false))]
     fn set_dirty_logging(
         &self,
         py: Python<'_>,
@@ -1049,10 +1055,18 @@ impl Vm {
         manual_protect: bool,
         initially_set: bool,
         eager_split: bool,
+        pml: bool,
     ) -> PyResult<u64> {
         let slot = in_range(py, "slot", &slot, u32::MAX as u128)? as u32;
         self.run(py, |vm| {
-            vm.set_dirty_logging(slot, enabled, manual_protect, initially_set, eager_split)
+            vm.set_dirty_logging(
+                slot,
+                enabled,
+                manual_protect,
+                initially_set,
+                eager_split,
+                pml,
+            )
         })
     }
 

@@ -36,19 +36,58 @@ impl TdpMmu {
         self.wrprot_where(ctx, start, end, min_level, |_, _| true)
     }
 
-    /// `kvm_tdp_mmu_clear_dirty_pt_masked` with write-protection (mmu_lock for write): for
-    /// each set bit of `mask`, the 4K leaf at `gfn + bit` loses W; one walk over the 64 pages.
+    /// `kvm_tdp_mmu_clear_dirty_pt_masked` (mmu_lock for write): for each set bit of `mask`,
+    /// the 4K leaf at `gfn + bit` loses W (`wrprot`) or D (PML); one walk over the 64 pages.
     /// Returns the leaves changed.
-    pub fn clear_dirty_pt_masked(&self, ctx: &mut Ctx, gfn: u64, mask: u64) -> u64 {
+    pub fn clear_dirty_pt_masked(&self, ctx: &mut Ctx, gfn: u64, mask: u64, wrprot: bool) -> u64 {
         if mask == 0 {
             return 0;
         }
         let lo = gfn + mask.trailing_zeros() as u64;
         let hi = gfn + 64 - mask.leading_zeros() as u64;
         // Only 4K leaves: a huge page over the range is KVM's caller's business.
-        self.wrprot_where(ctx, lo, hi, 1, |g, level| {
+        let pick = |g: u64, level: u8| {
             level == 1 && g >= gfn && g < gfn + 64 && mask & (1 << (g - gfn)) != 0
-        })
+        };
+        if wrprot {
+            self.wrprot_where(ctx, lo, hi, 1, pick)
+        } else {
+            self.clear_d_where(ctx, lo, hi, pick)
+        }
+    }
+
+    /// `kvm_tdp_mmu_clear_dirty_slot` for PML over [start, end): clear D on every present 4K
+    /// leaf (atomic AND); the CPU logs the next write. Returns the leaves changed.
+    pub fn clear_dirty_range(&self, ctx: &mut Ctx, start: u64, end: u64) -> u64 {
+        self.clear_d_where(ctx, start, end, |_, level| level == 1)
+    }
+
+    fn clear_d_where(
+        &self,
+        ctx: &mut Ctx,
+        start: u64,
+        end: u64,
+        pick: impl Fn(u64, u8) -> bool,
+    ) -> u64 {
+        let mut changed = 0;
+        for root in self.valid_direct_roots() {
+            let bits = self.root_gfn_bits(false);
+            let mut it = TdpIter::start(&self.arena, root, self.shape.levels, 1, start, bits);
+            while it.in_range(end) {
+                let s = it.old_spte;
+                if is_shadow_present(s)
+                    && is_last(s, it.level)
+                    && s & spte::DIRTY != 0
+                    && pick(it.gfn, it.level)
+                {
+                    it.sptep().fetch_and(!spte::DIRTY, Ordering::AcqRel);
+                    changed += 1;
+                }
+                it.next();
+            }
+        }
+        ctx.charge(crate::cost::Cost::spte_update_ns, changed);
+        changed
     }
 
     fn wrprot_where(

@@ -42,22 +42,23 @@ impl TdpMmu {
         }
     }
 
-    /// The "hardware" translation of one guest access: true if the mapping allows it, in
-    /// which case the CPU sets the leaf's Accessed bit (and Dirty for a write) as EPT A/D does.
+    /// The "hardware" translation of one guest access: None if the mapping does not allow it;
+    /// otherwise the CPU sets the leaf's Accessed bit (and Dirty for a write) as EPT A/D does,
+    /// and the answer says whether this write set a clear Dirty bit of a 4K leaf (what PML
+    /// logs).
     #[inline]
-    pub fn hw_access(&self, root: u32, gfn: u64, gfn_bits: u64, write: bool) -> bool {
-        let Some((_, e)) = self.leaf_ptr(root, gfn, gfn_bits) else {
-            return false;
-        };
+    pub fn hw_access(&self, root: u32, gfn: u64, gfn_bits: u64, write: bool) -> Option<bool> {
+        let (level, e) = self.leaf_ptr(root, gfn, gfn_bits)?;
         let s = e.load(Ordering::Acquire);
         if !spte::access_allowed(s, write, false) {
-            return false;
+            return None;
         }
         let want = spte::ACCESSED | if write { spte::DIRTY } else { 0 };
         if s & want != want {
-            e.fetch_or(want, Ordering::AcqRel);
+            let old = e.fetch_or(want, Ordering::AcqRel);
+            return Some(write && level == 1 && old & spte::DIRTY == 0);
         }
-        true
+        Some(false)
     }
 
     /// Entries on the path from `root` to `gfn`, stopping after a leaf or a non-present entry.

@@ -370,6 +370,7 @@ fn vcpu(
         return;
     }
     let r = &mut slot.vcpu;
+    let mut pml = crate::memstress::Pml::default();
     let mut pass = 0;
     'run: while a.passes == 0 || pass < a.passes {
         pass += 1;
@@ -394,7 +395,12 @@ fn vcpu(
                 e.step(ctx);
                 ctx.wait(Wait::guest_ns, ctx.rate(crate::cost::Cost::guest_access_ns));
                 let root = tdp.vcpu_root(v as usize, mirror);
-                if root != crate::arena::NO_TABLE && tdp.hw_access(root, gfn, bits, write) {
+                if root != crate::arena::NO_TABLE
+                    && let Some(logged) = tdp.hw_access(root, gfn, bits, write)
+                {
+                    if logged {
+                        pml.log(mmu, st, ctx, gfn);
+                    }
                     r.hits += 1;
                     break;
                 }
