@@ -113,50 +113,6 @@ def _same_hook_trace(native: Any, ref: ReferenceVM, where: str) -> None:
 
 
 _SPTE_X = 1 << 2
-_SPTE_MMU_WRITABLE = 1 << 58
-
-
-def _engine_fast_path_claims_exec_faults() -> bool:
-    """Whether the engine still has the fast-path bug (reported): a write that is also an
-    instruction fetch, on a writable leaf without X (an NX huge page), is answered FIXED by
-    ``fast_page_fault`` without X, where KVM re-checks ``is_access_allowed(fault, new_spte)``
-    and takes the slow path, which splits the page (the reference does that).  While it
-    does, the machines leave exactly such faults out (``_known_engine_bug``) so the rest
-    can still be compared; ``test_fast_path_leaves_an_exec_fault_to_the_slow_path`` fails
-    until the engine is fixed, and then this returns False and the machines draw them again."""
-    vm = tdpmmu.VM(memory="64MiB", backing="2M", nx_huge_pages=True)
-    vm.fault(5)
-    r = vm.fault(5, write=True, exec=True)
-    return r.level > 1 and not r.spte & _SPTE_X
-
-
-ENGINE_FAST_PATH_EXEC_BUG = _engine_fast_path_claims_exec_faults()
-
-
-def _known_engine_bug(
-    ref: ReferenceVM, gfns: list[int], private: bool | None, write: bool, exec_: bool
-) -> bool:
-    """A write+exec fault that would reach the engine's fast-path bug: the direct root maps
-    one of ``gfns`` (accessed as shared) with a present, MMU-writable leaf without X that the
-    fast path may fix (4K, or huge outside a logged slot)."""
-    if not (ENGINE_FAST_PATH_EXEC_BUG and write and exec_) or private:
-        return False
-    for gfn in gfns:
-        if not 0 <= gfn < ref.max_gfn:
-            continue
-        if private is None and ref.confidential and ref.attrs.is_private(gfn):
-            continue
-        path = ref.walk(gfn, False)
-        if not path:
-            continue
-        level, spte = path[-1]
-        if not spte & (1 << 11) or not (level == 1 or spte & (1 << 7)):
-            continue  # not a present leaf
-        slot = ref.slots.gfn_to_memslot(gfn)
-        logged = slot is not None and slot.dirty is not None
-        if spte & _SPTE_MMU_WRITABLE and not spte & _SPTE_X and (level == 1 or not logged):
-            return True
-    return False
 
 
 class DirtyLoggingRules:
@@ -217,6 +173,11 @@ class DirtyLoggingRules:
                     overlap = min(end, it.gfn + (1 << 18)) - max(gfn, it.gfn)
                     n += -(-overlap // 512) + 1
         return n
+
+    def maps_huge(self, gfn: int) -> bool:
+        """Whether the newest direct root maps ``gfn`` with a present huge leaf."""
+        path = self.r.walk(gfn) if 0 <= gfn < self.r.max_gfn else []
+        return bool(path) and path[-1][0] > 1 and path[-1][1] & 0x880 == 0x880
 
     def draw_op_range(self, data: st.DataObject) -> tuple[int, int]:
         """A range over mapped memory: around a mapped gfn, or a slot's whole range (or part,
@@ -348,7 +309,14 @@ class DirtyLoggingRules:
     def split_huge_pages(self, data: st.DataObject) -> None:
         if not self.alive():
             return
-        gfn, npages = self.draw_op_range(data)
+        huge = [g for g in self.mapped[-32:] if self.maps_huge(g)]
+        if huge and data.draw(st.booleans(), label="at_huge"):
+            gfn = data.draw(st.sampled_from(huge), label="huge_gfn")
+            span = data.draw(st.sampled_from([1, 512, 262144]), label="span")
+            gfn &= ~(span - 1)
+            npages = min(span, self.r.max_gfn - gfn)
+        else:
+            gfn, npages = self.draw_op_range(data)
         level = data.draw(st.sampled_from([1, 1, 2, 2, 3]), label="target_level")
         if level == 1 and self.splits_to_4k(gfn, gfn + npages) > MAX_SPLITS_TO_4K:
             npages = min(npages, 512)  # keep the reference's state small
@@ -393,9 +361,6 @@ class DirtyLoggingRules:
             return
         exec_ = data.draw(st.sampled_from([False, False, False, True]), label="exec")
         vcpu = data.draw(st.integers(0, self.r.vcpus - 1), label="vcpu")
-        if _known_engine_bug(self.r, [gfn], None, True, exec_):
-            event("skipped: a write+exec fault the engine's fast path mishandles")
-            return
         self.touch(gfn)
         self.mapped.append(gfn)
         out = self.both(
@@ -409,6 +374,103 @@ class DirtyLoggingRules:
         )
         if out[0] == "ok":
             event(f"write to a logged page -> {tdpmmu.Ret(out[1]).name}")
+
+    @rule(data=st.data())
+    def dirty_log_round(self, data: st.DataObject) -> None:
+        """One round of live migration's loop on a slot without guest_memfd (added if there
+        is none): writes, logging on (in a drawn mode), writes again (the fast path), the log
+        read and re-armed, more writes, and logging off (huge pages recovered) now and
+        then.  Each call is compared as it happens."""
+        if not self.alive():
+            return
+        slots = [m for m in self.r.memslots() if not m[4]]
+        if not slots or data.draw(st.integers(0, 5), label="new_slot") == 0:
+            if len(self.r.memslots()) >= MAX_SLOTS:
+                if not slots:
+                    return
+            else:
+                backing = data.draw(st.sampled_from([4096, 2 << 20]), label="backing")
+                step = backing // 4096
+                end = max((m[1] + m[2] for m in self.r.memslots()), default=0)
+                gfn = -(-end // step) * step
+                npages = step * data.draw(st.integers(1, 2), label="units")
+                if step == 1:
+                    npages = data.draw(st.sampled_from([64, 100, 512, 1024]), label="npages")
+                if gfn + npages > self.r.max_gfn:
+                    return
+                self.touch(gfn, gfn + npages - 1)
+                self.both(
+                    f"add_memslot({gfn:#x}, {npages:#x}, {backing})",
+                    "add_memslot",
+                    gfn,
+                    npages,
+                    backing,
+                )
+                slots = [m for m in self.r.memslots() if not m[4]]
+                if not slots:
+                    return
+        with_mapped = [m for m in slots if any(m[1] <= g < m[1] + m[2] for g in self.mapped)]
+        slot_id, sgfn, snpages, _, _, _ = data.draw(
+            st.sampled_from(with_mapped or slots), label="round_slot"
+        )
+        mapped = [g for g in self.mapped[-64:] if sgfn <= g < sgfn + snpages]
+        offsets = st.sampled_from([0, 1, 63, 64, 511, 512, snpages - 1]) | st.integers(
+            0, snpages - 1
+        )
+        gfns = [sgfn + min(data.draw(offsets, label="off"), snpages - 1) for _ in range(3)]
+        if mapped:
+            gfns += data.draw(st.lists(st.sampled_from(mapped), max_size=3), label="mapped")
+        vcpu = data.draw(st.integers(0, self.r.vcpus - 1), label="vcpu")
+
+        def write(gs: list[int], why: str) -> None:
+            for g in gs:
+                self.touch(g)
+                self.mapped.append(g)
+                out = self.both(f"fault({g:#x}, vcpu={vcpu})  # {why}", "fault", g, None, True)
+                if out[0] == "ok":
+                    event(f"dirty round: {why} -> {tdpmmu.Ret(out[1]).name}")
+
+        write(gfns[:2], "before logging")
+        log = self.r.slots[slot_id].dirty
+        if log is None:
+            manual = data.draw(st.booleans(), label="manual_protect")
+            initially_set = manual and data.draw(st.booleans(), label="initially_set")
+            eager = data.draw(st.booleans(), label="eager_split")
+            if eager and self.splits_to_4k(sgfn, sgfn + snpages) > MAX_SPLITS_TO_4K:
+                eager = False
+            self.touch(sgfn, sgfn + snpages - 1)
+            self.both(
+                f"set_dirty_logging({slot_id}, True, {manual}, {initially_set}, {eager})",
+                "set_dirty_logging",
+                slot_id,
+                True,
+                manual,
+                initially_set,
+                eager,
+            )
+            log = self.r.slots[slot_id].dirty
+        assert log is not None
+        write(gfns, "logging")
+        out = self.both(f"get_dirty_log({slot_id})", "get_dirty_log", slot_id)
+        bits = sum(bin(w).count("1") for w in out[1]) if out[0] == "ok" else 0
+        event(f"dirty round: bits read {'0' if bits == 0 else '>0'}")
+        if log.manual_protect:
+            page = data.draw(st.sampled_from(gfns), label="clear_at") - sgfn
+            first = page & ~63
+            npages = min(64 * data.draw(st.integers(1, 3), label="words"), snpages - first)
+            self.both(
+                f"clear_dirty_log({slot_id}, {first}, {npages})",
+                "clear_dirty_log",
+                slot_id,
+                first,
+                npages,
+            )
+        write(gfns[-2:], "re-armed")
+        if data.draw(st.booleans(), label="stop"):
+            out = self.both(
+                f"set_dirty_logging({slot_id}, False)", "set_dirty_logging", slot_id, False
+            )
+            event(f"dirty round: stop recovered >0: {out[0] == 'ok' and out[1] > 0}")
 
     # -- comparison ----------------------------------------------------------------------
     def same_dirty_logs(self, where: str) -> None:
@@ -530,9 +592,6 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         write = data.draw(st.booleans(), label="write")
         exec_ = data.draw(st.booleans(), label="exec")
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
-        if _known_engine_bug(self.r, [gfn], None, write, exec_):
-            event("skipped: a write+exec fault the engine's fast path mishandles")
-            return
         self.touch(gfn)
         call = f"fault({gfn:#x}, write={write}, exec={exec_}, vcpu={vcpu})"
         self.record(call)
@@ -558,9 +617,6 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
             return
         exec_ = data.draw(st.booleans(), label="exec")
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
-        if _known_engine_bug(self.r, [gfn], None, True, exec_):
-            event("skipped: a write+exec fault the engine's fast path mishandles")
-            return
         self.touch(gfn)
         call = f"fault({gfn:#x}, exec={exec_}, vcpu={vcpu})"
         self.record(call)
@@ -578,9 +634,6 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         write = data.draw(st.booleans(), label="write")
         exec_ = data.draw(st.booleans(), label="exec")
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
-        if _known_engine_bug(self.r, gfns, None, write, exec_):
-            event("skipped: a write+exec fault the engine's fast path mishandles")
-            return
         self.touch(*gfns)
         call = f"fault_batch({[hex(g) for g in gfns]}, write={write}, exec={exec_}, vcpu={vcpu})"
         self.record(call)
@@ -955,9 +1008,6 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         write = data.draw(st.booleans(), label="write")
         exec_ = data.draw(st.booleans(), label="exec")
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
-        if _known_engine_bug(self.r, [gfn], private, write, exec_):
-            event("skipped: a write+exec fault the engine's fast path mishandles")
-            return
         self.touch(gfn)
         call = f"fault({gfn:#x}, private={private}, write={write}, exec={exec_}, vcpu={vcpu})"
         self.log.append(call)
@@ -977,9 +1027,6 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         gfn = min(gfn + data.draw(st.sampled_from([0, 0, 1, 512]), label="d"), self.r.max_gfn - 1)
         vcpu = data.draw(st.integers(0, self.cfg["vcpus"] - 1), label="vcpu")
         exec_ = data.draw(st.booleans(), label="exec")
-        if _known_engine_bug(self.r, [gfn], None, True, exec_):
-            event("skipped: a write+exec fault the engine's fast path mishandles")
-            return
         self.touch(gfn)
         self.both(
             f"fault({gfn:#x}, exec={exec_}, vcpu={vcpu})", "fault", gfn, None, True, exec_, vcpu
@@ -1556,8 +1603,6 @@ def test_dirty_logging_scenario_matches_reference(
     gfns = (0, 1, 2, 3, 5, 6, 520, 700, 3000, 4000, 1 << 16, (1 << 16) + 3, (1 << 17) + 3)
     for name, args in steps:
         where = f"{cfg}: {name}{args}"
-        if _known_engine_bug(ref, [args[0]] if name == "fault" else [], None, True, True):
-            raise AssertionError(f"{where}: the flow must not reach the known fast-path bug")
         got = _outcome(lambda n=name, a=args: getattr(native, n)(*a))
         want = _outcome(lambda n=name, a=args: getattr(ref, n)(*a))
         assert got == want, f"{where}: engine {got} != reference {want}"
@@ -1591,10 +1636,9 @@ def test_fast_path_leaves_an_exec_fault_to_the_slow_path() -> None:
     """A write that is also an instruction fetch, on a writable NX huge page: restoring W
     cannot give X, so KVM's fast_page_fault re-checks ``is_access_allowed(fault,
     new_spte)`` and leaves the fault to the slow path, which splits the page (the NX huge
-    page rule) and finds the 4K child executable.  The reference does that.  The engine
-    (reported) answers the fault FIXED on the fast path, leaves the huge page without X and
-    counts pf_fast: the guest's fetch would fault again for ever.  Fails until the engine
-    re-checks the access."""
+    page rule) and finds the 4K child executable.  Both sides must do that (the engine once
+    answered it FIXED on the fast path, without X: the guest's fetch would have faulted
+    again for ever)."""
     cfg = {"memory": "64MiB", "backing": "2M", "nx_huge_pages": True}
     native, ref = tdpmmu.VM(**cfg), ReferenceVM(**cfg)
     for vm in (native, ref):

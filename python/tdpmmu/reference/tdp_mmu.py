@@ -591,13 +591,20 @@ class TdpMmu:
         """The valid direct roots, in root-list order (newest first)."""
         return [r for r in self.roots if not r.invalid and not r.is_mirror]
 
-    def wrprot_gfn_range(self, start: int, end: int, min_level: int) -> int:
+    def wrprot_gfn_range(
+        self,
+        start: int,
+        end: int,
+        min_level: int,
+        pick: Callable[[int, int], bool] | None = None,
+    ) -> int:
         """``kvm_tdp_mmu_wrprot_slot`` over ``[start, end)`` (mmu_lock for read).
 
-        Clears W on every present leaf at ``min_level`` or above, keeping MMU-writable so the
-        fast path may restore it; no ``handle_changed_spte`` (the pfn and presence do not
-        change).  Counts ``sptes_write_protected`` and charges ``spte_update_ns`` per leaf
-        changed.  Returns the leaves changed (the caller flushes if any).
+        Clears W on every present leaf at ``min_level`` or above (for which ``pick(gfn,
+        level)`` holds, if given), keeping MMU-writable so the fast path may restore it; no
+        ``handle_changed_spte`` (the pfn and presence do not change).  Counts
+        ``sptes_write_protected`` and charges ``spte_update_ns`` per leaf changed.  Returns
+        the leaves changed (the caller flushes if any).
         """
         changed = 0
         gfn_bits = self.root_gfn_bits(False)
@@ -608,6 +615,7 @@ class TdpMmu:
                     not is_shadow_present_pte(spte)
                     or not is_last_spte(spte, it.level)
                     or not spte & SPTE_WRITABLE
+                    or (pick is not None and not pick(it.gfn, it.level))
                 ):
                     continue
                 it.write(spte & ~SPTE_WRITABLE)  # the cmpxchg; never lost here
@@ -619,14 +627,18 @@ class TdpMmu:
 
     def kvm_tdp_mmu_clear_dirty_pt_masked(self, gfn: int, mask: int) -> int:
         """With write-protection (mmu_lock for write): for each set bit ``b`` of ``mask``, the
-        leaf over ``gfn + b`` loses W (one :meth:`wrprot_gfn_range` per bit, from 4K up).
+        4K leaf at ``gfn + b`` loses W, in one walk from the lowest to the highest set bit.
+        Huge leaves over the range are left alone (the caller protects or splits them).
         Returns the leaves changed."""
-        changed = 0
-        while mask:
-            bit = (mask & -mask).bit_length() - 1
-            mask &= mask - 1
-            changed += self.wrprot_gfn_range(gfn + bit, gfn + bit + 1, PG_LEVEL_4K)
-        return changed
+        if not mask:
+            return 0
+        lo = gfn + (mask & -mask).bit_length() - 1
+        hi = gfn + mask.bit_length()
+
+        def pick(g: int, level: int) -> bool:
+            return level == PG_LEVEL_4K and gfn <= g < gfn + 64 and bool(mask >> (g - gfn) & 1)
+
+        return self.wrprot_gfn_range(lo, hi, PG_LEVEL_4K, pick)
 
     def kvm_tdp_mmu_age_gfn_range(self, start: int, end: int) -> bool:
         """The MMU notifier's clear_young (lockless): clear A on every present leaf of
