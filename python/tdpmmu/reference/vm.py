@@ -921,11 +921,21 @@ class ReferenceVM:
         return memslot
 
     def _recoverable_level(self, gfn: int, memslot: Memslot) -> int:
-        """The largest level ``gfn`` of ``memslot`` may be mapped at again: the backing's, or
-        4K for private memory on a confidential VM."""
-        if self.confidential and self.attrs.is_private(gfn):
+        """``kvm_mmu_max_mapping_level`` for huge-page recovery: the largest level the huge
+        page starting at ``gfn`` of ``memslot`` may be mapped at again.  The backing's; on a
+        confidential VM 4K for private memory, and for shared memory no level whose range is
+        not all shared (``KVM_LPAGE_MIXED_FLAG``, as the fault path)."""
+        if not self.confidential:
+            return memslot.max_level
+        if self.attrs.is_private(gfn):
             return PG_LEVEL_4K
-        return memslot.max_level
+        level = memslot.max_level
+        while level > PG_LEVEL_4K:
+            base = gfn_round_for_level(gfn, level)
+            if self.attrs.uniform(base, base + pages_per_hpage(level)) is False:
+                break
+            level -= 1
+        return level
 
     def _check_confidential(self, what: str) -> None:
         if not self.confidential:
