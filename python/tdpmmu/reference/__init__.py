@@ -18,15 +18,17 @@ imports point downward only:
                           units per field; ``modeled_ns`` is their exact field-order sum)
 ``stats``                 counters, trace events, the accounting context ``Ctx``
 ``arena``                 page-table memory, ``struct kvm_mmu_page``, the grace period
-``attrs``, ``memslot``    memory attributes; memslots and host placement
+``attrs``, ``memslot``    memory attributes; memslots, host placement, dirty logs
 ``tdp_iter``              the pre-order walker (tdp_iter.c)
 ``hooks``                 the external-hook interface and its one dispatch site, where
                           every hook call is counted and traced, whatever the backend
-``tdp_mmu``               roots, SPTE setters with the FROZEN protocol, map, zaps (tdp_mmu.c)
+``tdp_mmu``               roots, SPTE setters with the FROZEN protocol, map, zaps,
+                          write-protection, aging, eager split, recovery (tdp_mmu.c)
 ``gmem``                  guest_memfd folios (guest_memfd.c)
 ``vendor``                ``base`` (the vendor interface), ``tdx`` over ``tdx_module``,
                           ``sev`` over ``rmp``, ``sw_mirror``
-``mmu``                   fault entry: kvm_page_fault, faultin_pfn, huge pages, MMIO (mmu.c)
+``mmu``                   fault entry: kvm_page_fault, fast_page_fault, faultin_pfn, huge
+                          pages, MMIO (mmu.c)
 ``check``                 invariants
 ``vm``                    ``ReferenceVM``: the public operations of ``tdpmmu.VM``
 ========================  ==================================================================
@@ -47,7 +49,8 @@ All four VM types are modeled:
   TDX-shaped mirror root with a software external tree and no SEAMCALLs.
 
 Not modeled: contention (the ``TDH.*`` busy probabilities must be 0, so no ``-EBUSY`` and no
-TDX local retries happen) and user hook objects.  ``trace_events()`` holds the external-hook
+TDX local retries happen), user hook objects, and guest accesses (``run_memstress``, so neither
+the A/D bits the CPU sets nor PML).  ``trace_events()`` holds the external-hook
 calls only, not the SEAMCALLs or RMP instructions the backends issue.
 
 Names follow KVM: a method called ``tdp_mmu_link_sp`` does what ``tdp_mmu_link_sp`` does,
@@ -72,7 +75,7 @@ from .attrs import PrivateRanges
 from .cost import DEFAULT_COSTS, CostLedger
 from .errors import ConfigError, InvariantError, Ret, VmBugged
 from .hooks import HOOK_EBUSY, HOOK_EIO, HOOK_OK, ExternalHooks, ExternalOps
-from .memslot import DATA_BASE_PFN, Memslot, Memslots, parse_size
+from .memslot import DATA_BASE_PFN, DirtyLog, Memslot, Memslots, parse_size
 from .mmu import Mmu, ReferenceFault
 from .spte import (
     ACC_ALL,
@@ -231,6 +234,7 @@ __all__ = [
     "ConfigError",
     "CostLedger",
     "Ctx",
+    "DirtyLog",
     "ExternalHooks",
     "ExternalOps",
     "InvariantError",
