@@ -818,7 +818,7 @@ impl Vm {
                 st.memslots.generation += 2;
                 let level = slot_level_of(st, id);
                 changed = tdp
-                    .recover_huge_pages(ctx, start, end, |g| self.recoverable_level(st, g, level));
+                    .recover_huge_pages(ctx, start, end, |g, l| self.may_map_huge(st, g, l, level));
             }
             if changed > 0 {
                 tdp.flush_remote_tlbs(ctx);
@@ -827,12 +827,15 @@ impl Vm {
         })
     }
 
-    /// The largest huge-page level a gfn of a slot backed at `level` may be mapped at again.
-    fn recoverable_level(&self, st: &MmuState, gfn: u64, level: u8) -> u8 {
-        if self.mmu.has_private_mem && st.attrs.is_private(gfn) {
-            return 1;
+    /// Whether the huge range of `level` at `gfn`, in a slot backed at `backing`, may be
+    /// mapped huge on the direct root: the backing allows it and, on a VM with private memory,
+    /// the whole range is shared (KVM_LPAGE_MIXED_FLAG).
+    fn may_map_huge(&self, st: &MmuState, gfn: u64, level: u8, backing: u8) -> bool {
+        if level > backing {
+            return false;
         }
-        level
+        !self.mmu.has_private_mem
+            || st.attrs.uniform(gfn, gfn + pages_per_level(level)) == Some(false)
     }
 
     /// KVM_GET_DIRTY_LOG for memslot `id`: the bitmap as 64-bit words (bit i of word w = page
@@ -928,12 +931,16 @@ impl Vm {
                 if mask != 0 {
                     let g = start + p;
                     if log.initially_set {
-                        // Huge pages over the cleared pages: split, or write-protect at 2M+.
-                        let (lo, hi) = (g, g + 64);
+                        // Huge pages over the first and last cleared page: split, or
+                        // write-protect at 2M+ (kvm_arch_mmu_enable_log_dirty_pt_masked).
+                        let lo = g + mask.trailing_zeros() as u64;
+                        let hi = g + 64 - mask.leading_zeros() as u64;
                         if log.eager_split {
                             tdp.try_split_huge_pages(ctx, lo, hi, 1)?;
                         } else {
-                            changed += tdp.wrprot_range(ctx, lo, hi, 2);
+                            // Only the huge pages holding the first and the last one.
+                            changed += tdp.wrprot_range(ctx, lo, lo + 1, 2);
+                            changed += tdp.wrprot_range(ctx, hi - 1, hi, 2);
                         }
                     }
                     changed += tdp.clear_dirty_pt_masked(ctx, g, mask, !log.pml);
@@ -1007,7 +1014,7 @@ impl Vm {
             let made = self
                 .mmu
                 .tdp
-                .recover_huge_pages(ctx, start, end, |g| self.recoverable_level(st, g, level));
+                .recover_huge_pages(ctx, start, end, |g, l| self.may_map_huge(st, g, l, level));
             if made > 0 {
                 self.mmu.tdp.flush_remote_tlbs(ctx);
             }

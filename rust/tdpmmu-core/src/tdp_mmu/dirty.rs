@@ -230,15 +230,16 @@ impl TdpMmu {
     }
 
     /// `kvm_tdp_mmu_recover_huge_pages` over [start, end) (mmu_lock for read): each present
-    /// table at 2M or 1G lying wholly inside the range, where `max_level(gfn)` allows that
-    /// size, is replaced by one huge leaf built from its first present leaf; the old subtree
-    /// is torn down. Returns the huge leaves made (the caller flushes the range if any).
+    /// table at 2M or 1G lying wholly inside the range, where `allowed(gfn, level)` says the
+    /// whole huge range may be mapped at that level, is replaced by one huge leaf built from
+    /// its first present leaf; the old subtree is torn down. Returns the huge leaves made
+    /// (the caller flushes the range if any).
     pub fn recover_huge_pages(
         &self,
         ctx: &mut Ctx,
         start: u64,
         end: u64,
-        max_level: impl Fn(u64) -> u8,
+        allowed: impl Fn(u64, u8) -> bool,
     ) -> u64 {
         let mut made = 0;
         for root in self.valid_direct_roots() {
@@ -252,7 +253,7 @@ impl TdpMmu {
                     || !is_shadow_present(s)
                     || is_last(s, it.level)
                     || !whole
-                    || max_level(it.gfn) < it.level
+                    || !allowed(it.gfn, it.level)
                 {
                     it.next();
                     continue;
