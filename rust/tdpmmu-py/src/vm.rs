@@ -1534,17 +1534,13 @@ impl Vm {
         seed: Int,
         private: Option<bool>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let max_gfn = self.inner.max_gfn();
-        let a = MemstressArgs {
-            vcpus: count_arg(py, "vcpus", &vcpus, self.inner.cfg.vcpus as u64)? as u32,
-            pages_per_vcpu: count_arg(py, "pages_per_vcpu", &pages_per_vcpu, max_gfn)?,
-            base_gfn: gfn_arg(py, "base_gfn", &base_gfn, max_gfn)?,
+        let a = self.memstress_args(
+            py,
+            [&vcpus, &pages_per_vcpu, &base_gfn, &write_percent, &seed],
             overlap,
             random_access,
-            write_percent: in_range(py, "write_percent", &write_percent, 101)? as u32,
-            seed: in_range(py, "seed", &seed, 1 << 64)?,
             private,
-        };
+        )?;
         let res = self.run(py, |vm| vm.run_memstress(&a))?;
         let out = PyList::empty(py);
         for r in res {
@@ -1713,16 +1709,13 @@ impl Vm {
             )),
         };
         let a = VtArgs {
-            ms: MemstressArgs {
-                vcpus: count_arg(py, "vcpus", &vcpus, self.inner.cfg.vcpus as u64)? as u32,
-                pages_per_vcpu: count_arg(py, "pages_per_vcpu", &pages_per_vcpu, max_gfn)?,
-                base_gfn: gfn_arg(py, "base_gfn", &base_gfn, max_gfn)?,
+            ms: self.memstress_args(
+                py,
+                [&vcpus, &pages_per_vcpu, &base_gfn, &write_percent, &seed],
                 overlap,
                 random_access,
-                write_percent: in_range(py, "write_percent", &write_percent, 101)? as u32,
-                seed: in_range(py, "seed", &seed, 1 << 64)?,
                 private,
-            },
+            )?,
             passes: match passes {
                 Some(p) => in_range(py, "passes", &p, 1 << 32)? as u32,
                 None => 1,
@@ -1791,6 +1784,30 @@ impl Vm {
 }
 
 impl Vm {
+    /// The memstress workload's arguments, checked: `ints` are vcpus, pages_per_vcpu,
+    /// base_gfn, write_percent and seed.
+    fn memstress_args(
+        &self,
+        py: Python<'_>,
+        ints: [&Int; 5],
+        overlap: bool,
+        random_access: bool,
+        private: Option<bool>,
+    ) -> PyResult<MemstressArgs> {
+        let [vcpus, pages_per_vcpu, base_gfn, write_percent, seed] = ints;
+        let max_gfn = self.inner.max_gfn();
+        Ok(MemstressArgs {
+            vcpus: count_arg(py, "vcpus", vcpus, self.inner.cfg.vcpus as u64)? as u32,
+            pages_per_vcpu: count_arg(py, "pages_per_vcpu", pages_per_vcpu, max_gfn)?,
+            base_gfn: gfn_arg(py, "base_gfn", base_gfn, max_gfn)?,
+            overlap,
+            random_access,
+            write_percent: in_range(py, "write_percent", write_percent, 101)? as u32,
+            seed: in_range(py, "seed", seed, 1 << 64)?,
+            private,
+        })
+    }
+
     /// Every call that touches the VM's locks goes through here: a call back into this VM
     /// from one of its own hook objects is refused (it would wait for the `mmu_lock` its
     /// thread holds); the GIL is released (a hook object on another thread may need it while

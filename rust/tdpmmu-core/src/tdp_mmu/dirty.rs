@@ -28,6 +28,29 @@ impl TdpMmu {
             .collect()
     }
 
+    /// Visit every present leaf at `min_level` or above of [start, end) in each valid direct
+    /// root, pre-order; `visit` returns false to stop the whole walk.
+    fn for_each_direct_leaf(
+        &self,
+        start: u64,
+        end: u64,
+        min_level: u8,
+        mut visit: impl FnMut(&mut TdpIter<'_>) -> bool,
+    ) {
+        let bits = self.root_gfn_bits(false);
+        for root in self.valid_direct_roots() {
+            let mut it =
+                TdpIter::start(&self.arena, root, self.shape.levels, min_level, start, bits);
+            while it.in_range(end) {
+                let s = it.old_spte;
+                if is_shadow_present(s) && is_last(s, it.level) && !visit(&mut it) {
+                    return;
+                }
+                it.next();
+            }
+        }
+    }
+
     /// `kvm_tdp_mmu_wrprot_slot` over [start, end) (mmu_lock for read): clear W on every
     /// present leaf at `min_level` or above, keeping MMU-writable so the fast path may restore
     /// it; a lost cmpxchg re-reads and retries. Returns the leaves changed (the caller
@@ -70,22 +93,13 @@ impl TdpMmu {
         pick: impl Fn(u64, u8) -> bool,
     ) -> u64 {
         let mut changed = 0;
-        for root in self.valid_direct_roots() {
-            let bits = self.root_gfn_bits(false);
-            let mut it = TdpIter::start(&self.arena, root, self.shape.levels, 1, start, bits);
-            while it.in_range(end) {
-                let s = it.old_spte;
-                if is_shadow_present(s)
-                    && is_last(s, it.level)
-                    && s & spte::DIRTY != 0
-                    && pick(it.gfn, it.level)
-                {
-                    it.sptep().fetch_and(!spte::DIRTY, Ordering::AcqRel);
-                    changed += 1;
-                }
-                it.next();
+        self.for_each_direct_leaf(start, end, 1, |it| {
+            if it.old_spte & spte::DIRTY != 0 && pick(it.gfn, it.level) {
+                it.sptep().fetch_and(!spte::DIRTY, Ordering::AcqRel);
+                changed += 1;
             }
-        }
+            true
+        });
         ctx.charge(crate::cost::Cost::spte_update_ns, changed);
         changed
     }
@@ -99,36 +113,31 @@ impl TdpMmu {
         pick: impl Fn(u64, u8) -> bool,
     ) -> u64 {
         let mut changed = 0;
-        for root in self.valid_direct_roots() {
-            let bits = self.root_gfn_bits(false);
-            let mut it =
-                TdpIter::start(&self.arena, root, self.shape.levels, min_level, start, bits);
-            while it.in_range(end) {
-                loop {
-                    let s = it.old_spte;
-                    if !is_shadow_present(s)
-                        || !is_last(s, it.level)
-                        || s & PT_WRITABLE == 0
-                        || !pick(it.gfn, it.level)
-                    {
-                        break;
-                    }
-                    match it.sptep().compare_exchange(
-                        s,
-                        s & !PT_WRITABLE,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    ) {
-                        Ok(_) => {
-                            changed += 1;
-                            break;
-                        }
-                        Err(cur) => it.old_spte = cur,
-                    }
+        self.for_each_direct_leaf(start, end, min_level, |it| {
+            // A lost cmpxchg re-reads the entry and tries again.
+            loop {
+                let s = it.old_spte;
+                if !is_shadow_present(s)
+                    || !is_last(s, it.level)
+                    || s & PT_WRITABLE == 0
+                    || !pick(it.gfn, it.level)
+                {
+                    return true;
                 }
-                it.next();
+                match it.sptep().compare_exchange(
+                    s,
+                    s & !PT_WRITABLE,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        changed += 1;
+                        return true;
+                    }
+                    Err(cur) => it.old_spte = cur,
+                }
             }
-        }
+        });
         ctx.add(C::sptes_write_protected, changed as i64);
         ctx.charge(crate::cost::Cost::spte_update_ns, changed);
         changed
@@ -139,21 +148,16 @@ impl TdpMmu {
     /// whether a leaf changed (the caller flushes).
     pub fn write_protect_gfn(&self, ctx: &mut Ctx, gfn: u64) -> bool {
         let mut changed = false;
-        for root in self.valid_direct_roots() {
-            let bits = self.root_gfn_bits(false);
-            let mut it = TdpIter::start(&self.arena, root, self.shape.levels, 1, gfn, bits);
-            while it.in_range(gfn + 1) {
-                let s = it.old_spte;
-                let new = s & !(PT_WRITABLE | spte::MMU_WRITABLE);
-                if is_shadow_present(s) && is_last(s, it.level) && new != s {
-                    self.set_spte(ctx, &mut it, new);
-                    ctx.inc(C::sptes_write_protected);
-                    ctx.charge(crate::cost::Cost::spte_update_ns, 1);
-                    changed = true;
-                }
-                it.next();
+        self.for_each_direct_leaf(gfn, gfn + 1, 1, |it| {
+            let new = it.old_spte & !(PT_WRITABLE | spte::MMU_WRITABLE);
+            if new != it.old_spte {
+                self.set_spte(ctx, it, new);
+                ctx.inc(C::sptes_write_protected);
+                ctx.charge(crate::cost::Cost::spte_update_ns, 1);
+                changed = true;
             }
-        }
+            true
+        });
         changed
     }
 
@@ -161,36 +165,25 @@ impl TdpMmu {
     /// with an atomic AND; no bookkeeping, no flush. Returns whether any leaf was young.
     pub fn age_gfn_range(&self, ctx: &mut Ctx, start: u64, end: u64) -> bool {
         let mut young = false;
-        for root in self.valid_direct_roots() {
-            let bits = self.root_gfn_bits(false);
-            let mut it = TdpIter::start(&self.arena, root, self.shape.levels, 1, start, bits);
-            while it.in_range(end) {
-                let s = it.old_spte;
-                if is_shadow_present(s) && is_last(s, it.level) && s & ACCESSED != 0 {
-                    it.sptep().fetch_and(!ACCESSED, Ordering::AcqRel);
-                    young = true;
-                    ctx.inc(C::sptes_aged);
-                }
-                it.next();
+        self.for_each_direct_leaf(start, end, 1, |it| {
+            if it.old_spte & ACCESSED != 0 {
+                it.sptep().fetch_and(!ACCESSED, Ordering::AcqRel);
+                young = true;
+                ctx.inc(C::sptes_aged);
             }
-        }
+            true
+        });
         young
     }
 
     /// `kvm_tdp_mmu_test_age_gfn` (lockless): whether a present leaf of [start, end) has A.
     pub fn test_age_gfn(&self, start: u64, end: u64) -> bool {
-        for root in self.valid_direct_roots() {
-            let bits = self.root_gfn_bits(false);
-            let mut it = TdpIter::start(&self.arena, root, self.shape.levels, 1, start, bits);
-            while it.in_range(end) {
-                let s = it.old_spte;
-                if is_shadow_present(s) && is_last(s, it.level) && s & ACCESSED != 0 {
-                    return true;
-                }
-                it.next();
-            }
-        }
-        false
+        let mut young = false;
+        self.for_each_direct_leaf(start, end, 1, |it| {
+            young = it.old_spte & ACCESSED != 0;
+            !young
+        });
+        young
     }
 
     /// `kvm_tdp_mmu_try_split_huge_pages` over [start, end) (mmu_lock for read): every present
