@@ -182,6 +182,17 @@ impl Vendor for Tdx {
         self.module.release_hkid(ctx);
     }
 
+    /// A huge private leaf only with the `huge_pages` option, and only at 2M.
+    fn check_private_leaf(&self, gfn: u64, _pfn: u64, level: u8) -> CheckResult {
+        let max = if self.module.opts.huge_pages { 2 } else { 1 };
+        if level > max {
+            return Err(format!(
+                "private leaf at gfn {gfn:#x} is level {level}; TDX allows level {max} here"
+            ));
+        }
+        Ok(())
+    }
+
     fn check_external(&self, mirror_tables: usize, mirror_leaves: Vec<(u64, u64)>) -> CheckResult {
         if !self.module_hooked {
             return Ok(());
