@@ -670,7 +670,7 @@ impl Engine {
                 continue;
             };
             ctx.wait(Wait::wait_uffd, self.cfg.uffd_delay_ns);
-            self.resolve(ctx, false);
+            self.resolve(ctx);
             // UFFDIO_COPY/CONTINUE wakes under the wait-queue lock, scanning every waiter.
             let scan = {
                 let st = self.st.borrow();
@@ -689,7 +689,7 @@ impl Engine {
 
     /// Userspace provides the page: UFFDIO_COPY (MISSING, memory-fault exits) allocates and
     /// copies; MINOR writes the shmem page through its alias, then UFFDIO_CONTINUE maps it.
-    fn resolve(&self, ctx: &mut Ctx, _own: bool) {
+    fn resolve(&self, ctx: &mut Ctx) {
         self.alloc_and_fill(ctx, 1, false);
         match self.cfg.userfault {
             Userfault::Minor => ctx.charge(Cost::uffdio_continue_ns, 1),
@@ -751,7 +751,7 @@ impl Env for Engine {
             (false, Userfault::MemoryFault) => {
                 ctx.charge(Cost::userspace_exit_ns, 1);
                 ctx.wait(Wait::wait_uffd, self.cfg.uffd_delay_ns);
-                self.resolve(ctx, true);
+                self.resolve(ctx);
             }
             (false, Userfault::Missing | Userfault::Minor) => {
                 self.uffd_fault(ctx, pfn);
