@@ -406,7 +406,11 @@ fn recovery_never_maps_a_huge_page_over_mixed_private_and_shared_memory() {
     v.set_memory_attributes(0, 256, false).unwrap();
     v.fault(3, Some(false), true, false, 0).unwrap();
     v.fault(300, Some(false), false, false, 0).ok();
-    assert_eq!(v.recover_huge_pages(0).unwrap(), 0, "gfns 256..511 are private");
+    assert_eq!(
+        v.recover_huge_pages(0).unwrap(),
+        0,
+        "gfns 256..511 are private"
+    );
     v.check().unwrap();
 }
 
@@ -417,11 +421,16 @@ fn clear_with_initially_set_stays_within_the_pages_it_clears() {
     let b = v.add_memslot(0x8000, 512, 2 << 20, false).unwrap();
     assert_eq!(v.fault(0x8005, None, true, false, 0).unwrap().level, 2);
     for eager in [true, false] {
-        v.set_dirty_logging(a, true, true, true, eager, false).unwrap();
+        v.set_dirty_logging(a, true, true, true, eager, false)
+            .unwrap();
         v.clear_dirty_log(a, 64, 36).unwrap();
         let s = v.spte(0x8005, false).unwrap();
-        assert!(is_large(s) && s & PT_WRITABLE != 0, "slot {b} does not log: untouched");
-        v.set_dirty_logging(a, false, false, false, true, false).unwrap();
+        assert!(
+            is_large(s) && s & PT_WRITABLE != 0,
+            "slot {b} does not log: untouched"
+        );
+        v.set_dirty_logging(a, false, false, false, true, false)
+            .unwrap();
     }
     v.check().unwrap();
 }
