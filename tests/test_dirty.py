@@ -197,7 +197,7 @@ def test_moving_a_slot_flushes_the_old_range() -> None:
     vm.move_memslot(s, 1 << 21)
     assert vm.memslot_generation > gen
     assert vm.stats["pages_4k"] == 0, "the old range's leaves are gone"
-    assert [m for m in vm.memslots() if m[0] == s][0][1] == 1 << 21
+    assert next(m for m in vm.memslots() if m[0] == s)[1] == 1 << 21
     assert vm.fault((1 << 21) + 5).ret == tdpmmu.Ret.FIXED
     with pytest.raises(tdpmmu.ConfigError, match="new_gfn"):
         vm.move_memslot(s, 100)  # overlaps slot 0
