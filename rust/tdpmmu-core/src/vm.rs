@@ -834,8 +834,16 @@ impl Vm {
         if level > backing {
             return false;
         }
-        !self.mmu.has_private_mem
-            || st.attrs.uniform(gfn, gfn + pages_per_level(level)) == Some(false)
+        let end = gfn + pages_per_level(level);
+        // A write-tracked page disallows a huge mapping over it (disallow_lpage).
+        if st
+            .memslots
+            .find(gfn)
+            .is_some_and(|s| s.any_write_tracked(gfn, end))
+        {
+            return false;
+        }
+        !self.mmu.has_private_mem || st.attrs.uniform(gfn, end) == Some(false)
     }
 
     /// KVM_GET_DIRTY_LOG for memslot `id`: the bitmap as 64-bit words (bit i of word w = page

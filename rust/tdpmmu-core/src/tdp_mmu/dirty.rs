@@ -259,10 +259,10 @@ impl TdpMmu {
                 let pfn = spte_to_pfn(leaf) & !(span - 1);
                 let exec = !(self.shape.nx_huge_pages && it.level > 1);
                 let mut huge = spte::make_leaf_spte(pfn, it.level, exec, false);
-                // Keep what the leaf says about writability, as make_huge_spte does.
-                if leaf & PT_WRITABLE == 0 {
-                    huge &= !PT_WRITABLE;
-                }
+                // make_huge_spte keeps the small SPTE's permissions: a read-only or tracked
+                // page stays read-only (W, D, MMU- and host-writable come from the leaf).
+                let keep = PT_WRITABLE | spte::DIRTY | spte::MMU_WRITABLE | spte::HOST_WRITABLE;
+                huge = (huge & !keep) | (leaf & keep);
                 if self.set_spte_atomic(ctx, &mut it, huge).is_ok() {
                     made += 1;
                     ctx.inc(C::huge_pages_recovered);
