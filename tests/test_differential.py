@@ -4,33 +4,40 @@ Two Hypothesis rule-based state machines build one small VM twice — ``tdpmmu.V
 and ``tdpmmu.reference.ReferenceVM`` — with the same parameters, apply the same random
 operations to both and after every step demand the same results, the same walks for every
 gfn the run has touched (bounded), the same page-table arena (host pfns included, so
-allocation order and teardown values must match too), the same roots, memslots and counters,
-and the same ``check()`` outcome:
+allocation order and teardown values must match too), the same roots, memslots and counters
+(all of them: the reference keeps the engine's list), and the same ``check()`` outcome:
 
-* ``EngineMatchesReference``: the default VM (faults, populate, zaps, memslots).
+* ``EngineMatchesReference``: the default VM (faults, populate, zaps, memslots, read-only
+  memslots).
 * ``ConfidentialMatchesReference``: TDX (both hook designs, every TDX option but busy
-  injection), SEV-SNP (gmem/private designs, 4K/2M folios) and SW_PROTECTED (with and without
-  the mirror root): private/shared faults, memory attributes, punch_hole, populate, finalize,
-  guest_memfd memslots, zaps, rmp_fault, PVALIDATE and destroy; also the S-EPT entries and the
-  RMP entries of touched gfns.  The ``private`` designs break invariants on purpose: both
+  injection, huge private pages and KVM_TDX_TERMINATE_VM included), SEV-SNP (gmem/private
+  designs, 4K/2M folios) and SW_PROTECTED (with and without the mirror root): private/shared
+  faults, memory attributes, punch_hole, populate, finalize, guest_memfd memslots, zaps,
+  rmp_fault, PVALIDATE, splits of private 2M leaves and destroy; also the S-EPT entries and
+  the RMP entries of touched gfns.  The ``private`` designs break invariants on purpose: both
   sides must then raise the same InvariantError (or VmBugged).
 
 Wherever counters are compared, so is the cost ledger (``cost_breakdown()``: every CostModel
 field, in order, with the same modeled ns), and on confidential VMs (built with
-``trace=True``) the external-hook calls in the trace, which both sides count and trace at one
-dispatch site, whatever the backend.
+``trace=True``) the external-hook calls in the trace (``split_external_spt`` included),
+which both sides count and trace at one dispatch site, whatever the backend.
 
 Both machines also drive dirty logging and its neighbours (spec §7): ``set_dirty_logging``
-(plain, manual protection, initially set, with and without eager splitting),
-``get_dirty_log`` (the bitmaps are compared word for word; those of manual-protect logs, which
-can be read without side effects, after every step too), ``clear_dirty_log``,
-``age_gfn_range``, ``test_age_gfn``, ``split_huge_pages``, ``recover_huge_pages``, and write
-faults on write-protected leaves (the lockless fast path).
+(plain, manual protection, initially set, with and without eager splitting, with and
+without PML), ``get_dirty_log`` (the bitmaps are compared word for word; those of
+manual-protect logs, which can be read without side effects, after every step too),
+``clear_dirty_log``, ``age_gfn_range``, ``test_age_gfn``, ``split_huge_pages``,
+``recover_huge_pages``, write faults on write-protected or PML-armed leaves (the lockless
+fast path), page write tracking (``write_track_gfn`` and writes to tracked pages), NX huge
+page recovery (``nx_recover``, alone and after exec faults in huge-backed memory) and
+KVM_MR_MOVE (``move_memslot``).
 
-A fixed lifecycle per design/option (``test_scenario_matches_reference``) runs as well, and a
-fixed dirty-logging flow per backing (``test_dirty_logging_scenario_matches_reference``). The
-file is sized to stay under two minutes on two cores; with CI=true it is shorter (about 30 s)
-and derandomized.
+A fixed lifecycle per design/option (``test_scenario_matches_reference``) runs as well, a
+fixed dirty-logging flow per backing (``test_dirty_logging_scenario_matches_reference``), and
+fixed flows through read-only memslots, moves, write tracking, NX recovery, PML, TDX huge
+pages and KVM_TDX_TERMINATE_VM that must reach each of them
+(``test_new_operations_scenario_matches_reference``).  The file is sized to stay under two
+minutes on two cores; with CI=true it is shorter (about 30 s) and derandomized.
 """
 
 from __future__ import annotations
@@ -72,17 +79,48 @@ MAX_ARENA_COMPARE = 400  # compare the whole arena while it has at most this man
 #: 2M pages one operation may split to 4K (the reference audits every leaf after each step).
 MAX_SPLITS_TO_4K = 2
 
-#: the counters of the new paths (the teardown reports whether a run reached each).
+#: the counters of the newer paths (the teardown reports whether a run reached each).
 DIRTY_COUNTERS = (
     "pf_fast",
     "sptes_write_protected",
     "dirty_pages_logged",
     "sptes_aged",
     "huge_pages_recovered",
+    "pml_logged",
+    "nx_lpage_splits",
+    "nx_huge_pages_recovered",
+    "pf_write_protected",
+    "pf_emulate",
 )
 
 #: the external hooks: the trace events that both sides record at their dispatch site.
-HOOKS = ("link_external_spt", "set_external_spte", "remove_external_spte", "free_external_spt")
+HOOKS = (
+    "link_external_spt",
+    "set_external_spte",
+    "remove_external_spte",
+    "free_external_spt",
+    "split_external_spt",
+)
+
+#: SPTE bits the tests look at.
+_SPTE_W = 1 << 1
+_SPTE_X = 1 << 2
+_SPTE_D = 1 << 9
+_SPTE_MMU_WRITABLE = 1 << 58
+
+
+def _same_counters(native: Any, ref: ReferenceVM, where: str) -> None:
+    """The same counters, all of them (the reference keeps the engine's list, in its order),
+    the same ``modeled_ns`` (to rounding) and the same page-table gauges."""
+    got, want = dict(native.stats), ref.stats
+    assert list(got) == list(want), f"{where}: stats keys engine {list(got)} != {list(want)}"
+    for key, value in want.items():
+        if key == "modeled_ns":
+            assert math.isclose(got[key], value, rel_tol=1e-9, abs_tol=1e-6), (
+                f"{where}: modeled_ns engine {got[key]} != reference {value}"
+            )
+        else:
+            assert got[key] == value, f"{where}: {key} engine {got[key]} != reference {value}"
 
 
 def _same_costs(native: Any, ref: ReferenceVM, where: str) -> None:
@@ -112,52 +150,6 @@ def _same_hook_trace(native: Any, ref: ReferenceVM, where: str) -> None:
         )
 
 
-_SPTE_X = 1 << 2
-
-
-def _engine_recovers_mixed_ranges() -> bool:
-    """Whether the engine still has the recovery bug (reported): on a confidential VM it
-    asks only a table's first gfn whether the range may be mapped huge again, so a table
-    over shared and private gfns becomes one shared huge leaf (check() then fails), where
-    KVM's ``kvm_mmu_max_mapping_level`` refuses a range of mixed attributes
-    (``KVM_LPAGE_MIXED_FLAG``) and the reference does too.  While it does, the machines
-    leave out exactly the recoveries that would meet such a table
-    (``_recovers_a_mixed_range``); ``test_recovery_leaves_mixed_attribute_ranges_small``
-    fails until the engine is fixed, and then this returns False."""
-    vm = tdpmmu.VM(vm_type="snp", memory="64MiB", backing="2M", folio="2M")
-    vm.set_memory_attributes(0, 256, False)
-    vm.fault(3)
-    vm.fault(300)
-    return vm.recover_huge_pages(0) > 0
-
-
-ENGINE_RECOVERS_MIXED_RANGES = _engine_recovers_mixed_ranges()
-
-
-def _recovers_a_mixed_range(ref: ReferenceVM, start: int, end: int) -> bool:
-    """Whether recovering ``[start, end)`` would reach the engine's recovery bug: a table at
-    2M or 1G wholly inside, with a present leaf below, whose first gfn is shared and whose
-    range the backing allows huge but the attributes do not (mixed)."""
-    if not (ENGINE_RECOVERS_MIXED_RANGES and ref.confidential):
-        return False
-    tdp_mmu = ref.tdp_mmu
-    for root in tdp_mmu.valid_direct_roots():
-        for it in TdpIter(ref.arena, root, 2, start, end, tdp_mmu.root_gfn_bits(False)):
-            spte, level = it.old_spte, it.level
-            span = 1 << (9 * (level - 1))
-            if level > 3 or not spte & (1 << 11) or spte & (1 << 7):
-                continue  # not a table at 2M or 1G
-            if it.gfn < start or it.gfn + span > end or ref.attrs.is_private(it.gfn):
-                continue
-            slot = ref.slots.gfn_to_memslot(it.gfn)
-            if slot is None or slot.max_level < level:
-                continue
-            mixed = ref.attrs.uniform(it.gfn, it.gfn + span) is not False
-            if mixed and tdp_mmu.first_leaf_below(spte, level) is not None:
-                return True
-    return False
-
-
 class DirtyLoggingRules:
     """Rules for dirty logging, aging, eager splitting and huge-page recovery, shared by both
     machines (which provide ``r``, ``native``, ``alive``, ``touch``, ``both`` and
@@ -166,6 +158,7 @@ class DirtyLoggingRules:
 
     native: Any
     mapped: list[int]
+    peaks: dict[str, int]
 
     # Provided by the machine.
     @property
@@ -179,6 +172,9 @@ class DirtyLoggingRules:
         raise NotImplementedError
 
     def both(self, call: str, method: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def draw_gfn(self, data: st.DataObject) -> int:
         raise NotImplementedError
 
     # -- helpers -------------------------------------------------------------------------
@@ -260,30 +256,32 @@ class DirtyLoggingRules:
         # initially_set without manual_protect is refused: drawn now and then.
         initially_set = data.draw(st.sampled_from([False, manual, manual, True]), label="init")
         eager = data.draw(st.sampled_from([True, True, False]), label="eager_split")
+        pml = data.draw(st.booleans(), label="pml")
         if slot in self.r.slots:
             s = self.r.slots[slot]
             self.touch(s.gfn, s.end - 1)
-            if not enable and _recovers_a_mixed_range(self.r, s.gfn, s.end):
-                event("skipped: a recovery the engine gets wrong (mixed attributes)")
-                return
             if eager and enable and self.splits_to_4k(s.gfn, s.end) > MAX_SPLITS_TO_4K:
                 eager = False  # keep the reference's state small: protect the huge pages
                 event("set_dirty_logging: eager split left off (too many huge pages)")
         out = self.both(
             f"set_dirty_logging({slot}, {enable}, manual_protect={manual}, "
-            f"initially_set={initially_set}, eager_split={eager})",
+            f"initially_set={initially_set}, eager_split={eager}, pml={pml})",
             "set_dirty_logging",
             slot,
             enable,
             manual,
             initially_set,
             eager,
+            pml,
         )
         if out[0] == "ok":
             mode = "initially set" if initially_set else "manual" if manual else "plain"
+            mode += " PML" if pml and enable else ""
             event(
                 f"set_dirty_logging {'on' if enable else 'off'} ({mode}) changed >0: {out[1] > 0}"
             )
+        elif enable and slot in self.r.slots and self.r.slots[slot].readonly:
+            event("set_dirty_logging refused on a read-only slot")
 
     @rule(data=st.data())
     def get_dirty_log(self, data: st.DataObject) -> None:
@@ -383,11 +381,6 @@ class DirtyLoggingRules:
             return
         logging = self.logging_slots()
         slot = self.draw_slot_id(data, [s[0] for s in self.r.memslots() if s[0] not in logging])
-        if slot in self.r.slots:
-            s = self.r.slots[slot]
-            if _recovers_a_mixed_range(self.r, s.gfn, s.end):
-                event("skipped: a recovery the engine gets wrong (mixed attributes)")
-                return
         out = self.both(f"recover_huge_pages({slot})", "recover_huge_pages", slot)
         if out[0] == "ok":
             event(f"recover_huge_pages recovered >0: {out[1] > 0}")
@@ -434,7 +427,7 @@ class DirtyLoggingRules:
         then.  Each call is compared as it happens."""
         if not self.alive():
             return
-        slots = [m for m in self.r.memslots() if not m[4]]
+        slots = self.loggable_slots()
         if not slots or data.draw(st.integers(0, 5), label="new_slot") == 0:
             if len(self.r.memslots()) >= MAX_SLOTS:
                 if not slots:
@@ -457,7 +450,7 @@ class DirtyLoggingRules:
                     npages,
                     backing,
                 )
-                slots = [m for m in self.r.memslots() if not m[4]]
+                slots = self.loggable_slots()
                 if not slots:
                     return
         with_mapped = [m for m in slots if any(m[1] <= g < m[1] + m[2] for g in self.mapped)]
@@ -487,20 +480,24 @@ class DirtyLoggingRules:
             manual = data.draw(st.booleans(), label="manual_protect")
             initially_set = manual and data.draw(st.booleans(), label="initially_set")
             eager = data.draw(st.booleans(), label="eager_split")
+            pml = data.draw(st.booleans(), label="pml")
             if eager and self.splits_to_4k(sgfn, sgfn + snpages) > MAX_SPLITS_TO_4K:
                 eager = False
             self.touch(sgfn, sgfn + snpages - 1)
             self.both(
-                f"set_dirty_logging({slot_id}, True, {manual}, {initially_set}, {eager})",
+                f"set_dirty_logging({slot_id}, True, {manual}, {initially_set}, {eager}, {pml})",
                 "set_dirty_logging",
                 slot_id,
                 True,
                 manual,
                 initially_set,
                 eager,
+                pml,
             )
             log = self.r.slots[slot_id].dirty
-        assert log is not None
+        if log is None:
+            return  # refused: a read-only slot
+        pml_before = self.r.stats["pml_logged"]
         write(gfns, "logging")
         out = self.both(f"get_dirty_log({slot_id})", "get_dirty_log", slot_id)
         bits = sum(bin(w).count("1") for w in out[1]) if out[0] == "ok" else 0
@@ -517,13 +514,228 @@ class DirtyLoggingRules:
                 npages,
             )
         write(gfns[-2:], "re-armed")
-        if data.draw(st.booleans(), label="stop") and not _recovers_a_mixed_range(
-            self.r, sgfn, sgfn + snpages
-        ):
+        if log.pml:
+            logged = self.r.stats["pml_logged"] > pml_before
+            event(f"dirty round (PML): pages logged by the CPU >0: {logged}")
+        if data.draw(st.booleans(), label="stop"):
             out = self.both(
                 f"set_dirty_logging({slot_id}, False)", "set_dirty_logging", slot_id, False
             )
             event(f"dirty round: stop recovered >0: {out[0] == 'ok' and out[1] > 0}")
+
+    def loggable_slots(self) -> list[tuple[int, int, int, int, bool, int]]:
+        """The memslots that may log dirty pages: no guest_memfd, not read-only."""
+        return [m for m in self.r.memslots() if not m[4] and not self.r.slots[m[0]].readonly]
+
+    #: counters that go down again (tables on the NX list, 2M leaves): their peak so far.
+    PEAKED = ("nx_lpage_splits", "pages_2m")
+
+    def note_peaks(self) -> None:
+        """Remember the peak of each ``PEAKED`` counter (called after every step)."""
+        for key in self.PEAKED:
+            self.peaks[key] = max(self.peaks.get(key, 0), self.r.stats[key])
+
+    def reached(self, key: str) -> bool:
+        """Whether the run's counter ``key`` ever went above 0."""
+        return max(self.peaks.get(key, 0), self.r.stats[key]) > 0
+
+    def shared_slot_gfns(self, recent: int = 32) -> list[int]:
+        """Recently mapped gfns in memslots without guest_memfd."""
+        out = []
+        for g in self.mapped[-recent:]:
+            slot = self.r.slots.gfn_to_memslot(g)
+            if slot is not None and not slot.gmem:
+                out.append(g)
+        return out
+
+    def tracked_gfns(self) -> list[int]:
+        """The gfns with a write tracker, by slot and page."""
+        out = []
+        for slot in self.r.slots.by_gfn():
+            out += sorted(slot.gfn + off for off in slot.write_track or ())
+        return out
+
+    @rule(data=st.data())
+    def write_track_gfn(self, data: st.DataObject) -> None:
+        """Add a write tracker (mostly where the run mapped, so a huge leaf over it is
+        protected), or remove one (now and then from a page without any: refused)."""
+        if not self.alive():
+            return
+        tracked = self.tracked_gfns()
+        add = not tracked or data.draw(st.sampled_from([True, True, False]), label="add")
+        if add or data.draw(st.integers(0, 5), label="untracked") == 0:
+            shared = self.shared_slot_gfns()
+            plain = [s for s in self.r.slots.by_gfn() if not s.gmem]
+            where = data.draw(st.sampled_from(["mapped", "mapped", "slot", "any"]), label="at")
+            if where == "mapped" and shared:
+                gfn = data.draw(st.sampled_from(shared), label="gfn")
+                gfn += data.draw(st.sampled_from([0, 0, 1, 64, 511]), label="delta")
+            elif where != "any" and plain:
+                slot = data.draw(st.sampled_from(plain), label="slot")
+                gfn = slot.gfn + data.draw(st.integers(0, slot.npages - 1), label="off")
+            else:
+                gfn = self.draw_gfn(data)
+            gfn = min(gfn, self.r.max_gfn - 1)
+        else:
+            gfn = data.draw(st.sampled_from(tracked), label="tracked_gfn")
+        self.touch(gfn)
+        out = self.both(f"write_track_gfn({gfn:#x}, add={add})", "write_track_gfn", gfn, add)
+        if out[0] != "ok":
+            event(f"write_track_gfn {'add' if add else 'remove'} refused")
+            return
+        event(f"write_track_gfn {'add' if add else 'remove'} -> count {min(out[1], 2)}")
+        if data.draw(st.booleans(), label="then_write"):
+            # The guest writes the page (WRITE_PROTECTED while tracked) or a neighbour.
+            g = min(gfn + data.draw(st.sampled_from([0, 0, 1]), label="delta"), self.r.max_gfn - 1)
+            self.touch(g)
+            self.mapped.append(g)
+            out = self.both(f"fault({g:#x})  # after write_track_gfn", "fault", g)
+            if out[0] == "ok":
+                event(f"write after write_track_gfn -> {tdpmmu.Ret(out[1]).name}")
+
+    @rule(data=st.data())
+    def write_to_special_page(self, data: st.DataObject) -> None:
+        """A guest write (or read) to a write-tracked page, a neighbour of one, or a page of
+        a read-only memslot: WRITE_PROTECTED, EMULATE, or a read-only leaf."""
+        if not self.alive():
+            return
+        tracked = self.tracked_gfns()
+        readonly = [s for s in self.r.slots.by_gfn() if s.readonly]
+        may_add = (
+            self.r.vm_type in ("default", "sw_protected") and len(self.r.slots.by_id) < MAX_SLOTS
+        )
+        if not readonly and may_add and data.draw(st.booleans(), label="add_readonly"):
+            # A read-only slot after the last one (KVM has none on tdx/snp).
+            backing = data.draw(st.sampled_from([4096, 2 << 20]), label="backing")
+            step = backing // 4096
+            end = max((m[1] + m[2] for m in self.r.memslots()), default=0)
+            gfn = -(-end // step) * step
+            npages = step * data.draw(st.integers(1, 2), label="units")
+            if gfn + npages <= self.r.max_gfn:
+                self.touch(gfn, gfn + npages - 1)
+                self.both(
+                    f"add_memslot({gfn:#x}, {npages:#x}, {backing}, readonly=True)",
+                    "add_memslot",
+                    gfn,
+                    npages,
+                    backing,
+                    False,
+                    True,
+                )
+                readonly = [s for s in self.r.slots.by_gfn() if s.readonly]
+        kinds = ["tracked"] * bool(tracked) + ["readonly"] * bool(readonly)
+        if not kinds:
+            return
+        if data.draw(st.sampled_from(kinds), label="kind") == "tracked":
+            gfn = data.draw(st.sampled_from(tracked), label="gfn")
+            gfn += data.draw(st.sampled_from([0, 0, 0, 1, -1]), label="delta")
+        else:
+            slot = data.draw(st.sampled_from(readonly), label="slot")
+            off = data.draw(st.sampled_from([0, 3, 511, 512]) | st.integers(0, slot.npages - 1))
+            gfn = slot.gfn + min(off, slot.npages - 1)
+        gfn = min(max(gfn, 0), self.r.max_gfn - 1)
+        write = data.draw(st.sampled_from([True, True, False]), label="write")
+        exec_ = data.draw(st.sampled_from([False, False, True]), label="exec")
+        vcpu = data.draw(st.integers(0, self.r.vcpus - 1), label="vcpu")
+        self.touch(gfn)
+        self.mapped.append(gfn)
+        out = self.both(
+            f"fault({gfn:#x}, write={write}, exec={exec_}, vcpu={vcpu})  # tracked/read-only",
+            "fault",
+            gfn,
+            None,
+            write,
+            exec_,
+            vcpu,
+        )
+        if out[0] == "ok":
+            event(f"write to a tracked/read-only page (write={write}) -> {tdpmmu.Ret(out[1]).name}")
+
+    @rule(data=st.data())
+    def nx_recover(self, data: st.DataObject) -> None:
+        """One run of the NX huge page recovery worker, with a drawn ratio (None: KVM's 60)."""
+        if not self.alive():
+            return
+        ratio = data.draw(st.sampled_from([None, 0, 1, 1, 2, 3, 60, -1]), label="ratio")
+        listed = self.r.stats["nx_lpage_splits"]
+        args = () if ratio is None else (ratio,)
+        out = self.both(f"nx_recover({'' if ratio is None else ratio})", "nx_recover", *args)
+        if out[0] == "ok":
+            event(f"nx_recover: tables listed >0: {listed > 0}, zapped >0: {out[1] > 0}")
+
+    @rule(data=st.data())
+    def nx_round(self, data: st.DataObject) -> None:
+        """The NX huge page mitigation's round trip in huge-backed memory: exec faults (4K
+        where the backing allows huge, the tables they force listed), a recovery run, then a
+        data fault there (huge again once its table is gone)."""
+        if not self.alive():
+            return
+        huge = [s for s in self.r.slots.by_gfn() if s.max_level > 1]
+        if not huge:
+            return
+        slot = data.draw(st.sampled_from(huge), label="slot")
+        span = slot.backing_pages
+        units = slot.npages // span
+        gfns = [
+            slot.gfn
+            + span * data.draw(st.integers(0, units - 1), label="unit")
+            + data.draw(st.sampled_from([0, 7, 300, 511]), label="off")
+            for _ in range(data.draw(st.integers(1, 3), label="n"))
+        ]
+        vcpu = data.draw(st.integers(0, self.r.vcpus - 1), label="vcpu")
+        for g in gfns:
+            self.touch(g)
+            self.mapped.append(g)
+            self.both(
+                f"fault({g:#x}, write=False, exec=True, vcpu={vcpu})",
+                "fault",
+                g,
+                None,
+                False,
+                True,
+                vcpu,
+            )
+        listed = self.r.stats["nx_lpage_splits"]
+        ratio = data.draw(st.sampled_from([1, 1, 2, 60]), label="ratio")
+        out = self.both(f"nx_recover({ratio})", "nx_recover", ratio)
+        zapped = out[0] == "ok" and out[1] > 0
+        event(f"nx_round: tables listed >0: {listed > 0}, zapped >0: {zapped}")
+        g = data.draw(st.sampled_from(gfns), label="data_gfn")
+        out = self.both(
+            f"fault({g:#x}, vcpu={vcpu})  # after nx_recover", "fault", g, None, True, False, vcpu
+        )
+        if zapped and out[0] == "ok":
+            event(f"nx_round: data fault after a recovery maps level {out[2]}")
+
+    @rule(data=st.data())
+    def move_memslot(self, data: st.DataObject) -> None:
+        """KVM_MR_MOVE of a slot: past the last slot (aligned), onto another slot or
+        misaligned (refused), or past the guest's end (refused)."""
+        if not self.alive() or not self.r.memslots():
+            return
+        slots = self.r.memslots()
+        plain = [m for m in slots if not m[4]]
+        pick = plain if plain and data.draw(st.integers(0, 4), label="gmem_too") else slots
+        slot_id, gfn, npages, backing, _, _ = data.draw(st.sampled_from(pick), label="slot")
+        step = backing // 4096
+        end = max(m[1] + m[2] for m in slots)
+        where = data.draw(
+            st.sampled_from(["after", "after", "after", "overlap", "misaligned", "past_end"]),
+            label="where",
+        )
+        if where == "after":
+            new_gfn = -(-end // step) * step + step * data.draw(st.integers(0, 2), label="gap")
+        elif where == "overlap":
+            new_gfn = data.draw(st.sampled_from(slots), label="onto")[1]
+        elif where == "misaligned":
+            new_gfn = end + 1 if step > 1 else end + data.draw(st.integers(0, 3))
+        else:
+            new_gfn = self.r.max_gfn - npages + step
+        if new_gfn >= self.r.max_gfn:
+            return
+        self.touch(gfn, gfn + npages - 1, new_gfn, new_gfn + npages - 1)
+        out = self.both(f"move_memslot({slot_id}, {new_gfn:#x})", "move_memslot", slot_id, new_gfn)
+        event(f"move_memslot ({where}) -> {out[0]}")
 
     # -- comparison ----------------------------------------------------------------------
     def same_dirty_logs(self, where: str) -> None:
@@ -564,6 +776,7 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         self.touched: dict[int, None] = {}  # insertion-ordered set of gfns seen so far
         self.mapped: list[int] = []  # gfns that faulted inside a memslot, most recent last
         self.log: list[str] = []
+        self.peaks = {}
 
     # -- helpers -------------------------------------------------------------------------
     def record(self, call: str) -> None:
@@ -699,13 +912,14 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
     @precondition(lambda self: self.ref is not None and len(self.r.memslots()) > 0)
     @rule(data=st.data())
     def populate(self, data: st.DataObject) -> None:
-        _, sgfn, snpages, backing, _, _ = data.draw(st.sampled_from(self.slots()))
-        step = backing // 4096
-        # Keep 4K-backed populates short: the reference faults one page at a time.
-        limit = snpages if step > 1 else min(snpages, 64)
+        slot_id, sgfn, snpages, backing, _, _ = data.draw(st.sampled_from(self.slots()))
+        # Keep populates that map 4K short (a 4K backing, or a slot that logs dirty pages):
+        # the reference faults one page at a time.
+        small = backing == 4096 or self.r.slots[slot_id].dirty is not None
+        limit = min(snpages, 64) if small else snpages
         off = data.draw(st.integers(0, snpages - 1))
         npages = data.draw(st.integers(1, max(1, min(limit, snpages - off))))
-        if step == 1:
+        if small:
             npages = min(npages, 64)
         gfn = sgfn + off
         self.touch(gfn, gfn + npages - 1)
@@ -775,19 +989,20 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
             gfn = step * data.draw(st.integers(0, (max_gfn - npages) // step))
         if gfn + npages > max_gfn:
             return
+        readonly = data.draw(st.sampled_from([False, False, True]), label="readonly")
         if any(gfn < s[1] + s[2] and s[1] < gfn + npages for s in slots):
-            call = f"add_memslot({gfn:#x}, {npages:#x}, {backing!r})  # overlaps"
-            self.record(call)
+            call = f"add_memslot({gfn:#x}, {npages:#x}, {backing!r}, readonly={readonly})"
+            self.record(call + "  # overlaps")
             _same_exception(
-                lambda: self.native.add_memslot(gfn, npages, backing),
-                lambda: self.r.add_memslot(gfn, npages, backing),
+                lambda: self.native.add_memslot(gfn, npages, backing, readonly=readonly),
+                lambda: self.r.add_memslot(gfn, npages, backing, readonly=readonly),
             )
             return
         self.touch(gfn, gfn + npages - 1, gfn + npages)
-        call = f"add_memslot({gfn:#x}, {npages:#x}, {backing!r})"
+        call = f"add_memslot({gfn:#x}, {npages:#x}, {backing!r}, readonly={readonly})"
         self.record(call)
-        n = self.native.add_memslot(gfn, npages, backing)
-        r = self.r.add_memslot(gfn, npages, backing)
+        n = self.native.add_memslot(gfn, npages, backing, readonly=readonly)
+        r = self.r.add_memslot(gfn, npages, backing, readonly=readonly)
         assert n == r, f"{call}: engine slot {n} != reference slot {r}"
 
     @precondition(lambda self: self.ref is not None and len(self.r.memslots()) > 0)
@@ -821,18 +1036,9 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         if self.ref is None:
             return
         where = f"after {self.log[-1]}"
-        ref_stats = self.r.stats
-        nat_stats = dict(self.native.stats)
-        for key, want in ref_stats.items():
-            assert key in nat_stats, f"{where}: engine has no counter {key!r}"
-            got = nat_stats[key]
-            if key == "modeled_ns":
-                assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-6), (
-                    f"{where}: modeled_ns engine {got} != reference {want}"
-                )
-            else:
-                assert got == want, f"{where}: {key} engine {got} != reference {want}"
+        _same_counters(self.native, self.r, where)
         _same_costs(self.native, self.r, where)
+        self.note_peaks()
 
         assert self.native.memslots() == self.r.memslots(), where
         assert self.native.memslot_generation == self.r.memslot_generation, where
@@ -875,7 +1081,7 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         for key in ("huge_page_splits", "remote_tlb_flush", "roots_freed", "pf_mmio_spte_created"):
             event(f"run reached {key} > 0: {stats[key] > 0}")
         for key in DIRTY_COUNTERS:
-            event(f"run reached {key} > 0: {stats[key] > 0}")
+            event(f"run reached {key} > 0: {self.reached(key)}")
 
 
 def _fmt(path: list[tuple[int, int]]) -> str:
@@ -907,7 +1113,9 @@ MAX_RMP_SAMPLE = 32  # touched gfns whose RMP entries are compared after each st
 @st.composite
 def cvm_configs(draw: st.DrawFn) -> dict[str, Any]:
     vm_type = draw(st.sampled_from(["tdx", "tdx", "snp", "snp", "sw_protected"]))
-    backing = draw(st.sampled_from(["4K", "4K", "2M", "1G"]))
+    # TDX's 2M private pages need a huge backing: drawn more often there.
+    backings = ["4K", "2M", "2M", "1G"] if vm_type == "tdx" else ["4K", "4K", "2M", "1G"]
+    backing = draw(st.sampled_from(backings))
     cfg: dict[str, Any] = {
         "vm_type": vm_type,
         "memory": draw(st.sampled_from(CVM_MEMORY_FOR_BACKING[backing])),
@@ -924,8 +1132,13 @@ def cvm_configs(draw: st.DrawFn) -> dict[str, Any]:
             "track": draw(st.sampled_from(["per_page", "batched"])),
             "interface": draw(st.sampled_from(["four_hook", "two_hook"])),
             "sept_free": draw(st.sampled_from(["teardown", "sept_remove"])),
+            "teardown": draw(st.sampled_from(["remove", "terminate_vm"])),
             "measure": draw(st.booleans()),
+            "huge_pages": draw(st.sampled_from([True, True, False])),
         }
+        if backing != "4K":
+            # 2M private pages need a 2M folio (and, with huge_pages, a runnable TD).
+            cfg["folio"] = draw(st.sampled_from(["2M", "2M", "4K"]))
     elif vm_type == "snp":
         cfg["hooks"] = draw(st.sampled_from(["gmem", "gmem", "private"]))
         cfg["folio"] = draw(st.sampled_from(["4K", "2M"]))
@@ -976,6 +1189,7 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         self.touched: dict[int, None] = {}
         self.mapped: list[int] = []
         self.log: list[str] = []
+        self.peaks = {}
         self.over = False  # destroyed, or the engine cannot be driven further
 
     # -- helpers -------------------------------------------------------------------------
@@ -1140,6 +1354,61 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         assert n == r, f"{call}: engine {n} != reference {r}"
         event(f"populate -> {r[0]}")
 
+    @rule(data=st.data())
+    def split_private_huge_page(self, data: st.DataObject) -> None:
+        """Convert to shared, or punch a hole in, a few pages inside a private 2M leaf of the
+        mirror root (TDX huge pages): the leaf is split first (split_external_spt: BLOCK,
+        TRACK, kick, DEMOTE), then only those pages go; or cover the whole leaf (no split)."""
+        if not self.alive() or not self.r.has_mirror:
+            return
+
+        def huge_private() -> list[int]:
+            return [
+                g
+                for g in self.mapped[-32:]
+                if (path := self.r.walk(g, True)) and path[-1][0] == 2 and path[-1][1] & (1 << 11)
+            ]
+
+        huge = huge_private()
+        slots = [s for s in self.r.slots.by_gfn() if s.gmem and s.max_level > 1]
+        if not huge and slots and self.r.finalized:
+            # Map one: a private fault in a 2M range of guest_memfd memory (2M where the
+            # TD maps huge private pages and the range is all private).
+            slot = data.draw(st.sampled_from(slots), label="slot")
+            base = slot.gfn + 512 * data.draw(st.integers(0, slot.npages // 512 - 1))
+            gfn = base + data.draw(st.sampled_from([0, 5, 300, 511]), label="off")
+            self.touch(gfn)
+            self.mapped.append(gfn)
+            self.both(f"fault({gfn:#x}, private=True)", "fault", gfn, True)
+            huge = huge_private()
+        if not huge:
+            return
+        gfn = data.draw(st.sampled_from(huge), label="huge_gfn")
+        base = gfn & ~511
+        kind = data.draw(st.sampled_from(["inside", "inside", "edge", "whole"]), label="kind")
+        if kind == "inside":
+            start, npages = gfn, data.draw(st.integers(1, 3), label="npages")
+        elif kind == "edge":
+            start, npages = base + 256, data.draw(st.sampled_from([256, 512, 768]))
+        else:
+            start, npages = base, 512
+        npages = min(npages, self.r.max_gfn - start)
+        op = data.draw(st.sampled_from(["to_shared", "to_shared", "punch"]), label="op")
+        self.touch(gfn, start, start + npages - 1)
+        splits = self.r.stats["split_external_spt"]
+        if op == "punch":
+            out = self.both(f"punch_hole({start:#x}, {npages})", "punch_hole", start, npages)
+        else:
+            out = self.both(
+                f"set_memory_attributes({start:#x}, {npages}, private=False)",
+                "set_memory_attributes",
+                start,
+                npages,
+                False,
+            )
+        split = self.r.stats["split_external_spt"] > splits
+        event(f"split_private_huge_page ({kind}, {op}) -> {out[0]}, split: {split}")
+
     @precondition(lambda self: self.cfg.get("vm_type") == "tdx")
     @rule()
     def finalize(self) -> None:
@@ -1153,6 +1422,8 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
             return
         backing = data.draw(st.sampled_from(["4K", "4K", "2M"]), label="backing")
         gmem = data.draw(st.booleans(), label="gmem")
+        # KVM_MEM_READONLY: refused on tdx/snp and with gmem, allowed on sw_protected.
+        readonly = data.draw(st.sampled_from([False, False, False, True]), label="readonly")
         step = PAGES[backing]
         units = data.draw(st.integers(1, 1024) if step == 1 else st.integers(1, 3), label="units")
         npages = step * units
@@ -1165,14 +1436,17 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         if gfn + npages > self.r.max_gfn:
             return
         self.touch(gfn, gfn + npages - 1)
-        self.both(
-            f"add_memslot({gfn:#x}, {npages:#x}, {backing!r}, gmem={gmem})",
+        out = self.both(
+            f"add_memslot({gfn:#x}, {npages:#x}, {backing!r}, gmem={gmem}, readonly={readonly})",
             "add_memslot",
             gfn,
             npages,
             backing,
             gmem,
+            readonly,
         )
+        if readonly:
+            event(f"add_memslot readonly on {self.cfg['vm_type']} gmem={gmem} -> {out[0]}")
 
     @rule(data=st.data())
     def delete_memslot(self, data: st.DataObject) -> None:
@@ -1244,7 +1518,10 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         """Terminal: tear down in KVM's order; check() then audits the teardown."""
         if not self.alive() or data.draw(st.integers(0, 5), label="not_yet") > 0:
             return
+        leaves = self.r.stats["pages_4k"] + self.r.stats["pages_2m"] > 0
+        teardown = self.r.tdx_options.teardown if self.r.vm_type == "tdx" else "-"
         out = self.both("destroy()", "destroy")
+        event(f"destroy (teardown {teardown}) with leaves mapped: {leaves} -> {out[0]}")
         if out[0] == "ok":
             self.over = True
             self.both("fault(0)  # after destroy", "fault", 0)
@@ -1263,16 +1540,9 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         if self.over and not self.r.destroyed:
             return  # the engine was left behind on purpose (see populate)
         where = f"after {self.log[-1]}"
-        nat_stats = dict(self.native.stats)
-        for key, want in self.r.stats.items():
-            got = nat_stats[key]
-            if key == "modeled_ns":
-                assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-6), (
-                    f"{where}: modeled_ns engine {got} != reference {want}"
-                )
-            else:
-                assert got == want, f"{where}: {key} engine {got} != reference {want}"
+        _same_counters(self.native, self.r, where)
         _same_costs(self.native, self.r, where)
+        self.note_peaks()
         _same_hook_trace(self.native, self.r, where)
         for attr in ("bugged", "destroyed", "finalized", "memslot_generation"):
             assert getattr(self.native, attr) == getattr(self.r, attr), f"{where}: {attr}"
@@ -1326,11 +1596,12 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         if self.ref is None:
             return
         event(f"vm_type {self.cfg['vm_type']} hooks {self.r.design} over={self.over}")
-        stats = self.r.stats
         for key in (
             "TDH.MEM.PAGE.REMOVE",
             "TDH.MEM.SEPT.REMOVE",
             "TDH.PHYMEM.PAGE.RECLAIM",
+            "TDH.MEM.PAGE.DEMOTE",
+            "split_external_spt",
             "TDH.MEM.PAGE.ADD",
             "TDG.MEM.PAGE.ACCEPT",
             "psmash",
@@ -1340,7 +1611,7 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
             "huge_page_splits",
             *DIRTY_COUNTERS,
         ):
-            if stats[key] > 0:
+            if self.reached(key):
                 event(f"run reached {key} > 0")
 
 
@@ -1369,6 +1640,8 @@ SCENARIO_CONFIGS: list[dict[str, Any]] = [
     {"vm_type": "tdx", "tdx": {"sept_free": "sept_remove"}, "vcpus": 3},
     {"vm_type": "tdx", "hooks": "private"},
     {"vm_type": "tdx", "hooks": "private", "tdx": {"version": "6.16"}},
+    {"vm_type": "tdx", "tdx": {"teardown": "terminate_vm"}},
+    {"vm_type": "tdx", "backing": "2M", "folio": "2M", "tdx": {"huge_pages": True}},
     {"vm_type": "sw_protected"},
     {"vm_type": "sw_protected", "folio": "2M", "backing": "2M"},
     {"vm_type": "sw_protected", "mirror": True},
@@ -1480,9 +1753,7 @@ def test_scenario_matches_reference(
         got = _outcome(lambda n=name, a=args: getattr(native, n)(*a))
         want = _outcome(lambda n=name, a=args: getattr(ref, n)(*a))
         assert got == want, f"{where}: engine {got} != reference {want}"
-        nat_stats = dict(native.stats)
-        for key, value in ref.stats.items():
-            assert math.isclose(nat_stats[key], value, rel_tol=1e-9), f"{where}: {key}"
+        _same_counters(native, ref, where)
         _same_costs(native, ref, where)
         _same_hook_trace(native, ref, where)
         assert native.roots() == ref.roots(), where
@@ -1661,9 +1932,7 @@ def test_dirty_logging_scenario_matches_reference(
         assert got == want, f"{where}: engine {got} != reference {want}"
         if name == "get_dirty_log" and want[0] == "ok":
             bits_seen += sum(bin(w).count("1") for w in want[1])
-        nat_stats = dict(native.stats)
-        for key, value in ref.stats.items():
-            assert nat_stats[key] == value, f"{where}: {key} {nat_stats[key]} != {value}"
+        _same_counters(native, ref, where)
         _same_costs(native, ref, where)
         _same_hook_trace(native, ref, where)
         assert native.roots() == ref.roots(), where
@@ -1683,6 +1952,286 @@ def test_dirty_logging_scenario_matches_reference(
     assert bits_seen > 0, f"{cfg}: no dirty bit was ever read back"
     if cfg.get("backing", "4K") != "4K":
         assert stats["huge_page_splits"] > 0 and stats["huge_pages_recovered"] > 0, cfg
+
+
+# --------------------------------------------------------------------------------------
+# Read-only memslots, moves, write tracking, NX recovery, PML, TDX huge pages and
+# KVM_TDX_TERMINATE_VM: fixed flows (cheap, always run) that must reach every one of them
+# --------------------------------------------------------------------------------------
+
+Step = tuple[str, tuple[Any, ...]]
+
+
+Outcomes = list[tuple[Step, tuple[Any, ...], dict[str, Any]]]
+
+
+def _run_flow(
+    cfg: dict[str, Any], steps: list[Step], gfns: tuple[int, ...]
+) -> tuple[ReferenceVM, dict[str, int], Outcomes]:
+    """Run ``steps`` on both sides, comparing after each one: results (errors by kind),
+    every counter, the cost ledger, the hook trace, roots, memslots, the arena, S-EPT
+    entries, walks of ``gfns`` (both roots on a confidential VM) and check().  Returns the
+    reference VM, the peak of every counter, and each step with its outcome and the
+    counters after it."""
+    native, ref = tdpmmu.VM(**cfg), ReferenceVM(**cfg)
+    peaks: dict[str, int] = {}
+    outcomes: Outcomes = []
+    for name, args in steps:
+        where = f"{cfg}: {name}{args}"
+        got = _outcome(lambda n=name, a=args: getattr(native, n)(*a))
+        want = _outcome(lambda n=name, a=args: getattr(ref, n)(*a))
+        assert got == want, f"{where}: engine {got} != reference {want}"
+        outcomes.append(((name, args), want, dict(ref.stats)))
+        _same_counters(native, ref, where)
+        _same_costs(native, ref, where)
+        _same_hook_trace(native, ref, where)
+        for key, value in ref.stats.items():
+            peaks[key] = max(peaks.get(key, 0), int(value))
+        assert native.roots() == ref.roots(), where
+        assert native.memslots() == ref.memslots(), where
+        assert native.memslot_generation == ref.memslot_generation, where
+        assert (native.bugged, native.destroyed) == (ref.bugged, ref.destroyed), where
+        ref_tables = np.array(ref.tables(), dtype=np.uint64).reshape(-1, 512)
+        assert np.array_equal(native.tables(), ref_tables), f"{where}: arena"
+        if ref.has_mirror:
+            assert native.sept_entries() == ref.sept_entries(), f"{where}: S-EPT"
+        if not ref.destroyed:
+            for gfn in gfns:
+                for private in (False, True) if ref.confidential else (False,):
+                    got_walk = [(int(a), int(b)) for a, b in native.walk(gfn, private)]
+                    assert got_walk == ref.walk(gfn, private), f"{where}: walk({gfn:#x})"
+        assert _outcome(native.check) == _outcome(ref.check), f"{where}: check()"
+    return ref, peaks, outcomes
+
+
+def _fault_of(outcomes: Outcomes, step: Step) -> tuple[Any, int]:
+    """The ``tdpmmu.Ret`` and the level of the first fault ``step``."""
+    out = next(o for s, o, _ in outcomes if s == step)
+    assert out[0] == "ok", f"{step}: {out}"
+    return tdpmmu.Ret(out[1]), out[2]
+
+
+RO, RO2 = 1 << 20, 1 << 21  # a read-only slot, and where it moves
+
+
+def _memslot_flags_steps() -> list[Step]:
+    """A read-only slot, page write tracking, NX huge page recovery and KVM_MR_MOVE on a
+    default VM backed by 2M pages, with the NX mitigation on."""
+    return [
+        # KVM_MEM_READONLY: read faults map read-only (huge), writes are emulated.
+        ("add_memslot", (RO, 1024, "2M", False, True)),
+        ("fault", (RO + 3, None, False)),
+        ("fault", (RO + 3,)),  # EMULATE, nothing mapped
+        ("fault", (RO + 700, None, False, True)),  # exec: 4K (NX), read-only, listed
+        ("set_dirty_logging", (1, True)),  # refused on a read-only slot
+        ("split_huge_pages", (RO, 512, 1)),
+        ("recover_huge_pages", (1,)),  # a read-only 2M leaf again
+        ("fault", (RO + 5,)),  # still EMULATE
+        ("add_memslot", (RO2 + 512, 512, "2M", True)),  # gmem on a default VM: refused
+        # Page write tracking: the first tracker protects the 2M leaf over the page.
+        ("fault", (3,)),
+        ("write_track_gfn", (7,)),
+        ("write_track_gfn", (7,)),  # count 2: nothing more to protect
+        ("fault", (7,)),  # WRITE_PROTECTED, mapped 4K read-only
+        ("fault", (7,)),  # again: the leaf does not change
+        ("fault", (8,)),  # the neighbour maps 4K writable
+        ("fault", (7, None, False)),  # a read is allowed
+        ("recover_huge_pages", (0,)),  # the tracked 2M range stays small
+        ("write_track_gfn", (7, False)),
+        ("write_track_gfn", (7, False)),
+        ("write_track_gfn", (7, False)),  # not tracked any more: refused
+        ("fault", (7,)),  # FIXED on the slow path (MMU-writable was cleared)
+        ("write_track_gfn", (1 << 19,)),  # in no memslot: refused
+        ("write_track_gfn", (3000,)),  # nothing mapped: nothing to protect, no flush
+        ("fault", (3000,)),  # WRITE_PROTECTED: mapped 4K read-only
+        # NX huge pages: exec faults list the tables they force; recovery zaps the oldest.
+        ("fault", (1030, None, False, True)),
+        ("fault", (1600, None, False, True)),
+        ("fault", (2100, None, False, True)),
+        ("fault", (1031,)),  # a data fault stays 4K while its table is listed
+        ("nx_recover", (0,)),  # ratio 0: nothing
+        ("nx_recover", (2,)),  # ceil(n / 2) oldest
+        ("fault", (1030,)),  # huge again where the table went
+        ("nx_recover", ()),  # KVM's ratio 60: one more
+        ("nx_recover", (-1,)),  # refused
+        ("fault", (2600, None, False, True)),
+        ("set_dirty_logging", (0, True, False, False, False)),
+        ("nx_recover", (1,)),  # the slot logs dirty pages: only taken off the list
+        ("set_dirty_logging", (0, False)),
+        ("fault", (2601, None, False, True)),
+        # KVM_MR_MOVE: the old range is flushed as for a deletion, the slot moves.
+        ("move_memslot", (1, RO2)),
+        ("fault", (RO2 + 3, None, False)),
+        ("fault", (RO2 + 3,)),  # read-only where it moved too
+        ("fault", (RO + 3, None, False)),  # the old range is MMIO now
+        ("move_memslot", (1, 0)),  # overlaps slot 0
+        ("move_memslot", (1, RO2 + 1)),  # misaligned
+        ("move_memslot", (7, RO)),  # no such slot
+        ("move_memslot", (0, 1 << 22)),  # slot 0 moves with its trackers
+        ("fault", ((1 << 22) + 3000,)),  # WRITE_PROTECTED where it moved
+        ("fault", ((1 << 22) + 2601, None, False, True)),
+        ("nx_recover", (1,)),
+        ("zap_all_fast", ()),  # the listed tables go with the roots
+        ("fault", ((1 << 22) + 5,)),
+        ("write_track_gfn", ((1 << 22) + 5,)),  # the 2M leaf over it is protected
+        ("delete_memslot", (0,)),
+        ("write_track_gfn", ((1 << 22) + 5, False)),  # the slot is gone: refused
+    ]
+
+
+def _pml_steps(huge: bool) -> list[Step]:
+    """PML dirty logging on slot 0: plain, manual, initially set; with 2M backing also
+    without eager split (huge leaves write-protected, 4K ones armed by clearing D)."""
+    return [
+        ("populate", (0, 1024 if huge else 64)),
+        ("fault", (100,)),
+        ("set_dirty_logging", (0, True, False, False, not huge, True)),
+        ("fault", (3,)),  # 4K: the CPU sets D and logs it; 2M: the slow path splits
+        ("fault", (3,)),  # D set: plain spurious
+        ("fault", (5,)),
+        ("fault", (700, None, False)),  # a read of an armed page
+        ("get_dirty_log", (0,)),  # taken; D cleared again
+        ("fault", (3,)),  # logged again by the CPU
+        ("fault", (2000,)),  # a new 4K mapping: marked, not armed
+        ("get_dirty_log", (0,)),
+        ("set_dirty_logging", (0, False)),  # recovery keeps what the first leaf says
+        ("fault", (3,)),  # after logging: D set on an armed leaf, nothing logged
+        ("set_dirty_logging", (0, True, True, False, True, True)),  # manual PML
+        ("fault", (4,)),
+        ("get_dirty_log", (0,)),  # only copied
+        ("clear_dirty_log", (0, 0, 64)),  # clears D
+        ("fault", (4,)),
+        ("get_dirty_log", (0,)),
+        ("set_dirty_logging", (0, False)),
+        ("set_dirty_logging", (0, True, True, True, False, True)),  # initially set, no split
+        ("clear_dirty_log", (0, 0, 128)),  # huge pages over the first/last page protected
+        ("fault", (6,)),
+        ("fault", (70,)),
+        ("get_dirty_log", (0,)),
+        ("set_dirty_logging", (0, False)),
+        ("recover_huge_pages", (0,)),
+    ]
+
+
+def _tdx_huge_steps() -> list[Step]:
+    """A TD with 2M private pages: AUG at 2M, splits by BLOCK, TRACK, kick, DEMOTE where a
+    conversion or a hole covers part of a 2M leaf, no promotion on the mirror root, zaps of
+    whole leaves, then teardown."""
+    return [
+        ("populate", (0, 8, True)),  # the initial image is 4K (PAGE.ADD is 4K only)
+        ("finalize", ()),
+        ("fault", (5, True)),  # a table is there: no promotion, 4K
+        ("fault", (600, True)),  # 2M AUG, ACCEPT of the whole 2M
+        ("fault", (601, True)),  # spurious
+        ("fault", (1030, True, True, False, 1)),
+        ("set_memory_attributes", (1031, 1, False)),  # split, then the 4K page goes
+        ("fault", (1031, False)),
+        ("set_memory_attributes", (1031, 1, True)),
+        ("fault", (1031, True)),  # no promotion: 4K
+        ("fault", (1600, True)),
+        ("punch_hole", (1600, 3)),  # split, the hole goes
+        ("fault", (1601, True)),
+        ("fault", (2055, True)),
+        ("zap_gfn_range", (2051, 1)),  # the whole 2M leaf goes (no split)
+        ("fault", (3000, True)),
+        ("set_memory_attributes", (2560, 512, False)),  # covers the leaf: no split
+        ("fault", (3000, False)),
+        ("fault", (4000, True)),
+        ("add_memslot", (1 << 15, 1024, "2M", True)),
+        ("set_memory_attributes", (1 << 15, 1024, True)),
+        ("fault", ((1 << 15) + 3, True)),
+        ("mmu_notifier_invalidate", (0, 1 << 16)),  # shared only: private leaves stay
+        ("delete_memslot", (1,)),  # a whole-leaf removal
+        ("fault", (4600, True)),
+        ("destroy", ()),
+        ("fault", (0,)),
+    ]
+
+
+TDX_HUGE = {"vm_type": "tdx", "backing": "2M", "folio": "2M"}
+
+NEW_OPS_SCENARIOS: list[tuple[dict[str, Any], list[Step]]] = [
+    ({"memory": "64MiB", "backing": "2M", "nx_huge_pages": True}, _memslot_flags_steps()),
+    (
+        {"memory": "64MiB", "backing": "2M", "nx_huge_pages": True, "slot_zap_all": False},
+        _memslot_flags_steps(),
+    ),
+    ({"memory": "64MiB"}, _pml_steps(huge=False)),
+    ({"memory": "64MiB", "backing": "2M"}, _pml_steps(huge=True)),
+    ({**TDX_HUGE, "tdx": {"huge_pages": True}}, _tdx_huge_steps()),
+    ({**TDX_HUGE, "tdx": {"huge_pages": True, "teardown": "terminate_vm"}}, _tdx_huge_steps()),
+    (
+        {**TDX_HUGE, "tdx": {"huge_pages": True, "track": "batched", "interface": "two_hook"}},
+        _tdx_huge_steps(),
+    ),
+    (
+        {**TDX_HUGE, "tdx": {"huge_pages": True, "sept_free": "sept_remove", "version": "6.16"}},
+        _tdx_huge_steps(),
+    ),
+    (
+        {
+            **TDX_HUGE,
+            "hooks": "private",
+            "tdx": {"huge_pages": True, "teardown": "terminate_vm", "sept_free": "sept_remove"},
+        },
+        _tdx_huge_steps(),
+    ),
+    ({**TDX_HUGE, "tdx": {"teardown": "terminate_vm"}}, _tdx_huge_steps()),  # 4K private
+    ({"vm_type": "tdx", "tdx": {"teardown": "terminate_vm"}}, _tdx_huge_steps()),
+]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "steps"),
+    NEW_OPS_SCENARIOS,
+    ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else "",
+)
+def test_new_operations_scenario_matches_reference(cfg: dict[str, Any], steps: list[Step]) -> None:
+    """Fixed flows through read-only memslots, KVM_MR_MOVE, page write tracking, NX huge
+    page recovery, PML, TDX huge pages and KVM_TDX_TERMINATE_VM: both sides agree after every
+    step (see ``_run_flow``), and each flow reaches what it is for."""
+    cfg = {"memory": "64MiB", "vcpus": 2, "trace": True, **cfg}
+    gfns = (0, 3, 5, 7, 8, 600, 1030, 1031, 1600, 1601, 2055, 3000, RO + 3, RO2 + 3, 1 << 22)
+    ref, peak, outcomes = _run_flow(cfg, steps, gfns)
+    ret = tdpmmu.Ret
+    if cfg.get("nx_huge_pages"):  # read-only slots, write tracking, NX recovery, moves
+        for key in ("pf_emulate", "pf_write_protected", "nx_lpage_splits"):
+            assert peak[key] > 0, f"{cfg}: the flow never reached {key}"
+        assert peak["nx_huge_pages_recovered"] >= 2 and peak["huge_pages_recovered"] > 0, peak
+        assert _fault_of(outcomes, ("fault", (RO + 3,)))[0] == ret.EMULATE
+        assert _fault_of(outcomes, ("fault", (RO2 + 3,)))[0] == ret.EMULATE
+        assert _fault_of(outcomes, ("fault", (7,))) == (ret.WRITE_PROTECTED, 1)
+        assert _fault_of(outcomes, ("fault", ((1 << 22) + 3000,)))[0] == ret.WRITE_PROTECTED
+        assert _fault_of(outcomes, ("fault", (1031,)))[1] == 1  # listed: stays 4K
+        assert _fault_of(outcomes, ("fault", (1030,)))[1] == 2  # recovered: huge
+        moved = [o[0] for s, o, _ in outcomes if s[0] == "move_memslot"]
+        assert moved == ["ok", "ValueError", "ValueError", "ValueError", "ok"], moved
+    elif cfg.get("vm_type", "default") == "default":  # PML
+        assert peak["pml_logged"] > 0, f"{cfg}: the CPU never logged a page"
+        assert peak["dirty_pages_logged"] > 0
+        if cfg.get("backing") == "2M":
+            assert peak["sptes_write_protected"] > 0, "huge leaves are write-protected"
+        bits = sum(
+            bin(w).count("1") for s, o, _ in outcomes if s[0] == "get_dirty_log" for w in o[1]
+        )
+        assert bits > 0, f"{cfg}: no dirty bit was ever read back"
+    else:  # TDX
+        tdx = cfg.get("tdx", {})
+        huge = tdx.get("huge_pages") and cfg.get("folio") == "2M"
+        assert _fault_of(outcomes, ("fault", (600, True)))[1] == (2 if huge else 1)
+        splits = ref.stats["split_external_spt"]
+        assert (splits >= 2) if huge else (splits == 0), f"{cfg}: {splits} splits"
+        assert ref.stats["TDH.MEM.PAGE.DEMOTE"] == splits
+        i = next(i for i, (s, _, _) in enumerate(outcomes) if s[0] == "destroy")
+        before, after = outcomes[i - 1][2], outcomes[i][2]
+        if tdx.get("teardown") == "terminate_vm":
+            # The private pages left at destroy() are reclaimed, none removed.
+            assert after["TDH.MEM.PAGE.REMOVE"] == before["TDH.MEM.PAGE.REMOVE"]
+            reclaimed = after["TDH.PHYMEM.PAGE.RECLAIM"] - before["TDH.PHYMEM.PAGE.RECLAIM"]
+            assert reclaimed > before["sept_tables"], (reclaimed, before["sept_tables"])
+        else:
+            assert after["TDH.MEM.PAGE.REMOVE"] > before["TDH.MEM.PAGE.REMOVE"]
+        assert ref.destroyed and not ref.bugged
 
 
 def test_fast_path_leaves_an_exec_fault_to_the_slow_path() -> None:
@@ -1713,9 +2262,9 @@ def test_recovery_leaves_mixed_attribute_ranges_small() -> None:
     """Huge-page recovery on a confidential VM asks KVM's ``kvm_mmu_max_mapping_level``,
     which refuses a huge page over shared and private gfns (``KVM_LPAGE_MIXED_FLAG``, as
     the fault path does): the 2M table over gfns 0-255 (shared, gfn 3 mapped) and 256-511
-    (private, gfn 300 mapped) stays a table, and check() passes.  The engine (reported)
-    asks only the table's first gfn and makes one shared 2M leaf, mapping the private gfns
-    to shared host pages.  Fails until the engine checks the whole range."""
+    (private, gfn 300 mapped) stays a table, and check() passes.  The engine once asked
+    only the table's first gfn and made one shared 2M leaf, mapping the private gfns to
+    shared host pages (found by this test, fixed in c5c5d95); a regression test now."""
     cfg = {"vm_type": "snp", "memory": "64MiB", "backing": "2M", "folio": "2M"}
     for vm in (ReferenceVM(**cfg), tdpmmu.VM(**cfg)):
         side = "reference" if isinstance(vm, ReferenceVM) else "engine"
@@ -1725,3 +2274,64 @@ def test_recovery_leaves_mixed_attribute_ranges_small() -> None:
         assert vm.recover_huge_pages(0) == 0, f"{side}: recovered a mixed range"
         assert vm.walk(300)[-1][0] == 1, side
         vm.check()
+
+
+def test_recovery_keeps_read_only_slots_read_only() -> None:
+    """Huge-page recovery in a KVM_MEM_READONLY memslot: KVM's ``make_huge_spte`` keeps the
+    small SPTE's permissions, so the 2M leaf made from the read-only 4K leaves is read-only
+    too (no W, D, MMU- or host-writable) and a guest write is still emulated.  The engine
+    once built the huge leaf as for a writable slot with only W cleared (MMU- and
+    host-writable: the write was FIXED on the fast path and the guest wrote read-only
+    memory, unnoticed by check()); found by this test, fixed in 28e43f5."""
+    cfg = {"memory": "64MiB", "backing": "2M"}
+    gfn = (1 << 20) + 3
+    for vm in (ReferenceVM(**cfg), tdpmmu.VM(**cfg)):
+        side = "reference" if isinstance(vm, ReferenceVM) else "engine"
+        slot = vm.add_memslot(1 << 20, 512, "2M", readonly=True)
+        assert vm.fault(gfn, write=False).level == 2
+        assert vm.fault(gfn).ret == tdpmmu.Ret.EMULATE
+        assert vm.split_huge_pages(1 << 20, 512, 1) == 1
+        assert vm.recover_huge_pages(slot) == 1, side
+        spte = vm.spte(gfn)
+        assert spte & (1 << 7) and not spte & (_SPTE_W | _SPTE_MMU_WRITABLE), (
+            f"{side}: recovered leaf {spte:#x} of a read-only slot is MMU-writable"
+        )
+        r = vm.fault(gfn)
+        assert (r.ret, r.spte & _SPTE_W) == (tdpmmu.Ret.EMULATE, 0), (
+            f"{side}: a guest write to read-only memory returned {r.ret.name}, spte {r.spte:#x}"
+        )
+        vm.check()
+
+
+def test_recovery_leaves_write_tracked_pages_small() -> None:
+    """Huge-page recovery honours page write tracking: KVM's ``kvm_mmu_max_mapping_level``
+    counts a tracker in the slot's ``disallow_lpage``, so the 2M range holding tracked gfn 7
+    stays a table and a guest write to gfn 7 still returns WRITE_PROTECTED.  The engine once
+    recovered the range into one MMU-writable 2M leaf and the write to the tracked page was
+    FIXED on the fast path (unnoticed by check()); found by this test, fixed in 28e43f5."""
+    cfg = {"memory": "64MiB", "backing": "2M"}
+    for vm in (ReferenceVM(**cfg), tdpmmu.VM(**cfg)):
+        side = "reference" if isinstance(vm, ReferenceVM) else "engine"
+        assert vm.fault(3).level == 2
+        assert vm.write_track_gfn(7) == 1
+        assert vm.split_huge_pages(0, 512, 1) == 1
+        assert vm.recover_huge_pages(0) == 0, f"{side}: recovered a range over a tracked page"
+        assert vm.walk(7)[-1][0] == 1, side
+        r = vm.fault(7)
+        assert r.ret == tdpmmu.Ret.WRITE_PROTECTED, f"{side}: a tracked write returned {r.ret.name}"
+        vm.check()
+
+
+def test_reference_keeps_the_engines_counters_and_cost_fields() -> None:
+    """The reference counts what the engine counts, under the same names in the same order,
+    and charges the same cost fields with the same defaults (so every comparison above can
+    compare all of them)."""
+    from tdpmmu import _core
+    from tdpmmu.reference import COUNTER_NAMES, DEFAULT_COSTS
+
+    assert tuple(_core.COUNTER_NAMES) == COUNTER_NAMES
+    assert list(DEFAULT_COSTS) == list(_core.COST_FIELDS)
+    assert dict(_core.COST_DEFAULTS) == DEFAULT_COSTS
+    native, ref = tdpmmu.VM(memory="64MiB"), ReferenceVM(memory="64MiB")
+    assert list(dict(native.stats)) == list(ref.stats)
+    assert list(dict(native.cost_breakdown())) == list(ref.cost_breakdown())

@@ -18,12 +18,14 @@ imports point downward only:
                           units per field; ``modeled_ns`` is their exact field-order sum)
 ``stats``                 counters, trace events, the accounting context ``Ctx``
 ``arena``                 page-table memory, ``struct kvm_mmu_page``, the grace period
-``attrs``, ``memslot``    memory attributes; memslots, host placement, dirty logs
+``attrs``, ``memslot``    memory attributes; memslots (read-only, moved), host placement,
+                          dirty logs (PML), write-tracking counts
 ``tdp_iter``              the pre-order walker (tdp_iter.c)
 ``hooks``                 the external-hook interface and its one dispatch site, where
                           every hook call is counted and traced, whatever the backend
-``tdp_mmu``               roots, SPTE setters with the FROZEN protocol, map, zaps,
-                          write-protection, aging, eager split, recovery (tdp_mmu.c)
+``tdp_mmu``               roots, SPTE setters with the FROZEN protocol, map, zaps, mirror
+                          splits, write-protection and D clearing, aging, eager split,
+                          recovery, the NX huge page list (tdp_mmu.c)
 ``gmem``                  guest_memfd folios (guest_memfd.c)
 ``vendor``                ``base`` (the vendor interface), ``tdx`` over ``tdx_module``,
                           ``sev`` over ``rmp``, ``sw_mirror``
@@ -41,17 +43,25 @@ All four VM types are modeled:
   the TDX module (its own S-EPT tree with per-entry states, SEAMCALLs counted by leaf name),
   the TD lifecycle (initial image, ``finalize``, teardown in KVM's order) and the options of
   ``docs/model.md`` (kernel 6.16/6.19, per-page or batched TLB tracking, four- or two-hook
-  interface, upstream teardown or pre-upstream ``TDH.MEM.SEPT.REMOVE``).
+  interface, upstream teardown or pre-upstream ``TDH.MEM.SEPT.REMOVE``, KVM_TDX_TERMINATE_VM,
+  and the huge-page series: 2M private pages, split by ``split_external_spt`` with BLOCK,
+  TRACK, kick and TDH.MEM.PAGE.DEMOTE).
 * ``snp``: one direct root; guest_memfd pages have Reverse Map Table entries that
   ``sev_gmem_prepare``/``sev_gmem_invalidate`` (hook design ``gmem``) or every private NPT
   change (design ``private``) update with RMPUPDATE/PSMASH; the guest PVALIDATEs what it gets.
 * ``sw_protected``: private memory from guest_memfd and nothing else, or (``mirror=True``) the
   TDX-shaped mirror root with a software external tree and no SEAMCALLs.
 
+Every VM type also has memslot flags and moves (KVM_MEM_READONLY, KVM_MR_MOVE), page write
+tracking, dirty logging with or without PML, aging, eager splitting, huge-page recovery and
+the NX huge page recovery worker, as far as the operations of ``tdpmmu.VM`` reach them.
+
 Not modeled: contention (the ``TDH.*`` busy probabilities must be 0, so no ``-EBUSY`` and no
-TDX local retries happen), user hook objects, and guest accesses (``run_memstress``, so neither
-the A/D bits the CPU sets nor PML).  ``trace_events()`` holds the external-hook
-calls only, not the SEAMCALLs or RMP instructions the backends issue.
+TDX local retries happen), user hook objects, the memory budget (``committed_bytes``), and
+guest accesses (``run_memstress``, so neither the A/D bits the CPU sets nor the PML log
+filling up: only a spurious write on the fast path sets D and logs the page).
+``trace_events()`` holds the external-hook calls only, not the SEAMCALLs or RMP instructions
+the backends issue.
 
 Names follow KVM: a method called ``tdp_mmu_link_sp`` does what ``tdp_mmu_link_sp`` does,
 ``tdx_sept_set_private_spte`` what tdx.c's function of that name does, ``tdh_mem_page_aug`` is

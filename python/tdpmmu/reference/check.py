@@ -2,9 +2,11 @@
 
 A live VM: the arena's bookkeeping, root reference counts, every table reachable exactly once
 with the role of its parent, every leaf inside one memslot with the pfn, level and bits it
-must have, the page counters, (TDX, SW mirror) the mirror tree equal to the S-EPT, and in a
-memslot that logs dirty pages every page under a writable leaf marked dirty.  After destroy:
-nothing left behind.
+must have (none writable in a read-only memslot or over a write-tracked gfn), the page
+counters, the list of possible NX huge pages against ``nx_lpage_splits``, (TDX, SW mirror)
+the mirror tree equal to the S-EPT, and in a memslot that logs dirty pages every page under a
+writable leaf marked dirty (with PML, a 4K leaf whose D is clear is armed instead).  After
+destroy: nothing left behind.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from .memslot import Memslots
 from .spte import (
     PG_LEVEL_1G,
     PG_LEVEL_2M,
+    PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
     SPTE_ACCESSED,
+    SPTE_DIRTY,
     SPTE_EXECUTABLE,
+    SPTE_HOST_WRITABLE,
+    SPTE_MMU_WRITABLE,
     SPTE_WRITABLE,
     is_frozen_spte,
     is_last_spte,
@@ -44,8 +50,12 @@ def check_live(
     attrs: PrivateRanges,
     confidential: bool,
     sept: TdxModule | None,
+    private_max_level: int = PG_LEVEL_1G,
 ) -> None:
-    """Raise :class:`InvariantError` if the state of a live VM is inconsistent."""
+    """Raise :class:`InvariantError` if the state of a live VM is inconsistent.
+
+    ``private_max_level``: the largest level a leaf of a mirror root may have (a TD's: 4K,
+    or 2M with ``huge_pages``)."""
 
     def fail(msg: str) -> None:
         raise InvariantError(msg)
@@ -75,9 +85,9 @@ def check_live(
     non_root_tables = 0
     mirror_tables = 0
     mirror_leaves: list[tuple[int, int]] = []
-    # (gfn, level) of the writable leaves of valid direct roots, while a memslot logs.
+    # (gfn, level, spte) of the writable leaves of valid direct roots, while a memslot logs.
     logging = any(slot.dirty is not None for slot in slots)
-    writable: list[tuple[int, int]] = []
+    writable: list[tuple[int, int, int]] = []
 
     def visit(sp: MmuPage, gfn_bits: int, audit_dirty: bool) -> None:
         nonlocal non_root_tables, mirror_tables
@@ -109,8 +119,13 @@ def check_live(
                 leaves[PAGES_STAT.get(level, "pages_1g")] += 1
                 if sp.is_mirror:
                     mirror_leaves.append((gfn, spte_to_pfn(spte)))
+                    if level > private_max_level:
+                        fail(
+                            f"private leaf at gfn {gfn:#x} is level {level}; the vendor allows "
+                            f"level {private_max_level}"
+                        )
                 if audit_dirty and spte & SPTE_WRITABLE:
-                    writable.append((gfn, level))
+                    writable.append((gfn, level, spte))
                 continue
             child = arena.live.get(spte_to_pfn(spte) - TABLE_BASE_PFN)
             if child is None:
@@ -160,24 +175,37 @@ def check_live(
         fail(f"{len(arena.live) - len(seen)} live tables are not reachable from any root")
     if ctx.stats["roots_allocated"] - ctx.stats["roots_freed"] != len(tdp_mmu.roots):
         fail("roots_allocated - roots_freed != number of roots")
+    # NX huge page recovery: the list holds live tables only, as many as the counter says.
+    nx = tdp_mmu.possible_nx_huge_pages
+    if len(nx) != ctx.stats["nx_lpage_splits"]:
+        fail(
+            f"{len(nx)} possible NX huge pages listed, "
+            f"nx_lpage_splits = {ctx.stats['nx_lpage_splits']}"
+        )
+    for index, sp in nx.items():
+        if arena.live.get(index) is not sp:
+            fail(f"table pfn {sp.pfn:#x} on the possible-NX-huge-page list is not live")
     _check_dirty_logs(slots, sorted(writable), fail)
 
 
 def _check_dirty_logs(
-    slots: Memslots, writable: list[tuple[int, int]], fail: Callable[[str], None]
+    slots: Memslots, writable: list[tuple[int, int, int]], fail: Callable[[str], None]
 ) -> None:
     """Dirty logging: in a slot that logs dirty pages every page under a writable leaf of a
-    valid direct root (``writable``: their ``(gfn, level)``, sorted) has its bit set
+    valid direct root (``writable``: their ``(gfn, level, spte)``, sorted) has its bit set
     (otherwise a write would escape the log).  A huge leaf is writable only while every page
-    under it counts as dirty (initially-set logs protect huge pages lazily)."""
+    under it counts as dirty (initially-set logs protect huge pages lazily).  With PML a 4K
+    leaf whose D is clear is armed instead: the CPU logs its next write."""
     for slot in slots.by_gfn():
         log = slot.dirty
         if log is None:
             continue
-        for gfn, level in writable:
+        for gfn, level, spte in writable:
             end = gfn + pages_per_hpage(level)
             if end <= slot.gfn or gfn >= slot.end:
                 continue
+            if log.pml and level == PG_LEVEL_4K and not spte & SPTE_DIRTY:
+                continue  # armed
             clear = log.first_clear(max(gfn, slot.gfn) - slot.gfn, min(end, slot.end) - slot.gfn)
             if clear is not None:
                 fail(
@@ -222,11 +250,34 @@ def _check_leaf(
         if level == PG_LEVEL_2M and not e.size_2m:
             fail(f"2M private NPT leaf at gfn {gfn:#x} over 4K RMP entries")
     # The leaf make_spte builds, where only these may be off: X (an NX huge page), A (a
-    # prefetch, or aged) and W (protected for dirty logging; MMU-writable stays set, so a
-    # write can take the fast path).
-    optional = SPTE_EXECUTABLE | SPTE_ACCESSED | SPTE_WRITABLE
+    # prefetch, or aged), W (protected for dirty logging; MMU-writable stays set, so a write
+    # can take the fast path), D (armed by PML; a huge page recovered from such a leaf keeps
+    # it clear), MMU-writable with W (a write-tracked gfn), and host-writable with W, D and
+    # MMU-writable (a read-only memslot).
+    optional = (
+        SPTE_EXECUTABLE
+        | SPTE_ACCESSED
+        | SPTE_WRITABLE
+        | SPTE_DIRTY
+        | SPTE_MMU_WRITABLE
+        | SPTE_HOST_WRITABLE
+    )
     if spte | optional != make_leaf_spte(spte_to_pfn(spte), level):
         fail(f"leaf {spte:#x} at level {level} gfn {gfn:#x} is not a valid leaf")
+    host_writable = bool(spte & SPTE_HOST_WRITABLE)
+    if (spte & SPTE_WRITABLE and not spte & SPTE_MMU_WRITABLE) or (
+        spte & SPTE_MMU_WRITABLE and not host_writable
+    ):
+        fail(f"leaf {spte:#x} at level {level} gfn {gfn:#x} has inconsistent write bits")
+    if slot.readonly and (host_writable or spte & SPTE_DIRTY):
+        fail(f"leaf {spte:#x} at gfn {gfn:#x} of read-only memslot {slot.id} may be written")
+    if not slot.readonly and not host_writable:
+        fail(f"leaf {spte:#x} at gfn {gfn:#x} is not host-writable in a writable memslot")
+    if spte & SPTE_MMU_WRITABLE and slot.any_write_tracked(gfn, end):
+        fail(
+            f"level-{level} leaf {spte:#x} at gfn {gfn:#x} over a write-tracked page is "
+            "MMU-writable"
+        )
 
 
 def check_teardown(arena: Arena, tdp_mmu: TdpMmu, slots: Memslots, sept: TdxModule | None) -> None:

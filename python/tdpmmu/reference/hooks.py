@@ -3,8 +3,10 @@
 ``kvm_x86_ops`` has four hooks for page tables KVM cannot write itself (TDX's S-EPT):
 ``link_external_spt`` when a table is linked, ``set_external_spte`` when a leaf is installed,
 ``remove_external_spte`` when a leaf is zapped and ``free_external_spt`` when a table is torn
-down.  A backend (``ExternalOps``) implements them: the TDX module, the software mirror, or
-the RMP on SNP.  The *hook design* decides which SPTE changes call them (architecture §4):
+down; the TDX huge-page series adds ``split_external_spt``, when a huge leaf is split under
+the write lock (never on a fault).  A backend (``ExternalOps``) implements them: the TDX
+module, the software mirror, or the RMP on SNP.  The *hook design* decides which SPTE changes
+call them (architecture §4):
 
 * ``mirror``: every change of an entry in a mirror table (upstream TDX);
 * ``private``: every change made for private memory (a private fault, a PRIVATE-filtered
@@ -51,12 +53,18 @@ class ExternalOps(Protocol):
         """Free the table ``sp`` of level ``level`` covering ``gfn``; returns a ``HOOK_*`` code."""
         ...
 
+    def split_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        """Split the huge leaf at (``gfn``, ``level``) into the new table ``child``; returns a
+        ``HOOK_*`` code (backends without huge private pages never get it)."""
+        ...
+
 
 class ExternalHooks:
     """The hook design plus its backend: the one place the TDP MMU calls the external hooks.
 
     Every call is counted under the hook's name and traced (``op`` the hook name, ``detail``
-    the arena index of the linked table, the new or the old SPTE, 0 for a freed table) before
+    the arena index of the linked table or of a split's new table, the new or the old SPTE,
+    0 for a freed table) before
     the backend runs, the same for every backend.  With the TDX ``interface="two_hook"``
     option, links and removals are delivered, and so counted and traced, as
     ``set_external_spte``.
@@ -114,3 +122,9 @@ class ExternalHooks:
         backend = self._call("free_external_spt", gfn, level, 0)
         if backend is not None:
             backend.free_external_spt(gfn, level, sp)
+
+    def split_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        """Count and trace ``split_external_spt(gfn, level, child)``, then call the backend;
+        returns its ``HOOK_*`` code (``HOOK_EIO`` without one)."""
+        backend = self._call("split_external_spt", gfn, level, child.index)
+        return HOOK_EIO if backend is None else backend.split_external_spt(gfn, level, child)

@@ -2,7 +2,10 @@
 
 The model places host memory itself: the first memslot's pages start at host pfn
 ``DATA_BASE_PFN``, each later slot 1 GiB aligned after the previous one, and a slot with
-guest_memfd gets a second host range of its own (the private pages) right after.
+guest_memfd gets a second host range of its own (the private pages) right after.  A slot
+may be read-only (KVM_MEM_READONLY), may move (KVM_MR_MOVE: the same host pages at another
+gfn), logs dirty pages while asked (``DirtyLog``) and keeps the write-tracking counts of its
+pages.
 """
 
 from __future__ import annotations
@@ -67,10 +70,18 @@ class DirtyLog:
     initially_set: bool
     #: KVM's ``eager_page_split``: huge pages are split when protection reaches them.
     eager_split: bool
+    #: the host logs with PML (Intel): 4K leaves are armed by clearing D instead of W, and
+    #: the CPU logs the first write to each (huge leaves are still write-protected).
+    pml: bool = False
 
     @classmethod
     def new(
-        cls, npages: int, manual_protect: bool, initially_set: bool, eager_split: bool
+        cls,
+        npages: int,
+        manual_protect: bool,
+        initially_set: bool,
+        eager_split: bool,
+        pml: bool = False,
     ) -> DirtyLog:
         """The bitmap of a slot of ``npages`` pages: all clear, or all set with
         ``initially_set`` (the bits past the slot's last page stay clear)."""
@@ -79,7 +90,7 @@ class DirtyLog:
             for w in range(len(words)):
                 left = npages - 64 * w
                 words[w] = (1 << 64) - 1 if left >= 64 else (1 << left) - 1
-        return cls(words, manual_protect, initially_set, eager_split)
+        return cls(words, manual_protect, initially_set, eager_split, pml)
 
     def mark(self, index: int) -> None:
         """``mark_page_dirty_in_slot`` for the page at ``index`` within the slot."""
@@ -128,6 +139,12 @@ class Memslot:
     touched: set[int] = dataclasses.field(default_factory=set)  # backing pages allocated
     gmem_touched: set[int] = dataclasses.field(default_factory=set)  # guest_memfd pages
     dirty: DirtyLog | None = None  # the dirty log while the slot logs dirty pages
+    #: KVM_MEM_READONLY: SPTEs are never writable; guest writes exit to userspace (MMIO).
+    readonly: bool = False
+    #: page write tracking (``kvm_page_track``): the tracker count of each tracked page, by
+    #: offset in the slot (KVM keeps one count per page, allocated by the first
+    #: ``kvm_write_track_add_gfn``: None before; a page whose count fell to 0 is dropped).
+    write_track: dict[int, int] | None = None
 
     @property
     def backing_pages(self) -> int:
@@ -161,6 +178,26 @@ class Memslot:
         if self.dirty is not None:
             self.dirty.mark(gfn - self.gfn)
 
+    def pml_log(self, gfn: int) -> bool:
+        """A guest write set the Dirty bit of ``gfn``'s 4K leaf: with PML the CPU logs the
+        page (it is marked dirty).  Whether this slot logs with PML."""
+        if self.dirty is None or not self.dirty.pml:
+            return False
+        self.dirty.mark(gfn - self.gfn)
+        return True
+
+    def write_tracked(self, gfn: int) -> bool:
+        """``kvm_gfn_is_write_tracked``: whether ``gfn`` has a write tracker."""
+        return self.write_track is not None and gfn - self.gfn in self.write_track
+
+    def any_write_tracked(self, start: int, end: int) -> bool:
+        """Whether a page of ``[start, end)`` inside the slot is write-tracked (KVM disallows
+        a huge page over it: ``disallow_lpage`` in the slot's ``lpage_info``)."""
+        if not self.write_track:
+            return False
+        lo, hi = start - self.gfn, end - self.gfn
+        return any(lo <= off < hi for off in self.write_track)
+
     def as_tuple(self) -> tuple[int, int, int, int, bool, int]:
         """``(id, gfn, npages, backing bytes, gmem, host_pfn)``, as ``VM.memslots()`` lists it."""
         return (self.id, self.gfn, self.npages, self.backing, self.gmem, self.host_pfn)
@@ -189,12 +226,16 @@ class Memslots:
         """The memslots sorted by gfn."""
         return sorted(self.by_id.values(), key=lambda s: s.gfn)
 
-    def add(self, gfn: int, npages: int, backing: int, gmem: bool, rmp: bool) -> int:
-        """A new slot with its host pages (and guest_memfd pages, with an RMP if ``rmp``)."""
+    def add(
+        self, gfn: int, npages: int, backing: int, gmem: bool, rmp: bool, readonly: bool = False
+    ) -> int:
+        """A new slot with its host pages (and guest_memfd pages, with an RMP if ``rmp``);
+        ``readonly``: KVM_MEM_READONLY."""
         slot_id = self._next_slot_id
         self._next_slot_id += 1
         span = -(-npages // _DATA_PFN_ALIGN) * _DATA_PFN_ALIGN
         slot = Memslot(slot_id, gfn, npages, backing, gmem, self._next_data_pfn)
+        slot.readonly = readonly
         self._next_data_pfn += span
         if gmem:
             # guest_memfd pages are a host allocation of their own, right after.
@@ -209,6 +250,12 @@ class Memslots:
     def delete(self, slot_id: int) -> None:
         """The host pages (and the RMP entries) go with the slot."""
         del self.by_id[slot_id]
+        self.generation += 2
+
+    def move(self, slot_id: int, new_gfn: int) -> None:
+        """KVM_MR_MOVE: the slot (host pages, flags, dirty log, trackers) starts at
+        ``new_gfn``."""
+        self.by_id[slot_id].gfn = new_gfn
         self.generation += 2
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:

@@ -4,7 +4,8 @@
 (with TDX's local retry of private faults), then what the guest does with the page (TDX
 accept, SNP validate).  :meth:`Mmu.kvm_mmu_page_fault` builds the ``kvm_page_fault`` up
 front, answers MMIO from the cache, turns an attribute mismatch into
-KVM_EXIT_MEMORY_FAULT, looks up the pfn (``faultin_pfn``), picks the level and maps.  A
+KVM_EXIT_MEMORY_FAULT, emulates a write to a read-only memslot, looks up the pfn
+(``faultin_pfn``), picks the level (no huge page over a write-tracked gfn) and maps.  A
 write to a present shared leaf is first tried on the lockless fast path
 (:meth:`Mmu.fast_page_fault`), which restores W on a leaf that dirty logging protected.
 """
@@ -171,8 +172,22 @@ class Mmu:
             level, spte = tdp_mmu.lookup(root, gfn, gfn_bits)
             return done(Ret.MEMORY_FAULT, level, spte)
 
+        if slot is not None and slot.readonly and write and not is_private:
+            # A write to a read-only memslot: KVM_PFN_ERR_RO_FAULT, emulated (userspace MMIO).
+            if not prefetch:
+                self.ctx.count("pf_emulate")
+            level, spte = tdp_mmu.lookup(root, gfn, gfn_bits)
+            return done(Ret.EMULATE, level, spte)
         if slot is not None:
+            fault.map_writable = not slot.readonly
+            fault.write_tracked = not is_private and slot.write_tracked(gfn)
             self.kvm_mmu_faultin_pfn(fault)
+            # A write-tracked page disallows a huge mapping over it (disallow_lpage).
+            while fault.max_level > PG_LEVEL_4K and slot.write_track is not None:
+                base = gfn_round_for_level(gfn, fault.max_level)
+                if not slot.any_write_tracked(base, base + pages_per_hpage(fault.max_level)):
+                    break
+                fault.max_level -= 1
             if self.confidential:
                 # KVM_LPAGE_MIXED_FLAG: a huge mapping needs one attribute over its range.
                 while fault.max_level > PG_LEVEL_4K:
@@ -236,10 +251,13 @@ class Mmu:
         """``fast_page_fault`` on the direct root: no ``mmu_lock``, no pfn lookup.
 
         The leaf mapping ``fault.gfn`` must be present.  If it already allows the access the
-        fault is spurious; if it is MMU-writable (write-protected only for dirty logging) and
-        not a huge page of a slot that logs dirty pages (which must be split), one cmpxchg
-        restores W (with D and A) and the page is marked dirty in the slot's log.  Returns the
-        ``Ret``, or None when the slow path must decide.  (KVM retries a lost cmpxchg up to 4
+        fault is spurious, and the write goes through after re-entry: on a 4K leaf whose D
+        is clear (PML armed it) the CPU sets D and A, and a PML log marks the page
+        (``pml_logged``); the fault reports the leaf as it found it.  If it is MMU-writable
+        (write-protected only for dirty logging) and not a huge page of a slot that logs
+        dirty pages (which must be split), one cmpxchg restores W (with D and A) and the page
+        is marked dirty in the slot's log.  Returns the ``Ret``, or None when the slow path
+        must decide.  (KVM retries a lost cmpxchg up to 4
         times; the sequential model never loses one.)
 
         The fix must make the access allowed (KVM's re-check ``is_access_allowed(fault,
@@ -256,6 +274,10 @@ class Mmu:
             return None
         fault.level = level
         if is_access_allowed(spte, write=True, exec=fault.exec):
+            if not spte & SPTE_DIRTY and level == PG_LEVEL_4K:
+                sp.spt[index] = spte | SPTE_DIRTY | SPTE_ACCESSED  # the guest's write, by the CPU
+                if slot is not None and slot.pml_log(fault.gfn):
+                    self.ctx.count("pml_logged")
             fault.spte = spte
             self.ctx.charge("fast_fix_ns")
             self.ctx.count("pf_fast")

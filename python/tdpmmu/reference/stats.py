@@ -16,6 +16,7 @@ SEAMCALL_LEAVES: tuple[str, ...] = (
     "TDH.MEM.RANGE.BLOCK",
     "TDH.MEM.TRACK",
     "TDH.MEM.PAGE.REMOVE",
+    "TDH.MEM.PAGE.DEMOTE",
     "TDH.PHYMEM.PAGE.WBINVD",
     "TDH.PHYMEM.PAGE.RECLAIM",
     "TDH.MEM.SEPT.REMOVE",
@@ -26,7 +27,8 @@ SEAMCALL_LEAVES: tuple[str, ...] = (
     "TDG.MEM.PAGE.ACCEPT",
 )
 
-#: counters kept by the reference, with the meanings of docs/model.md (the engine's names).
+#: counters kept by the reference, with the meanings of docs/model.md: the engine's names, in
+#: the engine's order (``tdpmmu._core.COUNTER_NAMES``).
 COUNTER_NAMES: tuple[str, ...] = (
     "pf_taken",
     "pf_fixed",
@@ -52,6 +54,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "set_external_spte",
     "remove_external_spte",
     "free_external_spt",
+    "split_external_spt",
     "external_spt_leaked",
     # the TDX module
     *SEAMCALL_LEAVES,
@@ -76,6 +79,13 @@ COUNTER_NAMES: tuple[str, ...] = (
     "dirty_pages_logged",
     "sptes_aged",
     "huge_pages_recovered",
+    # NX huge page mitigation: tables on the recovery list, and those the recovery zapped
+    "nx_lpage_splits",
+    "nx_huge_pages_recovered",
+    # PML: 4K pages the CPU logged, and the exits when a vCPU's 512-entry log filled (the
+    # reference models no guest accesses, so only the fast path logs and nothing fills)
+    "pml_logged",
+    "pml_full_exits",
 )
 
 #: the page-count counter of each leaf level.

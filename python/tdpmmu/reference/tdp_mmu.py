@@ -1,5 +1,6 @@
 """The TDP MMU (KVM's tdp_mmu.c): roots, SPTE writers, map, zaps, splits, and the walks
-behind dirty logging (write-protection), aging, eager splitting and huge-page recovery.
+behind dirty logging (write-protection, or clearing D for PML), page write tracking, aging,
+eager splitting, huge-page recovery and the NX huge page recovery worker.
 
 :class:`TdpMmu` owns the roots and writes every SPTE.  Installs made under the shared
 ``mmu_lock`` go through :meth:`TdpMmu.tdp_mmu_set_spte_atomic` (a cmpxchg against the
@@ -39,9 +40,12 @@ from .spte import (
     PT64_ROOT_MAX_LEVEL,
     SHADOW_NONPRESENT_VALUE,
     SPTE_ACCESSED,
+    SPTE_DIRTY,
     SPTE_ENT_PER_PAGE,
     SPTE_EXECUTABLE,
+    SPTE_HOST_WRITABLE,
     SPTE_LEVEL_BITS,
+    SPTE_MMU_WRITABLE,
     SPTE_WRITABLE,
     is_frozen_spte,
     is_large_pte,
@@ -96,6 +100,11 @@ class KvmPageFault:
     req_level: int = PG_LEVEL_4K
     goal_level: int = PG_LEVEL_4K
     huge_page_disallowed: bool = False
+    #: the host mapping may be written (False in a KVM_MEM_READONLY slot): the SPTE gets W.
+    map_writable: bool = True
+    #: the gfn is write-tracked (``kvm_gfn_is_write_tracked``): the SPTE is made read-only
+    #: and a write returns RET_PF_WRITE_PROTECTED.
+    write_tracked: bool = False
     # Filled at the target level, for the caller's Fault result.
     level: int = PG_LEVEL_4K
     spte: int = SHADOW_NONPRESENT_VALUE
@@ -137,6 +146,9 @@ class TdpMmu:
         self.roots: list[MmuPage] = []  # kvm->arch.tdp_mmu_roots, newest first
         self.vcpu_root: list[MmuPage | None] = [None] * vcpus  # mmu->root.hpa per vCPU
         self.vcpu_mirror_root: list[MmuPage | None] = [None] * vcpus  # mmu->mirror_root_hpa
+        #: ``possible_nx_huge_pages``: the tables exec faults had to create under the NX huge
+        #: page mitigation, by arena index, oldest first (``nx_lpage_splits`` counts them).
+        self.possible_nx_huge_pages: dict[int, MmuPage] = {}
 
     # ==================================================================================
     # Roots (spec §6)
@@ -378,6 +390,7 @@ class TdpMmu:
                 self.remove_external_spte(gfn, old, level)
         if hooks:
             self.hooks.free_external_spt(sp.gfn, level, sp)
+        self.untrack_possible_nx_huge_page(sp)
         self.arena.free(sp)
 
     def kvm_flush_remote_tlbs(self) -> None:
@@ -395,6 +408,16 @@ class TdpMmu:
         for it in TdpIter(self.arena, root, PG_LEVEL_4K, fault.gfn, fault.gfn + 1, gfn_bits):
             if self.nx_huge_pages:
                 self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
+            if (
+                root.is_mirror
+                and it.level == fault.goal_level
+                and it.level > PG_LEVEL_4K
+                and is_shadow_present_pte(it.old_spte)
+                and not is_large_pte(it.old_spte)
+            ):
+                # No promotion on the mirror root: a table where the fault could map huge
+                # stays, and the fault maps one level down (KVM has no TDH.MEM.PAGE.PROMOTE).
+                fault.goal_level -= 1
             if is_frozen_spte(it.old_spte):
                 return Ret.RETRY  # another thread is mid-update
             if it.level == fault.goal_level:
@@ -415,7 +438,9 @@ class TdpMmu:
             if not linked:
                 self.arena.free_unpublished(sp)
                 return Ret.RETRY
-            # (NX tracking of sp on possible_nx_huge_pages would happen here.)
+            if fault.huge_page_disallowed and fault.req_level >= it.level:
+                # The mitigation forced this table where a huge page could have been.
+                self.track_possible_nx_huge_page(sp)
         return Ret.RETRY
 
     def disallowed_hugepage_adjust(self, fault: KvmPageFault, spte: int, cur_level: int) -> None:
@@ -465,16 +490,24 @@ class TdpMmu:
 
     def make_spte(self, fault: KvmPageFault, gfn: int, level: int) -> int:
         """The leaf SPTE for ``fault`` at (``gfn``, ``level``): guest_memfd pfn if private, else the
-        host page."""
+        host page.  Without ``map_writable`` (a read-only memslot: no ACC_WRITE) it has no W,
+        no D and is neither MMU- nor host-writable; for a write-tracked gfn it has no W, no D
+        and is not MMU-writable (so the fast path cannot make it writable)."""
         slot = fault.slot
         assert slot is not None
         pfn = slot.private_pfn(gfn) if fault.private else slot.pfn(gfn)
         exec_ok = not (self.nx_huge_pages and level > PG_LEVEL_4K)
-        return make_leaf_spte(pfn, level, exec=exec_ok, prefetch=fault.prefetch)
+        spte = make_leaf_spte(pfn, level, exec=exec_ok, prefetch=fault.prefetch)
+        if not fault.map_writable:
+            return spte & ~(SPTE_WRITABLE | SPTE_DIRTY | SPTE_MMU_WRITABLE | SPTE_HOST_WRITABLE)
+        if fault.write_tracked:
+            return spte & ~(SPTE_WRITABLE | SPTE_DIRTY | SPTE_MMU_WRITABLE)
+        return spte
 
     def tdp_mmu_map_handle_target_level(self, fault: KvmPageFault, it: TdpIter) -> Any:
         """``tdp_mmu_map_handle_target_level``: install the leaf for ``fault`` at ``it``; returns a
-        ``Ret``."""
+        ``Ret``.  A write to a write-tracked gfn returns ``WRITE_PROTECTED`` (KVM emulates it)
+        once the read-only leaf is in place, also when it already was."""
         old = it.old_spte
         fault.level, fault.spte = it.level, old
         if (
@@ -489,12 +522,16 @@ class TdpMmu:
         else:
             new = self.make_spte(fault, it.gfn, it.level)
         if new == old:
+            if fault.write_tracked and fault.write:
+                return Ret.WRITE_PROTECTED
             return Ret.SPURIOUS
         if not self.tdp_mmu_set_spte_atomic(it, new):
             return Ret.RETRY
         fault.spte = new
         if is_shadow_present_pte(old) and not is_last_spte(old, it.level):
             self.kvm_flush_remote_tlbs()  # kvm_flush_remote_tlbs_gfn(gfn, level)
+        if fault.write_tracked and fault.write:
+            return Ret.WRITE_PROTECTED
         if is_mmio_spte(new):
             self.ctx.count("pf_mmio_spte_created")
             return Ret.EMULATE
@@ -540,7 +577,8 @@ class TdpMmu:
         memory on the roots the PRIVATE filter picked: on a VM with a mirror root, a zap under
         both filters is private on the mirror root and shared on the direct root (what a hook
         design keyed on the private flag sees); without one, the single root is zapped once
-        with the PRIVATE filter's flag."""
+        with the PRIVATE filter's flag.  Before the mirror pass, a huge mirror leaf the range
+        covers only in part is split (:meth:`tdp_mmu_split_mirror_cross_boundary`)."""
         if not self.has_mirror:
             self.ctx.op_private = private
             try:
@@ -553,6 +591,8 @@ class TdpMmu:
                 continue
             self.ctx.op_private = is_private
             try:
+                if is_private:
+                    self.tdp_mmu_split_mirror_cross_boundary(start, end)
                 for root in self.roots:
                     if root.is_mirror != is_private:
                         continue
@@ -561,6 +601,49 @@ class TdpMmu:
             finally:
                 self.ctx.op_private = False
         return flush, zapped
+
+    def tdp_mmu_split_mirror_cross_boundary(self, start: int, end: int) -> None:
+        """The TDX huge-page series' split of cross-boundary leaves (mmu_lock for write): a
+        huge leaf of the current mirror root over ``start`` or ``end - 1`` that ``[start,
+        end)`` does not cover whole becomes a table of 512 smaller leaves
+        (:meth:`tdp_mmu_split_mirror_spte`), so the zap that follows removes only what the
+        range covers.  Never on the fault path."""
+        root = self.current_root(mirror=True)
+        if root is None:
+            return
+        for edge in (start, end - 1):
+            it = TdpIter(self.arena, root, PG_LEVEL_2M, edge, edge + 1)
+            while it.valid and it.gfn < edge + 1:
+                spte = it.old_spte
+                inside = it.gfn >= start and it.gfn + pages_per_hpage(it.level) <= end
+                if is_shadow_present_pte(spte) and is_large_pte(spte) and not inside:
+                    self.tdp_mmu_split_mirror_spte(it)
+                    break
+                it.next()
+
+    def tdp_mmu_split_mirror_spte(self, it: TdpIter) -> None:
+        """``tdp_mmu_split_huge_page`` on the mirror root, under the write lock: the external
+        tree is split first (``split_external_spt``: TDX BLOCKs the 2M leaf, TRACKs, kicks and
+        DEMOTEs it), then the 512 smaller SPTEs are written and the huge leaf becomes the
+        link (plain stores: no ``handle_changed_spte``, the page counters move by hand).  A
+        failed hook is a KVM_BUG_ON and leaves the leaf as it was."""
+        huge = it.old_spte
+        child_level = it.level - 1
+        sp = self.arena.alloc(self.child_role(it), it.gfn)
+        if self.hooks.split_external_spt(it.gfn, it.level, sp) != HOOK_OK:
+            self.arena.free_unpublished(sp)
+            self.ctx.kvm_bug_on("split_external_spt failed")
+            return
+        for i in range(SPTE_ENT_PER_PAGE):
+            sp.spt[i] = make_small_spte(huge, child_level, i, nx_huge_pages=self.nx_huge_pages)
+        self.ctx.charge("spte_update_ns", SPTE_ENT_PER_PAGE)
+        link = make_nonleaf_spte(sp.pfn)
+        it.write(link)
+        it.old_spte = link
+        self.tdp_account_mmu_page(sp)
+        self.ctx.page_stats(it.level, -1)
+        self.ctx.page_stats(child_level, SPTE_ENT_PER_PAGE)
+        self.ctx.count("huge_page_splits")
 
     def tdp_mmu_zap_root(self, root: MmuPage, shared: bool) -> None:
         """Zap a whole root, finest level first so each pass frees little at a time."""
@@ -625,11 +708,11 @@ class TdpMmu:
         self.ctx.charge("spte_update_ns", changed)
         return changed
 
-    def kvm_tdp_mmu_clear_dirty_pt_masked(self, gfn: int, mask: int) -> int:
-        """With write-protection (mmu_lock for write): for each set bit ``b`` of ``mask``, the
-        4K leaf at ``gfn + b`` loses W, in one walk from the lowest to the highest set bit.
-        Huge leaves over the range are left alone (the caller protects or splits them).
-        Returns the leaves changed."""
+    def kvm_tdp_mmu_clear_dirty_pt_masked(self, gfn: int, mask: int, wrprot: bool = True) -> int:
+        """mmu_lock for write: for each set bit ``b`` of ``mask``, the 4K leaf at ``gfn + b``
+        loses W (``wrprot``) or, for a PML log, D (:meth:`clear_dirty_gfn_range`), in one walk
+        from the lowest to the highest set bit.  Huge leaves over the range are left alone
+        (the caller protects or splits them).  Returns the leaves changed."""
         if not mask:
             return 0
         lo = gfn + (mask & -mask).bit_length() - 1
@@ -638,7 +721,56 @@ class TdpMmu:
         def pick(g: int, level: int) -> bool:
             return level == PG_LEVEL_4K and gfn <= g < gfn + 64 and bool(mask >> (g - gfn) & 1)
 
-        return self.wrprot_gfn_range(lo, hi, PG_LEVEL_4K, pick)
+        if wrprot:
+            return self.wrprot_gfn_range(lo, hi, PG_LEVEL_4K, pick)
+        return self.clear_dirty_gfn_range(lo, hi, pick)
+
+    def kvm_tdp_mmu_clear_dirty_slot(self, start: int, end: int) -> int:
+        """PML's arming of ``[start, end)`` (``kvm_tdp_mmu_clear_dirty_slot``): clear D on every
+        present 4K leaf, so the CPU logs the next write to it.  Returns the leaves changed."""
+        return self.clear_dirty_gfn_range(start, end, lambda g, level: level == PG_LEVEL_4K)
+
+    def clear_dirty_gfn_range(self, start: int, end: int, pick: Callable[[int, int], bool]) -> int:
+        """``clear_dirty_gfn_range``: clear D (an atomic AND) on every present leaf of
+        ``[start, end)`` in the valid direct roots that has it and for which ``pick(gfn,
+        level)`` holds; no ``handle_changed_spte``.  Charges ``spte_update_ns`` per leaf
+        changed (no counter: PML arms pages without write-protecting them).  Returns the
+        leaves changed."""
+        changed = 0
+        gfn_bits = self.root_gfn_bits(False)
+        for root in self.valid_direct_roots():
+            for it in TdpIter(self.arena, root, PG_LEVEL_4K, start, end, gfn_bits):
+                spte = it.old_spte
+                if (
+                    is_shadow_present_pte(spte)
+                    and is_last_spte(spte, it.level)
+                    and spte & SPTE_DIRTY
+                    and pick(it.gfn, it.level)
+                ):
+                    it.write(spte & ~SPTE_DIRTY)
+                    it.old_spte = spte & ~SPTE_DIRTY
+                    changed += 1
+        self.ctx.charge("spte_update_ns", changed)
+        return changed
+
+    def kvm_tdp_mmu_write_protect_gfn(self, gfn: int) -> bool:
+        """Page write tracking's protection of ``gfn`` (mmu_lock for write): every leaf of the
+        valid direct roots that maps ``gfn``, at any level, loses W and MMU-writable (so no
+        fast path can make it writable again), through the exclusive-lock setter; counts
+        ``sptes_write_protected`` and charges ``spte_update_ns`` per leaf.  Returns whether
+        a leaf changed (the caller flushes)."""
+        changed = False
+        gfn_bits = self.root_gfn_bits(False)
+        for root in self.valid_direct_roots():
+            for it in TdpIter(self.arena, root, PG_LEVEL_4K, gfn, gfn + 1, gfn_bits):
+                spte = it.old_spte
+                new = spte & ~(SPTE_WRITABLE | SPTE_MMU_WRITABLE)
+                if is_shadow_present_pte(spte) and is_last_spte(spte, it.level) and new != spte:
+                    self.tdp_mmu_iter_set_spte(it, new)
+                    self.ctx.count("sptes_write_protected")
+                    self.ctx.charge("spte_update_ns")
+                    changed = True
+        return changed
 
     def kvm_tdp_mmu_age_gfn_range(self, start: int, end: int) -> bool:
         """The MMU notifier's clear_young (lockless): clear A on every present leaf of
@@ -708,16 +840,17 @@ class TdpMmu:
         return splits
 
     def kvm_tdp_mmu_recover_huge_pages(
-        self, start: int, end: int, max_level: Callable[[int], int]
+        self, start: int, end: int, allowed: Callable[[int, int], bool]
     ) -> int:
         """Huge-page recovery over ``[start, end)`` (mmu_lock for read).
 
-        Each present table at 2M or 1G lying wholly inside the range, where ``max_level`` of
-        its first gfn allows that size, is replaced by one huge leaf built from the first
-        present leaf below it (``make_huge_spte``: the pfn rounded down to the huge page, X
-        unless NX huge pages forbid it, Accessed set, W kept off if that leaf lacked it).
-        The install goes through :meth:`tdp_mmu_set_spte_atomic`, so ``handle_changed_spte``
-        and ``handle_removed_pt`` account for the subtree torn down.  Counts
+        Each present table at 2M or 1G lying wholly inside the range, where ``allowed(gfn,
+        level)`` says its whole range may be mapped at that size, is replaced by one huge
+        leaf built from the first present leaf below it (``make_huge_spte``: the pfn rounded
+        down to the huge page, X unless NX huge pages forbid it, Accessed set, and W, D, MMU-
+        and host-writable as that leaf has them, so a read-only page stays read-only).  The
+        install goes through :meth:`tdp_mmu_set_spte_atomic`, so ``handle_changed_spte`` and
+        ``handle_removed_pt`` account for the subtree torn down.  Counts
         ``huge_pages_recovered``.  Returns the huge leaves made (the caller flushes if any).
         """
         made = 0
@@ -733,7 +866,7 @@ class TdpMmu:
                     or not is_shadow_present_pte(spte)
                     or is_last_spte(spte, it.level)
                     or not whole
-                    or max_level(it.gfn) < it.level
+                    or not allowed(it.gfn, it.level)
                 ):
                     it.next()
                     continue
@@ -744,8 +877,10 @@ class TdpMmu:
                 pfn = spte_to_pfn(leaf) & ~(span - 1)
                 exec_ok = not (self.nx_huge_pages and it.level > PG_LEVEL_4K)
                 huge = make_leaf_spte(pfn, it.level, exec=exec_ok, prefetch=False)
-                if not leaf & SPTE_WRITABLE:
-                    huge &= ~SPTE_WRITABLE
+                # make_huge_spte keeps the small SPTE's permissions: W, D, MMU- and
+                # host-writable come from the leaf (a read-only page stays read-only).
+                keep = SPTE_WRITABLE | SPTE_DIRTY | SPTE_MMU_WRITABLE | SPTE_HOST_WRITABLE
+                huge = (huge & ~keep) | (leaf & keep)
                 if self.tdp_mmu_set_spte_atomic(it, huge):
                     made += 1
                     self.ctx.count("huge_pages_recovered")
@@ -756,6 +891,70 @@ class TdpMmu:
                     continue
                 it.next()
         return made
+
+    # ==================================================================================
+    # NX huge page recovery (spec §7.5)
+    # ==================================================================================
+
+    def track_possible_nx_huge_page(self, sp: MmuPage) -> None:
+        """``track_possible_nx_huge_page``: put ``sp`` at the end of the list (once)."""
+        if sp.index in self.possible_nx_huge_pages:
+            return
+        self.possible_nx_huge_pages[sp.index] = sp
+        self.ctx.count("nx_lpage_splits")
+
+    def untrack_possible_nx_huge_page(self, sp: MmuPage) -> None:
+        """``untrack_possible_nx_huge_page``: take ``sp`` off the list (if it is on it), when
+        it is freed or the recovery worker skips it."""
+        if self.possible_nx_huge_pages.get(sp.index) is not sp:
+            return
+        del self.possible_nx_huge_pages[sp.index]
+        self.ctx.count("nx_lpage_splits", -1)
+
+    def kvm_recover_nx_huge_pages(self, ratio: int, skip: Callable[[int], bool]) -> int:
+        """One run of the recovery worker (``kvm_recover_nx_huge_pages``): take the oldest
+        ⌈``nx_lpage_splits`` / ``ratio``⌉ tables of the list (none for ratio 0); a table for
+        which ``skip(gfn)`` holds (its memslot logs dirty pages) is only taken off the list,
+        the others are zapped (:meth:`kvm_tdp_mmu_zap_possible_nx_huge_page`, counting
+        ``nx_huge_pages_recovered``) or, if no longer linked, taken off the list.  Returns the
+        tables zapped (the caller flushes if any)."""
+        if ratio == 0:
+            return 0
+        n = -(-len(self.possible_nx_huge_pages) // ratio)
+        zapped = 0
+        for sp in list(self.possible_nx_huge_pages.values())[:n]:
+            if skip(sp.gfn):
+                self.untrack_possible_nx_huge_page(sp)
+                continue
+            if self.kvm_tdp_mmu_zap_possible_nx_huge_page(sp):
+                zapped += 1
+                self.ctx.count("nx_huge_pages_recovered")
+            else:
+                self.untrack_possible_nx_huge_page(sp)
+        return zapped
+
+    def kvm_tdp_mmu_zap_possible_nx_huge_page(self, sp: MmuPage) -> bool:
+        """The TDP MMU's zap of one listed table (v6.17+, mmu_lock for read): in the first
+        valid direct root whose parent entry still points at ``sp``, set that entry
+        non-present with the atomic setter (``handle_removed_pt`` tears the subtree down and
+        takes ``sp`` off the list).  Returns whether it did."""
+        parent_level = sp.level + 1
+        gfn_bits = self.root_gfn_bits(False)
+        for root in self.valid_direct_roots():
+            it = TdpIter(self.arena, root, parent_level, sp.gfn, sp.gfn + 1, gfn_bits)
+            while it.valid and it.gfn < sp.gfn + 1:
+                if it.level == parent_level:
+                    spte = it.old_spte
+                    if (
+                        is_shadow_present_pte(spte)
+                        and not is_last_spte(spte, it.level)
+                        and spte_to_pfn(spte) == sp.pfn
+                        and self.tdp_mmu_set_spte_atomic(it, SHADOW_NONPRESENT_VALUE)
+                    ):
+                        return True
+                    break
+                it.next()
+        return False
 
     def first_leaf_below(self, spte: int, level: int) -> int | None:
         """The first present leaf (pre-order) under the table the non-leaf ``spte`` at

@@ -390,12 +390,25 @@ class ReferenceVM:
 
     # -- memslots ------------------------------------------------------------------------
     def add_memslot(
-        self, gfn: int, npages: int, backing: int | str = 4096, gmem: bool = False
+        self,
+        gfn: int,
+        npages: int,
+        backing: int | str = 4096,
+        gmem: bool = False,
+        readonly: bool = False,
     ) -> int:
         """Create a memslot of ``npages`` 4 KiB pages at ``gfn`` with host pages of ``backing``
         (bytes or "4K"/"2M"/"1G") and, with ``gmem``, a guest_memfd; returns the slot id.
-        Raises ``ValueError`` where ``VM.add_memslot`` raises ``ConfigError`` (a bad range,
-        misalignment, overlap, ``gmem`` on a default VM), ``TypeError`` for a non-int count."""
+        ``readonly`` (KVM_MEM_READONLY): SPTEs of the slot are never writable and a guest
+        write is emulated; KVM has none on VMs with protected state (tdx, snp) nor with
+        ``gmem`` (``ConfigError`` naming ``readonly``).  Raises ``ValueError`` where
+        ``VM.add_memslot`` raises ``ConfigError`` (a bad range, misalignment, overlap, ``gmem``
+        on a default VM), ``TypeError`` for a non-int count."""
+        if readonly and (gmem or self.vm_type in ("tdx", "snp")):
+            raise ConfigError(
+                "readonly: KVM_MEM_READONLY is not available on a VM with protected state "
+                "(TDX, SNP) or with guest_memfd"
+            )
         backing_size = backing_bytes(backing)
         if gmem and not self.confidential:
             raise ValueError("gmem: a default VM cannot have guest_memfd memslots")
@@ -411,8 +424,43 @@ class ReferenceVM:
                 raise ValueError(f"memslot [{gfn:#x}, {gfn + npages:#x}) overlaps slot {slot.id}")
         self._begin_operation()
         slot_id = self._add_memslot(gfn, npages, backing_size, gmem=bool(gmem))
+        self.slots[slot_id].readonly = bool(readonly)
         self._end_of_operation()
         return slot_id
+
+    def move_memslot(self, slot: int, new_gfn: int) -> None:
+        """KVM_MR_MOVE: memslot ``slot`` now starts at ``new_gfn`` (the same host memory, flags,
+        dirty log and write trackers).  The old range is flushed first as for a deletion (the
+        fast zap on a default VM with ``slot_zap_all``, else the slot's leaves in every root,
+        with one flush); the generation grows by 2.  ``ConfigError`` naming ``slot`` (unknown,
+        or with guest_memfd: KVM refuses to move it) or ``new_gfn`` (not a multiple of the
+        backing page, past ``max_gfn``, overlapping another slot); the VM is unchanged."""
+        slot_id = self._check_slot_id(slot)
+        if not 0 <= slot_id < 1 << 32:
+            raise ConfigError(f"slot: must be in 0..{1 << 32} (exclusive), got {slot_id}")
+        self._check_gfn(new_gfn, "new_gfn")
+        self._ensure_alive()
+        memslot = self._memslot(slot_id)
+        if memslot.gmem:
+            raise ConfigError(
+                f"slot: memslot {slot_id} has guest_memfd: KVM refuses KVM_MR_MOVE for it"
+            )
+        if new_gfn % memslot.backing_pages:
+            raise ConfigError(
+                f"new_gfn: must be a multiple of the backing page ({memslot.backing_pages} "
+                f"pages), got {new_gfn:#x}"
+            )
+        if new_gfn + memslot.npages > self.max_gfn:
+            raise ConfigError(
+                f"new_gfn: the moved slot would end past the guest's gfn limit {self.max_gfn:#x}"
+            )
+        for other in self.slots:
+            if other.id != slot_id and new_gfn < other.end and other.gfn < new_gfn + memslot.npages:
+                raise ConfigError(f"new_gfn: the moved slot would overlap memslot {other.id}")
+        self._begin_operation()
+        self._kvm_arch_flush_shadow_memslot(memslot)
+        self.slots.move(slot_id, new_gfn)
+        self._end_of_operation()
 
     def delete_memslot(self, slot: int) -> None:
         """Delete memslot ``slot`` with KVM's zap (``VM.delete_memslot``); ``ValueError`` for an
@@ -437,18 +485,21 @@ class ReferenceVM:
         manual_protect: bool = False,
         initially_set: bool = False,
         eager_split: bool = True,
+        pml: bool = False,
     ) -> int:
         """Toggle ``KVM_MEM_LOG_DIRTY_PAGES`` on memslot ``slot`` (``kvm_mmu_slot_apply_flags``).
 
         Enabling allocates the dirty bitmap (all set with ``initially_set``) and, unless
         ``manual_protect`` and ``initially_set`` are both given, splits the slot's huge pages
-        to 4K (``eager_split``) and write-protects every leaf of the slot; disabling frees the
-        bitmap and recovers huge mappings (:meth:`recover_huge_pages`' walk).  Either way the
-        memslot generation moves on by 2 and one remote TLB flush follows if an SPTE changed.
-        Doing what is already the state returns 0.  Returns the SPTEs changed
-        (write-protected, or made huge again).  ``ConfigError`` for ``initially_set``
-        without ``manual_protect``, an unknown slot or a guest_memfd slot (KVM refuses dirty
-        logging of private memory).  The bitmap's bytes count against the engine's budget
+        to 4K (``eager_split``) and write-protects every leaf of the slot (with ``pml``, the
+        host logs with PML: 4K leaves are armed by clearing D instead, huge ones still lose
+        W); disabling frees the bitmap and recovers huge mappings
+        (:meth:`recover_huge_pages`' walk).  Either way the memslot generation moves on by 2
+        and one remote TLB flush follows if an SPTE changed.  Doing what is already the state
+        returns 0.  Returns the SPTEs changed (write-protected or D-cleared, or made huge
+        again).  ``ConfigError`` for ``initially_set`` without ``manual_protect``, an unknown
+        slot, a guest_memfd slot (KVM refuses dirty logging of private memory) or, when
+        enabling, a read-only slot.  The bitmap's bytes count against the engine's budget
         while logging; the reference keeps no budget.
         """
         slot_id = self._check_slot_id(slot)
@@ -464,6 +515,8 @@ class ReferenceVM:
                 f"slot: memslot {slot_id} has guest_memfd: KVM refuses KVM_MEM_LOG_DIRTY_PAGES "
                 "on guest_memfd slots (private memory cannot be dirty-logged)"
             )
+        if enabled and memslot.readonly:
+            raise ConfigError(f"slot: memslot {slot_id} is read-only: KVM refuses dirty logging")
         enabled = bool(enabled)
         if (memslot.dirty is not None) == enabled:
             return 0
@@ -473,18 +526,27 @@ class ReferenceVM:
         changed = 0
         if enabled:
             memslot.dirty = DirtyLog.new(
-                memslot.npages, bool(manual_protect), bool(initially_set), bool(eager_split)
+                memslot.npages,
+                bool(manual_protect),
+                bool(initially_set),
+                bool(eager_split),
+                bool(pml),
             )
             self.slots.generation += 2
             if not (manual_protect and initially_set):
                 if eager_split:
                     tdp_mmu.kvm_tdp_mmu_try_split_huge_pages(start, end, PG_LEVEL_4K)
-                changed = tdp_mmu.wrprot_gfn_range(start, end, PG_LEVEL_4K)
+                if pml:
+                    # PML: 4K leaves are armed by clearing D; huge ones still lose W.
+                    changed = tdp_mmu.kvm_tdp_mmu_clear_dirty_slot(start, end)
+                    changed += tdp_mmu.wrprot_gfn_range(start, end, PG_LEVEL_2M)
+                else:
+                    changed = tdp_mmu.wrprot_gfn_range(start, end, PG_LEVEL_4K)
         else:
             memslot.dirty = None
             self.slots.generation += 2
             changed = tdp_mmu.kvm_tdp_mmu_recover_huge_pages(
-                start, end, lambda g: self._recoverable_level(g, memslot)
+                start, end, lambda g, level: self._may_map_huge(g, level, memslot)
             )
         if changed:
             tdp_mmu.kvm_flush_remote_tlbs()
@@ -497,7 +559,7 @@ class ReferenceVM:
         Returns the bitmap as 64-bit words in KVM's layout (bit ``i`` of word ``w`` is page
         ``64 * w + i`` of the slot), as a list of ints where ``VM.get_dirty_log`` returns a
         numpy ``uint64`` array.  Without manual protection each word's bits are taken (the
-        word cleared) and those pages write-protected again
+        word cleared) and those pages write-protected again, or with PML their D cleared
         (:meth:`TdpMmu.kvm_tdp_mmu_clear_dirty_pt_masked`), with one flush if any SPTE
         changed; with it the bitmap is only copied.  ``ConfigError`` for an unknown slot or
         one that does not log dirty pages.
@@ -518,7 +580,7 @@ class ReferenceVM:
             out.append(word)
             if word:
                 changed += self.tdp_mmu.kvm_tdp_mmu_clear_dirty_pt_masked(
-                    memslot.gfn + 64 * w, word
+                    memslot.gfn + 64 * w, word, wrprot=not log.pml
                 )
         if changed:
             self.tdp_mmu.kvm_flush_remote_tlbs()
@@ -529,9 +591,11 @@ class ReferenceVM:
         """``KVM_CLEAR_DIRTY_LOG`` for memslot ``slot`` (``kvm_clear_dirty_log_protect``).
 
         Needs ``manual_protect``.  Clears the bits of pages ``[first_page, first_page +
-        npages)`` of the slot, 64 at a time, and write-protects the pages that were set; with
-        ``initially_set``, the huge pages over each 64-page window that had a bit set are
-        first split (``eager_split``) or write-protected at 2M and above.  ``first_page`` must
+        npages)`` of the slot, 64 at a time, and write-protects the pages that were set (with
+        PML: clears their D); with ``initially_set``, the huge pages over each word's cleared
+        pages are first split (``eager_split``, from its first to its last cleared page) or,
+        those over its first and its last cleared page, write-protected at 2M and above
+        (``kvm_arch_mmu_enable_log_dirty_pt_masked``).  ``first_page`` must
         be a multiple of 64 below the slot's size, ``npages`` >= 1 within the slot and a
         multiple of 64 unless the range reaches the slot's end (KVM's rule; ``ConfigError``
         otherwise, the VM unchanged).  Returns the SPTEs write-protected; one flush if any.
@@ -575,12 +639,16 @@ class ReferenceVM:
             if mask:
                 g = memslot.gfn + p
                 if log.initially_set:
-                    # Huge pages over the 64-page window: split, or write-protect at 2M+.
+                    # The huge pages over the first and the last cleared page: split (all
+                    # from the first to the last), or write-protect at 2M and above.
+                    lo = g + (mask & -mask).bit_length() - 1
+                    hi = g + mask.bit_length()
                     if log.eager_split:
-                        tdp_mmu.kvm_tdp_mmu_try_split_huge_pages(g, g + 64, PG_LEVEL_4K)
+                        tdp_mmu.kvm_tdp_mmu_try_split_huge_pages(lo, hi, PG_LEVEL_4K)
                     else:
-                        changed += tdp_mmu.wrprot_gfn_range(g, g + 64, PG_LEVEL_2M)
-                changed += tdp_mmu.kvm_tdp_mmu_clear_dirty_pt_masked(g, mask)
+                        changed += tdp_mmu.wrprot_gfn_range(lo, lo + 1, PG_LEVEL_2M)
+                        changed += tdp_mmu.wrprot_gfn_range(hi - 1, hi, PG_LEVEL_2M)
+                changed += tdp_mmu.kvm_tdp_mmu_clear_dirty_pt_masked(g, mask, wrprot=not log.pml)
             p += n
         if changed:
             tdp_mmu.kvm_flush_remote_tlbs()
@@ -626,9 +694,10 @@ class ReferenceVM:
     def recover_huge_pages(self, slot: int) -> int:
         """``kvm_mmu_recover_huge_pages`` for memslot ``slot`` (mmu_lock for read).
 
-        Each table at 2M or 1G wholly inside the slot whose first gfn the slot's backing (and,
-        on a confidential VM, a shared attribute) allows to map at that size becomes one huge
-        leaf again (:meth:`TdpMmu.kvm_tdp_mmu_recover_huge_pages`); one flush if any did.
+        Each table at 2M or 1G wholly inside the slot whose range may be mapped at that size
+        (:meth:`_may_map_huge`: the backing allows it, no page of it is write-tracked and, on
+        a confidential VM, it is all shared) becomes one huge leaf again
+        (:meth:`TdpMmu.kvm_tdp_mmu_recover_huge_pages`); one flush if any did.
         ``ConfigError`` for an unknown slot or one that logs dirty pages (recovery happens
         when logging stops).  Returns the huge leaves made.
         """
@@ -642,12 +711,80 @@ class ReferenceVM:
             )
         self._begin_operation()
         made = self.tdp_mmu.kvm_tdp_mmu_recover_huge_pages(
-            memslot.gfn, memslot.end, lambda g: self._recoverable_level(g, memslot)
+            memslot.gfn, memslot.end, lambda g, level: self._may_map_huge(g, level, memslot)
         )
         if made:
             self.tdp_mmu.kvm_flush_remote_tlbs()
         self._end_of_operation()
         return made
+
+    def write_track_gfn(self, gfn: int, add: bool = True) -> int:
+        """Page write tracking (``kvm_write_track_add_gfn`` / ``kvm_write_track_remove_gfn``).
+
+        The first tracker of ``gfn`` disallows huge pages over it and write-protects every
+        leaf mapping it (:meth:`TdpMmu.kvm_tdp_mmu_write_protect_gfn`: W and MMU-writable
+        cleared, one flush if any changed); a guest write then returns ``WRITE_PROTECTED``
+        (KVM emulates it).  Removing the last tracker lets the next write fault map the page
+        writable again.  Returns the page's tracker count.  ``ConfigError`` naming ``gfn``
+        (in no memslot, in a guest_memfd slot, or not tracked when removing); the VM is
+        unchanged.  The counts (4 bytes per page of the slot) count against the engine's
+        budget; the reference keeps no budget.
+        """
+        self._check_gfn(gfn, "gfn")
+        self._ensure_alive()
+        memslot = self.slots.gfn_to_memslot(gfn)
+        if memslot is None:
+            raise ConfigError(f"gfn: {gfn:#x} is in no memslot")
+        if memslot.gmem:
+            raise ConfigError(
+                f"gfn: {gfn:#x} is in a guest_memfd slot: KVM tracks shared memory only"
+            )
+        counts = memslot.write_track
+        index = gfn - memslot.gfn
+        if not add and (counts is None or index not in counts):
+            raise ConfigError(f"gfn: {gfn:#x} is not write-tracked")
+        self._begin_operation()
+        if counts is None:
+            counts = memslot.write_track = {}
+        n = counts.get(index, 0) + (1 if add else -1)
+        if n:
+            counts[index] = n
+        else:
+            del counts[index]
+        if add and n == 1 and self.tdp_mmu.kvm_tdp_mmu_write_protect_gfn(gfn):
+            self.tdp_mmu.kvm_flush_remote_tlbs()
+        self._end_of_operation()
+        return n
+
+    def nx_recover(self, ratio: int | None = None) -> int:
+        """One run of the NX huge page recovery worker (``kvm_recover_nx_huge_pages``, the
+        TDP MMU's v6.17+ form under mmu_lock for read).
+
+        With ``nx_huge_pages`` an exec fault maps 4K where a huge page could have been and
+        puts the table it had to create on a list (``nx_lpage_splits``); this zaps the oldest
+        ⌈``nx_lpage_splits`` / ``ratio``⌉ of them that are still linked
+        (:meth:`TdpMmu.kvm_recover_nx_huge_pages`), taking those of slots that log dirty
+        pages off the list only; one flush if any was zapped.  ``ratio`` (default 60, KVM's
+        ``nx_huge_pages_recovery_ratio``) 0 recovers nothing; ``ConfigError`` outside
+        ``0..2**32``.  Returns the tables zapped.
+        """
+        ratio = 60 if ratio is None else ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int):
+            raise TypeError(f"ratio must be an int, got {type(ratio).__name__}")
+        if not 0 <= ratio < 1 << 32:
+            raise ConfigError(f"ratio: must be in 0..{1 << 32} (exclusive), got {ratio}")
+        self._ensure_alive()
+        self._begin_operation()
+
+        def logs_dirty_pages(gfn: int) -> bool:
+            slot = self.slots.gfn_to_memslot(gfn)
+            return slot is not None and slot.dirty is not None
+
+        zapped = self.tdp_mmu.kvm_recover_nx_huge_pages(ratio, logs_dirty_pages)
+        if zapped:
+            self.tdp_mmu.kvm_flush_remote_tlbs()
+        self._end_of_operation()
+        return zapped
 
     # -- private memory ------------------------------------------------------------------
     def set_memory_attributes(self, gfn: int, npages: int, private: bool = True) -> int:
@@ -703,6 +840,8 @@ class ReferenceVM:
     def destroy(self) -> None:
         """Tear the VM down in KVM's order; every later operation raises ``ConfigError``.
 
+        0. TDX ``teardown="terminate_vm"`` (KVM_TDX_TERMINATE_VM): the HKID is released
+           first, so step 1 reclaims each private page instead of removing it.
         1. guest_memfd files are released (each holds a VM reference): a PRIVATE unmap of
            every guest_memfd slot, HKID still assigned, and the folios are freed.
         2. ``tdx_mmu_release_hkid`` (with ``sept_free="sept_remove"`` the then leaf-less
@@ -712,6 +851,7 @@ class ReferenceVM:
         """
         self._ensure_alive()
         self._begin_operation()
+        self.vendor.terminate_vm()
         for slot in self.slots.by_gfn():
             if not slot.gmem:
                 continue
@@ -857,6 +997,7 @@ class ReferenceVM:
             attrs=self.attrs,
             confidential=self.confidential,
             sept=self.sept,
+            private_max_level=self.vendor.private_leaf_max_level,
         )
 
     # ==================================================================================
@@ -920,22 +1061,16 @@ class ReferenceVM:
             )
         return memslot
 
-    def _recoverable_level(self, gfn: int, memslot: Memslot) -> int:
-        """``kvm_mmu_max_mapping_level`` for huge-page recovery: the largest level the huge
-        page starting at ``gfn`` of ``memslot`` may be mapped at again.  The backing's; on a
-        confidential VM 4K for private memory, and for shared memory no level whose range is
-        not all shared (``KVM_LPAGE_MIXED_FLAG``, as the fault path)."""
-        if not self.confidential:
-            return memslot.max_level
-        if self.attrs.is_private(gfn):
-            return PG_LEVEL_4K
-        level = memslot.max_level
-        while level > PG_LEVEL_4K:
-            base = gfn_round_for_level(gfn, level)
-            if self.attrs.uniform(base, base + pages_per_hpage(level)) is False:
-                break
-            level -= 1
-        return level
+    def _may_map_huge(self, gfn: int, level: int, memslot: Memslot) -> bool:
+        """``kvm_mmu_max_mapping_level`` >= ``level`` for huge-page recovery: whether the huge
+        page of ``level`` at ``gfn`` of ``memslot`` may be mapped on the direct root.  The
+        backing must allow it, no page of it may be write-tracked (KVM's ``disallow_lpage``
+        count, as the fault path) and, on a confidential VM, the whole range must be shared
+        (``KVM_LPAGE_MIXED_FLAG``)."""
+        end = gfn + pages_per_hpage(level)
+        if level > memslot.max_level or memslot.any_write_tracked(gfn, end):
+            return False
+        return not self.confidential or self.attrs.uniform(gfn, end) is False
 
     def _check_confidential(self, what: str) -> None:
         if not self.confidential:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..hooks import ExternalOps
 from ..memslot import Memslot, Memslots
+from ..spte import PG_LEVEL_1G
 from ..stats import Ctx
 from ..tdp_mmu import TdpMmu
 
@@ -29,6 +30,8 @@ class Vendor:
     max_local_retries = 0
     #: guest_memfd pages have RMP entries (SEV-SNP).
     has_rmp = False
+    #: the largest level a private leaf of a mirror root may have (what check() audits).
+    private_leaf_max_level = PG_LEVEL_1G
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -74,6 +77,10 @@ class Vendor:
     # -- lifecycle -----------------------------------------------------------------------------
     def finalize(self) -> None:
         """KVM_TDX_FINALIZE_VM (TDX only; the VM checks the type)."""
+
+    def terminate_vm(self) -> None:
+        """The first step of teardown, before guest_memfd is released (TDX's
+        KVM_TDX_TERMINATE_VM releases the HKID here); nothing on other VM types."""
 
     def vm_destroy(self, tdp_mmu: TdpMmu) -> None:
         """Teardown, after guest_memfd was released and before the roots are torn down."""

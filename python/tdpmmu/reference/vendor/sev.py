@@ -61,6 +61,11 @@ class SnpPrivateHooks:
         """Nothing to do on SNP; returns ``HOOK_OK``."""
         return HOOK_OK
 
+    def split_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        """SNP has no huge mirror leaves to split: a KVM_BUG_ON, ``HOOK_EIO``."""
+        self.ctx.kvm_bug_on("split_external_spt: this backend has no huge private pages")
+        return HOOK_EIO
+
 
 class SevVendor(Vendor):
     """An SEV-SNP guest: guest_memfd pages have RMP entries; the hook design decides who

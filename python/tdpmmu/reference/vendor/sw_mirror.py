@@ -9,6 +9,8 @@ VM.
 
 from __future__ import annotations
 
+from ..memslot import Memslot
+from ..spte import PG_LEVEL_1G, PG_LEVEL_4K
 from ..stats import Ctx
 from .tdx import TdxOptions, TdxSeptHooks, TdxVendor
 from .tdx_module import TdxModule
@@ -29,7 +31,7 @@ class SoftwareSept(TdxModule):
 class SwMirrorHooks(TdxSeptHooks):
     """tdx.c's hooks over the software tree: no page clears, no kicks to pay for."""
 
-    def clear_page(self) -> None:
+    def clear_page(self, pages: int = 1) -> None:
         """The software tree clears nothing (no MOVDIR64B to pay for)."""
         pass
 
@@ -50,3 +52,13 @@ class SwMirrorVendor(TdxVendor):
 
     def _new_hooks(self, ctx: Ctx, module: TdxModule, opts: TdxOptions, vcpus: int) -> TdxSeptHooks:
         return SwMirrorHooks(ctx, module, opts, vcpus)
+
+    #: the software tree's leaves are not audited by level (they are 4K anyway).
+    private_leaf_max_level = PG_LEVEL_1G
+
+    def private_max_mapping_level(self, slot: Memslot, gfn: int, max_level: int) -> int:
+        """4K: the software tree maps private memory at 4K only, whatever the TDX options."""
+        return PG_LEVEL_4K
+
+    def terminate_vm(self) -> None:
+        """No KVM_TDX_TERMINATE_VM without a TD: the teardown keeps KVM's upstream order."""

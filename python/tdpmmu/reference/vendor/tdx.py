@@ -4,7 +4,11 @@ module, TLB tracking, the TD lifecycle, and the TDX options of docs/model.md.
 Options: ``version`` 6.19 or 6.16 (6.16: before finalize ``set_external_spte`` only counts
 ``nr_premapped`` and populate issues TDH.MEM.PAGE.ADD itself), ``sept_free`` ``teardown``
 (upstream) or ``sept_remove`` (pre-upstream), ``track`` ``per_page`` or ``batched``,
-``interface`` ``four_hook`` or ``two_hook``, ``measure`` (TDH.MR.EXTEND x 16 per PAGE.ADD).
+``interface`` ``four_hook`` or ``two_hook``, ``teardown`` ``remove`` (upstream) or
+``terminate_vm`` (KVM_TDX_TERMINATE_VM: the HKID goes first, then each private page is
+reclaimed), ``measure`` (TDH.MR.EXTEND x 16 per PAGE.ADD), ``huge_pages`` (the TDX huge-page
+series: once the TD runs, private memory maps 2M where the folio and the attributes allow,
+and a 2M leaf a zap covers only in part is split by BLOCK, TRACK, kick, TDH.MEM.PAGE.DEMOTE).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from ..arena import MmuPage
 from ..errors import ConfigError, Ret
 from ..hooks import HOOK_EIO, HOOK_OK, ExternalOps
 from ..memslot import Memslot
-from ..spte import PG_LEVEL_4K, spte_to_pfn
+from ..spte import PG_LEVEL_2M, PG_LEVEL_4K, pages_per_hpage, spte_to_pfn
 from ..stats import Ctx
 from ..tdp_mmu import TdpMmu
 from .base import Vendor
@@ -40,7 +44,9 @@ class TdxOptions:
     sept_free: str = "teardown"  # or "sept_remove" (pre-upstream)
     track: str = "per_page"  # or "batched"
     interface: str = "four_hook"  # or "two_hook"
+    teardown: str = "remove"  # or "terminate_vm" (KVM_TDX_TERMINATE_VM)
     measure: bool = False  # TDH.MR.EXTEND x 16 per PAGE.ADD
+    huge_pages: bool = False  # 2M private pages once the TD runs
     max_local_retries: int = 1000  # tdx_handle_ept_violation's retries of a private fault
 
     @property
@@ -88,12 +94,14 @@ class TdxSeptHooks:
     """tdx.c's implementation of the four external hooks on top of the TDX module.
 
     ``tdx_sept_link_private_spt`` -> SEPT.ADD; ``tdx_sept_set_private_spte`` -> PAGE.AUG
-    (finalized) or PAGE.ADD (initial image; v6.16 only counts ``nr_premapped``);
-    ``tdx_sept_remove_private_spte`` -> BLOCK, TRACK, kick, REMOVE, WBINVD, clear (with
-    ``track="batched"`` the TRACK/kick/REMOVE part waits for the end of the zap);
-    ``tdx_sept_free_private_spt`` -> RECLAIM + clear once the HKID is released, KVM_BUG_ON
-    while it is assigned (``sept_free="sept_remove"``: BLOCK(parent), TRACK, kick,
-    SEPT.REMOVE, WBINVD, clear instead).
+    (finalized; 2M with ``huge_pages``) or PAGE.ADD (initial image; v6.16 only counts
+    ``nr_premapped``); ``tdx_sept_remove_private_spte`` -> BLOCK, TRACK, kick, REMOVE, then
+    WBINVD and clear per 4K page (with ``track="batched"`` the TRACK/kick/REMOVE part waits for
+    the end of the zap; once the HKID is released by ``teardown="terminate_vm"``, RECLAIM and
+    clear instead); ``tdx_sept_free_private_spt`` -> RECLAIM + clear once the HKID is released,
+    KVM_BUG_ON while it is assigned (``sept_free="sept_remove"``: BLOCK(parent), TRACK, kick,
+    SEPT.REMOVE, WBINVD, clear instead); the huge-page series' ``tdx_sept_split_private_spt``
+    -> BLOCK (2M), TRACK, kick, DEMOTE.
     """
 
     def __init__(self, ctx: Ctx, module: TdxModule, opts: TdxOptions, vcpus: int) -> None:
@@ -101,7 +109,8 @@ class TdxSeptHooks:
         self.module = module
         self.opts = opts
         self.vcpus = vcpus
-        self.pending_remove: list[int] = []  # track="batched": blocked, awaiting the TRACK
+        #: track="batched": (gfn, level) of the pages blocked, awaiting the TRACK.
+        self.pending_remove: list[tuple[int, int]] = []
 
     # -- kvm_x86_ops -----------------------------------------------------------------------
     def link_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
@@ -122,6 +131,11 @@ class TdxSeptHooks:
         """``free_external_spt`` -> ``tdx_sept_free_private_spt(gfn, level)`` (``sp`` unused)."""
         return self.tdx_sept_free_private_spt(gfn, level)
 
+    def split_external_spt(self, gfn: int, level: int, child: MmuPage) -> int:
+        """``split_external_spt`` -> ``tdx_sept_split_private_spt(gfn, level)`` (``child``
+        unused)."""
+        return self.tdx_sept_split_private_spt(gfn, level)
+
     # -- tdx.c -----------------------------------------------------------------------------
     def tdx_sept_link_private_spt(self, gfn: int, level: int) -> int:
         """TDH.MEM.SEPT.ADD for (``gfn``, ``level``); ``HOOK_EIO`` and a KVM_BUG_ON on failure."""
@@ -133,16 +147,16 @@ class TdxSeptHooks:
 
     def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> int:
         """Map ``pfn`` at ``gfn``: PAGE.AUG (finalized) or PAGE.ADD (initial image; v6.16 counts
-        ``nr_premapped``); 4K ``level`` only, else a KVM_BUG_ON."""
-        if level != PG_LEVEL_4K:
-            self.ctx.kvm_bug_on(f"private mapping at level {level}: TDX maps 4K only")
+        ``nr_premapped``); a ``level`` above 4K (2M with ``huge_pages``) is a KVM_BUG_ON."""
+        if level > (PG_LEVEL_2M if self.opts.huge_pages else PG_LEVEL_4K):
+            self.ctx.kvm_bug_on(f"private mapping at level {level}: beyond what TDX maps")
             return HOOK_EIO
         m = self.module
         if not m.finalized and self.opts.v6_16:
             m.nr_premapped += 1  # tdx_gmem_post_populate issues the PAGE.ADD
             return HOOK_OK
         if m.finalized:
-            status, leaf = m.tdh_mem_page_aug(gfn, pfn), "TDH.MEM.PAGE.AUG"
+            status, leaf = m.tdh_mem_page_aug(gfn, pfn, level), "TDH.MEM.PAGE.AUG"
         else:
             status, leaf = m.tdh_mem_page_add(gfn, pfn), "TDH.MEM.PAGE.ADD"
         if status == TDX_SUCCESS:
@@ -151,13 +165,18 @@ class TdxSeptHooks:
         return HOOK_EIO
 
     def tdx_sept_remove_private_spte(self, gfn: int, level: int) -> None:
-        """Remove the private page at ``gfn``: BLOCK, TRACK, kick, REMOVE, WBINVD, clear
-        (``track="batched"``: BLOCK now, the rest at the zap's end); ``level`` is 4K."""
+        """Remove the private page at (``gfn``, ``level``): BLOCK, TRACK, kick, REMOVE, then
+        WBINVD and clear per 4K page (``track="batched"``: BLOCK now, the rest at the zap's
+        end).  With the HKID released (``teardown="terminate_vm"``) the page is reclaimed
+        instead (:meth:`tdx_reclaim_page`); otherwise that is a KVM_BUG_ON."""
         m = self.module
         if not m.hkid_assigned:
-            self.ctx.kvm_bug_on("remove_external_spte with the HKID released")
+            if self.opts.teardown == "terminate_vm":
+                self.tdx_reclaim_page(gfn)
+            else:
+                self.ctx.kvm_bug_on("remove_external_spte with the HKID released")
             return
-        status = m.tdh_mem_range_block(gfn, PG_LEVEL_4K)
+        status = m.tdh_mem_range_block(gfn, level)
         if status != TDX_SUCCESS:
             if self.opts.v6_16 and not m.finalized and status == TDX_EPT_ENTRY_STATE_INCORRECT:
                 m.nr_premapped -= 1  # premapped, never PAGE.ADDed: nothing in the module
@@ -165,28 +184,39 @@ class TdxSeptHooks:
             self.ctx.kvm_bug_on(f"TDH.MEM.RANGE.BLOCK failed for gfn {gfn:#x}: {status}")
             return
         if self.opts.track == "batched":
-            self.pending_remove.append(gfn)
+            self.pending_remove.append((gfn, level))
             return
         self.tdx_track()
-        self._remove_blocked_page(gfn)
+        self._remove_blocked_page(gfn, level)
 
-    def _remove_blocked_page(self, gfn: int) -> bool:
-        status, _pfn = self.module.tdh_mem_page_remove(gfn)
+    def _remove_blocked_page(self, gfn: int, level: int) -> bool:
+        status, _pfn = self.module.tdh_mem_page_remove(gfn, level)
         if status != TDX_SUCCESS:
             self.ctx.kvm_bug_on(f"TDH.MEM.PAGE.REMOVE failed for gfn {gfn:#x}: {status}")
             return False
-        self.tdx_clear_page()
+        self.tdx_clear_page(pages_per_hpage(level))
         return True
 
-    def tdx_clear_page(self) -> None:
-        """PHYMEM.PAGE.WBINVD, then the MOVDIR64B clear of the page."""
-        self.module.tdh_phymem_page_wbinvd()
-        self.clear_page()
+    def tdx_reclaim_page(self, gfn: int) -> None:
+        """KVM_TDX_TERMINATE_VM's order: with the HKID released, TDH.PHYMEM.PAGE.RECLAIM of
+        the private page (4K or 2M) mapping ``gfn``, then the clear of each 4K page (no
+        BLOCK, TRACK or kick); a KVM_BUG_ON if the S-EPT maps no page there."""
+        level = self.module.tdh_phymem_page_reclaim_leaf(gfn)
+        if level is None:
+            self.ctx.kvm_bug_on(f"reclaim: gfn {gfn:#x} has no private page in the S-EPT")
+            return
+        self.clear_page(pages_per_hpage(level))
 
-    def clear_page(self) -> None:
-        """The MOVDIR64B clear of a page the TD gave back."""
-        self.ctx.count("page_clear")
-        self.ctx.charge("page_clear_ns")
+    def tdx_clear_page(self, pages: int = 1) -> None:
+        """PHYMEM.PAGE.WBINVD of each of ``pages`` 4K pages, then their MOVDIR64B clear."""
+        for _ in range(pages):
+            self.module.tdh_phymem_page_wbinvd()
+        self.clear_page(pages)
+
+    def clear_page(self, pages: int = 1) -> None:
+        """The MOVDIR64B clear of ``pages`` 4K pages the TD gave back."""
+        self.ctx.count("page_clear", pages)
+        self.ctx.charge("page_clear_ns", pages)
 
     def tdx_track(self) -> None:
         """TDH.MEM.TRACK then kick every vCPU out of the guest (runnable TDs only)."""
@@ -211,9 +241,29 @@ class TdxSeptHooks:
             return
         self.tdx_track()
         pending, self.pending_remove = self.pending_remove, []
-        for gfn in pending:
-            if not self._remove_blocked_page(gfn):
+        for gfn, level in pending:
+            if not self._remove_blocked_page(gfn, level):
                 return
+
+    def tdx_sept_split_private_spt(self, gfn: int, level: int) -> int:
+        """The huge-page series' split of the private 2M leaf at ``gfn`` (mmu_lock for write):
+        BLOCK it, TRACK + kick, then TDH.MEM.PAGE.DEMOTE it into a new S-EPT table of 512
+        MAPPED 4K leaves.  Any failure (or a ``level`` other than 2M, or ``huge_pages`` off)
+        is a KVM_BUG_ON and ``HOOK_EIO``."""
+        m = self.module
+        if level != PG_LEVEL_2M or not self.opts.huge_pages:
+            self.ctx.kvm_bug_on(f"split_external_spt at level {level} without a 2M private leaf")
+            return HOOK_EIO
+        status = m.tdh_mem_range_block(gfn, PG_LEVEL_2M)
+        if status != TDX_SUCCESS:
+            self.ctx.kvm_bug_on(f"TDH.MEM.RANGE.BLOCK (2M) failed for gfn {gfn:#x}: {status}")
+            return HOOK_EIO
+        self.tdx_track()
+        status = m.tdh_mem_page_demote(gfn)
+        if status != TDX_SUCCESS:
+            self.ctx.kvm_bug_on(f"TDH.MEM.PAGE.DEMOTE failed for gfn {gfn:#x}: {status}")
+            return HOOK_EIO
+        return HOOK_OK
 
     def tdx_sept_free_private_spt(self, gfn: int, sp_level: int) -> int:
         """Free the S-EPT table of level ``sp_level`` covering ``gfn``: RECLAIM + clear after the
@@ -269,6 +319,11 @@ class TdxVendor(Vendor):
         return TdxSeptHooks(ctx, module, opts, vcpus)
 
     @property
+    def private_leaf_max_level(self) -> int:  # type: ignore[override]
+        """A TD's private leaves are 4K, or with ``huge_pages`` up to 2M."""
+        return PG_LEVEL_2M if self.opts.huge_pages else PG_LEVEL_4K
+
+    @property
     def external(self) -> ExternalOps:
         """The backend of the external hooks: the ``TdxSeptHooks``."""
         return self.hooks
@@ -294,9 +349,19 @@ class TdxVendor(Vendor):
             )
 
     def private_max_mapping_level(self, slot: Memslot, gfn: int, max_level: int) -> int:
-        """4K: the S-EPT maps private memory at 4K only (``slot``, ``gfn`` and ``max_level`` do not
-        matter)."""
-        return PG_LEVEL_4K  # the S-EPT maps private memory at 4K only
+        """4K; with ``huge_pages`` once the TD runs, up to 2M (``max_level``: the slot's
+        backing and the guest_memfd folio); TDH.MEM.PAGE.ADD of the initial image is 4K
+        only.  ``slot`` and ``gfn`` do not matter."""
+        if self.opts.huge_pages and self.module.finalized:
+            return min(max_level, PG_LEVEL_2M)
+        return PG_LEVEL_4K
+
+    def terminate_vm(self) -> None:
+        """KVM_TDX_TERMINATE_VM (``teardown="terminate_vm"``): at the start of the teardown
+        the HKID is released (``tdx_mmu_release_hkid``), so each private page is reclaimed
+        rather than removed."""
+        if self.opts.teardown == "terminate_vm":
+            self.module.release_hkid(self.vcpus)
 
     def after_private_fault(self, ret: Any, gfn: int, slot: Memslot | None) -> None:
         """The TD guest accepts the page it faulted on (TDG.MEM.PAGE.ACCEPT)."""

@@ -1,9 +1,10 @@
 """A model of the TDX module as far as private memory goes: its S-EPT and SEAMCALL leaves.
 
 The module keeps its own S-EPT tree (entries FREE, TABLE, MAPPED, PENDING, BLOCKED,
-BLOCKED_TABLE), the TD's state (finalized, HKID, TLB epoch) and answers each SEAMCALL with
-the status the real module would, so a hook design that drives it wrongly shows up as an
-error rather than as silently wrong counts.
+BLOCKED_TABLE; leaves at 4K, or at 2M with the huge-page series: AUG, BLOCK, REMOVE and
+RECLAIM of a 2M leaf, DEMOTE into a table of 4K leaves), the TD's state (finalized, HKID,
+TLB epoch) and answers each SEAMCALL with the status the real module would, so a hook design
+that drives it wrongly shows up as an error rather than as silently wrong counts.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ import dataclasses
 
 from ..arena import TABLE_BASE_PFN
 from ..errors import ConfigError
-from ..spte import PG_LEVEL_4K, SPTE_ENT_PER_PAGE, pages_per_hpage, spte_index
+from ..spte import (
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    SPTE_ENT_PER_PAGE,
+    pages_per_hpage,
+    spte_index,
+)
 from ..stats import Ctx
 
 TDX_SUCCESS = "TDX_SUCCESS"
@@ -21,6 +28,7 @@ TDX_EPT_WALK_FAILED = "TDX_EPT_WALK_FAILED"
 TDX_EPT_ENTRY_STATE_INCORRECT = "TDX_EPT_ENTRY_STATE_INCORRECT"
 TDX_TLB_TRACKING_NOT_DONE = "TDX_TLB_TRACKING_NOT_DONE"
 TDX_OP_STATE_INCORRECT = "TDX_OP_STATE_INCORRECT"
+TDX_OPERAND_INVALID = "TDX_OPERAND_INVALID"
 
 #: S-EPT entry states (FREE is ``None``); BLOCKED entries remember the TLB epoch.
 SEPT_TABLE, SEPT_MAPPED, SEPT_PENDING = "TABLE", "MAPPED", "PENDING"
@@ -108,15 +116,15 @@ class TdxModule:
         self.ctx.count("sept_tables")
         return self._seamcall(leaf, cost, TDX_SUCCESS)
 
-    def tdh_mem_page_aug(self, gfn: int, pfn: int) -> str:
-        """Runtime: add a 4K page PENDING (the guest accepts it)."""
-        return self._leaf_install(gfn, pfn, aug=True)
+    def tdh_mem_page_aug(self, gfn: int, pfn: int, level: int = PG_LEVEL_4K) -> str:
+        """Runtime: add a page PENDING at ``level`` (4K, or 2M: the guest accepts it)."""
+        return self._leaf_install(gfn, pfn, aug=True, level=level)
 
     def tdh_mem_page_add(self, gfn: int, pfn: int) -> str:
         """Initial image (before finalize): add a 4K page MAPPED, measured if asked."""
-        return self._leaf_install(gfn, pfn, aug=False)
+        return self._leaf_install(gfn, pfn, aug=False, level=PG_LEVEL_4K)
 
-    def _leaf_install(self, gfn: int, pfn: int, aug: bool) -> str:
+    def _leaf_install(self, gfn: int, pfn: int, aug: bool, level: int) -> str:
         leaf, cost = (
             ("TDH.MEM.PAGE.AUG", "tdh_mem_page_aug_ns")
             if aug
@@ -124,7 +132,9 @@ class TdxModule:
         )
         if not self.hkid_assigned or self.finalized != aug:
             return self._seamcall(leaf, cost, TDX_OP_STATE_INCORRECT)
-        where = self._sept_walk(gfn, PG_LEVEL_4K)
+        if level > (PG_LEVEL_2M if aug else PG_LEVEL_4K):  # PAGE.ADD is 4K only
+            return self._seamcall(leaf, cost, TDX_OPERAND_INVALID)
+        where = self._sept_walk(gfn, level)
         if isinstance(where, str):
             return self._seamcall(leaf, cost, where)
         table, i = where
@@ -138,18 +148,35 @@ class TdxModule:
         return status
 
     def tdg_mem_page_accept(self, gfn: int) -> None:
-        """The guest's TDG.MEM.PAGE.ACCEPT: a PENDING page becomes MAPPED."""
-        where = self._sept_walk(gfn, PG_LEVEL_4K)
-        if isinstance(where, str):
+        """The guest's TDG.MEM.PAGE.ACCEPT: a PENDING page (4K or 2M) becomes MAPPED.  A 2M
+        page is cleared whole: one TDCALL, charged once per 4K page."""
+        found = self.leaf_entry(gfn)
+        if found is None:
             return
-        table, i = where
+        level, table, i = found
         e = table[i]
-        if e is not None and e.state == SEPT_PENDING:
+        assert e is not None
+        if e.state == SEPT_PENDING:
             table[i] = SeptEntry(SEPT_MAPPED, e.pfn)
             self._seamcall("TDG.MEM.PAGE.ACCEPT", "tdg_mem_page_accept_ns", TDX_SUCCESS)
+            self.ctx.charge("tdg_mem_page_accept_ns", pages_per_hpage(level) - 1)
+
+    def leaf_entry(self, gfn: int) -> tuple[int, list[SeptEntry | None], int] | None:
+        """The leaf (MAPPED, PENDING or BLOCKED, at 4K or 2M) mapping ``gfn``: its level,
+        table and index; None if there is none."""
+        for level in (PG_LEVEL_4K, PG_LEVEL_2M):
+            where = self._sept_walk(gfn, level)
+            if isinstance(where, str):
+                continue
+            table, i = where
+            e = table[i]
+            if e is not None and e.state in (SEPT_MAPPED, SEPT_PENDING, SEPT_BLOCKED):
+                return level, table, i
+            return None
+        return None
 
     def tdh_mem_range_block(self, gfn: int, level: int) -> str:
-        """Block a mapped/pending leaf (4K) or a table entry, in the current TLB epoch."""
+        """Block a mapped/pending leaf (4K or 2M) or a table entry, in the current TLB epoch."""
         leaf, cost = "TDH.MEM.RANGE.BLOCK", "tdh_mem_range_block_ns"
         where = self._sept_walk(gfn, level)
         if isinstance(where, str):
@@ -157,7 +184,7 @@ class TdxModule:
         table, i = where
         e = table[i]
         epoch = self.epoch & _EPOCH_MASK
-        if e is not None and e.state in (SEPT_MAPPED, SEPT_PENDING) and level == PG_LEVEL_4K:
+        if e is not None and e.state in (SEPT_MAPPED, SEPT_PENDING) and level <= PG_LEVEL_2M:
             table[i] = SeptEntry(SEPT_BLOCKED, e.pfn, epoch)
         elif e is not None and e.state == SEPT_TABLE:
             table[i] = SeptEntry(SEPT_BLOCKED_TABLE, e.pfn, epoch)
@@ -182,10 +209,11 @@ class TdxModule:
             e.epoch != self.epoch & _EPOCH_MASK and self.kicked_epoch == self.epoch
         )
 
-    def tdh_mem_page_remove(self, gfn: int) -> tuple[str, int]:
-        """Remove a BLOCKED 4K page whose TLB tracking is done; returns (status, pfn)."""
+    def tdh_mem_page_remove(self, gfn: int, level: int = PG_LEVEL_4K) -> tuple[str, int]:
+        """Remove a BLOCKED page (4K or 2M) whose TLB tracking is done; returns (status,
+        pfn)."""
         leaf, cost = "TDH.MEM.PAGE.REMOVE", "tdh_mem_page_remove_ns"
-        where = self._sept_walk(gfn, PG_LEVEL_4K)
+        where = self._sept_walk(gfn, level)
         if isinstance(where, str):
             return self._seamcall(leaf, cost, where), 0
         table, i = where
@@ -196,6 +224,25 @@ class TdxModule:
             return self._seamcall(leaf, cost, TDX_TLB_TRACKING_NOT_DONE), 0
         table[i] = None
         return self._seamcall(leaf, cost, TDX_SUCCESS), e.pfn
+
+    def tdh_mem_page_demote(self, gfn: int) -> str:
+        """Split a BLOCKED 2M leaf whose TLB tracking is done into a new S-EPT table of 512
+        MAPPED 4K leaves."""
+        leaf, cost = "TDH.MEM.PAGE.DEMOTE", "tdh_mem_page_demote_ns"
+        where = self._sept_walk(gfn, PG_LEVEL_2M)
+        if isinstance(where, str):
+            return self._seamcall(leaf, cost, where)
+        table, i = where
+        e = table[i]
+        if e is None or e.state != SEPT_BLOCKED:
+            return self._seamcall(leaf, cost, TDX_EPT_ENTRY_STATE_INCORRECT)
+        if not self.tracking_done(e):
+            return self._seamcall(leaf, cost, TDX_TLB_TRACKING_NOT_DONE)
+        child = self._alloc_table()
+        self._tables[child] = [SeptEntry(SEPT_MAPPED, e.pfn + j) for j in range(SPTE_ENT_PER_PAGE)]
+        table[i] = SeptEntry(SEPT_TABLE, TABLE_BASE_PFN + child)
+        self.ctx.count("sept_tables")
+        return self._seamcall(leaf, cost, TDX_SUCCESS)
 
     def tdh_phymem_page_wbinvd(self) -> str:
         """TDH.PHYMEM.PAGE.WBINVD of a page that left the TD; returns ``TDX_SUCCESS``."""
@@ -221,6 +268,18 @@ class TdxModule:
                     self.ctx.count("sept_tables", -1)
         status = TDX_SUCCESS if ok else TDX_EPT_ENTRY_STATE_INCORRECT
         return self._seamcall("TDH.MEM.SEPT.REMOVE", "tdh_mem_sept_remove_ns", status)
+
+    def tdh_phymem_page_reclaim_leaf(self, gfn: int) -> int | None:
+        """After the HKID is gone (KVM_TDX_TERMINATE_VM's order): take the private page
+        mapping ``gfn`` (4K or 2M) back; returns its level (the caller clears its 4K pages),
+        or None if the S-EPT maps no page there."""
+        found = self.leaf_entry(gfn)
+        if found is None:
+            return None
+        level, table, i = found
+        self._seamcall("TDH.PHYMEM.PAGE.RECLAIM", "tdh_phymem_page_reclaim_ns", TDX_SUCCESS)
+        table[i] = None
+        return level
 
     def tdh_phymem_page_reclaim(self, gfn: int, level: int) -> int:
         """After the HKID is gone: take the S-EPT table linked at (gfn, level) back.
