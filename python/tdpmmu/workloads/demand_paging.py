@@ -1,16 +1,6 @@
-"""KVM-selftest-shaped workloads (tools/testing/selftests/kvm) run on a simulated VM.
-
-Two clocks are reported side by side and never mixed:
-- **host wall-clock**: how long the simulator took (a property of tdpmmu and this machine);
-- **modeled**: the time the simulated system would take by the cost model (``CostModel``).
-
-Every workload either takes a VM or builds one through ``VmSpec.create(...).build()`` and
-``vmspec.launch`` (as a VMM would for its type: a TD is finalized before its vCPUs run), and
-every result is saved as a ``tdpmmu.results.Envelope`` (``to_json``/``from_json``).
-"""
+"""KVM's ``demand_paging_test``: first-touch fault throughput (``demand_paging``)."""
 
 import dataclasses
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,35 +8,21 @@ from typing import Any
 from tdpmmu import coerce
 from tdpmmu._core import ConfigError
 from tdpmmu.costs import CostModel
-from tdpmmu.results import Envelope, sum_breakdowns
+from tdpmmu.results import Envelope
 from tdpmmu.stats import Stats
 from tdpmmu.types import VcpuRecord
-from tdpmmu.vm import VM
-from tdpmmu.vmspec import VmSpec, launch, vm_config
-from tdpmmu.vtime import Machine, VirtualOptions, by_resource
+from tdpmmu.vmspec import VmSpec, launch
+from tdpmmu.vtime import Machine, VirtualOptions
+from tdpmmu.workloads.common import (
+    PAGE_SIZE,
+    backing_source,
+    finite_or_inf,
+    rate,
+    virtual_options,
+    virtual_summary,
+)
 
-__all__ = [
-    "BACKING_SOURCES",
-    "OUTCOMES",
-    "PAGE_SIZE",
-    "ConversionsResult",
-    "DemandPagingResult",
-    "demand_paging",
-    "private_mem_conversions",
-    "virtual_options",
-]
-
-#: The guest page (4096 bytes): the unit of every rate and page count here.
-PAGE_SIZE = coerce.PAGE_SIZE
-
-#: The selftests' ``-s`` backing sources that exist on this model, with their host page size.
-BACKING_SOURCES: Mapping[str, str] = {
-    "anonymous": "4K",
-    "anonymous_thp": "2M",
-    "anonymous_hugetlb": "2M",  # x86's default hugetlb size
-    "anonymous_hugetlb_2mb": "2M",
-    "anonymous_hugetlb_1gb": "1G",
-}
+__all__ = ["DemandPagingResult", "demand_paging"]
 
 
 def _vcpu_record(d: VcpuRecord) -> dict[str, float]:
@@ -61,16 +37,6 @@ def _vcpu_record(d: VcpuRecord) -> dict[str, float]:
 
 #: Fault outcomes a virtual-time run counts per vCPU (``VM.run_virtual``'s records).
 OUTCOMES = ("hits", "fixed", "spurious", "retry", "emulate", "memory_fault", "write_protected")
-
-
-def _rate(pages: int, seconds: float) -> float:
-    # Zero modeled time happens with an all-zero cost model; the rate is then unbounded.
-    return pages / seconds if seconds > 0 else math.inf
-
-
-def _finite_or_inf(x: Any) -> float:
-    # Envelopes write non-finite rates as null; the only non-finite rate is +inf.
-    return math.inf if x is None else float(x)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,18 +196,18 @@ class DemandPagingResult:
             region=(int(r["region"][0]), int(r["region"][1])),
             pages_per_vcpu=int(r["pages_per_vcpu"]),
             total_guest_execution_time_s=float(r["total_guest_execution_time_s"]),
-            per_vcpu_demand_paging_rate_pgs_per_s=_finite_or_inf(
+            per_vcpu_demand_paging_rate_pgs_per_s=finite_or_inf(
                 r["per_vcpu_demand_paging_rate_pgs_per_s"]
             ),
-            overall_demand_paging_rate_pgs_per_s=_finite_or_inf(
+            overall_demand_paging_rate_pgs_per_s=finite_or_inf(
                 r["overall_demand_paging_rate_pgs_per_s"]
             ),
             slowest_vcpu_wall_s=float(r["slowest_vcpu_wall_s"]),
             modeled_guest_execution_time_s=float(r["modeled_guest_execution_time_s"]),
-            modeled_per_vcpu_demand_paging_rate_pgs_per_s=_finite_or_inf(
+            modeled_per_vcpu_demand_paging_rate_pgs_per_s=finite_or_inf(
                 r["modeled_per_vcpu_demand_paging_rate_pgs_per_s"]
             ),
-            modeled_overall_demand_paging_rate_pgs_per_s=_finite_or_inf(
+            modeled_overall_demand_paging_rate_pgs_per_s=finite_or_inf(
                 r["modeled_overall_demand_paging_rate_pgs_per_s"]
             ),
             per_vcpu=tuple(dict(d) for d in r["per_vcpu"]),
@@ -286,13 +252,6 @@ class DemandPagingResult:
             json.JSONDecodeError: ``text`` is not JSON.
         """
         return cls.from_envelope(Envelope.from_json(text))
-
-
-def _backing(backing: str | int) -> tuple[int, str | None]:
-    if isinstance(backing, str) and backing.strip() in BACKING_SOURCES:
-        name = backing.strip()
-        return coerce.backing(BACKING_SOURCES[name]), name
-    return coerce.backing(backing), None
 
 
 def demand_paging(
@@ -396,7 +355,7 @@ def demand_paging(
     )
     nvcpus = coerce.count(vcpus, "vcpus")
     per_vcpu_bytes = coerce.size(bytes_per_vcpu, "bytes_per_vcpu")
-    backing_bytes, source = _backing(backing)
+    backing_bytes, source = backing_source(backing)
     image = coerce.count(image_pages, "image_pages", 0)
     flag = coerce.flag(overlap, "overlap")
     total = nvcpus * per_vcpu_bytes
@@ -455,7 +414,7 @@ def demand_paging(
             }
             for v in rec["vcpus"]
         ]
-        virtual = _virtual_summary(rec)
+        virtual = virtual_summary(rec)
     else:
         per_vcpu = vm.run_memstress(*margs)
         wall_s = time.perf_counter() - start
@@ -463,8 +422,8 @@ def demand_paging(
         raise RuntimeError(f"the run returned {len(per_vcpu)} records for {nvcpus} vCPUs")
     pages0 = int(per_vcpu[0]["pages"])
     modeled_s = max(float(d["modeled_ns"]) for d in per_vcpu) / 1e9
-    wall_rate = _rate(pages0, wall_s)
-    modeled_rate = _rate(pages0, modeled_s)
+    wall_rate = rate(pages0, wall_s)
+    modeled_rate = rate(pages0, modeled_s)
     stats = vm.stats
     breakdown = dict(vm.cost_breakdown())
     return DemandPagingResult(
@@ -477,382 +436,15 @@ def demand_paging(
         pages_per_vcpu=pages0,
         total_guest_execution_time_s=wall_s,
         per_vcpu_demand_paging_rate_pgs_per_s=wall_rate,
-        overall_demand_paging_rate_pgs_per_s=_rate(pages0 * nvcpus, wall_s),
+        overall_demand_paging_rate_pgs_per_s=rate(pages0 * nvcpus, wall_s),
         slowest_vcpu_wall_s=max(float(d["wall_s"]) for d in per_vcpu),
         modeled_guest_execution_time_s=modeled_s,
         modeled_per_vcpu_demand_paging_rate_pgs_per_s=modeled_rate,
-        modeled_overall_demand_paging_rate_pgs_per_s=_rate(pages0 * nvcpus, modeled_s),
+        modeled_overall_demand_paging_rate_pgs_per_s=rate(pages0 * nvcpus, modeled_s),
         per_vcpu=tuple(_vcpu_record(d) for d in per_vcpu),
         stats=stats,
         cost_breakdown=breakdown,
         wall_s=time.perf_counter() - run_start,
         options=opts,
         virtual=virtual,
-    )
-
-
-def virtual_options(
-    *,
-    clock: str | None,
-    hooks: object,
-    mmu_lock: str = "shared",
-    userfault: str | None = None,
-    uffd_all: bool = False,
-    uffd_readers: int = 1,
-    uffd_delay_us: float = 0.0,
-    machine: Machine | Mapping[str, Any] | None = None,
-    tdx_module: str = "1.5",
-) -> VirtualOptions:
-    """The run's ``VirtualOptions`` from a workload's keyword arguments.
-
-    Args:
-        clock: ``"virtual"``, ``"host"`` or None (virtual unless ``hooks`` is an object that is
-            not a design name: Python hooks run on host threads only).
-        hooks: the workload's ``hooks`` argument.
-        mmu_lock, userfault, uffd_all, uffd_readers, uffd_delay_us, machine, tdx_module: as
-            ``demand_paging``.
-
-    Returns:
-        VirtualOptions: the checked options.
-
-    Raises:
-        ConfigError: a value out of range, naming it; ``clock="virtual"`` with a hooks object.
-        TypeError: a value of the wrong type.
-    """
-    hooks_object = hooks is not None and not isinstance(hooks, str)
-    if clock is None:
-        clock = "host" if hooks_object else "virtual"
-    elif clock == "virtual" and hooks_object:
-        raise ConfigError(
-            'clock: "virtual" runs the built-in hook designs; a hooks object (Python code) '
-            'runs on host threads: use clock="host"'
-        )
-    if machine is None:
-        m = Machine()
-    elif isinstance(machine, Machine):
-        m = machine
-    elif isinstance(machine, Mapping):
-        m = Machine(**machine)
-    else:
-        raise TypeError(f"machine: expected tdpmmu.vtime.Machine or a mapping, got {machine!r}")
-    return VirtualOptions(
-        clock=clock,
-        mmu_lock=mmu_lock,
-        userfault="none" if userfault is None else userfault,
-        uffd_all=uffd_all,
-        uffd_readers=uffd_readers,
-        uffd_delay_us=uffd_delay_us,
-        machine=m,
-        tdx_module=tdx_module,
-    )
-
-
-def _virtual_summary(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """What a virtual-time run adds to a workload result (``DemandPagingResult.virtual``)."""
-    outcomes = {k: 0 for k in ("accesses", "faults", *OUTCOMES, "local_retries")}
-    for v in rec["vcpus"]:
-        for k in outcomes:
-            outcomes[k] += int(v[k])
-    vb = dict(rec["breakdown"])
-    return {
-        "outcomes": outcomes,
-        "vcpu_breakdown": vb,
-        "resources": by_resource(vb),
-        "host_breakdown": dict(rec["host_breakdown"]),
-        "lock_acquires": int(rec["lock_acquires"]),
-        "lock_contended": int(rec["lock_contended"]),
-        "lock_wait_ns": float(vb.get("wait_mmu_lock", 0.0)),
-        "steps": int(rec["steps"]),
-        "switches": int(rec["switches"]),
-        "engine_wall_s": float(rec["wall_s"]),
-    }
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ConversionsResult:
-    """One ``private_mem_conversions`` run on a VM (counters are in the VM's ``stats``)."""
-
-    #: The VM's configuration (its full ``VmSpec`` when ``VmSpec.build`` made it).
-    vm: Mapping[str, Any]
-    chunks: int
-    chunk_pages: int
-    base_gfn: int
-    region_pages: int
-    touch_first: bool
-    #: Conversion requests the guest made (two per chunk: to shared, back to private).
-    requests: int
-    #: Faults the guest's writes took (RETRYs included); writes the mapping allowed took none.
-    faults: int
-    #: SNP: 2M RMP entries split so that a chunk's pages could be rescinded at 4K.
-    rmp_splits: int
-    #: Outcomes that left a page unmapped (``Ret`` names) and PVALIDATE failures
-    #: (``PVALIDATE_<status>``), with counts. Empty when every write found its page mapped.
-    unexpected: Mapping[str, int]
-    #: Modeled time of the touches' faults, as the engine charged them.
-    fault_modeled_ns: float
-    #: All modeled time of the workload (faults, conversion requests, zaps, RMP, SEAMCALLs).
-    modeled_ns: float
-    #: ``modeled_ns`` by CostModel field.
-    cost_breakdown: Mapping[str, float]
-    #: Host wall-clock time of the whole workload.
-    wall_s: float
-
-    def envelope(self) -> Envelope:
-        """The run as a ``tdpmmu.results.Envelope`` (workload ``"private_mem_conversions"``).
-
-        Returns:
-            Envelope: the VM's configuration, the workload parameters, both clocks, the cost
-            breakdown and the counts of this result. Never raises.
-        """
-        seed = self.vm.get("seed", 0)
-        return Envelope(
-            workload="private_mem_conversions",
-            config={
-                "vm": dict(self.vm),
-                "workload": {
-                    "chunks": self.chunks,
-                    "chunk_pages": self.chunk_pages,
-                    "base_gfn": self.base_gfn,
-                    "region_pages": self.region_pages,
-                    "touch_first": self.touch_first,
-                },
-            },
-            seed=int(seed),
-            modeled_ns=self.modeled_ns,
-            cost_breakdown=dict(self.cost_breakdown),
-            wall_s=self.wall_s,
-            result={
-                "requests": self.requests,
-                "faults": self.faults,
-                "rmp_splits": self.rmp_splits,
-                "unexpected": dict(self.unexpected),
-                "fault_modeled_ns": self.fault_modeled_ns,
-            },
-        )
-
-    @classmethod
-    def from_envelope(cls, env: Envelope) -> "ConversionsResult":
-        """The result an envelope describes (``from_json``'s second half).
-
-        Args:
-            env: an envelope of this workload, e.g. ``Envelope.from_json(text)``.
-
-        Returns:
-            ConversionsResult: the result, equal to the one the envelope was made from.
-
-        Raises:
-            ConfigError: ``env`` holds another workload's result (naming ``envelope``).
-            KeyError: a field the result needs is missing from ``env``.
-        """
-        if env.workload != "private_mem_conversions":
-            raise ConfigError(f"envelope: a {env.workload} result, not private_mem_conversions")
-        wl, r = env.config["workload"], env.result
-        return cls(
-            vm=dict(env.config["vm"]),
-            chunks=int(wl["chunks"]),
-            chunk_pages=int(wl["chunk_pages"]),
-            base_gfn=int(wl["base_gfn"]),
-            region_pages=int(wl["region_pages"]),
-            touch_first=bool(wl["touch_first"]),
-            requests=int(r["requests"]),
-            faults=int(r["faults"]),
-            rmp_splits=int(r["rmp_splits"]),
-            unexpected={str(k): int(v) for k, v in r["unexpected"].items()},
-            fault_modeled_ns=float(r["fault_modeled_ns"]),
-            modeled_ns=env.modeled_ns,
-            cost_breakdown=dict(env.cost_breakdown),
-            wall_s=env.wall_s,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The envelope as plain JSON types (non-finite rates as None).
-
-        Returns:
-            dict[str, Any]: ``envelope().to_dict()``. Never raises.
-        """
-        return self.envelope().to_dict()
-
-    def to_json(self, **kwargs: Any) -> str:
-        """The result as one JSON document (its envelope; non-finite rates as null).
-
-        Args:
-            **kwargs: passed to ``json.dumps`` (e.g. ``indent=2``).
-
-        Returns:
-            str: the JSON text; ``from_json`` reads it back. Never raises for a result.
-        """
-        return self.envelope().to_json(**kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ConversionsResult":
-        """The result a ``to_json`` text describes.
-
-        Args:
-            text: JSON as ``to_json`` wrote it.
-
-        Returns:
-            ConversionsResult: the result.
-
-        Raises:
-            ConfigError: not a tdpmmu envelope, another schema, or another workload's result.
-            json.JSONDecodeError: ``text`` is not JSON.
-        """
-        return cls.from_envelope(Envelope.from_json(text))
-
-
-#: Fault-path outcomes that leave a touched page unmapped, by the counter that records them.
-_UNMAPPED = {
-    "pf_memory_fault": "MEMORY_FAULT",
-    "pf_emulate": "EMULATE",
-    "pf_write_protected": "WRITE_PROTECTED",
-}
-
-_PAGES_2M = 512
-
-
-def private_mem_conversions(
-    vm: VM,
-    chunks: int,
-    chunk_pages: int,
-    *,
-    base_gfn: int = 0,
-    region_pages: int | None = None,
-    touch_first: bool = False,
-) -> ConversionsResult:
-    """Private<->shared conversions shaped like KVM's ``private_mem_conversions_test``.
-
-    ``chunks`` chunks of ``chunk_pages`` guest pages are spread evenly over
-    ``[base_gfn, base_gfn + region_pages)`` (default: all of the VM's memory). Each chunk goes,
-    in order, through:
-
-    1. (``touch_first`` only) the guest writes the chunk as private memory;
-    2. the guest asks for it to become shared; on SNP it first rescinds validation of the
-       pages (PVALIDATE with validate=0), as a guest must before handing pages back;
-    3. userspace sets the memory attributes to shared (``set_memory_attributes``, which also
-       charges the request's exit, ``psc_exit_ns + gmem_convert_ns``) and punches the
-       guest_memfd hole (``punch_hole``), as the selftest with fallocate and QEMU do;
-    4. the guest writes every page as shared;
-    5. the guest asks for it to become private again; userspace sets the attributes private;
-    6. the guest writes every page as private (TDX accepts, SNP validates).
-
-    The guest's writes are vCPU 0 running through the chunk as memstress does
-    (``VM.run_memstress``): a write that the current mapping allows takes no exit, so a page
-    already covered by a 2M leaf costs nothing — every other write takes the fault path.
-
-    SNP with 2M RMP entries: a 4K rescind inside a 2M entry would fail with
-    FAIL_SIZEMISMATCH; the host splits the entry first (``VM.rmp_fault``: PSMASH and a zap of
-    the 2M range, what KVM does on an RMP size-mismatch fault), counted in ``rmp_splits``.
-
-    The VM must be running (``vmspec.launch``: a TD finalized). The chunks must start out
-    private (a confidential VM's memory starts all-private) and, unless ``touch_first``,
-    already written by the guest (on SNP they must be validated). Fault-path outcomes that
-    leave a page unmapped (MEMORY_FAULT, EMULATE, WRITE_PROTECTED) and PVALIDATE failures are
-    counted in ``unexpected``.
-
-    Args:
-        vm: a running confidential ``tdpmmu.VM`` (not a default VM; a TD must be finalized).
-        chunks: number of chunks, >= 1.
-        chunk_pages: 4 KiB pages per chunk, >= 1; ``chunks x chunk_pages`` must fit in the
-            region without overlap.
-        base_gfn: first gfn of the region, >= 0 (default 0).
-        region_pages: the region's size in 4 KiB pages, >= 1 (default: from ``base_gfn`` to
-            the end of the VM's memory).
-        touch_first: the guest writes each chunk as private memory before converting it
-            (default False: the chunks must already be written, and on SNP validated).
-
-    Returns:
-        ConversionsResult: the requests made (two per chunk), faults taken, RMP splits, the
-        unexpected outcomes, and the modeled and host time of the workload.
-
-    Raises:
-        ConfigError: naming ``vm`` (a default VM, or a TD not finalized), ``chunks``,
-            ``chunk_pages``, ``base_gfn`` or ``region_pages``, or the chunks do not fit in the
-            region; an engine operation's own ``ConfigError`` (e.g. a chunk outside every
-            memslot).
-        TypeError: a count that is not an int, or ``touch_first`` not a bool.
-        VmBugged: a conversion, fault or PVALIDATE hit a KVM_BUG_ON.
-        OutOfMemory: page-table memory ran out.
-    """
-    if vm.vm_type == "default":
-        raise ConfigError("vm: a default VM has no private memory to convert")
-    if vm.vm_type == "tdx" and not vm.finalized:
-        raise ConfigError("vm: the TD is not finalized; launch it first (tdpmmu.vmspec.launch)")
-    coerce.count(chunks, "chunks")
-    coerce.count(chunk_pages, "chunk_pages")
-    coerce.count(base_gfn, "base_gfn", 0)
-    if region_pages is None:
-        region_pages = vm.memory // PAGE_SIZE - base_gfn
-    coerce.count(region_pages, "region_pages")
-    coerce.flag(touch_first, "touch_first")
-    stride = region_pages // chunks
-    if stride < chunk_pages:
-        raise ConfigError(
-            f"chunks x chunk_pages = {chunks} x {chunk_pages} pages does not fit in the "
-            f"{region_pages}-page region without overlap"
-        )
-    unexpected: dict[str, int] = {}
-    faults = 0
-    fault_ns = 0.0
-    rmp_splits = 0
-    snp = vm.vm_type == "snp"
-
-    def count(key: str, n: int) -> None:
-        if n:
-            unexpected[key] = unexpected.get(key, 0) + n
-
-    def touch(gfn: int, private: bool) -> None:
-        nonlocal faults, fault_ns
-        before = vm.stats_dict()
-        (rec,) = vm.run_memstress(1, chunk_pages, gfn, False, False, 100, 0, private)
-        after = vm.stats_dict()
-        faults += int(rec["faults"])
-        fault_ns += float(rec["modeled_ns"])
-        for counter, name in _UNMAPPED.items():
-            count(name, int(after[counter] - before[counter]))
-
-    def rescind(gfn: int) -> None:
-        nonlocal rmp_splits
-        end = gfn + chunk_pages
-        while gfn < end:
-            stop = min(end, (gfn // _PAGES_2M + 1) * _PAGES_2M)
-            if vm.rmp_entry(gfn)["size"] == "2M":
-                vm.rmp_fault(gfn)
-                rmp_splits += 1
-            for status, n in vm.pvalidate(gfn, stop - gfn, validate=False).items():
-                if status != "SUCCESS":
-                    count(f"PVALIDATE_{status}", n)
-            gfn = stop
-
-    before_ns = float(vm.stats_dict()["modeled_ns"])
-    before_breakdown = dict(vm.cost_breakdown())
-    start = time.perf_counter()
-    for i in range(chunks):
-        gfn = base_gfn + i * stride
-        if touch_first:
-            touch(gfn, True)
-        if snp:
-            rescind(gfn)
-        vm.set_memory_attributes(gfn, chunk_pages, private=False)
-        vm.punch_hole(gfn, chunk_pages)
-        touch(gfn, False)
-        vm.set_memory_attributes(gfn, chunk_pages, private=True)
-        touch(gfn, True)
-    wall_s = time.perf_counter() - start
-    after_breakdown = dict(vm.cost_breakdown())
-    breakdown = sum_breakdowns([after_breakdown, {k: -v for k, v in before_breakdown.items()}])
-    return ConversionsResult(
-        vm=vm_config(vm),
-        chunks=chunks,
-        chunk_pages=chunk_pages,
-        base_gfn=base_gfn,
-        region_pages=region_pages,
-        touch_first=touch_first,
-        requests=2 * chunks,
-        faults=faults,
-        rmp_splits=rmp_splits,
-        unexpected=dict(unexpected),
-        fault_modeled_ns=fault_ns,
-        modeled_ns=float(vm.stats_dict()["modeled_ns"]) - before_ns,
-        cost_breakdown=breakdown,
-        wall_s=wall_s,
     )
