@@ -4,11 +4,25 @@ Two clocks are reported side by side and never mixed:
 - **host wall-clock**: how long the simulator took (a property of tdpmmu and this machine);
 - **modeled**: the time the simulated system would take by the cost model (``CostModel``).
 
-Every workload either takes a VM or builds one through ``VmSpec.create(...).build()`` and
-``vmspec.launch`` (as a VMM would for its type: a TD is finalized before its vCPUs run), and
-every result is saved as a ``tdpmmu.results.Envelope`` (``to_json``/``from_json``).
+Every workload builds its VM through ``VmSpec.create(...).build()`` and launches it as a VMM
+would for its type (a TD is finalized before its vCPUs run); the memstress-based ones place the
+test region at the top of guest-physical space (``tdpmmu.workloads.memstress``). Each module
+registers its workload in ``WORKLOADS`` (name, CLI subcommand, selftest, flags), which the CLI
+and ``tdpmmu.sweep`` read. Every result is saved as a ``tdpmmu.results.Envelope``
+(``to_json``/``from_json``).
 """
 
+from tdpmmu.workloads import (  # noqa: F401  (each module registers its workload)
+    access_tracking_perf,
+    dirty_log_perf,
+    kvm_page_table,
+    memslot_perf,
+    mmu_stress,
+    pre_fault_memory,
+    snp_boot,
+    td_lifecycle,
+)
+from tdpmmu.workloads.base import WORKLOADS, SimArgs, Workload, WorkloadResult
 from tdpmmu.workloads.common import (
     BACKING_SOURCES,
     OUTCOMES,
@@ -22,8 +36,12 @@ __all__ = [
     "BACKING_SOURCES",
     "OUTCOMES",
     "PAGE_SIZE",
+    "WORKLOADS",
     "ConversionsResult",
     "DemandPagingResult",
+    "SimArgs",
+    "Workload",
+    "WorkloadResult",
     "demand_paging",
     "private_mem_conversions",
     "virtual_options",

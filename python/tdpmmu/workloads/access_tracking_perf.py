@@ -1,0 +1,1 @@
+"""Placeholder: being written (registered workload access_tracking_perf)."""

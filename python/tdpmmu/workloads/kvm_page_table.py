@@ -1,0 +1,1 @@
+"""Placeholder: being written (registered workload kvm_page_table)."""

@@ -1,0 +1,1 @@
+"""Placeholder: being written (registered workload pre_fault_memory)."""
