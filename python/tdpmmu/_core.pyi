@@ -208,5 +208,13 @@ class Vm:
         machine: dict[str, int | float] | None = None,
         tdx_module: str = "1.5",
         remove: tuple[int, int] | None = None,
+        cpus: list[int] | None = None,
     ) -> VirtualRecord: ...
+    def access_batch(
+        self,
+        gfns: npt.NDArray[np.integer[Any]],
+        write: bool | npt.NDArray[np.bool_] | None = None,
+        private: bool | None = None,
+        vcpu: int = 0,
+    ) -> dict[str, int | float]: ...
     def _inject_panic(self) -> None: ...

@@ -1574,4 +1574,85 @@ impl Vm {
         self.ops.grace_period(self.arena());
         r
     }
+
+    /// Guest accesses to a list of pages on one vCPU, in order (a guest loop that is not
+    /// memstress-shaped, e.g. `kvm_page_table_test`'s stages). Each access whose current
+    /// mapping allows it is served by the "hardware" walk (no exit, no modeled time, as
+    /// `run_memstress` on the host clock); any other takes the fault path and, on RETRY,
+    /// faults again. `writes[i]` says whether access `i` writes (one entry: all of them).
+    /// Returns (faults taken, RETRYs included; modeled ns charged).
+    pub fn access_batch(
+        &self,
+        gfns: &[u64],
+        writes: &[bool],
+        private: Option<bool>,
+        vcpu: u32,
+    ) -> Result<(u64, f64)> {
+        self.ops.ensure_alive()?;
+        self.check_vcpu(vcpu)?;
+        let private = self.check_private(private)?;
+        if writes.len() != 1 && writes.len() != gfns.len() {
+            return Err(bad_arg(
+                "write",
+                format!(
+                    "has {} entries for {} gfns; give one or one per gfn",
+                    writes.len(),
+                    gfns.len()
+                ),
+            ));
+        }
+        if let Some((i, g)) = gfns.iter().enumerate().find(|(_, g)| **g >= self.max_gfn()) {
+            return Err(bad_arg(
+                "gfns",
+                format!(
+                    "gfns[{i}] = {g:#x} is beyond the guest-physical limit; allowed 0..{:#x}",
+                    self.max_gfn()
+                ),
+            ));
+        }
+        let v = vcpu as usize;
+        let _vcpu = self.ops.vcpu(v);
+        self.ops.read(self.arena(), |st, ctx| {
+            let tdp = &self.mmu.tdp;
+            let mut pml = memstress::Pml::default();
+            let mut faults = 0u64;
+            for (i, &gfn) in gfns.iter().enumerate() {
+                if (i as u64 + 1).is_multiple_of(op::INTERRUPT_EVERY) && op::interrupted() {
+                    return Err(Error::Interrupted);
+                }
+                let write = writes[if writes.len() == 1 { 0 } else { i }];
+                let mirror = tdp.shape.has_mirror && self.mmu.is_private(st, gfn, private);
+                let bits = tdp.root_gfn_bits(mirror);
+                let mut attempts = 0u64;
+                loop {
+                    let root = tdp.vcpu_root(v, mirror);
+                    if root != crate::arena::NO_TABLE
+                        && let Some(logged) = tdp.hw_access(root, gfn, bits, write)
+                    {
+                        if logged {
+                            pml.log(&self.mmu, st, ctx, gfn);
+                        }
+                        break;
+                    }
+                    faults += 1;
+                    let r = self
+                        .mmu
+                        .page_fault(st, ctx, gfn, private, write, false, v, false)?;
+                    if ctx.bug.is_some() || r.ret != Ret::Retry {
+                        break;
+                    }
+                    attempts += 1 + r.retries as u64;
+                    if attempts >= memstress::MAX_ATTEMPTS_PER_ACCESS {
+                        return Err(Error::Livelock(format!(
+                            "vCPU {v}: the fault at gfn {gfn:#x} was retried {attempts} times without progress"
+                        )));
+                    }
+                }
+                if ctx.bug.is_some() {
+                    break;
+                }
+            }
+            Ok((faults, ctx.modeled_ns))
+        })
+    }
 }

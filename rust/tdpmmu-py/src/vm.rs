@@ -1572,7 +1572,8 @@ impl Vm {
     /// ``mmu_lock`` for read throughout (other threads' writers wait for it).
     ///
     /// Args:
-    ///     vcpus: simulated vCPUs, 1..``self.vcpus`` (at most 4096); vCPU ``i`` runs on CPU ``i``.
+    ///     vcpus: simulated vCPUs, 1..``self.vcpus`` (at most 4096); vCPU ``i`` runs on CPU ``i``
+    ///         unless ``cpus`` pins it.
     ///     pages_per_vcpu: accesses per vCPU per pass, which is also its slice's size in 4 KiB
     ///         pages, >= 1.
     ///     base_gfn: first gfn of the region, in ``0..max_gfn``; every page of the region must be
@@ -1596,11 +1597,15 @@ impl Vm {
     ///     uffd_delay_ns: userspace handling delay per fault (``-d``, here in ns), >= 0.
     ///     machine: dict with ``sockets`` (1..64), ``cores_per_socket`` (1..1024),
     ///         ``threads_per_core`` (1..8) and ``mem_bw_gbps`` (per socket, > 0); missing keys
-    ///         keep the default 2 x 64 x 2 CPUs, 150 GB/s. vCPU ``i`` runs on CPU ``i``.
+    ///         keep the default 2 x 64 x 2 CPUs, 150 GB/s.
     ///     tdx_module: ``"1.5"`` (default: AUG/SEPT.ADD take the S-EPT lock shared) or ``"1.0"``
     ///         (exclusive: concurrent private faults of one TD collide).
     ///     remove: ``(gfn, npages)``: a host thread zaps these private pages one at a time under
     ///         ``mmu_lock`` for write while the vCPUs run (TDX: BLOCK, TRACK, kick, REMOVE).
+    ///     cpus: the selftests' ``-c`` pinning: vCPU ``i`` runs on CPU ``cpus[i]`` of ``machine``
+    ///         (so contended cache lines and IPIs cost by those CPUs' distance); one distinct CPU
+    ///         per vCPU in ``0..machine CPUs``, all or nothing (default None: CPU ``i``). The
+    ///         reader and remover threads take the lowest CPUs left free.
     ///
     /// Returns:
     ///     dict: ``tdpmmu.types.VirtualRecord``: ``elapsed_ns`` (float, modeled time to the last
@@ -1615,15 +1620,15 @@ impl Vm {
     /// Raises:
     ///     ConfigError: an argument out of range, naming it (as ``run_memstress``, plus
     ///         ``passes``, ``mmu_lock``, ``userfault``, ``uffd_readers``, ``uffd_delay``,
-    ///         ``machine.<key>``, ``tdx_module``, ``remove``); ``clock`` on a VM with a hooks
-    ///         object (those run on host threads only).
+    ///         ``machine.<key>``, ``tdx_module``, ``remove``, ``cpus``); ``clock`` on a VM with
+    ///         a hooks object (those run on host threads only).
     ///     VmBugged: a fault or removal hit a KVM_BUG_ON (the run stops).
     ///     OutOfMemory: no page-table memory.
     ///     KeyboardInterrupt: Ctrl-C stopped the run; what it did stays.
     ///     TdpmmuError: a livelock (one access retried 2**20 times).
     ///     TypeError: an argument of the wrong type.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private = None, *, passes = None, mmu_lock = "shared", userfault = "none", uffd_all = false, uffd_readers = None, uffd_delay_ns = 0.0, machine = None, tdx_module = "1.5", remove = None))]
+    #[pyo3(signature = (vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private = None, *, passes = None, mmu_lock = "shared", userfault = "none", uffd_all = false, uffd_readers = None, uffd_delay_ns = 0.0, machine = None, tdx_module = "1.5", remove = None, cpus = None))]
     fn run_virtual<'py>(
         &self,
         py: Python<'py>,
@@ -1644,8 +1649,16 @@ impl Vm {
         machine: Option<Bound<'py, PyDict>>,
         tdx_module: &str,
         remove: Option<(Int, Int)>,
+        cpus: Option<Vec<Int>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         use core::vtime::{Machine, Userfault, VtArgs};
+        let cpus = match cpus {
+            None => Vec::new(),
+            Some(l) => l
+                .iter()
+                .map(|c| in_range(py, "cpus", c, 1 << 31).map(|c| c as u32))
+                .collect::<PyResult<Vec<u32>>>()?,
+        };
         let max_gfn = self.inner.max_gfn();
         let exclusive = match mmu_lock {
             "shared" => false,
@@ -1731,6 +1744,7 @@ impl Vm {
             machine: m,
             tdx_module_1_0: tdx_1_0,
             remove,
+            cpus,
         };
         let r = self.run(py, |vm| vm.run_virtual(&a))?;
         let rates = self.inner.cfg.costs.rates();
@@ -1772,6 +1786,67 @@ impl Vm {
         out.set_item("steps", r.steps)?;
         out.set_item("switches", r.switches)?;
         out.set_item("wall_s", r.wall_s)?;
+        Ok(out)
+    }
+
+    /// Guest accesses to a list of pages on one vCPU, in order (a guest loop that is not
+    /// memstress-shaped).
+    ///
+    /// Each access whose current mapping allows it (present, and writable for a write) is served
+    /// by the "hardware" walk: no exit and no modeled time, as in ``run_memstress`` on the host
+    /// clock (a write to a PML-armed page is logged). Any other access takes the fault path as an
+    /// EPT violation would (``fault``), and an access that got RETRY faults again until it is
+    /// served. Runs on the calling thread under one read-lock hold.
+    ///
+    /// Args:
+    ///     gfns: 1-D numpy array of 4 KiB guest pages, each in ``0..max_gfn``, accessed in order.
+    ///     write: True (every access writes; None, the default, means True), False (every access
+    ///         reads), or a 1-D numpy array of bools, one per gfn.
+    ///     private: True, False or None (default: by each gfn's memory attribute), as for
+    ///         ``fault``.
+    ///     vcpu: the vCPU making the accesses, ``0..vcpus`` (default 0).
+    ///
+    /// Returns:
+    ///     dict: ``faults`` (int: faults taken, RETRYs included), ``accesses`` (int: the accesses
+    ///     made, ``len(gfns)`` unless a KVM_BUG_ON stopped them) and ``modeled_ns`` (float:
+    ///     modeled time charged on the vCPU, all of it by its faults).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfns`` (a gfn beyond ``max_gfn``), ``write`` (an array of
+    ///         another length), ``vcpu`` or ``private`` (True on a default VM); ``vm`` on a TD
+    ///         not finalized or after ``destroy()``. Refused before any access.
+    ///     VmBugged: the VM was bugged, or a fault bugged it (earlier accesses stay done).
+    ///     OutOfMemory: no page-table memory for a table.
+    ///     TdpmmuError: one access got RETRY 2**20 times in a row (a livelock).
+    ///     TypeError: ``gfns`` not an integer array, ``write`` not a bool or bool array.
+    #[pyo3(signature = (gfns, write = None, private = None, vcpu = Int::of(0)))]
+    #[pyo3(text_signature = "(self, /, gfns, write=True, private=None, vcpu=0)")]
+    fn access_batch<'py>(
+        &self,
+        py: Python<'py>,
+        gfns: &Bound<'py, PyAny>,
+        write: Option<Bound<'py, PyAny>>,
+        private: Option<bool>,
+        vcpu: Int,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let vcpu = self.vcpu(py, &vcpu)?;
+        let gfns = gfn_vec(gfns, "gfns")?;
+        let write = write.unwrap_or_else(|| PyBool::new(py, true).to_owned().into_any());
+        let writes: Vec<bool> = if let Ok(b) = write.cast::<PyBool>() {
+            vec![b.is_true()]
+        } else if let Ok(a) = write.cast::<PyArray1<bool>>() {
+            numpy::PyArrayMethods::readonly(a).as_array().to_vec()
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "write: expected a bool or a 1-D numpy array of bools, got {}",
+                write.get_type().name()?
+            )));
+        };
+        let (faults, ns) = self.run(py, |vm| vm.access_batch(&gfns, &writes, private, vcpu))?;
+        let out = PyDict::new(py);
+        out.set_item("faults", faults)?;
+        out.set_item("accesses", gfns.len())?;
+        out.set_item("modeled_ns", ns)?;
         Ok(out)
     }
 
