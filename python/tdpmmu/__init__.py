@@ -12,6 +12,7 @@ from tdpmmu.errors import ConfigError, InvariantError, OutOfMemory, TdpmmuError,
 from tdpmmu.hooks import HookDesign
 from tdpmmu.ret import Ret
 from tdpmmu.stats import Stats
+from tdpmmu.sweep import SweepPoint, SweepResult, sweep
 from tdpmmu.trace import Event
 from tdpmmu.vm import VM
 from tdpmmu.workloads import DemandPagingResult, demand_paging
@@ -28,9 +29,12 @@ __all__ = [
     "OutOfMemory",
     "Ret",
     "Stats",
+    "SweepPoint",
+    "SweepResult",
     "TdpmmuError",
     "VmBugged",
     "__version__",
     "demand_paging",
     "spte",
+    "sweep",
 ]

@@ -21,19 +21,41 @@ read, compared and re-loaded the same way::
 
 ``Envelope.from_json(e.to_json()) == e`` for every envelope whose numbers are finite
 (non-finite floats, e.g. the rate of an all-zero cost model, are written as ``null``).
+
+Files: ``write_json``/``read_json`` store one JSON document (an envelope, a result, a sweep);
+``write_csv``/``read_csv`` store flat rows (one per run, ``row_of``'s record), reading back the
+same values; ``rows_to_frame`` makes a ``pandas.DataFrame`` of such rows.
 """
 
+import csv
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
-from typing import Any, Protocol, Self
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from tdpmmu import __version__
 from tdpmmu._core import ConfigError
 from tdpmmu.vm import VM
 
-__all__ = ["SCHEMA", "Envelope", "Result", "json_safe", "sum_breakdowns"]
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = [
+    "SCHEMA",
+    "Envelope",
+    "Result",
+    "envelope_row",
+    "json_safe",
+    "read_csv",
+    "read_json",
+    "row_of",
+    "rows_to_frame",
+    "sum_breakdowns",
+    "write_csv",
+    "write_json",
+]
 
 #: Version of the envelope's layout (bumped when a field changes meaning).
 SCHEMA = 1
@@ -271,3 +293,227 @@ class Result(Protocol):
     def from_envelope(cls, env: Envelope) -> Self:
         """The result an ``env`` of its workload describes (``ConfigError`` for another)."""
         ...
+
+
+# ----- flat rows and files ----------------------------------------------------------------------
+
+
+def _scalar(value: Any) -> Any:
+    """A row cell: JSON scalars as they are (non-finite floats -> None), the rest as JSON text."""
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return json.dumps(json_safe(value), sort_keys=True)
+
+
+def envelope_row(env: Envelope | Mapping[str, Any]) -> dict[str, Any]:
+    """The flat record of a run, read from its envelope alone (for results without ``row()``).
+
+    The record has the keys a ``WorkloadResult.row()`` has: ``workload``, ``vm_type``,
+    ``hooks``, ``vcpus``, ``seed``, the workload parameters and run options
+    (``config["workload"]``, nested values as JSON text), the metrics (``result["metrics"]``
+    when the envelope has them, else every top-level number of ``result``), ``modeled_ns`` and
+    ``wall_s``.
+
+    Args:
+        env: an ``Envelope`` or its ``to_dict()`` (parsed JSON).
+
+    Returns:
+        dict[str, Any]: JSON scalars (non-finite numbers as None).
+
+    Raises:
+        ConfigError: ``env`` is a mapping that is not a tdpmmu envelope (``Envelope.from_dict``).
+    """
+    e = env if isinstance(env, Envelope) else Envelope.from_dict(env)
+    vm = e.config.get("vm", {})
+    out: dict[str, Any] = {
+        "workload": e.workload,
+        "vm_type": vm.get("vm_type"),
+        "hooks": vm.get("hooks"),
+        "vcpus": vm.get("vcpus"),
+        "seed": e.seed,
+    }
+    wl = dict(e.config.get("workload", {}))
+    options = wl.pop("options", {})
+    for k, v in {**wl, **(options if isinstance(options, Mapping) else {})}.items():
+        if k not in out:
+            out[k] = _scalar(v)
+    metrics = e.result.get("metrics")
+    if not isinstance(metrics, Mapping):
+        metrics = {
+            k: v
+            for k, v in e.result.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    out.update({str(k): _scalar(v) for k, v in metrics.items()})
+    out["modeled_ns"] = e.modeled_ns
+    out["wall_s"] = e.wall_s
+    return out
+
+
+def row_of(result: Any) -> dict[str, Any]:
+    """A result's flat record: its ``row()`` when it has one, else ``envelope_row``'s.
+
+    Args:
+        result: a workload result (``WorkloadResult`` or any ``Result`` with ``envelope()``).
+
+    Returns:
+        dict[str, Any]: JSON scalars (non-finite numbers as None), keys as ``envelope_row``.
+
+    Raises:
+        TypeError: ``result`` has neither ``row()`` nor ``envelope()``.
+    """
+    row = getattr(result, "row", None)
+    if callable(row):
+        return {str(k): _scalar(v) for k, v in row().items()}
+    envelope = getattr(result, "envelope", None)
+    if callable(envelope):
+        return envelope_row(envelope())
+    raise TypeError(f"row_of: {type(result).__name__} has neither row() nor envelope()")
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write one JSON document (indented, a newline at the end, never NaN or Infinity).
+
+    Args:
+        path: the file to write (replaced if it exists).
+        data: an object with ``to_dict()`` (an envelope, a result, a sweep) or JSON-safe data
+            (``json_safe`` converts it; non-finite floats become null).
+
+    Raises:
+        TypeError: ``data`` holds a value ``json_safe`` cannot store.
+        OSError: the file cannot be written.
+    """
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON document in a file (``write_json``'s), as plain JSON types.
+
+    Args:
+        path: the file to read.
+
+    Returns:
+        Any: the parsed document (e.g. pass it to ``Envelope.from_dict``).
+
+    Raises:
+        OSError: the file cannot be read.
+        json.JSONDecodeError: the file is not JSON.
+    """
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write flat rows as CSV: a header with every key (first-seen order), one line per row.
+
+    A missing key and None are written as an empty cell; bools as ``true``/``false``; floats
+    with ``repr`` (so ``read_csv`` gives back the same float); text that would read back as
+    something else (``"1.5"``, ``"true"``, ``""``, or text starting with a double quote) as a
+    JSON string (``"1.5"`` in quotes); other non-scalars as JSON text.
+
+    Args:
+        path: the file to write (replaced if it exists).
+        rows: the records, e.g. ``row_of(result)`` for each result.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    rows = [dict(r) for r in rows]
+    header: dict[str, None] = {}
+    for r in rows:
+        header.update(dict.fromkeys(str(k) for k in r))
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(header))
+        for r in rows:
+            w.writerow([_cell(r.get(k)) for k in header])
+
+
+def _cell(value: Any) -> str:
+    v = _scalar(value)
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    text = str(v)
+    if isinstance(v, str) and (not isinstance(_parse_cell(text), str) or text.startswith('"')):
+        # Text that would read back as something else ("1.5", "true", "") goes as a JSON string.
+        return json.dumps(text)
+    return text
+
+
+def _parse_cell(text: str) -> Any:
+    if text == "":
+        return None
+    if text.startswith('"'):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(value, str):
+            return value
+        return text
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows a ``write_csv`` file holds, with types back: empty -> None, ``true``/``false``
+    -> bool, integers -> int, other numbers -> float, a JSON string (``"1.5"``) -> its text,
+    the rest str (JSON text of a list or mapping stays text).
+
+    Args:
+        path: the file to read.
+
+    Returns:
+        list[dict[str, Any]]: one dict per line, every header key in each.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a line has more cells than the header.
+    """
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        out = []
+        for line in reader:
+            if len(line) > len(header):
+                raise ValueError(f"read_csv: a line has {len(line)} cells for {len(header)} keys")
+            line = line + [""] * (len(header) - len(line))
+            out.append({k: _parse_cell(v) for k, v in zip(header, line, strict=True)})
+        return out
+
+
+def rows_to_frame(rows: Sequence[Mapping[str, Any]] | Iterable[Any]) -> "pandas.DataFrame":
+    """One ``pandas.DataFrame`` of many runs: a row per record (``row_of`` for results).
+
+    Args:
+        rows: flat records (mappings) or results (anything ``row_of`` takes), mixed freely.
+
+    Returns:
+        pandas.DataFrame: one row each, columns in first-seen order.
+
+    Raises:
+        ImportError: pandas is not installed (``pip install 'tdpmmu[pandas]'``).
+        TypeError: an item is neither a mapping nor a result.
+    """
+    try:
+        import pandas
+    except ImportError as e:  # pragma: no cover - the dev environment has pandas
+        raise ImportError("rows_to_frame needs pandas: pip install 'tdpmmu[pandas]'") from e
+    records = [dict(r) if isinstance(r, Mapping) else row_of(r) for r in rows]
+    return pandas.DataFrame(records)
