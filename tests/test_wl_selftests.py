@@ -1,0 +1,235 @@
+"""The non-demand-paging selftest workloads (kvm_page_table, mmu_stress, memslot_perf,
+pre_fault_memory, private_mem_conversions' CLI) and the engine operation they add
+(``VM.access_batch``): stages, checks, labels, bad flags, JSON round trips, every VM type."""
+
+import argparse
+import re
+
+import numpy as np
+import pytest
+
+import tdpmmu
+from tdpmmu import spte
+from tdpmmu.workloads import WORKLOADS, WorkloadResult
+from tdpmmu.workloads.kvm_page_table import kvm_page_table, leaf_level
+from tdpmmu.workloads.pre_fault_memory import TEST_PAGES, pre_fault_ioctl, pre_fault_memory
+
+VM_TYPES = ("default", "sw_protected", "tdx", "snp")
+TIME = re.compile(r"\d+\.\d{9}s")
+
+
+def parse(name: str, argv: list[str]) -> dict[str, object]:
+    """The workload kwargs its CLI flags give (``add_arguments`` + ``from_args``)."""
+    wl = WORKLOADS[name]
+    p = argparse.ArgumentParser(exit_on_error=False)
+    wl.add_arguments(p)
+    return wl.from_args(p.parse_args(argv))
+
+
+def refused(name: str, argv: list[str]) -> None:
+    """The flags are refused by the workload's parser (argparse exits with status 2)."""
+    wl = WORKLOADS[name]
+    p = argparse.ArgumentParser()
+    wl.add_arguments(p)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(argv)
+    assert e.value.code == 2
+
+
+def round_trip(r: WorkloadResult) -> None:
+    back = WorkloadResult.from_json(r.to_json())
+    assert back == r
+
+
+# ----- VM.access_batch ------------------------------------------------------------------------
+
+
+def test_access_batch_hits_cost_nothing_and_misses_fault() -> None:
+    vm = tdpmmu.VM(memory="4M", backing="2M", vcpus=2)
+    heads = np.array([0, 512], dtype=np.uint64)
+    r = vm.access_batch(heads, write=False)
+    # Two read faults, each mapping a 2M leaf (KVM maps a read writable when the host allows).
+    assert (r["faults"], r["accesses"]) == (2, 2)
+    assert r["modeled_ns"] > 0
+    assert vm.stats["pages_2m"] == 2
+    # Every page of both 2M leaves is now served by the walk: no fault, no modeled time.
+    before = vm.stats["pf_taken"]
+    r = vm.access_batch(np.arange(1024, dtype=np.uint64), write=np.ones(1024, bool))
+    assert r["faults"] == 0 and r["modeled_ns"] == 0.0
+    assert vm.stats["pf_taken"] == before
+
+
+def test_access_batch_write_to_read_only_leaf_faults_once() -> None:
+    vm = tdpmmu.VM(memory="2M")
+    slot_gfns = np.arange(8, dtype=np.uint64)
+    vm.access_batch(slot_gfns, write=False)
+    vm.set_dirty_logging(0, True)  # write-protects every leaf
+    r = vm.access_batch(slot_gfns, write=True)
+    assert r["faults"] == 8
+    assert vm.stats["pf_fast"] >= 8
+    # Reads after it take none.
+    assert vm.access_batch(slot_gfns, write=False)["faults"] == 0
+
+
+def test_access_batch_bad_arguments_refused() -> None:
+    vm = tdpmmu.VM(memory="2M")
+    with pytest.raises(tdpmmu.ConfigError, match="write"):
+        vm.access_batch(np.arange(4, dtype=np.uint64), write=np.ones(3, bool))
+    with pytest.raises(tdpmmu.ConfigError, match="gfns"):
+        vm.access_batch(np.array([vm.max_gfn], dtype=np.uint64))
+    with pytest.raises(tdpmmu.ConfigError, match="vcpu"):
+        vm.access_batch(np.arange(4, dtype=np.uint64), vcpu=1)
+    with pytest.raises(TypeError, match="write"):
+        vm.access_batch(np.arange(4, dtype=np.uint64), write=[True] * 4)  # type: ignore[arg-type]
+    assert vm.stats["pf_taken"] == 0
+
+
+# ----- kvm_page_table -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+@pytest.mark.parametrize("backing", ["anonymous", "anonymous_thp"])
+def test_kvm_page_table_stages_and_levels(vm_type: str, backing: str) -> None:
+    r = kvm_page_table(vcpus=3, test_bytes="6M", backing=backing, vm_type=vm_type)
+    lines = list(r.lines)
+    assert lines[0] == "Testing guest mode: PA-bits:ANY, VA-bits:48,  4K pages"
+    assert lines[1] == f"Testing memory backing src type: {backing}"
+    gran = 0x1000 if backing == "anonymous" else 0x200000
+    assert lines[2] == f"Testing memory backing src granularity: {gran:#x}"
+    assert lines[3] == "Testing memory size(aligned): 0x600000"
+    assert lines[4].startswith("Guest physical test memory offset: 0x")
+    assert lines[5].startswith("Host  virtual  test memory offset: 0x")
+    assert lines[6:8] == ["Number of testing vCPUs: 3", "Started all vCPUs successfully"]
+    for i, stage in enumerate(
+        ("KVM_CREATE_MAPPINGS", "KVM_UPDATE_MAPPINGS", "KVM_ADJUST_MAPPINGS")
+    ):
+        line, blank = lines[8 + 2 * i], lines[9 + 2 * i]
+        assert line.startswith(f"{stage}: total execution time: ") and TIME.search(line)
+        assert blank == ""
+        assert r.metrics[f"{stage.lower()}_total_execution_time_s"] >= 0
+    assert all(c["ok"] for c in r.detail["checks"].values())
+    assert set(r.detail["checks"]) == {
+        "create_levels",
+        "update_levels",
+        "update_dirty",
+        "adjust_levels",
+    }
+    stages = r.detail["stages"]
+    # Create: vCPU 0 takes every fault (one per backing page); the others find the pages
+    # mapped (at most one fault each: the model loads a vCPU's root on its first fault).
+    npages = 6 * 256
+    step = 1 if backing == "anonymous" else 512
+    assert stages["KVM_CREATE_MAPPINGS"][0]["faults"] == npages // step
+    assert all(v["faults"] <= 1 for v in stages["KVM_CREATE_MAPPINGS"][1:])
+    # Update under dirty logging: every written page takes one (fast-path) fault.
+    written = npages if step == 1 else npages // step
+    assert stages["KVM_UPDATE_MAPPINGS"][0]["faults"] == written
+    # Adjust: huge mappings came back when logging stopped; reads fault nowhere.
+    assert all(v["faults"] == 0 for v in stages["KVM_ADJUST_MAPPINGS"])
+    assert r.stats["pages_2m"] == (0 if step == 1 else npages // 512)
+    assert r.stats["pages_4k"] == (npages if step == 1 else 0)
+    round_trip(r)
+
+
+def test_kvm_page_table_adjust_recovery_is_checked() -> None:
+    # The adjust check must fail when KVM does not recover huge pages: pin it by making a
+    # page of every 2M range write-tracked (KVM keeps such ranges small).
+    vm = tdpmmu.VM(memory="4M", backing="2M")
+    vm.access_batch(np.array([0], dtype=np.uint64), write=False)
+    assert leaf_level(vm, 0) == 2
+    vm.set_dirty_logging(0, True)
+    assert leaf_level(vm, 0) == 1  # eager split
+    vm.write_track_gfn(3)
+    vm.set_dirty_logging(0, False)
+    assert leaf_level(vm, 0) == 1  # a write-tracked page keeps its 2M range small
+    assert leaf_level(vm, 600) == 0
+
+
+def test_kvm_page_table_clock_option_counts_guest_time() -> None:
+    host = kvm_page_table(vcpus=2, test_bytes="4M", backing="anonymous_thp", clock="host")
+    virt = kvm_page_table(vcpus=2, test_bytes="4M", backing="anonymous_thp", clock="virtual")
+    h, v = host.metrics, virt.metrics
+    assert h["kvm_adjust_mappings_total_execution_time_s"] == 0.0  # all hits
+    # Virtual: 1024 reads x guest_access_ns per vCPU.
+    assert v["kvm_adjust_mappings_total_execution_time_s"] == pytest.approx(1024 * 150e-9)
+    assert (
+        v["kvm_create_mappings_total_execution_time_s"]
+        > (h["kvm_create_mappings_total_execution_time_s"])
+    )
+
+
+def test_kvm_page_table_offset_and_rounding() -> None:
+    r = kvm_page_table(test_bytes="3M", backing="anonymous_thp", offset="1G")
+    assert "Testing memory size(aligned): 0x400000" in r.lines
+    assert "Guest physical test memory offset: 0x40000000" in r.lines
+    with pytest.raises(tdpmmu.ConfigError, match="offset"):
+        kvm_page_table(test_bytes="4M", backing="anonymous_thp", offset=0x40001000)
+    with pytest.raises(tdpmmu.ConfigError, match="test_bytes"):
+        kvm_page_table(test_bytes="4M", offset=0)
+    with pytest.raises(tdpmmu.ConfigError, match="vcpus"):
+        kvm_page_table(vcpus=0, test_bytes="4M")
+
+
+def test_kvm_page_table_flags() -> None:
+    kw = parse("kvm_page_table", ["-v", "4", "-b", "8M", "-s", "anonymous_thp", "-p", "0x40000000"])
+    assert kw == {"vcpus": 4, "test_bytes": 8 << 20, "backing": "anonymous_thp", "offset": 1 << 30}
+    assert parse("kvm_page_table", ["-m", "0"])["test_bytes"] == 1 << 30
+    refused("kvm_page_table", ["-v", "0"])
+    refused("kvm_page_table", ["-b", "12x"])
+    refused("kvm_page_table", ["-s", "shmem"])
+    refused("kvm_page_table", ["-m", "3"])
+    assert WORKLOADS["kvm_page_table"].command == "kvm-page-table"
+
+
+# ----- pre_fault_memory -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "private"),
+    [("default", None)] + [(t, p) for t in VM_TYPES[1:] for p in (None, False)],
+)
+def test_pre_fault_memory_checks(vm_type: str, private: bool | None) -> None:
+    r = pre_fault_memory(private=private, vm_type=vm_type)
+    checks = r.detail["checks"]
+    assert all(c["ok"] for c in checks.values())
+    for k in ("whole_2m", "past_slot_end", "outside_slot", "guest_pass_no_faults"):
+        assert k in checks
+    kind = "private" if private is None and vm_type != "default" else "shared"
+    assert r.params["private"] == (kind == "private")
+    assert r.lines[1].endswith(f"{kind}: 0 bytes left, ret 0 (1 calls)")
+    assert r.lines[2].endswith(f"{kind}: 4096 bytes left, ret ENOENT (2 calls)")
+    assert r.lines[3].endswith(f"{kind}: 4096 bytes left, ret ENOENT (1 calls)")
+    assert TIME.search(r.lines[4]) and r.lines[4].startswith("Pre-fault time: ")
+    assert r.lines[5].startswith("Guest read pass time: ") and r.lines[5].endswith("faults: 0")
+    assert r.metrics["guest_pass_faults"] == 0
+    assert r.metrics["pre_fault_time_s"] > 0
+    # A pre-fault is an ioctl: it counts no pf_taken.
+    assert r.stats["pf_taken"] == 0
+    round_trip(r)
+
+
+def test_pre_fault_ioctl_progress_and_enoent() -> None:
+    vm = tdpmmu.VM(memory="2M")
+    base = 0x10000
+    vm.add_memslot(base, TEST_PAGES)
+    assert pre_fault_ioctl(vm, base + 512, 2, None) == (0, 1)
+    assert pre_fault_ioctl(vm, base + 513, 1, None) == (-2, 0)
+    assert leaf_level(vm, base + 512) == 1
+    # Without the pre-fault the guest's read faults: the workload's check can fail.
+    r = vm.access_batch(np.array([base], dtype=np.uint64), write=False)
+    assert r["faults"] == 1
+
+
+def test_pre_fault_memory_refuses_private_on_default_vm() -> None:
+    with pytest.raises(tdpmmu.ConfigError, match="private"):
+        pre_fault_memory(private=True)
+    assert parse("pre_fault_memory", []) == {}
+    refused("pre_fault_memory", ["-v", "2"])
+
+
+def test_spte_helpers_used_by_leaf_level() -> None:
+    vm = tdpmmu.VM(memory="2M")
+    assert leaf_level(vm, 5) == 0
+    vm.fault(5)
+    assert leaf_level(vm, 5) == 1
+    assert spte.is_shadow_present(vm.spte(5))
