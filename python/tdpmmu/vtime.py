@@ -25,6 +25,7 @@ __all__ = [
     "Machine",
     "VirtualOptions",
     "by_resource",
+    "pin_list",
 ]
 
 #: ``clock`` values: ``"virtual"`` (simulated vCPUs on one thread, modeled-time order) or
@@ -118,7 +119,8 @@ def by_resource(breakdown: Mapping[str, float]) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Machine:
-    """The host the simulated vCPUs run on; vCPU ``i`` is pinned to CPU ``i``.
+    """The host the simulated vCPUs run on; vCPU ``i`` runs on CPU ``i`` unless
+    ``VirtualOptions.cpus`` pins it elsewhere (the selftests' ``-c``).
 
     CPUs are numbered as Linux numbers x86 servers: one thread of every core, socket by socket,
     then the SMT siblings. A contended cache line costs ``line_smt_ns``, ``line_socket_ns`` or
@@ -164,6 +166,40 @@ class Machine:
         return dataclasses.asdict(self)
 
 
+def pin_list(cpus: object, machine: Machine) -> tuple[int, ...]:
+    """A vCPU pinning (the selftests' ``-c``), checked against ``machine``.
+
+    Args:
+        cpus: a sequence of CPU numbers, vCPU ``i`` on ``cpus[i]``; at least one.
+        machine: the modeled host.
+
+    Returns:
+        tuple[int, ...]: the CPUs.
+
+    Raises:
+        ConfigError: naming ``cpus``: empty, not ints, a CPU outside ``0..machine.cpus``, or
+            one CPU given to two vCPUs (time-sharing a CPU is not modeled).
+    """
+    if isinstance(cpus, str | bytes) or not hasattr(cpus, "__iter__"):
+        raise ConfigError(f"cpus: must be a sequence of CPU numbers, got {cpus!r}")
+    out = tuple(cpus)
+    if not out:
+        raise ConfigError("cpus: must name at least one CPU")
+    seen: set[int] = set()
+    for i, c in enumerate(out):
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < machine.cpus:
+            raise ConfigError(
+                f"cpus: vCPU {i}: CPU {c!r} is not in the machine's 0..{machine.cpus - 1}"
+            )
+        if c in seen:
+            raise ConfigError(
+                f"cpus: vCPU {i}: CPU {c} already runs another vCPU (two vCPUs time-sharing "
+                "one CPU are not modeled)"
+            )
+        seen.add(c)
+    return out
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class VirtualOptions:
     """The knobs of a run's clock and shared resources (see ``demand_paging``).
@@ -190,6 +226,10 @@ class VirtualOptions:
     machine: Machine = dataclasses.field(default_factory=Machine)
     #: TDX module lock table: ``"1.5"`` (AUG/SEPT.ADD shared) or ``"1.0"`` (exclusive).
     tdx_module: str = "1.5"
+    #: The selftests' ``-c`` pinning: vCPU ``i`` runs on CPU ``cpus[i]`` of ``machine`` (one
+    #: distinct CPU per vCPU, in ``0..machine.cpus``), so contended cache lines and IPIs cost
+    #: by those CPUs' distance; None (default): vCPU ``i`` on CPU ``i``. Virtual time only.
+    cpus: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -212,9 +252,12 @@ class VirtualOptions:
             raise ConfigError(f"uffd_delay_us: must be a finite number >= 0, got {d!r}")
         if not isinstance(self.machine, Machine):
             raise ConfigError(f"machine: must be a tdpmmu.vtime.Machine, got {self.machine!r}")
+        if self.cpus is not None:
+            object.__setattr__(self, "cpus", pin_list(self.cpus, self.machine))
         if self.clock == "host" and self.differs_from_host():
             raise ConfigError(
-                "clock: mmu_lock, userfault, uffd_* and tdx_module are virtual-time mechanisms; "
+                "clock: mmu_lock, userfault, uffd_*, tdx_module and cpus (pinning) are "
+                "virtual-time mechanisms; "
                 'use clock="virtual" (host threads take mmu_lock for read with no modeled waits)'
             )
 
@@ -222,11 +265,12 @@ class VirtualOptions:
         """Whether any knob other than ``clock`` asks for a virtual-time mechanism.
 
         Returns:
-            bool: True when ``mmu_lock``, ``userfault``, ``uffd_*`` or ``tdx_module`` is not
-            its default. Never raises.
+            bool: True when ``mmu_lock``, ``userfault``, ``uffd_*``, ``tdx_module`` or
+            ``cpus`` is not its default. Never raises.
         """
         return (
-            self.mmu_lock != "shared"
+            self.cpus is not None
+            or self.mmu_lock != "shared"
             or self.userfault != "none"
             or self.uffd_all
             or self.uffd_readers != 1
@@ -239,9 +283,10 @@ class VirtualOptions:
 
         Returns:
             dict[str, Any]: ``mmu_lock``, ``userfault``, ``uffd_all``, ``uffd_readers``,
-            ``uffd_delay_ns``, ``machine`` and ``tdx_module``. Never raises.
+            ``uffd_delay_ns``, ``machine``, ``tdx_module`` and ``cpus``. Never raises.
         """
         return {
+            "cpus": None if self.cpus is None else list(self.cpus),
             "mmu_lock": self.mmu_lock,
             "userfault": self.userfault,
             "uffd_all": self.uffd_all,
@@ -259,6 +304,7 @@ class VirtualOptions:
         """
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["machine"] = self.machine.to_dict()
+        d["cpus"] = None if self.cpus is None else list(self.cpus)
         return d
 
     @classmethod

@@ -1,64 +1,222 @@
-"""KVM's ``demand_paging_test``: first-touch fault throughput (``demand_paging``)."""
+"""KVM's ``demand_paging_test``: first-touch fault throughput (``demand_paging``).
 
+Also the flag parsing the memstress-based workloads share (``-b`` sizes, ``-s`` backing names,
+``-m`` modes, ``-c`` pinning): ``size_arg``, ``count_arg``, ``backing_arg``, ``mode_arg``,
+``pinning_arg`` and ``split_pinning``.
+"""
+
+import argparse
 import dataclasses
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tdpmmu import coerce
 from tdpmmu._core import ConfigError
 from tdpmmu.costs import CostModel
-from tdpmmu.results import Envelope
+from tdpmmu.results import Envelope, json_safe
 from tdpmmu.stats import Stats
-from tdpmmu.types import VcpuRecord
 from tdpmmu.vmspec import VmSpec, launch
-from tdpmmu.vtime import Machine, VirtualOptions
+from tdpmmu.vtime import Machine, VirtualOptions, pin_list
+from tdpmmu.workloads import memstress
+from tdpmmu.workloads.base import Clock, Progress, SimArgs, Workload, register, spec_args
 from tdpmmu.workloads.common import (
+    BACKING_SOURCES,
     PAGE_SIZE,
     backing_source,
     finite_or_inf,
     rate,
     virtual_options,
-    virtual_summary,
 )
 
-__all__ = ["DemandPagingResult", "demand_paging"]
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = [
+    "GUEST_MODES",
+    "DemandPagingResult",
+    "backing_arg",
+    "count_arg",
+    "demand_paging",
+    "mode_arg",
+    "pinning_arg",
+    "size_arg",
+    "split_pinning",
+]
+
+#: The selftests' ``-m`` guest modes on x86: the one mode, id 0.
+GUEST_MODES: Mapping[int, str] = {0: "PA-bits:ANY, VA-bits:48,  4K pages"}
 
 
-def _vcpu_record(d: VcpuRecord) -> dict[str, float]:
-    """One vCPU's native record as plain floats."""
-    return {
-        "wall_s": d["wall_s"],
-        "modeled_ns": d["modeled_ns"],
-        "faults": float(d["faults"]),
-        "pages": float(d["pages"]),
-    }
+# ----- flag types the memstress-based workloads share -------------------------------------------
 
 
-#: Fault outcomes a virtual-time run counts per vCPU (``VM.run_virtual``'s records).
-OUTCOMES = ("hits", "fixed", "spurious", "retry", "emulate", "memory_fault", "write_protected")
+def size_arg(text: str) -> int:
+    """``-b SIZE``: digits with an optional k/m/g/t suffix (powers of 1024) or ``0x...``, a
+    positive multiple of 4096, in bytes.
+
+    Args:
+        text: the flag's value as typed.
+
+    Raises:
+        argparse.ArgumentTypeError: not such a size.
+    """
+    t = text.strip()
+    try:
+        if t.lower().startswith("0x"):
+            return coerce.size(int(t, 16), "size")
+        return coerce.size(t, "size")
+    except (ConfigError, ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: {e}") from None
+
+
+def count_arg(lo: int, hi: int | None = None) -> "Any":
+    """An argparse type: an integer in ``lo..hi`` (``hi`` None: no upper bound).
+
+    Args:
+        lo: the smallest value allowed.
+        hi: the largest, or None.
+
+    Returns:
+        a function ``str -> int`` raising ``argparse.ArgumentTypeError`` outside the range.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            top = "" if hi is None else f"..{hi}"
+            raise argparse.ArgumentTypeError(f"must be in {lo}{top}, got {v}")
+        return v
+
+    return parse
+
+
+def backing_arg(text: str) -> str:
+    """``-s TYPE``: a selftest backing source name this model has (``BACKING_SOURCES``).
+
+    Args:
+        text: the flag's value as typed.
+
+    Raises:
+        argparse.ArgumentTypeError: another name (shmem and the other sizes are not modeled).
+    """
+    if text not in BACKING_SOURCES:
+        raise argparse.ArgumentTypeError(
+            f"unknown or unmodeled backing source {text!r}; allowed: {', '.join(BACKING_SOURCES)}"
+        )
+    return text
+
+
+def mode_arg(text: str) -> int:
+    """``-m MODE``: a guest mode id; x86 has one, 0 ("PA-bits:ANY, VA-bits:48,  4K pages").
+
+    Args:
+        text: the flag's value as typed.
+
+    Raises:
+        argparse.ArgumentTypeError: any other id.
+    """
+    try:
+        v = int(text, 0)
+    except ValueError:
+        v = -1
+    if v not in GUEST_MODES:
+        raise argparse.ArgumentTypeError(
+            f"guest mode {text!r} is not supported on x86; allowed: 0 ({GUEST_MODES[0]})"
+        )
+    return v
+
+
+def pinning_arg(text: str) -> list[int]:
+    """``-c a,b,c[,main]``: pCPU numbers, comma-separated (vCPU ``i`` on ``a_i``, an optional
+    last entry for the main thread).
+
+    Args:
+        text: the flag's value as typed.
+
+    Raises:
+        argparse.ArgumentTypeError: an empty entry or one that is not a non-negative integer.
+    """
+    out = []
+    for part in text.split(","):
+        p = part.strip()
+        if not p.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"pCPU list {text!r}: {p!r} is not a non-negative integer"
+            )
+        out.append(int(p))
+    return out
+
+
+def split_pinning(
+    cpus: Sequence[int] | None, vcpus: int, machine: Machine
+) -> tuple[tuple[int, ...] | None, int | None]:
+    """A ``-c`` list as (vCPU CPUs, main thread's CPU), checked as the selftests check it.
+
+    Pinning is all or nothing: ``cpus`` has one entry per vCPU, optionally one more for the
+    main thread; every CPU is in ``0..machine.cpus``; the vCPUs' CPUs are distinct (the
+    virtual-time engine runs each vCPU on its own CPU; time-sharing one is not modeled).
+
+    Args:
+        cpus: the list, or None (no pinning: vCPU ``i`` on CPU ``i``).
+        vcpus: the run's vCPUs.
+        machine: the modeled host.
+
+    Returns:
+        tuple: the vCPUs' CPUs (None without pinning) and the main entry (None if absent).
+
+    Raises:
+        ConfigError: naming ``cpus``: a wrong count, a CPU outside the machine, a CPU twice.
+    """
+    if cpus is None:
+        return None, None
+    if isinstance(cpus, str | bytes) or not isinstance(cpus, Sequence):
+        raise ConfigError(f"cpus: must be a list of CPU numbers, got {cpus!r}")
+    if len(cpus) not in (vcpus, vcpus + 1):
+        raise ConfigError(
+            f"cpus: pinning is all or nothing: {len(cpus)} CPUs given for {vcpus} vCPUs "
+            f"(expected {vcpus}, or {vcpus + 1} with the main thread's last)"
+        )
+    pinned = pin_list(cpus[:vcpus], machine)
+    main = None
+    if len(cpus) == vcpus + 1:
+        main = cpus[vcpus]
+        if isinstance(main, bool) or not isinstance(main, int) or not 0 <= main < machine.cpus:
+            raise ConfigError(
+                f"cpus: the main thread's CPU {main!r} is not in the machine's "
+                f"0..{machine.cpus - 1}"
+            )
+    return pinned, main
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DemandPagingResult:
     """One ``demand_paging`` run; rates are in guest 4 KiB pages, as in the selftest.
 
-    Host wall-clock figures follow ``demand_paging_test``: the time from starting the vCPU
-    threads to joining them (measured around the one native call that spawns and joins them),
-    with the per-vCPU rate ``pages_per_vcpu / time`` and the overall rate
-    ``pages_per_vcpu * vcpus / time``. Modeled figures use the slowest vCPU's modeled time (the
-    simulated vCPUs run in parallel).
+    ``lines`` are the selftest's output with **modeled** times, and ``metrics`` the same
+    figures as numbers (the protocol of ``WorkloadResult``: ``metrics["total_guest_execution_
+    time_s"]`` is modeled, ``wall_*`` keys are host wall time). The attributes keep their older
+    meaning: ``total_guest_execution_time_s`` and the two unprefixed rates are host wall-clock
+    figures measured as ``demand_paging_test`` measures them (from starting the vCPU threads to
+    joining them, around the one native call that spawns and joins them: per-vCPU rate =
+    ``pages_per_vcpu / time``, overall = ``pages_per_vcpu * vcpus / time``), the ``modeled_*``
+    ones the slowest vCPU's modeled time (the simulated vCPUs run in parallel).
     """
 
     #: The VM's full configuration.
     spec: VmSpec
     bytes_per_vcpu: int
     overlap: bool
-    #: Initial-image pages populated before the run (a TD: TDH.MEM.PAGE.ADD before finalize).
+    #: Initial-image pages populated in slot 0 before the run (a TD: TDH.MEM.PAGE.ADD before
+    #: finalize).
     image_pages: int
     #: The selftest's ``-s`` name when the backing was given as one, else None.
     backing_source: str | None
-    #: Guest physical test region [start, end) in bytes (memstress's "guest physical test memory").
+    #: Guest-physical test region [start, end) in bytes ("guest physical test memory"): at the
+    #: top of guest-physical space, as memstress places it.
     region: tuple[int, int]
     #: Pages in vCPU 0's slice: the numerator of the selftest's rates.
     pages_per_vcpu: int
@@ -81,7 +239,7 @@ class DemandPagingResult:
     cost_breakdown: Mapping[str, float]
     #: Host wall-clock seconds of the whole run (VM creation, setup, vCPUs).
     wall_s: float
-    #: The clock and the shared resources' knobs the run used.
+    #: The clock and the shared resources' knobs the run used (``options.cpus``: ``-c``).
     options: VirtualOptions = dataclasses.field(default_factory=VirtualOptions)
     #: Virtual-time runs only (else empty): ``outcomes`` (every vCPU's fault outcomes summed:
     #: ``accesses`` = hits + fixed + spurious + emulate + write_protected; ``faults`` = those
@@ -90,6 +248,18 @@ class DemandPagingResult:
     #: ``host_breakdown`` (userfaultfd readers and the remover), ``lock_acquires``,
     #: ``lock_contended``, ``lock_wait_ns``, ``steps`` and ``switches`` (engine work).
     virtual: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: The selftest's output lines, modeled times (empty for results made before they were).
+    lines: tuple[str, ...] = ()
+    #: (label, modeled seconds, host wall seconds) of each phase.
+    phases: tuple[tuple[str, float, float], ...] = ()
+    #: ``checks`` (each vCPU made its accesses; the whole region is mapped), ``main_cpu`` (the
+    #: ``-c`` list's main-thread entry, recorded, not modeled), ``virtual`` (as ``virtual``).
+    detail: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def workload(self) -> str:
+        """The registry name, ``"demand_paging"``."""
+        return "demand_paging"
 
     @property
     def vm_type(self) -> str:
@@ -126,6 +296,77 @@ class DemandPagingResult:
         """All modeled time of the run (setup and every vCPU, summed)."""
         return float(self.stats["modeled_ns"])
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The workload's parameters (JSON-safe), as ``WorkloadResult.params``."""
+        return {
+            "vcpus": self.vcpus,
+            "bytes_per_vcpu": self.bytes_per_vcpu,
+            "overlap": self.overlap,
+            "image_pages": self.image_pages,
+            "backing_source": self.backing_source,
+        }
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The selftest's figures as numbers: ``total_guest_execution_time_s``,
+        ``per_vcpu_demand_paging_rate_pgs_per_s``, ``overall_demand_paging_rate_pgs_per_s``
+        (modeled), the same three prefixed ``wall_`` (host wall clock), and ``pages_per_vcpu``.
+        """
+        return {
+            "total_guest_execution_time_s": self.modeled_guest_execution_time_s,
+            "per_vcpu_demand_paging_rate_pgs_per_s": (
+                self.modeled_per_vcpu_demand_paging_rate_pgs_per_s
+            ),
+            "overall_demand_paging_rate_pgs_per_s": (
+                self.modeled_overall_demand_paging_rate_pgs_per_s
+            ),
+            "wall_total_guest_execution_time_s": self.total_guest_execution_time_s,
+            "wall_per_vcpu_demand_paging_rate_pgs_per_s": (
+                self.per_vcpu_demand_paging_rate_pgs_per_s
+            ),
+            "wall_overall_demand_paging_rate_pgs_per_s": self.overall_demand_paging_rate_pgs_per_s,
+            "pages_per_vcpu": float(self.pages_per_vcpu),
+        }
+
+    def row(self) -> dict[str, Any]:
+        """One flat record, as ``WorkloadResult.row``: workload, VM type, design, seed, the
+        parameters, the run options, the metrics, ``modeled_ns`` and ``wall_s``.
+
+        Returns:
+            dict[str, Any]: JSON-safe scalars (nested values as JSON text). Never raises.
+        """
+        import json
+
+        out: dict[str, Any] = {
+            "workload": self.workload,
+            "vm_type": self.spec.vm_type,
+            "hooks": self.spec.hooks,
+            "vcpus": self.spec.vcpus,
+            "seed": self.seed,
+        }
+        for k, v in {**self.params, **self.options.to_dict()}.items():
+            if k not in out:
+                out[k] = (
+                    v
+                    if isinstance(v, str | int | float | bool | None)
+                    else json.dumps(json_safe(v))
+                )
+        out.update(self.metrics)
+        out["modeled_ns"] = self.modeled_ns
+        out["wall_s"] = self.wall_s
+        return out
+
+    def to_pandas(self) -> "pandas.DataFrame":
+        """The result as a one-row ``pandas.DataFrame`` (``row()``); needs the ``pandas`` extra.
+
+        Raises:
+            ImportError: pandas is not installed (``pip install 'tdpmmu[pandas]'``).
+        """
+        import pandas
+
+        return pandas.DataFrame([self.row()])
+
     def envelope(self) -> Envelope:
         """The run as a ``tdpmmu.results.Envelope`` (workload ``"demand_paging"``).
 
@@ -137,14 +378,7 @@ class DemandPagingResult:
             workload="demand_paging",
             config={
                 "vm": self.spec.to_dict(),
-                "workload": {
-                    "vcpus": self.vcpus,
-                    "bytes_per_vcpu": self.bytes_per_vcpu,
-                    "overlap": self.overlap,
-                    "image_pages": self.image_pages,
-                    "backing_source": self.backing_source,
-                    "options": self.options.to_dict(),
-                },
+                "workload": {**self.params, "options": self.options.to_dict()},
             },
             seed=self.seed,
             modeled_ns=self.modeled_ns,
@@ -166,7 +400,11 @@ class DemandPagingResult:
                 ),
                 "per_vcpu": [dict(d) for d in self.per_vcpu],
                 "stats": self.stats.to_dict(),
-                "virtual": dict(self.virtual),
+                "virtual": json_safe(self.virtual),
+                "lines": list(self.lines),
+                "metrics": json_safe(self.metrics),
+                "phases": [list(p) for p in self.phases],
+                "detail": json_safe(self.detail),
             },
         )
 
@@ -216,6 +454,9 @@ class DemandPagingResult:
             wall_s=env.wall_s,
             options=VirtualOptions.from_dict(wl.get("options", {"clock": "host"})),
             virtual=dict(r.get("virtual", {})),
+            lines=tuple(str(x) for x in r.get("lines", ())),
+            phases=tuple((str(a), float(b), float(c)) for a, b, c in r.get("phases", ())),
+            detail=dict(r.get("detail", {})),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,6 +495,67 @@ class DemandPagingResult:
         return cls.from_envelope(Envelope.from_json(text))
 
 
+def _build(
+    sim: SimArgs,
+    *,
+    vcpus: int,
+    bytes_per_vcpu: str | int,
+    backing: str | int,
+    overlap: bool,
+    image: int,
+) -> tuple[Any, VmSpec, memstress.Layout]:
+    """``memstress.build``, with ``image`` initial-image pages in slot 0 (where the selftest's
+    code and data live) added before a TD is finalized."""
+    if not image:
+        return memstress.build(
+            sim, vcpus=vcpus, bytes_per_vcpu=bytes_per_vcpu, backing=backing, overlap=overlap
+        )
+    # The same layout as memstress.build (checked by it on a throw-away VM would cost a VM;
+    # the checks are repeated here), with launch() told about the image.
+    backing_bytes, _ = backing_source(backing)
+    nvcpus = coerce.count(vcpus, "vcpus")
+    total = nvcpus * coerce.size(bytes_per_vcpu, "bytes_per_vcpu")
+    if total % backing_bytes:
+        raise ConfigError(
+            f"bytes_per_vcpu: vcpus x bytes_per_vcpu = {total} bytes must be a multiple of the "
+            f"backing page ({backing_bytes} bytes)"
+        )
+    step = backing_bytes // PAGE_SIZE
+    slot0 = -(-max(2 << 20, image * PAGE_SIZE) // backing_bytes) * backing_bytes
+    spec = VmSpec.create(
+        **spec_args(sim),
+        memory=slot0,
+        vcpus=nvcpus,
+        backing=backing_bytes,
+    )
+    vm = spec.build()
+    npages = total // PAGE_SIZE
+    base = (vm.max_gfn - npages - 1) // step * step
+    if base < slot0 // PAGE_SIZE:
+        raise ConfigError(
+            f"bytes_per_vcpu: a {total}-byte region does not fit below max_gfn {vm.max_gfn:#x}"
+        )
+    gmem = spec.confidential
+    slot = vm.add_memslot(base, npages, backing_bytes, gmem=gmem)
+    if gmem:
+        vm.set_memory_attributes(base, npages, private=True)
+    launch(vm, image_gfn=0, image_pages=image)
+    layout = memstress.Layout(
+        nvcpus,
+        total // nvcpus,
+        coerce.flag(overlap, "overlap"),
+        backing_bytes,
+        base,
+        npages,
+        (slot,),
+    )
+    return vm, spec, layout
+
+
+def _line_rate(x: float) -> str:
+    return f"{x:f}"
+
+
 def demand_paging(
     vm_type: str = "default",
     vcpus: int = 1,
@@ -277,30 +579,32 @@ def demand_paging(
     uffd_delay_us: float = 0.0,
     machine: Machine | Mapping[str, Any] | None = None,
     tdx_module: str = "1.5",
+    cpus: Sequence[int] | None = None,
+    progress: Progress | None = None,
 ) -> DemandPagingResult:
     """KVM's ``demand_paging_test``: every vCPU writes each page of its slice once, in order.
 
-    The region is ``vcpus x bytes_per_vcpu`` of never-touched memory, so every page takes a
+    The region is ``vcpus x bytes_per_vcpu`` of never-touched memory placed as memstress
+    places it (``workloads.memstress``): at the top of guest-physical space (below the shared
+    bit on a TD), aligned to the backing page, one memslot after slot 0. Every page takes a
     first-touch fault. Each vCPU gets its own slice, or with ``overlap`` walks the whole region
-    (memstress's ``-o``). Unlike memstress the region starts at gfn 0 and is the default memslot
-    rather than sitting at the top of guest-physical space: the faults are the same, the
-    page-table shape differs by at most one table per level.
+    (memstress's ``-o``, which also makes the selftest use one userfaultfd for all vCPUs).
 
     ``backing`` is a host page size (``"4K"``, ``"2M"``, ``"1G"``) or a selftest ``-s`` name
     (``BACKING_SOURCES``). ``hooks``, ``tdx``, ``mirror`` and ``folio`` are ``tdpmmu.VM``'s.
     The VM is set up as a VMM would (``vmspec.launch``): on a confidential VM the test region is
-    private memory; ``image_pages`` pages after the region are populated as the initial image
-    (a TD adds them with TDH.MEM.PAGE.ADD), and a TD is finalized before the vCPUs run.
+    private memory (guest_memfd); ``image_pages`` pages of slot 0 are populated as the initial
+    image (a TD adds them with TDH.MEM.PAGE.ADD), and a TD is finalized before the vCPUs run.
 
     Args:
         vm_type: ``tdpmmu.VM``'s ``vm_type`` (default ``"default"``).
-        vcpus: number of vCPUs, each a real thread, >= 1 (default 1; at most 4096).
-        bytes_per_vcpu: memory per vCPU slice, bytes or a size string (``"64M"``, ``"1G"``;
-            powers of 1024), a positive multiple of 4096 (default ``"1G"``); ``vcpus x
-            bytes_per_vcpu`` must be a multiple of the backing page.
+        vcpus: number of vCPUs (``-v``), >= 1 (default 1; at most 4096).
+        bytes_per_vcpu: memory per vCPU slice (``-b``), bytes or a size string (``"64M"``,
+            ``"1G"``; powers of 1024), a positive multiple of 4096 (default ``"1G"``);
+            ``vcpus x bytes_per_vcpu`` must be a multiple of the backing page.
         backing: host page size (``"4K"`` default, ``"2M"``, ``"1G"``, or bytes) or a selftest
             ``-s`` name from ``BACKING_SOURCES`` (``"anonymous_thp"``, ...).
-        overlap: every vCPU walks the whole region instead of its own slice (default False).
+        overlap: every vCPU walks the whole region instead of its own slice (``-o``).
         costs: ``tdpmmu.VM``'s ``costs`` (a ``CostModel``, a mapping of overrides or None).
         seed: ``tdpmmu.VM``'s ``seed``, an int >= 0 (default 0).
         levels: TDP paging levels, 4 (default) or 5.
@@ -308,8 +612,8 @@ def demand_paging(
         tdx: ``tdpmmu.VM``'s ``tdx`` options (text values accepted, as the CLI gives them).
         mirror: ``tdpmmu.VM``'s ``mirror`` (sw_protected only).
         folio: ``tdpmmu.VM``'s ``folio`` (``"4K"``/``"2M"``; VM types with guest_memfd).
-        image_pages: initial-image pages (4 KiB) populated after the region before the run,
-            >= 0 (default 0).
+        image_pages: initial-image pages (4 KiB) populated in slot 0 before the run, >= 0
+            (default 0).
         clock: ``"virtual"`` (the default, except with a ``hooks`` object): every vCPU is
             simulated on one host thread in modeled-time order, with ``mmu_lock``, the host
             memory path, userfaultfd, IPIs and the TDX module's locks as shared resources, so the
@@ -322,26 +626,39 @@ def demand_paging(
             selftest's ``-u``: userfaultfd with reader threads), or ``"memory_fault"``
             (KVM_EXIT_MEMORY_FAULT: each vCPU thread resolves its own fault). Default VMs (the
             test memory must be shared). Virtual time only.
-        uffd_all: one userfaultfd for all vCPUs (``-a``) instead of one per vCPU.
+        uffd_all: one userfaultfd for all vCPUs (``-a``) instead of one per vCPU (implied by
+            ``overlap``, as in the selftest).
         uffd_readers: reader threads per userfaultfd (``-r``), 1..64 (default 1).
         uffd_delay_us: userspace delay per fault in µs (``-d``), >= 0 (default 0).
         machine: the host (``tdpmmu.vtime.Machine`` or a mapping of its fields; default 2
             sockets x 64 cores x 2 threads, 150 GB/s per socket).
         tdx_module: TDX module lock table, ``"1.5"`` (default) or ``"1.0"`` (AUG exclusive).
+        cpus: the selftest's ``-c`` pinning: vCPU ``i`` runs on CPU ``cpus[i]`` of ``machine``
+            (cache-line transfers and IPIs cost by those CPUs' distance), one distinct CPU per
+            vCPU, all or nothing; an optional last entry is the main thread's CPU, checked and
+            recorded (``detail["main_cpu"]``) but not modeled: the main thread only waits during
+            the measured window, and the userfaultfd readers (which inherit its affinity in the
+            selftest) keep CPUs of their own because the engine does not model CPU time-sharing.
+            None (default): vCPU ``i`` on CPU ``i``. Virtual time only.
+        progress: called after each phase (``done, total, label``).
 
     Returns:
-        DemandPagingResult: both clocks' times and rates (guest 4 KiB pages per second), the
-        per-vCPU records, the counters and the cost breakdown; virtual-time runs add fault
-        outcomes, lock figures and the vCPUs' modeled time by resource (``virtual``).
+        DemandPagingResult: the selftest's lines (modeled), both clocks' times and rates (guest
+        4 KiB pages per second), the per-vCPU records, the counters and the cost breakdown;
+        virtual-time runs add fault outcomes, lock figures and the vCPUs' modeled time by
+        resource (``virtual``).
 
     Raises:
         ConfigError: a bad value, naming the argument (``vcpus``, ``bytes_per_vcpu``,
-            ``backing``, ``image_pages``, or any ``tdpmmu.VM`` argument).
+            ``backing``, ``image_pages``, ``cpus``, ``userfault`` on a confidential VM, or any
+            ``tdpmmu.VM`` argument).
         TypeError: a value of the wrong type.
         VmBugged: the run hit a KVM_BUG_ON (e.g. a busy SEAMCALL twice on the zap side).
+        InvariantError: a check of the run failed (``detail["checks"]``).
         OutOfMemory: page-table memory ran out.
     """
     run_start = time.perf_counter()
+    flag = coerce.flag(overlap, "overlap")
     opts = virtual_options(
         clock=clock,
         hooks=hooks,
@@ -354,97 +671,231 @@ def demand_paging(
         tdx_module=tdx_module,
     )
     nvcpus = coerce.count(vcpus, "vcpus")
-    per_vcpu_bytes = coerce.size(bytes_per_vcpu, "bytes_per_vcpu")
-    backing_bytes, source = backing_source(backing)
+    pinned, main_cpu = split_pinning(cpus, nvcpus, opts.machine)
+    if pinned is not None or (flag and opts.userfault in ("MISSING", "MINOR")):
+        # -o forces one userfaultfd for all vCPUs in the selftest.
+        uffd = opts.uffd_all or (flag and opts.userfault in ("MISSING", "MINOR"))
+        opts = dataclasses.replace(opts, cpus=pinned, uffd_all=uffd)
     image = coerce.count(image_pages, "image_pages", 0)
-    flag = coerce.flag(overlap, "overlap")
-    total = nvcpus * per_vcpu_bytes
-    if total % backing_bytes:
-        # memstress requires the region to be aligned to the host (backing) page as well.
-        raise ConfigError(
-            f"bytes_per_vcpu: vcpus x bytes_per_vcpu = {total} bytes must be a multiple of the "
-            f"backing page ({backing_bytes} bytes)"
-        )
-    image_bytes = -(-image * PAGE_SIZE // backing_bytes) * backing_bytes
-    spec = VmSpec.create(
-        vm_type=vm_type,
-        memory=total + image_bytes,
+    _, source = backing_source(backing)
+    sim: SimArgs = {
+        "vm_type": vm_type,
+        "hooks": hooks,
+        "tdx": tdx,
+        "mirror": mirror,
+        "folio": folio,
+        "costs": costs,
+        "seed": seed,
+        "levels": levels,
+    }
+    vm, spec, layout = _build(
+        sim,
         vcpus=nvcpus,
-        levels=levels,
-        backing=backing_bytes,
-        hooks=hooks,
-        costs=costs,
-        seed=seed,
-        tdx=tdx,
-        mirror=mirror,
-        folio=folio,
+        bytes_per_vcpu=bytes_per_vcpu,
+        backing=backing,
+        overlap=flag,
+        image=image,
     )
-    vm = spec.build()
-    launch(vm, image_gfn=total // PAGE_SIZE, image_pages=image)
-    # memstress's -o: the region keeps its size and each vCPU's slice becomes all of it.
-    slice_pages = total // PAGE_SIZE if flag else per_vcpu_bytes // PAGE_SIZE
     if opts.userfault != "none" and spec.confidential:
         raise ConfigError(
             f"userfault: {opts.userfault} resolves shared memory; a {spec.vm_type} VM's test "
             "memory is private (use vm_type='default')"
         )
+    clock_ = Clock(vm, progress, 1)
+    lines = [
+        f"Random seed: {memstress.DEFAULT_GUEST_SEED:#x}",
+        *layout.harness_lines(),
+        "Finished creating vCPUs and starting uffd threads",
+        "Started all vCPUs",
+    ]
     # The selftest's clock: from starting the vCPU threads to joining them. run_memstress
     # spawns and joins them inside one native call (without the GIL); run_virtual runs them all.
-    margs = (
-        nvcpus,
-        slice_pages,
-        0,
-        flag,
-        False,  # in order, as demand_paging_test
-        100,  # write_percent: the test only writes
-        spec.seed,
-        True if spec.confidential else None,
+    res = memstress.run_pass(
+        vm,
+        layout,
+        opts,
+        write_percent=100,  # the test only writes, in order
+        random_access=False,
+        seed=memstress.DEFAULT_GUEST_SEED,
+        private=True if spec.confidential else None,
     )
-    virtual: dict[str, Any] = {}
-    start = time.perf_counter()
-    if opts.clock == "virtual":
-        rec = vm.run_virtual(*margs, **opts.run_kwargs())
-        wall_s = time.perf_counter() - start
-        per_vcpu: list[VcpuRecord] = [
-            {
-                "wall_s": rec["wall_s"],
-                "modeled_ns": v["modeled_ns"],
-                "faults": v["faults"],
-                "pages": v["accesses"],
-            }
-            for v in rec["vcpus"]
-        ]
-        virtual = virtual_summary(rec)
-    else:
-        per_vcpu = vm.run_memstress(*margs)
-        wall_s = time.perf_counter() - start
+    clock_.record("Guest execution", res.modeled_s, res.wall_s)
+    per_vcpu = res.per_vcpu
     if len(per_vcpu) != nvcpus:
         raise RuntimeError(f"the run returned {len(per_vcpu)} records for {nvcpus} vCPUs")
     pages0 = int(per_vcpu[0]["pages"])
-    modeled_s = max(float(d["modeled_ns"]) for d in per_vcpu) / 1e9
-    wall_rate = rate(pages0, wall_s)
-    modeled_rate = rate(pages0, modeled_s)
+    modeled_s = res.modeled_s
+    wall_s = res.wall_s
     stats = vm.stats
-    breakdown = dict(vm.cost_breakdown())
+    mapped = stats["pages_4k"] + 512 * stats["pages_2m"] + 512 * 512 * stats["pages_1g"]
+    checks = {
+        "every vCPU made one access per page of its slice": all(
+            int(d["pages"]) == layout.pages_per_vcpu for d in per_vcpu
+        ),
+        "the whole region is mapped": mapped >= layout.npages,
+    }
+    failed = [k for k, ok in checks.items() if not ok]
+    if failed:
+        from tdpmmu._core import InvariantError
+
+        raise InvariantError(f"demand_paging: check failed: {'; '.join(failed)}")
+    lines += [
+        "All vCPU threads joined",
+        f"Total guest execution time:\t{modeled_s:.9f}s",
+        f"Per-vcpu demand paging rate:\t{_line_rate(rate(pages0, modeled_s))} pgs/sec/vcpu",
+        f"Overall demand paging rate:\t{_line_rate(rate(pages0 * nvcpus, modeled_s))} pgs/sec",
+    ]
+    detail: dict[str, Any] = {"checks": checks, "main_cpu": main_cpu}
+    if res.virtual:
+        detail["virtual"] = res.virtual
     return DemandPagingResult(
         spec=spec,
-        bytes_per_vcpu=per_vcpu_bytes,
+        bytes_per_vcpu=layout.bytes_per_vcpu,
         overlap=flag,
         image_pages=image,
         backing_source=source,
-        region=(0, total),
+        region=layout.region,
         pages_per_vcpu=pages0,
         total_guest_execution_time_s=wall_s,
-        per_vcpu_demand_paging_rate_pgs_per_s=wall_rate,
+        per_vcpu_demand_paging_rate_pgs_per_s=rate(pages0, wall_s),
         overall_demand_paging_rate_pgs_per_s=rate(pages0 * nvcpus, wall_s),
         slowest_vcpu_wall_s=max(float(d["wall_s"]) for d in per_vcpu),
         modeled_guest_execution_time_s=modeled_s,
-        modeled_per_vcpu_demand_paging_rate_pgs_per_s=modeled_rate,
+        modeled_per_vcpu_demand_paging_rate_pgs_per_s=rate(pages0, modeled_s),
         modeled_overall_demand_paging_rate_pgs_per_s=rate(pages0 * nvcpus, modeled_s),
-        per_vcpu=tuple(_vcpu_record(d) for d in per_vcpu),
+        per_vcpu=tuple(dict(d) for d in per_vcpu),
         stats=stats,
-        cost_breakdown=breakdown,
+        cost_breakdown=dict(vm.cost_breakdown()),
         wall_s=time.perf_counter() - run_start,
         options=opts,
-        virtual=virtual,
+        virtual=res.virtual,
+        lines=tuple(lines),
+        phases=tuple(clock_.phases),
+        detail=detail,
     )
+
+
+# ----- the CLI's flags ----------------------------------------------------------------------------
+
+
+def add_pinning_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``-c/--cpus LIST`` (the selftests' pCPU pinning) to ``parser``.
+
+    Args:
+        parser: the subcommand's parser.
+
+    Returns:
+        None. Never raises.
+    """
+    parser.add_argument(
+        "-c",
+        "--cpus",
+        type=pinning_arg,
+        metavar="LIST",
+        help="pin vCPU i to pCPU a_i of the modeled machine: a,b,c[,main] (all or nothing; the "
+        "main thread's entry is checked, not modeled). Virtual time only.",
+    )
+
+
+def add_memstress_flags(parser: argparse.ArgumentParser, *, mode: bool = True) -> None:
+    """Add memstress's shared flags ``-b -s -v -o`` (and ``-m``) to ``parser``.
+
+    Args:
+        parser: the subcommand's parser.
+        mode: also add ``-m/--mode``.
+
+    Returns:
+        None. Never raises.
+    """
+    if mode:
+        parser.add_argument(
+            "-m",
+            "--mode",
+            type=mode_arg,
+            metavar="MODE",
+            help=f"guest mode; x86 has one: 0 ({GUEST_MODES[0]})",
+        )
+    parser.add_argument(
+        "-b",
+        "--bytes-per-vcpu",
+        type=size_arg,
+        default="1G",
+        metavar="SIZE",
+        help="memory per vCPU, e.g. 10M, 3G, 0x100000 (default 1G)",
+    )
+    parser.add_argument(
+        "-s",
+        "--backing",
+        type=backing_arg,
+        default="anonymous",
+        metavar="TYPE",
+        help=f"backing source: {', '.join(BACKING_SOURCES)} (default anonymous)",
+    )
+    parser.add_argument(
+        "-v", "--vcpus", type=count_arg(1, 4096), default=1, metavar="N", help="vCPUs (default 1)"
+    )
+    parser.add_argument(
+        "-o",
+        "--overlap",
+        action="store_true",
+        help="every vCPU walks the whole region instead of its own slice",
+    )
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-u",
+        "--userfault",
+        choices=("MISSING", "MINOR"),
+        metavar="MODE",
+        help="resolve faults with userfaultfd: MISSING or MINOR (default VMs only)",
+    )
+    parser.add_argument(
+        "-a", "--uffd-all", action="store_true", help="one userfaultfd for all vCPUs"
+    )
+    parser.add_argument(
+        "-d",
+        "--uffd-delay",
+        type=count_arg(0),
+        default=0,
+        metavar="USEC",
+        help="delay per userfaultfd fault, microseconds (default 0)",
+    )
+    parser.add_argument(
+        "-r",
+        "--uffd-readers",
+        type=count_arg(1, 64),
+        default=1,
+        metavar="N",
+        help="reader threads per userfaultfd, 1..64 (default 1)",
+    )
+    add_memstress_flags(parser)
+    add_pinning_flag(parser)
+
+
+def _from_args(ns: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "vcpus": ns.vcpus,
+        "bytes_per_vcpu": ns.bytes_per_vcpu,
+        "backing": ns.backing,
+        "overlap": ns.overlap,
+        "userfault": ns.userfault,
+        "uffd_all": ns.uffd_all,
+        "uffd_delay_us": float(ns.uffd_delay),
+        "uffd_readers": ns.uffd_readers,
+        "cpus": ns.cpus,
+    }
+
+
+register(
+    Workload(
+        name="demand_paging",
+        command="demand-paging",
+        selftest="demand_paging_test",
+        summary="first-touch fault throughput: every vCPU writes each page of its slice once.",
+        run=demand_paging,
+        vm_types=("default", "sw_protected", "tdx", "snp"),
+        add_arguments=_add_arguments,
+        from_args=_from_args,
+    )
+)

@@ -38,6 +38,7 @@ fn args(vcpus: u32, pages: u64) -> VtArgs {
         machine: Machine::default(),
         tdx_module_1_0: false,
         remove: None,
+        cpus: Vec::new(),
     }
 }
 
@@ -353,5 +354,51 @@ fn bad_arguments_are_refused_and_leave_the_vm_unchanged() {
     );
     a = args(8, 16);
     assert!(v.run_virtual(&a).unwrap_err().to_string().contains("vcpus"));
+    assert_eq!(v.stats(), before);
+}
+
+#[test]
+fn pinning_places_vcpus_and_cache_line_distance_follows_it() {
+    // Two vCPUs fault the same pages (overlap): every lock word and SPTE line they share moves
+    // between their CPUs, so SMT siblings (one core) pay less than CPUs on two sockets.
+    let run_on = |cpus: Vec<u32>| {
+        let mut a = args(2, 256);
+        a.ms.overlap = true;
+        a.cpus = cpus;
+        run("default", &a).1
+    };
+    let line = |r: &VtResult| r.waits[tdpmmu_core::cost::Wait::wait_lock_line as usize];
+    let smt = run_on(vec![0, 128]);
+    let socket = run_on(vec![0, 1]);
+    let remote = run_on(vec![0, 64]);
+    assert!(line(&smt) > 0.0);
+    assert!(
+        line(&smt) < line(&socket),
+        "{} vs {}",
+        line(&smt),
+        line(&socket)
+    );
+    assert!(
+        line(&socket) < line(&remote),
+        "{} vs {}",
+        line(&socket),
+        line(&remote)
+    );
+    assert!(smt.elapsed_ns < remote.elapsed_ns);
+    // The default placement is vCPU i on CPU i: the same run as pinning [0, 1].
+    assert_eq!(key(&run_on(Vec::new())), key(&socket));
+    // All or nothing, inside the machine, one vCPU per CPU.
+    let v = vm("default", 2, 1 << 30);
+    let before = v.stats();
+    for (cpus, what) in [
+        (vec![0], "all or nothing"),
+        (vec![0, 256], "not in the machine"),
+        (vec![3, 3], "already runs"),
+    ] {
+        let mut a = args(2, 16);
+        a.cpus = cpus;
+        let e = v.run_virtual(&a).unwrap_err().to_string();
+        assert!(e.contains("cpus") && e.contains(what), "{e}");
+    }
     assert_eq!(v.stats(), before);
 }

@@ -56,6 +56,10 @@ pub struct VtArgs {
     /// A host thread zapping these private pages one at a time under `mmu_lock` for write
     /// (`(gfn, npages)`), while the vCPUs run.
     pub remove: Option<(u64, u64)>,
+    /// The selftests' `-c` pinning: vCPU `i` runs on CPU `cpus[i]` of `machine` (empty: on
+    /// CPU `i`). The userfaultfd readers and the remover take the lowest CPUs no vCPU is
+    /// pinned to.
+    pub cpus: Vec<u32>,
 }
 
 /// One simulated vCPU's outcome.
@@ -147,6 +151,37 @@ fn validate(a: &VtArgs) -> Result<()> {
             format!("must be a finite number >= 0, got {}", a.uffd_delay_ns),
         ));
     }
+    if !a.cpus.is_empty() {
+        if a.cpus.len() != a.ms.vcpus as usize {
+            return Err(bad_arg(
+                "cpus",
+                format!(
+                    "pinning is all or nothing: {} CPUs given for {} vCPUs",
+                    a.cpus.len(),
+                    a.ms.vcpus
+                ),
+            ));
+        }
+        let ncpus = a.machine.cpus();
+        let mut seen = std::collections::HashSet::new();
+        for (i, &c) in a.cpus.iter().enumerate() {
+            if c >= ncpus {
+                return Err(bad_arg(
+                    "cpus",
+                    format!("vCPU {i}: CPU {c} is not in the machine's 0..{ncpus}"),
+                ));
+            }
+            if !seen.insert(c) {
+                return Err(bad_arg(
+                    "cpus",
+                    format!(
+                        "vCPU {i}: CPU {c} already runs another vCPU (two vCPUs time-sharing \
+                         one CPU are not modeled)"
+                    ),
+                ));
+            }
+        }
+    }
     if a.userfault != Userfault::None && a.ms.private == Some(true) {
         return Err(bad_arg(
             "userfault",
@@ -188,18 +223,30 @@ pub fn run(vm: &VmSide<'_>, st: &MmuState, a: &VtArgs) -> Result<VtResult> {
     } else {
         n as usize
     };
+    let vcpu_cpu = |v: u32| a.cpus.get(v as usize).copied().unwrap_or(v);
     let mut actors: Vec<(ActorKind, u32, usize)> = (0..n)
-        .map(|v| (ActorKind::Vcpu, v, if a.uffd_all { 0 } else { v as usize }))
+        .map(|v| {
+            let uffd = if a.uffd_all { 0 } else { v as usize };
+            (ActorKind::Vcpu, vcpu_cpu(v), uffd)
+        })
         .collect();
-    let mut cpu = n;
+    // Host threads: the next CPUs after the vCPUs' (unpinned), or the lowest free ones.
+    let taken: std::collections::HashSet<u32> = actors.iter().map(|x| x.1).collect();
+    let mut cpu = if a.cpus.is_empty() { n } else { 0 };
+    let mut next_cpu = || {
+        while !a.cpus.is_empty() && taken.contains(&cpu) {
+            cpu += 1;
+        }
+        cpu += 1;
+        cpu - 1
+    };
     for u in 0..nuffd {
         for _ in 0..a.uffd_readers {
-            actors.push((ActorKind::Reader, cpu, u));
-            cpu += 1;
+            actors.push((ActorKind::Reader, next_cpu(), u));
         }
     }
     if a.remove.is_some() {
-        actors.push((ActorKind::Remover, cpu, 0));
+        actors.push((ActorKind::Remover, next_cpu(), 0));
     }
     let engine = Engine::new(
         EngineConfig {
