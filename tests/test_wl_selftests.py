@@ -233,3 +233,73 @@ def test_spte_helpers_used_by_leaf_level() -> None:
     vm.fault(5)
     assert leaf_level(vm, 5) == 1
     assert spte.is_shadow_present(vm.spte(5))
+
+
+# ----- mmu_stress -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sw_protected", "snp"])
+@pytest.mark.parametrize("hugepages", [False, True])
+def test_mmu_stress_stages(vm_type: str, hugepages: bool) -> None:
+    from tdpmmu.workloads.mmu_stress import STAGES, mmu_stress
+
+    r = mmu_stress(vcpus=4, mem_bytes="16M", slot_bytes="4M", hugepages=hugepages, vm_type=vm_type)
+    assert r.lines[0] == "Running with 0gb of guest memory and 4 vCPUs"
+    for name in ("run 1", "reset", "run 2", "mprotect RO", "mprotect RW"):
+        assert f"Waiting for vCPUs to finish {name}..." in r.lines
+        assert f"All vCPUs finished {name}, releasing..." in r.lines
+    summary = re.fullmatch(
+        r"run1 = (\S+)s, reset = (\S+)s, run2 = (\S+)s, ro = (\S+)s, rw = (\S+)s", r.lines[-1]
+    )
+    assert summary is not None
+    for stage, text in zip(STAGES, summary.groups(), strict=True):
+        assert float(text) == pytest.approx(r.metrics[f"{stage}_s"], abs=1e-9)
+    checks = r.detail["checks"]
+    assert set(checks) == {
+        "run1_mapped",
+        "reset_same_root",
+        "run2_no_faults",
+        "ro_unmapped",
+        "rw_mapped",
+    }
+    assert all(c["ok"] for c in checks.values())
+    c = tdpmmu.CostModel()
+    assert r.metrics["reset_s"] == pytest.approx(c.exit_entry_ns / 1e9)
+    # ro: 1024 EFAULT writes per vCPU, each exit + handling + userspace + guest access.
+    efault = c.exit_entry_ns + c.fault_handling_ns + c.userspace_exit_ns + c.guest_access_ns
+    assert r.metrics["ro_s"] >= 1024 * efault / 1e9
+    assert r.detail["slots"] == 4
+    assert r.spec.vm_type == vm_type
+    round_trip(r)
+
+
+def test_mmu_stress_host_clock_run2_is_free() -> None:
+    from tdpmmu.workloads.mmu_stress import mmu_stress
+
+    r = mmu_stress(vcpus=2, mem_bytes="4M", slot_bytes="1M", clock="host")
+    assert r.metrics["run2_s"] == 0.0
+    assert r.metrics["run1_s"] > 0 and r.metrics["rw_s"] > 0
+
+
+def test_mmu_stress_refusals_and_flags() -> None:
+    from tdpmmu.workloads.mmu_stress import mmu_stress
+
+    with pytest.raises(tdpmmu.ConfigError, match="vm_type"):
+        mmu_stress(vcpus=1, mem_bytes="4M", slot_bytes="4M", vm_type="tdx")
+    with pytest.raises(tdpmmu.ConfigError, match="vcpus"):
+        mmu_stress(vcpus=8, mem_bytes="4M", slot_bytes="4M", hugepages=True)
+    with pytest.raises(tdpmmu.ConfigError, match="mem_bytes"):
+        mmu_stress(vcpus=1, mem_bytes="3M", slot_bytes="2M", hugepages=True)
+    kw = parse("mmu_stress", ["-c", "3", "-m", "4", "-s", "1", "-H"])
+    assert kw == {
+        "vcpus": 3,
+        "mem_gib": 4,
+        "slot_gib": 1,
+        "hugepages": True,
+        "mem_bytes": None,
+        "slot_bytes": None,
+    }
+    assert parse("mmu_stress", ["--mem-bytes", "8M"])["mem_bytes"] == 8 << 20
+    refused("mmu_stress", ["-c", "0"])
+    refused("mmu_stress", ["-m", "1.5"])
+    refused("mmu_stress", ["-s", "0"])

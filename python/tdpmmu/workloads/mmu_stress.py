@@ -1,1 +1,315 @@
-"""Placeholder: being written (registered workload mmu_stress)."""
+"""KVM's ``mmu_stress_test``: a big guest over many memslots that alias one memfd, written,
+reset, written again, made read-only under it and writable again (``mmu_stress``).
+
+Guest memory starts at 4 GiB: ``mem_gib`` GiB in memslots of ``slot_gib`` GiB (the last one
+smaller if needed), 2 MiB hugetlb pages with ``hugepages`` (``-H``). Each vCPU owns an equal,
+contiguous slice (rounded down to the backing page) and runs each stage over it as one memstress
+pass (``memstress.run_pass``, the run's clock); a stage's time is the slowest vCPU's:
+
+- ``run1``: write every page of the slice (first touch: the fault path);
+- ``reset``: the guest toggles CR0.WP, which makes KVM reset the vCPU's MMU context. With TDP,
+  CR0.WP is not part of the root's role, so the reload finds the same root and nothing is
+  zapped; the modeled cost is one exit per vCPU (``exit_entry_ns``, the CR0 write's VM exit),
+  the vCPUs in parallel;
+- ``run2``: write everything again (every page already mapped writable: no fault);
+- ``ro``: the guest reads everything; the host ``mprotect(PROT_READ)``s the memfd mapping,
+  which every slot aliases, so the MMU notifier invalidates every slot
+  (``mmu_notifier_invalidate``, timed as host work); then every guest write faults and KVM
+  returns -EFAULT (the host page is not writable) and the host skips the store. The engine has
+  no host read-only state, so those writes are not run through it (it would map them writable):
+  each costs ``exit_entry_ns + fault_handling_ns + userspace_exit_ns`` (the EPT violation, KVM's
+  handling up to the failed ``faultin_pfn``, and the return to userspace that skips the store),
+  plus ``guest_access_ns`` on the virtual clock; nothing is mapped meanwhile (checked);
+- ``rw``: ``mprotect(PROT_READ|PROT_WRITE)`` (an MMU-notifier invalidation again) and the guest
+  writes everything (the fault path again).
+
+Then the even slots are deleted, half of the memfd is unmapped (invalidating the first half of
+every remaining slot) and the VM is torn down (``destroy``, as ``mmu_notifier.release``);
+timed as the ``teardown`` phase. Not modeled: the host memory behind the slots is one memfd in
+the selftest (the model gives each slot its own host pages, so each pays first-touch allocation;
+the selftest prefaults the memfd), and the vCPU rendezvous.
+"""
+
+import argparse
+import time
+from typing import Any, Unpack
+
+from tdpmmu import coerce
+from tdpmmu._core import ConfigError, InvariantError
+from tdpmmu.sizes import format_size
+from tdpmmu.vmspec import VmSpec, launch
+from tdpmmu.vtime import Machine
+from tdpmmu.workloads.base import (
+    Clock,
+    SimArgs,
+    Workload,
+    WorkloadResult,
+    finish,
+    register,
+    sim_options,
+    spec_args,
+)
+from tdpmmu.workloads.common import PAGE_SIZE
+from tdpmmu.workloads.memstress import DEFAULT_GUEST_SEED, Layout, run_pass
+
+__all__ = ["STAGES", "mmu_stress"]
+
+#: The summary line's stages, in order.
+STAGES = ("run1", "reset", "run2", "ro", "rw")
+
+#: The selftest's rendezvous names of those stages.
+_RENDEZVOUS = {
+    "run1": "run 1",
+    "reset": "reset",
+    "run2": "run 2",
+    "ro": "mprotect RO",
+    "rw": "mprotect RW",
+}
+
+#: Guest memory starts here (4 GiB).
+_START = 4 << 30
+_GIB = 1 << 30
+
+
+def mmu_stress(
+    vcpus: int | None = None,
+    mem_gib: int = 128,
+    slot_gib: int = 2,
+    hugepages: bool = False,
+    *,
+    mem_bytes: str | int | None = None,
+    slot_bytes: str | int | None = None,
+    **sim: Unpack[SimArgs],
+) -> WorkloadResult:
+    """KVM's ``mmu_stress_test`` (module docstring: stages and what each models).
+
+    Args:
+        vcpus: vCPUs, 1..4096 (``-c``); None (default): three quarters of the modeled
+            machine's logical CPUs (``machine``), as the selftest takes ¾ of its CPUs.
+        mem_gib: guest memory in GiB (``-m``), >= 1 (default 128).
+        slot_gib: memslot size in GiB (``-s``), >= 1 (default 2).
+        hugepages: back the memfd with 2 MiB hugetlb pages (``-H``, default False: 4 KiB).
+        mem_bytes: simulator only: guest memory in bytes or a size string, instead of
+            ``mem_gib`` (for small runs).
+        slot_bytes: simulator only: memslot size in bytes, instead of ``slot_gib``.
+        **sim: the simulator's arguments (``SimArgs``).
+
+    Returns:
+        WorkloadResult: ``Running with <N>gb of guest memory and <V> vCPUs``, the rendezvous
+        lines and ``run1 = ...s, reset = ...s, run2 = ...s, ro = ...s, rw = ...s`` (modeled);
+        metrics ``run1_s`` .. ``rw_s``, ``teardown_s`` and ``wall_`` twins; ``detail``:
+        ``checks``, per stage per-vCPU records.
+
+    Raises:
+        ConfigError: a bad value, naming it; memory too small for one backing page per vCPU;
+            a TD (``vm_type``: KVM_MEM_GUEST_MEMFD-less aliasing memslots and mprotect act on
+            shared memory only; a TD's vCPUs cannot toggle CR0.WP).
+        InvariantError: a stage left the region mapped otherwise than KVM would.
+        TypeError: a value of the wrong type.
+    """
+    run_start = time.perf_counter()
+    options = sim_options(sim)
+    machine = options.machine if isinstance(options.machine, Machine) else Machine()
+    cpus = machine.sockets * machine.cores_per_socket * machine.threads_per_core
+    nvcpus = coerce.count(max(1, cpus * 3 // 4) if vcpus is None else vcpus, "vcpus")
+    if mem_bytes is None:
+        mem = coerce.count(mem_gib, "mem_gib") * _GIB
+    else:
+        mem = coerce.size(mem_bytes, "mem_bytes")
+    if slot_bytes is None:
+        slot = coerce.count(slot_gib, "slot_gib") * _GIB
+    else:
+        slot = coerce.size(slot_bytes, "slot_bytes")
+    huge = coerce.flag(hugepages, "hugepages")
+    backing = (2 << 20) if huge else PAGE_SIZE
+    if mem % backing or slot % backing:
+        raise ConfigError(
+            f"mem_bytes: guest memory and slot size must be multiples of the backing page "
+            f"({format_size(backing)})"
+        )
+    if sim.get("vm_type", "default") == "tdx":
+        raise ConfigError(
+            "vm_type: mmu_stress_test runs a normal guest (CR0.WP toggles, shared memfd "
+            "memory written by the host); a TD's memory and CR0 are not the host's to drive"
+        )
+    per_vcpu = mem // nvcpus // backing * backing
+    if per_vcpu == 0:
+        raise ConfigError(
+            f"vcpus: {format_size(mem)} of guest memory gives {nvcpus} vCPUs less than one "
+            f"backing page ({format_size(backing)}) each"
+        )
+    spec = VmSpec.create(**spec_args(sim), memory=2 << 20, vcpus=nvcpus, backing=backing)
+    vm = spec.build()
+    base = _START // PAGE_SIZE
+    if base + mem // PAGE_SIZE > vm.max_gfn:
+        raise ConfigError(f"mem_bytes: {format_size(mem)} from 4 GiB passes max_gfn")
+    slots: list[tuple[int, int, int]] = []
+    g, end = base, base + mem // PAGE_SIZE
+    while g < end:
+        n = min(slot // PAGE_SIZE, end - g)
+        slots.append((vm.add_memslot(g, n, backing), g, n))
+        g += n
+    launch(vm)
+    npages = per_vcpu // PAGE_SIZE * nvcpus
+    layout = Layout(nvcpus, per_vcpu, False, backing, base, npages, tuple(s for s, _, _ in slots))
+    clock = Clock(vm, sim.get("progress"), 6)
+    costs = vm.costs
+    lines = [f"Running with {mem // _GIB}gb of guest memory and {nvcpus} vCPUs"]
+    checks: dict[str, Any] = {}
+    per_stage: dict[str, Any] = {}
+    times: dict[str, float] = {}
+    walls: dict[str, float] = {}
+
+    def expect(label: str, ok: bool, what: str) -> None:
+        checks[label] = {"ok": ok, "what": what}
+        if not ok:
+            raise InvariantError(f"mmu_stress: {label}: expected {what}")
+
+    def mapped() -> int:
+        s = vm.stats
+        return int(s["pages_4k"] + 512 * s["pages_2m"] + 262144 * s["pages_1g"])
+
+    def stage(name: str, modeled_s: float, wall_s: float) -> None:
+        lines.append(f"Waiting for vCPUs to finish {_RENDEZVOUS[name]}...")
+        lines.append(f"All vCPUs finished {_RENDEZVOUS[name]}, releasing...")
+        clock.record(name, modeled_s, wall_s)
+        times[name], walls[name] = modeled_s, wall_s
+
+    def write_pass(name: str, extra_s: float = 0.0, extra_wall: float = 0.0) -> None:
+        r = run_pass(vm, layout, options, write_percent=100, seed=DEFAULT_GUEST_SEED)
+        per_stage[name] = list(r.per_vcpu)
+        stage(name, r.modeled_s + extra_s, r.wall_s + extra_wall)
+
+    def invalidate_all() -> tuple[float, float]:
+        # mprotect() of the memfd mapping: every slot aliases it.
+        ns0, w0 = clock.modeled_ns(), time.perf_counter()
+        for _, g0, n in slots:
+            vm.mmu_notifier_invalidate(g0, n)
+        return (clock.modeled_ns() - ns0) / 1e9, time.perf_counter() - w0
+
+    write_pass("run1")
+    expect("run1_mapped", mapped() == npages, f"all {npages} pages mapped after run 1")
+    # reset: one CR0 write exit per vCPU, in parallel; the reload finds the same root.
+    roots = len(vm.roots())
+    stage("reset", costs.exit_entry_ns / 1e9, 0.0)
+    expect("reset_same_root", len(vm.roots()) == roots, "the MMU reset to keep the root")
+    before = vm.stats["pf_taken"]
+    write_pass("run2")
+    expect("run2_no_faults", vm.stats["pf_taken"] == before, "run 2 to take no fault (all mapped)")
+    # ro: the reads (all hits), mprotect(PROT_READ), then every write takes -EFAULT.
+    reads = run_pass(vm, layout, options, write_percent=0, seed=DEFAULT_GUEST_SEED)
+    inv_s, inv_wall = invalidate_all()
+    expect("ro_unmapped", mapped() == 0, "mprotect(PROT_READ) to leave nothing mapped")
+    efault_ns = costs.exit_entry_ns + costs.fault_handling_ns + costs.userspace_exit_ns
+    if options.clock == "virtual":
+        efault_ns += costs.guest_access_ns
+    ro_writes_s = per_vcpu // PAGE_SIZE * efault_ns / 1e9
+    per_stage["ro"] = {"reads": list(reads.per_vcpu), "efault_writes_per_vcpu": per_vcpu // 4096}
+    stage("ro", reads.modeled_s + inv_s + ro_writes_s, reads.wall_s + inv_wall)
+    inv_s, inv_wall = invalidate_all()
+    write_pass("rw", inv_s, inv_wall)
+    expect("rw_mapped", mapped() == npages, f"all {npages} pages mapped again after mprotect RW")
+    lines.append(
+        f"run1 = {times['run1']:.9f}s, reset = {times['reset']:.9f}s, "
+        f"run2 = {times['run2']:.9f}s, ro = {times['ro']:.9f}s, rw = {times['rw']:.9f}s"
+    )
+    vm.check()
+    stats_before_teardown = vm.stats
+    with clock.phase("teardown"):
+        for i, (sid, _, _) in enumerate(slots):
+            if i % 2 == 0:
+                vm.delete_memslot(sid)
+        half = slot // PAGE_SIZE // 2
+        for i, (_, g0, n) in enumerate(slots):
+            if i % 2 == 1:
+                vm.mmu_notifier_invalidate(g0, min(half, n))
+        vm.check()
+        vm.destroy()
+    metrics: dict[str, float] = {f"{k}_s": v for k, v in times.items()}
+    metrics.update({f"wall_{k}_s": v for k, v in walls.items()})
+    metrics["teardown_s"] = clock.seconds("teardown")
+    metrics["wall_teardown_s"] = clock.phases[-1][2]
+    params = {
+        "vcpus": nvcpus,
+        "mem_gib": mem_gib,
+        "slot_gib": slot_gib,
+        "hugepages": huge,
+        "mem_bytes": mem,
+        "slot_bytes": slot,
+    }
+    detail = {
+        "checks": checks,
+        "stages": per_stage,
+        "slots": len(slots),
+        "pages_mapped_before_teardown": int(stats_before_teardown["pages_4k"]),
+    }
+    return finish(
+        "mmu_stress",
+        vm,
+        spec,
+        params=params,
+        options=options,
+        lines=lines,
+        metrics=metrics,
+        clock=clock,
+        run_start=run_start,
+        detail=detail,
+    )
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tdpmmu.workloads.demand_paging import count_arg, size_arg
+
+    parser.add_argument(
+        "-c",
+        "--vcpus",
+        type=count_arg(1, 4096),
+        metavar="N",
+        help="vCPUs (default: 3/4 of the modeled machine's logical CPUs)",
+    )
+    parser.add_argument(
+        "-m", "--mem-gib", type=count_arg(1), default=128, metavar="GB", help="guest GiB (128)"
+    )
+    parser.add_argument(
+        "-s", "--slot-gib", type=count_arg(1), default=2, metavar="GB", help="slot GiB (2)"
+    )
+    parser.add_argument(
+        "-H", "--hugepages", action="store_true", help="back the memfd with 2M hugepages"
+    )
+    parser.add_argument(
+        "--mem-bytes",
+        type=size_arg,
+        metavar="SIZE",
+        help="simulator only: guest memory in bytes (e.g. 64M), instead of -m",
+    )
+    parser.add_argument(
+        "--slot-bytes",
+        type=size_arg,
+        metavar="SIZE",
+        help="simulator only: memslot size in bytes (e.g. 16M), instead of -s",
+    )
+
+
+def _from_args(ns: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "vcpus": ns.vcpus,
+        "mem_gib": ns.mem_gib,
+        "slot_gib": ns.slot_gib,
+        "hugepages": ns.hugepages,
+        "mem_bytes": ns.mem_bytes,
+        "slot_bytes": ns.slot_bytes,
+    }
+
+
+register(
+    Workload(
+        name="mmu_stress",
+        command="mmu-stress",
+        selftest="mmu_stress_test",
+        summary="many aliasing memslots: write, MMU reset, write, mprotect RO/RW, teardown.",
+        run=mmu_stress,
+        vm_types=("default", "sw_protected", "snp"),
+        add_arguments=_add_arguments,
+        from_args=_from_args,
+    )
+)
