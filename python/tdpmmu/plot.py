@@ -275,7 +275,7 @@ def breakdown(
         by: ``"resource"`` (``tdpmmu.vtime.RESOURCES`` groups, default) or ``"cost"`` (the
             ``CostModel`` fields and wait kinds; the ``top`` largest, the rest as ``other``).
         per: a numeric record column to divide each bar by, e.g. ``"vcpus"`` (modeled time
-            per vCPU); None: the total.
+            per vCPU; the y label says ``/ vcpus``); None: the total.
         top: with ``by="cost"``, how many fields get their own colour (>= 1, default 8).
         path: write the figure there (format by suffix); None: only return it.
         title: the title's first line (default names the workload and grouping); the second
@@ -345,7 +345,7 @@ def breakdown(
     else:
         axes.set_xlabel("run")
         workload = str(bars[0][1].get("workload", ""))
-    what = "modeled time" + (f" per {per}" if per else "") + ", all vCPUs and host work summed"
+    what = "modeled time" + (f" / {per}" if per else "") + ", all vCPUs and host work summed"
     axes.set_ylabel(f"{what} ({unit})")
     axes.grid(True, axis="y", alpha=0.3)
     head = title or f"{workload}: modeled time by {'resource' if by == 'resource' else 'cost'}"
