@@ -385,6 +385,8 @@ class TdpMmu:
                 if not is_shadow_present_pte(old):
                     continue
                 sp.spt[i] = FROZEN_SPTE
+            if is_shadow_present_pte(old):
+                self.ctx.charge("spte_update_ns")  # one SPTE update per present entry
             self.handle_changed_spte(gfn, old, FROZEN_SPTE, level, shared)
             if hooks:
                 self.remove_external_spte(gfn, old, level)
@@ -774,7 +776,8 @@ class TdpMmu:
 
     def kvm_tdp_mmu_age_gfn_range(self, start: int, end: int) -> bool:
         """The MMU notifier's clear_young (lockless): clear A on every present leaf of
-        ``[start, end)`` with an atomic AND, counting ``sptes_aged``; no bookkeeping, no
+        ``[start, end)`` with an atomic AND, counting ``sptes_aged`` and charging
+        ``spte_update_ns`` for each; no bookkeeping, no
         flush.  Returns whether any leaf was young."""
         young = False
         gfn_bits = self.root_gfn_bits(False)
@@ -790,6 +793,7 @@ class TdpMmu:
                     it.old_spte = it.read()
                     young = True
                     self.ctx.count("sptes_aged")
+                    self.ctx.charge("spte_update_ns")
         return young
 
     def kvm_tdp_mmu_test_age_gfn(self, start: int, end: int) -> bool:

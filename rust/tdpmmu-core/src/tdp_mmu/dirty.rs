@@ -162,7 +162,8 @@ impl TdpMmu {
     }
 
     /// `kvm_tdp_mmu_age_gfn_range` (lockless): clear A on every present leaf of [start, end)
-    /// with an atomic AND; no bookkeeping, no flush. Returns whether any leaf was young.
+    /// with an atomic AND (one SPTE update each); no bookkeeping, no flush. Returns whether any
+    /// leaf was young.
     pub fn age_gfn_range(&self, ctx: &mut Ctx, start: u64, end: u64) -> bool {
         let mut young = false;
         self.for_each_direct_leaf(start, end, 1, |it| {
@@ -170,6 +171,7 @@ impl TdpMmu {
                 it.sptep().fetch_and(!ACCESSED, Ordering::AcqRel);
                 young = true;
                 ctx.inc(C::sptes_aged);
+                ctx.charge(crate::cost::Cost::spte_update_ns, 1);
             }
             true
         });

@@ -214,6 +214,11 @@ impl TdpMmu {
                 e.store(FROZEN_SPTE, Ordering::Release);
                 old
             };
+            if is_shadow_present(old) {
+                // Each present entry of the dying table is one more SPTE update (and its
+                // accounting), as a leaf zap is.
+                ctx.charge(Cost::spte_update_ns, 1);
+            }
             self.handle_changed_spte(ctx, gfn, old, FROZEN_SPTE, level, shared);
             if hooks {
                 self.remove_external_spte(ctx, gfn, old, level);
