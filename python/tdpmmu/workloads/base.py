@@ -134,18 +134,41 @@ class Clock:
         return float(self.vm.stats_dict()["modeled_ns"])
 
     def record(self, label: str, modeled_s: float, wall_s: float) -> float:
-        """Add a phase measured elsewhere; returns ``modeled_s``."""
+        """Add a phase measured elsewhere (a vCPU pass: the slowest vCPU's modeled time).
+
+        Args:
+            label: the phase's name, as the selftest prints it.
+            modeled_s: its modeled seconds.
+            wall_s: its host wall seconds.
+
+        Returns:
+            float: ``modeled_s``. Never raises (the progress callback's errors propagate).
+        """
         self.phases.append((label, modeled_s, wall_s))
         if self._progress is not None:
             self._progress(len(self.phases), max(self._total, len(self.phases)), label)
         return modeled_s
 
     def phase(self, label: str) -> "_Phase":
-        """A context manager timing a host-side phase by the ledger and the wall clock."""
+        """A context manager timing a host-side phase by the ledger and the wall clock.
+
+        Args:
+            label: the phase's name, as the selftest prints it.
+
+        Returns:
+            _Phase: ``with clock.phase(label) as p:``; ``p.modeled_s`` holds the phase's modeled
+            seconds (what the VM's ledger grew by) after the block. Never raises.
+        """
         return _Phase(self, label)
 
     def seconds(self, label: str) -> float:
         """The modeled seconds of the phase named ``label`` (the last one of that name).
+
+        Args:
+            label: the phase's name.
+
+        Returns:
+            float: its modeled seconds.
 
         Raises:
             KeyError: no phase has that label.

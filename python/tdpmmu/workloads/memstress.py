@@ -94,6 +94,8 @@ def build(
     overlap: bool = False,
     offset: str | int | None = None,
     private: bool = True,
+    slot0_bytes: int = 0,
+    launch_vm: bool = True,
 ) -> tuple[VM, VmSpec, Layout]:
     """Create and launch a VM with memstress's test region (``memstress_create_vm``).
 
@@ -109,9 +111,15 @@ def build(
             the top of guest-physical space.
         private: on a confidential VM, the region is private memory (guest_memfd memslots,
             attributes private) as a confidential guest's memory starts; False: shared.
+        slot0_bytes: slot 0 (from gfn 0: code, page tables, an initial image) is at least
+            this many bytes (default 0: 2 MiB), rounded up to the backing page.
+        launch_vm: launch the VM (``vmspec.launch``: a TD is finalized); False leaves that to
+            the caller (e.g. to add an initial image first); guest memory is then already
+            set private on a confidential VM.
 
     Returns:
-        tuple[VM, VmSpec, Layout]: the launched VM (a TD finalized), its spec and the layout.
+        tuple[VM, VmSpec, Layout]: the VM (launched unless ``launch_vm`` is False), its spec
+        and the layout. The region is aligned to the backing page and the guest_memfd folio.
 
     Raises:
         ConfigError: a bad value, naming the argument; the region does not fit.
@@ -135,8 +143,10 @@ def build(
             f"slots: the region's {npages} pages must split into {nslots} memslots of whole "
             f"backing pages ({format_size(backing_bytes)})"
         )
-    slot0 = max(_SLOT0_BYTES, backing_bytes)
+    slot0 = -(-max(_SLOT0_BYTES, slot0_bytes) // backing_bytes) * backing_bytes
     spec = VmSpec.create(**spec_args(sim), memory=slot0, vcpus=nvcpus, backing=backing_bytes)
+    # 2M folios line up with 2M guest pages only if the region is aligned to them too.
+    step = max(backing_bytes, spec.folio or PAGE_SIZE) // PAGE_SIZE
     vm = spec.build()
     if offset is None:
         # memstress: the last pages below the top of guest-physical space, one page spare.
@@ -156,7 +166,10 @@ def build(
     )
     if gmem:
         vm.set_memory_attributes(base, npages, private=True)
-    launch(vm)
+    if launch_vm:
+        launch(vm)
+    elif spec.confidential:
+        vm.set_memory_attributes(0, slot0 // PAGE_SIZE, private=True)
     return vm, spec, Layout(nvcpus, per_vcpu, flag, backing_bytes, base, npages, ids)
 
 

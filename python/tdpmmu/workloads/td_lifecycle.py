@@ -39,7 +39,6 @@ import numpy.typing as npt
 
 from tdpmmu import coerce
 from tdpmmu._core import ConfigError, InvariantError
-from tdpmmu.sizes import format_size
 from tdpmmu.spte import is_shadow_present
 from tdpmmu.stats import Stats
 from tdpmmu.vm import VM
@@ -55,7 +54,7 @@ from tdpmmu.workloads.base import (
     spec_args,
 )
 from tdpmmu.workloads.common import PAGE_SIZE, backing_source
-from tdpmmu.workloads.memstress import DEFAULT_GUEST_SEED, Layout, run_pass
+from tdpmmu.workloads.memstress import DEFAULT_GUEST_SEED, Layout, build, run_pass
 
 __all__ = [
     "PHASES",
@@ -143,42 +142,27 @@ def build_unlaunched(
         TypeError: a value of the wrong type.
         OutOfMemory: the page tables could not be committed.
     """
-    nvcpus = coerce.count(vcpus, "vcpus")
-    per_vcpu = coerce.size(bytes_per_vcpu, "bytes_per_vcpu")
-    backing_bytes, _ = backing_source(backing)
     image = coerce.size(image_bytes, "image_bytes")
-    total = nvcpus * per_vcpu
-    if total % backing_bytes:
-        raise ConfigError(
-            f"bytes_per_vcpu: vcpus x bytes_per_vcpu = {total} bytes must be a multiple of the "
-            f"backing page ({format_size(backing_bytes)})"
-        )
-    args = spec_args(sim)
+    args: SimArgs = {**sim}
     if tdx is not None:
         args["tdx"] = {**(args.get("tdx") or {}), **tdx}
     if folio is not None:
         args["folio"] = folio
-    slot0 = -(-max(_SLOT0_BYTES, image) // backing_bytes) * backing_bytes
-    spec = VmSpec.create(**args, memory=slot0, vcpus=nvcpus, backing=backing_bytes)
-    if spec.label not in vm_types:
+    label = VmSpec.create(**spec_args(args), memory=_SLOT0_BYTES).label
+    if label not in vm_types:
         raise ConfigError(
-            f"vm_type: {workload} runs on {' or '.join(vm_types)}, not {spec.label}"
+            f"vm_type: {workload} runs on {' or '.join(vm_types)}, not {label}"
             + (" (it needs a TD and the TDX module)" if "tdx" in vm_types else "")
             + (" (it needs SEV-SNP's RMP and PVALIDATE)" if "snp" in vm_types else "")
         )
-    npages = total // PAGE_SIZE
-    step = max(backing_bytes, spec.folio or PAGE_SIZE) // PAGE_SIZE
-    vm = spec.build()
-    base = (vm.max_gfn - npages - 1) // step * step
-    if base < slot0 // PAGE_SIZE:
-        raise ConfigError(
-            f"bytes_per_vcpu: a {format_size(total)} region does not fit between slot 0 and "
-            f"max_gfn {vm.max_gfn:#x}"
-        )
-    slot = vm.add_memslot(base, npages, backing_bytes, gmem=True)
-    vm.set_memory_attributes(0, slot0 // PAGE_SIZE, private=True)
-    vm.set_memory_attributes(base, npages, private=True)
-    layout = Layout(nvcpus, per_vcpu, False, backing_bytes, base, npages, (slot,))
+    vm, spec, layout = build(
+        args,
+        vcpus=vcpus,
+        bytes_per_vcpu=bytes_per_vcpu,
+        backing=backing,
+        slot0_bytes=image,
+        launch_vm=False,
+    )
     return vm, spec, layout, image // PAGE_SIZE
 
 
