@@ -303,3 +303,67 @@ def test_mmu_stress_refusals_and_flags() -> None:
     refused("mmu_stress", ["-c", "0"])
     refused("mmu_stress", ["-m", "1.5"])
     refused("mmu_stress", ["-s", "0"])
+
+
+# ----- private_mem_conversions (the selftest as a workload) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "sim",
+    [
+        {"vm_type": "sw_protected"},
+        {"vm_type": "sw_protected", "mirror": True},
+        {"vm_type": "tdx"},
+    ],
+    ids=["sw_protected", "sw_protected-mirror", "tdx"],
+)
+def test_private_mem_conversions_test_stages(sim: dict[str, object]) -> None:
+    from tdpmmu.workloads.conversions import private_mem_conversions_test
+
+    r = private_mem_conversions_test(vcpus=2, memslots=2, **sim)  # type: ignore[arg-type]
+    names = [
+        "explicit conversion",
+        "explicit conversion with fallocate",
+        "punch hole imprecise",
+        "punch hole precise",
+    ]
+    assert [line.split(":")[0] for line in r.lines] == names
+    for line, name in zip(r.lines, names, strict=True):
+        assert re.fullmatch(rf"{name}: pass, \d+\.\d{{9}}s", line)
+        assert r.metrics[f"{name.replace(' ', '_')}_s"] > 0
+    # Every check ran for each range of each vCPU and pass (2 passes per stage kind).
+    assert r.detail["checks"]["private_write_maps_private"] == 2 * 2 * 5
+    assert r.detail["checks"]["read_after_punch_refaults"] == 2 * 2 * 5
+    assert r.stats["conversions"] > 0
+    round_trip(r)
+
+
+def test_private_mem_conversions_test_refusals_and_flags() -> None:
+    from tdpmmu.workloads.conversions import private_mem_conversions_test
+
+    with pytest.raises(tdpmmu.ConfigError, match="vm_type"):
+        private_mem_conversions_test(vm_type="default")
+    with pytest.raises(tdpmmu.ConfigError, match="vm_type"):
+        private_mem_conversions_test(vm_type="snp")
+    with pytest.raises(tdpmmu.ConfigError, match="memslots"):
+        private_mem_conversions_test(memslots=3)
+    assert parse("private_mem_conversions", ["-s", "anonymous_thp", "-n", "4", "-m", "4"]) == {
+        "shared_backing": "anonymous_thp",
+        "vcpus": 4,
+        "memslots": 4,
+    }
+    refused("private_mem_conversions", ["-n", "0"])
+    refused("private_mem_conversions", ["-s", "bogus"])
+    assert WORKLOADS["private_mem_conversions"].selftest == "private_mem_conversions_test"
+
+
+def test_conversion_check_detects_a_leftover_private_leaf() -> None:
+    # What the workload's checks read: a private leaf stays until a conversion or punch zaps
+    # it, so a missing zap would be seen.
+    from tdpmmu.workloads.conversions import _leaf
+
+    vm = tdpmmu.VM(vm_type="sw_protected", memory="2M")
+    vm.fault(3, private=True)
+    assert _leaf(vm, 3, False) is not None
+    vm.set_memory_attributes(3, 1, private=False)
+    assert _leaf(vm, 3, False) is None

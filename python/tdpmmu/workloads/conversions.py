@@ -1,18 +1,26 @@
-"""KVM's ``private_mem_conversions_test`` on a running VM (``private_mem_conversions``)."""
+"""KVM's ``private_mem_conversions_test``: on a running VM (``private_mem_conversions``) and as
+the selftest itself, a registered workload (``private_mem_conversions_test``)."""
 
+import argparse
 import dataclasses
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Unpack
 
 from tdpmmu import coerce
 from tdpmmu._core import ConfigError
 from tdpmmu.results import Envelope, sum_breakdowns
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import vm_config
+from tdpmmu.workloads.base import SimArgs, Workload, WorkloadResult, register
 from tdpmmu.workloads.common import PAGE_SIZE
 
-__all__ = ["ConversionsResult", "private_mem_conversions"]
+__all__ = [
+    "TEST_RANGES",
+    "ConversionsResult",
+    "private_mem_conversions",
+    "private_mem_conversions_test",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -303,3 +311,274 @@ def private_mem_conversions(
         cost_breakdown=breakdown,
         wall_s=wall_s,
     )
+
+
+# ----- the selftest as a registered workload ------------------------------------------------------
+
+#: The selftest's test ranges inside each vCPU's chunk, as (offset, size) in bytes.
+TEST_RANGES = ((0, 4096), (0, 2 << 20), (4096, 4096), (4096, 2 << 20), (2 << 20, 4096))
+
+#: Each vCPU's data: 2 MiB + 4 KiB (``PER_CPU_DATA_SIZE``).
+_PER_CPU_DATA = (2 << 20) + 4096
+
+
+def _leaf(vm: VM, gfn: int, private: bool) -> tuple[int, int] | None:
+    """(level, pfn of ``gfn``'s page) of the leaf mapping ``gfn`` in one root, or None."""
+    from tdpmmu import spte
+
+    for level, value in reversed(vm.walk(gfn, private)):
+        if not spte.is_shadow_present(value):
+            return None
+        if spte.is_last(value, level):
+            span = 512 ** (level - 1)
+            return level, spte.pfn(value) + gfn % span
+    return None
+
+
+def private_mem_conversions_test(
+    shared_backing: str = "anonymous",
+    vcpus: int = 1,
+    memslots: int = 1,
+    **sim: Unpack[SimArgs],
+) -> WorkloadResult:
+    """KVM's ``private_mem_conversions_test``: explicit conversions and hole punches over each
+    vCPU's chunk, checked against what KVM must leave mapped.
+
+    Each vCPU owns a chunk of 2 MiB + 4 KiB (rounded up to max(2 MiB, backing page)) from
+    4 GiB on, in ``memslots`` guest_memfd memslots (their shared memory from
+    ``shared_backing``); the memory starts shared. The guest's accesses run through
+    ``VM.access_batch`` on its vCPU (by each page's attribute); conversions are
+    ``set_memory_attributes`` (the KVM_HC_MAP_GPA_RANGE exit and KVM_SET_MEMORY_ATTRIBUTES),
+    fallocate(PUNCH_HOLE) is ``punch_hole`` (allocation is on fault in the model). Stages, each
+    over every test range (``TEST_RANGES``):
+
+    - ``explicit conversion`` without and with fallocate: write the range shared, convert it
+      private (check: no shared leaf left over it), write it private (check: every page maps
+      private memory), read the rest of the chunk, convert the odd pages back to shared and
+      read them (check: odd pages no private leaf, even pages still private), convert all of
+      it shared and write it (check: every page maps shared memory), then convert the whole
+      chunk shared with a punch (check: no private leaf in the chunk);
+    - ``punch hole`` imprecise and precise: with the chunk private, punch it all (check: no
+      private leaf), write the range (precise) or the whole chunk, punch the range (check: no
+      private leaf in it), read it back (check: every page faults back in as private memory).
+
+    Data patterns are not modeled (the model holds no guest data); the checks are on mappings.
+    A stage's modeled time is the slowest vCPU's (each vCPU's steps run one after the other,
+    vCPU 0 first; the ledger's delta over them). ``clock`` does not change the run.
+
+    Args:
+        shared_backing: the selftest's ``-s``: backing of the shared memory (a
+            ``BACKING_SOURCES`` name or a size; default ``"anonymous"``).
+        vcpus: vCPUs (``-n``), 1..4096 (default 1).
+        memslots: memslots over the guest_memfd (``-m``), >= 1 (default 1); the total size
+            must divide evenly into them in whole backing pages.
+        **sim: the simulator's arguments (``SimArgs``); ``vm_type`` sw_protected (default for
+            this workload when not given; with ``mirror`` too) or tdx.
+
+    Returns:
+        WorkloadResult: one line per stage (``<stage>: pass, <modeled>s``); metrics
+        ``<stage>_s`` (snake_case) and ``wall_`` twins; ``detail["checks"]`` (each check with
+        how many times it held).
+
+    Raises:
+        ConfigError: a bad value, naming it; ``vm_type`` default (no private memory) or snp
+            (the guest would have to PVALIDATE: use ``private_mem_conversions`` on a launched
+            SNP VM).
+        InvariantError: a check failed (the stage, range and page in the message).
+        TypeError: a value of the wrong type.
+    """
+    import numpy as np
+
+    from tdpmmu._core import InvariantError
+    from tdpmmu.vmspec import VmSpec, launch
+    from tdpmmu.workloads.base import Clock, finish, sim_options, spec_args
+    from tdpmmu.workloads.common import backing_source
+
+    run_start = time.perf_counter()
+    sim = dict(sim)  # type: ignore[assignment]
+    sim.setdefault("vm_type", "sw_protected")
+    options = sim_options(sim)
+    if sim["vm_type"] in ("default", "snp"):
+        raise ConfigError(
+            f"vm_type: private_mem_conversions_test needs private memory the guest can convert "
+            f"without more steps; {sim['vm_type']} "
+            + (
+                "has none"
+                if sim["vm_type"] == "default"
+                else "needs PVALIDATE around each conversion (private_mem_conversions does it)"
+            )
+        )
+    nvcpus = coerce.count(vcpus, "vcpus")
+    nslots = coerce.count(memslots, "memslots")
+    backing, _ = backing_source(shared_backing)
+    align = max(2 << 20, backing)
+    per_cpu = -(-_PER_CPU_DATA // align) * align
+    total = per_cpu * nvcpus
+    if total % nslots or (total // nslots) % backing:
+        raise ConfigError(
+            f"memslots: the guest_memfd's {total} bytes do not divide into {nslots} memslots "
+            f"of whole backing pages"
+        )
+    spec = VmSpec.create(**spec_args(sim), memory=align, vcpus=nvcpus, backing=align)
+    vm = spec.build()
+    base = (4 << 30) // PAGE_SIZE
+    slot_pages = total // nslots // PAGE_SIZE
+    slots = [
+        (vm.add_memslot(base + i * slot_pages, slot_pages, backing, gmem=True))
+        for i in range(nslots)
+    ]
+    host = {s[0]: (s[1], s[2], s[5]) for s in vm.memslots() if s[0] in slots}
+    launch(vm)
+    vm.set_memory_attributes(base, total // PAGE_SIZE, private=False)
+    clock = Clock(vm, sim.get("progress"), 4)
+    checks: dict[str, int] = {}
+    chunk = _PER_CPU_DATA // PAGE_SIZE
+
+    def shared_pfn(gfn: int) -> int:
+        for g0, n, pfn in host.values():
+            if g0 <= gfn < g0 + n:
+                return pfn + gfn - g0
+        raise AssertionError(gfn)
+
+    def kind(gfn: int) -> set[str]:
+        out = set()
+        for root in (False, True):
+            leaf = _leaf(vm, gfn, root)
+            if leaf is not None:
+                out.add("shared" if leaf[1] == shared_pfn(gfn) else "private")
+        return out
+
+    def check(name: str, ctx: str, gfns: range, ok: Callable[[set[str]], bool]) -> None:
+        for g in gfns:
+            if not ok(kind(g)):
+                raise InvariantError(
+                    f"private_mem_conversions_test: {name} failed ({ctx}, gfn {g:#x}: "
+                    f"mapped {sorted(kind(g)) or 'nothing'})"
+                )
+        checks[name] = checks.get(name, 0) + 1
+
+    def access(v: int, gfn: int, n: int, write: bool) -> None:
+        vm.access_batch(np.arange(gfn, gfn + n, dtype=np.uint64), write=write, vcpu=v)
+
+    def to_private(gfn: int, n: int) -> None:
+        vm.set_memory_attributes(gfn, n, private=True)
+
+    def to_shared(gfn: int, n: int, punch: bool) -> None:
+        vm.set_memory_attributes(gfn, n, private=False)
+        if punch:
+            vm.punch_hole(gfn, n)
+
+    def explicit(v: int, b: int, fallocate: bool) -> None:
+        ctx = f"vCPU {v}, fallocate {fallocate}"
+        access(v, b, chunk, True)
+        access(v, b, chunk, False)
+        for off, size in TEST_RANGES:
+            g, n = b + off // PAGE_SIZE, size // PAGE_SIZE
+            c = f"{ctx}, range ({off:#x}, {size:#x})"
+            access(v, g, n, True)
+            to_private(g, n)
+            check("private_conversion_zaps_shared", c, range(g, g + n), lambda k: "shared" not in k)
+            access(v, g, n, True)
+            check("private_write_maps_private", c, range(g, g + n), lambda k: k == {"private"})
+            access(v, b, g - b, False)
+            access(v, g + n, b + chunk - g - n, False)
+            for j in range(n):
+                if j & 1:
+                    to_shared(g + j, 1, fallocate)
+                    access(v, g + j, 1, False)
+            check("odd_pages_shared", c, range(g + 1, g + n, 2), lambda k: "private" not in k)
+            check("even_pages_private", c, range(g, g + n, 2), lambda k: k == {"private"})
+            to_shared(g, n, fallocate)
+            access(v, g, n, True)
+            check("shared_write_maps_shared", c, range(g, g + n), lambda k: k == {"shared"})
+            access(v, g, n, True)
+            to_shared(b, chunk, True)
+            check("punch_frees_private", c, range(b, b + chunk), lambda k: "private" not in k)
+
+    def punch_test(v: int, b: int, precise: bool) -> None:
+        ctx = f"vCPU {v}, precise {precise}"
+        to_private(b, chunk)
+        for off, size in TEST_RANGES:
+            g, n = b + off // PAGE_SIZE, size // PAGE_SIZE
+            c = f"{ctx}, range ({off:#x}, {size:#x})"
+            vm.punch_hole(b, chunk)
+            check("punch_chunk_unmaps", c, range(b, b + chunk), lambda k: "private" not in k)
+            if precise:
+                access(v, g, n, True)
+            else:
+                access(v, b, chunk, True)
+            vm.punch_hole(g, n)
+            check("punch_range_unmaps", c, range(g, g + n), lambda k: "private" not in k)
+            access(v, g, n, False)
+            check("read_after_punch_refaults", c, range(g, g + n), lambda k: k == {"private"})
+        to_shared(b, chunk, True)
+
+    stages: list[tuple[str, Callable[[int, int], None]]] = [
+        ("explicit conversion", lambda v, b: explicit(v, b, False)),
+        ("explicit conversion with fallocate", lambda v, b: explicit(v, b, True)),
+        ("punch hole imprecise", lambda v, b: punch_test(v, b, False)),
+        ("punch hole precise", lambda v, b: punch_test(v, b, True)),
+    ]
+    lines: list[str] = []
+    metrics: dict[str, float] = {}
+    for name, body in stages:
+        worst, wall0 = 0.0, time.perf_counter()
+        for v in range(nvcpus):
+            ns0 = clock.modeled_ns()
+            body(v, base + v * per_cpu // PAGE_SIZE)
+            worst = max(worst, (clock.modeled_ns() - ns0) / 1e9)
+        wall = time.perf_counter() - wall0
+        clock.record(name, worst, wall)
+        lines.append(f"{name}: pass, {worst:.9f}s")
+        key = name.replace(" ", "_")
+        metrics[f"{key}_s"], metrics[f"wall_{key}_s"] = worst, wall
+    vm.check()
+    return finish(
+        "private_mem_conversions",
+        vm,
+        spec,
+        params={"shared_backing": shared_backing, "vcpus": nvcpus, "memslots": nslots},
+        options=options,
+        lines=lines,
+        metrics=metrics,
+        clock=clock,
+        run_start=run_start,
+        detail={"checks": checks, "test_ranges": [list(r) for r in TEST_RANGES]},
+    )
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tdpmmu.workloads.demand_paging import backing_arg, count_arg
+
+    parser.add_argument(
+        "-s",
+        "--shared-backing",
+        type=backing_arg,
+        default="anonymous",
+        metavar="TYPE",
+        help="backing of shared memory (default anonymous)",
+    )
+    parser.add_argument(
+        "-n", "--vcpus", type=count_arg(1, 4096), default=1, metavar="N", help="vCPUs (1)"
+    )
+    parser.add_argument(
+        "-m", "--memslots", type=count_arg(1), default=1, metavar="N", help="memslots (1)"
+    )
+
+
+def _from_args(ns: argparse.Namespace) -> dict[str, Any]:
+    return {"shared_backing": ns.shared_backing, "vcpus": ns.vcpus, "memslots": ns.memslots}
+
+
+register(
+    Workload(
+        name="private_mem_conversions",
+        command="private-mem-conversions",
+        selftest="private_mem_conversions_test",
+        summary="shared<->private conversions and hole punches over test ranges (correctness).",
+        run=private_mem_conversions_test,
+        vm_types=("sw_protected", "tdx"),
+        add_arguments=_add_arguments,
+        from_args=_from_args,
+    )
+)
