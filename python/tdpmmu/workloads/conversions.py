@@ -403,7 +403,7 @@ def private_mem_conversions_test(
             f"vm_type: private_mem_conversions_test needs private memory the guest can convert "
             f"without more steps; {sim['vm_type']} "
             + (
-                "has none"
+                "has none (the selftest runs on sw_protected: vm_type='sw_protected', or tdx)"
                 if sim["vm_type"] == "default"
                 else "needs PVALIDATE around each conversion (private_mem_conversions does it)"
             )
