@@ -335,6 +335,7 @@ def breakdown(
         heights = [p.get(name, 0.0) / scale for p in parts]
         axes.bar(xs, heights, bottom=bottom, label=name, color=cmap(j % cmap.N), width=0.8)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    axes.set_ylim(0, max(bottom) * 1.06 or 1.0)
     axes.set_xticks(xs)
     axes.set_xticklabels([label for label, _ in bars], rotation=60, ha="right", fontsize=8)
     from tdpmmu.sweep import SweepResult

@@ -79,10 +79,6 @@ TDX_PREFIX = "tdx."
 #: The grid-key prefix of one ``CostModel`` field (``"cost.exit_entry_ns"``).
 COST_PREFIX = "cost."
 
-# Workload functions of tdpmmu.workloads that sweeps find by name even before they are in
-# WORKLOADS (the registry holds the ones with CLI flags).
-_FUNCTIONS = ("demand_paging", "private_mem_conversions")
-
 
 # ----- the result --------------------------------------------------------------------------------
 
@@ -474,23 +470,17 @@ def _resolve(workload: str | Callable[..., Any]) -> tuple[str, str | Callable[..
     for w in WORKLOADS.values():
         if name in (w.name, w.command):
             return w.name, w.name
-    snake = name.replace("-", "_")
-    if snake in _FUNCTIONS:
-        return snake, snake
-    known = sorted({*WORKLOADS, *_FUNCTIONS})
-    raise ConfigError(f"workload: unknown workload {workload!r}; known: {', '.join(known)}")
+    known = ", ".join(f"{w.name} ({w.command})" for w in WORKLOADS.values())
+    raise ConfigError(f"workload: unknown workload {workload!r}; registered: {known}")
 
 
 def _function(ref: str | Callable[..., Any]) -> Callable[..., Any]:
     """The workload function a worker runs (looked up in the worker's own tdpmmu)."""
     if callable(ref):
         return ref
-    import tdpmmu.workloads
+    import tdpmmu.workloads  # noqa: F401  (registers every workload in this process)
 
-    if ref in WORKLOADS:
-        return WORKLOADS[ref].run
-    fn: Callable[..., Any] = getattr(tdpmmu.workloads, ref)
-    return fn
+    return WORKLOADS[ref].run
 
 
 def _allowed(fn: Callable[..., Any], registered: bool) -> set[str] | None:
@@ -625,40 +615,18 @@ def point_kwargs(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str
 # ----- running a point ---------------------------------------------------------------------------
 
 
-def _legacy_metrics(result: Any) -> dict[str, float] | None:
-    """Metrics of a ``DemandPagingResult`` from before it had ``metrics`` (the selftest's
-    labels: modeled figures plain, host wall figures with ``wall_``); None for others."""
-    if not hasattr(result, "modeled_overall_demand_paging_rate_pgs_per_s"):
-        return None
-    return {
-        "total_guest_execution_time_s": result.modeled_guest_execution_time_s,
-        "per_vcpu_demand_paging_rate_pgs_per_s": (
-            result.modeled_per_vcpu_demand_paging_rate_pgs_per_s
-        ),
-        "overall_demand_paging_rate_pgs_per_s": result.modeled_overall_demand_paging_rate_pgs_per_s,
-        "wall_total_guest_execution_time_s": result.total_guest_execution_time_s,
-        "wall_per_vcpu_demand_paging_rate_pgs_per_s": result.per_vcpu_demand_paging_rate_pgs_per_s,
-        "wall_overall_demand_paging_rate_pgs_per_s": result.overall_demand_paging_rate_pgs_per_s,
-    }
-
-
 def _outcome(result: Any) -> dict[str, Any]:
     env = result.envelope()
     metrics = getattr(result, "metrics", None)
     if isinstance(metrics, Mapping):
         row = row_of(result)
-    else:
-        legacy = _legacy_metrics(result)
-        if legacy is not None:
-            metrics = legacy
-            row = envelope_row(dataclasses.replace(env, result={"metrics": legacy}))
-        else:
-            row = envelope_row(env)
-            metrics = {
-                k: v
-                for k, v in env.result.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
+    else:  # a result without metrics: its row and top-level numbers from its envelope
+        row = envelope_row(env)
+        metrics = {
+            k: v
+            for k, v in env.result.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
     return {
         "result": env.to_dict(),
         "row": row,
@@ -827,9 +795,10 @@ def sweep(
     grid keys, how seeds are set and the backends.
 
     Args:
-        workload: a registry name (``"demand_paging"``, or the CLI spelling
-            ``"demand-paging"``), or a module-level workload function (it must be importable
-            by the workers).
+        workload: a registry name (``tdpmmu.workloads.WORKLOADS``: ``"demand_paging"``, or
+            the CLI spelling ``"demand-paging"``), or a module-level workload function
+            returning a result with ``envelope()`` (the workers must be able to import it;
+            with ``**kwargs`` it takes any grid key).
         grid: key -> list of values: workload parameters, ``SimArgs`` keys,
             ``"tdx.<option>"`` and ``"cost.<field>"`` keys.
         base: fixed arguments for every point (same keys as ``grid``; ``grid`` wins).
