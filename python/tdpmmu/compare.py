@@ -52,7 +52,7 @@ from typing import Any, Final, Literal, cast
 from tdpmmu import __version__, coerce, config, render
 from tdpmmu._core import ConfigError, InvariantError, OutOfMemory, VmBugged
 from tdpmmu.costs import CostModel
-from tdpmmu.results import Envelope, sum_breakdowns
+from tdpmmu.results import Envelope, json_safe, sum_breakdowns
 from tdpmmu.sizes import format_size
 from tdpmmu.stats import Stats
 from tdpmmu.vmspec import VmSpec, launch
@@ -67,14 +67,19 @@ __all__ = [
     "SUMMARY_FIELDS",
     "VM_TYPES",
     "WORKLOADS",
+    "WORKLOAD_SUMMARY_FIELDS",
     "CompareParams",
     "CompareResult",
     "CompareRow",
     "PhaseResult",
+    "WorkloadComparison",
+    "WorkloadRow",
     "compare",
+    "compare_workload",
     "external_tables_name",
     "fit_conversions",
     "format_text",
+    "format_workload_text",
     "run_pair",
     "select_pairs",
 ]
@@ -1373,4 +1378,564 @@ def format_text(result: CompareResult) -> str:
     lines += ["", "What the tables show:"]
     for text in _findings(result):
         lines += render.wrap(f"- {text}")
+    return "\n".join(lines)
+
+
+# ----- any registered workload, one row per (VM type x hook design x TDX options) --------------
+
+#: Columns of ``WorkloadRow.summary`` (and of ``WorkloadComparison.to_csv``), in order.
+WORKLOAD_SUMMARY_FIELDS: Final[tuple[str, ...]] = (
+    "vm_type",
+    "design",
+    "options",
+    "faults",
+    "hook_calls",
+    "seamcalls",
+    "rmpupdate",
+    "psmash",
+    "pvalidate",
+    "modeled_ns",
+    "page_table_peak_bytes",
+    "external_table_bytes",
+    "rmp_bytes",
+    "memory_bytes",
+    "wall_s",
+    "check_ok",
+    "check_error",
+    "refused",
+)
+
+
+def _result_from(env: Envelope) -> Any:
+    """The result an envelope of a registered workload describes, of the type its function
+    returns when that type reads envelopes (``from_envelope``), else a ``WorkloadResult``."""
+    import inspect
+
+    from tdpmmu.workloads import WORKLOADS as REGISTRY
+    from tdpmmu.workloads import WorkloadResult
+
+    wl = REGISTRY.get(env.workload)
+    kind = None if wl is None else inspect.signature(wl.run).return_annotation
+    if isinstance(kind, type) and hasattr(kind, "from_envelope"):
+        return kind.from_envelope(env)
+    return WorkloadResult.from_envelope(env)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadRow:
+    """One (VM type, hook design, TDX options) row of ``compare_workload``: the registered
+    workload's result on that VM, or why it has none."""
+
+    #: VM type label (a key of ``VM_TYPES``: "sw_protected+mirror" is VM(mirror=True)).
+    vm_type: str
+    design: str
+    #: The row's TDX options (empty on variants without them).
+    tdx: Mapping[str, coerce.TdxValue]
+    #: The workload's result; None when it refused the VM or broke mid-run.
+    result: Any
+    #: Host wall-clock seconds of the row.
+    wall_s: float
+    #: Why the row has no passing result (None when it passed).
+    error: str | None = None
+    #: The workload refused this VM type or design (``ConfigError``): not a failed check.
+    refused: bool = False
+
+    @property
+    def options(self) -> str:
+        """The row's TDX options as ``key=value,...`` ("" when it has none)."""
+        return ",".join(f"{k}={_option_text(v)}" for k, v in self.tdx.items())
+
+    def _stat(self, name: str) -> int:
+        return 0 if self.result is None else int(self.result.stats[name])
+
+    @property
+    def stats(self) -> Stats | None:
+        """The result's counters (None without a result)."""
+        return None if self.result is None else cast(Stats, self.result.stats)
+
+    @property
+    def faults(self) -> int:
+        """Faults the guest took (KVM's ``pf_taken``), the whole run."""
+        return self._stat("pf_taken")
+
+    @property
+    def hook_calls(self) -> int:
+        """Calls of the four external-table hooks (link/set/remove/free)."""
+        return sum(self._stat(h) for h in HOOK_COUNTERS)
+
+    @property
+    def seamcalls(self) -> int:
+        """Host SEAMCALLs (every ``TDH.*`` leaf)."""
+        return 0 if self.result is None else _seamcalls(self.result.stats.to_dict())
+
+    @property
+    def rmpupdate(self) -> int:
+        """RMPUPDATE instructions (SNP)."""
+        return self._stat("rmpupdate")
+
+    @property
+    def psmash(self) -> int:
+        """PSMASH instructions (SNP)."""
+        return self._stat("psmash")
+
+    @property
+    def pvalidate(self) -> int:
+        """The guest's PVALIDATE instructions (SNP)."""
+        return self._stat("pvalidate")
+
+    @property
+    def modeled_ns(self) -> float:
+        """All modeled time of the run (cost model; 0 without a result)."""
+        return 0.0 if self.result is None else float(self.result.modeled_ns)
+
+    @property
+    def page_table_peak_bytes(self) -> int:
+        """KVM page tables at their peak (mirror roots included)."""
+        return self._stat("page_table_peak_bytes")
+
+    @property
+    def external_table_bytes(self) -> int:
+        """S-EPT (or software external) tables held at the end of the run, x 4 KiB."""
+        return self._stat("sept_tables") * _TABLE_BYTES
+
+    @property
+    def rmp_bytes(self) -> int:
+        """SNP: RMP entries of the guest_memfd pages (8 bytes each as modeled); else 0."""
+        if self.result is None or self.result.spec.vm_type != "snp":
+            return 0
+        return RMP_ENTRY_BYTES * (int(self.result.spec.memory) // PAGE_SIZE)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Page-table memory counted for the design: KVM tables + external tables + RMP."""
+        return self.page_table_peak_bytes + self.external_table_bytes + self.rmp_bytes
+
+    @property
+    def check_ok(self) -> bool:
+        """The workload ran and its own checks held (``detail["checks"]``)."""
+        return self.result is not None and self.error is None
+
+    @property
+    def check_error(self) -> str | None:
+        """Why the row did not pass (``error``)."""
+        return self.error
+
+    @property
+    def check(self) -> str:
+        """The check column: "yes", "NO (reason)" or "n/a (the workload's refusal)"."""
+        if self.check_ok:
+            return "yes"
+        return f"n/a ({self.error})" if self.refused else f"NO ({self.error})"
+
+    def summary(self) -> dict[str, Any]:
+        """The flat per-row fields (``WORKLOAD_SUMMARY_FIELDS``). Never raises."""
+        return {name: getattr(self, name) for name in WORKLOAD_SUMMARY_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """``summary()`` plus ``tdx`` and the result's envelope (None without a result).
+
+        Returns:
+            dict[str, Any]: plain JSON types. Never raises.
+        """
+        out = self.summary()
+        out["tdx"] = dict(self.tdx)
+        out["result"] = None if self.result is None else self.result.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "WorkloadRow":
+        """The row a ``to_dict()`` mapping describes.
+
+        Args:
+            data: the mapping.
+
+        Returns:
+            WorkloadRow: the row (its result of the type the workload's function returns, e.g.
+            ``DemandPagingResult``, else a ``WorkloadResult``).
+
+        Raises:
+            KeyError: a field is missing.
+            ConfigError: the result is not a ``WorkloadResult``'s envelope.
+        """
+        res = data["result"]
+        return cls(
+            vm_type=str(data["vm_type"]),
+            design=str(data["design"]),
+            tdx=dict(data["tdx"]),
+            result=None if res is None else _result_from(Envelope.from_dict(res)),
+            wall_s=float(data["wall_s"]),
+            error=data.get("check_error"),
+            refused=bool(data.get("refused", False)),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadComparison:
+    """What ``compare_workload`` returns: the workload, its parameters and one row per pair
+    (and per swept TDX option value), in the engine's pair order."""
+
+    #: The registered workload's name, e.g. ``"dirty_log_perf"``.
+    workload: str
+    #: The workload's own parameters every row ran with.
+    params: Mapping[str, Any]
+    #: The simulator options every row shared (costs, seed, levels, folio, clock, ...).
+    sim: Mapping[str, Any]
+    rows: tuple[WorkloadRow, ...]
+    #: Host wall-clock seconds of the whole comparison.
+    wall_s: float = 0.0
+
+    @property
+    def swept(self) -> tuple[str, ...]:
+        """TDX options whose value differs between rows (they label the rows)."""
+        keys: dict[str, set[str]] = {}
+        for r in self.rows:
+            for k, v in r.tdx.items():
+                keys.setdefault(k, set()).add(_option_text(v))
+        return tuple(k for k, vals in keys.items() if len(vals) > 1)
+
+    def envelope(self) -> Envelope:
+        """The comparison as an ``Envelope`` (workload ``"compare_workload"``): modeled time
+        and its breakdown summed over the rows that ran; each row keeps its own result."""
+        ran = [r.result for r in self.rows if r.result is not None]
+        return Envelope(
+            workload="compare_workload",
+            config={
+                "workload": {"name": self.workload, "params": json_safe(self.params)},
+                "sim": json_safe(self.sim),
+            },
+            seed=int(self.sim.get("seed", 0)),
+            modeled_ns=sum(float(r.modeled_ns) for r in ran),
+            cost_breakdown=sum_breakdowns([r.cost_breakdown for r in ran]),
+            wall_s=self.wall_s,
+            result={"rows": [r.to_dict() for r in self.rows]},
+        )
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> "WorkloadComparison":
+        """The comparison an envelope describes.
+
+        Args:
+            env: an envelope with ``workload == "compare_workload"``.
+
+        Returns:
+            WorkloadComparison: the comparison.
+
+        Raises:
+            ConfigError: another kind of envelope (naming ``envelope``).
+            KeyError: a field is missing.
+        """
+        if env.workload != "compare_workload":
+            raise ConfigError(f"envelope: a {env.workload} result, not compare_workload")
+        wl = env.config["workload"]
+        return cls(
+            workload=str(wl["name"]),
+            params=dict(wl["params"]),
+            sim=dict(env.config["sim"]),
+            rows=tuple(WorkloadRow.from_dict(r) for r in env.result["rows"]),
+            wall_s=env.wall_s,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``envelope().to_dict()``. Never raises."""
+        return self.envelope().to_dict()
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The comparison as one JSON document (``**kwargs`` go to ``json.dumps``)."""
+        return self.envelope().to_json(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkloadComparison":
+        """The comparison a ``to_json`` text describes.
+
+        Raises:
+            ConfigError: not a tdpmmu envelope, or not a workload comparison.
+            json.JSONDecodeError: ``text`` is not JSON.
+        """
+        return cls.from_envelope(Envelope.from_json(text))
+
+    def to_csv(self) -> str:
+        """One line per row with the ``WorkloadRow.summary`` columns, then the workload's
+        metrics (raw numbers; empty where a row has no result). Never raises."""
+        metrics: dict[str, None] = {}
+        for r in self.rows:
+            if r.result is not None:
+                metrics.update(dict.fromkeys(r.result.metrics))
+        buf = io.StringIO()
+        w = csv.DictWriter(
+            buf, fieldnames=[*WORKLOAD_SUMMARY_FIELDS, *metrics], lineterminator="\n"
+        )
+        w.writeheader()
+        for row in self.rows:
+            rec = {k: "" if v is None else v for k, v in row.summary().items()}
+            if row.result is not None:
+                rec.update(row.result.metrics)
+            w.writerow(rec)
+        return buf.getvalue()
+
+
+def _checks_failed(checks: Any) -> list[str]:
+    """Names of checks recorded as False in a workload's ``detail["checks"]``."""
+    if isinstance(checks, Mapping):
+        return [str(k) for k, v in checks.items() if v is False]
+    return []
+
+
+def compare_workload(
+    workload: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    types: Iterable[str] | None = None,
+    designs: Iterable[str] | None = None,
+    tdx: Mapping[str, object] | None = None,
+    costs: CostModel | Mapping[str, float] | None = None,
+    seed: int = 0,
+    levels: int = 4,
+    folio: str | int | None = None,
+    clock: str | None = None,
+    mmu_lock: str = "shared",
+    machine: Any = None,
+    tdx_module: str = "1.5",
+    progress: Any = None,
+) -> WorkloadComparison:
+    """Run a registered workload (``tdpmmu.workloads.WORKLOADS``) on every valid (VM type x
+    hook design) pair it runs on, with the same parameters, one row per pair.
+
+    Rows of variants that take TDX options are run once per combination of the swept values
+    (``tdx``: a list or ``"a,b"`` per option; default ``DEFAULTS["tdx"]``, every hook
+    interface). A pair whose VM type is not in the workload's ``vm_types`` is left out; a pair
+    the workload refuses with ``ConfigError`` (e.g. a design it cannot run) is a row marked
+    ``refused``; a run that breaks (``InvariantError``, ``VmBugged``, ``OutOfMemory``, a failed
+    assert of the workload's own checks) is a row with ``check_ok`` False and the reason.
+
+    Args:
+        workload: the registry name (``"dirty_log_perf"``) or CLI command
+            (``"dirty-log-perf"``) of a registered workload.
+        params: the workload's own keyword arguments (its ``from_args`` output), or None for
+            its defaults.
+        types: VM types to run (labels or engine types), or None for all.
+        designs: hook designs to run, or None for all.
+        tdx: TDX options for the rows that take them; a list or ``"a,b"`` sweeps values.
+        costs: a ``CostModel``, a mapping of overrides, or None for the defaults.
+        seed: every VM's seed, >= 0 (default 0).
+        levels: TDP paging levels, 4 (default) or 5.
+        folio: guest_memfd folio size on VMs with private memory (``"4K"``/``"2M"``), or None.
+        clock, mmu_lock, machine, tdx_module: the run options (``SimArgs``).
+        progress: ``progress(done, total, label)`` after each row, or None.
+
+    Returns:
+        WorkloadComparison: one row per pair and TDX option combination.
+
+    Raises:
+        ConfigError: an unknown workload (naming ``workload``), filters that leave no pair it
+            runs on, or a ``ConfigError`` on every row (then it is the first row's: a bad
+            parameter rather than a refusal).
+        TypeError: a parameter the workload does not take.
+    """
+    from tdpmmu.workloads import WORKLOADS as REGISTRY
+
+    start = time.perf_counter()
+    wl = next((w for w in REGISTRY.values() if workload in (w.name, w.command)), None)
+    if wl is None:
+        raise ConfigError(
+            f"workload: {workload!r} is not a registered workload; allowed: " + ", ".join(REGISTRY)
+        )
+    kwargs = dict(params or {})
+    sweep = {**_sweep(DEFAULTS["tdx"]), **_sweep(tdx)}
+    pairs = [
+        (label, design)
+        for label, design in select_pairs(types, designs)
+        if VM_TYPES[label][0] in wl.vm_types
+    ]
+    if not pairs:
+        raise ConfigError(
+            f"types/designs: no selected pair runs {wl.name} (it runs on "
+            + ", ".join(wl.vm_types)
+            + ")"
+        )
+    jobs: list[tuple[str, str, dict[str, coerce.TdxValue]]] = []
+    for label, design in pairs:
+        if config.variant(*VM_TYPES[label]).tdx_options:
+            keys = list(sweep)
+            for values in itertools.product(*(sweep[k] for k in keys)):
+                jobs.append((label, design, dict(zip(keys, values, strict=True))))
+        else:
+            jobs.append((label, design, {}))
+    sim: dict[str, Any] = {
+        "costs": coerce.cost_model(costs),
+        "seed": coerce.count(seed, "seed", 0),
+        "levels": coerce.levels(levels),
+        "clock": clock,
+        "mmu_lock": mmu_lock,
+        "machine": machine,
+        "tdx_module": tdx_module,
+    }
+    rows: list[WorkloadRow] = []
+    first_error: ConfigError | None = None
+    for i, (label, design, combo) in enumerate(jobs):
+        vm_type, mirror = VM_TYPES[label]
+        row_start = time.perf_counter()
+        result: Any = None
+        error: str | None = None
+        refused = False
+        try:
+            result = wl.run(
+                **kwargs,
+                **sim,
+                vm_type=vm_type,
+                mirror=mirror,
+                hooks=design,
+                tdx=combo or None,
+                folio=folio if vm_type != "default" else None,
+            )
+            failed = _checks_failed(result.detail.get("checks"))
+            if failed:
+                error = "checks failed: " + ", ".join(failed)
+        except ConfigError as e:
+            first_error = first_error or e
+            error, refused = str(e), True
+        except (VmBugged, InvariantError, OutOfMemory, AssertionError) as e:
+            error = f"{type(e).__name__}: {e}"
+        rows.append(
+            WorkloadRow(
+                vm_type=label,
+                design=design,
+                tdx=combo,
+                result=result,
+                wall_s=time.perf_counter() - row_start,
+                error=error,
+                refused=refused,
+            )
+        )
+        if progress is not None:
+            opts = ",".join(f"{k}={_option_text(v)}" for k, v in combo.items())
+            progress(i + 1, len(jobs), f"{label}/{design}" + (f" {opts}" if opts else ""))
+    if first_error is not None and all(r.refused for r in rows):
+        raise first_error
+    return WorkloadComparison(
+        workload=wl.name,
+        params=kwargs,
+        sim={
+            **sim,
+            "costs": sim["costs"].to_dict(),
+            "folio": folio,
+            "machine": None if machine is None else json_safe(machine),
+        },
+        rows=tuple(rows),
+        wall_s=time.perf_counter() - start,
+    )
+
+
+def format_workload_text(result: WorkloadComparison) -> str:
+    """The human-readable report of ``compare_workload``: hook calls, SEAMCALLs and RMP
+    instructions, modeled time, memory, host time and the check per row, then the workload's
+    metrics per row; every line within ``render.WIDTH`` columns.
+
+    Args:
+        result: what ``compare_workload`` returned.
+
+    Returns:
+        str: the report. Never raises for a ``WorkloadComparison``.
+    """
+    from tdpmmu.workloads import WORKLOADS as REGISTRY
+
+    wl = REGISTRY.get(result.workload)
+    selftest = wl.selftest if wl is not None else result.workload
+    swept = result.swept
+    params = ", ".join(f"{k}={v}" for k, v in result.params.items()) or "defaults"
+    lines: list[str] = []
+    for text in (
+        f"SIMULATED by tdpmmu {__version__}: {selftest} on every valid (VM type x hook design) "
+        "pair of a user-space model of KVM's x86 TDP MMU, not on real VMs.",
+        f"workload: {result.workload} ({params}); seed {result.sim.get('seed', 0)}, "
+        f"{result.sim.get('levels', 4)}-level TDP"
+        + (f", folio {result.sim['folio']}" if result.sim.get("folio") else ""),
+        "Clocks: 'modeled' = time the cost model assigns to the simulated system, summed over "
+        "vCPUs and host work; 'host wall' = time this simulator took on this machine.",
+    ):
+        lines += render.wrap(text)
+
+    def label(r: WorkloadRow) -> str:
+        opts = " ".join(_option_text(r.tdx[k]) for k in swept if k in r.tdx)
+        return " ".join(x for x in (r.design, opts) if x)
+
+    key = [
+        render.Column("vm type", right=False, key=True),
+        render.Column("design" + (" " + " ".join(swept) if swept else ""), right=False, key=True),
+    ]
+    footnotes: list[str] = []
+
+    def check_cell(r: WorkloadRow) -> str:
+        if r.check_ok:
+            return "yes"
+        footnotes.append(f"[{len(footnotes) + 1}] {r.vm_type}/{label(r)}: {r.error}")
+        return f"{'n/a' if r.refused else 'NO'} [{len(footnotes)}]"
+
+    def num(r: WorkloadRow, value: int) -> str:
+        return "-" if r.result is None else render.fmt_int(value)
+
+    lines += ["", "Hooks, SEAMCALLs, RMP instructions, modeled time, memory and correctness:"]
+    cols = [
+        *key,
+        render.Column(("faults", "pf_taken")),
+        render.Column(("hook", "calls")),
+        render.Column(("SEAMCALLs", "TDH.*")),
+        render.Column("RMPUPDATE"),
+        render.Column("PSMASH"),
+        render.Column("PVALIDATE"),
+        render.Column(("total ms", "modeled")),
+        render.Column(("PT", "memory", "MiB")),
+        render.Column(("host", "wall", "s")),
+        render.Column("check", right=False),
+    ]
+    lines += render.table(
+        cols,
+        [
+            [
+                r.vm_type,
+                label(r),
+                num(r, r.faults),
+                num(r, r.hook_calls),
+                num(r, r.seamcalls),
+                num(r, r.rmpupdate),
+                num(r, r.psmash),
+                num(r, r.pvalidate),
+                "-" if r.result is None else render.fmt_float(r.modeled_ns / 1e6, 3),
+                "-" if r.result is None else render.fmt_float(r.memory_bytes / _MIB, 2),
+                render.fmt_float(r.wall_s, 3),
+                check_cell(r),
+            ]
+            for r in result.rows
+        ],
+    )
+    metrics: dict[str, None] = {}
+    for r in result.rows:
+        if r.result is not None:
+            metrics.update(dict.fromkeys(m for m in r.result.metrics if not m.startswith("wall_")))
+    if metrics:
+        lines += ["", f"{result.workload} metrics (modeled):"]
+        lines += render.table(
+            [*key, *(render.Column(tuple(m.split("_", 1)) if len(m) > 18 else m) for m in metrics)],
+            [
+                [
+                    r.vm_type,
+                    label(r),
+                    *(
+                        "-"
+                        if r.result is None or m not in r.result.metrics
+                        else f"{r.result.metrics[m]:.6g}"
+                        for m in metrics
+                    ),
+                ]
+                for r in result.rows
+            ],
+        )
+    lines.append("")
+    for text in [
+        "faults: KVM's pf_taken. hook calls: link/set/remove/free_external_spt. SEAMCALLs: host "
+        "TDH.* calls. PT memory: KVM page tables at peak + S-EPT/external tables held at the "
+        f"end + SNP RMP entries ({RMP_ENTRY_BYTES} B per guest_memfd page). check: the "
+        "workload ran and its own checks held; n/a: the workload refuses that VM or design.",
+        *footnotes,
+    ]:
+        lines += render.wrap(text)
     return "\n".join(lines)
