@@ -1,0 +1,432 @@
+"""The memstress-based workloads: demand_paging, dirty_log_perf and access_tracking_perf: their
+flows, the selftests' output lines, their own checks, flags, pinning and JSON round trips."""
+
+import argparse
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tdpmmu
+from tdpmmu.vm import VM
+from tdpmmu.vmspec import VmSpec
+from tdpmmu.workloads import WORKLOADS, DemandPagingResult, WorkloadResult, demand_paging, memstress
+from tdpmmu.workloads.access_tracking_perf import PHASES, access_tracking_perf
+from tdpmmu.workloads.dirty_log_perf import dirty_log_perf, guest_writes
+
+TIME = r"\d+\.\d{9}s"
+CONFIDENTIAL = ("tdx", "snp")
+
+
+def parse(command: str, argv: list[str]) -> dict[str, Any]:
+    wl = next(w for w in WORKLOADS.values() if w.command == command)
+    p = argparse.ArgumentParser(exit_on_error=False)
+    wl.add_arguments(p)
+    return wl.from_args(p.parse_args(argv))
+
+
+def max_gfn(vm_type: str) -> int:
+    return VmSpec.create(vm_type=vm_type, memory=2 << 20).build().max_gfn
+
+
+# ----- demand_paging --------------------------------------------------------------------------
+
+
+def test_demand_paging_prints_the_selftest_lines_with_modeled_times() -> None:
+    r = demand_paging(vcpus=2, bytes_per_vcpu="1M")
+    assert r.workload == "demand_paging"
+    assert r.lines[0] == "Random seed: 0x6b8b4567"
+    assert r.lines[1] == "Testing guest mode: PA-bits:ANY, VA-bits:48,  4K pages"
+    assert r.lines[2] == f"guest physical test memory: [{r.region[0]:#x}, {r.region[1]:#x})"
+    assert r.lines[3:6] == (
+        "Finished creating vCPUs and starting uffd threads",
+        "Started all vCPUs",
+        "All vCPU threads joined",
+    )
+    assert r.lines[6] == f"Total guest execution time:\t{r.modeled_guest_execution_time_s:.9f}s"
+    assert re.fullmatch(r"Per-vcpu demand paging rate:\t\d+\.\d{6} pgs/sec/vcpu", r.lines[7])
+    assert re.fullmatch(r"Overall demand paging rate:\t\d+\.\d{6} pgs/sec", r.lines[8])
+    m = r.metrics
+    assert m["total_guest_execution_time_s"] == r.modeled_guest_execution_time_s > 0
+    assert m["overall_demand_paging_rate_pgs_per_s"] == pytest.approx(
+        2 * m["per_vcpu_demand_paging_rate_pgs_per_s"]
+    )
+    assert m["per_vcpu_demand_paging_rate_pgs_per_s"] == pytest.approx(
+        256 / m["total_guest_execution_time_s"]
+    )
+    assert m["wall_total_guest_execution_time_s"] == r.total_guest_execution_time_s
+    assert all(r.detail["checks"].values())
+    row = r.row()
+    assert row["workload"] == "demand_paging" and row["vcpus"] == 2
+    assert row["overall_demand_paging_rate_pgs_per_s"] == m["overall_demand_paging_rate_pgs_per_s"]
+    assert len(r.to_pandas()) == 1
+    assert DemandPagingResult.from_json(r.to_json()) == r
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sw_protected", "tdx", "snp"])
+def test_demand_paging_region_sits_at_the_top_of_guest_physical_space(vm_type: str) -> None:
+    r = demand_paging(vm_type=vm_type, vcpus=2, bytes_per_vcpu="1M", backing="2M")
+    top = max_gfn(vm_type) * 4096
+    start, end = r.region
+    assert end - start == 2 << 20 and start % (2 << 20) == 0
+    # memstress: one page spare below the top, then aligned down to the backing page.
+    assert top - (4 << 20) < end <= top - 4096
+    if vm_type == "default":
+        assert r.stats["pf_fixed"] == 1  # one 2M page, first touched by one vCPU
+
+
+def test_demand_paging_pinning_moves_contention_costs_with_cpu_distance() -> None:
+    def lines_wait(cpus: list[int]) -> float:
+        r = demand_paging(vcpus=2, bytes_per_vcpu="1M", overlap=True, cpus=cpus)
+        assert r.options.cpus == tuple(cpus[:2])
+        return float(r.virtual["vcpu_breakdown"]["wait_lock_line"])
+
+    smt, socket, remote = lines_wait([0, 128]), lines_wait([0, 1]), lines_wait([0, 64])
+    # SMT siblings share a core's caches: moving the contended lines is cheapest there.
+    assert 0 < smt < socket < remote
+    # The default placement is vCPU i on CPU i.
+    base = demand_paging(vcpus=2, bytes_per_vcpu="1M", overlap=True)
+    assert base.virtual["vcpu_breakdown"]["wait_lock_line"] == socket
+    main = demand_paging(vcpus=2, bytes_per_vcpu="1M", cpus=[4, 5, 6])
+    assert main.detail["main_cpu"] == 6 and main.options.cpus == (4, 5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cpus": [0]}, "all or nothing"),
+        ({"cpus": [0, 1, 2, 3]}, "all or nothing"),
+        ({"cpus": [0, 256]}, "not in the machine"),
+        ({"cpus": [0, 1, 999]}, "main thread"),
+        ({"cpus": [3, 3]}, "already runs"),
+        ({"cpus": [0, 1], "clock": "host"}, "clock"),
+        ({"cpus": "0,1"}, "cpus"),
+    ],
+)
+def test_demand_paging_refuses_bad_pinning(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(tdpmmu.ConfigError, match=match):
+        demand_paging(vcpus=2, bytes_per_vcpu="1M", **kwargs)
+
+
+def test_demand_paging_flags_letter_for_letter() -> None:
+    kw = parse(
+        "demand-paging",
+        [
+            "-u",
+            "MINOR",
+            "-a",
+            "-d",
+            "5",
+            "-r",
+            "2",
+            "-b",
+            "1M",
+            "-s",
+            "anonymous_thp",
+            "-v",
+            "2",
+            "-c",
+            "0,1,7",
+            "-o",
+            "-m",
+            "0",
+        ],
+    )
+    assert kw == {
+        "vcpus": 2,
+        "bytes_per_vcpu": 1 << 20,
+        "backing": "anonymous_thp",
+        "overlap": True,
+        "userfault": "MINOR",
+        "uffd_all": True,
+        "uffd_delay_us": 5.0,
+        "uffd_readers": 2,
+        "cpus": [0, 1, 7],
+    }
+    long = parse("demand-paging", ["--vcpus", "3", "--bytes-per-vcpu", "0x100000"])
+    assert long["vcpus"] == 3 and long["bytes_per_vcpu"] == 1 << 20
+    r = demand_paging(**{**kw, "backing": "anonymous", "bytes_per_vcpu": "64K"})
+    assert r.options.uffd_all and r.options.userfault == "MINOR"
+    for bad in (["-m", "1"], ["-b", "12x"], ["-s", "shmem"], ["-v", "0"], ["-c", "0,,1"]):
+        with pytest.raises(argparse.ArgumentError):
+            parse("demand-paging", bad)
+
+
+# ----- dirty_log_perf -------------------------------------------------------------------------
+
+
+def dirty_lines(iters: int, manual: bool) -> list[str]:
+    out = [
+        f"Test iterations: {iters}",
+        "Testing guest mode: PA-bits:ANY, VA-bits:48,  4K pages",
+        r"guest physical test memory: \[0x[0-9a-f]+, 0x[0-9a-f]+\)",
+        r"Random seed: \d+",
+        f"Populate memory time: {TIME}",
+        f"Enabling dirty logging time: {TIME}",
+        "",
+    ]
+    for k in range(1, iters + 1):
+        out += [
+            f"Iteration {k} dirty memory time: {TIME}",
+            f"Iteration {k} get dirty log time: {TIME}",
+        ]
+        if manual:
+            out.append(f"Iteration {k} clear dirty log time: {TIME}")
+    out += [
+        f"Disabling dirty logging time: {TIME}",
+        rf"Get dirty log over {iters} iterations took {TIME}\. \(Avg {TIME}/iteration\)",
+    ]
+    if manual:
+        out.append(
+            rf"Clear dirty log over {iters} iterations took {TIME}\. \(Avg {TIME}/iteration\)"
+        )
+    return out
+
+
+@pytest.mark.parametrize("manual", [True, False])
+def test_dirty_log_perf_flow_and_lines(manual: bool) -> None:
+    r = dirty_log_perf(
+        vcpus=2,
+        bytes_per_vcpu="1M",
+        iterations=3,
+        write_percent=40,
+        random_access=True,
+        slots=2,
+        no_manual_protect=not manual,
+    )
+    pats = dirty_lines(3, manual)
+    assert len(r.lines) == len(pats)
+    for line, pat in zip(r.lines, pats, strict=True):
+        assert re.fullmatch(pat, line), (line, pat)
+    assert r.lines[3] == "Random seed: 1"
+    checks = r.detail["checks"]
+    assert checks["each iteration's dirty bitmap holds exactly the pages the guest wrote"]
+    assert checks["bitmap check scope"] == "every vCPU"
+    m = r.metrics
+    labels = [p[0] for p in r.phases]
+    assert labels[:2] == ["Populate memory", "Enabling dirty logging"]
+    assert labels[-1] == "Disabling dirty logging"
+    get = [m[f"iteration_{k}_get_dirty_log_time_s"] for k in (1, 2, 3)]
+    assert m["get_dirty_log_total_s"] == pytest.approx(sum(get))
+    if manual:
+        # INITIALLY_SET: the first bitmap holds every page; CLEAR re-protects what was dirty.
+        assert r.detail["dirty_pages"][0] == 512
+        assert m["clear_dirty_log_total_s"] > 0 and m["enabling_dirty_logging_time_s"] == 0
+    else:
+        # Without manual protect, enabling write-protects everything and GET re-protects.
+        assert m["enabling_dirty_logging_time_s"] > 0 and get[0] > 0
+        assert "clear_dirty_log_total_s" not in m
+    later = r.detail["dirty_pages"][1:] if manual else r.detail["dirty_pages"]
+    assert all(0 < d < 512 for d in later)  # 40% random writes dirty some pages, not all
+    assert WorkloadResult.from_json(r.to_json()) == r
+
+
+def test_dirty_log_perf_slot_split_and_written_pages() -> None:
+    r = dirty_log_perf(vcpus=2, bytes_per_vcpu="1M", slots=4, write_percent=100)
+    slots = r.detail["slots"]
+    start, end = (x // 4096 for x in r.detail["region"])
+    assert [s[0] for s in slots] == [1, 2, 3, 4]
+    assert [s[1] for s in slots] == [start + i * 128 for i in range(4)]
+    assert all(s[2] == 128 for s in slots) and end == start + 512
+    assert end <= max_gfn("default") - 1
+    # 100% sequential writes: each iteration dirties every page.
+    assert r.detail["dirty_pages"] == [512, 512]
+
+
+def test_guest_writes_replays_the_generator() -> None:
+    _, _, layout = memstress.build({}, vcpus=1, bytes_per_vcpu="1M")
+    assert list(guest_writes(layout, 0, 1, 100, False)) == list(range(256))
+    half = guest_writes(layout, 0, 7, 50, False)
+    assert 90 < len(half) < 166
+    rnd = guest_writes(layout, 0, 7, 100, True)
+    assert len(rnd) < 256  # random order revisits pages
+
+
+def test_dirty_log_perf_check_fails_on_a_wrong_bitmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    def empty(self: VM, slot: int) -> np.ndarray:
+        return np.zeros(4, dtype=np.uint64)
+
+    monkeypatch.setattr(VM, "get_dirty_log", empty)
+    with pytest.raises(tdpmmu.InvariantError, match="dirty bitmap"):
+        dirty_log_perf(bytes_per_vcpu="1M", no_manual_protect=True)
+
+
+def test_dirty_log_perf_huge_pages_come_back_and_e_runs_a_pass_after() -> None:
+    r = dirty_log_perf(
+        bytes_per_vcpu="4M", backing="anonymous_hugetlb_2mb", run_while_disabling=True
+    )
+    assert r.detail["checks"]["huge mappings recovered after disabling"]
+    assert r.stats["pages_2m"] == 2 and r.stats["pages_4k"] == 0
+    assert r.metrics["disabling_dirty_logging_time_s"] > 0
+    assert [p[0] for p in r.phases][-1] == "vCPU pass after disabling (-e)"
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sw_protected", "tdx", "snp"])
+def test_dirty_log_perf_on_every_vm_type(vm_type: str) -> None:
+    kw: dict[str, Any] = {"private": False} if vm_type in CONFIDENTIAL else {}
+    r = dirty_log_perf(vm_type=vm_type, vcpus=2, bytes_per_vcpu="256K", write_percent=50, **kw)
+    assert r.spec.vm_type == vm_type and all(
+        v for v in r.detail["checks"].values() if isinstance(v, bool)
+    )
+    if vm_type in CONFIDENTIAL:
+        with pytest.raises(tdpmmu.ConfigError, match=r"vm_type.*private=False"):
+            dirty_log_perf(vm_type=vm_type, bytes_per_vcpu="256K")
+    with pytest.raises(tdpmmu.ConfigError, match="private"):
+        dirty_log_perf(vm_type=vm_type, bytes_per_vcpu="256K", private=True)
+
+
+def test_dirty_log_perf_host_clock() -> None:
+    r = dirty_log_perf(vcpus=2, bytes_per_vcpu="256K", clock="host")
+    assert r.options.clock == "host" and r.metrics["populate_memory_time_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"iterations": 1}, "iterations"),
+        ({"write_percent": 101}, "write_percent"),
+        ({"nested": True}, "nested"),
+        ({"slots": 3}, "slots"),
+        ({"random_seed": 0}, "random_seed"),
+        ({"cpus": [0, 1, 2]}, "all or nothing"),
+        ({"offset": 4096}, "does not fit"),
+    ],
+)
+def test_dirty_log_perf_refuses_bad_values(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(tdpmmu.ConfigError, match=match):
+        dirty_log_perf(bytes_per_vcpu="1M", **kwargs)
+
+
+def test_dirty_log_perf_flags() -> None:
+    kw = parse(
+        "dirty-log-perf",
+        [
+            "-a",
+            "-b",
+            "2M",
+            "-c",
+            "0,1",
+            "-e",
+            "-g",
+            "-i",
+            "3",
+            "-m",
+            "0",
+            "-o",
+            "-p",
+            "0x40000000",
+            "-r",
+            "9",
+            "-s",
+            "anonymous",
+            "-v",
+            "2",
+            "-w",
+            "30",
+            "-x",
+            "2",
+        ],
+    )
+    assert kw == {
+        "vcpus": 2,
+        "bytes_per_vcpu": 2 << 20,
+        "backing": "anonymous",
+        "iterations": 3,
+        "write_percent": 30,
+        "random_access": True,
+        "no_manual_protect": True,
+        "run_while_disabling": True,
+        "overlap": True,
+        "offset": 1 << 30,
+        "slots": 2,
+        "random_seed": 9,
+        "cpus": [0, 1],
+        "nested": False,
+    }
+    r = dirty_log_perf(**{**kw, "bytes_per_vcpu": "256K"})
+    assert r.detail["region"][0] == 1 << 30 and r.options.cpus == (0, 1)
+    with pytest.raises(tdpmmu.ConfigError, match="nested"):
+        dirty_log_perf(**parse("dirty-log-perf", ["-n", "-b", "1M"]))
+    for bad in (["-i", "1"], ["-w", "101"], ["-x", "0"], ["-r", "0"], ["-m", "2"]):
+        with pytest.raises(argparse.ArgumentError):
+            parse("dirty-log-perf", bad)
+
+
+# ----- access_tracking_perf -------------------------------------------------------------------
+
+
+def test_access_tracking_perf_phases_and_labels() -> None:
+    r = access_tracking_perf(vcpus=2, bytes_per_vcpu="1M")
+    assert r.lines[:2] == ("Random seed: 0x6b8b4567", "Using page_idle for aging")
+    body = r.lines[4:]
+    assert [line[:30] for line in body] == [f"{p:<30}" for p in PHASES]
+    for line, (label, modeled, _) in zip(body, r.phases, strict=True):
+        assert line == f"{label:<30}: {modeled:.9f}s"
+    m = r.metrics
+    # Marking idle clears the Accessed bit of every page of a slice: one SPTE update each, and
+    # the vCPUs mark their slices in parallel (the slowest one's time).
+    per_page = tdpmmu.CostModel().spte_update_ns
+    assert m["mark_memory_idle_time_s"] == pytest.approx(256 * per_page / 1e9)
+    assert m["mark_memory_idle_2_time_s"] == m["mark_memory_idle_time_s"]
+    assert r.stats["sptes_aged"] == 2 * 512
+    assert m["still_idle_pages"] == 0
+    assert r.detail["checks"][
+        "pages young again after the accesses (<= 10% of each slice still idle)"
+    ]
+    assert WorkloadResult.from_json(r.to_json()) == r
+    # -o: only vCPU 0 marks, the whole region.
+    o = access_tracking_perf(vcpus=2, bytes_per_vcpu="1M", overlap=True)
+    assert o.metrics["mark_memory_idle_time_s"] == pytest.approx(512 * per_page / 1e9)
+
+
+def test_access_tracking_perf_still_idle_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Skip the guest's "Writing to idle memory" pass: its pages stay idle.
+    real = memstress.run_pass
+    calls = {"n": 0}
+
+    def run_pass(*args: Any, **kwargs: Any) -> memstress.PassResult:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            return memstress.PassResult(0.0, 0.0, (), {})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memstress, "run_pass", run_pass)
+    with pytest.raises(tdpmmu.InvariantError, match="Too many pages still idle"):
+        access_tracking_perf(bytes_per_vcpu="256K")
+    calls["n"] = 0
+    r = access_tracking_perf(bytes_per_vcpu="256K", warn_only=1)
+    assert "WARNING: vCPU0: Too many pages still idle (64 out of 64)" in "\n".join(r.lines)
+    assert r.metrics["still_idle_pages"] == 64
+    assert not r.detail["checks"][
+        "pages young again after the accesses (<= 10% of each slice still idle)"
+    ]
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sw_protected", "tdx", "snp"])
+def test_access_tracking_perf_on_every_vm_type(vm_type: str) -> None:
+    kw: dict[str, Any] = {"private": False} if vm_type in CONFIDENTIAL else {}
+    r = access_tracking_perf(vm_type=vm_type, bytes_per_vcpu="256K", **kw)
+    assert r.metrics["still_idle_pages"] == 0 and r.stats["sptes_aged"] == 128
+    if vm_type in CONFIDENTIAL:
+        with pytest.raises(tdpmmu.ConfigError, match="private"):
+            access_tracking_perf(vm_type=vm_type, bytes_per_vcpu="256K")
+
+
+def test_access_tracking_perf_host_clock_and_flags() -> None:
+    r = access_tracking_perf(vcpus=2, bytes_per_vcpu="256K", clock="host")
+    assert r.options.clock == "host" and len(r.phases) == len(PHASES)
+    kw = parse(
+        "access-tracking-perf",
+        ["-b", "1M", "-v", "2", "-o", "-s", "anonymous_thp", "-w", "1", "-m", "0"],
+    )
+    assert kw == {
+        "vcpus": 2,
+        "bytes_per_vcpu": 1 << 20,
+        "backing": "anonymous_thp",
+        "overlap": True,
+        "warn_only": 1,
+    }
+    for bad in (["-w", "-1"], ["-v", "x"], ["-c", "0"]):
+        with pytest.raises((argparse.ArgumentError, SystemExit)):
+            parse("access-tracking-perf", bad)
