@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -89,6 +90,39 @@ def test_demand_paging_json_envelope() -> None:
     assert vm["costs"]["exit_entry_ns"] == CostModel().exit_entry_ns
     assert sum(rec["cost_breakdown"].values()) == pytest.approx(rec["modeled_ns"])
     assert DemandPagingResult.from_json(line).to_dict() == rec
+
+
+# ----- every registered workload on a small size ---------------------------------------------
+
+#: Small arguments for each registered workload's subcommand (every one must be here).
+SMALL = {
+    "demand-paging": ["-v", "2", "-b", "2M"],
+    "dirty-log-perf": ["-v", "2", "-b", "2M"],
+    "access-tracking-perf": ["-b", "2M"],
+    "kvm-page-table": ["-b", "4M"],
+    "mmu-stress": ["-c", "2", "--mem-bytes", "8M", "--slot-bytes", "2M"],
+    "pre-fault-memory": [],
+    "td-lifecycle": ["-b", "2M", "--vm-type", "tdx"],
+    "snp-boot": ["-b", "2M", "--vm-type", "snp"],
+    "memslot-perf": [],
+    "private-mem-conversions": ["--vm-type", "tdx"],
+}
+
+
+@pytest.mark.parametrize("wl", list(WORKLOADS.values()), ids=lambda w: w.command)
+def test_every_workload_subcommand_runs(wl: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert wl.command in SMALL, f"add small arguments for {wl.command} to SMALL"
+    assert main([wl.command, *SMALL[wl.command], "--json"]) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(text)
+    assert doc["workload"] == wl.name and doc["simulated"] is True
+    assert doc["config"]["vm"]["vm_type"] in wl.vm_types
+    assert main([wl.command, *SMALL[wl.command]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    m = HEADER.fullmatch(lines[0])
+    assert m, lines[0]
+    assert m.group(1) == (wl.name if wl.selftest == "tdpmmu" else wl.selftest)
+    assert lines[1 : 1 + len(doc["result"]["lines"])] == doc["result"]["lines"]
 
 
 # ----- every VM type and design -----------------------------------------------------------------

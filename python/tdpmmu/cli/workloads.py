@@ -37,10 +37,11 @@ def add_workload_commands(sub: Any) -> None:
 
 def _add(sub: Any, wl: Workload) -> None:
     types = ", ".join(wl.vm_types)
+    summary = wl.summary.rstrip(". ")
     p = sub.add_parser(
         wl.command,
-        help=f"{wl.summary} ({wl.selftest})",
-        description=f"{wl.selftest}: {wl.summary} Runs on VM types: {types}. Times in the "
+        help=f"{summary} ({wl.selftest})",
+        description=f"{title(wl)}: {summary}. Runs on VM types: {types}. Times in the "
         "output are modeled by the cost model; the header gives the simulator's host wall time.",
         epilog=common.EPILOG,
     )
@@ -49,11 +50,17 @@ def _add(sub: Any, wl: Workload) -> None:
     p.set_defaults(run=functools.partial(run_workload, wl))
 
 
+def title(wl: Workload) -> str:
+    """What the header calls the run: the selftest (``dirty_log_perf_test``), or for a
+    workload of tdpmmu's own (``selftest == "tdpmmu"``) its name (``td_lifecycle``)."""
+    return wl.name if wl.selftest == "tdpmmu" else wl.selftest
+
+
 def run_workload(wl: Workload, args: argparse.Namespace) -> int:
     """Run ``wl`` with the parsed flags and print its result (text or ``--json``)."""
     params = wl.from_args(args)
     sim = common.sim_kwargs(args)
-    with ProgressBar(sys.stderr, args.progress, wl.selftest) as bar:
+    with ProgressBar(sys.stderr, args.progress, title(wl)) as bar:
         extra = {"progress": bar} if bar.active else {}
         result = wl.run(**params, **sim, **extra)
     text = result.to_json()
@@ -61,7 +68,7 @@ def run_workload(wl: Workload, args: argparse.Namespace) -> int:
     if args.json:
         print(text)
     else:
-        print("\n".join(result_lines(wl.selftest, result)))
+        print("\n".join(result_lines(title(wl), result)))
     return 0
 
 
