@@ -156,15 +156,34 @@ def virtual_summaries(detail: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[
     yield from walk(detail, "", 0)
 
 
+def _userfault(o: Any) -> str:
+    """The userfault mode with its knobs (``"userfault MINOR (one uffd for all, ...); "``)."""
+    if o.userfault == "none":
+        return ""
+    if o.userfault == "memory_fault":
+        return "userfault memory_fault (each vCPU resolves its own); "
+    where = "one uffd for all" if o.uffd_all else "one uffd per vCPU"
+    return (
+        f"userfault {o.userfault} ({where}, {o.uffd_readers} reader(s), "
+        f"{o.uffd_delay_us:g} µs delay); "
+    )
+
+
+def _pinning(o: Any) -> str:
+    """``", vCPUs pinned to CPUs 0,2,..."`` when the run pinned its vCPUs (``-c``)."""
+    cpus = getattr(o, "cpus", None)
+    return f", vCPUs pinned to CPUs {','.join(str(c) for c in cpus)}" if cpus else ""
+
+
 def virtual_lines(v: Mapping[str, Any], where: str, r: WorkloadResult) -> list[str]:
     """A virtual-time run's outcomes, lock figures and vCPU time by resource."""
     o, m = r.options, r.options.machine
     oc = v["outcomes"]
     title = "Virtual time (simulated)" + (f", {where}" if where and where != "virtual" else "")
     out = render.wrap(
-        f"{title}: mmu_lock {o.mmu_lock}; machine {m.sockets}x{m.cores_per_socket}x"
-        f"{m.threads_per_core} CPUs, {m.mem_bw_gbps:g} GB/s per socket; TDX module "
-        f"{o.tdx_module}; {int(v.get('steps', 0)):,} engine steps in "
+        f"{title}: mmu_lock {o.mmu_lock}; {_userfault(o)}machine {m.sockets}x"
+        f"{m.cores_per_socket}x{m.threads_per_core} CPUs, {m.mem_bw_gbps:g} GB/s per socket"
+        f"{_pinning(o)}; TDX module {o.tdx_module}; {int(v.get('steps', 0)):,} engine steps in "
         f"{float(v.get('engine_wall_s', 0.0)):.3f} s host time"
     )
     out += render.wrap(

@@ -103,6 +103,7 @@ def access_tracking_perf(
             f"{'private' if private else 'vm_type'}: a {vm_type} guest's private memory "
             "(guest_memfd) cannot be aged: the MMU notifier's clear_young/test_young walk only "
             "shared mappings and page_idle cannot reach guest_memfd pages; pass private=False "
+            "(--shared-memory) "
             "to run on shared memory"
         )
     vm, spec, layout = memstress.build(
@@ -220,6 +221,11 @@ def access_tracking_perf(
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_memstress_flags(parser)
     parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="tdx/snp: run on shared memory (KVM refuses this on guest_memfd, private, memory)",
+    )
+    parser.add_argument(
         "-w",
         "--warn-only",
         type=count_arg(0),
@@ -231,6 +237,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _from_args(ns: argparse.Namespace) -> dict[str, Any]:
     return {
+        "private": False if ns.shared_memory else None,
         "vcpus": ns.vcpus,
         "bytes_per_vcpu": ns.bytes_per_vcpu,
         "backing": ns.backing,

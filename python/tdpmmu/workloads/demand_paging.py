@@ -16,13 +16,12 @@ from tdpmmu._core import ConfigError
 from tdpmmu.costs import CostModel
 from tdpmmu.results import Envelope, json_safe
 from tdpmmu.stats import Stats
-from tdpmmu.vmspec import VmSpec, launch
+from tdpmmu.vmspec import VmSpec
 from tdpmmu.vtime import Machine, VirtualOptions, pin_list
 from tdpmmu.workloads import memstress
-from tdpmmu.workloads.base import Clock, Progress, SimArgs, Workload, register, spec_args
+from tdpmmu.workloads.base import Clock, Progress, SimArgs, Workload, register
 from tdpmmu.workloads.common import (
     BACKING_SOURCES,
-    PAGE_SIZE,
     backing_source,
     finite_or_inf,
     rate,
@@ -495,63 +494,6 @@ class DemandPagingResult:
         return cls.from_envelope(Envelope.from_json(text))
 
 
-def _build(
-    sim: SimArgs,
-    *,
-    vcpus: int,
-    bytes_per_vcpu: str | int,
-    backing: str | int,
-    overlap: bool,
-    image: int,
-) -> tuple[Any, VmSpec, memstress.Layout]:
-    """``memstress.build``, with ``image`` initial-image pages in slot 0 (where the selftest's
-    code and data live) added before a TD is finalized."""
-    if not image:
-        return memstress.build(
-            sim, vcpus=vcpus, bytes_per_vcpu=bytes_per_vcpu, backing=backing, overlap=overlap
-        )
-    # The same layout as memstress.build (checked by it on a throw-away VM would cost a VM;
-    # the checks are repeated here), with launch() told about the image.
-    backing_bytes, _ = backing_source(backing)
-    nvcpus = coerce.count(vcpus, "vcpus")
-    total = nvcpus * coerce.size(bytes_per_vcpu, "bytes_per_vcpu")
-    if total % backing_bytes:
-        raise ConfigError(
-            f"bytes_per_vcpu: vcpus x bytes_per_vcpu = {total} bytes must be a multiple of the "
-            f"backing page ({backing_bytes} bytes)"
-        )
-    step = backing_bytes // PAGE_SIZE
-    slot0 = -(-max(2 << 20, image * PAGE_SIZE) // backing_bytes) * backing_bytes
-    spec = VmSpec.create(
-        **spec_args(sim),
-        memory=slot0,
-        vcpus=nvcpus,
-        backing=backing_bytes,
-    )
-    vm = spec.build()
-    npages = total // PAGE_SIZE
-    base = (vm.max_gfn - npages - 1) // step * step
-    if base < slot0 // PAGE_SIZE:
-        raise ConfigError(
-            f"bytes_per_vcpu: a {total}-byte region does not fit below max_gfn {vm.max_gfn:#x}"
-        )
-    gmem = spec.confidential
-    slot = vm.add_memslot(base, npages, backing_bytes, gmem=gmem)
-    if gmem:
-        vm.set_memory_attributes(base, npages, private=True)
-    launch(vm, image_gfn=0, image_pages=image)
-    layout = memstress.Layout(
-        nvcpus,
-        total // nvcpus,
-        coerce.flag(overlap, "overlap"),
-        backing_bytes,
-        base,
-        npages,
-        (slot,),
-    )
-    return vm, spec, layout
-
-
 def _line_rate(x: float) -> str:
     return f"{x:f}"
 
@@ -688,13 +630,13 @@ def demand_paging(
         "seed": seed,
         "levels": levels,
     }
-    vm, spec, layout = _build(
+    vm, spec, layout = memstress.build(
         sim,
         vcpus=nvcpus,
         bytes_per_vcpu=bytes_per_vcpu,
         backing=backing,
         overlap=flag,
-        image=image,
+        image_pages=image,
     )
     if opts.userfault != "none" and spec.confidential:
         raise ConfigError(

@@ -188,12 +188,13 @@ def dirty_log_perf(
     if private:
         raise ConfigError(
             "private: KVM refuses dirty logging on guest_memfd (private) memslots; use "
-            "private=False (shared memory)"
+            "private=False (--shared-memory: shared memory)"
         )
     if private is None and vm_type in ("tdx", "snp"):
         raise ConfigError(
             f"vm_type: a {vm_type} guest's memory is private (guest_memfd) and KVM refuses "
-            "dirty logging on such memslots; pass private=False to run on shared memory"
+            "dirty logging on such memslots; pass private=False (--shared-memory) to run on shared "
+            "memory"
         )
     vm, spec, layout = memstress.build(
         sim,
@@ -343,6 +344,11 @@ def dirty_log_perf(
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_memstress_flags(parser)
     parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="tdx/snp: run on shared memory (KVM refuses this on guest_memfd, private, memory)",
+    )
+    parser.add_argument(
         "-a", "--random-access", action="store_true", help="random page order in the passes"
     )
     parser.add_argument(
@@ -395,6 +401,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _from_args(ns: argparse.Namespace) -> dict[str, Any]:
     return {
+        "private": False if ns.shared_memory else None,
         "vcpus": ns.vcpus,
         "bytes_per_vcpu": ns.bytes_per_vcpu,
         "backing": ns.backing,

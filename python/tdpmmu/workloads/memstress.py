@@ -96,6 +96,7 @@ def build(
     private: bool = True,
     slot0_bytes: int = 0,
     launch_vm: bool = True,
+    image_pages: int = 0,
 ) -> tuple[VM, VmSpec, Layout]:
     """Create and launch a VM with memstress's test region (``memstress_create_vm``).
 
@@ -116,6 +117,9 @@ def build(
         launch_vm: launch the VM (``vmspec.launch``: a TD is finalized); False leaves that to
             the caller (e.g. to add an initial image first); guest memory is then already
             set private on a confidential VM.
+        image_pages: 4 KiB pages of an initial image at gfn 0 in slot 0, added by the launch
+            (a TD: TDH.MEM.PAGE.ADD before finalize), >= 0 (default 0); slot 0 grows to hold
+            it. Only with ``launch_vm``.
 
     Returns:
         tuple[VM, VmSpec, Layout]: the VM (launched unless ``launch_vm`` is False), its spec
@@ -143,6 +147,10 @@ def build(
             f"slots: the region's {npages} pages must split into {nslots} memslots of whole "
             f"backing pages ({format_size(backing_bytes)})"
         )
+    image = coerce.count(image_pages, "image_pages", 0)
+    if image and not launch_vm:
+        raise ConfigError("image_pages: the launch adds the image; use it with launch_vm=True")
+    slot0_bytes = max(slot0_bytes, image * PAGE_SIZE)
     slot0 = -(-max(_SLOT0_BYTES, slot0_bytes) // backing_bytes) * backing_bytes
     spec = VmSpec.create(**spec_args(sim), memory=slot0, vcpus=nvcpus, backing=backing_bytes)
     # 2M folios line up with 2M guest pages only if the region is aligned to them too.
@@ -167,7 +175,7 @@ def build(
     if gmem:
         vm.set_memory_attributes(base, npages, private=True)
     if launch_vm:
-        launch(vm)
+        launch(vm, image_gfn=0, image_pages=image)
     elif spec.confidential:
         vm.set_memory_attributes(0, slot0 // PAGE_SIZE, private=True)
     return vm, spec, Layout(nvcpus, per_vcpu, flag, backing_bytes, base, npages, ids)
