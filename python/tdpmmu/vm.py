@@ -39,9 +39,9 @@ class VM(_core.Vm):
     and starts all-private, as a VMM sets such a guest up. Guest data pages are never
     allocated: a memslot gets a range of host page-frame numbers instead. Each operation is a
     method whose docstring says what it models in KVM (``fault``, ``fault_batch``,
-    ``populate``, ``zap_gfn_range``, ``mmu_notifier_invalidate``, ``set_memory_attributes``,
-    ``punch_hole``, ``finalize``, ``destroy``, ...). ``with tdpmmu.VM(...) as vm:`` destroys
-    the VM in KVM's order when the block ends.
+    ``populate``, ``zap_gfn_range``, ``mmu_notifier_invalidate``, ``madvise_dontneed``,
+    ``mprotect``, ``set_memory_attributes``, ``punch_hole``, ``finalize``, ``destroy``, ...).
+    ``with tdpmmu.VM(...) as vm:`` destroys the VM in KVM's order when the block ends.
 
     Units everywhere: a gfn is the guest page-frame number of a 4 KiB guest page
     (guest-physical address >> 12), in ``0..max_gfn``; npages counts 4 KiB pages; sizes are

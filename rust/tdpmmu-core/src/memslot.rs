@@ -32,6 +32,9 @@ pub struct Memslot {
     pub readonly: bool,
     /// Write tracking (`kvm_page_track`): one count per 4 KiB page, allocated on first use.
     pub write_track: Option<Box<[std::sync::atomic::AtomicU32]>>,
+    /// Host-side protection of the slot's shared mapping (`mprotect` without PROT_WRITE):
+    /// one bit per backing page, set while read-only; allocated on the first mprotect.
+    host_ro: Option<Box<[AtomicU64]>>,
 }
 
 /// A memslot's dirty log (`KVM_MEM_LOG_DIRTY_PAGES`).
@@ -132,6 +135,7 @@ impl Memslot {
             dirty: None,
             readonly: false,
             write_track: None,
+            host_ro: None,
         })
     }
 
@@ -218,12 +222,63 @@ impl Memslot {
 
     /// guest_memfd freed the pages of [gfn, end) (punch hole): the next touch allocates again.
     pub fn untouch_gmem(&self, gfn: u64, end: u64) {
-        let Some(t) = &self.gmem_touched else { return };
+        if let Some(t) = &self.gmem_touched {
+            self.clear_pages(t, gfn, end);
+        }
+    }
+
+    /// The host freed the shared pages of [gfn, end) (MADV_DONTNEED): the next touch
+    /// allocates (and zeroes) again. Only whole backing pages inside the range are freed.
+    pub fn untouch(&self, gfn: u64, end: u64) {
+        self.clear_pages(&self.touched, gfn, end);
+    }
+
+    /// Whether the backing page holding `gfn` is mapped read-only on the host (mprotect).
+    #[inline(always)]
+    pub fn host_readonly(&self, gfn: u64) -> bool {
+        match &self.host_ro {
+            Some(b) => {
+                let page = (gfn - self.gfn) >> (9 * (self.level as u32 - 1));
+                b[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
+            }
+            None => false,
+        }
+    }
+
+    /// mprotect of the shared mapping of the whole backing pages in [gfn, end): read-only
+    /// (`writable` false) or writable again. The bitmap is allocated on first use (fallibly).
+    pub fn set_host_writable(&mut self, gfn: u64, end: u64, writable: bool) -> Result<()> {
+        if self.host_ro.is_none() {
+            if writable {
+                return Ok(());
+            }
+            let words = (self.npages / pages_per_level(self.level)).div_ceil(64) as usize;
+            self.host_ro = Some(try_zeroed_atomics(words, "the host read-only bitmap")?);
+        }
+        let bits = self.host_ro.as_ref().expect("allocated above");
+        if writable {
+            self.clear_pages(bits, gfn, end);
+        } else {
+            let (first, last) = self.page_span(gfn, end);
+            for page in first..last {
+                bits[(page / 64) as usize].fetch_or(1u64 << (page % 64), Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// The backing pages wholly inside [gfn, end) ∩ slot, as [first, last) page indices.
+    fn page_span(&self, gfn: u64, end: u64) -> (u64, u64) {
         let shift = 9 * (self.level as u32 - 1);
         let first = (gfn.max(self.gfn) - self.gfn).div_ceil(1 << shift);
-        let last = (end.min(self.end()) - self.gfn) >> shift; // exclusive, whole pages only
+        let last = (end.min(self.end()).max(self.gfn) - self.gfn) >> shift;
+        (first, last.max(first))
+    }
+
+    fn clear_pages(&self, bits: &[AtomicU64], gfn: u64, end: u64) {
+        let (first, last) = self.page_span(gfn, end);
         for page in first..last {
-            t[(page / 64) as usize].fetch_and(!(1u64 << (page % 64)), Ordering::Relaxed);
+            bits[(page / 64) as usize].fetch_and(!(1u64 << (page % 64)), Ordering::Relaxed);
         }
     }
 

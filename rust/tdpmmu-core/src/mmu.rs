@@ -177,8 +177,20 @@ impl Mmu {
                 (f.level, f.spte) = tdp.lookup(root, gfn, gfn_bits);
                 return Ok((f.result(Ret::Emulate), 0));
             }
+            // A write to a shared page the host mapped read-only (mprotect): hva_to_pfn
+            // cannot get a writable page (KVM_PFN_ERR_FAULT), so KVM fills a memory-fault
+            // exit and KVM_RUN returns -EFAULT.
+            Some(s) if write && !is_private && s.host_readonly(gfn) => {
+                if !prefetch {
+                    ctx.inc(C::pf_memory_fault);
+                }
+                (f.level, f.spte) = tdp.lookup(root, gfn, gfn_bits);
+                return Ok((f.result(Ret::MemoryFault), 0));
+            }
             Some(s) => {
-                f.map_writable = !s.readonly;
+                // A read of a host read-only page maps it without W and host-writable, so a
+                // later write faults again.
+                f.map_writable = !s.readonly && (is_private || !s.host_readonly(gfn));
                 f.write_tracked = !is_private && s.write_tracked(gfn);
                 pfn = self.faultin_pfn(ctx, s, &mut f);
                 // A write-tracked page disallows a huge mapping over it.

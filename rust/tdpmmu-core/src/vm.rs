@@ -1655,4 +1655,78 @@ impl Vm {
             Ok((faults, ctx.modeled_ns))
         })
     }
+
+    // ----- host mm operations on the memslots' shared mappings ----------------------------
+
+    /// The host range [gfn, end) must lie in memslots (without guest_memfd if `shared_only`)
+    /// and start and end on each slot's backing-page boundary (hugetlb mappings are changed
+    /// in whole huge pages).
+    fn check_host_range(st: &MmuState, gfn: u64, end: u64, shared_only: bool) -> Result<()> {
+        Self::check_covered(st, gfn, end, false)?;
+        for s in st.memslots.overlapping(gfn, end) {
+            if shared_only && s.gmem {
+                return Err(bad_arg(
+                    "gfn",
+                    format!(
+                        "memslot {} holding [{gfn:#x}, {end:#x}) has guest_memfd: its private \
+                         pages are freed with punch_hole, not MADV_DONTNEED",
+                        s.id
+                    ),
+                ));
+            }
+            let align = pages_per_level(s.level);
+            for (arg, g) in [("gfn", gfn), ("npages", end)] {
+                if g > s.gfn && g < s.end() && !(g - s.gfn).is_multiple_of(align) {
+                    return Err(bad_arg(
+                        arg,
+                        format!(
+                            "the range [{gfn:#x}, {end:#x}) must start and end on a backing \
+                             page boundary of memslot {} ({align} pages)",
+                            s.id
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `madvise(MADV_DONTNEED)` of the host mapping behind [gfn, gfn + npages): the MMU
+    /// notifier zaps the range's shared SPTEs (as `mmu_notifier_invalidate`) and the host
+    /// frees the pages, so the next guest touch allocates and zeroes them again. Shared
+    /// memory only (guest_memfd slots are refused). Returns the leaves zapped.
+    pub fn madvise_dontneed(&self, gfn: u64, npages: u64) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        let end = gfn + npages;
+        self.ops.write(self.arena(), |st, ctx| {
+            Self::check_host_range(st, gfn, end, true)?;
+            let zapped = self.mmu.tdp.unmap_gfn_range(ctx, false, true, gfn, end);
+            for s in st.memslots.overlapping(gfn, end) {
+                s.untouch(gfn, end);
+            }
+            Ok(zapped)
+        })
+    }
+
+    /// `mprotect` of the host mapping behind [gfn, gfn + npages): the MMU notifier zaps the
+    /// range's shared SPTEs (the kernel notifies for any protection change); while read-only
+    /// a guest write there cannot get a writable host page and the fault ends in a
+    /// memory-fault exit (-EFAULT from KVM_RUN), and a read maps the page without W or the
+    /// host-writable bit. `writable` true restores write access. Private (guest_memfd)
+    /// accesses are not affected. Returns the leaves zapped.
+    pub fn mprotect(&self, gfn: u64, npages: u64, writable: bool) -> Result<u64> {
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        let end = gfn + npages;
+        self.ops.write(self.arena(), |st, ctx| {
+            Self::check_host_range(st, gfn, end, false)?;
+            let ids: Vec<u32> = st.memslots.overlapping(gfn, end).map(|s| s.id).collect();
+            for id in ids {
+                let slot = st.memslots.by_id_mut(id).expect("listed above");
+                slot.set_host_writable(gfn, end, writable)?;
+            }
+            Ok(self.mmu.tdp.unmap_gfn_range(ctx, false, true, gfn, end))
+        })
+    }
 }

@@ -1850,6 +1850,71 @@ impl Vm {
         Ok(out)
     }
 
+    /// ``madvise(MADV_DONTNEED)`` of the host memory behind a range of shared guest pages.
+    ///
+    /// Models the host freeing the pages of the memslots' userspace mapping: the MMU notifier
+    /// unmaps the range as ``mmu_notifier_invalidate`` does (``kvm_unmap_gfn_range`` with the
+    /// SHARED filter; ``spte_update_ns`` per entry zapped, one remote TLB flush if a valid root
+    /// lost a leaf), and the host pages are freed, so the next guest touch of each allocates and
+    /// zeroes it again (``host_page_alloc_ns`` + ``host_zero_4k_ns``, ``host_pages_allocated``).
+    /// Freeing itself is not charged. Only memory without guest_memfd: guest_memfd pages are
+    /// freed with ``punch_hole``.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1. Every page must be in a memslot without
+    ///         guest_memfd, and the range must start and end on each slot's backing-page
+    ///         boundary (a 2 MiB or 1 GiB hugetlb page is freed whole).
+    ///
+    /// Returns:
+    ///     int: the number of present leaves zapped.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` or ``npages`` (beyond ``max_gfn``, not in a memslot, in a
+    ///         guest_memfd slot, not on a backing-page boundary); ``vm`` after ``destroy()``.
+    ///         The VM is unchanged.
+    ///     VmBugged: the VM was bugged, or a hook failed during the zap.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    fn madvise_dontneed(&self, py: Python<'_>, gfn: Int, npages: Int) -> PyResult<u64> {
+        let (gfn, npages) = self.range(py, &gfn, &npages)?;
+        self.run(py, |vm| vm.madvise_dontneed(gfn, npages))
+    }
+
+    /// ``mprotect`` of the host mapping behind a range of guest pages.
+    ///
+    /// Models a protection change of the memslots' userspace mapping: the kernel notifies the
+    /// MMU notifier for it, so the range's shared SPTEs are zapped (as
+    /// ``mmu_notifier_invalidate``). While read-only (``writable=False``), a guest write fault
+    /// there cannot get a writable host page (``hva_to_pfn`` fails, KVM_PFN_ERR_FAULT): KVM
+    /// prepares a KVM_EXIT_MEMORY_FAULT exit and KVM_RUN returns -EFAULT; the fault returns
+    /// ``Ret.MEMORY_FAULT`` (``pf_memory_fault``), nothing is mapped and the write does not
+    /// happen. A read fault maps the page without W, MMU-writable and host-writable, so a later
+    /// write faults (and fails) again. ``writable=True`` restores write access (and
+    /// invalidates again). Private (guest_memfd) accesses do not use the host mapping and are
+    /// not affected.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1. Every page must be in a memslot, and the range
+    ///         must start and end on each slot's backing-page boundary.
+    ///     writable: False for ``PROT_READ``, True for ``PROT_READ|PROT_WRITE``.
+    ///
+    /// Returns:
+    ///     int: the number of present leaves zapped.
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfn`` or ``npages`` (beyond ``max_gfn``, not in a memslot, not
+    ///         on a backing-page boundary); ``vm`` after ``destroy()``. The VM is unchanged.
+    ///     OutOfMemory: no host memory for a slot's read-only bitmap (1 bit per backing page).
+    ///     VmBugged: the VM was bugged, or a hook failed during the zap.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    fn mprotect(&self, py: Python<'_>, gfn: Int, npages: Int, writable: bool) -> PyResult<u64> {
+        let (gfn, npages) = self.range(py, &gfn, &npages)?;
+        self.run(py, |vm| vm.mprotect(gfn, npages, writable))
+    }
+
     /// Test hook: panic inside the engine to prove a panic surfaces as ``tdpmmu.TdpmmuError``.
     fn _inject_panic(&self, py: Python<'_>) -> PyResult<()> {
         call_detached(py, || -> core::Result<()> {
