@@ -260,9 +260,12 @@ def test_mmu_stress_stages(vm_type: str, hugepages: bool) -> None:
         "reset_same_root",
         "run2_no_faults",
         "ro_unmapped",
+        "ro_writes_efault",
         "rw_mapped",
     }
     assert all(c["ok"] for c in checks.values())
+    # The RO writes ran through the engine: one memory-fault exit (-EFAULT) per page.
+    assert r.stats["pf_memory_fault"] == 4096
     c = tdpmmu.CostModel()
     assert r.metrics["reset_s"] == pytest.approx(c.exit_entry_ns / 1e9)
     # ro: 1024 EFAULT writes per vCPU, each exit + handling + userspace + guest access.

@@ -13,26 +13,32 @@ pass (``memstress.run_pass``, the run's clock); a stage's time is the slowest vC
   the vCPUs in parallel;
 - ``run2``: write everything again (every page already mapped writable: no fault);
 - ``ro``: the guest reads everything; the host ``mprotect(PROT_READ)``s the memfd mapping,
-  which every slot aliases, so the MMU notifier invalidates every slot
-  (``mmu_notifier_invalidate``, timed as host work); then every guest write faults and KVM
-  returns -EFAULT (the host page is not writable) and the host skips the store. The engine has
-  no host read-only state, so those writes are not run through it (it would map them writable):
-  each costs ``exit_entry_ns + fault_handling_ns + userspace_exit_ns`` (the EPT violation, KVM's
-  handling up to the failed ``faultin_pfn``, and the return to userspace that skips the store),
-  plus ``guest_access_ns`` on the virtual clock; nothing is mapped meanwhile (checked);
-- ``rw``: ``mprotect(PROT_READ|PROT_WRITE)`` (an MMU-notifier invalidation again) and the guest
-  writes everything (the fault path again).
+  which every slot aliases (``VM.mprotect(writable=False)`` on every slot: the MMU notifier
+  invalidates them, timed as host work); then every vCPU writes its slice again through the
+  engine (``VM.access_batch``): each write faults, ``hva_to_pfn`` cannot get a writable host
+  page and the fault ends in a memory-fault exit (KVM_RUN returns -EFAULT; ``Ret.MEMORY_FAULT``,
+  ``pf_memory_fault``), nothing is mapped (checked). The selftest's vCPU then skips the store
+  and re-enters: each such return to userspace adds ``userspace_exit_ns`` (and
+  ``guest_access_ns`` on the virtual clock), which the engine's fault does not charge; they are
+  added to the stage time (from the CostModel; not in the VM's ledger or cost breakdown). The
+  stage's write part is the slowest vCPU's;
+- ``rw``: ``mprotect(PROT_READ|PROT_WRITE)`` (``VM.mprotect(writable=True)``: an MMU-notifier
+  invalidation again) and the guest writes everything (the fault path again).
 
-Then the even slots are deleted, half of the memfd is unmapped (invalidating the first half of
-every remaining slot) and the VM is torn down (``destroy``, as ``mmu_notifier.release``);
-timed as the ``teardown`` phase. Not modeled: the host memory behind the slots is one memfd in
-the selftest (the model gives each slot its own host pages, so each pays first-touch allocation;
-the selftest prefaults the memfd), and the vCPU rendezvous.
+Then the even slots are deleted, half of the memfd is unmapped (``munmap``: an MMU-notifier
+invalidation of the first half of every remaining slot; the memfd keeps its pages, so this is
+``mmu_notifier_invalidate``, not ``madvise_dontneed``) and the VM is torn down (``destroy``,
+as ``mmu_notifier.release``); timed as the ``teardown`` phase. Not modeled: the host memory
+behind the slots is one memfd in the selftest (the model gives each slot its own host pages,
+so each pays first-touch allocation; the selftest prefaults the memfd), and the vCPU
+rendezvous.
 """
 
 import argparse
 import time
 from typing import Any, Unpack
+
+import numpy as np
 
 from tdpmmu import coerce
 from tdpmmu._core import ConfigError, InvariantError
@@ -180,11 +186,11 @@ def mmu_stress(
         per_stage[name] = list(r.per_vcpu)
         stage(name, r.modeled_s + extra_s, r.wall_s + extra_wall)
 
-    def invalidate_all() -> tuple[float, float]:
+    def protect_all(writable: bool) -> tuple[float, float]:
         # mprotect() of the memfd mapping: every slot aliases it.
         ns0, w0 = clock.modeled_ns(), time.perf_counter()
         for _, g0, n in slots:
-            vm.mmu_notifier_invalidate(g0, n)
+            vm.mprotect(g0, n, writable)
         return (clock.modeled_ns() - ns0) / 1e9, time.perf_counter() - w0
 
     write_pass("run1")
@@ -198,15 +204,34 @@ def mmu_stress(
     expect("run2_no_faults", vm.stats["pf_taken"] == before, "run 2 to take no fault (all mapped)")
     # ro: the reads (all hits), mprotect(PROT_READ), then every write takes -EFAULT.
     reads = run_pass(vm, layout, options, write_percent=0, seed=DEFAULT_GUEST_SEED)
-    inv_s, inv_wall = invalidate_all()
+    inv_s, inv_wall = protect_all(False)
     expect("ro_unmapped", mapped() == 0, "mprotect(PROT_READ) to leave nothing mapped")
-    efault_ns = costs.exit_entry_ns + costs.fault_handling_ns + costs.userspace_exit_ns
-    if options.clock == "virtual":
-        efault_ns += costs.guest_access_ns
-    ro_writes_s = per_vcpu // PAGE_SIZE * efault_ns / 1e9
-    per_stage["ro"] = {"reads": list(reads.per_vcpu), "efault_writes_per_vcpu": per_vcpu // 4096}
-    stage("ro", reads.modeled_s + inv_s + ro_writes_s, reads.wall_s + inv_wall)
-    inv_s, inv_wall = invalidate_all()
+    per_vcpu_pages = per_vcpu // PAGE_SIZE
+    efaults0 = vm.stats["pf_memory_fault"]
+    skip_ns = costs.userspace_exit_ns + (
+        costs.guest_access_ns if options.clock == "virtual" else 0.0
+    )
+    w0 = time.perf_counter()
+    ro_write_ns: list[float] = []
+    for v in range(nvcpus):
+        gfns = np.arange(per_vcpu_pages, dtype=np.uint64) + (base + v * per_vcpu_pages)
+        r = vm.access_batch(gfns, write=True, private=False, vcpu=v)
+        ro_write_ns.append(float(r["modeled_ns"]) + per_vcpu_pages * skip_ns)
+    ro_writes_wall = time.perf_counter() - w0
+    efaults = vm.stats["pf_memory_fault"] - efaults0
+    expect(
+        "ro_writes_efault",
+        efaults == npages and mapped() == 0,
+        f"every one of the {npages} writes to end in -EFAULT with nothing mapped",
+    )
+    per_stage["ro"] = {
+        "reads": list(reads.per_vcpu),
+        "efault_writes_per_vcpu": per_vcpu_pages,
+        "write_modeled_ns_per_vcpu": ro_write_ns,
+    }
+    ro_s = reads.modeled_s + inv_s + max(ro_write_ns) / 1e9
+    stage("ro", ro_s, reads.wall_s + inv_wall + ro_writes_wall)
+    inv_s, inv_wall = protect_all(True)
     write_pass("rw", inv_s, inv_wall)
     expect("rw_mapped", mapped() == npages, f"all {npages} pages mapped again after mprotect RW")
     lines.append(
