@@ -176,7 +176,7 @@ def test_kvm_page_table_flags() -> None:
     assert parse("kvm_page_table", ["-m", "0"])["test_bytes"] == 1 << 30
     refused("kvm_page_table", ["-v", "0"])
     refused("kvm_page_table", ["-b", "12x"])
-    refused("kvm_page_table", ["-s", "shmem"])
+    refused("kvm_page_table", ["-s", "anonymous_hugetlb_16kb"])
     refused("kvm_page_table", ["-m", "3"])
     assert WORKLOADS["kvm_page_table"].command == "kvm-page-table"
 
