@@ -107,6 +107,7 @@ _SPTE_W = 1 << 1
 _SPTE_X = 1 << 2
 _SPTE_D = 1 << 9
 _SPTE_MMU_WRITABLE = 1 << 58
+_SPTE_HOST_WRITABLE = 1 << 57
 
 
 def _same_counters(native: Any, ref: ReferenceVM, where: str) -> None:
@@ -767,6 +768,70 @@ def _same_exception(native_call: Any, ref_call: Any) -> None:
         ref_call()
 
 
+def draw_host_range(ref: ReferenceVM, data: st.DataObject, fallback: Any) -> tuple[int, int]:
+    """A host range for ``madvise_dontneed``/``mprotect``: mostly whole backing pages of one
+    memslot (a few, so the reference's zap stays short); else one running past the slot's
+    end, one starting off a backing-page boundary, or ``fallback(data)``."""
+    slots = ref.memslots()
+    kind = data.draw(st.sampled_from(["aligned"] * 6 + ["past_end", "misaligned", "other"]))
+    if not slots or kind == "other":
+        gfn, npages = fallback(data)
+        return gfn, npages
+    _, sgfn, snpages, backing, _, _ = data.draw(st.sampled_from(slots), label="slot")
+    step = backing // 4096
+    units = snpages // step
+    first = data.draw(st.sampled_from([0, units - 1]) | st.integers(0, units - 1))
+    count = data.draw(st.integers(1, max(1, min(units - first, 64 if step == 1 else 3))))
+    gfn, npages = sgfn + first * step, count * step
+    if kind == "past_end":
+        npages = sgfn + snpages - gfn + data.draw(st.sampled_from([1, 512]))
+    elif kind == "misaligned":
+        gfn += data.draw(st.sampled_from([1, 7, 256]))
+    gfn = min(gfn, ref.max_gfn - 1)
+    return gfn, max(1, min(npages, ref.max_gfn - gfn))
+
+
+def draw_batch(machine: Any, data: st.DataObject, privates: list[bool | None]) -> None:
+    """``access_batch`` on both sides: a few drawn gfns, or a run of consecutive ones after a
+    recently used gfn (enough to fill a PML log now and then); one write flag or one per gfn;
+    ``private`` from ``privates``; sometimes a refused call (a ``write`` array of the wrong
+    length, or a gfn past ``max_gfn``), which must leave the counters alone."""
+    ref: ReferenceVM = machine.r
+    if data.draw(st.integers(0, 3), label="run") == 0 and machine.touched:
+        base = data.draw(st.sampled_from(list(machine.touched)[-8:]), label="base")
+        n = data.draw(st.sampled_from([16, 64, 600]), label="n")
+        gfns = [g for g in range(base, base + n) if g < ref.max_gfn]
+    else:
+        gfns = [machine.draw_gfn(data) for _ in range(data.draw(st.integers(1, 6)))]
+    per_gfn = data.draw(st.booleans(), label="per_gfn")
+    write: Any = (
+        np.array(data.draw(st.lists(st.booleans(), min_size=len(gfns), max_size=len(gfns))))
+        if per_gfn
+        else data.draw(st.booleans(), label="write")
+    )
+    private = data.draw(st.sampled_from(privates), label="private")
+    vcpu = data.draw(st.integers(0, machine.cfg["vcpus"] - 1), label="vcpu")
+    bad = data.draw(st.sampled_from([None] * 8 + ["write", "gfns"]), label="bad")
+    if bad == "write":
+        write = np.ones(len(gfns) + 1, dtype=bool)
+    elif bad == "gfns":
+        gfns = [*gfns, ref.max_gfn]
+    machine.touch(*gfns[:8], *gfns[-2:])
+    shown = [hex(g) for g in gfns] if len(gfns) <= 8 else f"range({gfns[0]:#x}, +{len(gfns)})"
+    shown_write = write.tolist() if isinstance(write, np.ndarray) and len(write) <= 8 else write
+    if isinstance(shown_write, np.ndarray):
+        shown_write = f"<{len(write)} flags>"
+    call = f"access_batch({shown}, write={shown_write}, private={private}, vcpu={vcpu})"
+    before = dict(machine.native.stats)
+    out = machine.both(call, "access_batch", np.array(gfns, dtype=np.uint64), write, private, vcpu)
+    if bad is not None:
+        assert out[0] == ("VmBugged" if ref.bugged else "ValueError"), f"{call}: {out}"
+        assert dict(machine.native.stats) == before, f"{call}: a refused call counted"
+    event(f"access_batch -> {out[0]}" + (f" ({bad} refused)" if bad else ""))
+    if out[0] == "ok" and out[1]["faults"] < len(gfns):
+        event("access_batch: a hardware-walk hit")
+
+
 class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -841,6 +906,11 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
             gfn &= ~(data.draw(st.sampled_from([512, 262144])) - 1)
         npages = min(npages, self.r.max_gfn - gfn)
         return gfn, max(npages, 1)
+
+    def draw_host_range(self, data: st.DataObject) -> tuple[int, int]:
+        """A range for madvise/mprotect: mostly whole backing pages of one memslot; else one
+        running past the slot's end, starting off a backing-page boundary, or anywhere."""
+        return draw_host_range(self.r, data, self.draw_range)
 
     # -- setup ---------------------------------------------------------------------------
     @initialize(cfg=vm_configs())
@@ -1021,6 +1091,33 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         self.r.zap_all_fast()
 
     @rule(data=st.data())
+    def access_batch(self, data: st.DataObject) -> None:
+        """Guest accesses on one vCPU: hardware-walk hits (A/D set, PML logged), faults,
+        memory-fault exits on host read-only pages; now and then a refused call."""
+        draw_batch(self, data, [None, False])
+
+    @rule(data=st.data())
+    def madvise_dontneed(self, data: st.DataObject) -> None:
+        gfn, npages = self.draw_host_range(data)
+        self.touch(gfn, gfn + npages - 1, gfn + npages)
+        out = self.both(f"madvise_dontneed({gfn:#x}, {npages:#x})", "madvise_dontneed", gfn, npages)
+        event(f"madvise_dontneed -> {out[0]}")
+
+    @rule(data=st.data())
+    def mprotect(self, data: st.DataObject) -> None:
+        gfn, npages = self.draw_host_range(data)
+        writable = data.draw(st.booleans(), label="writable")
+        self.touch(gfn, gfn + npages - 1, gfn + npages)
+        out = self.both(
+            f"mprotect({gfn:#x}, {npages:#x}, writable={writable})",
+            "mprotect",
+            gfn,
+            npages,
+            writable,
+        )
+        event(f"mprotect(writable={writable}) -> {out[0]}")
+
+    @rule(data=st.data())
     def bad_fault(self, data: st.DataObject) -> None:
         gfn = data.draw(st.integers(self.r.max_gfn, self.r.max_gfn + 5), label="gfn")
         before = dict(self.native.stats)
@@ -1168,6 +1265,8 @@ def _outcome(call: Any) -> tuple[Any, ...]:
         return ("ok", int(out.ret), *fields, round(out.modeled_ns, 3))
     if isinstance(out, np.ndarray):
         return ("ok", [int(x) for x in out])
+    if isinstance(out, dict) and "modeled_ns" in out:  # access_batch
+        return ("ok", {k: round(v, 3) if k == "modeled_ns" else v for k, v in out.items()})
     return ("ok", out)
 
 
@@ -1312,6 +1411,39 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         n = _outcome(lambda: self.native.fault_batch(np.array(gfns, dtype=np.uint64), private))
         r = _outcome(lambda: self.r.fault_batch(gfns, private))
         assert n == r, f"{call}: engine {n} != reference {r}"
+
+    @rule(data=st.data())
+    def access_batch(self, data: st.DataObject) -> None:
+        """Guest accesses, private and shared, on a runnable VM (a TD before finalize: see
+        ``test_access_batch_is_refused_before_the_td_is_finalized``)."""
+        if not self.alive() or (self.cfg["vm_type"] == "tdx" and not self.r.finalized):
+            return
+        draw_batch(self, data, [None, None, True, False])
+
+    @rule(data=st.data())
+    def madvise_dontneed(self, data: st.DataObject) -> None:
+        """MADV_DONTNEED: refused on guest_memfd slots (slot 0 has one), allowed elsewhere."""
+        if not self.alive():
+            return
+        gfn, npages = draw_host_range(self.r, data, self.draw_slot_range)
+        self.touch(gfn, gfn + npages - 1)
+        self.both(f"madvise_dontneed({gfn:#x}, {npages:#x})", "madvise_dontneed", gfn, npages)
+
+    @rule(data=st.data())
+    def mprotect(self, data: st.DataObject) -> None:
+        """mprotect: shared accesses see the protection, private ones (guest_memfd) do not."""
+        if not self.alive():
+            return
+        gfn, npages = draw_host_range(self.r, data, self.draw_slot_range)
+        writable = data.draw(st.booleans(), label="writable")
+        self.touch(gfn, gfn + npages - 1)
+        self.both(
+            f"mprotect({gfn:#x}, {npages:#x}, writable={writable})",
+            "mprotect",
+            gfn,
+            npages,
+            writable,
+        )
 
     @rule(data=st.data())
     def set_memory_attributes(self, data: st.DataObject) -> None:
@@ -2232,6 +2364,210 @@ def test_new_operations_scenario_matches_reference(cfg: dict[str, Any], steps: l
         else:
             assert after["TDH.MEM.PAGE.REMOVE"] > before["TDH.MEM.PAGE.REMOVE"]
         assert ref.destroyed and not ref.bugged
+
+
+# --------------------------------------------------------------------------------------
+# Guest accesses (access_batch) and host mm changes of the shared mappings (MADV_DONTNEED,
+# mprotect): fixed flows that must reach each rule
+# --------------------------------------------------------------------------------------
+
+HOST_SLOT = 1 << 16  # a memslot without guest_memfd on a confidential VM
+
+
+def _batch(*gfns: int) -> np.ndarray:
+    return np.array(gfns, dtype=np.uint64)
+
+
+def _host_mm_steps(step: int) -> list[Step]:
+    """A default VM whose slot 0 is backed by pages of ``step`` 4K pages: MADV_DONTNEED frees
+    the first four backing pages (the next touch allocates again), mprotect makes them
+    read-only (a write is a memory-fault exit, a read maps without write access, the fast
+    path cannot fix a write) and writable again; guest accesses hit the hardware walk or
+    fault; a PML log filled by one batch of writes; refusals."""
+    r = 4 * step  # the range changed on the host: [0, r)
+    return [
+        ("fault", (3,)),
+        ("fault", (r + 3,)),  # just past the range
+        ("access_batch", (_batch(3, r + 3, 5),)),  # hits (gfn 5: a fault with 4K backing)
+        ("madvise_dontneed", (0, r)),  # zapped and freed
+        ("fault", (3, None, False)),  # the re-touch allocates again
+        ("fault", (r + 3,)),  # not freed: spurious, no allocation
+        ("madvise_dontneed", (1, r)),  # with 2M backing: misaligned, refused
+        ("madvise_dontneed", (1 << 22, 1)),  # in no memslot: refused
+        ("mprotect", (0, r, False)),  # read-only on the host: zapped
+        ("fault", (3,)),  # MEMORY_FAULT, nothing mapped
+        ("access_batch", (_batch(3),)),  # a fault, MEMORY_FAULT again
+        ("fault", (3, None, False)),  # a read maps read-only
+        ("access_batch", (_batch(3, 4), False)),  # reads: hits (gfn 4: a fault with 4K)
+        ("fault", (3,)),  # the fast path cannot fix it: MEMORY_FAULT
+        ("fault", (r + 3,)),  # outside the range: still writable
+        ("mprotect", (0, r + 1, True)),  # with 2M backing: misaligned, refused
+        ("mprotect", (1 << 22, 1, True)),  # in no memslot: refused
+        ("mprotect", (0, r, True)),  # writable again: the read-only leaves go
+        ("fault", (3,)),  # FIXED, writable
+        ("access_batch", (_batch(3),)),  # a hit
+        ("access_batch", (_batch(3), np.ones(2, dtype=bool))),  # write array too long
+        ("access_batch", (_batch(1 << 40),)),  # beyond max_gfn: refused
+        # PML: one batch writes 600 armed 4K pages, so the 512-entry log fills once.
+        ("populate", (1024, 1024)),
+        ("set_dirty_logging", (0, True, False, False, True, True)),
+        ("access_batch", (np.arange(1024, 1624, dtype=np.uint64),)),
+        ("get_dirty_log", (0,)),
+        ("set_dirty_logging", (0, False)),
+        # Read-only, then freed: the next read allocates again and maps read-only.
+        ("mprotect", (0, r, False)),
+        ("madvise_dontneed", (0, r)),
+        ("fault", (3, None, False)),
+        ("fault", (3,)),
+    ]
+
+
+def _host_mm_confidential_steps(vm_type: str) -> list[Step]:
+    """A confidential VM: MADV_DONTNEED is refused on guest_memfd slot 0 and allowed on a
+    slot without one; mprotect of slot 0's shared half makes shared writes memory-fault exits
+    while private writes (guest_memfd) go on; guest accesses private and shared."""
+    s = HOST_SLOT
+    steps: list[Step] = [("populate", (0, 8, True))]
+    if vm_type == "tdx":
+        steps += [("finalize", ())]
+    return [
+        *steps,
+        ("madvise_dontneed", (0, 16)),  # guest_memfd: refused
+        ("add_memslot", (s, 1024, 4096, False)),
+        ("set_memory_attributes", (512, 512, False)),
+        ("fault", (600,)),  # a shared page of the guest_memfd slot
+        ("fault", (s + 3,)),
+        ("access_batch", (_batch(3, 600, s + 3, s + 4, 20),)),  # by the attributes
+        ("access_batch", (_batch(21, 22), True, True, 1)),  # private, on vCPU 1
+        ("access_batch", (_batch(601, 602), False, False)),  # shared reads
+        ("mprotect", (512, 512, False)),  # slot 0's shared half read-only: zapped
+        ("fault", (600,)),  # MEMORY_FAULT
+        ("fault", (600, None, False)),  # a read maps read-only
+        ("access_batch", (_batch(600, 601),)),  # writes: faults, MEMORY_FAULT
+        ("fault", (30, True)),  # private memory does not use the host mapping
+        ("madvise_dontneed", (s, 1024)),  # no guest_memfd: freed
+        ("fault", (s + 3,)),  # allocates again
+        ("mprotect", (512, 512, True)),
+        ("fault", (600,)),  # FIXED, writable
+        ("destroy", ()),
+        ("access_batch", (_batch(3),)),  # destroyed: refused
+    ]
+
+
+def _outcomes_of(outcomes: Outcomes, step: Step) -> list[tuple[Any, ...]]:
+    """The outcome of every ``step`` (a fault or a zap, compared by name and arguments)."""
+    return [o for s, o, _ in outcomes if s[0] == step[0] and s[0] != "access_batch" and s == step]
+
+
+def _ret_of(out: tuple[Any, ...]) -> Any:
+    assert out[0] == "ok", out
+    return tdpmmu.Ret(out[1])
+
+
+HOST_MM_SCENARIOS: list[tuple[dict[str, Any], list[Step]]] = [
+    ({"memory": "64MiB"}, _host_mm_steps(1)),
+    ({"memory": "64MiB", "backing": "2M"}, _host_mm_steps(512)),
+    ({"memory": "64MiB", "backing": "2M", "levels": 5, "slot_zap_all": False}, _host_mm_steps(512)),
+    ({"vm_type": "sw_protected"}, _host_mm_confidential_steps("sw_protected")),
+    ({"vm_type": "sw_protected", "mirror": True}, _host_mm_confidential_steps("sw_protected")),
+    ({"vm_type": "snp"}, _host_mm_confidential_steps("snp")),
+    ({"vm_type": "tdx"}, _host_mm_confidential_steps("tdx")),
+]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "steps"),
+    HOST_MM_SCENARIOS,
+    ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else "",
+)
+def test_host_mm_and_access_batch_scenario_matches_reference(
+    cfg: dict[str, Any], steps: list[Step]
+) -> None:
+    """Fixed flows through ``access_batch``, ``madvise_dontneed`` and ``mprotect``: both
+    sides agree after every step (see ``_run_flow``), and each flow reaches what it is for:
+    a freed page allocated again on its next touch, a write to a host read-only page a
+    memory-fault exit (also on the fast path's leaf), a read of it a leaf without W, MMU-
+    and host-writable, writes fixed again after mprotect RW, hardware-walk hits, and (default
+    VM) a PML log filled by one batch."""
+    cfg = {"memory": "64MiB", "vcpus": 2, "trace": True, **cfg}
+    gfns = (3, 4, 5, 20, 21, 30, 600, 601, 1024, 1623, 1024 + 512 + 3, HOST_SLOT + 3)
+    ref, peak, outcomes = _run_flow(cfg, steps, gfns)
+    ret = tdpmmu.Ret
+    write_bits = _SPTE_W | _SPTE_MMU_WRITABLE | _SPTE_HOST_WRITABLE
+    batches = [(s[1], o) for s, o, _ in outcomes if s[0] == "access_batch"]
+    assert any(o[0] == "ok" and o[1]["faults"] < len(a[0]) for a, o in batches), "no hit"
+    assert any(o[0] == "ok" and o[1]["faults"] > 0 for a, o in batches), "no fault"
+    assert peak["pf_memory_fault"] >= 3, peak["pf_memory_fault"]
+
+    def allocated_by(step: Step) -> int:
+        i = next(i for i, (s, _, _) in enumerate(outcomes) if s == step)
+        return outcomes[i][2]["host_pages_allocated"] - outcomes[i - 1][2]["host_pages_allocated"]
+
+    if cfg.get("vm_type", "default") == "default":
+        step = 512 if cfg.get("backing") == "2M" else 1
+        r = 4 * step
+        writes3 = [_ret_of(o) for o in _outcomes_of(outcomes, ("fault", (3,)))]
+        assert writes3 == [
+            ret.FIXED,
+            ret.MEMORY_FAULT,
+            ret.MEMORY_FAULT,
+            ret.FIXED,
+            ret.MEMORY_FAULT,
+        ], writes3
+        assert allocated_by(("fault", (3, None, False))) == 1  # the re-touch after madvise
+        reads3 = _outcomes_of(outcomes, ("fault", (3, None, False)))
+        for out in (reads3[1], reads3[2]):  # while read-only on the host
+            assert _ret_of(out) == ret.FIXED and int(out[3], 16) & write_bits == 0, out
+        past = [_ret_of(o) for o in _outcomes_of(outcomes, ("fault", (r + 3,)))]
+        assert past == [ret.FIXED, ret.SPURIOUS, ret.SPURIOUS], past
+        refused = [("madvise_dontneed", (1 << 22, 1)), ("mprotect", (1 << 22, 1, True))]
+        misaligned = [("madvise_dontneed", (1, r)), ("mprotect", (0, r + 1, True))]
+        for step_ in refused + misaligned:
+            kind = _outcomes_of(outcomes, step_)[0][0]
+            want = "ValueError" if step_ in refused or step > 1 else "ok"
+            assert kind == want, (step_, kind)
+        kinds = [o[0] for _, o in batches]
+        assert kinds.count("ValueError") == 2 and kinds.count("ok") == len(kinds) - 2, kinds
+        assert peak["pml_full_exits"] == 1 and peak["pml_logged"] >= 600, peak
+    else:
+        shared600 = [_ret_of(o) for o in _outcomes_of(outcomes, ("fault", (600,)))]
+        assert shared600 == [ret.FIXED, ret.MEMORY_FAULT, ret.FIXED], shared600
+        read600 = _outcomes_of(outcomes, ("fault", (600, None, False)))[0]
+        assert _ret_of(read600) == ret.FIXED and int(read600[3], 16) & write_bits == 0
+        assert _ret_of(_outcomes_of(outcomes, ("fault", (30, True)))[0]) == ret.FIXED
+        assert _outcomes_of(outcomes, ("madvise_dontneed", (0, 16)))[0][0] == "ValueError"
+        assert _outcomes_of(outcomes, ("madvise_dontneed", (HOST_SLOT, 1024)))[0] == ("ok", 2)
+        assert [_ret_of(o) for o in _outcomes_of(outcomes, ("fault", (HOST_SLOT + 3,)))] == [
+            ret.FIXED,
+            ret.FIXED,
+        ]
+        i = [i for i, (s, _, _) in enumerate(outcomes) if s == ("fault", (HOST_SLOT + 3,))][1]
+        assert outcomes[i][2]["host_pages_allocated"] > outcomes[i - 1][2]["host_pages_allocated"]
+        assert batches[-1][1][0] == "ValueError" and ref.destroyed  # refused once destroyed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: Vm::access_batch (rust/tdpmmu-core/src/vm.rs) checks whether a vCPU "
+    "may run only when an access faults, so on a TD not yet finalized accesses that hit "
+    "populated pages are served (A/D set, no error); KVM refuses KVM_RUN before "
+    "KVM_TDX_FINALIZE_VM, so no guest access happens, as VM.access_batch's docstring says "
+    "(ConfigError naming vm, refused before any access)",
+)
+def test_access_batch_is_refused_before_the_td_is_finalized() -> None:
+    """A TD's vCPUs cannot run before KVM_TDX_FINALIZE_VM (KVM_RUN fails), so
+    ``access_batch`` must raise ``ConfigError`` naming ``vm`` before any access, also when
+    every access would hit a page of the initial image; nothing changes."""
+    for vm in (
+        ReferenceVM(vm_type="tdx", memory="64MiB"),
+        tdpmmu.VM(vm_type="tdx", memory="64MiB"),
+    ):
+        side = "reference" if isinstance(vm, ReferenceVM) else "engine"
+        assert vm.populate(0, 4, True) == 4
+        stats = dict(vm.stats)
+        with pytest.raises(tdpmmu.ConfigError, match=r"^vm: "):
+            vm.access_batch(_batch(0, 1), private=True)
+        assert dict(vm.stats) == stats, side
 
 
 def test_fast_path_leaves_an_exec_fault_to_the_slow_path() -> None:

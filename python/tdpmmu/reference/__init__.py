@@ -53,13 +53,17 @@ All four VM types are modeled:
   TDX-shaped mirror root with a software external tree and no SEAMCALLs.
 
 Every VM type also has memslot flags and moves (KVM_MEM_READONLY, KVM_MR_MOVE), page write
-tracking, dirty logging with or without PML, aging, eager splitting, huge-page recovery and
-the NX huge page recovery worker, as far as the operations of ``tdpmmu.VM`` reach them.
+tracking, dirty logging with or without PML, aging, eager splitting, huge-page recovery, the
+NX huge page recovery worker, host mm changes of the memslots' shared mappings
+(``madvise_dontneed``: zapped and freed, so the next touch allocates again; ``mprotect``:
+zapped, and while read-only a shared write fault is a memory-fault exit and a read maps
+without write access) and one vCPU's guest accesses in order (``access_batch``: a hardware
+walk that sets A/D and fills the PML log, else the fault path), as far as the operations of
+``tdpmmu.VM`` reach them.
 
 Not modeled: contention (the ``TDH.*`` busy probabilities must be 0, so no ``-EBUSY`` and no
 TDX local retries happen), user hook objects, the memory budget (``committed_bytes``), and
-guest accesses (``run_memstress``, so neither the A/D bits the CPU sets nor the PML log
-filling up: only a spurious write on the fast path sets D and logs the page).
+the multi-vCPU guest runs (``run_memstress``, ``run_virtual``).
 ``trace_events()`` holds the external-hook calls only, not the SEAMCALLs or RMP instructions
 the backends issue.
 

@@ -2,7 +2,8 @@
 
 A live VM: the arena's bookkeeping, root reference counts, every table reachable exactly once
 with the role of its parent, every leaf inside one memslot with the pfn, level and bits it
-must have (none writable in a read-only memslot or over a write-tracked gfn), the page
+must have (none writable in a read-only memslot, over a write-tracked gfn or over a shared
+page the host mapped read-only), the page
 counters, the list of possible NX huge pages against ``nx_lpage_splits``, (TDX, SW mirror)
 the mirror tree equal to the S-EPT, and in a memslot that logs dirty pages every page under a
 writable leaf marked dirty (with PML, a 4K leaf whose D is clear is armed instead).  After
@@ -253,7 +254,7 @@ def _check_leaf(
     # prefetch, or aged), W (protected for dirty logging; MMU-writable stays set, so a write
     # can take the fast path), D (armed by PML; a huge page recovered from such a leaf keeps
     # it clear), MMU-writable with W (a write-tracked gfn), and host-writable with W, D and
-    # MMU-writable (a read-only memslot).
+    # MMU-writable (a read-only memslot, or a shared page the host mapped read-only).
     optional = (
         SPTE_EXECUTABLE
         | SPTE_ACCESSED
@@ -271,7 +272,12 @@ def _check_leaf(
         fail(f"leaf {spte:#x} at level {level} gfn {gfn:#x} has inconsistent write bits")
     if slot.readonly and (host_writable or spte & SPTE_DIRTY):
         fail(f"leaf {spte:#x} at gfn {gfn:#x} of read-only memslot {slot.id} may be written")
-    if not slot.readonly and not host_writable:
+    # A shared page the host mapped read-only (mprotect) is mapped without host-writable, and
+    # only such a page may be so in a writable memslot.
+    host_ro = not private and slot.host_readonly(gfn)
+    if host_ro and host_writable:
+        fail(f"leaf {spte:#x} at gfn {gfn:#x} is host-writable over a page the host protected")
+    if not slot.readonly and not host_writable and not host_ro:
         fail(f"leaf {spte:#x} at gfn {gfn:#x} is not host-writable in a writable memslot")
     if spte & SPTE_MMU_WRITABLE and slot.any_write_tracked(gfn, end):
         fail(

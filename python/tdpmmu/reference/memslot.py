@@ -14,6 +14,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 
+from .attrs import PrivateRanges
 from .errors import ConfigError
 from .spte import PAGE_SHIFT, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from .vendor.rmp import Rmp
@@ -145,6 +146,10 @@ class Memslot:
     #: offset in the slot (KVM keeps one count per page, allocated by the first
     #: ``kvm_write_track_add_gfn``: None before; a page whose count fell to 0 is dropped).
     write_track: dict[int, int] | None = None
+    #: host-side protection of the slot's shared mapping (``mprotect`` without PROT_WRITE):
+    #: the ranges of backing pages (by index in the slot) mapped read-only on the host; None
+    #: before the first read-only ``mprotect`` (the engine allocates its bitmap then).
+    host_ro: PrivateRanges | None = None
 
     @property
     def backing_pages(self) -> int:
@@ -197,6 +202,38 @@ class Memslot:
             return False
         lo, hi = start - self.gfn, end - self.gfn
         return any(lo <= off < hi for off in self.write_track)
+
+    def page_span(self, gfn: int, end: int) -> tuple[int, int]:
+        """The backing pages wholly inside ``[gfn, end)`` and the slot, as ``[first, last)``
+        indices in the slot (empty if none)."""
+        bp = self.backing_pages
+        first = -(-(max(gfn, self.gfn) - self.gfn) // bp)
+        last = (max(min(end, self.end), self.gfn) - self.gfn) // bp
+        return first, max(first, last)
+
+    def untouch(self, gfn: int, end: int) -> None:
+        """``MADV_DONTNEED``: the host frees the shared pages of ``[gfn, end)`` (whole backing
+        pages only), so the next touch of each allocates and zeroes it again."""
+        first, last = self.page_span(gfn, end)
+        self.touched = {p for p in self.touched if not first <= p < last}
+
+    def host_readonly(self, gfn: int) -> bool:
+        """Whether the backing page holding ``gfn`` is mapped read-only on the host
+        (``mprotect`` without PROT_WRITE)."""
+        if self.host_ro is None:
+            return False
+        return self.host_ro.is_private((gfn - self.gfn) // self.backing_pages)
+
+    def set_host_writable(self, gfn: int, end: int, writable: bool) -> None:
+        """``mprotect`` of the shared mapping of the whole backing pages in ``[gfn, end)``:
+        read-only (``writable`` False) or writable again."""
+        if self.host_ro is None:
+            if writable:
+                return
+            self.host_ro = PrivateRanges()
+        first, last = self.page_span(gfn, end)
+        if first < last:
+            self.host_ro.set(first, last, not writable)
 
     def as_tuple(self) -> tuple[int, int, int, int, bool, int]:
         """``(id, gfn, npages, backing bytes, gmem, host_pfn)``, as ``VM.memslots()`` lists it."""

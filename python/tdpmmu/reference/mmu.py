@@ -4,7 +4,8 @@
 (with TDX's local retry of private faults), then what the guest does with the page (TDX
 accept, SNP validate).  :meth:`Mmu.kvm_mmu_page_fault` builds the ``kvm_page_fault`` up
 front, answers MMIO from the cache, turns an attribute mismatch into
-KVM_EXIT_MEMORY_FAULT, emulates a write to a read-only memslot, looks up the pfn
+KVM_EXIT_MEMORY_FAULT, emulates a write to a read-only memslot, turns a write to a shared
+page the host mapped read-only (``mprotect``) into a memory-fault exit, looks up the pfn
 (``faultin_pfn``), picks the level (no huge page over a write-tracked gfn) and maps.  A
 write to a present shared leaf is first tried on the lockless fast path
 (:meth:`Mmu.fast_page_fault`), which restores W on a leaf that dirty logging protected.
@@ -178,8 +179,18 @@ class Mmu:
                 self.ctx.count("pf_emulate")
             level, spte = tdp_mmu.lookup(root, gfn, gfn_bits)
             return done(Ret.EMULATE, level, spte)
+        if slot is not None and write and not is_private and slot.host_readonly(gfn):
+            # A write to a shared page the host mapped read-only (mprotect): the host page
+            # cannot be had writable (KVM_PFN_ERR_FAULT), so KVM fills a memory-fault exit and
+            # KVM_RUN returns -EFAULT; nothing is mapped.
+            if not prefetch:
+                self.ctx.count("pf_memory_fault")
+            level, spte = tdp_mmu.lookup(root, gfn, gfn_bits)
+            return done(Ret.MEMORY_FAULT, level, spte)
         if slot is not None:
-            fault.map_writable = not slot.readonly
+            # A read of a page the host mapped read-only maps it without W and host-writable,
+            # so a later write faults again (and fails above).
+            fault.map_writable = not slot.readonly and (is_private or not slot.host_readonly(gfn))
             fault.write_tracked = not is_private and slot.write_tracked(gfn)
             self.kvm_mmu_faultin_pfn(fault)
             # A write-tracked page disallows a huge mapping over it (disallow_lpage).

@@ -82,8 +82,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     # NX huge page mitigation: tables on the recovery list, and those the recovery zapped
     "nx_lpage_splits",
     "nx_huge_pages_recovered",
-    # PML: 4K pages the CPU logged, and the exits when a vCPU's 512-entry log filled (the
-    # reference models no guest accesses, so only the fast path logs and nothing fills)
+    # PML: 4K pages the CPU logged, and the exits when a vCPU's 512-entry log filled (within
+    # one access_batch, as the engine counts them)
     "pml_logged",
     "pml_full_exits",
 )

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import config
+from ..errors import TdpmmuError
 from .arena import Arena
 from .attrs import PrivateRanges
 from .check import check_live, check_teardown
@@ -28,12 +29,14 @@ from .spte import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_ACCESSED,
+    SPTE_DIRTY,
     gfn_round_for_level,
     pages_per_hpage,
     spte_to_pfn,
 )
 from .stats import Ctx, TraceEvent
-from .tdp_mmu import KVM_VALID_ROOTS, TdpMmu
+from .tdp_mmu import KVM_VALID_ROOTS, TdpMmu, is_access_allowed
 from .vendor.base import Vendor
 from .vendor.sev import SevVendor
 from .vendor.sw_mirror import SwMirrorVendor
@@ -44,6 +47,8 @@ from .vendor.tdx_module import TdxModule
 #: read from ``tdpmmu.config``, the engine's one definition of the VM-type x design matrix.
 VM_TYPES: tuple[str, ...] = config.VM_TYPES
 DEFAULT_HOOKS: dict[str, str] = {t: config.default_design(t) for t in config.VM_TYPES}
+#: fault attempts of one ``access_batch`` access after which it is a livelock (the engine's).
+MAX_ATTEMPTS_PER_ACCESS = 1 << 20
 
 
 class ReferenceVM:
@@ -307,6 +312,93 @@ class ReferenceVM:
             raise error
         return rets
 
+    def access_batch(
+        self,
+        gfns: Iterable[int],
+        write: bool | Iterable[bool] | None = None,
+        private: bool | None = None,
+        vcpu: int = 0,
+    ) -> dict[str, int | float]:
+        """Guest accesses to ``gfns``, in order, on one vCPU (``VM.access_batch``); one
+        operation.
+
+        An access whose current mapping allows it is served by the hardware walk: no exit, no
+        modeled time; the CPU sets the leaf's Accessed bit (and Dirty for a write), and with
+        PML a write that sets a clear Dirty bit of a 4K leaf is logged (a full 512-entry log
+        is an exit).  Any other access takes the fault path (``fault``) and faults again on
+        RETRY.  ``write``: True (default, also for None), False, or one bool per gfn.
+        Returns ``faults`` (RETRYs included), ``accesses`` and ``modeled_ns``.
+
+        Refused before any access (``ConfigError``): ``vcpu`` out of range, the VM destroyed
+        (``vm``), ``private`` True on a default VM, ``write`` of another length, a gfn of
+        ``gfns`` beyond ``max_gfn``, and a TD that is not finalized (``vm``: KVM_RUN is refused
+        before KVM_TDX_FINALIZE_VM, so no guest access happens at all)."""
+        self._check_vcpu(vcpu)
+        gfn_list = [int(g) for g in gfns]
+        if write is None or isinstance(write, bool):
+            writes = [True if write is None else write]
+        else:
+            writes = [bool(w) for w in write]
+        self._ensure_alive()
+        self._check_private(private)
+        if len(writes) != 1 and len(writes) != len(gfn_list):
+            raise ConfigError(
+                f"write: has {len(writes)} entries for {len(gfn_list)} gfns; give one or one "
+                "per gfn"
+            )
+        for i, g in enumerate(gfn_list):
+            if not 0 <= g < self.max_gfn:
+                raise ConfigError(
+                    f"gfns: gfns[{i}] = {g:#x} is beyond the guest-physical limit; allowed "
+                    f"0..{self.max_gfn:#x}"
+                )
+        self.vendor.check_vcpu_can_run()
+        self._begin_operation()
+        start = self.ctx.ledger.clock
+        tdp = self.tdp_mmu
+        faults = 0
+        pml_entries = 0  # this vCPU's PML log: a full one (512 entries) is an exit
+        for i, gfn in enumerate(gfn_list):
+            is_write = writes[0 if len(writes) == 1 else i]
+            is_private = (
+                private
+                if private is not None
+                else (self.confidential and self.attrs.is_private(gfn))
+            )
+            mirror = self.has_mirror and is_private
+            gfn_bits = tdp.root_gfn_bits(mirror)
+            attempts = 0
+            while True:
+                root = tdp.vcpu_mirror_root[vcpu] if mirror else tdp.vcpu_root[vcpu]
+                if root is not None:
+                    logged = self._hw_access(root, gfn, gfn_bits, is_write)
+                    if logged is not None:
+                        slot = self.slots.gfn_to_memslot(gfn)
+                        if logged and slot is not None and slot.pml_log(gfn):
+                            self.ctx.count("pml_logged")
+                            pml_entries += 1
+                            if pml_entries == 512:
+                                pml_entries = 0
+                                self.ctx.count("pml_full_exits")
+                                self.ctx.charge(self.vendor.exit_cost)
+                        break
+                faults += 1
+                r = self.mmu.page_fault(vcpu, gfn, private, is_write, False, False)
+                if self.ctx.bug is not None or r.ret != Ret.RETRY:
+                    break
+                attempts += 1 + r.retries
+                if attempts >= MAX_ATTEMPTS_PER_ACCESS:
+                    self._end_of_operation()
+                    raise TdpmmuError(
+                        f"vCPU {vcpu}: the fault at gfn {gfn:#x} was retried {attempts} times "
+                        "without progress"
+                    )
+            if self.ctx.bug is not None:
+                break
+        modeled_ns = self.ctx.ledger.clock - start
+        self._end_of_operation()
+        return {"faults": faults, "accesses": len(gfn_list), "modeled_ns": modeled_ns}
+
     def populate(self, gfn: int, npages: int, private: bool | None = None) -> int:
         """KVM_PRE_FAULT_MEMORY on vCPU 0 (a TD's initial image before finalize).
 
@@ -378,6 +470,48 @@ class ReferenceVM:
         self._ensure_alive()
         self._begin_operation()
         zapped = self._unmap_gfn_range(gfn, gfn + npages, private=False, shared=True)
+        self._end_of_operation()
+        return zapped
+
+    # -- host mm operations on the memslots' shared mappings --------------------------------
+    def madvise_dontneed(self, gfn: int, npages: int) -> int:
+        """``madvise(MADV_DONTNEED)`` of the host memory behind ``[gfn, gfn+npages)``
+        (``VM.madvise_dontneed``): the MMU notifier unmaps the range's shared SPTEs (as
+        ``mmu_notifier_invalidate``) and the host frees the pages, so the next touch of each
+        backing page wholly inside the range allocates and zeroes it again.  ``ConfigError``
+        naming ``gfn``/``npages`` for a range outside the memslots, in a guest_memfd slot (its
+        private pages go with ``punch_hole``) or not on each slot's backing-page boundary;
+        the VM is unchanged.  Returns the leaves zapped."""
+        self._check_count_range(gfn, npages)
+        self._ensure_alive()
+        end = gfn + npages
+        self._check_host_range(gfn, end, shared_only=True)
+        self._begin_operation()
+        zapped = self._unmap_gfn_range(gfn, end, private=False, shared=True)
+        for slot in self.slots.by_gfn():
+            if slot.gfn < end and gfn < slot.end:
+                slot.untouch(gfn, end)
+        self._end_of_operation()
+        return zapped
+
+    def mprotect(self, gfn: int, npages: int, writable: bool) -> int:
+        """``mprotect`` of the host mapping behind ``[gfn, gfn+npages)`` (``VM.mprotect``):
+        the slots' backing pages there become read-only on the host (``writable`` False) or
+        writable again, then the MMU notifier unmaps the range's shared SPTEs.  While
+        read-only a shared write fault ends in KVM_EXIT_MEMORY_FAULT (``Ret.MEMORY_FAULT``,
+        ``pf_memory_fault``) and a read maps the page without W, MMU- and host-writable;
+        private accesses are not affected.  ``ConfigError`` naming ``gfn``/``npages`` for a
+        range outside the memslots or not on each slot's backing-page boundary; the VM is
+        unchanged.  Returns the leaves zapped."""
+        self._check_count_range(gfn, npages)
+        self._ensure_alive()
+        end = gfn + npages
+        self._check_host_range(gfn, end, shared_only=False)
+        self._begin_operation()
+        for slot in self.slots.by_gfn():
+            if slot.gfn < end and gfn < slot.end:
+                slot.set_host_writable(gfn, end, bool(writable))
+        zapped = self._unmap_gfn_range(gfn, end, private=False, shared=True)
         self._end_of_operation()
         return zapped
 
@@ -1095,6 +1229,27 @@ class ReferenceVM:
                 raise ConfigError(f"gfn: memslot {slot.id} holding {cur:#x} has no guest_memfd")
             cur = slot.end
 
+    def _check_host_range(self, gfn: int, end: int, shared_only: bool) -> None:
+        """The host range ``[gfn, end)`` lies in memslots (none with guest_memfd if
+        ``shared_only``) and starts and ends on each slot's backing-page boundary (hugetlb
+        mappings change in whole huge pages)."""
+        self._check_covered(gfn, end, gmem=False)
+        for slot in self.slots.by_gfn():
+            if not (slot.gfn < end and gfn < slot.end):
+                continue
+            if shared_only and slot.gmem:
+                raise ConfigError(
+                    f"gfn: memslot {slot.id} holding [{gfn:#x}, {end:#x}) has guest_memfd: its "
+                    "private pages are freed with punch_hole, not MADV_DONTNEED"
+                )
+            align = slot.backing_pages
+            for arg, g in (("gfn", gfn), ("npages", end)):
+                if slot.gfn < g < slot.end and (g - slot.gfn) % align:
+                    raise ConfigError(
+                        f"{arg}: the range [{gfn:#x}, {end:#x}) must start and end on a backing "
+                        f"page boundary of memslot {slot.id} ({align} pages)"
+                    )
+
     # ==================================================================================
     # The operation bracket, and what several operations share
     # ==================================================================================
@@ -1134,6 +1289,24 @@ class ReferenceVM:
         if flush:
             self.tdp_mmu.kvm_flush_remote_tlbs()
         return zapped
+
+    def _hw_access(self, root: Any, gfn: int, gfn_bits: int, write: bool) -> bool | None:
+        """The hardware's translation of one guest access in ``root``: None if the mapping does
+        not allow it; else the CPU sets the leaf's Accessed bit (and Dirty for a write), as
+        EPT A/D does, and the answer says whether this write set a clear Dirty bit of a 4K
+        leaf (what PML logs)."""
+        leaf = self.tdp_mmu.leaf_ptr(root, gfn, gfn_bits)
+        if leaf is None:
+            return None
+        level, sp, index = leaf
+        spte = sp.spt[index]
+        if not is_access_allowed(spte, write=write, exec=False):
+            return None
+        want = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
+        if spte & want != want:
+            sp.spt[index] = spte | want
+            return write and level == PG_LEVEL_4K and not spte & SPTE_DIRTY
+        return False
 
     def _kvm_arch_flush_shadow_memslot(self, slot: Memslot) -> None:
         """Memslot delete: fast zap (default VM + quirk) or a leaf zap of the slot."""
