@@ -366,7 +366,7 @@ def test_registry_flags_and_json(name: str, argv: list[str], expect: dict[str, o
         ("td_lifecycle", ["-b", "5K"]),
         ("td_lifecycle", ["-v", "0"]),
         ("snp_boot", ["-p", "1G"]),
-        ("snp_boot", ["-s", "shmem"]),
+        ("snp_boot", ["-s", "anonymous_hugetlb_16kb"]),
         ("snp_boot", ["-i", "lots"]),
     ],
 )

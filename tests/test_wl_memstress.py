@@ -149,7 +149,8 @@ def test_demand_paging_flags_letter_for_letter() -> None:
     assert long["vcpus"] == 3 and long["bytes_per_vcpu"] == 1 << 20
     r = demand_paging(**{**kw, "backing": "anonymous", "bytes_per_vcpu": "64K"})
     assert r.options.uffd_all and r.options.userfault == "MINOR"
-    for bad in (["-m", "1"], ["-b", "12x"], ["-s", "shmem"], ["-v", "0"], ["-c", "0,,1"]):
+    bad_flags = (["-m", "1"], ["-b", "12x"], ["-s", "anonymous_hugetlb_16kb"], ["-v", "0"])
+    for bad in (*bad_flags, ["-c", "0,,1"]):
         with pytest.raises(argparse.ArgumentError):
             parse("demand-paging", bad)
 
@@ -356,6 +357,7 @@ def test_dirty_log_perf_flags() -> None:
         "random_seed": 9,
         "cpus": [0, 1],
         "nested": False,
+        "private": None,
     }
     r = dirty_log_perf(**{**kw, "bytes_per_vcpu": "256K"})
     assert r.detail["region"][0] == 1 << 30 and r.options.cpus == (0, 1)
@@ -439,7 +441,23 @@ def test_access_tracking_perf_host_clock_and_flags() -> None:
         "backing": "anonymous_thp",
         "overlap": True,
         "warn_only": 1,
+        "private": None,
     }
     for bad in (["-w", "-1"], ["-v", "x"], ["-c", "0"]):
         with pytest.raises((argparse.ArgumentError, SystemExit)):
             parse("access-tracking-perf", bad)
+
+
+@pytest.mark.parametrize("name", ["dirty_log_perf", "access_tracking_perf"])
+def test_shared_memory_flag_runs_a_confidential_vm_on_shared_memory(name: str) -> None:
+    """``--shared-memory`` is ``private=False``: tdx/snp are refused without it, run with it."""
+    wl = WORKLOADS[name]
+    p = argparse.ArgumentParser()
+    wl.add_arguments(p)
+    assert wl.from_args(p.parse_args(["-b", "1M"]))["private"] is None
+    kwargs = wl.from_args(p.parse_args(["-b", "1M", "--shared-memory"]))
+    assert kwargs["private"] is False
+    with pytest.raises(tdpmmu.ConfigError, match="--shared-memory"):
+        wl.run(**{**kwargs, "private": None}, vm_type="snp")
+    r = wl.run(**kwargs, vm_type="snp")
+    assert r.spec.vm_type == "snp"
