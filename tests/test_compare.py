@@ -606,3 +606,18 @@ def test_cli_backing_and_folio(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["2M"]["huge_leaves"] > 0 == rows["4K"]["huge_leaves"]
     assert rows["2M"]["faults"] < rows["4K"]["faults"]
     assert rows["2M"]["spec"]["folio"] == 2 << 20
+
+
+def test_compare_results_as_frames() -> None:
+    """Both comparisons give one DataFrame row per row, with the summary columns."""
+    pytest.importorskip("pandas")
+    from tdpmmu.compare import compare, compare_workload
+
+    r = compare(vcpus=1, bytes_per_vcpu="1M", types=["default", "snp"], conversions=2)
+    df = r.to_pandas()
+    assert len(df) == len(r.rows)
+    assert list(df["vm_type"]) == [row.vm_type for row in r.rows]
+    assert list(df["faults"]) == [row.summary()["faults"] for row in r.rows]
+    w = compare_workload("pre_fault_memory", types=["default", "sw_protected"])
+    wf = w.to_pandas()
+    assert len(wf) == len(w.rows) and "vm_type" in wf.columns

@@ -299,3 +299,15 @@ def test_conversions_envelope_round_trip() -> None:
     assert sum(doc["cost_breakdown"].values()) == pytest.approx(res.modeled_ns)
     assert res.modeled_ns >= res.fault_modeled_ns > 0
     assert ConversionsResult.from_json(res.to_json()) == res
+
+
+def test_conversions_result_as_a_frame() -> None:
+    """``ConversionsResult.to_pandas`` is one row with the run's configuration and figures."""
+    pytest.importorskip("pandas")
+    vm = tdpmmu.VM("sw_protected", memory="16MiB")
+    vm.set_memory_attributes(0, 4096, True)
+    r = private_mem_conversions(vm, chunks=2, chunk_pages=8)
+    df = r.to_pandas()
+    assert len(df) == 1
+    assert df["vm_type"][0] == "sw_protected" and df["chunks"][0] == 2
+    assert df["modeled_ns"][0] == r.envelope().modeled_ns

@@ -47,17 +47,20 @@ import io
 import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, Literal, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from tdpmmu import __version__, coerce, config, render
 from tdpmmu._core import ConfigError, InvariantError, OutOfMemory, VmBugged
 from tdpmmu.costs import CostModel
-from tdpmmu.results import Envelope, json_safe, sum_breakdowns
+from tdpmmu.results import Envelope, json_safe, rows_to_frame, sum_breakdowns
 from tdpmmu.sizes import format_size
 from tdpmmu.stats import Stats
 from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.vtime import VirtualOptions
 from tdpmmu.workloads import PAGE_SIZE, private_mem_conversions
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = [
     "DEFAULTS",
@@ -582,6 +585,17 @@ class CompareResult:
             json.JSONDecodeError: ``text`` is not JSON.
         """
         return cls.from_envelope(Envelope.from_json(text))
+
+    def to_pandas(self) -> "pandas.DataFrame":
+        """One row per (VM type, design) pair with the ``CompareRow.summary`` columns.
+
+        Returns:
+            pandas.DataFrame: the same columns as ``to_csv`` (numbers as numbers).
+
+        Raises:
+            ImportError: pandas is not installed (``pip install 'tdpmmu[pandas]'``).
+        """
+        return rows_to_frame([row.summary() for row in self.rows])
 
     def to_csv(self) -> str:
         """One line per row with the ``CompareRow.summary`` columns (raw numbers)."""
@@ -1652,6 +1666,23 @@ class WorkloadComparison:
             json.JSONDecodeError: ``text`` is not JSON.
         """
         return cls.from_envelope(Envelope.from_json(text))
+
+    def to_pandas(self) -> "pandas.DataFrame":
+        """One row per design/option with the ``WorkloadRow.summary`` columns and the
+        workload's metrics (missing where a row has no result).
+
+        Returns:
+            pandas.DataFrame: the same columns as ``to_csv``.
+
+        Raises:
+            ImportError: pandas is not installed (``pip install 'tdpmmu[pandas]'``).
+        """
+        return rows_to_frame(
+            [
+                {**row.summary(), **(row.result.metrics if row.result is not None else {})}
+                for row in self.rows
+            ]
+        )
 
     def to_csv(self) -> str:
         """One line per row with the ``WorkloadRow.summary`` columns, then the workload's

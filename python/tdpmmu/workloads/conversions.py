@@ -5,15 +5,18 @@ import argparse
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from tdpmmu import coerce
 from tdpmmu._core import ConfigError
-from tdpmmu.results import Envelope, sum_breakdowns
+from tdpmmu.results import Envelope, envelope_row, rows_to_frame, sum_breakdowns
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import vm_config
 from tdpmmu.workloads.base import SimArgs, Workload, WorkloadResult, register
 from tdpmmu.workloads.common import PAGE_SIZE
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = [
     "TEST_RANGES",
@@ -126,6 +129,15 @@ class ConversionsResult:
             dict[str, Any]: ``envelope().to_dict()``. Never raises.
         """
         return self.envelope().to_dict()
+
+    def to_pandas(self) -> "pandas.DataFrame":
+        """The run as a one-row ``pandas.DataFrame`` (``tdpmmu.results.envelope_row``: the
+        configuration, every top-level figure, ``modeled_ns`` and ``wall_s``).
+
+        Raises:
+            ImportError: pandas is not installed (``pip install 'tdpmmu[pandas]'``).
+        """
+        return rows_to_frame([envelope_row(self.envelope())])
 
     def to_json(self, **kwargs: Any) -> str:
         """The result as one JSON document (its envelope; non-finite rates as null).
