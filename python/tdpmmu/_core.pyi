@@ -1,4 +1,5 @@
 # Hand-written stub of the native module (rust/tdpmmu-py); checked by mypy.stubtest.
+from collections.abc import Sequence
 from typing import Any, Final, final
 
 import numpy as np
@@ -197,6 +198,23 @@ class Vm:
         random_access: bool,
         write_percent: int,
         seed: int,
+        private: bool | None = None,
+        *,
+        passes: int | None = None,
+        mmu_lock: str = "shared",
+        userfault: str = "none",
+        uffd_all: bool = False,
+        uffd_readers: int | None = None,
+        uffd_delay_ns: float = 0.0,
+        machine: dict[str, int | float] | None = None,
+        tdx_module: str = "1.5",
+        remove: tuple[int, int] | None = None,
+        cpus: list[int] | None = None,
+    ) -> VirtualRecord: ...
+    def run_virtual_accesses(
+        self,
+        gfns_per_vcpu: Sequence[npt.NDArray[np.integer[Any]]],
+        writes_per_vcpu: bool | Sequence[bool | npt.NDArray[np.bool_]] | None = None,
         private: bool | None = None,
         *,
         passes: int | None = None,

@@ -5,7 +5,8 @@ mod common;
 
 use common::config;
 use tdpmmu_core::memstress::MemstressArgs;
-use tdpmmu_core::vtime::{Machine, Userfault, VtArgs, VtResult};
+use tdpmmu_core::spte;
+use tdpmmu_core::vtime::{AccessList, Machine, Userfault, VtArgs, VtResult};
 use tdpmmu_core::{Vm, VmConfig};
 
 fn vm(vm_type: &str, vcpus: u32, memory: u64) -> Vm {
@@ -123,7 +124,7 @@ fn every_access_is_a_hit_or_one_final_outcome() {
             assert_eq!(x.accesses, 2 * 512);
             assert_eq!(
                 x.accesses,
-                x.hits + x.fixed + x.spurious + x.emulate + x.write_protected,
+                x.hits + x.fixed + x.spurious + x.emulate + x.write_protected + x.memory_fault,
                 "{x:?}"
             );
             assert_eq!(
@@ -400,5 +401,291 @@ fn pinning_places_vcpus_and_cache_line_distance_follows_it() {
         let e = v.run_virtual(&a).unwrap_err().to_string();
         assert!(e.contains("cpus") && e.contains(what), "{e}");
     }
+    assert_eq!(v.stats(), before);
+}
+
+// ----- explicit per-vCPU access lists --------------------------------------------------------
+
+fn list(gfns: impl IntoIterator<Item = u64>, write: bool) -> AccessList {
+    AccessList {
+        gfns: gfns.into_iter().collect(),
+        writes: vec![write],
+    }
+}
+
+fn run_lists(v: &Vm, lists: &[AccessList], a: &VtArgs) -> VtResult {
+    v.run_virtual_accesses(lists, None, a).unwrap()
+}
+
+fn unit(r: &VtResult, name: &str) -> i64 {
+    let i = tdpmmu_core::COST_FIELDS
+        .iter()
+        .position(|n| *n == name)
+        .unwrap();
+    r.units[i]
+}
+
+#[test]
+fn a_list_equal_to_memstress_slices_is_the_same_run() {
+    // The lists feed the same vCPU actor: sequential memstress slices given as lists give the
+    // same run, bit for bit, counters and tables included.
+    let mut a = args(8, 256);
+    a.ms.write_percent = 100;
+    let (v1, r1) = run("default", &a);
+    let v2 = vm("default", 8, 1 << 30);
+    let lists: Vec<AccessList> = (0..8u64)
+        .map(|i| list(i * 256..(i + 1) * 256, true))
+        .collect();
+    let r2 = run_lists(&v2, &lists, &VtArgs::default());
+    assert_eq!(key(&r1), key(&r2));
+    assert_eq!(v1.stats(), v2.stats());
+    assert_eq!(tables(&v1, 2048), tables(&v2, 2048));
+}
+
+#[test]
+fn access_lists_are_deterministic() {
+    // 16 vCPUs over shuffled, overlapping lists with mixed reads and writes.
+    let lists: Vec<AccessList> = (0..16u64)
+        .map(|v| {
+            let gfns: Vec<u64> = (0..300u64).map(|i| (i * 37 + v * 11) % 512).collect();
+            let writes = gfns.iter().map(|g| (g + v) % 3 == 0).collect();
+            AccessList { gfns, writes }
+        })
+        .collect();
+    let go = || {
+        let v = vm("default", 16, 1 << 30);
+        let r = run_lists(&v, &lists, &VtArgs::default());
+        (key(&r), v.stats(), tables(&v, 512))
+    };
+    assert_eq!(go(), go());
+}
+
+#[test]
+fn access_lists_contend_for_mmu_lock_when_faults_take_it_exclusive() {
+    // N vCPUs writing disjoint lists: with mmu_lock taken for write the faults serialize, so
+    // at high N the run takes longer than with it taken for read, and the lock queues.
+    let n = 64u32;
+    let lists: Vec<AccessList> = (0..n as u64)
+        .map(|i| list((0..128).map(|j| i * 128 + j), true))
+        .collect();
+    let go = |excl: bool| {
+        let v = vm("default", n, 1 << 30);
+        let a = VtArgs {
+            exclusive: excl,
+            ..VtArgs::default()
+        };
+        run_lists(&v, &lists, &a)
+    };
+    let (sh, ex) = (go(false), go(true));
+    let wait = |r: &VtResult| r.waits[tdpmmu_core::cost::Wait::wait_mmu_lock as usize];
+    assert!(
+        ex.elapsed_ns > 1.5 * sh.elapsed_ns,
+        "exclusive {} vs shared {}",
+        ex.elapsed_ns,
+        sh.elapsed_ns
+    );
+    assert!(
+        wait(&ex) > 10.0 * wait(&sh).max(1.0),
+        "{} vs {}",
+        wait(&ex),
+        wait(&sh)
+    );
+    assert_eq!(faults(&sh), faults(&ex));
+    // One vCPU alone has nobody to wait for: both modes cost the same.
+    let v1 = vm("default", 1, 1 << 30);
+    let v2 = vm("default", 1, 1 << 30);
+    let one = &lists[..1];
+    let r1 = run_lists(&v1, one, &VtArgs::default());
+    let r2 = run_lists(
+        &v2,
+        one,
+        &VtArgs {
+            exclusive: true,
+            ..VtArgs::default()
+        },
+    );
+    assert_eq!(r1.elapsed_ns, r2.elapsed_ns);
+}
+
+#[test]
+fn racing_first_touches_of_one_list_give_spurious_faults() {
+    // Every vCPU writes the same 128 pages: one fixes each page, the others find it done
+    // (SPURIOUS) or wait for the host page the first is still providing.
+    let lists: Vec<AccessList> = (0..16).map(|_| list(0..128, true)).collect();
+    let v = vm("default", 16, 1 << 30);
+    let r = run_lists(&v, &lists, &VtArgs::default());
+    let fixed: u64 = r.vcpus.iter().map(|x| x.fixed).sum();
+    let spurious: u64 = r.vcpus.iter().map(|x| x.spurious).sum();
+    assert_eq!(fixed, 128);
+    assert!(
+        spurious > 0,
+        "no spurious fault among 16 vCPUs on the same pages"
+    );
+    assert!(r.waits[tdpmmu_core::cost::Wait::wait_host_mem as usize] > 0.0);
+    // More than one vCPU took faults (host-side lists in turn would give them all to vCPU 0).
+    assert!(r.vcpus.iter().filter(|x| x.fixed > 0).count() > 1);
+    for x in &r.vcpus {
+        assert_eq!(x.accesses, 128);
+        assert_eq!(x.accesses, x.hits + x.fixed + x.spurious, "{x:?}");
+    }
+    v.check().unwrap();
+}
+
+#[test]
+fn a_one_vcpu_list_charges_what_access_batch_charges_plus_guest_time() {
+    // A list with reads, writes and repeats (writes to pages read before among them).
+    let gfns: Vec<u64> = (0..600u64).map(|i| (i * 7) % 400).collect();
+    let writes: Vec<bool> = (0..600).map(|i| i % 3 == 0).collect();
+    let l = AccessList {
+        gfns: gfns.clone(),
+        writes: writes.clone(),
+    };
+    let v = vm("default", 1, 1 << 30);
+    let r = run_lists(&v, std::slice::from_ref(&l), &VtArgs::default());
+    let h = vm("default", 1, 1 << 30);
+    let (hfaults, _) = h.access_batch(&gfns, &writes, None, 0).unwrap();
+    let x = r.vcpus[0];
+    assert_eq!(x.faults, hfaults);
+    assert_eq!(x.accesses, 600);
+    let host = h.cost_breakdown();
+    let c = tdpmmu_core::CostModel::default();
+    let rates = c.rates();
+    for (i, (name, ns)) in host.iter().take(rates.len()).enumerate() {
+        // Host mode has no zone-lock refills; virtual time charges them as a mechanism.
+        if *name == "zone_lock_hold_ns" {
+            continue;
+        }
+        assert_eq!(r.units[i] as f64 * rates[i], *ns, "{name}");
+    }
+    // The guest's own time: one attempt per access and one more per RETRY (a fixed fault
+    // completes its access).
+    assert!(x.faults >= 400 && x.hits > 0 && x.retry == 0, "{x:?}");
+    let guest = r.waits[tdpmmu_core::cost::Wait::guest_ns as usize];
+    assert_eq!(guest, (x.accesses + x.retry) as f64 * c.guest_access_ns);
+    // The same counters (the modeled clock differs by the guest time and the waits).
+    let counters = |v: &Vm| {
+        let mut s = v.stats();
+        s.retain(|(n, _)| *n != "modeled_ns");
+        s
+    };
+    assert_eq!(counters(&v), counters(&h));
+}
+
+#[test]
+fn writes_to_mprotected_memory_are_memory_fault_exits_in_virtual_time() {
+    let v = vm("default", 4, 1 << 30);
+    let lists: Vec<AccessList> = (0..4u64)
+        .map(|i| list(i * 64..(i + 1) * 64, true))
+        .collect();
+    run_lists(&v, &lists, &VtArgs::default());
+    assert_eq!(v.mprotect(0, 256, false).unwrap(), 256);
+    let before = v.counter(tdpmmu_core::stats::C::pf_memory_fault);
+    let r = run_lists(&v, &lists, &VtArgs::default());
+    for x in &r.vcpus {
+        assert_eq!(x.accesses, 64);
+        assert_eq!(x.memory_fault, 64, "{x:?}");
+        assert_eq!(x.faults, 64);
+        assert_eq!(x.accesses, x.hits + x.fixed + x.spurious + x.memory_fault);
+    }
+    assert_eq!(
+        v.counter(tdpmmu_core::stats::C::pf_memory_fault) - before,
+        256
+    );
+    // Each -EFAULT is a return to userspace, charged once.
+    assert_eq!(unit(&r, "userspace_exit_ns"), 256);
+    for g in 0..256 {
+        assert!(!spte::is_shadow_present(v.spte(g, false).unwrap()));
+    }
+    // Reads map read-only; a write after them faults and fails again.
+    let reads: Vec<AccessList> = (0..4u64)
+        .map(|i| list(i * 64..(i + 1) * 64, false))
+        .collect();
+    let r = run_lists(&v, &reads, &VtArgs::default());
+    assert_eq!(r.vcpus.iter().map(|x| x.fixed).sum::<u64>(), 256);
+    assert_eq!(unit(&r, "userspace_exit_ns"), 0);
+    let r = run_lists(&v, &lists, &VtArgs::default());
+    assert_eq!(r.vcpus.iter().map(|x| x.memory_fault).sum::<u64>(), 256);
+    // Memstress-shaped runs take the same path.
+    let mut a = args(4, 64);
+    a.ms.write_percent = 100;
+    let r = v.run_virtual(&a).unwrap();
+    assert_eq!(r.vcpus.iter().map(|x| x.memory_fault).sum::<u64>(), 256);
+    // Writable again: the writes map.
+    v.mprotect(0, 256, true).unwrap();
+    let r = run_lists(&v, &lists, &VtArgs::default());
+    assert_eq!(r.vcpus.iter().map(|x| x.memory_fault).sum::<u64>(), 0);
+    assert_eq!(r.vcpus.iter().map(|x| x.fixed).sum::<u64>(), 256);
+    v.check().unwrap();
+}
+
+#[test]
+fn an_attribute_mismatch_is_still_an_error() {
+    let v = Vm::new(VmConfig {
+        vcpus: 2,
+        ..config("sw_protected", "", &[]).unwrap()
+    })
+    .unwrap();
+    v.set_memory_attributes(0, 64, true).unwrap();
+    // Shared accesses to private pages: KVM_EXIT_MEMORY_FAULT that no handler converts.
+    let lists = vec![list(0..64, true), list(0..64, false)];
+    let e = v
+        .run_virtual_accesses(&lists, Some(false), &VtArgs::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("KVM_EXIT_MEMORY_FAULT") && e.contains("private"),
+        "{e}"
+    );
+    let mut a = args(2, 32);
+    a.ms.private = Some(false);
+    let e = v.run_virtual(&a).unwrap_err().to_string();
+    assert!(e.contains("KVM_EXIT_MEMORY_FAULT"), "{e}");
+}
+
+#[test]
+fn bad_access_lists_are_refused_and_leave_the_vm_unchanged() {
+    let v = Vm::new(VmConfig {
+        vcpus: 2,
+        memory: 16 << 20,
+        ..VmConfig::default()
+    })
+    .unwrap();
+    let before = v.stats();
+    let d = VtArgs::default();
+    let err = |lists: &[AccessList], a: &VtArgs| {
+        v.run_virtual_accesses(lists, None, a)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(&[], &d).contains("gfns_per_vcpu"));
+    let three: Vec<AccessList> = (0..3).map(|_| list(0..4, true)).collect();
+    assert!(err(&three, &d).contains("gfns_per_vcpu"));
+    let bad_writes = AccessList {
+        gfns: vec![0, 1, 2],
+        writes: vec![true, false],
+    };
+    assert!(err(&[bad_writes], &d).contains("writes_per_vcpu"));
+    // Past the end of the memory (no memslot there) and past the guest-physical limit.
+    let e = err(&[list(0..4, true), list([1, 4096 + 7], true)], &d);
+    assert!(
+        e.contains("gfns_per_vcpu[1][1]") && e.contains("memslot"),
+        "{e}"
+    );
+    assert!(err(&[list([u64::MAX], true)], &d).contains("gfns_per_vcpu[0][0]"));
+    let pinned = VtArgs {
+        cpus: vec![0],
+        ..VtArgs::default()
+    };
+    assert!(err(&[list(0..4, true), list(0..4, true)], &pinned).contains("cpus"));
+    assert!(
+        err(
+            &[list(0..4, true)],
+            &VtArgs {
+                remove: Some((0, 1)),
+                ..VtArgs::default()
+            }
+        )
+        .contains("remove")
+    );
     assert_eq!(v.stats(), before);
 }

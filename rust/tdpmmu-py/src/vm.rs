@@ -1651,142 +1651,32 @@ impl Vm {
         remove: Option<(Int, Int)>,
         cpus: Option<Vec<Int>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        use core::vtime::{Machine, Userfault, VtArgs};
-        let cpus = match cpus {
-            None => Vec::new(),
-            Some(l) => l
-                .iter()
-                .map(|c| in_range(py, "cpus", c, 1 << 31).map(|c| c as u32))
-                .collect::<PyResult<Vec<u32>>>()?,
-        };
-        let max_gfn = self.inner.max_gfn();
-        let exclusive = match mmu_lock {
-            "shared" => false,
-            "exclusive" => true,
-            _ => {
-                return Err(config_err(
-                    py,
-                    format!("mmu_lock: must be \"shared\" or \"exclusive\", got {mmu_lock:?}"),
-                ));
-            }
-        };
-        let Some(uf) = Userfault::parse(userfault) else {
-            return Err(config_err(
-                py,
-                format!(
-                    "userfault: must be one of {}, got {userfault:?}",
-                    Userfault::NAMES.join(", ")
-                ),
-            ));
-        };
-        let tdx_1_0 = match tdx_module {
-            "1.5" => false,
-            "1.0" => true,
-            _ => {
-                return Err(config_err(
-                    py,
-                    format!("tdx_module: must be \"1.5\" or \"1.0\", got {tdx_module:?}"),
-                ));
-            }
-        };
-        let mut m = Machine::default();
-        if let Some(d) = machine {
-            for (k, v) in d.iter() {
-                let k: String = k.extract()?;
-                let int = |v: &Bound<'py, PyAny>| -> PyResult<u32> {
-                    let i: Int = v.extract()?;
-                    Ok(in_range(py, &format!("machine.{k}"), &i, 1 << 31)? as u32)
-                };
-                match k.as_str() {
-                    "sockets" => m.sockets = int(&v)?,
-                    "cores_per_socket" => m.cores_per_socket = int(&v)?,
-                    "threads_per_core" => m.threads_per_core = int(&v)?,
-                    "mem_bw_gbps" => m.mem_bw_gbps = v.extract()?,
-                    _ => {
-                        return Err(config_err(
-                            py,
-                            format!(
-                                "machine: unknown key {k:?}; allowed: sockets, cores_per_socket, \
-                                 threads_per_core, mem_bw_gbps"
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        let remove = match remove {
-            None => None,
-            Some((g, n)) => Some((
-                gfn_arg(py, "remove", &g, max_gfn)?,
-                count_arg(py, "remove", &n, max_gfn)?,
-            )),
-        };
-        let a = VtArgs {
-            ms: self.memstress_args(
-                py,
-                [&vcpus, &pages_per_vcpu, &base_gfn, &write_percent, &seed],
-                overlap,
-                random_access,
-                private,
-            )?,
-            passes: match passes {
-                Some(p) => in_range(py, "passes", &p, 1 << 32)? as u32,
-                None => 1,
+        let ms = self.memstress_args(
+            py,
+            [&vcpus, &pages_per_vcpu, &base_gfn, &write_percent, &seed],
+            overlap,
+            random_access,
+            private,
+        )?;
+        let a = vt_args(
+            py,
+            self.inner.max_gfn(),
+            ms,
+            VtOptions {
+                passes,
+                mmu_lock,
+                userfault,
+                uffd_all,
+                uffd_readers,
+                uffd_delay_ns,
+                machine,
+                tdx_module,
+                remove,
+                cpus,
             },
-            exclusive,
-            userfault: uf,
-            uffd_all,
-            uffd_readers: match uffd_readers {
-                Some(r) => in_range(py, "uffd_readers", &r, 1 << 32)? as u32,
-                None => 1,
-            },
-            uffd_delay_ns,
-            machine: m,
-            tdx_module_1_0: tdx_1_0,
-            remove,
-            cpus,
-        };
+        )?;
         let r = self.run(py, |vm| vm.run_virtual(&a))?;
-        let rates = self.inner.cfg.costs.rates();
-        let breakdown = |units: &[i64], waits: &[f64]| -> PyResult<Bound<'py, PyDict>> {
-            let d = PyDict::new(py);
-            for ((n, u), rate) in core::COST_FIELDS.iter().zip(units).zip(rates.iter()) {
-                d.set_item(*n, *u as f64 * rate)?;
-            }
-            for (n, w) in core::cost::WAIT_FIELDS.iter().zip(waits) {
-                d.set_item(*n, *w)?;
-            }
-            Ok(d)
-        };
-        let out = PyDict::new(py);
-        out.set_item("elapsed_ns", r.elapsed_ns)?;
-        let vl = PyList::empty(py);
-        for v in &r.vcpus {
-            let d = PyDict::new(py);
-            d.set_item("modeled_ns", v.modeled_ns)?;
-            d.set_item("accesses", v.accesses)?;
-            d.set_item("hits", v.hits)?;
-            d.set_item("faults", v.faults)?;
-            d.set_item("fixed", v.fixed)?;
-            d.set_item("spurious", v.spurious)?;
-            d.set_item("retry", v.retry)?;
-            d.set_item("emulate", v.emulate)?;
-            d.set_item("memory_fault", v.memory_fault)?;
-            d.set_item("write_protected", v.write_protected)?;
-            d.set_item("local_retries", v.local_retries)?;
-            vl.append(d)?;
-        }
-        out.set_item("vcpus", vl)?;
-        out.set_item("breakdown", breakdown(&r.units, &r.waits)?)?;
-        out.set_item("host_breakdown", breakdown(&r.host_units, &r.host_waits)?)?;
-        out.set_item("lock_acquires", r.lock_acquires)?;
-        out.set_item("lock_contended", r.lock_contended)?;
-        out.set_item("removed", r.removed)?;
-        out.set_item("remove_ns", r.remove_ns)?;
-        out.set_item("steps", r.steps)?;
-        out.set_item("switches", r.switches)?;
-        out.set_item("wall_s", r.wall_s)?;
-        Ok(out)
+        virtual_record(py, &self.inner.cfg.costs.rates(), &r)
     }
 
     /// Guest accesses to a list of pages on one vCPU, in order (a guest loop that is not
@@ -1915,6 +1805,160 @@ impl Vm {
         self.run(py, |vm| vm.mprotect(gfn, npages, writable))
     }
 
+    /// Explicit per-vCPU lists of guest accesses, all vCPUs at once in virtual time.
+    ///
+    /// Models vCPUs whose guest loops are not memstress-shaped (e.g. ``kvm_page_table_test``'s
+    /// stages, ``mmu_stress_test``'s writes): vCPU ``i`` accesses ``gfns_per_vcpu[i]`` in order.
+    /// Everything else is ``run_virtual``'s: the same simulated vCPU (the "hardware" walk, then
+    /// on a miss the real fault path with its exit, host page, ``mmu_lock``, walk steps and
+    /// entry), the same engine and shared resources, the vCPUs interleaved in modeled-time order
+    /// (so they wait for ``mmu_lock`` and host memory, and race on first touches: a vCPU that
+    /// finds the page another just mapped gets SPURIOUS), deterministic bit for bit. Each access
+    /// attempt costs the guest ``guest_access_ns``. A write to a shared page the host mapped
+    /// read-only (``mprotect``) ends in a memory-fault exit: KVM_RUN returns -EFAULT, which is
+    /// counted (``memory_fault``) and charged ``userspace_exit_ns``; the access ends without
+    /// its store (the selftest's host skips it) and the vCPU goes on with its list. The lists
+    /// are copied before the run.
+    ///
+    /// Args:
+    ///     gfns_per_vcpu: one 1-D numpy integer array per vCPU (a list; vCPU ``i`` makes the
+    ///         accesses of item ``i``), 1..``self.vcpus`` of them; every gfn in ``0..max_gfn``
+    ///         and in a memslot. An empty array is a vCPU that makes no access.
+    ///     writes_per_vcpu: None (default) or True: every access writes; False: every access
+    ///         reads; or a list with one item per vCPU, each a bool or a 1-D numpy bool array
+    ///         with one entry per gfn of that vCPU.
+    ///     private: True, False or None (default: by each gfn's memory attribute), as for
+    ///         ``fault``.
+    ///     passes: times each vCPU walks its list, >= 1 (default 1); 0 runs until the remover
+    ///         is done (needs ``remove``).
+    ///     mmu_lock: ``"shared"`` (default) or ``"exclusive"``, as for ``run_virtual``.
+    ///     userfault: ``"none"`` (default), ``"MISSING"``, ``"MINOR"`` or ``"memory_fault"``,
+    ///         as for ``run_virtual``.
+    ///     uffd_all: one userfaultfd for all vCPUs, as for ``run_virtual``.
+    ///     uffd_readers: reader threads per userfaultfd, 1..64 (default 1).
+    ///     uffd_delay_ns: userspace handling delay per fault, ns, >= 0.
+    ///     machine: the modeled host, as for ``run_virtual``.
+    ///     tdx_module: ``"1.5"`` (default) or ``"1.0"``, as for ``run_virtual``.
+    ///     remove: ``(gfn, npages)`` of private pages a host thread zaps while the vCPUs run, as
+    ///         for ``run_virtual``.
+    ///     cpus: vCPU ``i`` on CPU ``cpus[i]``, one distinct CPU per vCPU, as for
+    ///         ``run_virtual`` (default None: CPU ``i``).
+    ///
+    /// Returns:
+    ///     dict: ``tdpmmu.types.VirtualRecord``, as ``run_virtual`` returns it (per vCPU
+    ///     ``accesses`` is its list's length times the passes unless the run stopped early).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``gfns_per_vcpu`` (no list, more lists than vCPUs, a gfn beyond
+    ///         ``max_gfn`` or in no memslot), ``writes_per_vcpu`` (a list of another length, an
+    ///         array of another length than its gfns), ``private`` (True on a default VM), or an
+    ///         option as ``run_virtual`` does; an access whose kind does not match its page's
+    ///         attribute (KVM_EXIT_MEMORY_FAULT that no handler converts: the run stops);
+    ///         ``clock`` on a VM with a hooks object. Refused before any access otherwise.
+    ///     VmBugged: a fault or removal hit a KVM_BUG_ON (the run stops).
+    ///     OutOfMemory: no page-table memory.
+    ///     KeyboardInterrupt: Ctrl-C stopped the run; what it did stays.
+    ///     TdpmmuError: a livelock (one access retried 2**20 times).
+    ///     TypeError: an argument of the wrong type (an array not of integers or not of bools).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (gfns_per_vcpu, writes_per_vcpu = None, private = None, *, passes = None, mmu_lock = "shared", userfault = "none", uffd_all = false, uffd_readers = None, uffd_delay_ns = 0.0, machine = None, tdx_module = "1.5", remove = None, cpus = None))]
+    fn run_virtual_accesses<'py>(
+        &self,
+        py: Python<'py>,
+        gfns_per_vcpu: &Bound<'py, PyAny>,
+        writes_per_vcpu: Option<Bound<'py, PyAny>>,
+        private: Option<bool>,
+        passes: Option<Int>,
+        mmu_lock: &str,
+        userfault: &str,
+        uffd_all: bool,
+        uffd_readers: Option<Int>,
+        uffd_delay_ns: f64,
+        machine: Option<Bound<'py, PyDict>>,
+        tdx_module: &str,
+        remove: Option<(Int, Int)>,
+        cpus: Option<Vec<Int>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        use core::vtime::{AccessList, VtArgs};
+        // Copied here, with the GIL held: the run reads only its own vectors.
+        let mut lists: Vec<AccessList> = Vec::new();
+        for (v, item) in gfns_per_vcpu
+            .try_iter()
+            .map_err(|_| {
+                PyTypeError::new_err(
+                    "gfns_per_vcpu: expected a list of 1-D numpy integer arrays, one per vCPU",
+                )
+            })?
+            .enumerate()
+        {
+            lists.push(AccessList {
+                gfns: gfn_vec(&item?, &format!("gfns_per_vcpu[{v}]"))?,
+                writes: Vec::new(),
+            });
+        }
+        let one = |w: &Bound<'py, PyAny>, name: &str| -> PyResult<Vec<bool>> {
+            if let Ok(b) = w.cast::<PyBool>() {
+                Ok(vec![b.is_true()])
+            } else if let Ok(a) = w.cast::<PyArray1<bool>>() {
+                Ok(numpy::PyArrayMethods::readonly(a).as_array().to_vec())
+            } else {
+                Err(PyTypeError::new_err(format!(
+                    "{name}: expected a bool or a 1-D numpy array of bools, got {}",
+                    w.get_type().name()?
+                )))
+            }
+        };
+        match writes_per_vcpu {
+            None => lists.iter_mut().for_each(|l| l.writes = vec![true]),
+            Some(w) if w.cast::<PyBool>().is_ok() => {
+                let w = one(&w, "writes_per_vcpu")?;
+                lists.iter_mut().for_each(|l| l.writes = w.clone());
+            }
+            Some(w) => {
+                let items: Vec<Bound<'py, PyAny>> = w
+                    .try_iter()
+                    .map_err(|_| {
+                        PyTypeError::new_err(
+                            "writes_per_vcpu: expected a bool or a list with one bool or bool array per vCPU",
+                        )
+                    })?
+                    .collect::<PyResult<_>>()?;
+                if items.len() != lists.len() {
+                    return Err(config_err(
+                        py,
+                        format!(
+                            "writes_per_vcpu: has {} items for {} vCPUs (gfns_per_vcpu); give one per vCPU",
+                            items.len(),
+                            lists.len()
+                        ),
+                    ));
+                }
+                for (v, (l, w)) in lists.iter_mut().zip(items.iter()).enumerate() {
+                    l.writes = one(w, &format!("writes_per_vcpu[{v}]"))?;
+                }
+            }
+        }
+        let a = vt_args(
+            py,
+            self.inner.max_gfn(),
+            VtArgs::default().ms,
+            VtOptions {
+                passes,
+                mmu_lock,
+                userfault,
+                uffd_all,
+                uffd_readers,
+                uffd_delay_ns,
+                machine,
+                tdx_module,
+                remove,
+                cpus,
+            },
+        )?;
+        let r = self.run(py, |vm| vm.run_virtual_accesses(&lists, private, &a))?;
+        virtual_record(py, &self.inner.cfg.costs.rates(), &r)
+    }
+
     /// Test hook: panic inside the engine to prove a panic surfaces as ``tdpmmu.TdpmmuError``.
     fn _inject_panic(&self, py: Python<'_>) -> PyResult<()> {
         call_detached(py, || -> core::Result<()> {
@@ -1988,4 +2032,175 @@ impl Vm {
     fn vcpu(&self, py: Python<'_>, vcpu: &Int) -> PyResult<u32> {
         Ok(in_range(py, "vcpu", vcpu, self.inner.cfg.vcpus as u128)? as u32)
     }
+}
+
+/// The options `run_virtual` and `run_virtual_accesses` share (their Python arguments).
+struct VtOptions<'a, 'py> {
+    passes: Option<Int>,
+    mmu_lock: &'a str,
+    userfault: &'a str,
+    uffd_all: bool,
+    uffd_readers: Option<Int>,
+    uffd_delay_ns: f64,
+    machine: Option<Bound<'py, PyDict>>,
+    tdx_module: &'a str,
+    remove: Option<(Int, Int)>,
+    cpus: Option<Vec<Int>>,
+}
+
+/// A virtual-time run's arguments from its Python options, checked; `ms` is the memstress
+/// shape (unused by access-list runs).
+fn vt_args<'py>(
+    py: Python<'py>,
+    max_gfn: u64,
+    ms: MemstressArgs,
+    o: VtOptions<'_, 'py>,
+) -> PyResult<core::vtime::VtArgs> {
+    use core::vtime::{Machine, Userfault, VtArgs};
+    let VtOptions {
+        passes,
+        mmu_lock,
+        userfault,
+        uffd_all,
+        uffd_readers,
+        uffd_delay_ns,
+        machine,
+        tdx_module,
+        remove,
+        cpus,
+    } = o;
+    let cpus = match cpus {
+        None => Vec::new(),
+        Some(l) => l
+            .iter()
+            .map(|c| in_range(py, "cpus", c, 1 << 31).map(|c| c as u32))
+            .collect::<PyResult<Vec<u32>>>()?,
+    };
+    let exclusive = match mmu_lock {
+        "shared" => false,
+        "exclusive" => true,
+        _ => {
+            return Err(config_err(
+                py,
+                format!("mmu_lock: must be \"shared\" or \"exclusive\", got {mmu_lock:?}"),
+            ));
+        }
+    };
+    let Some(uf) = Userfault::parse(userfault) else {
+        return Err(config_err(
+            py,
+            format!(
+                "userfault: must be one of {}, got {userfault:?}",
+                Userfault::NAMES.join(", ")
+            ),
+        ));
+    };
+    let tdx_1_0 = match tdx_module {
+        "1.5" => false,
+        "1.0" => true,
+        _ => {
+            return Err(config_err(
+                py,
+                format!("tdx_module: must be \"1.5\" or \"1.0\", got {tdx_module:?}"),
+            ));
+        }
+    };
+    let mut m = Machine::default();
+    if let Some(d) = machine {
+        for (k, v) in d.iter() {
+            let k: String = k.extract()?;
+            let int = |v: &Bound<'py, PyAny>| -> PyResult<u32> {
+                let i: Int = v.extract()?;
+                Ok(in_range(py, &format!("machine.{k}"), &i, 1 << 31)? as u32)
+            };
+            match k.as_str() {
+                "sockets" => m.sockets = int(&v)?,
+                "cores_per_socket" => m.cores_per_socket = int(&v)?,
+                "threads_per_core" => m.threads_per_core = int(&v)?,
+                "mem_bw_gbps" => m.mem_bw_gbps = v.extract()?,
+                _ => {
+                    return Err(config_err(
+                        py,
+                        format!(
+                            "machine: unknown key {k:?}; allowed: sockets, cores_per_socket, \
+                             threads_per_core, mem_bw_gbps"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let remove = match remove {
+        None => None,
+        Some((g, n)) => Some((
+            gfn_arg(py, "remove", &g, max_gfn)?,
+            count_arg(py, "remove", &n, max_gfn)?,
+        )),
+    };
+    Ok(VtArgs {
+        ms,
+        passes: match passes {
+            Some(p) => in_range(py, "passes", &p, 1 << 32)? as u32,
+            None => 1,
+        },
+        exclusive,
+        userfault: uf,
+        uffd_all,
+        uffd_readers: match uffd_readers {
+            Some(r) => in_range(py, "uffd_readers", &r, 1 << 32)? as u32,
+            None => 1,
+        },
+        uffd_delay_ns,
+        machine: m,
+        tdx_module_1_0: tdx_1_0,
+        remove,
+        cpus,
+    })
+}
+
+/// A virtual-time run's outcome as ``tdpmmu.types.VirtualRecord``.
+fn virtual_record<'py>(
+    py: Python<'py>,
+    rates: &[f64],
+    r: &core::vtime::VtResult,
+) -> PyResult<Bound<'py, PyDict>> {
+    let breakdown = |units: &[i64], waits: &[f64]| -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for ((n, u), rate) in core::COST_FIELDS.iter().zip(units).zip(rates.iter()) {
+            d.set_item(*n, *u as f64 * rate)?;
+        }
+        for (n, w) in core::cost::WAIT_FIELDS.iter().zip(waits) {
+            d.set_item(*n, *w)?;
+        }
+        Ok(d)
+    };
+    let out = PyDict::new(py);
+    out.set_item("elapsed_ns", r.elapsed_ns)?;
+    let vl = PyList::empty(py);
+    for v in &r.vcpus {
+        let d = PyDict::new(py);
+        d.set_item("modeled_ns", v.modeled_ns)?;
+        d.set_item("accesses", v.accesses)?;
+        d.set_item("hits", v.hits)?;
+        d.set_item("faults", v.faults)?;
+        d.set_item("fixed", v.fixed)?;
+        d.set_item("spurious", v.spurious)?;
+        d.set_item("retry", v.retry)?;
+        d.set_item("emulate", v.emulate)?;
+        d.set_item("memory_fault", v.memory_fault)?;
+        d.set_item("write_protected", v.write_protected)?;
+        d.set_item("local_retries", v.local_retries)?;
+        vl.append(d)?;
+    }
+    out.set_item("vcpus", vl)?;
+    out.set_item("breakdown", breakdown(&r.units, &r.waits)?)?;
+    out.set_item("host_breakdown", breakdown(&r.host_units, &r.host_waits)?)?;
+    out.set_item("lock_acquires", r.lock_acquires)?;
+    out.set_item("lock_contended", r.lock_contended)?;
+    out.set_item("removed", r.removed)?;
+    out.set_item("remove_ns", r.remove_ns)?;
+    out.set_item("steps", r.steps)?;
+    out.set_item("switches", r.switches)?;
+    out.set_item("wall_s", r.wall_s)?;
+    Ok(out)
 }

@@ -62,6 +62,112 @@ pub struct VtArgs {
     pub cpus: Vec<u32>,
 }
 
+impl Default for VtArgs {
+    /// One vCPU writing one page at gfn 0, once, with every option at its default (faults
+    /// take `mmu_lock` for read, anonymous memory, the default machine, TDX module 1.5).
+    fn default() -> Self {
+        Self {
+            ms: MemstressArgs {
+                vcpus: 1,
+                pages_per_vcpu: 1,
+                base_gfn: 0,
+                overlap: false,
+                random_access: false,
+                write_percent: 100,
+                seed: 0,
+                private: None,
+            },
+            passes: 1,
+            exclusive: false,
+            userfault: Userfault::None,
+            uffd_all: false,
+            uffd_readers: 1,
+            uffd_delay_ns: 0.0,
+            machine: Machine::default(),
+            tdx_module_1_0: false,
+            remove: None,
+            cpus: Vec::new(),
+        }
+    }
+}
+
+/// One simulated vCPU's explicit guest accesses (a guest loop that is not memstress-shaped,
+/// e.g. `kvm_page_table_test`'s stages): the pages it touches, in order.
+#[derive(Debug, Clone, Default)]
+pub struct AccessList {
+    pub gfns: Vec<u64>,
+    /// Whether each access writes: one entry for all of them, or one per gfn.
+    pub writes: Vec<bool>,
+}
+
+impl AccessList {
+    /// Whether access `i` writes.
+    #[inline(always)]
+    fn write(&self, i: usize) -> bool {
+        self.writes[if self.writes.len() == 1 { 0 } else { i }]
+    }
+}
+
+/// Where the simulated vCPUs' guest accesses come from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// `VtArgs::ms`: memstress's slices.
+    Memstress,
+    /// vCPU `i` walks `lists[i]`.
+    Lists(&'a [AccessList]),
+}
+
+/// One vCPU's next guest access (gfn, write), from its source. Nothing is allocated per
+/// access.
+enum Feed<'a> {
+    Memstress {
+        ms: &'a MemstressArgs,
+        rng: Lcg,
+        base: u64,
+        i: u64,
+    },
+    List {
+        list: &'a AccessList,
+        i: usize,
+    },
+}
+
+impl Feed<'_> {
+    /// Back to the first access of the slice or list (a new pass); memstress's generator
+    /// keeps its state, as the guest's does.
+    fn rewind(&mut self) {
+        match self {
+            Feed::Memstress { i, .. } => *i = 0,
+            Feed::List { i, .. } => *i = 0,
+        }
+    }
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<(u64, bool)> {
+        match self {
+            Feed::Memstress { ms, rng, base, i } => {
+                if *i >= ms.pages_per_vcpu {
+                    return None;
+                }
+                let off = if ms.random_access {
+                    rng.next_u32() as u64 % ms.pages_per_vcpu
+                } else {
+                    *i
+                };
+                let write = ms.write_percent == 100 || (rng.next_u32() % 100) < ms.write_percent;
+                *i += 1;
+                Some((*base + off, write))
+            }
+            Feed::List { list, i } => {
+                let gfn = *list.gfns.get(*i)?;
+                let write = list.write(*i);
+                *i += 1;
+                Some((gfn, write))
+            }
+        }
+    }
+}
+
 /// One simulated vCPU's outcome.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VtVcpu {
@@ -76,6 +182,9 @@ pub struct VtVcpu {
     pub spurious: u64,
     pub retry: u64,
     pub emulate: u64,
+    /// Memory-fault exits of writes to shared pages the host mapped read-only (mprotect):
+    /// KVM_RUN returned -EFAULT, userspace skipped the store and re-entered; the access
+    /// ends there.
     pub memory_fault: u64,
     pub write_protected: u64,
     /// Retries KVM did inside one exit (TDX local retries).
@@ -116,22 +225,30 @@ pub struct VmSide<'a> {
     pub exit_ns: f64,
 }
 
-fn validate(a: &VtArgs) -> Result<()> {
+/// The run's options, for `n` vCPUs making accesses of kind `private`; the memstress shape
+/// only when the accesses come from it.
+fn validate(a: &VtArgs, n: u32, private: Option<bool>, src: Source<'_>) -> Result<()> {
     a.machine.validate()?;
-    if a.ms.vcpus == 0 || a.ms.vcpus > MAX_VIRTUAL_VCPUS {
+    let vcpus_arg = match src {
+        Source::Memstress => "vcpus",
+        Source::Lists(_) => "gfns_per_vcpu",
+    };
+    if n == 0 || n > MAX_VIRTUAL_VCPUS {
         return Err(bad_arg(
-            "vcpus",
-            format!("must be in 1..={MAX_VIRTUAL_VCPUS}, got {}", a.ms.vcpus),
+            vcpus_arg,
+            format!("must give 1..={MAX_VIRTUAL_VCPUS} vCPUs, got {n}"),
         ));
     }
-    if a.ms.pages_per_vcpu == 0 {
-        return Err(bad_arg("pages_per_vcpu", "must be > 0"));
-    }
-    if a.ms.write_percent > 100 {
-        return Err(bad_arg(
-            "write_percent",
-            format!("must be in 0..=100, got {}", a.ms.write_percent),
-        ));
+    if let Source::Memstress = src {
+        if a.ms.pages_per_vcpu == 0 {
+            return Err(bad_arg("pages_per_vcpu", "must be > 0"));
+        }
+        if a.ms.write_percent > 100 {
+            return Err(bad_arg(
+                "write_percent",
+                format!("must be in 0..=100, got {}", a.ms.write_percent),
+            ));
+        }
     }
     if a.passes == 0 && a.remove.is_none() {
         return Err(bad_arg(
@@ -152,13 +269,12 @@ fn validate(a: &VtArgs) -> Result<()> {
         ));
     }
     if !a.cpus.is_empty() {
-        if a.cpus.len() != a.ms.vcpus as usize {
+        if a.cpus.len() != n as usize {
             return Err(bad_arg(
                 "cpus",
                 format!(
-                    "pinning is all or nothing: {} CPUs given for {} vCPUs",
+                    "pinning is all or nothing: {} CPUs given for {n} vCPUs",
                     a.cpus.len(),
-                    a.ms.vcpus
                 ),
             ));
         }
@@ -182,7 +298,7 @@ fn validate(a: &VtArgs) -> Result<()> {
             }
         }
     }
-    if a.userfault != Userfault::None && a.ms.private == Some(true) {
+    if a.userfault != Userfault::None && private == Some(true) {
         return Err(bad_arg(
             "userfault",
             "userfaultfd and memory-fault exits resolve shared (host-mapped) memory; the \
@@ -204,17 +320,56 @@ struct Slot {
 /// the run is one operation on the VM; inside it the engine's own `mmu_lock` orders the
 /// simulated threads.
 pub fn run(vm: &VmSide<'_>, st: &MmuState, a: &VtArgs) -> Result<VtResult> {
-    validate(a)?;
-    if a.ms.vcpus > vm.max_vcpus {
+    run_source(vm, st, a, a.ms.vcpus, a.ms.private, Source::Memstress)
+}
+
+/// Run explicit per-vCPU access lists in virtual time: vCPU `i` walks `lists[i]` (`passes`
+/// times), with `a`'s options; `a.ms` (the memstress shape) is not used. The caller has
+/// checked that every gfn is in a memslot and holds `mmu_lock` for read (`st`), as for `run`.
+pub fn run_lists(
+    vm: &VmSide<'_>,
+    st: &MmuState,
+    lists: &[AccessList],
+    private: Option<bool>,
+    a: &VtArgs,
+) -> Result<VtResult> {
+    for (v, l) in lists.iter().enumerate() {
+        if l.writes.len() != 1 && l.writes.len() != l.gfns.len() {
+            return Err(bad_arg(
+                "writes_per_vcpu",
+                format!(
+                    "vCPU {v}: {} entries for {} gfns; give one or one per gfn",
+                    l.writes.len(),
+                    l.gfns.len()
+                ),
+            ));
+        }
+    }
+    let n = u32::try_from(lists.len()).unwrap_or(u32::MAX);
+    run_source(vm, st, a, n, private, Source::Lists(lists))
+}
+
+fn run_source(
+    vm: &VmSide<'_>,
+    st: &MmuState,
+    a: &VtArgs,
+    n: u32,
+    private: Option<bool>,
+    src: Source<'_>,
+) -> Result<VtResult> {
+    validate(a, n, private, src)?;
+    if n > vm.max_vcpus {
         return Err(bad_arg(
-            "vcpus",
+            match src {
+                Source::Memstress => "vcpus",
+                Source::Lists(_) => "gfns_per_vcpu",
+            },
             format!(
-                "must be in 1..={} (the VM's vcpus), got {}",
-                vm.max_vcpus, a.ms.vcpus
+                "must give 1..={} vCPUs (the VM's vcpus), got {n}",
+                vm.max_vcpus
             ),
         ));
     }
-    let n = a.ms.vcpus;
     let stock_uffd = matches!(a.userfault, Userfault::Missing | Userfault::Minor);
     let nuffd = if !stock_uffd {
         0
@@ -276,7 +431,25 @@ pub fn run(vm: &VmSide<'_>, st: &MmuState, a: &VtArgs) -> Result<VtResult> {
             let mut ctx = vm.ops.ctx();
             let mut slot = Slot::default();
             match kind {
-                ActorKind::Vcpu => vcpu(vm, st, a, engine_ref, i, &mut ctx, &mut slot),
+                ActorKind::Vcpu => {
+                    let feed = match src {
+                        Source::Memstress => Feed::Memstress {
+                            ms: &a.ms,
+                            rng: Lcg::new(a.ms.seed.wrapping_add(i as u64)),
+                            base: if a.ms.overlap {
+                                a.ms.base_gfn
+                            } else {
+                                a.ms.base_gfn + i as u64 * a.ms.pages_per_vcpu
+                            },
+                            i: 0,
+                        },
+                        Source::Lists(l) => Feed::List {
+                            list: &l[i as usize],
+                            i: 0,
+                        },
+                    };
+                    vcpu(vm, st, a, private, feed, engine_ref, i, &mut ctx, &mut slot)
+                }
                 ActorKind::Reader => engine_ref.reader(&mut ctx),
                 ActorKind::Remover => remover(vm, a, engine_ref, &mut ctx, &mut slot),
             }
@@ -390,12 +563,37 @@ pub fn run(vm: &VmSide<'_>, st: &MmuState, a: &VtArgs) -> Result<VtResult> {
     Ok(r)
 }
 
-/// One simulated vCPU: memstress's guest loop, every access that its mapping does not allow
-/// taking the real fault path.
+/// Whether a fault that returned MEMORY_FAULT did so because the host maps the shared page
+/// read-only (mprotect: `hva_to_pfn` cannot get a writable page, KVM_RUN returns -EFAULT)
+/// rather than because the access does not match the page's attribute (or private memory
+/// has no guest_memfd). Mirrors the order of the checks in `Mmu::page_fault`.
+fn host_readonly_fault(
+    mmu: &Mmu,
+    st: &MmuState,
+    gfn: u64,
+    private: Option<bool>,
+    write: bool,
+) -> bool {
+    let is_private = mmu.is_private(st, gfn, private);
+    let mismatch = mmu.has_private_mem && st.attrs.is_private(gfn);
+    write
+        && !is_private
+        && !mismatch
+        && st
+            .memslots
+            .find(gfn)
+            .is_some_and(|s| !s.readonly && s.host_readonly(gfn))
+}
+
+/// One simulated vCPU: the guest loop over its accesses (`feed`: memstress's slice or an
+/// explicit list), every access that its mapping does not allow taking the real fault path.
+#[allow(clippy::too_many_arguments)]
 fn vcpu(
     vm: &VmSide<'_>,
     st: &MmuState,
     a: &VtArgs,
+    private: Option<bool>,
+    mut feed: Feed<'_>,
     e: &Engine,
     v: u32,
     ctx: &mut Ctx,
@@ -403,13 +601,6 @@ fn vcpu(
 ) {
     let mmu = vm.mmu;
     let tdp = &mmu.tdp;
-    let ms = &a.ms;
-    let mut rng = Lcg::new(ms.seed.wrapping_add(v as u64));
-    let base = if ms.overlap {
-        ms.base_gfn
-    } else {
-        ms.base_gfn + v as u64 * ms.pages_per_vcpu
-    };
     if tdp.vcpu_root(v as usize, false) == crate::arena::NO_TABLE
         && let Err(err) = tdp.mmu_load(ctx, v as usize)
     {
@@ -421,18 +612,15 @@ fn vcpu(
     let mut pass = 0;
     'run: while a.passes == 0 || pass < a.passes {
         pass += 1;
-        for i in 0..ms.pages_per_vcpu {
+        feed.rewind();
+        loop {
             if e.stopped() {
                 break 'run;
             }
-            let off = if ms.random_access {
-                rng.next_u32() as u64 % ms.pages_per_vcpu
-            } else {
-                i
+            let Some((gfn, write)) = feed.next() else {
+                break;
             };
-            let write = ms.write_percent == 100 || (rng.next_u32() % 100) < ms.write_percent;
-            let gfn = base + off;
-            let mirror = tdp.shape.has_mirror && mmu.is_private(st, gfn, ms.private);
+            let mirror = tdp.shape.has_mirror && mmu.is_private(st, gfn, private);
             let bits = tdp.root_gfn_bits(mirror);
             r.accesses += 1;
             let mut attempts = 0u64;
@@ -453,7 +641,15 @@ fn vcpu(
                 }
                 r.faults += 1;
                 e.set_in_guest(false);
-                let res = mmu.page_fault(st, ctx, gfn, ms.private, write, false, v as usize, false);
+                let res = mmu.page_fault(st, ctx, gfn, private, write, false, v as usize, false);
+                // A write the read-only host mapping refused: KVM_RUN returns to userspace
+                // (-EFAULT with KVM_EXIT_MEMORY_FAULT), which skips the store and runs the
+                // vCPU again.
+                let efault = matches!(&res, Ok(x) if x.ret == Ret::MemoryFault)
+                    && host_readonly_fault(mmu, st, gfn, private, write);
+                if efault {
+                    ctx.charge(crate::cost::Cost::userspace_exit_ns, 1);
+                }
                 if vm.td {
                     e.td_enter(ctx);
                 }
@@ -488,7 +684,10 @@ fn vcpu(
                             break 'run;
                         }
                     }
-                    // KVM_EXIT_MEMORY_FAULT without a handler: the access cannot complete.
+                    // Userspace handled the -EFAULT: the access ends without its store.
+                    Ret::MemoryFault if efault => break,
+                    // KVM_EXIT_MEMORY_FAULT for an access that does not match the page's
+                    // attribute: without a handler converting the page it cannot complete.
                     Ret::MemoryFault => {
                         slot.err = Some(bad_arg(
                             "private",
@@ -521,5 +720,102 @@ fn remover(vm: &VmSide<'_>, a: &VtArgs, e: &Engine, ctx: &mut Ctx, slot: &mut Sl
         if ctx.bug.is_some() {
             return;
         }
+    }
+}
+
+impl crate::vm::Vm {
+    /// Explicit per-vCPU access lists in virtual time (`run_lists`): vCPU `i` walks
+    /// `lists[i]` with the same actor, engine and shared resources as `run_virtual`; `a` gives
+    /// the run's options (`passes`, `mmu_lock`, userfault, machine, TDX module, `remove`,
+    /// `cpus`) and its memstress shape `a.ms` is not used. `private` is the accesses' kind
+    /// (None: by each gfn's attribute). Every gfn must be in a memslot; refused before any
+    /// access otherwise. One operation: it holds `mmu_lock` for read throughout.
+    pub fn run_virtual_accesses(
+        &self,
+        lists: &[AccessList],
+        private: Option<bool>,
+        a: &VtArgs,
+    ) -> Result<VtResult> {
+        if self.user_hooks {
+            return Err(bad_arg(
+                "clock",
+                "virtual time runs the built-in hook designs only; a VM with a hooks object \
+                 runs on host threads (clock=\"host\")",
+            ));
+        }
+        self.check_private(private)?;
+        if lists.is_empty() || lists.len() > self.cfg.vcpus as usize {
+            return Err(bad_arg(
+                "gfns_per_vcpu",
+                format!(
+                    "one list per vCPU, 1..={} (the VM's vcpus), got {}",
+                    self.cfg.vcpus,
+                    lists.len()
+                ),
+            ));
+        }
+        let max = self.max_gfn();
+        for (v, l) in lists.iter().enumerate() {
+            if let Some((i, g)) = l.gfns.iter().enumerate().find(|(_, g)| **g >= max) {
+                return Err(bad_arg(
+                    "gfns_per_vcpu",
+                    format!(
+                        "gfns_per_vcpu[{v}][{i}] = {g:#x} is beyond the guest-physical limit; \
+                         allowed 0..{max:#x}"
+                    ),
+                ));
+            }
+        }
+        if let Some((g, n)) = a.remove {
+            if !self.mmu.has_private_mem {
+                return Err(bad_arg(
+                    "remove",
+                    format!("a {} VM has no private memory", self.cfg.vm_type.name()),
+                ));
+            }
+            self.check_range(g, n)?;
+        }
+        self.ops.ensure_alive()?;
+        let st = self.ops.mmu_lock.read();
+        self.ops.ensure_alive()?;
+        for (v, l) in lists.iter().enumerate() {
+            // Consecutive gfns mostly fall in the slot found last.
+            let (mut lo, mut hi) = (1u64, 0u64);
+            for (i, &g) in l.gfns.iter().enumerate() {
+                if g >= lo && g < hi {
+                    continue;
+                }
+                let Some(s) = st.memslots.find(g) else {
+                    return Err(bad_arg(
+                        "gfns_per_vcpu",
+                        format!("gfns_per_vcpu[{v}][{i}] = {g:#x} is not in any memslot"),
+                    ));
+                };
+                (lo, hi) = (s.gfn, s.end());
+            }
+        }
+        if let Some((g, n)) = a.remove {
+            let mut x = g;
+            while x < g + n {
+                let Some(s) = st.memslots.find(x) else {
+                    return Err(bad_arg(
+                        "remove",
+                        format!("gfn {x:#x} of the range is not in any memslot"),
+                    ));
+                };
+                x = s.end();
+            }
+        }
+        let side = VmSide {
+            mmu: &self.mmu,
+            ops: &self.ops,
+            max_vcpus: self.cfg.vcpus,
+            td: self.cfg.vm_type == crate::config::VmType::Tdx,
+            exit_ns: self.cfg.costs.rates()[self.mmu.exit_cost() as usize],
+        };
+        let r = run_lists(&side, &st, lists, private, a);
+        drop(st);
+        self.ops.grace_period(self.arena());
+        r
     }
 }
