@@ -30,14 +30,21 @@ manual-protect logs, which can be read without side effects, after every step to
 ``recover_huge_pages``, write faults on write-protected or PML-armed leaves (the lockless
 fast path), page write tracking (``write_track_gfn`` and writes to tracked pages), NX huge
 page recovery (``nx_recover``, alone and after exec faults in huge-backed memory) and
-KVM_MR_MOVE (``move_memslot``).
+KVM_MR_MOVE (``move_memslot``).  Both also drive guest accesses (``access_batch``: hardware
+walk hits that set A/D and log to PML, faults, refused calls; private and shared on the
+confidential VMs, whose TDs must be finalized first: see the xfail test) and host mm changes
+of the shared mappings: ``madvise_dontneed`` (then a re-touch must allocate again; refused on
+guest_memfd slots) and ``mprotect`` (then a read maps without write access and a write is a
+memory-fault exit).
 
 A fixed lifecycle per design/option (``test_scenario_matches_reference``) runs as well, a
-fixed dirty-logging flow per backing (``test_dirty_logging_scenario_matches_reference``), and
+fixed dirty-logging flow per backing (``test_dirty_logging_scenario_matches_reference``),
 fixed flows through read-only memslots, moves, write tracking, NX recovery, PML, TDX huge
 pages and KVM_TDX_TERMINATE_VM that must reach each of them
-(``test_new_operations_scenario_matches_reference``).  The file is sized to stay under two
-minutes on two cores; with CI=true it is shorter (about 30 s) and derandomized.
+(``test_new_operations_scenario_matches_reference``), and fixed flows through guest
+accesses, MADV_DONTNEED and mprotect on every VM type
+(``test_host_mm_and_access_batch_scenario_matches_reference``).  The file is sized to stay
+under two minutes on two cores; with CI=true it is shorter (about 30 s) and derandomized.
 """
 
 from __future__ import annotations
@@ -793,13 +800,14 @@ def draw_host_range(ref: ReferenceVM, data: st.DataObject, fallback: Any) -> tup
 
 def draw_batch(machine: Any, data: st.DataObject, privates: list[bool | None]) -> None:
     """``access_batch`` on both sides: a few drawn gfns, or a run of consecutive ones after a
-    recently used gfn (enough to fill a PML log now and then); one write flag or one per gfn;
-    ``private`` from ``privates``; sometimes a refused call (a ``write`` array of the wrong
-    length, or a gfn past ``max_gfn``), which must leave the counters alone."""
+    recently used gfn (a PML log filled by one batch is left to the fixed flows, which are
+    cheaper); one write flag or one per gfn; ``private`` from ``privates``; sometimes a
+    refused call (a ``write`` array of the wrong length, or a gfn past ``max_gfn``), which
+    must leave the counters alone."""
     ref: ReferenceVM = machine.r
     if data.draw(st.integers(0, 3), label="run") == 0 and machine.touched:
         base = data.draw(st.sampled_from(list(machine.touched)[-8:]), label="base")
-        n = data.draw(st.sampled_from([16, 64, 600]), label="n")
+        n = data.draw(st.sampled_from([8, 32, 128]), label="n")
         gfns = [g for g in range(base, base + n) if g < ref.max_gfn]
     else:
         gfns = [machine.draw_gfn(data) for _ in range(data.draw(st.integers(1, 6)))]
@@ -1102,6 +1110,14 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         self.touch(gfn, gfn + npages - 1, gfn + npages)
         out = self.both(f"madvise_dontneed({gfn:#x}, {npages:#x})", "madvise_dontneed", gfn, npages)
         event(f"madvise_dontneed -> {out[0]}")
+        if out[0] == "ok":
+            # The pages were freed: touching one allocates its backing page again.
+            g = gfn + data.draw(st.integers(0, npages - 1), label="retouch")
+            before = self.r.stats["host_pages_allocated"]
+            self.touch(g)
+            self.both(f"fault({g:#x}, write=False)  # re-touch", "fault", g, None, False)
+            assert self.r.stats["host_pages_allocated"] == before + 1, "no re-allocation"
+            event("madvise_dontneed, then a re-touch allocates again")
 
     @rule(data=st.data())
     def mprotect(self, data: st.DataObject) -> None:
@@ -1116,6 +1132,20 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
             writable,
         )
         event(f"mprotect(writable={writable}) -> {out[0]}")
+        if out[0] == "ok" and not writable:
+            # Read-only on the host: a read maps without write access, a write (also the
+            # fast path's, on that leaf) is a memory-fault exit (a read-only memslot's is
+            # emulated first).
+            g = gfn + data.draw(st.integers(0, npages - 1), label="probe")
+            self.touch(g)
+            read = self.both(f"fault({g:#x}, write=False)", "fault", g, None, False)
+            write = self.both(f"fault({g:#x})  # host read-only", "fault", g)
+            slot = self.r.slots.gfn_to_memslot(g)
+            assert slot is not None and read[0] == write[0] == "ok", (read, write)
+            assert int(read[3], 16) & (_SPTE_W | _SPTE_MMU_WRITABLE | _SPTE_HOST_WRITABLE) == 0
+            want = tdpmmu.Ret.EMULATE if slot.readonly else tdpmmu.Ret.MEMORY_FAULT
+            assert tdpmmu.Ret(write[1]) == want, f"write to host read-only {g:#x}: {write}"
+            event(f"write to a host read-only page -> {want.name}")
 
     @rule(data=st.data())
     def bad_fault(self, data: st.DataObject) -> None:
@@ -1175,7 +1205,14 @@ class EngineMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         if self.ref is None:
             return
         stats = self.r.stats
-        for key in ("huge_page_splits", "remote_tlb_flush", "roots_freed", "pf_mmio_spte_created"):
+        for key in (
+            "huge_page_splits",
+            "remote_tlb_flush",
+            "roots_freed",
+            "pf_mmio_spte_created",
+            "pf_memory_fault",  # a default VM: only writes to pages the host protected
+            "pml_full_exits",
+        ):
             event(f"run reached {key} > 0: {stats[key] > 0}")
         for key in DIRTY_COUNTERS:
             event(f"run reached {key} > 0: {self.reached(key)}")
