@@ -8,11 +8,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 import tdpmmu
 from tdpmmu import _core
 from tdpmmu.compare import compare
+from tdpmmu.types import VirtualRecord
 from tdpmmu.vtime import RESOURCES, Machine, VirtualOptions, by_resource
 from tdpmmu.workloads import DemandPagingResult, demand_paging
 
@@ -247,3 +250,113 @@ def test_cli_host_clock_with_virtual_knob_is_a_config_error() -> None:
     p = run_cli("demand-paging", "-v", "2", "-b", "1M", "--clock", "host", "-u", "MISSING")
     assert p.returncode == 2
     assert "clock" in p.stderr
+
+
+# ----- VM.run_virtual_accesses: explicit per-vCPU access lists -------------------------------
+
+
+def _pages(start: int, n: int) -> npt.NDArray[np.uint64]:
+    return np.arange(start, start + n, dtype=np.uint64)
+
+
+def test_access_lists_contend_when_the_vcpus_run_at_once() -> None:
+    # 32 vCPUs writing disjoint lists: with mmu_lock taken for write their faults queue on it,
+    # so the run takes longer than with it taken for read.
+    lists = [_pages(i * 64, 64) for i in range(32)]
+
+    def run(lock: str) -> VirtualRecord:
+        return tdpmmu.VM(memory="64MiB", vcpus=32).run_virtual_accesses(lists, mmu_lock=lock)
+
+    shared, excl = run("shared"), run("exclusive")
+    assert excl["elapsed_ns"] > 1.5 * shared["elapsed_ns"]
+    assert excl["breakdown"]["wait_mmu_lock"] > 0 and excl["lock_contended"] > 0
+    assert shared["breakdown"]["wait_mmu_lock"] == 0
+    for r in (shared, excl):
+        assert [v["fixed"] for v in r["vcpus"]] == [64] * 32
+    # Racing first touches of the same pages: one vCPU fixes each page, others find it mapped.
+    vm = tdpmmu.VM(memory="64MiB", vcpus=8)
+    same = vm.run_virtual_accesses([_pages(0, 128)] * 8)
+    assert sum(v["fixed"] for v in same["vcpus"]) == 128
+    assert sum(v["spurious"] for v in same["vcpus"]) > 0
+    assert sum(1 for v in same["vcpus"] if v["fixed"] > 0) > 1
+    vm.check()
+
+
+def test_access_lists_are_deterministic() -> None:
+    rng = np.random.default_rng(3)
+    lists = [rng.integers(0, 512, 300).astype(np.uint64) for _ in range(12)]
+    writes = [rng.random(300) < 0.4 for _ in range(12)]
+
+    def run() -> dict[str, object]:
+        vm = tdpmmu.VM(memory="64MiB", vcpus=12)
+        rec = dict(vm.run_virtual_accesses(lists, writes))
+        del rec["wall_s"]
+        return {"rec": rec, "stats": dict(vm.stats)}
+
+    assert run() == run()
+
+
+def test_a_one_vcpu_access_list_charges_access_batch_plus_guest_time() -> None:
+    gfns = (np.arange(600, dtype=np.uint64) * 7) % 400
+    writes = np.arange(600) % 3 == 0
+    v = tdpmmu.VM(memory="64MiB", vcpus=1)
+    r = v.run_virtual_accesses([gfns], [writes])
+    h = tdpmmu.VM(memory="64MiB", vcpus=1)
+    hb = h.access_batch(gfns, write=writes)
+    x = r["vcpus"][0]
+    assert x["faults"] == hb["faults"] and x["accesses"] == 600 and x["retry"] == 0
+    host = h.cost_breakdown()
+    for field in _core.COST_FIELDS:
+        if field != "zone_lock_hold_ns":  # a virtual-time mechanism only
+            assert r["breakdown"][field] == host[field], field
+    c = tdpmmu.CostModel()
+    assert r["breakdown"]["guest_ns"] == (x["accesses"] + x["retry"]) * c.guest_access_ns
+
+
+def test_access_list_writes_to_mprotected_memory_are_memory_fault_exits() -> None:
+    vm = tdpmmu.VM(memory="64MiB", vcpus=4)
+    lists = [_pages(i * 64, 64) for i in range(4)]
+    vm.run_virtual_accesses(lists)
+    vm.mprotect(0, 256, False)
+    r = vm.run_virtual_accesses(lists, [True, True, False, True])
+    c = tdpmmu.CostModel()
+    assert [v["memory_fault"] for v in r["vcpus"]] == [64, 64, 0, 64]
+    assert r["vcpus"][2]["fixed"] == 64  # reads map the pages read-only
+    assert r["breakdown"]["userspace_exit_ns"] == 3 * 64 * c.userspace_exit_ns
+    for v in r["vcpus"]:
+        assert v["accesses"] == v["hits"] + v["fixed"] + v["spurious"] + v["memory_fault"]
+    vm.check()
+    # An access that does not match its page's attribute stays an error.
+    sw = tdpmmu.VM("sw_protected", memory="64MiB", vcpus=2)
+    sw.set_memory_attributes(0, 64, True)
+    with pytest.raises(tdpmmu.ConfigError, match="KVM_EXIT_MEMORY_FAULT"):
+        sw.run_virtual_accesses([_pages(0, 64)], private=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "needle"),
+    [
+        (([],), {}, "gfns_per_vcpu"),
+        (([_pages(0, 4)] * 5,), {}, "gfns_per_vcpu"),
+        (
+            ([_pages(0, 4), np.array([1, 1 << 20], dtype=np.uint64)],),
+            {},
+            r"gfns_per_vcpu\[1\]\[1\]",
+        ),
+        (([_pages(0, 4)], [True, False]), {}, "writes_per_vcpu"),
+        (([_pages(0, 4)], [np.ones(3, dtype=np.bool_)]), {}, "writes_per_vcpu"),
+        (([_pages(0, 4)], True, True), {}, "private"),
+        (([_pages(0, 4)] * 2,), {"cpus": [0]}, "cpus"),
+        (([_pages(0, 4)],), {"mmu_lock": "rw"}, "mmu_lock"),
+    ],
+)
+def test_run_virtual_accesses_refuses_bad_input_and_leaves_the_vm_unchanged(
+    args: tuple[object, ...], kwargs: dict[str, object], needle: str
+) -> None:
+    vm = tdpmmu.VM(memory="64MiB", vcpus=4)
+    before = dict(vm.stats)
+    with pytest.raises(tdpmmu.ConfigError, match=needle):
+        vm.run_virtual_accesses(*args, **kwargs)  # type: ignore[arg-type]
+    assert dict(vm.stats) == before
+    with pytest.raises(TypeError, match="gfns_per_vcpu"):
+        vm.run_virtual_accesses([np.zeros(3)])  # type: ignore[list-item]

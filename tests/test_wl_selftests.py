@@ -115,17 +115,21 @@ def test_kvm_page_table_stages_and_levels(vm_type: str, backing: str) -> None:
         "adjust_levels",
     }
     stages = r.detail["stages"]
-    # Create: vCPU 0 takes every fault (one per backing page); the others find the pages
-    # mapped (at most one fault each: the model loads a vCPU's root on its first fault).
     npages = 6 * 256
     step = 1 if backing == "anonymous" else 512
-    assert stages["KVM_CREATE_MAPPINGS"][0]["faults"] == npages // step
-    assert all(v["faults"] <= 1 for v in stages["KVM_CREATE_MAPPINGS"][1:])
-    # Update under dirty logging: every written page takes one (fast-path) fault.
     written = npages if step == 1 else npages // step
-    assert stages["KVM_UPDATE_MAPPINGS"][0]["faults"] == written
+    # Virtual time (the default): the 3 vCPUs run each stage at once. Create: one fault fixes
+    # each backing page; the vCPUs racing for it find it mapped (SPURIOUS) or hit.
+    create = stages["KVM_CREATE_MAPPINGS"]
+    assert sum(v["fixed"] for v in create) == npages // step
+    for v in create:
+        assert v["pages"] == npages // step
+        assert v["pages"] == v["hits"] + v["fixed"] + v["spurious"]
+    # Update under dirty logging: each written page is fixed once.
+    assert sum(v["fixed"] for v in stages["KVM_UPDATE_MAPPINGS"]) == written
     # Adjust: huge mappings came back when logging stopped; reads fault nowhere.
     assert all(v["faults"] == 0 for v in stages["KVM_ADJUST_MAPPINGS"])
+    assert r.detail["virtual"]["KVM_CREATE_MAPPINGS"]["outcomes"]["fixed"] == npages // step
     assert r.stats["pages_2m"] == (0 if step == 1 else npages // 512)
     assert r.stats["pages_4k"] == (npages if step == 1 else 0)
     round_trip(r)
@@ -150,12 +154,51 @@ def test_kvm_page_table_clock_option_counts_guest_time() -> None:
     virt = kvm_page_table(vcpus=2, test_bytes="4M", backing="anonymous_thp", clock="virtual")
     h, v = host.metrics, virt.metrics
     assert h["kvm_adjust_mappings_total_execution_time_s"] == 0.0  # all hits
-    # Virtual: 1024 reads x guest_access_ns per vCPU.
+    # Virtual: 1024 reads x guest_access_ns per vCPU, the two vCPUs at the same time.
     assert v["kvm_adjust_mappings_total_execution_time_s"] == pytest.approx(1024 * 150e-9)
     assert (
         v["kvm_create_mappings_total_execution_time_s"]
         > (h["kvm_create_mappings_total_execution_time_s"])
     )
+    assert "virtual" not in host.detail
+
+
+def test_kvm_page_table_host_clock_runs_vcpus_in_turn() -> None:
+    # Host side: vCPU 0 runs its whole list first and takes every fault (one per backing
+    # page); the others find the pages mapped (at most one fault each: the model loads a
+    # vCPU's root on its first fault).
+    r = kvm_page_table(vcpus=3, test_bytes="6M", clock="host")
+    stages = r.detail["stages"]
+    npages = 6 * 256
+    assert stages["KVM_CREATE_MAPPINGS"][0]["faults"] == npages
+    assert all(v["faults"] <= 1 for v in stages["KVM_CREATE_MAPPINGS"][1:])
+    assert stages["KVM_UPDATE_MAPPINGS"][0]["faults"] == npages
+    assert all(v["faults"] == 0 for v in stages["KVM_ADJUST_MAPPINGS"])
+    # The stage time is the slowest vCPU's: vCPU 0's.
+    t = r.metrics["kvm_create_mappings_total_execution_time_s"]
+    assert t == stages["KVM_CREATE_MAPPINGS"][0]["modeled_ns"] / 1e9
+
+
+def test_kvm_page_table_virtual_clock_has_the_vcpus_contend() -> None:
+    # 8 vCPUs over the same 1024 pages in virtual time: the first touches race (more than one
+    # vCPU fixes pages, the others get SPURIOUS), and with mmu_lock taken for write their
+    # faults queue on it, so the create stage takes longer than with it taken for read.
+    def run(lock: str) -> WorkloadResult:
+        return kvm_page_table(vcpus=8, test_bytes="4M", mmu_lock=lock)
+
+    shared, excl = run("shared"), run("exclusive")
+    create = shared.detail["stages"]["KVM_CREATE_MAPPINGS"]
+    assert sum(1 for v in create if v["fixed"] > 0) > 1
+    assert sum(v["spurious"] for v in create) > 0
+    key = "kvm_create_mappings_total_execution_time_s"
+    assert excl.metrics[key] > shared.metrics[key]
+    vx = excl.detail["virtual"]["KVM_CREATE_MAPPINGS"]
+    assert vx["lock_contended"] > 0 and vx["lock_wait_ns"] > 0
+    assert shared.detail["virtual"]["KVM_CREATE_MAPPINGS"]["lock_wait_ns"] == 0
+    # Deterministic: the same run again gives the same modeled figures.
+    again = run("shared")
+    assert again.metrics[key] == shared.metrics[key]
+    assert again.detail["stages"] == shared.detail["stages"]
 
 
 def test_kvm_page_table_offset_and_rounding() -> None:
@@ -261,12 +304,15 @@ def test_mmu_stress_stages(vm_type: str, hugepages: bool) -> None:
         "run2_no_faults",
         "ro_unmapped",
         "ro_writes_efault",
+        "ro_exits_to_userspace",
         "rw_mapped",
     }
     assert all(c["ok"] for c in checks.values())
-    # The RO writes ran through the engine: one memory-fault exit (-EFAULT) per page.
+    # The RO writes ran through the virtual-time engine: one memory-fault exit (-EFAULT) per
+    # page, each a return to userspace charged in the VM's ledger.
     assert r.stats["pf_memory_fault"] == 4096
     c = tdpmmu.CostModel()
+    assert r.cost_breakdown["userspace_exit_ns"] == pytest.approx(4096 * c.userspace_exit_ns)
     assert r.metrics["reset_s"] == pytest.approx(c.exit_entry_ns / 1e9)
     # ro: 1024 EFAULT writes per vCPU, each exit + handling + userspace + guest access.
     efault = c.exit_entry_ns + c.fault_handling_ns + c.userspace_exit_ns + c.guest_access_ns
@@ -282,6 +328,24 @@ def test_mmu_stress_host_clock_run2_is_free() -> None:
     r = mmu_stress(vcpus=2, mem_bytes="4M", slot_bytes="1M", clock="host")
     assert r.metrics["run2_s"] == 0.0
     assert r.metrics["run1_s"] > 0 and r.metrics["rw_s"] > 0
+    # ro on the host clock: access_batch per vCPU; the returns to userspace are added from the
+    # CostModel, outside the VM's ledger.
+    assert "ro_exits_to_userspace" not in r.detail["checks"]
+    assert r.stats["pf_memory_fault"] == 1024
+    assert r.cost_breakdown["userspace_exit_ns"] == 0.0
+    c = tdpmmu.CostModel()
+    assert r.metrics["ro_s"] >= 512 * (c.fault_handling_ns + c.userspace_exit_ns) / 1e9
+
+
+def test_mmu_stress_ro_writes_overlap_in_virtual_time() -> None:
+    from tdpmmu.workloads.mmu_stress import mmu_stress
+
+    # The RO writes of 8 vCPUs run at once: the write part takes about one vCPU's time, not
+    # the sum of all eight (and all vCPUs took their own exits).
+    r = mmu_stress(vcpus=8, mem_bytes="8M", slot_bytes="2M")
+    per = r.detail["stages"]["ro"]["write_modeled_ns_per_vcpu"]
+    assert len(per) == 8 and all(ns > 0 for ns in per)
+    assert r.metrics["ro_s"] < sum(per) / 1e9 / 2
 
 
 def test_mmu_stress_refusals_and_flags() -> None:

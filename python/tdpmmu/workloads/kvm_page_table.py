@@ -15,16 +15,21 @@ the stage's own accesses):
 3. ``KVM_ADJUST_MAPPINGS``, after dirty logging is turned off again (KVM recovers huge
    mappings where the backing allows): a read of every 4 KiB page.
 
-**Clock.** These accesses are per-vCPU page lists, not memstress passes, so they run on the
-host side: each vCPU's list is one ``VM.access_batch`` (an access the current mapping allows
-takes no exit, any other takes the fault path), the vCPUs one after the other in index order,
-and a stage's time is the **largest** modeled time of one vCPU (they run in parallel in the
-selftest; concurrency between them — lock waits, shared host memory — is not modeled, and the
-first vCPU to reach a page takes its fault, so vCPU 0 takes the faults). With ``clock``
-``"virtual"`` (the default) a vCPU's time also has the guest's own time,
-``guest_access_ns`` per access attempt (each access once, plus once more per fault, as
-``VM.run_virtual`` charges it); with ``"host"`` only the faults' time (as
-``VM.run_memstress``).
+**Clock.** With ``clock="virtual"`` (the default) each stage is one
+``VM.run_virtual_accesses``: every vCPU's page list runs at the same time in the virtual-time
+engine, with the simulated vCPU of ``VM.run_virtual`` (the "hardware" walk, and on a miss the
+fault path with its exit, host page, ``mmu_lock`` and walk steps), so the vCPUs race on their
+first touches of the shared region (one maps a page; the others find it mapped, SPURIOUS, or
+wait for the host page it is still providing), wait for ``mmu_lock`` (``mmu_lock="exclusive"``
+serializes their faults), contend for host memory and cache lines, and each access attempt
+costs the guest ``guest_access_ns``. A stage's time is the run's elapsed modeled time (its start
+to the last vCPU's end), as the selftest times a stage from its start until every vCPU has
+finished it. The run's ``VirtualOptions`` (``mmu_lock``, ``machine``, ``cpus``, ...) apply.
+
+With ``clock="host"`` each vCPU's list is one host-side ``VM.access_batch``, the vCPUs one after
+the other in index order, and a stage's time is the **largest** modeled time of one vCPU: only
+the faults' time (as ``VM.run_memstress``), no concurrency between vCPUs (no lock waits, no
+shared host memory), and vCPU 0, running first, takes every first-touch fault.
 """
 
 import argparse
@@ -39,6 +44,7 @@ from tdpmmu._core import ConfigError, InvariantError
 from tdpmmu.sizes import format_size
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec, launch
+from tdpmmu.vtime import VirtualOptions
 from tdpmmu.workloads.base import (
     Clock,
     SimArgs,
@@ -49,7 +55,7 @@ from tdpmmu.workloads.base import (
     sim_options,
     spec_args,
 )
-from tdpmmu.workloads.common import PAGE_SIZE, backing_source
+from tdpmmu.workloads.common import PAGE_SIZE, backing_source, virtual_summary
 
 __all__ = ["STAGES", "access_stage", "kvm_page_table", "leaf_level"]
 
@@ -89,41 +95,61 @@ def leaf_level(vm: VM, gfn: int, private: bool = False) -> int:
 def access_stage(
     vm: VM,
     lists: list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]],
-    guest_time: bool = True,
-) -> tuple[float, list[dict[str, float]]]:
-    """Run each vCPU's page list (``VM.access_batch``), vCPU 0 first, and time the stage.
+    options: VirtualOptions | None = None,
+) -> tuple[float, list[dict[str, float]], dict[str, Any] | None]:
+    """Run one stage: each vCPU's page list, and time the stage (module docstring, Clock).
 
     Args:
         vm: the VM.
         lists: per vCPU, in vCPU order, (gfns, writes): the pages it accesses in order and
-            whether each access writes.
-        guest_time: add the guest's own time, ``guest_access_ns`` per access attempt (one
-            per access plus one per fault, as virtual time charges it); False: faults only.
+            whether each access writes; at most ``vm.vcpus`` lists.
+        options: the run's clock and shared-resource knobs; with ``clock="virtual"`` every
+            vCPU runs at once in virtual time (``VM.run_virtual_accesses``); None or
+            ``clock="host"``: one ``VM.access_batch`` per vCPU, vCPU 0 first.
 
     Returns:
-        tuple[float, list[dict[str, float]]]: the stage's modeled seconds (the largest of one
-        vCPU's, as parallel vCPUs) and per vCPU ``modeled_ns`` (faults and guest time),
-        ``guest_ns``, ``faults``, ``pages``, ``wall_s``.
+        tuple: the stage's modeled seconds (virtual: the run's elapsed time; host: the largest
+        of one vCPU's), per vCPU ``modeled_ns``, ``faults``, ``pages`` (accesses made) and
+        (virtual) ``hits``, ``fixed``, ``spurious``, ``retry`` or (host) ``wall_s``, and for a
+        virtual run its summary (outcomes, modeled time by resource, ``mmu_lock`` acquisitions,
+        contention and wait), else None.
 
     Raises:
-        ConfigError, VmBugged, OutOfMemory: what ``VM.access_batch`` raises.
+        ConfigError, VmBugged, OutOfMemory: what ``VM.run_virtual_accesses`` or
+            ``VM.access_batch`` raises.
     """
     per: list[dict[str, float]] = []
+    if options is not None and options.clock == "virtual":
+        rec = vm.run_virtual_accesses(
+            [g for g, _ in lists], [w for _, w in lists], **options.run_kwargs()
+        )
+        for x in rec["vcpus"]:
+            per.append(
+                {
+                    "modeled_ns": float(x["modeled_ns"]),
+                    "faults": float(x["faults"]),
+                    "pages": float(x["accesses"]),
+                    "hits": float(x["hits"]),
+                    "fixed": float(x["fixed"]),
+                    "spurious": float(x["spurious"]),
+                    "retry": float(x["retry"]),
+                }
+            )
+        summary = virtual_summary(rec)
+        keep = ("outcomes", "resources", "lock_acquires", "lock_contended", "lock_wait_ns")
+        return float(rec["elapsed_ns"]) / 1e9, per, {k: summary[k] for k in keep}
     for v, (gfns, writes) in enumerate(lists):
         start = time.perf_counter()
-        rec = vm.access_batch(gfns, write=writes, vcpu=v)
-        attempts = int(rec["accesses"]) + int(rec["faults"])
-        guest_ns = attempts * vm.costs.guest_access_ns if guest_time else 0.0
+        r = vm.access_batch(gfns, write=writes, vcpu=v)
         per.append(
             {
-                "modeled_ns": float(rec["modeled_ns"]) + guest_ns,
-                "guest_ns": guest_ns,
-                "faults": float(rec["faults"]),
-                "pages": float(rec["accesses"]),
+                "modeled_ns": float(r["modeled_ns"]),
+                "faults": float(r["faults"]),
+                "pages": float(r["accesses"]),
                 "wall_s": time.perf_counter() - start,
             }
         )
-    return max(p["modeled_ns"] for p in per) / 1e9, per
+    return max(p["modeled_ns"] for p in per) / 1e9, per, None
 
 
 def _stage_lists(
@@ -168,15 +194,16 @@ def kvm_page_table(
             (default ``"anonymous"``: 4 KiB pages).
         offset: guest-physical address of the test slot (``-p``), bytes or a size string, a
             multiple of the backing page; None (default): the top of guest-physical space.
-        **sim: the simulator's arguments (``SimArgs``); ``clock``: whether the guest's own
-            time counts (module docstring).
+        **sim: the simulator's arguments (``SimArgs``); ``clock``: the vCPUs concurrently in
+            virtual time or one after the other on the host side (module docstring).
 
     Returns:
         WorkloadResult: the selftest's set-up lines and one ``<STAGE>: total execution time``
         line per stage (modeled seconds, each followed by a blank line); metrics
         ``kvm_create_mappings_total_execution_time_s`` (and update, adjust) and ``wall_``
-        twins; ``detail``: ``checks`` (mapping levels after each stage, dirty pages) and
-        ``stages`` (per vCPU modeled ns, faults and accesses per stage).
+        twins; ``detail``: ``checks`` (mapping levels after each stage, dirty pages),
+        ``stages`` (per vCPU modeled ns, faults and accesses per stage) and, in virtual time,
+        ``virtual`` (per stage: outcomes, modeled time by resource, ``mmu_lock`` contention).
 
     Raises:
         ConfigError: a bad value, naming it (``vcpus``, ``test_bytes``, ``backing``,
@@ -230,6 +257,7 @@ def kvm_page_table(
     huge = {4096: 1, 2 << 20: 2, 1 << 30: 3}[backing_bytes]
     checks: dict[str, Any] = {}
     stages: dict[str, list[dict[str, float]]] = {}
+    virtual: dict[str, dict[str, Any]] = {}
     metrics: dict[str, float] = {}
 
     def expect(label: str, ok: bool, what: str) -> None:
@@ -243,10 +271,12 @@ def kvm_page_table(
     def run_stage(stage: str) -> None:
         lists = _stage_lists(stage, nvcpus, base, npages, step)
         start = time.perf_counter()
-        modeled_s, per = access_stage(vm, lists, options.clock == "virtual")
+        modeled_s, per, summary = access_stage(vm, lists, options)
         wall_s = time.perf_counter() - start
         clock.record(stage, modeled_s, wall_s)
         stages[stage] = per
+        if summary is not None:
+            virtual[stage] = summary
         lines.extend([f"{stage}: total execution time: {modeled_s:.9f}s", ""])
         key = stage.lower()
         metrics[f"{key}_total_execution_time_s"] = modeled_s
@@ -291,14 +321,20 @@ def kvm_page_table(
         "backing": backing if isinstance(backing, str) else backing_bytes,
         "offset": offset,
     }
-    detail = {
+    detail: dict[str, Any] = {
         "checks": checks,
         "stages": stages,
         "region": [base * PAGE_SIZE, (base + npages) * PAGE_SIZE],
-        "clock": "host-side access_batch per vCPU, vCPUs in turn; stage time = the largest "
-        "vCPU's (faults"
-        + (" + guest_access_ns per access attempt)" if options.clock == "virtual" else ")"),
+        "clock": (
+            "virtual time: every vCPU's list at once (run_virtual_accesses); stage time = the "
+            "run's elapsed modeled time"
+            if options.clock == "virtual"
+            else "host-side access_batch per vCPU, vCPUs in turn; stage time = the largest "
+            "vCPU's (faults only)"
+        ),
     }
+    if virtual:
+        detail["virtual"] = virtual
     return finish(
         "kvm_page_table",
         vm,

@@ -14,14 +14,18 @@ pass (``memstress.run_pass``, the run's clock); a stage's time is the slowest vC
 - ``run2``: write everything again (every page already mapped writable: no fault);
 - ``ro``: the guest reads everything; the host ``mprotect(PROT_READ)``s the memfd mapping,
   which every slot aliases (``VM.mprotect(writable=False)`` on every slot: the MMU notifier
-  invalidates them, timed as host work); then every vCPU writes its slice again through the
-  engine (``VM.access_batch``): each write faults, ``hva_to_pfn`` cannot get a writable host
-  page and the fault ends in a memory-fault exit (KVM_RUN returns -EFAULT; ``Ret.MEMORY_FAULT``,
-  ``pf_memory_fault``), nothing is mapped (checked). The selftest's vCPU then skips the store
-  and re-enters: each such return to userspace adds ``userspace_exit_ns`` (and
-  ``guest_access_ns`` on the virtual clock), which the engine's fault does not charge; they are
-  added to the stage time (from the CostModel; not in the VM's ledger or cost breakdown). The
-  stage's write part is the slowest vCPU's;
+  invalidates them, timed as host work); then every vCPU writes its slice again. Each write
+  faults, ``hva_to_pfn`` cannot get a writable host page and the fault ends in a memory-fault
+  exit (KVM_RUN returns -EFAULT; ``Ret.MEMORY_FAULT``, ``pf_memory_fault``), nothing is mapped
+  (checked); the selftest's vCPU thread skips the store and re-enters. On the virtual clock the
+  writes are one memstress pass in the virtual-time engine, every vCPU at once (their faults
+  overlap and share ``mmu_lock``, cache lines and the vCPU entry): the engine counts each exit
+  (``memory_fault``) and charges its return to userspace (``userspace_exit_ns``) in the VM's
+  ledger, and the write part's time is the pass's elapsed modeled time. On the host clock each
+  vCPU's slice is one ``VM.access_batch``, the vCPUs in turn; the return to userspace is not in
+  the engine there, so ``userspace_exit_ns`` per write is added to each vCPU's time from the
+  CostModel (not in the VM's ledger or cost breakdown), and the write part is the slowest
+  vCPU's;
 - ``rw``: ``mprotect(PROT_READ|PROT_WRITE)`` (``VM.mprotect(writable=True)``: an MMU-notifier
   invalidation again) and the guest writes everything (the fault path again).
 
@@ -208,15 +212,27 @@ def mmu_stress(
     expect("ro_unmapped", mapped() == 0, "mprotect(PROT_READ) to leave nothing mapped")
     per_vcpu_pages = per_vcpu // PAGE_SIZE
     efaults0 = vm.stats["pf_memory_fault"]
-    skip_ns = costs.userspace_exit_ns + (
-        costs.guest_access_ns if options.clock == "virtual" else 0.0
-    )
+    exits0 = vm.cost_breakdown()["userspace_exit_ns"]
     w0 = time.perf_counter()
     ro_write_ns: list[float] = []
-    for v in range(nvcpus):
-        gfns = np.arange(per_vcpu_pages, dtype=np.uint64) + (base + v * per_vcpu_pages)
-        r = vm.access_batch(gfns, write=True, private=False, vcpu=v)
-        ro_write_ns.append(float(r["modeled_ns"]) + per_vcpu_pages * skip_ns)
+    if options.clock == "virtual":
+        writes = run_pass(vm, layout, options, write_percent=100, private=False)
+        ro_write_ns = [v["modeled_ns"] for v in writes.per_vcpu]
+        ro_write_s = writes.modeled_s
+        exits = writes.virtual["outcomes"]["memory_fault"]
+        charged = vm.cost_breakdown()["userspace_exit_ns"] - exits0
+        expect(
+            "ro_exits_to_userspace",
+            exits == npages and charged == npages * costs.userspace_exit_ns,
+            f"the engine to count {npages} memory-fault exits and charge each one return to "
+            "userspace (userspace_exit_ns)",
+        )
+    else:
+        for v in range(nvcpus):
+            gfns = np.arange(per_vcpu_pages, dtype=np.uint64) + (base + v * per_vcpu_pages)
+            r = vm.access_batch(gfns, write=True, private=False, vcpu=v)
+            ro_write_ns.append(float(r["modeled_ns"]) + per_vcpu_pages * costs.userspace_exit_ns)
+        ro_write_s = max(ro_write_ns) / 1e9
     ro_writes_wall = time.perf_counter() - w0
     efaults = vm.stats["pf_memory_fault"] - efaults0
     expect(
@@ -229,7 +245,7 @@ def mmu_stress(
         "efault_writes_per_vcpu": per_vcpu_pages,
         "write_modeled_ns_per_vcpu": ro_write_ns,
     }
-    ro_s = reads.modeled_s + inv_s + max(ro_write_ns) / 1e9
+    ro_s = reads.modeled_s + inv_s + ro_write_s
     stage("ro", ro_s, reads.wall_s + inv_wall + ro_writes_wall)
     inv_s, inv_wall = protect_all(True)
     write_pass("rw", inv_s, inv_wall)
