@@ -1,6 +1,7 @@
 """Modeled time at scale: the options of a virtual-time run and how its time is grouped.
 
-A virtual-time run (``VM.run_virtual``, ``demand_paging(..., clock="virtual")``) simulates every
+A virtual-time run (``VM.run_virtual`` for memstress-shaped accesses, ``VM.run_virtual_accesses``
+for explicit per-vCPU page lists, ``demand_paging(..., clock="virtual")``) simulates every
 vCPU on one host thread with a deterministic discrete-event engine: the real fault path runs on
 the real tables, interleaved with the other vCPUs' steps in modeled-time order, and shared
 resources (``mmu_lock``, the host memory path, userfaultfd, IPIs, the TDX module's locks) are
@@ -279,7 +280,8 @@ class VirtualOptions:
         )
 
     def run_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``VM.run_virtual`` these options give.
+        """The keyword arguments of ``VM.run_virtual`` (and ``VM.run_virtual_accesses``) these
+        options give.
 
         Returns:
             dict[str, Any]: ``mmu_lock``, ``userfault``, ``uffd_all``, ``uffd_readers``,
