@@ -1710,7 +1710,7 @@ impl Vm {
     ///     TdpmmuError: one access got RETRY 2**20 times in a row (a livelock).
     ///     TypeError: ``gfns`` not an integer array, ``write`` not a bool or bool array.
     #[pyo3(signature = (gfns, write = None, private = None, vcpu = Int::of(0)))]
-    #[pyo3(text_signature = "(self, /, gfns, write=True, private=None, vcpu=0)")]
+    #[pyo3(text_signature = "(self, /, gfns, write=None, private=None, vcpu=0)")]
     fn access_batch<'py>(
         &self,
         py: Python<'py>,
