@@ -1451,9 +1451,9 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
 
     @rule(data=st.data())
     def access_batch(self, data: st.DataObject) -> None:
-        """Guest accesses, private and shared, on a runnable VM (a TD before finalize: see
-        ``test_access_batch_is_refused_before_the_td_is_finalized``)."""
-        if not self.alive() or (self.cfg["vm_type"] == "tdx" and not self.r.finalized):
+        """Guest accesses, private and shared (on a TD before finalize both sides refuse
+        them: KVM_RUN fails)."""
+        if not self.alive():
             return
         draw_batch(self, data, [None, None, True, False])
 
@@ -2583,14 +2583,6 @@ def test_host_mm_and_access_batch_scenario_matches_reference(
         assert batches[-1][1][0] == "ValueError" and ref.destroyed  # refused once destroyed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Vm::access_batch (rust/tdpmmu-core/src/vm.rs) checks whether a vCPU "
-    "may run only when an access faults, so on a TD not yet finalized accesses that hit "
-    "populated pages are served (A/D set, no error); KVM refuses KVM_RUN before "
-    "KVM_TDX_FINALIZE_VM, so no guest access happens, as VM.access_batch's docstring says "
-    "(ConfigError naming vm, refused before any access)",
-)
 def test_access_batch_is_refused_before_the_td_is_finalized() -> None:
     """A TD's vCPUs cannot run before KVM_TDX_FINALIZE_VM (KVM_RUN fails), so
     ``access_batch`` must raise ``ConfigError`` naming ``vm`` before any access, also when
@@ -2605,6 +2597,27 @@ def test_access_batch_is_refused_before_the_td_is_finalized() -> None:
         with pytest.raises(tdpmmu.ConfigError, match=r"^vm: "):
             vm.access_batch(_batch(0, 1), private=True)
         assert dict(vm.stats) == stats, side
+
+
+@pytest.mark.parametrize("vm_type", ["snp", "sw_protected", "tdx"])
+def test_access_of_the_other_kind_than_the_attribute_never_hits(vm_type: str) -> None:
+    """A private access to a page whose attribute is shared (or the reverse) does not
+    complete in hardware even where a leaf maps the gfn (SNP has one root: the RMP check
+    faults): it takes the fault path, which exits to userspace with MEMORY_FAULT, on both
+    sides, as ``fault`` does."""
+    for vm in (
+        ReferenceVM(vm_type=vm_type, memory="64MiB"),
+        tdpmmu.VM(vm_type=vm_type, memory="64MiB"),
+    ):
+        side = "reference" if isinstance(vm, ReferenceVM) else "engine"
+        if vm_type == "tdx":
+            vm.finalize()
+        vm.set_memory_attributes(0, 16, False)  # shared
+        assert vm.access_batch(_batch(3), private=False)["faults"] == 1, side
+        assert vm.access_batch(_batch(3), private=False)["faults"] == 0, side  # a hit
+        before = vm.stats["pf_memory_fault"]
+        assert vm.access_batch(_batch(3), private=True)["faults"] == 1, side
+        assert vm.stats["pf_memory_fault"] == before + 1, side
 
 
 def test_fast_path_leaves_an_exec_fault_to_the_slow_path() -> None:
@@ -2708,3 +2721,18 @@ def test_reference_keeps_the_engines_counters_and_cost_fields() -> None:
     native, ref = tdpmmu.VM(memory="64MiB"), ReferenceVM(memory="64MiB")
     assert list(dict(native.stats)) == list(ref.stats)
     assert list(dict(native.cost_breakdown())) == list(ref.cost_breakdown())
+
+
+def test_pre_fault_of_read_only_memory_maps_read_only() -> None:
+    """KVM_PRE_FAULT_MEMORY is a read-type fault: over memory the host mprotect()ed read-only,
+    or a KVM_MEM_READONLY slot, it maps read-only leaves (and succeeds) where a guest write
+    would exit (MEMORY_FAULT, EMULATE); both sides agree."""
+    for vm in (ReferenceVM(memory="64MiB"), tdpmmu.VM(memory="64MiB")):
+        side = "reference" if isinstance(vm, ReferenceVM) else "engine"
+        vm.mprotect(0, 16, False)
+        ro = vm.add_memslot(1 << 20, 16, readonly=True)
+        for gfn, ret in ((0, tdpmmu.Ret.MEMORY_FAULT), (1 << 20, tdpmmu.Ret.EMULATE)):
+            assert vm.populate(gfn, 16) == 16, side
+            assert vm.spte(gfn + 3) & _SPTE_W == 0 and vm.spte(gfn + 3) & 1, side
+            assert vm.fault(gfn + 3).ret == ret, side
+        assert ro == 1

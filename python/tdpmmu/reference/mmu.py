@@ -173,13 +173,20 @@ class Mmu:
             level, spte = tdp_mmu.lookup(root, gfn, gfn_bits)
             return done(Ret.MEMORY_FAULT, level, spte)
 
-        if slot is not None and slot.readonly and write and not is_private:
+        # A pre-fault (KVM_PRE_FAULT_MEMORY) is a read: it maps read-only where a write cannot.
+        if slot is not None and slot.readonly and write and not prefetch and not is_private:
             # A write to a read-only memslot: KVM_PFN_ERR_RO_FAULT, emulated (userspace MMIO).
             if not prefetch:
                 self.ctx.count("pf_emulate")
             level, spte = tdp_mmu.lookup(root, gfn, gfn_bits)
             return done(Ret.EMULATE, level, spte)
-        if slot is not None and write and not is_private and slot.host_readonly(gfn):
+        if (
+            slot is not None
+            and write
+            and not prefetch
+            and not is_private
+            and slot.host_readonly(gfn)
+        ):
             # A write to a shared page the host mapped read-only (mprotect): the host page
             # cannot be had writable (KVM_PFN_ERR_FAULT), so KVM fills a memory-fault exit and
             # KVM_RUN returns -EFAULT; nothing is mapped.

@@ -366,11 +366,16 @@ class ReferenceVM:
                 else (self.confidential and self.attrs.is_private(gfn))
             )
             mirror = self.has_mirror and is_private
+            # An access of the other kind than the page's attribute never completes in
+            # hardware (SNP's RMP check faults; KVM exits to userspace).
+            may_hit = private is None or is_private == (
+                self.confidential and self.attrs.is_private(gfn)
+            )
             gfn_bits = tdp.root_gfn_bits(mirror)
             attempts = 0
             while True:
                 root = tdp.vcpu_mirror_root[vcpu] if mirror else tdp.vcpu_root[vcpu]
-                if root is not None:
+                if may_hit and root is not None:
                     logged = self._hw_access(root, gfn, gfn_bits, is_write)
                     if logged is not None:
                         slot = self.slots.gfn_to_memslot(gfn)

@@ -170,7 +170,8 @@ impl Mmu {
         let mut pfn = 0;
         match slot {
             // A write to a read-only memslot: KVM_PFN_ERR_RO_FAULT, emulated (userspace MMIO).
-            Some(s) if s.readonly && write && !is_private => {
+            // A pre-fault (KVM_PRE_FAULT_MEMORY) is a read: it maps read-only instead.
+            Some(s) if s.readonly && write && !prefetch && !is_private => {
                 if !prefetch {
                     ctx.inc(C::pf_emulate);
                 }
@@ -180,7 +181,7 @@ impl Mmu {
             // A write to a shared page the host mapped read-only (mprotect): hva_to_pfn
             // cannot get a writable page (KVM_PFN_ERR_FAULT), so KVM fills a memory-fault
             // exit and KVM_RUN returns -EFAULT.
-            Some(s) if write && !is_private && s.host_readonly(gfn) => {
+            Some(s) if write && !prefetch && !is_private && s.host_readonly(gfn) => {
                 if !prefetch {
                     ctx.inc(C::pf_memory_fault);
                 }

@@ -1591,6 +1591,8 @@ impl Vm {
         self.ops.ensure_alive()?;
         self.check_vcpu(vcpu)?;
         let private = self.check_private(private)?;
+        // KVM_RUN is refused before the vCPUs may run (a TD before KVM_TDX_FINALIZE_VM).
+        self.mmu.vendor.vcpu_run_allowed()?;
         if writes.len() != 1 && writes.len() != gfns.len() {
             return Err(bad_arg(
                 "write",
@@ -1621,12 +1623,18 @@ impl Vm {
                     return Err(Error::Interrupted);
                 }
                 let write = writes[if writes.len() == 1 { 0 } else { i }];
-                let mirror = tdp.shape.has_mirror && self.mmu.is_private(st, gfn, private);
+                let kind = self.mmu.is_private(st, gfn, private);
+                let mirror = tdp.shape.has_mirror && kind;
+                // An access of the other kind than the page's attribute never completes in
+                // hardware: without a mirror root the leaf would serve it, but the CPU's
+                // check (SNP's RMP) faults, and KVM exits to userspace.
+                let may_hit = private.is_none() || kind == self.mmu.is_private(st, gfn, None);
                 let bits = tdp.root_gfn_bits(mirror);
                 let mut attempts = 0u64;
                 loop {
                     let root = tdp.vcpu_root(v, mirror);
-                    if root != crate::arena::NO_TABLE
+                    if may_hit
+                        && root != crate::arena::NO_TABLE
                         && let Some(logged) = tdp.hw_access(root, gfn, bits, write)
                     {
                         if logged {
