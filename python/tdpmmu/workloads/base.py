@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WORKLOADS",
+    "Checks",
     "Clock",
     "Progress",
     "SimArgs",
@@ -195,6 +196,46 @@ class _Phase:
             self.clock.record(self.label, self.modeled_s, time.perf_counter() - self._wall)
 
 
+class Checks:
+    """A workload's own correctness checks (the selftest's asserts), recorded, not raised.
+
+    A failed check is a result about the model or the design under test (e.g. a hook design
+    that leaves S-EPT tables behind), so the run still returns every figure; the result's
+    ``ok`` says whether every check held and the CLI exits with status 1 when one failed.
+    ``to_list()`` is what ``detail["checks"]`` holds: ``{"name", "ok", "detail"}`` records.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[dict[str, Any]] = []
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        """Record one check.
+
+        Args:
+            name: what was checked, as a sentence ("every page is mapped after the run").
+            ok: whether it held.
+            detail: what was seen (counts, the first bad page, ...); empty when nothing to add.
+
+        Returns:
+            bool: ``ok``. Never raises.
+        """
+        self._items.append({"name": name, "ok": bool(ok), "detail": str(detail)})
+        return bool(ok)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check recorded so far held (True when none was recorded)."""
+        return all(c["ok"] for c in self._items)
+
+    def failed(self) -> list[str]:
+        """The names of the checks that failed, in order."""
+        return [c["name"] for c in self._items if not c["ok"]]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """The records, in order (``detail["checks"]``). Never raises."""
+        return [dict(c) for c in self._items]
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class WorkloadResult:
     """One run of a selftest-shaped workload.
@@ -233,6 +274,11 @@ class WorkloadResult:
     def modeled_ns(self) -> float:
         """All modeled time of the run (setup, host work and every vCPU, summed), ns."""
         return float(self.stats["modeled_ns"])
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check of the run held (``detail["checks"]``, ``Checks`` records)."""
+        return all(bool(c.get("ok")) for c in self.detail.get("checks", ()))
 
     @property
     def seed(self) -> int:
