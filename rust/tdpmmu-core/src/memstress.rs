@@ -132,24 +132,29 @@ pub fn run(
     let stop = AtomicBool::new(false);
     let running = AtomicUsize::new(a.vcpus as usize);
     let mut interrupted = false;
+    let caller = std::thread::current();
     let results: Vec<(VcpuResult, Option<Error>)> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..a.vcpus)
             .map(|v| {
-                let (barrier, stop, running) = (&barrier, &stop, &running);
+                let (barrier, stop, running, caller) = (&barrier, &stop, &running, &caller);
                 sc.spawn(move || {
                     barrier.wait();
                     let r = vcpu_thread(mmu, ops, a, v, stop);
                     if r.1.is_some() {
                         stop.store(true, Ordering::Release);
                     }
-                    running.fetch_sub(1, Ordering::AcqRel);
+                    // The last vCPU out wakes the caller at once (a short run must not wait
+                    // out the caller's interrupt-polling period).
+                    if running.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        caller.unpark();
+                    }
                     r
                 })
             })
             .collect();
         // The calling thread watches for its caller's interrupt while the vCPUs run.
         while running.load(Ordering::Acquire) > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::park_timeout(std::time::Duration::from_millis(10));
             if !interrupted && crate::op::interrupted() {
                 interrupted = true;
                 stop.store(true, Ordering::Release);
