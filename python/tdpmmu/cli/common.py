@@ -216,13 +216,14 @@ def add_folio(p: "argparse._ActionsContainer", default: str | None) -> None:
     )
 
 
-def add_vm_flags(p: "argparse._ActionsContainer") -> None:
-    """--vm-type, --mirror, --hooks, --tdx (one value each), --folio."""
+def add_vm_flags(p: "argparse._ActionsContainer", default_vm_type: str = "default") -> None:
+    """--vm-type (default ``default_vm_type``), --mirror, --hooks, --tdx (one value each),
+    --folio."""
     p.add_argument(
         "--vm-type",
         choices=config.VM_TYPES,
-        default="default",
-        help=f"simulated VM type: {', '.join(config.VM_TYPES)} (default: default)",
+        default=default_vm_type,
+        help=f"simulated VM type: {', '.join(config.VM_TYPES)} (default: {default_vm_type})",
     )
     p.add_argument(
         "--mirror",
@@ -312,10 +313,16 @@ def add_output_flags(p: "argparse._ActionsContainer", *, progress: bool = True) 
         )
 
 
-def add_sim_flags(p: argparse.ArgumentParser, cost_example: str = "exit_entry_ns=800") -> None:
-    """Every simulator long flag of a workload subcommand (``SimArgs``) and the output flags."""
+def add_sim_flags(
+    p: argparse.ArgumentParser,
+    cost_example: str = "exit_entry_ns=800",
+    default_vm_type: str = "default",
+) -> None:
+    """Every simulator long flag of a workload subcommand (``SimArgs``) and the output flags;
+    ``--vm-type`` defaults to ``default_vm_type`` (a workload's first VM type when it does not
+    run on the default VM)."""
     g = p.add_argument_group("simulated VM")
-    add_vm_flags(g)
+    add_vm_flags(g, default_vm_type)
     add_levels_seed_cost(g, cost_example)
     add_run_flags(p)
     add_output_flags(p.add_argument_group("output"))

@@ -46,7 +46,10 @@ def _add(sub: Any, wl: Workload) -> None:
         epilog=common.EPILOG,
     )
     wl.add_arguments(p)
-    common.add_sim_flags(p)
+    # A workload that cannot run on the default VM (td-lifecycle, snp-boot, the conversions
+    # test) defaults to the first VM type it runs on.
+    vm_type = "default" if "default" in wl.vm_types else wl.vm_types[0]
+    common.add_sim_flags(p, default_vm_type=vm_type)
     p.set_defaults(run=functools.partial(run_workload, wl))
 
 

@@ -1,0 +1,27 @@
+"""Subcommand defaults a new user meets first: each runs with no simulator flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tdpmmu.cli import main
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "vm_type"),
+    [
+        ("td-lifecycle", ["-b", "1M"], "tdx"),
+        ("snp-boot", ["-b", "1M"], "snp"),
+        ("private-mem-conversions", [], "sw_protected"),
+        ("demand-paging", ["-b", "1M"], "default"),
+    ],
+)
+def test_workload_defaults_to_a_vm_type_it_runs_on(
+    command: str, args: list[str], vm_type: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A workload that does not run on the default VM defaults to its first VM type."""
+    assert main([command, *args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["vm"]["vm_type"] == vm_type
