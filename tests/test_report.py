@@ -71,6 +71,18 @@ def expected_units(v: int) -> dict[str, dict[str, float]]:
         "tlb_flush_base_ns": 1,
         "tlb_flush_per_vcpu_ns": v,
     }
+    # KVM_TDX_TERMINATE_VM: HKID released first, every data page and table RECLAIMed + cleared.
+    terminate = {
+        "spte_update_ns": n + tables,
+        "tdh_phymem_page_reclaim_ns": n + tables,
+        "page_clear_ns": n + tables,
+        "tdh_vp_flush_ns": v,
+        "tdh_mng_vpflushdone_ns": 1,
+        "tdh_phymem_cache_wb_ns": 1,
+        "tdh_mng_key_freeid_ns": 1,
+        "tlb_flush_base_ns": 1,
+        "tlb_flush_per_vcpu_ns": v,
+    }
     snp_fault = {
         "exit_entry_ns": 1,
         "fault_handling_ns": 1,
@@ -99,6 +111,7 @@ def expected_units(v: int) -> dict[str, dict[str, float]]:
         | removal_units(v)
         | {"spte_update_ns": 1, "tlb_flush_base_ns": 1, "tlb_flush_per_vcpu_ns": v},
         f"tdx_teardown_per_page@{v}": {k: u / n for k, u in teardown.items()},
+        f"tdx_terminate_per_page@{v}": {k: u / n for k, u in terminate.items()},
         f"tdx_reclaim_per_page@{v}": {"tdh_phymem_page_reclaim_ns": 1, "page_clear_ns": 1},
         "snp_private_fault": {"psc_exit_ns": 1, "host_page_alloc_ns": 1} | snp_fault,
         "snp_private_fault_no_alloc": REQUEST | snp_fault,
@@ -145,6 +158,12 @@ def expected_totals(c: CostModel, v: int) -> dict[str, float]:
         f"tdx_teardown_per_page@{v}": (
             n * (removal(c, v) + c.spte_update_ns)
             + tables * (c.tdh_phymem_page_reclaim_ns + c.page_clear_ns + c.spte_update_ns)
+            + hkid
+            + tlb
+        )
+        / n,
+        f"tdx_terminate_per_page@{v}": (
+            (n + tables) * (c.tdh_phymem_page_reclaim_ns + c.page_clear_ns + c.spte_update_ns)
             + hkid
             + tlb
         )
@@ -257,7 +276,8 @@ def test_published_bounds_and_ratios() -> None:
     assert rows["tdx_dynamic_removal@4"].published.text() == "15-16"
     assert rows["tdx_dynamic_removal@32"].published.text() == "18-20"
     assert rows["tdx_dynamic_removal@64"].published.text() == "53-57"
-    assert rows["tdx_teardown_per_page@4"].published.text() == "5.1-5.5"
+    assert rows["tdx_teardown_per_page@4"].published.text() == "15-16"
+    assert rows["tdx_terminate_per_page@4"].published.text() == "5.1-5.5"
     figures = doc_section("7.1")
     for row in rows.values():
         lo, hi = row.ratio
@@ -274,7 +294,8 @@ def test_published_bounds_and_ratios() -> None:
     r8 = rows_by_key(report.build_report(vcpus=8))
     assert r8["tdx_dynamic_removal@8"].published.text() == "15-16"
     r48 = rows_by_key(report.build_report(vcpus=48))
-    assert r48["tdx_teardown_per_page@48"].published.text() == "4.5-4.8"
+    assert r48["tdx_teardown_per_page@48"].published.text() == "53-57"
+    assert r48["tdx_terminate_per_page@48"].published.text() == "4.5-4.8"
 
 
 def test_docs_state_the_default_report() -> None:
@@ -385,6 +406,7 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
         "tdx_private_fault_no_alloc",
         "tdx_dynamic_removal@2",
         "tdx_teardown_per_page@2",
+        "tdx_terminate_per_page@2",
         "tdx_reclaim_per_page@2",
         "snp_private_fault",
         "snp_private_fault_no_alloc",

@@ -25,12 +25,15 @@ The rows:
     guest_memfd's bookkeeping, ``gmem_convert_ns``), BLOCK, TRACK, kick all vCPUs, REMOVE, WBINVD,
     page clear, the SPTE write and the remote TLB flush of the conversion.
 ``tdx_teardown_per_page``
-    ``destroy()`` of a TD with ``TEARDOWN_PAGES`` private pages, divided by that page count. The
-    engine tears down in upstream KVM's order (docs/costs.md §5.5): guest_memfd release removes
-    every private page with the HKID still assigned (the dynamic-removal sequence per page), then
-    the HKID is released, then only the S-EPT *tables* are RECLAIMed. The published ~5 µs is the
-    KVM_TDX_TERMINATE_VM order (HKID released first, every page RECLAIMed), which the engine does
-    not model for data pages, so this row compares two different procedures on purpose.
+    ``destroy()`` of a TD with ``TEARDOWN_PAGES`` private pages, divided by that page count, in
+    upstream KVM's order (docs/costs.md §5.5, the ``teardown="remove"`` TDX option): guest_memfd
+    release removes every private page with the HKID still assigned (BLOCK, TRACK, kick, REMOVE,
+    WBINVD, clear per page), then the HKID is released and only the S-EPT *tables* are
+    RECLAIMed. Compared with R3, the published removal of all private memory in that order.
+``tdx_terminate_per_page``
+    The same ``destroy()`` in the KVM_TDX_TERMINATE_VM order (``teardown="terminate_vm"``): the
+    HKID is released first and every page, data and S-EPT table alike, is RECLAIMed and
+    cleared. Compared with R4, the published teardown in that order.
 ``tdx_reclaim_per_page``
     TDH.PHYMEM.PAGE.RECLAIM + clear per reclaimed page: the ledger terms of those two fields in
     ``destroy()`` of a TD whose private pages were all converted to shared first, so that only
@@ -451,24 +454,48 @@ def tdx_dynamic_removal(costs: CostModel, vcpus: int) -> Row:
     )
 
 
-def tdx_teardown_per_page(costs: CostModel, vcpus: int) -> Row:
-    vm = _td(costs, vcpus)
+def _td_destroy_row(
+    costs: CostModel, vcpus: int, teardown: str
+) -> tuple[tuple[Component, ...], float]:
+    """The per-page ledger of ``destroy()`` of a TD with ``TEARDOWN_PAGES`` private pages,
+    torn down in the order the ``teardown`` TDX option selects."""
+    vm = VM("tdx", memory="1GiB", vcpus=vcpus, costs=costs, tdx={"teardown": teardown})
+    vm.finalize()
     vm.fault_batch(np.arange(TEARDOWN_PAGES, dtype=np.uint64))
     before = _snapshot(vm)
     vm.destroy()
-    comps, engine_ns = _measure(vm, before, "tdx_teardown", per=TEARDOWN_PAGES)
-    cfg, published = _nearest(_TEARDOWN, _TEARDOWN_SOURCE, vcpus)
+    return _measure(vm, before, f"tdx_teardown[{teardown}]", per=TEARDOWN_PAGES)
+
+
+def tdx_teardown_per_page(costs: CostModel, vcpus: int) -> Row:
+    comps, engine_ns = _td_destroy_row(costs, vcpus, "remove")
+    cfg, published = _nearest(_REMOVAL, _REMOVAL_SOURCE, vcpus)
     return Row(
         f"tdx_teardown_per_page@{vcpus}",
-        f"TDX destroy() per private 4K page ({vcpus} vCPUs)",
+        f"TDX destroy() per private 4K page, upstream order ({vcpus} vCPUs)",
         comps,
         engine_ns,
         published,
         f"destroy() of a TD with {TEARDOWN_PAGES} private pages / {TEARDOWN_PAGES}: upstream "
         "order (guest_memfd release removes each page with the HKID assigned, then HKID "
-        "release, then RECLAIM of the S-EPT tables); the published figure is the "
-        "KVM_TDX_TERMINATE_VM order (HKID released first, every page RECLAIMed), not modeled for "
-        f"data pages; nearest published configuration: {cfg} vCPUs",
+        "release, then RECLAIM of the S-EPT tables), the order of the published removal of all "
+        f"private memory; no vCPU runs (nothing is kicked but the kick's cost is charged as "
+        f"KVM sends it); nearest published configuration: {cfg} vCPUs",
+    )
+
+
+def tdx_terminate_per_page(costs: CostModel, vcpus: int) -> Row:
+    comps, engine_ns = _td_destroy_row(costs, vcpus, "terminate_vm")
+    cfg, published = _nearest(_TEARDOWN, _TEARDOWN_SOURCE, vcpus)
+    return Row(
+        f"tdx_terminate_per_page@{vcpus}",
+        f"TDX destroy() per private 4K page, KVM_TDX_TERMINATE_VM ({vcpus} vCPUs)",
+        comps,
+        engine_ns,
+        published,
+        f"destroy() of a TD with {TEARDOWN_PAGES} private pages / {TEARDOWN_PAGES} with "
+        'tdx={"teardown": "terminate_vm"}: the HKID is released first, then every data page and '
+        f"S-EPT table is RECLAIMed and cleared; nearest published configuration: {cfg} vCPUs",
     )
 
 
@@ -502,9 +529,13 @@ def tdx_reclaim_per_page(costs: CostModel, vcpus: int) -> Row:
     )
 
 
-def tdx_teardown_rows(costs: CostModel, vcpus: int) -> tuple[Row, Row]:
-    """The teardown row and the RECLAIM + clear row."""
-    return tdx_teardown_per_page(costs, vcpus), tdx_reclaim_per_page(costs, vcpus)
+def tdx_teardown_rows(costs: CostModel, vcpus: int) -> tuple[Row, Row, Row]:
+    """The teardown rows (upstream order, KVM_TDX_TERMINATE_VM) and the RECLAIM + clear row."""
+    return (
+        tdx_teardown_per_page(costs, vcpus),
+        tdx_terminate_per_page(costs, vcpus),
+        tdx_reclaim_per_page(costs, vcpus),
+    )
 
 
 _HOST_ALLOC_FIELDS = ("host_page_alloc_ns", "host_zero_4k_ns")
@@ -581,12 +612,13 @@ def build_report(vcpus: int = 4, costs: CostModel | Mapping[str, float] | None =
         model = costs
     else:
         model = CostModel().replace(**costs)
-    teardown, reclaim = tdx_teardown_rows(model, vcpus)
+    teardown, terminate, reclaim = tdx_teardown_rows(model, vcpus)
     rows = (
         tdx_private_fault(model, vcpus),
         tdx_private_fault_no_alloc(model, vcpus),
         tdx_dynamic_removal(model, vcpus),
         teardown,
+        terminate,
         reclaim,
         snp_private_fault(model, vcpus),
         snp_private_fault_no_alloc(model, vcpus),
