@@ -47,6 +47,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -693,7 +694,8 @@ def _alone(
     return _error(
         BrokenProcessPool(
             f"the worker process running this point died, and each of {1 + retries} run(s) "
-            f"of it alone in a fresh process died too (retries={retries})"
+            f"of it alone in a fresh process died too (retries={retries}); if sweep() was "
+            'called from a script, is the call under `if __name__ == "__main__":`?'
         )
     )
 
@@ -833,6 +835,14 @@ def sweep(
         ImportError: ``client``/``scheduler`` without dask installed
             (``pip install 'tdpmmu[cluster]'``).
     """
+    main = sys.modules.get("__main__")
+    if main is not None and main.__name__ == "__mp_main__":
+        # A spawned worker is re-importing the caller's script, which calls sweep() at import.
+        raise RuntimeError(
+            "tdpmmu.sweep was called while a worker process imported the calling script: "
+            'call it under `if __name__ == "__main__":` (local sweeps start their worker '
+            "processes with spawn, which re-imports the script)"
+        )
     started = time.perf_counter()
     name, ref = _resolve(workload)
     fn = _function(ref)
