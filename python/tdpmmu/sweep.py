@@ -47,7 +47,6 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -835,9 +834,9 @@ def sweep(
         ImportError: ``client``/``scheduler`` without dask installed
             (``pip install 'tdpmmu[cluster]'``).
     """
-    main = sys.modules.get("__main__")
-    if main is not None and main.__name__ == "__mp_main__":
-        # A spawned worker is re-importing the caller's script, which calls sweep() at import.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A spawned worker is re-importing the caller's script, which calls sweep() at import
+        # (the flag multiprocessing itself checks while a child bootstraps).
         raise RuntimeError(
             "tdpmmu.sweep was called while a worker process imported the calling script: "
             'call it under `if __name__ == "__main__":` (local sweeps start their worker '
