@@ -25,3 +25,17 @@ def test_workload_defaults_to_a_vm_type_it_runs_on(
     assert main([command, *args, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["config"]["vm"]["vm_type"] == vm_type
+
+
+def test_sweep_plot_is_checked_before_the_run_and_a_bad_plot_keeps_the_table(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unwritable --plot format is refused before any point runs; a plot that cannot be
+    drawn (no --y for a workload without a rate) still prints the table first."""
+    base = ["sweep", "pre-fault-memory", "--grid", "vm_type=default,snp", "--processes", "0"]
+    assert main([*base, "--plot", "/tmp/x.txt"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--plot" in err and ".png" in err
+    assert main([*base, "--plot", "/tmp/tdpmmu-test-plot.png"]) == 2
+    out, err = capsys.readouterr()
+    assert "pre_fault_time" in out and "--plot: y:" in err

@@ -8,6 +8,7 @@ one; keys are the workload function's parameters, ``SimArgs`` keys, ``tdx.<optio
 """
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -141,6 +142,24 @@ def _merge(pairs: list[tuple[str, Any]], what: str) -> dict[str, Any]:
     return out
 
 
+def _check_plot_path(path: str) -> None:
+    """``--plot``'s file: matplotlib installed, a format it writes, a directory that exists."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("--plot: needs matplotlib: pip install 'tdpmmu[plot]'") from None
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = Figure().canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise ConfigError(
+            f"--plot: {path!r} is not a format matplotlib writes; use one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--plot: the directory {folder!r} does not exist")
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     from tdpmmu.sweep import sweep
 
@@ -152,6 +171,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     series = None
     if args.series:
         series = [s for item in args.series for s in item.split(",") if s.strip()]
+    if args.plot:
+        _check_plot_path(args.plot)  # before the points run, not after
     with ProgressBar(sys.stderr, args.progress, f"sweep {args.workload}") as bar:
         result = sweep(
             args.workload,
@@ -169,16 +190,20 @@ def run_sweep(args: argparse.Namespace) -> int:
             result.to_csv(args.csv)
         except OSError as e:
             raise ConfigError(f"--csv: cannot write {args.csv!r}: {e.strerror or e}") from None
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        result.plot(args.plot, x=args.x, y=args.y, series=series)
     if args.json:
         print(text)
     else:
         metrics = args.metrics.split(",") if args.metrics else None
         print(result.table(metrics))
+    sys.stdout.flush()
+    if args.plot:
+        # After the table, so a plot that cannot be drawn (say, --y names no metric) loses
+        # nothing the run measured.
+        try:
+            result.plot(args.plot, x=args.x, y=args.y, series=series)
+        except (ConfigError, ValueError, KeyError) as e:
+            raise ConfigError(f"--plot: {e}") from None
+        print(f"tdpmmu sweep: plot written to {args.plot}", file=sys.stderr)
     failed = [p for p in result.points if not p.ok]
     if failed:
         print(
