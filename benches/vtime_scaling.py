@@ -17,7 +17,7 @@ VCPUS = (1, 8, 64, 128, 256)
 
 def rate(**kw: object) -> float:
     r = demand_paging(**kw)  # type: ignore[arg-type]
-    return r.modeled_overall_demand_paging_rate_pgs_per_s
+    return r.overall_demand_paging_rate_pgs_per_s
 
 
 def removal_us(vcpus: int, pages: int = 64, removed: int = 256) -> float:

@@ -143,7 +143,7 @@ def test_demand_paging_virtual_result_round_trips_and_labels_its_clock() -> None
     assert doc["config"]["workload"]["options"]["mmu_lock"] == "exclusive"
     # The modeled rate comes from the slowest simulated vCPU.
     slowest = max(d["modeled_ns"] for d in r.per_vcpu) / 1e9
-    assert r.modeled_guest_execution_time_s == slowest
+    assert r.total_guest_execution_time_s == slowest
 
 
 def test_host_clock_refuses_virtual_only_knobs() -> None:
@@ -163,18 +163,15 @@ def test_the_virtual_clock_shows_contention_the_host_clock_cannot() -> None:
     shared = demand_paging(**kw)  # type: ignore[arg-type]
     excl = demand_paging(mmu_lock="exclusive", **kw)  # type: ignore[arg-type]
     one = demand_paging(vcpus=1, bytes_per_vcpu="1M")
-    per_one = one.modeled_per_vcpu_demand_paging_rate_pgs_per_s
+    per_one = one.per_vcpu_demand_paging_rate_pgs_per_s
     # Host threads: every vCPU models what one does (no concurrency in modeled time).
     host_one = demand_paging(vcpus=1, bytes_per_vcpu="1M", clock="host")
-    assert host.modeled_per_vcpu_demand_paging_rate_pgs_per_s == pytest.approx(
-        host_one.modeled_per_vcpu_demand_paging_rate_pgs_per_s, rel=1e-2
+    assert host.per_vcpu_demand_paging_rate_pgs_per_s == pytest.approx(
+        host_one.per_vcpu_demand_paging_rate_pgs_per_s, rel=1e-2
     )
     # Virtual time: 64 vCPUs contend, exclusive more than shared.
-    assert shared.modeled_per_vcpu_demand_paging_rate_pgs_per_s < per_one
-    assert (
-        excl.modeled_overall_demand_paging_rate_pgs_per_s
-        < shared.modeled_overall_demand_paging_rate_pgs_per_s
-    )
+    assert shared.per_vcpu_demand_paging_rate_pgs_per_s < per_one
+    assert excl.overall_demand_paging_rate_pgs_per_s < shared.overall_demand_paging_rate_pgs_per_s
     assert excl.virtual["resources"]["mmu_lock wait"] > 0
     assert shared.virtual["resources"]["mmu_lock wait"] == 0
 

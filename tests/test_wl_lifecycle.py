@@ -30,7 +30,11 @@ def snp(**kw: object) -> WorkloadResult:
 def all_ok(r: WorkloadResult) -> None:
     checks = r.detail["checks"]
     assert checks
-    assert all(v.startswith("ok") for v in checks.values()), checks
+    assert r.ok and all(c["ok"] for c in checks), checks
+
+
+def failed(r: WorkloadResult) -> list[str]:
+    return [c["name"] for c in r.detail["checks"] if not c["ok"]]
 
 
 # ----- td_lifecycle ---------------------------------------------------------------------------
@@ -131,9 +135,18 @@ def test_td_every_mirror_design(hooks: object) -> None:
 
 def test_td_private_design_leaks_sept_at_teardown() -> None:
     # Teardown zaps are not private faults: the private design fires no hook, so the S-EPT
-    # tables are never freed. The workload's destroy check reports exactly that.
-    with pytest.raises(tdpmmu.InvariantError, match=r"destroy_reclaimed.*sept_tables"):
-        td(hooks="private")
+    # tables are never freed. The workload's destroy check reports exactly that, and the run
+    # still returns every figure.
+    r = td(hooks="private")
+    assert not r.ok
+    assert failed(r) == [
+        "destroy reclaims every table, leaf and S-EPT page",
+        "VM.check() holds after destroy",
+    ]
+    (destroy,) = [c for c in r.detail["checks"] if c["name"] == failed(r)[0]]
+    assert "sept_tables" in destroy["detail"]
+    assert r.stats["sept_tables"] > 0 and r.metrics["destroy_time_s"] > 0
+    assert [c["ok"] for c in r.detail["checks"]][:-2] == [True] * (len(r.detail["checks"]) - 2)
 
 
 class _Hooks:
@@ -196,13 +209,20 @@ def test_td_checker_catches_disagreement() -> None:
     checker.attributes("ok", [])
     g = layout.base_gfn + 7
     vm.set_memory_attributes(g, 1, private=False)  # shared, never touched: nothing maps it
-    with pytest.raises(tdpmmu.InvariantError, match="S-EPT state none"):
-        checker.attributes("one_shared", [])
-    with pytest.raises(tdpmmu.InvariantError, match=f"shared gfn {g:#x} is not mapped"):
-        checker.attributes("one_shared", [(g, 1)])
+    checker.attributes("as private", [])
+    checker.attributes("shared, unmapped", [(g, 1)])
     vm.fault(g, private=False)
-    checker.attributes("one_shared", [(g, 1)])
-    assert checker.results["one_shared"].startswith("ok")
+    checker.attributes("shared, mapped", [(g, 1)])
+    recs = checker.results.to_list()
+    assert [(c["name"], c["ok"]) for c in recs] == [
+        ("ok", True),
+        ("as private", False),
+        ("shared, unmapped", False),
+        ("shared, mapped", True),
+    ]
+    assert "S-EPT state none" in recs[1]["detail"]
+    assert recs[2]["detail"] == f"shared gfn {g:#x} is not mapped"
+    assert checker.results.failed() == ["as private", "shared, unmapped"]
 
 
 @pytest.mark.parametrize(

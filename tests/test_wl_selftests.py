@@ -4,12 +4,14 @@ pre_fault_memory, private_mem_conversions' CLI) and the engine operation they ad
 
 import argparse
 import re
+from typing import Any
 
 import numpy as np
 import pytest
 
 import tdpmmu
 from tdpmmu import spte
+from tdpmmu.vm import VM
 from tdpmmu.workloads import WORKLOADS, WorkloadResult
 from tdpmmu.workloads.kvm_page_table import kvm_page_table, leaf_level
 from tdpmmu.workloads.pre_fault_memory import TEST_PAGES, pre_fault_ioctl, pre_fault_memory
@@ -107,13 +109,16 @@ def test_kvm_page_table_stages_and_levels(vm_type: str, backing: str) -> None:
         assert line.startswith(f"{stage}: total execution time: ") and TIME.search(line)
         assert blank == ""
         assert r.metrics[f"{stage.lower()}_total_execution_time_s"] >= 0
-    assert all(c["ok"] for c in r.detail["checks"].values())
-    assert set(r.detail["checks"]) == {
-        "create_levels",
-        "update_levels",
-        "update_dirty",
-        "adjust_levels",
-    }
+    assert r.ok and all(c["ok"] for c in r.detail["checks"])
+    huge = 1 if backing == "anonymous" else 2
+    assert [c["name"] for c in r.detail["checks"]] == [
+        f"every backing page mapped at level {huge} after KVM_CREATE_MAPPINGS",
+        "every page written under dirty logging mapped at 4 KiB after KVM_UPDATE_MAPPINGS",
+        "every page written under dirty logging set in the slot's dirty log",
+        f"every backing page mapped at level {huge} again after KVM_ADJUST_MAPPINGS "
+        "(huge mappings recovered when dirty logging stopped)",
+        "VM.check() holds after the run",
+    ]
     stages = r.detail["stages"]
     npages = 6 * 256
     step = 1 if backing == "anonymous" else 512
@@ -147,6 +152,24 @@ def test_kvm_page_table_adjust_recovery_is_checked() -> None:
     vm.set_dirty_logging(0, False)
     assert leaf_level(vm, 0) == 1  # a write-tracked page keeps its 2M range small
     assert leaf_level(vm, 600) == 0
+
+
+def test_kvm_page_table_failed_check_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A dirty log that lost the guest's writes fails that check; the run still returns.
+    real = VM.get_dirty_log
+
+    def empty(self: VM, slot: int) -> Any:
+        return np.zeros_like(np.asarray(real(self, slot)))
+
+    monkeypatch.setattr(VM, "get_dirty_log", empty)
+    r = kvm_page_table(test_bytes="1M")
+    assert not r.ok
+    failed = [c for c in r.detail["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == [
+        "every page written under dirty logging set in the slot's dirty log"
+    ]
+    assert failed[0]["detail"] == "256 of 256 written pages not in the dirty log"
+    assert r.metrics["kvm_adjust_mappings_total_execution_time_s"] > 0
 
 
 def test_kvm_page_table_clock_option_counts_guest_time() -> None:
@@ -233,9 +256,15 @@ def test_kvm_page_table_flags() -> None:
 )
 def test_pre_fault_memory_checks(vm_type: str, private: bool | None) -> None:
     r = pre_fault_memory(private=private, vm_type=vm_type)
-    checks = r.detail["checks"]
-    assert all(c["ok"] for c in checks.values())
-    for k in ("whole_2m", "past_slot_end", "outside_slot", "guest_pass_no_faults"):
+    checks = {c["name"]: c for c in r.detail["checks"]}
+    assert r.ok and all(c["ok"] for c in checks.values())
+    for k in (
+        "pre-fault the whole 2 MiB: 0 bytes left and success",
+        "pre-fault past the slot's end: 4096 bytes left and ENOENT",
+        "pre-fault outside the slot: 4096 bytes left and ENOENT",
+        "the guest's reads of the pre-faulted slot take no fault",
+        "VM.check() holds after the run",
+    ):
         assert k in checks
     kind = "private" if private is None and vm_type != "default" else "shared"
     assert r.params["private"] == (kind == "private")
@@ -399,8 +428,14 @@ def test_private_mem_conversions_test_stages(sim: dict[str, object]) -> None:
         assert re.fullmatch(rf"{name}: pass, \d+\.\d{{9}}s", line)
         assert r.metrics[f"{name.replace(' ', '_')}_s"] > 0
     # Every check ran for each range of each vCPU and pass (2 passes per stage kind).
-    assert r.detail["checks"]["private_write_maps_private"] == 2 * 2 * 5
-    assert r.detail["checks"]["read_after_punch_refaults"] == 2 * 2 * 5
+    checks = {c["name"]: c for c in r.detail["checks"]}
+    assert r.ok and len(checks) == 10
+    assert checks["writing a range converted private maps private memory"]["detail"] == (
+        f"held {2 * 2 * 5} times"
+    )
+    assert checks["reading a punched range faults it back in as private memory"]["detail"] == (
+        f"held {2 * 2 * 5} times"
+    )
     assert r.stats["conversions"] > 0
     round_trip(r)
 

@@ -144,24 +144,22 @@ def test_wall_clock_is_measured_around_the_vcpu_threads(
     monkeypatch.setattr(VM, runner, slow_start)
     r = demand_paging(vcpus=2, bytes_per_vcpu="1M", clock=clock)
     assert r.options.clock == clock
-    assert r.total_guest_execution_time_s >= delay
+    assert r.wall_total_guest_execution_time_s >= delay
     assert r.slowest_vcpu_wall_s == max(d["wall_s"] for d in r.per_vcpu) < delay
-    assert r.per_vcpu_demand_paging_rate_pgs_per_s == pytest.approx(
-        r.pages_per_vcpu / r.total_guest_execution_time_s
+    assert r.wall_per_vcpu_demand_paging_rate_pgs_per_s == pytest.approx(
+        r.pages_per_vcpu / r.wall_total_guest_execution_time_s
     )
-    assert r.overall_demand_paging_rate_pgs_per_s == pytest.approx(
-        r.pages_per_vcpu * 2 / r.total_guest_execution_time_s
+    assert r.wall_overall_demand_paging_rate_pgs_per_s == pytest.approx(
+        r.pages_per_vcpu * 2 / r.wall_total_guest_execution_time_s
     )
-    assert r.wall_s >= r.total_guest_execution_time_s
+    assert r.wall_s >= r.wall_total_guest_execution_time_s
 
 
 def test_modeled_rates_use_the_slowest_vcpu() -> None:
     r = demand_paging(vcpus=2, bytes_per_vcpu="1M")
     slowest = max(d["modeled_ns"] for d in r.per_vcpu) / 1e9
-    assert r.modeled_guest_execution_time_s == slowest
-    assert r.modeled_overall_demand_paging_rate_pgs_per_s == pytest.approx(
-        2 * r.pages_per_vcpu / slowest
-    )
+    assert r.total_guest_execution_time_s == slowest
+    assert r.overall_demand_paging_rate_pgs_per_s == pytest.approx(2 * r.pages_per_vcpu / slowest)
 
 
 # ----- the result envelope --------------------------------------------------------------------
@@ -190,7 +188,7 @@ def test_demand_paging_envelope() -> None:
     assert o["accesses"] == (
         o["hits"] + o["fixed"] + o["spurious"] + o["emulate"] + o["write_protected"]
     )
-    assert doc["wall_s"] >= doc["result"]["total_guest_execution_time_s"] > 0
+    assert doc["wall_s"] >= doc["result"]["wall_total_guest_execution_time_s"] > 0
     # JSON round trip, both as an envelope and as the typed result.
     assert Envelope.from_json(r.to_json()) == r.envelope()
     assert DemandPagingResult.from_json(r.to_json()) == r
@@ -223,9 +221,9 @@ def test_envelope_round_trip_with_an_unbounded_rate() -> None:
     # memory bandwidth still does), so the modeled rate is unbounded.
     zero = {name: 0.0 for name in tdpmmu.CostModel.field_names()}
     r = demand_paging(bytes_per_vcpu="1M", costs=zero, clock="host")
-    assert math.isinf(r.modeled_per_vcpu_demand_paging_rate_pgs_per_s)
+    assert math.isinf(r.per_vcpu_demand_paging_rate_pgs_per_s)
     text = r.to_json()
-    assert json.loads(text)["result"]["modeled_per_vcpu_demand_paging_rate_pgs_per_s"] is None
+    assert json.loads(text)["result"]["per_vcpu_demand_paging_rate_pgs_per_s"] is None
     assert DemandPagingResult.from_json(text) == r
 
 

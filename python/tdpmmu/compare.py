@@ -55,9 +55,11 @@ from tdpmmu.costs import CostModel
 from tdpmmu.results import Envelope, json_safe, rows_to_frame, sum_breakdowns
 from tdpmmu.sizes import format_size
 from tdpmmu.stats import Stats
+from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.vtime import VirtualOptions
 from tdpmmu.workloads import PAGE_SIZE, private_mem_conversions
+from tdpmmu.workloads.base import capture_vms
 
 if TYPE_CHECKING:
     import pandas
@@ -702,6 +704,25 @@ def _leftovers(stats: Stats, vm_type: str) -> list[str]:
     ]
 
 
+def _check_error(vm: VM) -> str | None:
+    """``VM.check()`` after a workload: None when it holds, else ``"check: <why>"``."""
+    try:
+        vm.check()
+    except InvariantError as e:
+        return f"check: {e}"
+    return None
+
+
+def _teardown_error(vm: VM, vm_type: str) -> str | None:
+    """The teardown audit: ``VM.destroy()`` (KVM's order; skipped when the run already
+    destroyed the VM), then whatever it left behind (KVM page tables, S-EPT or software external
+    tables never freed or leaked): None when nothing, else ``"teardown: <what>"``."""
+    if not vm.destroyed:
+        vm.destroy()
+    leftovers = _leftovers(vm.stats, vm_type)
+    return "teardown: " + ", ".join(leftovers) if leftovers else None
+
+
 def run_pair(
     label: str,
     design: str,
@@ -794,17 +815,12 @@ def run_pair(
 
         # 4. correctness after the workload, then teardown and what it left behind.
         run.name = "check"
-        try:
-            vm.check()
-        except InvariantError as e:
-            error = error or f"check: {e}"
+        error = error or _check_error(vm)
         if params.teardown:
             run.begin("teardown")
-            vm.destroy()
+            left = _teardown_error(vm, spec.vm_type)
             run.end()
-            leftovers = _leftovers(vm.stats, spec.vm_type)
-            if leftovers:
-                error = error or "teardown: " + ", ".join(leftovers)
+            error = error or left
     except (VmBugged, InvariantError, OutOfMemory) as e:
         # The design broke mid-run: that is the row's result, with the counts up to here.
         error = f"{run.name}: {type(e).__name__}: {e}"
@@ -1445,14 +1461,19 @@ class WorkloadRow:
     design: str
     #: The row's TDX options (empty on variants without them).
     tdx: Mapping[str, coerce.TdxValue]
-    #: The workload's result; None when it refused the VM or broke mid-run.
+    #: The workload's result (``WorkloadResult`` or ``DemandPagingResult``), whether its
+    #: checks held or not; None when it refused the VM or raised mid-run.
     result: Any
     #: Host wall-clock seconds of the row.
     wall_s: float
-    #: Why the row has no passing result (None when it passed).
+    #: Why the row did not pass (None when it passed): the workload's first failed check, the
+    #: teardown audit's finding, or the exception the run raised.
     error: str | None = None
     #: The workload refused this VM type or design (``ConfigError``): not a failed check.
     refused: bool = False
+    #: The counters of the workload's VM when the run raised (None when it returned a result,
+    #: whose counters are used, or raised before building a VM).
+    vm_stats: Stats | None = None
 
     @property
     def options(self) -> str:
@@ -1460,12 +1481,13 @@ class WorkloadRow:
         return ",".join(f"{k}={_option_text(v)}" for k, v in self.tdx.items())
 
     def _stat(self, name: str) -> int:
-        return 0 if self.result is None else int(self.result.stats[name])
+        stats = self.stats
+        return 0 if stats is None else int(stats[name])
 
     @property
     def stats(self) -> Stats | None:
-        """The result's counters (None without a result)."""
-        return None if self.result is None else cast(Stats, self.result.stats)
+        """The result's counters, else the VM's when the run raised (``vm_stats``), else None."""
+        return self.vm_stats if self.result is None else cast(Stats, self.result.stats)
 
     @property
     def faults(self) -> int:
@@ -1480,7 +1502,8 @@ class WorkloadRow:
     @property
     def seamcalls(self) -> int:
         """Host SEAMCALLs (every ``TDH.*`` leaf)."""
-        return 0 if self.result is None else _seamcalls(self.result.stats.to_dict())
+        stats = self.stats
+        return 0 if stats is None else _seamcalls(stats.to_dict())
 
     @property
     def rmpupdate(self) -> int:
@@ -1499,8 +1522,9 @@ class WorkloadRow:
 
     @property
     def modeled_ns(self) -> float:
-        """All modeled time of the run (cost model; 0 without a result)."""
-        return 0.0 if self.result is None else float(self.result.modeled_ns)
+        """All modeled time of the run (cost model; 0 without counters)."""
+        stats = self.stats
+        return 0.0 if stats is None else float(stats["modeled_ns"])
 
     @property
     def page_table_peak_bytes(self) -> int:
@@ -1526,7 +1550,8 @@ class WorkloadRow:
 
     @property
     def check_ok(self) -> bool:
-        """The workload ran and its own checks held (``detail["checks"]``)."""
+        """The workload ran, its own checks held (``detail["checks"]``) and its VM passed the
+        teardown audit."""
         return self.result is not None and self.error is None
 
     @property
@@ -1546,7 +1571,8 @@ class WorkloadRow:
         return {name: getattr(self, name) for name in WORKLOAD_SUMMARY_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
-        """``summary()`` plus ``tdx`` and the result's envelope (None without a result).
+        """``summary()`` plus ``tdx``, the result's envelope (None without a result) and
+        ``vm_stats`` (None unless the run raised with a VM).
 
         Returns:
             dict[str, Any]: plain JSON types. Never raises.
@@ -1554,6 +1580,7 @@ class WorkloadRow:
         out = self.summary()
         out["tdx"] = dict(self.tdx)
         out["result"] = None if self.result is None else self.result.to_dict()
+        out["vm_stats"] = None if self.vm_stats is None else self.vm_stats.to_dict()
         return out
 
     @classmethod
@@ -1580,6 +1607,7 @@ class WorkloadRow:
             wall_s=float(data["wall_s"]),
             error=data.get("check_error"),
             refused=bool(data.get("refused", False)),
+            vm_stats=None if data.get("vm_stats") is None else Stats(data["vm_stats"]),
         )
 
 
@@ -1704,11 +1732,14 @@ class WorkloadComparison:
         return buf.getvalue()
 
 
-def _checks_failed(checks: Any) -> list[str]:
-    """Names of checks recorded as False in a workload's ``detail["checks"]``."""
-    if isinstance(checks, Mapping):
-        return [str(k) for k, v in checks.items() if v is False]
-    return []
+def _first_failed_check(result: Any) -> str | None:
+    """What a row's check column says for a result whose checks failed: the first failed
+    check's name (``detail["checks"]`` records), with how many more failed; None when all held.
+    """
+    failed = [str(c["name"]) for c in result.detail.get("checks", ()) if not c["ok"]]
+    if not failed:
+        return None
+    return failed[0] + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else "")
 
 
 def compare_workload(
@@ -1735,8 +1766,15 @@ def compare_workload(
     (``tdx``: a list or ``"a,b"`` per option; default ``DEFAULTS["tdx"]``, every hook
     interface). A pair whose VM type is not in the workload's ``vm_types`` is left out; a pair
     the workload refuses with ``ConfigError`` (e.g. a design it cannot run) is a row marked
-    ``refused``; a run that breaks (``InvariantError``, ``VmBugged``, ``OutOfMemory``, a failed
-    assert of the workload's own checks) is a row with ``check_ok`` False and the reason.
+    ``refused``. A run whose own checks failed keeps its result and figures, with ``check_ok``
+    False and the first failed check as the reason. After a run that returned, each VM it built
+    goes through the built-in ``compare``'s audit: ``VM.check()``, then ``VM.destroy()`` (unless
+    the workload destroyed it) and what it left behind (KVM page tables, S-EPT or software
+    external tables) fails the row. The VMs are found with ``workloads.base.capture_vms`` (a
+    workload's ``Clock`` hands its VM over), so no workload's signature changes. A run that
+    raises (``InvariantError``, ``VmBugged``, ``OutOfMemory``, ``AssertionError``) is a row
+    with ``check_ok`` False, the exception as the reason and its VM's counters up to the error
+    (``vm_stats``).
 
     Args:
         workload: the registry name (``"dirty_log_perf"``) or CLI command
@@ -1808,24 +1846,34 @@ def compare_workload(
         result: Any = None
         error: str | None = None
         refused = False
-        try:
-            result = wl.run(
-                **kwargs,
-                **sim,
-                vm_type=vm_type,
-                mirror=mirror,
-                hooks=design,
-                tdx=combo or None,
-                folio=folio if vm_type != "default" else None,
-            )
-            failed = _checks_failed(result.detail.get("checks"))
-            if failed:
-                error = "checks failed: " + ", ".join(failed)
-        except ConfigError as e:
-            first_error = first_error or e
-            error, refused = str(e), True
-        except (VmBugged, InvariantError, OutOfMemory, AssertionError) as e:
-            error = f"{type(e).__name__}: {e}"
+        vm_stats: Stats | None = None
+        # capture_vms: the workload's VMs (it returns counters, not its VM), for the counters
+        # of a run that raises and for the teardown audit.
+        with capture_vms() as vms:
+            try:
+                result = wl.run(
+                    **kwargs,
+                    **sim,
+                    vm_type=vm_type,
+                    mirror=mirror,
+                    hooks=design,
+                    tdx=combo or None,
+                    folio=folio if vm_type != "default" else None,
+                )
+            except ConfigError as e:
+                first_error = first_error or e
+                error, refused = str(e), True
+            except (VmBugged, InvariantError, OutOfMemory, AssertionError) as e:
+                error = f"{type(e).__name__}: {e}"
+                vm_stats = vms[-1].stats if vms else None
+        if result is not None:
+            error = _first_failed_check(result)
+            # As the built-in compare: VM.check(), then destroy and what it left behind.
+            try:
+                for vm in vms:
+                    error = error or _check_error(vm) or _teardown_error(vm, vm.vm_type)
+            except (VmBugged, InvariantError, OutOfMemory) as e:
+                error = error or f"teardown: {type(e).__name__}: {e}"
         rows.append(
             WorkloadRow(
                 vm_type=label,
@@ -1835,6 +1883,7 @@ def compare_workload(
                 wall_s=time.perf_counter() - row_start,
                 error=error,
                 refused=refused,
+                vm_stats=vm_stats,
             )
         )
         if progress is not None:
@@ -1902,7 +1951,7 @@ def format_workload_text(result: WorkloadComparison) -> str:
         return f"{'n/a' if r.refused else 'NO'} [{len(footnotes)}]"
 
     def num(r: WorkloadRow, value: int) -> str:
-        return "-" if r.result is None else render.fmt_int(value)
+        return "-" if r.stats is None else render.fmt_int(value)
 
     lines += ["", "Hooks, SEAMCALLs, RMP instructions, modeled time, memory and correctness:"]
     cols = [
@@ -1930,8 +1979,8 @@ def format_workload_text(result: WorkloadComparison) -> str:
                 num(r, r.rmpupdate),
                 num(r, r.psmash),
                 num(r, r.pvalidate),
-                "-" if r.result is None else render.fmt_float(r.modeled_ns / 1e6, 3),
-                "-" if r.result is None else render.fmt_float(r.memory_bytes / _MIB, 2),
+                "-" if r.stats is None else render.fmt_float(r.modeled_ns / 1e6, 3),
+                "-" if r.stats is None else render.fmt_float(r.memory_bytes / _MIB, 2),
                 render.fmt_float(r.wall_s, 3),
                 check_cell(r),
             ]
@@ -1965,7 +2014,10 @@ def format_workload_text(result: WorkloadComparison) -> str:
         "faults: KVM's pf_taken. hook calls: link/set/remove/free_external_spt. SEAMCALLs: host "
         "TDH.* calls. PT memory: KVM page tables at peak + S-EPT/external tables held at the "
         f"end + SNP RMP entries ({RMP_ENTRY_BYTES} B per guest_memfd page). check: the "
-        "workload ran and its own checks held; n/a: the workload refuses that VM or design.",
+        "workload ran, its own checks held (else NO with the first failed check), VM.check() "
+        "held after it and teardown (destroy) left no KVM, S-EPT or external table behind, as "
+        "in the built-in compare; a row that raised keeps the counts up to the error; n/a: "
+        "the workload refuses that VM or design.",
         *footnotes,
     ]:
         lines += render.wrap(text)

@@ -8,10 +8,12 @@ arguments (``SimArgs``: VM type, hook design, TDX options, costs, clock, ...) an
 the cost breakdown, JSON both ways and a one-row DataFrame.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
 from tdpmmu._core import ConfigError
@@ -36,9 +38,11 @@ __all__ = [
     "SimArgs",
     "Workload",
     "WorkloadResult",
+    "capture_vms",
     "register",
     "sim_options",
     "spec_args",
+    "track_vm",
 ]
 
 
@@ -115,6 +119,48 @@ def sim_options(sim: SimArgs) -> VirtualOptions:
     )
 
 
+#: The VMs the workloads in the current context built, while ``capture_vms`` is active.
+_CAPTURED: contextvars.ContextVar[list[VM] | None] = contextvars.ContextVar(
+    "tdpmmu_captured_vms", default=None
+)
+
+
+@contextlib.contextmanager
+def capture_vms() -> Iterator[list[VM]]:
+    """Collect the VMs the workloads run inside the ``with`` block build (in order).
+
+    A workload's result holds counters, not its VM; ``compare_workload`` uses this to keep the
+    counters of a run that raised and to audit the VM's teardown after the run, without
+    changing any workload's signature. A workload's VM is collected when its ``Clock`` is made
+    (every workload makes one for its VM right after building it) or by ``track_vm``.
+
+    Returns:
+        Iterator[list[VM]]: ``with capture_vms() as vms:``; ``vms`` fills as VMs are built.
+        Never raises.
+    """
+    vms: list[VM] = []
+    token = _CAPTURED.set(vms)
+    try:
+        yield vms
+    finally:
+        _CAPTURED.reset(token)
+
+
+def track_vm(vm: VM) -> VM:
+    """Hand ``vm`` to the active ``capture_vms`` block, if any (once per VM).
+
+    Args:
+        vm: a workload's VM, just built.
+
+    Returns:
+        VM: ``vm``. Never raises.
+    """
+    vms = _CAPTURED.get()
+    if vms is not None and not any(v is vm for v in vms):
+        vms.append(vm)
+    return vm
+
+
 class Clock:
     """Both clocks of one phase of a workload: the VM's modeled time and host wall time.
 
@@ -124,7 +170,7 @@ class Clock:
     """
 
     def __init__(self, vm: VM, progress: Progress | None = None, total: int = 0) -> None:
-        self.vm = vm
+        self.vm = track_vm(vm)
         #: (label, modeled seconds, host wall seconds) per phase, in order.
         self.phases: list[tuple[str, float, float]] = []
         self._progress = progress

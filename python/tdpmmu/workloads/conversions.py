@@ -347,6 +347,20 @@ def _leaf(vm: VM, gfn: int, private: bool) -> tuple[int, int] | None:
     return None
 
 
+#: ``private_mem_conversions_test``'s checks: key -> what ``detail["checks"]`` names it.
+_CHECK_NAMES = {
+    "private_conversion_zaps_shared": "converting a range private zaps its shared mappings",
+    "private_write_maps_private": "writing a range converted private maps private memory",
+    "odd_pages_shared": "odd pages converted back shared have no private leaf",
+    "even_pages_private": "even pages left private map private memory",
+    "shared_write_maps_shared": "writing a range converted shared maps shared memory",
+    "punch_frees_private": "converting the chunk shared with a punch leaves no private leaf",
+    "punch_chunk_unmaps": "punching the chunk leaves no private leaf in it",
+    "punch_range_unmaps": "punching a range leaves no private leaf in it",
+    "read_after_punch_refaults": "reading a punched range faults it back in as private memory",
+}
+
+
 def private_mem_conversions_test(
     shared_backing: str = "anonymous",
     vcpus: int = 1,
@@ -388,22 +402,23 @@ def private_mem_conversions_test(
             this workload when not given; with ``mirror`` too) or tdx.
 
     Returns:
-        WorkloadResult: one line per stage (``<stage>: pass, <modeled>s``); metrics
-        ``<stage>_s`` (snake_case) and ``wall_`` twins; ``detail["checks"]`` (each check with
-        how many times it held).
+        WorkloadResult: one line per stage (``<stage>: pass, <modeled>s``, ``FAIL`` when one of
+        its checks failed); metrics ``<stage>_s`` (snake_case) and ``wall_`` twins;
+        ``detail["checks"]`` (``Checks`` records: each check with how many times it held, or
+        the first failure's stage, range and page, and ``VM.check()``; a failed check is
+        recorded, not raised: the result's ``ok`` is False).
 
     Raises:
         ConfigError: a bad value, naming it; ``vm_type`` default (no private memory) or snp
             (the guest would have to PVALIDATE: use ``private_mem_conversions`` on a launched
             SNP VM).
-        InvariantError: a check failed (the stage, range and page in the message).
         TypeError: a value of the wrong type.
     """
     import numpy as np
 
     from tdpmmu._core import InvariantError
     from tdpmmu.vmspec import VmSpec, launch
-    from tdpmmu.workloads.base import Clock, finish, sim_options, spec_args
+    from tdpmmu.workloads.base import Checks, Clock, finish, sim_options, spec_args, track_vm
     from tdpmmu.workloads.common import backing_source
 
     run_start = time.perf_counter()
@@ -432,7 +447,7 @@ def private_mem_conversions_test(
             f"of whole backing pages"
         )
     spec = VmSpec.create(**spec_args(sim), memory=align, vcpus=nvcpus, backing=align)
-    vm = spec.build()
+    vm = track_vm(spec.build())
     base = (4 << 30) // PAGE_SIZE
     slot_pages = total // nslots // PAGE_SIZE
     slots = [
@@ -443,7 +458,10 @@ def private_mem_conversions_test(
     launch(vm)
     vm.set_memory_attributes(base, total // PAGE_SIZE, private=False)
     clock = Clock(vm, sim.get("progress"), 4)
-    checks: dict[str, int] = {}
+    # Per check: [times it held, times it failed, the first failure]; stage_failed: this
+    # stage's checks failed somewhere (its line says FAIL instead of pass).
+    tally: dict[str, list[Any]] = {}
+    stage_failed = [False]
     chunk = _PER_CPU_DATA // PAGE_SIZE
 
     def shared_pfn(gfn: int) -> int:
@@ -461,13 +479,14 @@ def private_mem_conversions_test(
         return out
 
     def check(name: str, ctx: str, gfns: range, ok: Callable[[set[str]], bool]) -> None:
+        t = tally.setdefault(_CHECK_NAMES[name], [0, 0, ""])
         for g in gfns:
             if not ok(kind(g)):
-                raise InvariantError(
-                    f"private_mem_conversions_test: {name} failed ({ctx}, gfn {g:#x}: "
-                    f"mapped {sorted(kind(g)) or 'nothing'})"
-                )
-        checks[name] = checks.get(name, 0) + 1
+                t[1] += 1
+                t[2] = t[2] or f"{ctx}, gfn {g:#x}: mapped {sorted(kind(g)) or 'nothing'}"
+                stage_failed[0] = True
+                return
+        t[0] += 1
 
     def access(v: int, gfn: int, n: int, write: bool) -> None:
         vm.access_batch(np.arange(gfn, gfn + n, dtype=np.uint64), write=write, vcpu=v)
@@ -534,6 +553,7 @@ def private_mem_conversions_test(
     lines: list[str] = []
     metrics: dict[str, float] = {}
     for name, body in stages:
+        stage_failed[0] = False
         worst, wall0 = 0.0, time.perf_counter()
         for v in range(nvcpus):
             ns0 = clock.modeled_ns()
@@ -541,10 +561,23 @@ def private_mem_conversions_test(
             worst = max(worst, (clock.modeled_ns() - ns0) / 1e9)
         wall = time.perf_counter() - wall0
         clock.record(name, worst, wall)
-        lines.append(f"{name}: pass, {worst:.9f}s")
+        lines.append(f"{name}: {'FAIL' if stage_failed[0] else 'pass'}, {worst:.9f}s")
         key = name.replace(" ", "_")
         metrics[f"{key}_s"], metrics[f"wall_{key}_s"] = worst, wall
-    vm.check()
+    checks = Checks()
+    for what, (held, failed, first) in tally.items():
+        checks.add(
+            what,
+            failed == 0,
+            f"failed {failed} of {held + failed} times; first: {first}"
+            if failed
+            else f"held {held} times",
+        )
+    try:
+        vm.check()
+        checks.add("VM.check() holds after the run", True)
+    except InvariantError as e:
+        checks.add("VM.check() holds after the run", False, str(e))
     return finish(
         "private_mem_conversions",
         vm,
@@ -555,7 +588,7 @@ def private_mem_conversions_test(
         metrics=metrics,
         clock=clock,
         run_start=run_start,
-        detail={"checks": checks, "test_ranges": [list(r) for r in TEST_RANGES]},
+        detail={"checks": checks.to_list(), "test_ranges": [list(r) for r in TEST_RANGES]},
     )
 
 

@@ -46,6 +46,7 @@ from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.vtime import VirtualOptions
 from tdpmmu.workloads.base import (
+    Checks,
     Clock,
     SimArgs,
     Workload,
@@ -54,6 +55,7 @@ from tdpmmu.workloads.base import (
     register,
     sim_options,
     spec_args,
+    track_vm,
 )
 from tdpmmu.workloads.common import PAGE_SIZE, backing_source, virtual_summary
 
@@ -201,15 +203,14 @@ def kvm_page_table(
         WorkloadResult: the selftest's set-up lines and one ``<STAGE>: total execution time``
         line per stage (modeled seconds, each followed by a blank line); metrics
         ``kvm_create_mappings_total_execution_time_s`` (and update, adjust) and ``wall_``
-        twins; ``detail``: ``checks`` (mapping levels after each stage, dirty pages),
+        twins; ``detail``: ``checks`` (``Checks`` records: mapping levels after each stage,
+        dirty pages, ``VM.check()``; a failed one is recorded, not raised: ``ok`` False),
         ``stages`` (per vCPU modeled ns, faults and accesses per stage) and, in virtual time,
         ``virtual`` (per stage: outcomes, modeled time by resource, ``mmu_lock`` contention).
 
     Raises:
         ConfigError: a bad value, naming it (``vcpus``, ``test_bytes``, ``backing``,
             ``offset``), or a region that does not fit.
-        InvariantError: a stage left the region mapped at other levels than KVM would, or
-            a written page is not in the dirty log.
         TypeError: a value of the wrong type.
     """
     run_start = time.perf_counter()
@@ -223,7 +224,7 @@ def kvm_page_table(
     step = backing_bytes // PAGE_SIZE
     slot0 = max(_SLOT0_BYTES, backing_bytes)
     spec = VmSpec.create(**spec_args(sim), memory=slot0, vcpus=nvcpus, backing=backing_bytes)
-    vm = spec.build()
+    vm = track_vm(spec.build())
     if offset is None:
         base = (vm.max_gfn - npages) // step * step
     else:
@@ -255,18 +256,17 @@ def kvm_page_table(
     clock = Clock(vm, sim.get("progress"), 5)
     heads = range(base, base + npages, step)
     huge = {4096: 1, 2 << 20: 2, 1 << 30: 3}[backing_bytes]
-    checks: dict[str, Any] = {}
+    checks = Checks()
     stages: dict[str, list[dict[str, float]]] = {}
     virtual: dict[str, dict[str, Any]] = {}
     metrics: dict[str, float] = {}
 
-    def expect(label: str, ok: bool, what: str) -> None:
-        checks[label] = {"ok": ok, "what": what}
-        if not ok:
-            raise InvariantError(f"kvm_page_table: {label}: expected {what}")
-
     def levels(gfns: "range | npt.NDArray[np.uint64]") -> set[int]:
         return {leaf_level(vm, int(g)) for g in gfns}
+
+    def expect_levels(what: str, gfns: "range | npt.NDArray[np.uint64]", level: int) -> None:
+        seen = levels(gfns)
+        checks.add(what, seen == {level}, f"leaf levels seen: {sorted(seen)}")
 
     def run_stage(stage: str) -> None:
         lists = _stage_lists(stage, nvcpus, base, npages, step)
@@ -283,10 +283,8 @@ def kvm_page_table(
         metrics[f"wall_{key}_total_execution_time_s"] = wall_s
 
     run_stage("KVM_CREATE_MAPPINGS")
-    expect(
-        "create_levels",
-        levels(heads) == {huge},
-        f"every backing page mapped at level {huge} after KVM_CREATE_MAPPINGS",
+    expect_levels(
+        f"every backing page mapped at level {huge} after KVM_CREATE_MAPPINGS", heads, huge
     )
     with clock.phase("enable dirty logging"):
         vm.set_dirty_logging(slot, True)
@@ -295,26 +293,31 @@ def kvm_page_table(
     written = upd_gfns[upd_writes]
     bitmap = np.asarray(vm.get_dirty_log(slot), dtype=np.uint64)
     bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages].astype(bool)
-    expect(
-        "update_levels",
-        levels(written) == {1},
+    expect_levels(
         "every page written under dirty logging mapped at 4 KiB after KVM_UPDATE_MAPPINGS",
+        written,
+        1,
     )
-    expect(
-        "update_dirty",
-        bool(bits[(written - base).astype(np.int64)].all()),
+    missing = int((~bits[(written - base).astype(np.int64)]).sum())
+    checks.add(
         "every page written under dirty logging set in the slot's dirty log",
+        missing == 0,
+        f"{missing:,} of {written.size:,} written pages not in the dirty log" if missing else "",
     )
     with clock.phase("disable dirty logging"):
         vm.set_dirty_logging(slot, False)
     run_stage("KVM_ADJUST_MAPPINGS")
-    expect(
-        "adjust_levels",
-        levels(heads) == {huge},
+    expect_levels(
         f"every backing page mapped at level {huge} again after KVM_ADJUST_MAPPINGS "
         "(huge mappings recovered when dirty logging stopped)",
+        heads,
+        huge,
     )
-    vm.check()
+    try:
+        vm.check()
+        checks.add("VM.check() holds after the run", True)
+    except InvariantError as e:
+        checks.add("VM.check() holds after the run", False, str(e))
     params = {
         "vcpus": nvcpus,
         "test_bytes": size,
@@ -322,7 +325,7 @@ def kvm_page_table(
         "offset": offset,
     }
     detail: dict[str, Any] = {
-        "checks": checks,
+        "checks": checks.to_list(),
         "stages": stages,
         "region": [base * PAGE_SIZE, (base + npages) * PAGE_SIZE],
         "clock": (

@@ -13,12 +13,14 @@ issued as the selftest does — again while it returns success with bytes left �
    ENOENT (KVM: RET_PF_EMULATE, no memslot) — 4 KiB left;
 3. ``[base + 2 MiB + 4 KiB, +4 KiB)``: no memslot: ENOENT at once, 4 KiB left.
 
-Every call must change the remaining size exactly when it succeeds. Then the guest reads every
-page of the slot once (``memstress.run_pass``, the run's clock): since everything is mapped, it
-must take no fault (``pf_taken`` and ``pf_fixed`` do not grow). One ``KVM_PRE_FAULT_MEMORY`` call
-is modeled as ``VM.populate`` over the part of the range that memslots cover, from its start
-(an ioctl: no exit, ``fault_handling_ns`` per leaf), and ENOENT where the range leaves every
-memslot. The selftest's variant that deletes the memslot concurrently is not modeled.
+Every call must change the remaining size exactly when it succeeds (each check is recorded in
+``detail["checks"]``; a failed one does not raise: the result's ``ok`` is False). Then the guest
+reads every page of the slot once (``memstress.run_pass``, the run's clock): since everything is
+mapped, it must take no fault (``pf_taken`` and ``pf_fixed`` do not grow). One
+``KVM_PRE_FAULT_MEMORY`` call is modeled as ``VM.populate`` over the part of the range that memslots
+cover, from its start (an ioctl: no exit, ``fault_handling_ns`` per leaf), and ENOENT where the
+range leaves every memslot. The selftest's variant that deletes the memslot concurrently is not
+modeled.
 """
 
 import argparse
@@ -30,6 +32,7 @@ from tdpmmu import coerce
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.workloads.base import (
+    Checks,
     Clock,
     SimArgs,
     Workload,
@@ -38,6 +41,7 @@ from tdpmmu.workloads.base import (
     register,
     sim_options,
     spec_args,
+    track_vm,
 )
 from tdpmmu.workloads.common import PAGE_SIZE
 from tdpmmu.workloads.memstress import DEFAULT_GUEST_SEED, Layout, run_pass
@@ -102,12 +106,12 @@ def pre_fault_memory(private: bool | None = None, **sim: Unpack[SimArgs]) -> Wor
     Returns:
         WorkloadResult: lines per request (bytes left and the outcome) and the modeled time of
         the pre-faults and of the guest's pass; metrics ``pre_fault_time_s``,
-        ``guest_pass_time_s``, ``guest_pass_faults`` (and ``wall_`` twins); ``detail["checks"]``.
+        ``guest_pass_time_s``, ``guest_pass_faults`` (and ``wall_`` twins); ``detail["checks"]``
+        (``Checks`` records: each request's bytes left, outcome and progress, no fault in the
+        guest's pass, ``VM.check()``; a failed one is recorded, not raised: ``ok`` False).
 
     Raises:
         ConfigError: ``private`` True on a default VM, or another bad simulator argument.
-        InvariantError: a request left other than the expected bytes or outcome, a call whose
-            progress disagrees with its return, or a fault during the guest's pass.
         TypeError: a value of the wrong type.
     """
     from tdpmmu._core import ConfigError, InvariantError
@@ -118,48 +122,46 @@ def pre_fault_memory(private: bool | None = None, **sim: Unpack[SimArgs]) -> Wor
     want_private = spec.confidential if private is None else coerce.flag(private, "private")
     if want_private and not spec.confidential:
         raise ConfigError("private: a default VM has no private memory (vm_type)")
-    vm = spec.build()
+    vm = track_vm(spec.build())
     base = (vm.max_gfn - TEST_PAGES) // _PAGES_2M * _PAGES_2M
     slot = vm.add_memslot(base, TEST_PAGES, 4096, gmem=want_private)
     if spec.confidential:
         vm.set_memory_attributes(base, TEST_PAGES, private=want_private)
     launch(vm)
     clock = Clock(vm, sim.get("progress"), 2)
-    checks: dict[str, Any] = {}
+    checks = Checks()
     lines = ["Testing guest mode: PA-bits:ANY, VA-bits:48,  4K pages"]
     kind = "private" if want_private else "shared"
 
-    def expect(label: str, ok: bool, what: str) -> None:
-        checks[label] = {"ok": ok, "what": what}
-        if not ok:
-            raise InvariantError(f"pre_fault_memory: {label}: expected {what}")
-
     requests = [
-        ("whole_2m", 0, _PAGES_2M, 0),
-        ("past_slot_end", _PAGES_2M, 2, 1),
-        ("outside_slot", TEST_PAGES, 1, 1),
+        ("the whole 2 MiB", 0, _PAGES_2M, 0),
+        ("past the slot's end", _PAGES_2M, 2, 1),
+        ("outside the slot", TEST_PAGES, 1, 1),
     ]
     with clock.phase("KVM_PRE_FAULT_MEMORY"):
         for label, off, n, left_expected in requests:
             gfn, left, calls, ret = base + off, n, 0, 0
+            bad_calls: list[int] = []
             while True:
                 prev = left
                 ret, done = pre_fault_ioctl(vm, gfn, left, want_private)
                 calls += 1
                 gfn, left = gfn + done, left - done
-                expect(
-                    f"{label}_progress_{calls}",
-                    (left < prev) != (ret < 0),
-                    "the remaining size to change exactly when the call succeeds",
-                )
+                if (left < prev) == (ret < 0):
+                    bad_calls.append(calls)
                 if ret < 0 or left == 0:
                     break
             outcome = "0" if ret == 0 else "ENOENT"
-            expect(
-                label,
+            checks.add(
+                f"pre-fault {label}: the remaining size changes exactly when a call succeeds",
+                not bad_calls,
+                f"call(s) {bad_calls} disagree with their return" if bad_calls else "",
+            )
+            want = "success" if left_expected == 0 else "ENOENT"
+            checks.add(
+                f"pre-fault {label}: {left_expected * PAGE_SIZE} bytes left and {want}",
                 left == left_expected and (ret == 0) == (left_expected == 0),
-                f"{left_expected * PAGE_SIZE} bytes left and "
-                f"{'success' if left_expected == 0 else 'ENOENT'}",
+                f"{left * PAGE_SIZE} bytes left, ret {outcome}",
             )
             lines.append(
                 f"KVM_PRE_FAULT_MEMORY [{(base + off) * PAGE_SIZE:#x}, +{n * PAGE_SIZE:#x}) "
@@ -174,14 +176,18 @@ def pre_fault_memory(private: bool | None = None, **sim: Unpack[SimArgs]) -> Wor
     clock.record("guest pass", res.modeled_s, res.wall_s)
     after = vm.stats
     faults = int(sum(p["faults"] for p in res.per_vcpu))
-    expect(
-        "guest_pass_no_faults",
-        faults == 0
-        and after["pf_taken"] == before["pf_taken"]
-        and after["pf_fixed"] == before["pf_fixed"],
-        "the guest's reads of the pre-faulted slot to take no fault (pf_taken, pf_fixed unchanged)",
+    taken = int(after["pf_taken"] - before["pf_taken"])
+    fixed = int(after["pf_fixed"] - before["pf_fixed"])
+    checks.add(
+        "the guest's reads of the pre-faulted slot take no fault",
+        faults == 0 and taken == 0 and fixed == 0,
+        f"{faults} faults in the pass; pf_taken +{taken}, pf_fixed +{fixed}",
     )
-    vm.check()
+    try:
+        vm.check()
+        checks.add("VM.check() holds after the run", True)
+    except InvariantError as e:
+        checks.add("VM.check() holds after the run", False, str(e))
     lines += [
         f"Pre-fault time: {pre_s:.9f}s",
         f"Guest read pass time: {res.modeled_s:.9f}s, faults: {faults}",
@@ -204,7 +210,7 @@ def pre_fault_memory(private: bool | None = None, **sim: Unpack[SimArgs]) -> Wor
         clock=clock,
         run_start=run_start,
         detail={
-            "checks": checks,
+            "checks": checks.to_list(),
             "region": [base * PAGE_SIZE, (base + TEST_PAGES) * PAGE_SIZE],
             "virtual": res.virtual,
         },

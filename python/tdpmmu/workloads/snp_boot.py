@@ -32,6 +32,7 @@ from tdpmmu.stats import Stats
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec
 from tdpmmu.workloads.base import (
+    Checks,
     Clock,
     SimArgs,
     Workload,
@@ -121,16 +122,17 @@ def snp_boot(
         ``wall_<phase>_time_s`` per phase, ``rmpupdates``, ``pvalidates``,
         ``pvalidate_errors``, ``psc_exits``, ``rmp_faults``, ``psmashes``, ``npfs`` (over the
         whole run, and ``<phase>_<name>`` per phase), ``rmp_entries_2m``, ``rmp_entries_4k``
-        (over the test region), ``region_pages``, ``image_pages``; ``detail``: ``checks``,
-        per-phase counters, the region's and the image's RMP census, the run's summary.
+        (over the test region), ``region_pages``, ``image_pages``; ``detail``: ``checks``
+        (``Checks`` records: every region page assigned to its gpa and validated, the image
+        assigned, no PVALIDATE failure, ``VM.check()``; a failed check is recorded, not
+        raised: the result's ``ok`` is False), per-phase counters, the region's and the
+        image's RMP census, the run's summary.
 
     Raises:
         ConfigError: a bad value, naming it (``vcpus``, ``bytes_per_vcpu``, ``backing``,
             ``image_bytes``, ``page_size``, ``folio``, or a simulator argument); ``vm_type``
             for any VM type but snp.
         TypeError: a value of the wrong type (``eager`` not a bool, ...).
-        InvariantError: a check failed: a region page not assigned to its gpa or not
-            validated after the run, PVALIDATE failures, or ``VM.check()``.
         VmBugged: an RMP instruction failed where KVM would BUG.
         OutOfMemory: page-table memory ran out.
     """
@@ -166,12 +168,8 @@ def snp_boot(
     phases = (_LAUNCH, _ACCEPT, _TOUCH) if eager else (_LAUNCH, _TOUCH)
     clock = Clock(vm, sim.get("progress"), len(phases))
     counts: dict[str, dict[str, int]] = {}
-    checks: dict[str, str] = {}
+    checks = Checks()
     start_stats = vm.stats
-
-    def fail(name: str, why: str) -> None:
-        checks[name] = f"FAILED: {why}"
-        raise InvariantError(f"snp_boot: check {name!r} failed: {why}")
 
     # 1. The launch image, private from the start.
     before = vm.stats
@@ -188,9 +186,13 @@ def snp_boot(
             rets = vm.fault_batch(gfns, private=True, vcpu=0)
         counts[_ACCEPT] = _deltas(vm.stats, before)
         unmapped = int(np.count_nonzero(~np.isin(rets, (int(Ret.FIXED), int(Ret.SPURIOUS)))))
-        if unmapped:
-            fail("accept", f"{unmapped} of {gfns.size} PVALIDATE exits did not map their page")
-        checks["accept"] = f"ok: {gfns.size} PVALIDATEs' #NPFs mapped their pages"
+        checks.add(
+            "every eager PVALIDATE's #NPF maps its page",
+            not unmapped,
+            f"{unmapped} of {gfns.size} PVALIDATE exits did not map their page"
+            if unmapped
+            else f"{gfns.size} PVALIDATEs",
+        )
 
     # 3. Every vCPU touches its slice.
     before = vm.stats
@@ -201,23 +203,33 @@ def snp_boot(
     # Checks: the region all assigned to its gpa and validated; no PVALIDATE failed.
     region = _rmp_census(vm, layout.base_gfn, layout.npages)
     image = _rmp_census(vm, 0, image_pages)
-    if region["assigned"] != layout.npages:
-        fail("region_assigned", f"{region['assigned']} of {layout.npages} pages assigned")
-    if region["validated"] != layout.npages:
-        fail("region_validated", f"{region['validated']} of {layout.npages} pages validated")
-    checks["region"] = f"ok: all {layout.npages} pages assigned to their gpa and validated"
-    if image["assigned"] != image_pages:
-        fail("image_assigned", f"{image['assigned']} of {image_pages} image pages assigned")
-    checks["image"] = f"ok: all {image_pages} image pages assigned ({image['validated']} validated)"
+    checks.add(
+        "every region page is assigned to its gpa in the RMP",
+        region["assigned"] == layout.npages,
+        f"{region['assigned']} of {layout.npages} pages assigned",
+    )
+    checks.add(
+        "every region page is validated",
+        region["validated"] == layout.npages,
+        f"{region['validated']} of {layout.npages} pages validated",
+    )
+    checks.add(
+        "every image page is assigned in the RMP",
+        image["assigned"] == image_pages,
+        f"{image['assigned']} of {image_pages} image pages assigned "
+        f"({image['validated']} validated)",
+    )
     total = _deltas(vm.stats, start_stats)
-    if total["pvalidate_errors"]:
-        fail("pvalidate", f"{total['pvalidate_errors']} PVALIDATE failures")
-    checks["pvalidate"] = "ok: no PVALIDATE failed"
+    checks.add(
+        "no PVALIDATE failed",
+        not total["pvalidate_errors"],
+        f"{total['pvalidate_errors']} PVALIDATE failures" if total["pvalidate_errors"] else "",
+    )
     try:
         vm.check()
+        checks.add("VM.check() holds after the run", True)
     except InvariantError as e:
-        fail("vm_check", f"VM.check(): {e}")
-    checks["vm_check"] = "ok: VM.check() holds"
+        checks.add("VM.check() holds after the run", False, str(e))
 
     lines = layout.harness_lines() + [f"{label:<30}: {s:.9f}s" for label, s, _ in clock.phases]
     metrics: dict[str, float] = {}
@@ -234,7 +246,7 @@ def snp_boot(
     metrics["image_pages"] = image_pages
     start, end = layout.region
     detail: dict[str, Any] = {
-        "checks": checks,
+        "checks": checks.to_list(),
         "phase_counters": counts,
         "rmp_region": region,
         "rmp_image": image,

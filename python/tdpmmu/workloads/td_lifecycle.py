@@ -44,6 +44,7 @@ from tdpmmu.stats import Stats
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec
 from tdpmmu.workloads.base import (
+    Checks,
     Clock,
     SimArgs,
     Workload,
@@ -212,25 +213,26 @@ def _sept_leaves(vm: VM, gfn: int, npages: int) -> tuple[npt.NDArray[np.uint8], 
 
 
 class _Checker:
-    """The workload's own checks; each records its verdict and raises on failure."""
+    """The workload's own checks, recorded in ``results`` (a ``Checks``), never raised."""
 
     def __init__(self, vm: VM, layout: Layout, module: bool) -> None:
         self.vm, self.layout, self.module = vm, layout, module
-        self.results: dict[str, str] = {}
+        self.results = Checks()
 
     def fail(self, name: str, why: str) -> None:
-        self.results[name] = f"FAILED: {why}"
-        raise InvariantError(f"td_lifecycle: check {name!r} failed: {why}")
+        self.results.add(name, False, why)
 
     def ok(self, name: str, what: str) -> None:
-        self.results[name] = f"ok: {what}"
+        self.results.add(name, True, what)
 
-    def vm_check(self, name: str) -> None:
+    def vm_check(self, when: str) -> None:
+        name = f"VM.check() holds {when}"
         try:
             self.vm.check()
         except InvariantError as e:
-            self.fail(name, f"VM.check(): {e}")
-        self.ok(name, "VM.check() holds")
+            self.fail(name, str(e))
+            return
+        self.ok(name, "")
 
     def attributes(self, name: str, shared: list[tuple[int, int]]) -> int:
         """Every page of the region is mapped in exactly the tree its attribute says: the
@@ -256,6 +258,7 @@ class _Checker:
                     f"gfn {lay.base_gfn + i:#x} ({'shared' if want_shared[i] else 'private'}) "
                     f"has S-EPT state {_STATE_NAMES[int(state[i])]}",
                 )
+                return sept_pages
             # Leaves of every root minus the mirror's (= the S-EPT's) are the direct root's:
             # they must map exactly the shared pages, each of which must be mapped.
             s = self.vm.stats
@@ -270,13 +273,16 @@ class _Checker:
                 self.fail(
                     name, f"gfn {g:#x}: mirror leaf {'present' if priv[bad[0]] else 'absent'}"
                 )
+                return sept_pages
             direct = int(_present(self.vm, lay.base_gfn, lay.npages, False).sum())
         for g, n in shared:
             missing = np.flatnonzero(~_present(self.vm, g, n, False))
             if missing.size:
                 self.fail(name, f"shared gfn {g + int(missing[0]):#x} is not mapped")
+                return sept_pages
         if direct != nshared:
             self.fail(name, f"the direct root maps {direct} pages, {nshared} are shared")
+            return sept_pages
         self.ok(name, what)
         return sept_pages
 
@@ -320,7 +326,11 @@ def td_lifecycle(
         WorkloadResult: ``lines``; ``metrics``: ``<phase>_time_s`` and ``wall_<phase>_time_s``
         per phase (``phase_metric``), ``<phase>_seamcalls`` (host SEAMCALLs of the phase),
         ``image_pages``, ``region_pages``, ``converted_pages``, ``accepts`` (TDG.MEM.PAGE.ACCEPT
-        over the run); ``detail``: ``checks``, ``seamcalls`` and ``tdcalls`` (per phase, by
+        over the run); ``detail``: ``checks`` (``Checks`` records: a page not accepted after
+        the run, trees that disagree with the attributes after a conversion, ``VM.check()``,
+        something left behind by the teardown — the ``private`` design leaves the S-EPT
+        tables, since teardown zaps fire no hook under it; a failed check is recorded, not
+        raised: the result's ``ok`` is False), ``seamcalls`` and ``tdcalls`` (per phase, by
         leaf name), ``teardown``, the region and, in virtual time, the run's summary.
 
     Raises:
@@ -328,10 +338,6 @@ def td_lifecycle(
             ``image_bytes``, ``convert_percent``, ``teardown``, or a simulator argument);
             ``vm_type`` for any VM type but tdx.
         TypeError: a value of the wrong type.
-        InvariantError: a check failed (a page not accepted after the run, trees that
-            disagree with the attributes after a conversion, ``VM.check()``, or something
-            left behind by the teardown: the ``private`` design leaves the S-EPT tables,
-            since teardown zaps fire no hook under it).
         VmBugged: a SEAMCALL failed (KVM_BUG_ON).
         OutOfMemory: page-table memory ran out.
     """
@@ -387,9 +393,11 @@ def td_lifecycle(
     account(PHASES[0], before)
     if module:
         added = seamcalls[PHASES[0]].get("TDH.MEM.PAGE.ADD", 0)
+        name = "every image page is added with TDH.MEM.PAGE.ADD"
         if added != image_pages:
-            checks.fail("image", f"{added} TDH.MEM.PAGE.ADD for {image_pages} image pages")
-        checks.ok("image", f"{image_pages} pages added with TDH.MEM.PAGE.ADD")
+            checks.fail(name, f"{added} TDH.MEM.PAGE.ADD for {image_pages} image pages")
+        else:
+            checks.ok(name, f"{image_pages} pages added")
 
     # 2. Finalize.
     before = vm.stats
@@ -402,8 +410,8 @@ def td_lifecycle(
     res = run_pass(vm, layout, options, seed=DEFAULT_GUEST_SEED, private=True)
     clock.record(PHASES[2], res.modeled_s, res.wall_s)
     account(PHASES[2], before)
-    checks.attributes("run_all_accepted", [])
-    checks.vm_check("run_vm_check")
+    checks.attributes("after the run, every page is private, mapped and accepted", [])
+    checks.vm_check("after the run")
 
     # 4./5. Conversions: the first convert_percent of each vCPU's slice.
     per_slice = layout.npages // layout.vcpus
@@ -421,8 +429,8 @@ def td_lifecycle(
             vm.punch_hole(g, n)
         touch(False)
     account(PHASES[3], before)
-    checks.attributes("shared_agrees", ranges)
-    checks.vm_check("shared_vm_check")
+    checks.attributes("after converting to shared, the mappings agree with the attributes", ranges)
+    checks.vm_check("after converting to shared")
 
     before = vm.stats
     with clock.phase(PHASES[4]):
@@ -430,8 +438,10 @@ def td_lifecycle(
             vm.set_memory_attributes(g, n, private=True)
         touch(True)
     account(PHASES[4], before)
-    mapped = checks.attributes("private_agrees", [])
-    checks.vm_check("private_vm_check")
+    mapped = checks.attributes(
+        "after converting back to private, the mappings agree with the attributes", []
+    )
+    checks.vm_check("after converting back to private")
 
     # 6. Destroy, in the teardown order asked for.
     tables = int(vm.stats["sept_tables"])
@@ -445,21 +455,23 @@ def td_lifecycle(
         for k in ("sept_tables", "external_spt_leaked", "page_table_bytes", "pages_4k", "pages_2m")
         if after[k]
     }
-    if left:
-        checks.fail("destroy_reclaimed", f"the teardown ({order}) left {left}")
+    name = "destroy reclaims every table, leaf and S-EPT page"
+    why = [f"the teardown ({order}) left {left}"] if left else []
     if module:
         cleared = int(after["page_clear"] - before["page_clear"])
         if cleared != mapped + tables:
-            checks.fail(
-                "destroy_reclaimed",
-                f"{cleared} pages cleared for {mapped} private pages and {tables} S-EPT tables",
+            why.append(
+                f"{cleared} pages cleared for {mapped} private pages and {tables} S-EPT tables"
             )
-    checks.ok(
-        "destroy_reclaimed",
-        f"teardown {order}: no tables, leaves or S-EPT left"
-        + (f"; {mapped} private pages and {tables} S-EPT tables cleared" if module else ""),
-    )
-    checks.vm_check("destroy_vm_check")
+    if why:
+        checks.fail(name, "; ".join(why))
+    else:
+        checks.ok(
+            name,
+            f"teardown {order}: no tables, leaves or S-EPT left"
+            + (f"; {mapped} private pages and {tables} S-EPT tables cleared" if module else ""),
+        )
+    checks.vm_check("after destroy")
 
     lines = layout.harness_lines() + [f"{label:<30}: {s:.9f}s" for label, s, _ in clock.phases]
     metrics: dict[str, float] = {}
@@ -474,7 +486,7 @@ def td_lifecycle(
     metrics["accepts"] = sum(d.get("TDG.MEM.PAGE.ACCEPT", 0) for d in tdcalls.values())
     start, end = layout.region
     detail: dict[str, Any] = {
-        "checks": dict(checks.results),
+        "checks": checks.results.to_list(),
         "seamcalls": seamcalls,
         "tdcalls": tdcalls,
         "teardown": order,
