@@ -30,7 +30,7 @@ from tdpmmu.cli.progress import ProgressBar, wants_bar
 from tdpmmu.costs import CostModel
 from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.workloads import WORKLOADS, Workload, WorkloadResult
-from tdpmmu.workloads.base import Clock, finish, sim_options, spec_args
+from tdpmmu.workloads.base import Checks, Clock, finish, sim_options, spec_args
 
 # ----- a small real workload, registered for these tests only --------------------------------
 
@@ -38,8 +38,15 @@ from tdpmmu.workloads.base import Clock, finish, sim_options, spec_args
 CALLS: list[Any] = []
 
 
-def cli_probe(pages: int = 16, refuse: str | None = None, corrupt: bool = False, **sim: Any):
-    """Fault ``pages`` 4 KiB pages once each on a VM of that size (tests only)."""
+def cli_probe(
+    pages: int = 16,
+    refuse: str | None = None,
+    corrupt: bool = False,
+    skip: int = 0,
+    **sim: Any,
+):
+    """Fault ``pages`` 4 KiB pages once each on a VM of that size (tests only); ``skip``
+    leaves the last pages unfaulted, so its check fails."""
     CALLS.append(sim.get("progress"))
     start = time.perf_counter()
     options = sim_options(sim)
@@ -55,10 +62,13 @@ def cli_probe(pages: int = 16, refuse: str | None = None, corrupt: bool = False,
     with clock.phase("Launch"):
         launch(vm)
     with clock.phase("Fault every page") as ph:
-        vm.fault_batch(np.arange(pages, dtype=np.uint64))
+        vm.fault_batch(np.arange(pages - skip, dtype=np.uint64))
     mapped = int(vm.stats["pf_fixed"])
     if corrupt:
         raise InvariantError("cli_probe: asked to fail")
+    checks = Checks()
+    checks.add("every page is mapped", mapped == pages, f"{mapped} of {pages} pages mapped")
+    checks.add("the VM holds one memslot", len(vm.memslots()) >= 1)
     return finish(
         "cli_probe",
         vm,
@@ -69,7 +79,7 @@ def cli_probe(pages: int = 16, refuse: str | None = None, corrupt: bool = False,
         metrics={"faulted_pages": mapped, "fault_time_s": ph.modeled_s},
         clock=clock,
         run_start=start,
-        detail={"checks": {"all_mapped": mapped == pages}},
+        detail={"checks": checks.to_list()},
     )
 
 
@@ -77,6 +87,7 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--pages", type=int, default=16, help="pages to fault (default: 16)")
     p.add_argument("--refuse", default=None, help="a design the probe refuses")
     p.add_argument("--corrupt", action="store_true", help="fail with InvariantError")
+    p.add_argument("--skip", type=int, default=0, help="pages left unfaulted (a failed check)")
 
 
 PROBE = Workload(
@@ -87,7 +98,12 @@ PROBE = Workload(
     run=cli_probe,
     vm_types=("default", "tdx", "snp", "sw_protected"),
     add_arguments=_add_probe_args,
-    from_args=lambda ns: {"pages": ns.pages, "refuse": ns.refuse, "corrupt": ns.corrupt},
+    from_args=lambda ns: {
+        "pages": ns.pages,
+        "refuse": ns.refuse,
+        "corrupt": ns.corrupt,
+        "skip": ns.skip,
+    },
 )
 
 
@@ -144,8 +160,8 @@ def test_text_output_is_the_workloads_lines_under_a_simulated_header(
     assert lines[1] == "Faulted pages:\t8"
     assert re.fullmatch(r"Fault time:\t\d+\.\d{9}s", lines[2])
     # What the result adds: phases with both clocks, the checks, the cost breakdown.
-    assert "Phases (simulated):" in lines and "Checks (1):" in lines
-    assert "  all_mapped: ok" in lines
+    assert "Phases (simulated):" in lines and "Checks (2, 0 failed):" in lines
+    assert "  ok    every page is mapped" in lines
     assert any(line.startswith("Modeled time by cost") for line in lines)
     assert any(line.split()[:1] == ["tdh_mem_page_aug_ns"] for line in lines)
     assert max(len(line.expandtabs()) for line in lines) <= render.WIDTH
@@ -227,6 +243,31 @@ def test_bad_input_is_one_line(
     assert needle in cap.err and "Traceback" not in cap.err
     assert len(cap.err.splitlines()) == 1, cap.err
     assert cap.err.startswith("tdpmmu cli-probe")
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_failed_check_prints_everything_then_exits_1(
+    json_out: bool, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    out = tmp_path / "r.json"
+    argv = ["cli-probe", "-n", "8", "--skip", "3", "--out", str(out)]
+    assert exit_code(argv + (["--json"] if json_out else [])) == 1
+    cap = capsys.readouterr()
+    # stderr: one line naming the failed check (and only it).
+    assert cap.err.splitlines() == ["tdpmmu cli-probe: 1 check(s) failed: every page is mapped"]
+    r = WorkloadResult.from_json(out.read_text())
+    assert not r.ok and r.metrics["faulted_pages"] == 5
+    if json_out:
+        assert WorkloadResult.from_json(cap.out) == r
+    else:
+        lines = cap.out.splitlines()
+        assert lines[1] == "Faulted pages:\t5"
+        i = lines.index("Checks (2, 1 failed):")
+        assert lines[i + 1 : i + 3] == [
+            "  FAIL  every page is mapped: 5 of 8 pages mapped",
+            "  ok    the VM holds one memslot",
+        ]
+        assert any(ln.startswith("Modeled time by cost") for ln in lines)  # printed to the end
 
 
 def test_a_workload_that_defines_a_simulator_flag_is_refused() -> None:
@@ -346,7 +387,7 @@ def test_compare_a_registered_workload_one_row_per_design(
     assert doc["workload"] == "compare_workload"
     assert doc["config"]["workload"] == {
         "name": "cli_probe",
-        "params": {"pages": 8, "refuse": None, "corrupt": False},
+        "params": {"pages": 8, "refuse": None, "corrupt": False, "skip": 0},
     }
     rows = doc["result"]["rows"]
     interfaces = cmp.DEFAULTS["tdx"]["interface"]
@@ -358,7 +399,15 @@ def test_compare_a_registered_workload_one_row_per_design(
             expected.append((label, design, ""))
     assert [(r["vm_type"], r["design"], r["options"]) for r in rows] == expected
     by = {(r["vm_type"], r["design"], r["options"]): r for r in rows}
-    assert all(r["check_ok"] for r in rows)
+    # The built-in compare's teardown audit: the private design on a TD leaves its S-EPT
+    # tables behind at destroy; every other row passes.
+    for r in rows:
+        if (r["vm_type"], r["design"]) == ("tdx", "private"):
+            assert not r["check_ok"]
+            assert re.fullmatch(r"teardown: \d+ S-EPT tables never freed", r["check_error"])
+            assert r["faults"] == 8  # the figures are kept
+        else:
+            assert r["check_ok"], r
     default, tdx = by[("default", "none", "")], by[("tdx", "mirror", "interface=four_hook")]
     assert default["seamcalls"] == default["hook_calls"] == default["rmpupdate"] == 0
     assert tdx["seamcalls"] >= 8 and tdx["hook_calls"] >= 8
@@ -391,6 +440,20 @@ def test_compare_workload_refusals_failures_text_and_csv(
         ("private", "False", "False"),
     ]
     assert got[0]["check_error"].startswith("InvariantError: cli_probe: asked to fail")
+    # A run that raised keeps its VM's counters up to the error.
+    assert [r["faults"] for r in got] == ["8", "8"] and float(got[0]["modeled_ns"]) > 0
+    # A failed check: NO (the first failed check), with the row's figures and metrics.
+    assert main([*argv, "--", "-n", "8", "--skip", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.split()[:2] == ["tdx", "mirror"]]
+    assert rows[0].split()[2] == "6", rows  # faults: the figures are kept
+    assert any(line.endswith("NO [1]") for line in rows), rows
+    assert any(line.startswith("[1] tdx/mirror: every page is mapped") for line in lines), lines
+    res = cmp.compare_workload(
+        "cli_probe", {"pages": 8, "skip": 2}, types=["tdx"], tdx={"interface": "four_hook"}
+    )
+    assert [r.check for r in res.rows] == ["NO (every page is mapped)"] * 2
+    assert res.rows[0].result.metrics["faulted_pages"] == 6
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from tdpmmu.cli import common
 from tdpmmu.cli.progress import ProgressBar
 from tdpmmu.workloads import WORKLOADS, Workload, WorkloadResult
 
-__all__ = ["add_workload_commands", "result_lines"]
+__all__ = ["add_workload_commands", "check_lines", "failed_checks", "result_lines"]
 
 
 def add_workload_commands(sub: Any) -> None:
@@ -60,7 +60,12 @@ def title(wl: Workload) -> str:
 
 
 def run_workload(wl: Workload, args: argparse.Namespace) -> int:
-    """Run ``wl`` with the parsed flags and print its result (text or ``--json``)."""
+    """Run ``wl`` with the parsed flags and print its result (text or ``--json``).
+
+    Returns:
+        int: 0, or 1 when one of the workload's checks failed: the whole result is printed (and
+        written to ``--out``) first, then one line on stderr names the failed checks.
+    """
     params = wl.from_args(args)
     sim = common.sim_kwargs(args)
     with ProgressBar(sys.stderr, args.progress, title(wl)) as bar:
@@ -72,6 +77,14 @@ def run_workload(wl: Workload, args: argparse.Namespace) -> int:
         print(text)
     else:
         print("\n".join(result_lines(title(wl), result)))
+    failed = failed_checks(result.detail.get("checks", ()))
+    if failed:
+        sys.stdout.flush()
+        print(
+            f"tdpmmu {wl.command}: {len(failed)} check(s) failed: " + "; ".join(failed),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -112,29 +125,31 @@ def result_lines(selftest: str, r: WorkloadResult) -> list[str]:
     return out
 
 
-def check_lines(checks: Any) -> list[str]:
-    """The workload's ``detail["checks"]``: one line per check (a mapping name -> outcome, a
-    list of names or records, or one value)."""
-    if isinstance(checks, Mapping):
-        items = [f"{k}: {_outcome(v)}" for k, v in checks.items()]
-    elif isinstance(checks, list | tuple):
-        items = [_outcome(c) for c in checks]
-    else:
-        items = [_outcome(checks)]
-    out = [f"Checks ({len(items)}):"]
-    for item in items:
-        out += render.wrap(f"  {item}", subsequent="    ")
+def failed_checks(checks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The names of the failed checks in a workload's ``detail["checks"]``
+    (``workloads.base.Checks`` records), in order. Never raises for such records."""
+    return [str(c["name"]) for c in checks if not c["ok"]]
+
+
+def check_lines(checks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The workload's ``detail["checks"]`` (``workloads.base.Checks`` records) as text:
+    ``Checks (N, M failed):`` then ``  ok    <name>`` or ``  FAIL  <name>: <detail>`` per
+    check, each wrapped within ``render.WIDTH`` columns.
+
+    Args:
+        checks: the records (``{"name", "ok", "detail"}``).
+
+    Returns:
+        list[str]: the lines. Never raises for such records.
+    """
+    out = [f"Checks ({len(checks)}, {len(failed_checks(checks))} failed):"]
+    for c in checks:
+        if c["ok"]:
+            text = f"  ok    {c['name']}"
+        else:
+            text = f"  FAIL  {c['name']}" + (f": {c['detail']}" if c.get("detail") else "")
+        out += render.wrap(text, subsequent=" " * 8)
     return out
-
-
-def _outcome(v: Any) -> str:
-    if v is True:
-        return "ok"
-    if v is False:
-        return "FAILED"
-    if isinstance(v, Mapping):
-        return ", ".join(f"{k}={_outcome(x) if isinstance(x, bool) else x}" for k, x in v.items())
-    return str(v)
 
 
 _VIRTUAL_KEYS = frozenset({"outcomes", "resources", "lock_acquires"})
