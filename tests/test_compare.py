@@ -621,3 +621,27 @@ def test_compare_results_as_frames() -> None:
     w = compare_workload("pre_fault_memory", types=["default", "sw_protected"])
     wf = w.to_pandas()
     assert len(wf) == len(w.rows) and "vm_type" in wf.columns
+
+
+def test_compare_workload_gives_demand_paging_the_built_in_verdicts() -> None:
+    # compare --workload demand_paging runs the built-in comparison's teardown audit after the
+    # workload, so each design gets the same verdict as in the built-in demand-paging phase:
+    # the private design leaves S-EPT tables behind at teardown.
+    small = {"vcpus": 2, "bytes_per_vcpu": "1M"}
+    built_in = cmp.compare(
+        "demand-paging", **small, types=["tdx"], tdx={"interface": "four_hook"}, image_pages=0
+    )
+    res = cmp.compare_workload(
+        "demand_paging", small, types=["tdx"], tdx={"interface": "four_hook"}
+    )
+    want = {r.design: r.check_ok for r in built_in.rows}
+    assert want == {"mirror": True, "private": False}
+    assert {r.design: r.check_ok for r in res.rows} == want
+    private = next(r for r in res.rows if r.design == "private")
+    assert (
+        private.check.startswith("NO (teardown: ") and "S-EPT tables never freed" in private.check
+    )
+    # The workload's own figures are kept beside the verdict.
+    assert private.result is not None and private.result.ok and private.faults > 0
+    back = cmp.WorkloadComparison.from_json(res.to_json())
+    assert [r.check for r in back.rows] == [r.check for r in res.rows]
