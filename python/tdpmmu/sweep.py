@@ -105,8 +105,17 @@ class SweepPoint:
 
     @property
     def ok(self) -> bool:
-        """Whether the point ran to a result (``error`` is None)."""
+        """Whether the point ran to a result (``error`` is None); see ``failed_checks`` for
+        whether the workload's own checks held in it."""
         return self.error is None
+
+    def failed_checks(self) -> list[str]:
+        """The names of the workload's checks that failed in this point's run (its
+        ``detail["checks"]``; empty for a point without a result or without checks)."""
+        if self.result is None:
+            return []
+        checks = self.result.get("result", {}).get("detail", {}).get("checks", [])
+        return [str(c.get("name")) for c in checks if isinstance(c, dict) and not c.get("ok")]
 
     def envelope(self) -> Envelope:
         """The point's result as an ``Envelope`` (e.g. for ``WorkloadResult.from_envelope``).
@@ -199,6 +208,11 @@ class SweepResult:
     def errors(self) -> tuple[SweepPoint, ...]:
         """The points that failed, in grid order."""
         return tuple(p for p in self.points if not p.ok)
+
+    @property
+    def checks_failed(self) -> tuple[SweepPoint, ...]:
+        """The points that ran but where a check of the workload failed, in grid order."""
+        return tuple(p for p in self.points if p.ok and p.failed_checks())
 
     def varying(self) -> list[str]:
         """The grid keys with more than one value (plus ``"seed"`` with several seeds), in

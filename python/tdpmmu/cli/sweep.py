@@ -211,5 +211,11 @@ def run_sweep(args: argparse.Namespace) -> int:
             + " ".join(str(failed[0].error).split()),
             file=sys.stderr,
         )
-        return 1
-    return 0
+    checked = result.checks_failed
+    if checked:
+        print(
+            f"tdpmmu sweep: a check failed in {len(checked)} of {len(result.points)} points; "
+            f"first (point {checked[0].index}): {'; '.join(checked[0].failed_checks())}",
+            file=sys.stderr,
+        )
+    return 1 if failed or checked else 0
