@@ -645,3 +645,19 @@ def test_compare_workload_gives_demand_paging_the_built_in_verdicts() -> None:
     assert private.result is not None and private.result.ok and private.faults > 0
     back = cmp.WorkloadComparison.from_json(res.to_json())
     assert [r.check for r in back.rows] == [r.check for r in res.rows]
+
+
+def test_builtin_compare_reports_progress_per_row() -> None:
+    """``compare(progress=...)`` is called once per row, counting up to the number of rows."""
+    from tdpmmu.compare import compare
+
+    seen: list[tuple[int, int, str]] = []
+    r = compare(
+        vcpus=1,
+        bytes_per_vcpu="1M",
+        types=["default", "snp"],
+        progress=lambda done, total, label: seen.append((done, total, label)),
+    )
+    assert [s[0] for s in seen] == list(range(1, len(r.rows) + 1))
+    assert all(s[1] == len(r.rows) for s in seen)
+    assert seen[0][2] == f"{r.rows[0].vm_type}/{r.rows[0].design}"

@@ -46,7 +46,7 @@ import dataclasses
 import io
 import itertools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from tdpmmu import __version__, coerce, config, render
@@ -950,6 +950,7 @@ def compare(
     folio: str | int = DEFAULTS["folio"],
     clock: str = "virtual",
     mmu_lock: str = "shared",
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> CompareResult:
     """Run ``workload`` on every valid (VM type x hook design) pair that passes the filters.
 
@@ -984,6 +985,8 @@ def compare(
         mmu_lock: virtual time only: faults take mmu_lock ``"shared"`` (default) or
             ``"exclusive"``.
 
+        progress: called as ``progress(done, total, label)`` after each row (the CLI draws a
+            progress bar with it); None (default): nothing is called.
     Returns:
         CompareResult: one row per pair and TDX option combination.
 
@@ -1037,7 +1040,12 @@ def compare(
         for combo in combos:
             params.spec(label, design, combo)
             jobs.append((label, design, combo))
-    rows = tuple(run_pair(t, d, params, combo) for t, d, combo in jobs)
+    done: list[CompareRow] = []
+    for t, d, combo in jobs:
+        done.append(run_pair(t, d, params, combo))
+        if progress is not None:
+            progress(len(done), len(jobs), f"{t}/{d}")
+    rows = tuple(done)
     return CompareResult(params=params, rows=rows, wall_s=time.perf_counter() - start)
 
 

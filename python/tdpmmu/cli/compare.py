@@ -8,6 +8,7 @@ the hook-design comparison with its own phases; any registered workload
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tdpmmu import compare as compare_mod
@@ -178,7 +179,7 @@ def add_compare(sub: Any) -> None:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="registered workloads: a progress bar (one step per row) on stderr when it is a "
+        help="a progress bar (one step per row) on stderr when it is a "
         "terminal and the run lasts more than 2 s (default: on)",
     )
     cp.set_defaults(run=run_compare)
@@ -208,25 +209,8 @@ def _run_builtin(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         return d[name] if value is None and name in d else value
 
-    result = compare_mod.compare(
-        workload=args.workload,
-        vcpus=given("vcpus"),
-        bytes_per_vcpu=given("bytes_per_vcpu"),
-        conversions=args.conversions,
-        chunk_pages=args.chunk_pages,
-        types=_split(args.types),
-        designs=_split(args.designs),
-        costs=common.costs(args),
-        tdx=dict(args.tdx),
-        levels=args.levels,
-        seed=args.seed,
-        image_pages=given("image_pages"),
-        teardown=args.teardown is not False,
-        backing=given("backing"),
-        folio=args.folio,
-        clock=args.clock or "virtual",
-        mmu_lock=args.mmu_lock,
-    )
+    with ProgressBar(sys.stderr, args.progress, "compare") as bar:
+        result = _builtin(args, given, bar if bar.active else None)
     text = result.to_json()
     common.write_out(args.out, text)
     if args.json:
@@ -273,3 +257,29 @@ def _run_registered(args: argparse.Namespace) -> int:
     else:
         print(compare_mod.format_workload_text(result))
     return 0
+
+
+def _builtin(
+    args: argparse.Namespace, given: Callable[[str], Any], progress: Any
+) -> compare_mod.CompareResult:
+    """The built-in comparison with the flags' values (``progress`` after each row)."""
+    return compare_mod.compare(
+        workload=args.workload,
+        vcpus=given("vcpus"),
+        bytes_per_vcpu=given("bytes_per_vcpu"),
+        conversions=args.conversions,
+        chunk_pages=args.chunk_pages,
+        types=_split(args.types),
+        designs=_split(args.designs),
+        costs=common.costs(args),
+        tdx=dict(args.tdx),
+        levels=args.levels,
+        seed=args.seed,
+        image_pages=given("image_pages"),
+        teardown=args.teardown is not False,
+        backing=given("backing"),
+        folio=args.folio,
+        clock=args.clock or "virtual",
+        mmu_lock=args.mmu_lock,
+        progress=progress,
+    )

@@ -105,7 +105,9 @@ def result_lines(selftest: str, r: WorkloadResult) -> list[str]:
     """
     out = [common.header(selftest, f"{r.spec.label}/{r.spec.hooks}", r.wall_s)]
     out += list(r.lines)
-    out += ["", *render.wrap(f"# VM: {r.spec.describe()}")]
+    # The spec's memory is slot 0 (code and page tables); the test region is in the lines.
+    vm_line = r.spec.describe().replace(", memory ", ", slot 0 ", 1)
+    out += ["", *render.wrap(f"# VM: {vm_line}")]
     if r.phases:
         out += ["", "Phases (simulated):"]
         out += render.table(

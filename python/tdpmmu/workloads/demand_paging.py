@@ -86,8 +86,8 @@ def count_arg(lo: int, hi: int | None = None) -> "Any":
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if v < lo or (hi is not None and v > hi):
-            top = "" if hi is None else f"..{hi}"
-            raise argparse.ArgumentTypeError(f"must be in {lo}{top}, got {v}")
+            allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {v}")
         return v
 
     return parse
@@ -798,9 +798,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-u",
         "--userfault",
-        choices=("MISSING", "MINOR"),
+        choices=("MISSING", "MINOR", "memory_fault"),
         metavar="MODE",
-        help="resolve faults with userfaultfd: MISSING or MINOR (default VMs only)",
+        help="resolve faults in userspace: userfaultfd MISSING or MINOR, or memory_fault "
+        "(KVM_EXIT_MEMORY_FAULT, each vCPU resolves its own; tdpmmu's addition) (default VMs "
+        "only)",
     )
     parser.add_argument(
         "-a", "--uffd-all", action="store_true", help="one userfaultfd for all vCPUs"
