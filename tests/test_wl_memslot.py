@@ -90,6 +90,36 @@ def test_mprotect_read_only_write_is_a_memory_fault_read_maps_read_only() -> Non
 # ----- memslot_perf -----------------------------------------------------------------------------
 
 
+def checks_by_name(r: WorkloadResult) -> dict[str, bool]:
+    """``detail["checks"]`` as {name: ok} (each name once: one run per test here)."""
+    out: dict[str, bool] = {}
+    for c in r.detail["checks"]:
+        assert set(c) == {"name", "ok", "detail"}
+        assert c["name"] not in out
+        out[c["name"]] = c["ok"]
+    return out
+
+
+def test_madvise_dontneed_one_call_spans_several_memslots() -> None:
+    # The memslot_perf area is one host mapping: one MADV_DONTNEED covers every slot piece a
+    # chunk spans.
+    vm = tdpmmu.VM(memory="2M")
+    a = vm.add_memslot(1024, 4)
+    b = vm.add_memslot(1028, 4)
+    assert a != b
+    vm.access_batch(np.arange(1024, 1032, dtype=np.uint64), write=True)
+    alloc = vm.stats["host_pages_allocated"]
+    assert vm.madvise_dontneed(1026, 4) == 4
+    assert [spte.is_shadow_present(vm.spte(g)) for g in range(1024, 1032)] == [
+        True, True, False, False, False, False, True, True,
+    ]  # fmt: skip
+    vm.access_batch(np.arange(1024, 1032, dtype=np.uint64), write=True)
+    assert vm.stats["host_pages_allocated"] == alloc + 4, "pages of both slots were freed"
+    with pytest.raises(tdpmmu.ConfigError, match="not in any memslot"):
+        vm.madvise_dontneed(1030, 4)
+    vm.check()
+
+
 @pytest.mark.parametrize("vm_type", ["default", "sw_protected", "snp"])
 def test_memslot_perf_all_tests_lines_and_checks(vm_type: str) -> None:
     from tdpmmu.workloads.memslot_perf import TESTS, memslot_perf
@@ -105,12 +135,74 @@ def test_memslot_perf_all_tests_lines_and_checks(vm_type: str) -> None:
     # area zaps nothing mapped: 0 modeled s per loop, and like the selftest no "Best" line.
     best = sum(ln.startswith("Best runtime result was ") for ln in r.lines)
     assert best == (6 if vm_type == "default" else 5)
-    checks = r.detail["checks"]
-    for label in ("map_retouch_allocates", "move_active_mmio", "move_back_rebuilt"):
-        assert checks[label]["ok"]
+    # One line per test says what its figure includes and leaves out.
+    notes = [ln for ln in r.lines if ln.startswith("(modeled per iteration: ")]
+    assert len(notes) == 6
+    unmap_note = notes[1]
+    assert "0 ns for the other 1022 of the 1024 MADV_DONTNEED calls" in unmap_note
+    assert "not comparable with the selftest" in unmap_note
+    assert "0 ns for the other 0 of the 2 MADV_DONTNEED calls" in notes[2]
+    checks = checks_by_name(r)
+    assert r.ok and all(checks.values())
+    for t in ("map", "unmap", "unmap chunked"):
+        assert checks[f"{t}: a page freed by MADV_DONTNEED is allocated again on its next touch"]
+    assert "map: MADV_DONTNEED leaves the freed half unmapped" in checks, "-d adds checks"
+    assert any(n.startswith("move active area: the guest's writes") for n in checks)
     assert r.metrics["map_best_s_per_iteration"] > 0
-    assert r.detail["runs"][1]["capped"], "unmap's loops are cheap: the cap ends the run"
+    # unmap's loops are cheap: the cap ends the run, and a line says so after "Done".
+    assert r.detail["runs"][1]["capped"] and r.detail["runs"][1]["iterations"] == 20
+    i = r.lines.index("Testing unmap performance with 1 runs, 0.002 seconds each")
+    assert r.lines[i + 2] == "Done 20 iterations, avg " + TIME.findall(r.lines[i + 2])[0] + " each"
+    assert r.lines[i + 3] == "(stopped by --max-iterations 20 before -l 0.002 modeled seconds)"
+    assert r.detail["capped_runs"] == sum(1 for x in r.detail["runs"] if x["capped"])
     assert WorkloadResult.from_json(r.to_json()) == r
+
+
+def test_memslot_perf_run_that_reaches_its_time_is_not_capped() -> None:
+    from tdpmmu.workloads.memslot_perf import memslot_perf
+
+    r = memslot_perf(first_test=0, last_test=0, slots=8, seconds=0.002, scale=32)
+    assert not r.detail["runs"][0]["capped"]
+    assert r.detail["runs"][0]["modeled_s"] >= 0.002
+    assert not any(ln.startswith("(stopped by") for ln in r.lines)
+
+
+def test_memslot_perf_unmap_issues_one_madvise_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tdpmmu.workloads.memslot_perf import memslot_perf
+
+    calls: list[tuple[int, int]] = []
+    real = tdpmmu.VM.madvise_dontneed
+
+    def spy(self: tdpmmu.VM, gfn: int, npages: int) -> int:
+        calls.append((gfn, npages))
+        return real(self, gfn, npages)
+
+    monkeypatch.setattr(tdpmmu.VM, "madvise_dontneed", spy)
+    # unmap chunked at scale 32: 1024 pages in 2 MiB chunks over 511 slots of 2 pages each.
+    r = memslot_perf(first_test=2, last_test=2, seconds=1, scale=32, max_iterations=3)
+    assert r.detail["runs"][0]["slots"] == 511
+    loop_calls = calls[:-1]  # the last one is the re-touch check's
+    assert len(loop_calls) == 3 * 2 and all(n == 512 for _, n in loop_calls)
+
+
+def test_memslot_perf_failed_check_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tdpmmu.workloads.memslot_perf import memslot_perf
+
+    # A host that zaps but never frees the pages (an MMU-notifier invalidation only): the
+    # re-touch after MADV_DONTNEED allocates nothing, which the workload's check catches.
+    def broken(self: tdpmmu.VM, gfn: int, npages: int) -> int:
+        return self.mmu_notifier_invalidate(gfn, npages)
+
+    monkeypatch.setattr(tdpmmu.VM, "madvise_dontneed", broken)
+    r = memslot_perf(first_test=0, last_test=1, slots=8, seconds=1, scale=32, max_iterations=2)
+    assert not r.ok
+    failed = [c for c in r.detail["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == [
+        "map: a page freed by MADV_DONTNEED is allocated again on its next touch",
+        "unmap: a page freed by MADV_DONTNEED is allocated again on its next touch",
+    ]
+    assert "0 host pages allocated" in failed[0]["detail"]
+    assert r.metrics["unmap_iterations"] == 2, "the run still returns every figure"
 
 
 def test_memslot_perf_quirk_off_keeps_the_inactive_area_mapped() -> None:
@@ -126,9 +218,32 @@ def test_memslot_perf_quirk_off_keeps_the_inactive_area_mapped() -> None:
         max_iterations=5,
         disable_slot_zap_all=True,
     )
-    assert off.detail["checks"]["move_inactive_kept"]["ok"]
+    kept = "move inactive area: with the quirk off, moving the slot leaves the area below it mapped"
+    assert checks_by_name(off) == {kept: True}
+    assert kept not in checks_by_name(on)
     # With the quirk the fast zap drops the inactive area too: the guest faults it back.
     assert on.stats["pf_taken"] > off.stats["pf_taken"]
+
+
+def test_memslot_perf_default_slot_cap_fits_a_scaled_area() -> None:
+    from tdpmmu.workloads.memslot_perf import memslot_perf
+
+    # scale 32: the map area is 272 pages, fewer than the default cap's 511 slots.
+    r = memslot_perf(first_test=0, last_test=0, seconds=0.001, scale=32, verbose=True)
+    assert not any(ln.startswith("Memslot count too high") for ln in r.lines)
+    assert "Allowed number of memory slots: 273" in r.lines
+    assert (
+        "(default slot cap 512 lowered to 273 for this test's 272-page area; -s sets the cap)"
+        in r.lines
+    )
+    assert r.detail["runs"][0]["slots"] == 272 and r.metrics["map_iterations"] >= 1
+    # An explicit cap is the user's: the selftest's refusal line, as before.
+    r = memslot_perf(first_test=0, last_test=0, seconds=0.001, scale=32, slots=512)
+    assert "Memslot count too high for this test, decrease the cap (max is 273)" in r.lines
+    # move active area needs a last slot of 24 pages at least: the default cap drops to fit.
+    r = memslot_perf(first_test=3, last_test=3, seconds=0.001, scale=32, max_iterations=2)
+    assert r.detail["runs"][0]["slot_cap"] == 512, "4112 pages: 511 slots leave 32 in the last"
+    assert r.ok
 
 
 def test_memslot_perf_zero_seconds_and_too_many_slots() -> None:
@@ -136,8 +251,11 @@ def test_memslot_perf_zero_seconds_and_too_many_slots() -> None:
 
     r = memslot_perf(first_test=0, last_test=0, seconds=0, scale=32, slots=8)
     assert "No full loops done - too short test time or system too loaded?" in r.lines
-    r = memslot_perf(first_test=0, last_test=0, seconds=1, scale=32, slots=1000)
+    assert not any(ln.startswith("(modeled per iteration") for ln in r.lines)
+    r = memslot_perf(first_test=0, last_test=1, seconds=1, scale=32, slots=1000)
     assert any(ln.startswith("Memslot count too high for this test") for ln in r.lines)
+    # unmap's 1040 pages fit 999 slots: it runs.
+    assert [p[0] for p in r.phases] == ["map (not run)", "unmap run 0"]
 
 
 def test_memslot_perf_flags_and_refusals() -> None:
