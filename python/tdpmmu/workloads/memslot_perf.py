@@ -57,7 +57,7 @@ Checks (``detail["checks"]``, ``tdpmmu.workloads.base.Checks`` records; a failed
 freed by MADV_DONTNEED is allocated again on its next touch; ``move active area``'s writes to
 the moved-away half are emulated and the moved-back slot is mapped again; with ``-q``
 ``move inactive area``'s area stays mapped across a move; with ``-d`` the map/unmap mappings
-before and after each unmap (counted over the loops).
+before and after each unmap (counted over the loops); ``VM.check()`` after each run.
 """
 
 import argparse
@@ -67,7 +67,7 @@ from typing import Any, Unpack
 import numpy as np
 
 from tdpmmu import coerce, spte
-from tdpmmu._core import ConfigError
+from tdpmmu._core import ConfigError, InvariantError
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec, launch
 from tdpmmu.workloads.base import (
@@ -241,7 +241,6 @@ def memslot_perf(
     Raises:
         ConfigError: a bad value, naming it; ``vm_type`` "tdx" (the selftest runs a normal VM;
             a TD's memory is guest_memfd memory, which KVM neither moves nor MADV_DONTNEEDs).
-        InvariantError: the engine's own invariants broke (``VM.check``), a model bug.
         TypeError: a value of the wrong type.
     """
     run_start = time.perf_counter()
@@ -456,7 +455,11 @@ def memslot_perf(
                     faults == 0,
                     f"run {run_i}: {faults} faults re-touching the area after a move",
                 )
-            vm.check()
+            try:
+                vm.check()
+                checks.add(f"{name}: VM.check() holds after the run", True, f"run {run_i}")
+            except InvariantError as e:
+                checks.add(f"{name}: VM.check() holds after the run", False, f"run {run_i}: {e}")
             modeled = total_ns / 1e9
             clock.record(f"{name} run {run_i}", modeled, wall)
             lines.append(
