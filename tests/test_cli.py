@@ -108,7 +108,7 @@ SMALL = {
     "pre-fault-memory": [],
     "td-lifecycle": ["-b", "2M", "--vm-type", "tdx"],
     "snp-boot": ["-b", "2M", "--vm-type", "snp"],
-    "memslot-perf": [],
+    "memslot-perf": ["--scale", "32", "-l", "0.001", "-s", "64"],
     "private-mem-conversions": ["--vm-type", "tdx"],
 }
 

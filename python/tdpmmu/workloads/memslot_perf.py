@@ -80,6 +80,7 @@ from tdpmmu.workloads.base import (
     register,
     sim_options,
     spec_args,
+    track_vm,
 )
 
 __all__ = ["DEFAULT_MAX_ITERATIONS", "DEFAULT_SLOT_CAP", "KVM_NR_MEMSLOTS", "TESTS", "memslot_perf"]
@@ -131,7 +132,9 @@ class _Run:
         self.pps = mempages // self.nslots
         spec = VmSpec.create(**spec_args(sim), memory=2 << 20, vcpus=1, slot_zap_all=zap_all)
         self.spec = spec
-        self.vm: VM = spec.build()
+        # Every run's VM, not only the first (which the Clock hands over), is audited by
+        # compare --workload.
+        self.vm: VM = track_vm(spec.build())
         self.slots: list[tuple[int, int, int]] = []
         if self.pps == 0:
             return
