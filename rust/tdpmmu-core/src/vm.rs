@@ -1510,14 +1510,7 @@ impl Vm {
     /// this thread, interleaved in modeled-time order. One operation: it holds `mmu_lock` for
     /// read throughout (other host threads' writers wait for it to end).
     pub fn run_virtual(&self, a: &crate::vtime::VtArgs) -> Result<crate::vtime::VtResult> {
-        if self.user_hooks {
-            return Err(bad_arg(
-                "clock",
-                "virtual time runs the built-in hook designs only; a VM with a hooks object \
-                 runs on host threads (clock=\"host\")",
-            ));
-        }
-        self.check_private(a.ms.private)?;
+        self.check_virtual(a.ms.private)?;
         let span = if a.ms.overlap {
             a.ms.pages_per_vcpu
         } else {
@@ -1562,14 +1555,107 @@ impl Vm {
         if let Some((g, n)) = a.remove {
             covered(g, n, "remove")?;
         }
-        let side = crate::vtime::VmSide {
+        let r = crate::vtime::run(&self.vt_side(), &st, a);
+        drop(st);
+        self.ops.grace_period(self.arena());
+        r
+    }
+
+    /// What a virtual-time run refuses up front: a VM with a Python hooks object (its hooks
+    /// run on host threads), and an access kind the VM cannot have.
+    fn check_virtual(&self, private: Option<bool>) -> Result<()> {
+        if self.user_hooks {
+            return Err(bad_arg(
+                "clock",
+                "virtual time runs the built-in hook designs only; a VM with a hooks object \
+                 runs on host threads (clock=\"host\")",
+            ));
+        }
+        self.check_private(private).map(|_| ())
+    }
+
+    /// The VM as the virtual-time engine sees it.
+    fn vt_side(&self) -> crate::vtime::VmSide<'_> {
+        crate::vtime::VmSide {
             mmu: &self.mmu,
             ops: &self.ops,
             max_vcpus: self.cfg.vcpus,
             td: self.cfg.vm_type == VmType::Tdx,
             exit_ns: self.cfg.costs.rates()[self.mmu.exit_cost() as usize],
-        };
-        let r = crate::vtime::run(&side, &st, a);
+        }
+    }
+
+    /// Explicit per-vCPU access lists in virtual time (`run_lists`): vCPU `i` walks
+    /// `lists[i]` with the same actor, engine and shared resources as `run_virtual`; `a` gives
+    /// the run's options (`passes`, `mmu_lock`, userfault, machine, TDX module, `remove`,
+    /// `cpus`) and its memstress shape `a.ms` is not used. `private` is the accesses' kind
+    /// (None: by each gfn's attribute). Every gfn must be in a memslot; refused before any
+    /// access otherwise. One operation: it holds `mmu_lock` for read throughout.
+    pub fn run_virtual_accesses(
+        &self,
+        lists: &[crate::vtime::AccessList],
+        private: Option<bool>,
+        a: &crate::vtime::VtArgs,
+    ) -> Result<crate::vtime::VtResult> {
+        self.check_virtual(private)?;
+        if lists.is_empty() || lists.len() > self.cfg.vcpus as usize {
+            return Err(bad_arg(
+                "gfns_per_vcpu",
+                format!(
+                    "one list per vCPU, 1..={} (the VM's vcpus), got {}",
+                    self.cfg.vcpus,
+                    lists.len()
+                ),
+            ));
+        }
+        let max = self.max_gfn();
+        for (v, l) in lists.iter().enumerate() {
+            if let Some((i, g)) = l.gfns.iter().enumerate().find(|(_, g)| **g >= max) {
+                return Err(bad_arg(
+                    "gfns_per_vcpu",
+                    format!(
+                        "gfns_per_vcpu[{v}][{i}] = {g:#x} is beyond the guest-physical limit; \
+                         allowed 0..{max:#x}"
+                    ),
+                ));
+            }
+        }
+        if let Some((g, n)) = a.remove {
+            self.check_confidential("remove")?;
+            self.check_range(g, n)?;
+        }
+        self.ops.ensure_alive()?;
+        let st = self.ops.mmu_lock.read();
+        self.ops.ensure_alive()?;
+        for (v, l) in lists.iter().enumerate() {
+            // Consecutive gfns mostly fall in the slot found last.
+            let (mut lo, mut hi) = (1u64, 0u64);
+            for (i, &g) in l.gfns.iter().enumerate() {
+                if g >= lo && g < hi {
+                    continue;
+                }
+                let Some(s) = st.memslots.find(g) else {
+                    return Err(bad_arg(
+                        "gfns_per_vcpu",
+                        format!("gfns_per_vcpu[{v}][{i}] = {g:#x} is not in any memslot"),
+                    ));
+                };
+                (lo, hi) = (s.gfn, s.end());
+            }
+        }
+        if let Some((g, n)) = a.remove {
+            let mut x = g;
+            while x < g + n {
+                let Some(s) = st.memslots.find(x) else {
+                    return Err(bad_arg(
+                        "remove",
+                        format!("gfn {x:#x} of the range is not in any memslot"),
+                    ));
+                };
+                x = s.end();
+            }
+        }
+        let r = crate::vtime::run_lists(&self.vt_side(), &st, lists, private, a);
         drop(st);
         self.ops.grace_period(self.arena());
         r
