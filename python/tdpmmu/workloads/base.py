@@ -36,6 +36,7 @@ __all__ = [
     "Clock",
     "Progress",
     "SimArgs",
+    "Tabular",
     "Workload",
     "WorkloadResult",
     "capture_vms",
@@ -282,8 +283,60 @@ class Checks:
         return [dict(c) for c in self._items]
 
 
+class Tabular:
+    """``row()`` and ``to_pandas()`` for a result with ``workload``, ``spec``, ``seed``,
+    ``params``, ``options``, ``metrics``, ``modeled_ns`` and ``wall_s`` (``WorkloadResult``,
+    ``DemandPagingResult``)."""
+
+    __slots__ = ()
+    workload: Any
+    spec: Any
+    seed: Any
+    params: Any
+    options: Any
+    metrics: Any
+    modeled_ns: Any
+    wall_s: Any
+
+    def row(self) -> dict[str, Any]:
+        """One flat record: workload, VM type, design, seed, the parameters, the run options,
+        the metrics, ``modeled_ns`` and ``wall_s`` (what ``to_pandas`` and sweeps tabulate).
+
+        Returns:
+            dict[str, Any]: JSON-safe scalars (nested parameters as JSON text). Never raises.
+        """
+        out: dict[str, Any] = {
+            "workload": self.workload,
+            "vm_type": self.spec.vm_type,
+            "hooks": self.spec.hooks,
+            "vcpus": self.spec.vcpus,
+            "seed": self.seed,
+        }
+        for k, v in {**self.params, **self.options.to_dict()}.items():
+            if k not in out:
+                out[k] = (
+                    v
+                    if isinstance(v, str | int | float | bool | None)
+                    else json.dumps(json_safe(v))
+                )
+        out.update(self.metrics)
+        out["modeled_ns"] = self.modeled_ns
+        out["wall_s"] = self.wall_s
+        return out
+
+    def to_pandas(self) -> "pandas.DataFrame":
+        """The result as a one-row ``pandas.DataFrame`` (``row()``); needs the ``pandas`` extra.
+
+        Raises:
+            ImportError: pandas is not installed (``pip install 'tdpmmu[pandas]'``).
+        """
+        import pandas
+
+        return pandas.DataFrame([self.row()])
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class WorkloadResult:
+class WorkloadResult(Tabular):
     """One run of a selftest-shaped workload.
 
     ``lines`` are the selftest's own output lines with the same labels and units, carrying
@@ -402,42 +455,6 @@ class WorkloadResult:
             json.JSONDecodeError: ``text`` is not JSON.
         """
         return cls.from_envelope(Envelope.from_json(text))
-
-    def row(self) -> dict[str, Any]:
-        """One flat record: workload, VM type, design, seed, the parameters, the run options,
-        the metrics, ``modeled_ns`` and ``wall_s`` (what ``to_pandas`` and sweeps tabulate).
-
-        Returns:
-            dict[str, Any]: JSON-safe scalars (nested parameters as JSON text). Never raises.
-        """
-        out: dict[str, Any] = {
-            "workload": self.workload,
-            "vm_type": self.spec.vm_type,
-            "hooks": self.spec.hooks,
-            "vcpus": self.spec.vcpus,
-            "seed": self.seed,
-        }
-        for k, v in {**self.params, **self.options.to_dict()}.items():
-            if k not in out:
-                out[k] = (
-                    v
-                    if isinstance(v, str | int | float | bool | None)
-                    else json.dumps(json_safe(v))
-                )
-        out.update(self.metrics)
-        out["modeled_ns"] = self.modeled_ns
-        out["wall_s"] = self.wall_s
-        return out
-
-    def to_pandas(self) -> "pandas.DataFrame":
-        """The result as a one-row ``pandas.DataFrame`` (``row()``); needs the ``pandas`` extra.
-
-        Raises:
-            ImportError: pandas is not installed (``pip install 'tdpmmu[pandas]'``).
-        """
-        import pandas
-
-        return pandas.DataFrame([self.row()])
 
 
 def finish(

@@ -19,7 +19,7 @@ from tdpmmu.stats import Stats
 from tdpmmu.vmspec import VmSpec
 from tdpmmu.vtime import Machine, VirtualOptions, pin_list
 from tdpmmu.workloads import memstress
-from tdpmmu.workloads.base import Checks, Clock, Progress, SimArgs, Workload, register
+from tdpmmu.workloads.base import Checks, Clock, Progress, SimArgs, Tabular, Workload, register
 from tdpmmu.workloads.common import (
     BACKING_SOURCES,
     backing_source,
@@ -29,7 +29,7 @@ from tdpmmu.workloads.common import (
 )
 
 if TYPE_CHECKING:
-    import pandas
+    pass
 
 __all__ = [
     "GUEST_MODES",
@@ -224,7 +224,7 @@ def _rates_of(r: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class DemandPagingResult:
+class DemandPagingResult(Tabular):
     """One ``demand_paging`` run; rates are in guest 4 KiB pages, as in the selftest.
 
     ``lines`` are the selftest's output with **modeled** times, and ``metrics`` the same
@@ -358,44 +358,6 @@ class DemandPagingResult:
     def ok(self) -> bool:
         """Whether every check of the run held (``detail["checks"]``, ``Checks`` records)."""
         return all(bool(c.get("ok")) for c in self.detail.get("checks", ()))
-
-    def row(self) -> dict[str, Any]:
-        """One flat record, as ``WorkloadResult.row``: workload, VM type, design, seed, the
-        parameters, the run options, the metrics, ``modeled_ns`` and ``wall_s``.
-
-        Returns:
-            dict[str, Any]: JSON-safe scalars (nested values as JSON text). Never raises.
-        """
-        import json
-
-        out: dict[str, Any] = {
-            "workload": self.workload,
-            "vm_type": self.spec.vm_type,
-            "hooks": self.spec.hooks,
-            "vcpus": self.spec.vcpus,
-            "seed": self.seed,
-        }
-        for k, v in {**self.params, **self.options.to_dict()}.items():
-            if k not in out:
-                out[k] = (
-                    v
-                    if isinstance(v, str | int | float | bool | None)
-                    else json.dumps(json_safe(v))
-                )
-        out.update(self.metrics)
-        out["modeled_ns"] = self.modeled_ns
-        out["wall_s"] = self.wall_s
-        return out
-
-    def to_pandas(self) -> "pandas.DataFrame":
-        """The result as a one-row ``pandas.DataFrame`` (``row()``); needs the ``pandas`` extra.
-
-        Raises:
-            ImportError: pandas is not installed (``pip install 'tdpmmu[pandas]'``).
-        """
-        import pandas
-
-        return pandas.DataFrame([self.row()])
 
     def envelope(self) -> Envelope:
         """The run as a ``tdpmmu.results.Envelope`` (workload ``"demand_paging"``).
