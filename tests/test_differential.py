@@ -35,7 +35,9 @@ walk hits that set A/D and log to PML, faults, refused calls; private and shared
 confidential VMs, whose TDs must be finalized first: see the xfail test) and host mm changes
 of the shared mappings: ``madvise_dontneed`` (then a re-touch must allocate again; refused on
 guest_memfd slots) and ``mprotect`` (then a read maps without write access and a write is a
-memory-fault exit).
+memory-fault exit).  The default machine, and the SW_PROTECTED one without a mirror root,
+also draw ``ad_bits=False`` now and then (KVM's ``enable_ept_ad_bits=0``: A/D-disabled SPTEs,
+aging by access tracking, access-tracked leaves restored by the fast path, PML refused).
 
 A fixed lifecycle per design/option (``test_scenario_matches_reference``) runs as well, a
 fixed dirty-logging flow per backing (``test_dirty_logging_scenario_matches_reference``),
@@ -43,7 +45,8 @@ fixed flows through read-only memslots, moves, write tracking, NX recovery, PML,
 pages and KVM_TDX_TERMINATE_VM that must reach each of them
 (``test_new_operations_scenario_matches_reference``), and fixed flows through guest
 accesses, MADV_DONTNEED and mprotect on every VM type
-(``test_host_mm_and_access_batch_scenario_matches_reference``).  The file is sized to stay
+(``test_host_mm_and_access_batch_scenario_matches_reference``), and a fixed access-tracking
+flow with A/D bits off and on (``test_access_tracking_scenario_matches_reference``).  The file is sized to stay
 under two minutes on two cores; with CI=true it is shorter (about 30 s) and derandomized.
 """
 
@@ -282,6 +285,8 @@ class DirtyLoggingRules:
             eager,
             pml,
         )
+        if out[0] != "ok" and enable and pml and not self.r.ad_bits:
+            event("set_dirty_logging refused: PML without A/D bits")
         if out[0] == "ok":
             mode = "initially set" if initially_set else "manual" if manual else "plain"
             mode += " PML" if pml and enable else ""
@@ -342,7 +347,7 @@ class DirtyLoggingRules:
         gfn, npages = self.draw_op_range(data)
         self.touch(gfn, gfn + npages - 1)
         out = self.both(f"age_gfn_range({gfn:#x}, {npages:#x})", "age_gfn_range", gfn, npages)
-        event(f"age_gfn_range -> {out}")
+        event(f"age_gfn_range (A/D {'on' if self.r.ad_bits else 'off'}) -> {out}")
 
     @rule(data=st.data())
     def probe_age_gfn(self, data: st.DataObject) -> None:
@@ -488,7 +493,8 @@ class DirtyLoggingRules:
             manual = data.draw(st.booleans(), label="manual_protect")
             initially_set = manual and data.draw(st.booleans(), label="initially_set")
             eager = data.draw(st.booleans(), label="eager_split")
-            pml = data.draw(st.booleans(), label="pml")
+            # PML needs EPT A/D bits (refused without: the set_dirty_logging rule draws that).
+            pml = data.draw(st.booleans(), label="pml") and self.r.ad_bits
             if eager and self.splits_to_4k(sgfn, sgfn + snpages) > MAX_SPLITS_TO_4K:
                 eager = False
             self.touch(sgfn, sgfn + snpages - 1)
@@ -764,6 +770,8 @@ def vm_configs(draw: st.DrawFn) -> dict[str, Any]:
         "vcpus": draw(st.integers(1, 3)),
         "nx_huge_pages": draw(st.booleans()),
         "slot_zap_all": draw(st.booleans()),
+        # KVM's enable_ept_ad_bits: off now and then (access-tracking SPTEs).
+        "ad_bits": draw(st.sampled_from([True, True, True, False])),
     }
 
 
@@ -1283,6 +1291,9 @@ def cvm_configs(draw: st.DrawFn) -> dict[str, Any]:
             cfg["folio"] = "4K"
         else:
             cfg["folio"] = draw(st.sampled_from(["4K", "2M"]))
+            # EPT A/D bits off now and then (KVM refuses it on TDX and the mirror variant,
+            # and AMD NPT has no such switch).
+            cfg["ad_bits"] = draw(st.sampled_from([True, True, False]))
     return cfg
 
 
@@ -2736,3 +2747,87 @@ def test_pre_fault_of_read_only_memory_maps_read_only() -> None:
             assert vm.spte(gfn + 3) & _SPTE_W == 0 and vm.spte(gfn + 3) & 1, side
             assert vm.fault(gfn + 3).ret == ret, side
         assert ro == 1
+
+
+AT = HOST_SLOT  # a memslot without guest_memfd for the access-tracking flow
+
+
+def _access_tracking_steps() -> list[Step]:
+    """Map (write, read, a read of a write-tracked page), age, probe, access again (reads,
+    writes, the write-tracked page), pre-fault and access in a batch, dirty logging."""
+    return [
+        ("add_memslot", (AT, 1024, 4096)),
+        ("fault", (AT + 3, None, True)),
+        ("fault", (AT + 4, None, False)),
+        ("write_track_gfn", (AT + 5, True)),
+        ("fault", (AT + 5, None, False)),
+        ("test_age_gfn", (AT, 16)),
+        ("age_gfn_range", (AT, 16)),
+        ("test_age_gfn", (AT, 16)),
+        ("age_gfn_range", (AT, 16)),
+        ("fault", (AT + 4, None, False)),
+        ("test_age_gfn", (AT + 4, 1)),
+        ("test_age_gfn", (AT + 3, 1)),
+        ("fault", (AT + 3, None, True)),
+        ("fault", (AT + 5, None, True)),
+        ("populate", (AT + 64, 8)),
+        ("test_age_gfn", (AT + 64, 8)),
+        ("access_batch", (np.arange(AT + 64, AT + 72, dtype=np.uint64), False, None, 0)),
+        ("access_batch", (np.arange(AT + 64, AT + 72, dtype=np.uint64), False, None, 0)),
+        ("set_dirty_logging", (1, True, False, False, True, True)),
+        ("set_dirty_logging", (1, True, False, False, True, False)),
+        ("age_gfn_range", (AT, 1024)),
+        ("fault", (AT + 66, None, True)),
+        ("fault", (AT + 67, None, False)),
+        ("get_dirty_log", (1,)),
+    ]
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sw_protected"])
+@pytest.mark.parametrize("ad_bits", [False, True])
+def test_access_tracking_scenario_matches_reference(vm_type: str, ad_bits: bool) -> None:
+    """A fixed aging flow on both sides, compared after every step (``_run_flow``).  With A/D
+    off: aging makes every leaf access-tracked (test_young False, a second aging finds
+    nothing young), a read of a tracked leaf faults and the fast path restores it
+    (``pf_fast``) and only that page is young again, a write to a tracked MMU-writable leaf
+    is restored on the fast path, a write to the write-tracked (not MMU-writable) one goes to
+    the slow path, pre-faulted leaves start tracked and their first accesses all fault,
+    PML is refused and a write under dirty logging is logged.  With A/D on the same reads
+    are answered by the mapping (spurious), as before."""
+    cfg: dict[str, Any] = {"vm_type": vm_type, "memory": "64MiB", "ad_bits": ad_bits}
+    steps = _access_tracking_steps()
+    ref, peak, outcomes = _run_flow(cfg, steps, (AT + 3, AT + 4, AT + 5, AT + 66, AT + 67))
+    ret = tdpmmu.Ret
+
+    def outs(step: Step) -> list[tuple[Any, ...]]:
+        return [o for s, o, _ in outcomes if s[0] == step[0] and s[1][:2] == step[1][:2]]
+
+    assert outs(("test_age_gfn", (AT, 16))) == [("ok", True), ("ok", False)]
+    assert outs(("age_gfn_range", (AT, 16))) == [("ok", True), ("ok", False)]
+    reads4 = [_ret_of(o) for o in outs(("fault", (AT + 4, None)))]
+    writes3 = [_ret_of(o) for o in outs(("fault", (AT + 3, None)))]
+    write5 = _ret_of(outs(("fault", (AT + 5, None)))[1])
+    batches = [o[1]["faults"] for s, o, _ in outcomes if s[0] == "access_batch"]
+    pml = [o[0] for s, o, _ in outcomes if s[0] == "set_dirty_logging"]
+    log = next(o for s, o, _ in outcomes if s[0] == "get_dirty_log")
+    assert write5 == ret.WRITE_PROTECTED  # never fixed on the fast path
+    if not ad_bits:
+        assert reads4 == [ret.FIXED, ret.FIXED], reads4
+        assert writes3 == [ret.FIXED, ret.FIXED], writes3
+        assert outs(("test_age_gfn", (AT + 4, 1))) == [("ok", True)]
+        assert outs(("test_age_gfn", (AT + 3, 1))) == [("ok", False)]
+        assert outs(("test_age_gfn", (AT + 64, 8))) == [("ok", False)]
+        assert batches == [8, 0], batches  # tracked pre-faults fault once, then hit
+        assert pml == ["ValueError", "ok"], pml
+        assert peak["pf_fast"] == 2 + 8 + 2, peak["pf_fast"]
+        # The first aging takes 3 leaves; the slot-wide one the 3 accessed since (gfn 5 was
+        # remapped by the slow path) and the 8 the batch restored.
+        assert peak["sptes_aged"] == 3 + 3 + 8, peak["sptes_aged"]
+    else:
+        assert reads4 == [ret.FIXED, ret.SPURIOUS], reads4
+        assert writes3 == [ret.FIXED, ret.SPURIOUS], writes3
+        assert outs(("test_age_gfn", (AT + 64, 8))) == [("ok", False)]
+        assert batches == [0, 0], batches  # the CPU sets A on the pre-faulted leaves
+        assert pml == ["ok", "ok"], pml
+    dirty = log[1][1]  # word 1 of the slot's bitmap: pages 64..127
+    assert dirty >> 2 & 1 == 1 and dirty >> 3 & 1 == 0, hex(dirty)

@@ -77,6 +77,7 @@ class Vm:
         folio: int | None = None,
         budget: int | None = None,
         hook_object: object | None = None,
+        ad_bits: bool = True,
     ) -> Vm: ...
     @property
     def vm_type(self) -> str: ...

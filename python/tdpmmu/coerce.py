@@ -25,6 +25,7 @@ __all__ = [
     "LEVELS",
     "PAGE_SIZE",
     "TdxValue",
+    "ad_bits",
     "backing",
     "cost_model",
     "count",
@@ -198,6 +199,37 @@ def levels(value: object, name: str = "levels") -> int:
     if n not in LEVELS:
         raise ConfigError(f"{name}: must be one of {', '.join(map(str, LEVELS))}, got {n}")
     return n
+
+
+def ad_bits(value: object, variant: config.Variant) -> bool:
+    """KVM's ``enable_ept_ad_bits`` for a VM of ``variant``, checked as the engine checks it.
+
+    Args:
+        value: True (EPT A/D bits on, the default) or False (kvm_intel ``eptad=0``).
+        variant: the VM's row of the VM-type x design matrix.
+
+    Returns:
+        bool: ``value`` unchanged.
+
+    Raises:
+        ConfigError: naming ``ad_bits``: False on snp (AMD NPT always has A/D) or on a variant
+            with a mirror root (KVM refuses TDX without EPT A/D bits).
+        TypeError: ``value`` is not a bool.
+    """
+    on = flag(value, "ad_bits")
+    if not on and variant.vm_type == "snp":
+        raise ConfigError(
+            "ad_bits: an snp VM runs on AMD NPT, whose A/D bits are always on; ad_bits=False "
+            "(kvm_intel eptad=0) applies to default and sw_protected VMs"
+        )
+    if not on and variant.mirror_root:
+        raise ConfigError(
+            "ad_bits: KVM refuses TDX without EPT A/D bits (tdx_bringup needs "
+            "enable_ept_ad_bits: the mirror/external page tables assume them), so a "
+            f"{variant.vm_type} VM with a mirror root takes ad_bits=True only; ad_bits=False "
+            "applies to default and sw_protected VMs"
+        )
+    return on
 
 
 def vm_type(value: object, mirror: object = False) -> config.Variant:

@@ -145,6 +145,15 @@ class VM(_core.Vm):
             mirror root the mirror tree plus the S-EPT or software external tree) and its
             first-touch bitmaps and RMP entries; a VM or ``add_memslot`` that would exceed the
             budget raises ``tdpmmu.OutOfMemory`` before allocating anything.
+        ad_bits: KVM's ``enable_ept_ad_bits`` (kvm_intel ``eptad``), default True: leaves
+            carry Accessed/Dirty and the CPU sets them. False models ``eptad=0`` on default
+            and sw_protected VMs (without a mirror root): SPTEs are of the A/D-disabled type,
+            the CPU sets no A/D, aging (``age_gfn_range``) marks each young leaf for access
+            tracking (RWX cleared, R and X saved), the next access to it faults and
+            ``fast_page_fault`` restores it lockless (``pf_fast``; a write gets W back only
+            on an MMU-writable leaf, else the slow path), ``test_age_gfn`` is True for a leaf
+            not access-tracked, a pre-fault's leaf starts access-tracked, and dirty logging
+            write-protects (``pml=True`` is refused).
 
     Valid VM types and hook designs (``tdpmmu.config.VARIANTS``; the first is the default):
     ``default``: none; ``tdx``: mirror, private; ``snp``: gmem, private; ``sw_protected``:
@@ -160,7 +169,8 @@ class VM(_core.Vm):
             ``costs`` (unknown field; a bad value names its field), ``seed``, ``tdx`` (unknown
             key, ``tdx[key]`` for a bad value, or options on a VM type that takes none),
             ``mirror`` (on a VM type other than sw_protected), ``folio`` (not 4K or 2M, or on
-            a default VM).
+            a default VM), ``ad_bits`` (False on snp, whose NPT always has A/D, or on a VM
+            with a mirror root: KVM refuses TDX without EPT A/D bits).
         TypeError: a value of the wrong type (its note names the argument): ``vm_type`` not
             a str, a bool or str where an int is expected, an int where a bool is, ``memory``
             a float, ``costs`` or ``tdx`` not a mapping, a hook object missing a method.
@@ -189,6 +199,7 @@ class VM(_core.Vm):
         mirror: bool = False,
         folio: str | int | None = None,
         budget: str | int | None = None,
+        ad_bits: bool = True,
     ) -> "VM":
         """Create the VM; the class docstring documents every argument and error."""
         if not isinstance(vm_type, str):
@@ -219,6 +230,7 @@ class VM(_core.Vm):
                 folio=None if folio is None else parse_size(folio, "folio"),
                 budget=None if budget is None else coerce.size(budget, "budget", multiple=1),
                 hook_object=hook_object,
+                ad_bits=ad_bits,
             ),
         )
         self._costs = model

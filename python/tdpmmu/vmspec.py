@@ -54,6 +54,8 @@ class VmSpec:
     trace: bool = False
     nx_huge_pages: bool = False
     slot_zap_all: bool = True
+    #: KVM's ``enable_ept_ad_bits`` (False: A/D-disabled SPTEs, aging by access tracking).
+    ad_bits: bool = True
     #: A user object answering the hooks (not part of the serialized configuration).
     hook_object: object | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -75,6 +77,7 @@ class VmSpec:
         tdx: Mapping[str, object] | None = None,
         mirror: bool = False,
         folio: str | int | None = None,
+        ad_bits: bool = True,
     ) -> "VmSpec":
         """Coerce ``tdpmmu.VM``'s arguments (same names, same meaning) into a spec.
 
@@ -99,6 +102,8 @@ class VmSpec:
             tdx: TDX options (``tdpmmu.VM`` documents each), or None.
             mirror: sw_protected's mirrored variant (bool).
             folio: ``"4K"``, ``"2M"`` or bytes, or None (not given).
+            ad_bits: KVM's ``enable_ept_ad_bits`` (bool, default True); False only on
+                default and sw_protected VMs without a mirror root.
 
         Returns:
             VmSpec: the coerced spec (hook design resolved, never None).
@@ -131,6 +136,7 @@ class VmSpec:
             trace=coerce.flag(trace, "trace"),
             nx_huge_pages=coerce.flag(nx_huge_pages, "nx_huge_pages"),
             slot_zap_all=coerce.flag(slot_zap_all, "slot_zap_all"),
+            ad_bits=coerce.ad_bits(ad_bits, variant),
             hook_object=hook_object,
         )
 
@@ -189,6 +195,7 @@ class VmSpec:
             tdx=fields["tdx"],
             mirror=fields["mirror"],
             folio=fields["folio"],
+            ad_bits=fields["ad_bits"],
         )
 
     def build(self) -> VM:
@@ -205,6 +212,8 @@ class VmSpec:
             OutOfMemory: the VM's arena or metadata could not be reserved.
         """
         extra: dict[str, Any] = {} if self.folio is None else {"folio": self.folio}
+        if not self.ad_bits:
+            extra["ad_bits"] = False
         vm = VM(
             vm_type=self.vm_type,
             memory=self.memory,
@@ -248,7 +257,8 @@ class VmSpec:
 
         Args:
             data: a ``to_dict()`` mapping; ``trace``, ``nx_huge_pages``, ``slot_zap_all``,
-                ``tdx``, ``mirror`` and ``folio`` may be absent (defaults as ``create``).
+                ``tdx``, ``mirror``, ``folio`` and ``ad_bits`` may be absent (defaults as
+                ``create``).
 
         Returns:
             VmSpec: the spec.
@@ -273,6 +283,7 @@ class VmSpec:
             tdx=data.get("tdx") or None,
             mirror=data.get("mirror", False),
             folio=data.get("folio"),
+            ad_bits=data.get("ad_bits", True),
         )
 
     def describe(self) -> str:
@@ -287,6 +298,8 @@ class VmSpec:
         ]
         if self.folio is not None:
             parts.append(f"folio {coerce.size_name(self.folio)}")
+        if not self.ad_bits:
+            parts.append("A/D bits off")
         if self.tdx:
             parts.append("tdx " + ",".join(f"{k}={_text(v)}" for k, v in self.tdx.items()))
         parts.append(f"seed {self.seed}")

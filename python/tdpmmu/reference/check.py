@@ -22,6 +22,8 @@ from .spte import (
     PG_LEVEL_1G,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
+    SHADOW_ACC_TRACK_SAVED_BITS_MASK,
+    SHADOW_ACC_TRACK_SAVED_BITS_SHIFT,
     SHADOW_NONPRESENT_VALUE,
     SPTE_ACCESSED,
     SPTE_DIRTY,
@@ -29,12 +31,15 @@ from .spte import (
     SPTE_HOST_WRITABLE,
     SPTE_MMU_WRITABLE,
     SPTE_WRITABLE,
+    is_access_track_spte,
     is_frozen_spte,
     is_last_spte,
     is_mmio_spte,
     is_shadow_present_pte,
     make_leaf_spte,
     pages_per_hpage,
+    restore_acc_track_spte,
+    spte_ad_enabled,
     spte_to_pfn,
 )
 from .stats import PAGES_STAT, Ctx
@@ -105,6 +110,11 @@ def check_live(
                 if spte != SHADOW_NONPRESENT_VALUE and not is_mmio_spte(spte):
                     fail(f"odd non-present SPTE {spte:#x} at level {level} gfn {gfn:#x}")
                 continue
+            # Every present entry is of the VM's A/D type; without A/D it has neither A nor D.
+            if spte_ad_enabled(spte) != tdp_mmu.ad_bits or (
+                not tdp_mmu.ad_bits and spte & (SPTE_ACCESSED | SPTE_DIRTY)
+            ):
+                fail(f"SPTE {spte:#x} at level {level} gfn {gfn:#x} has the wrong A/D encoding")
             if is_last_spte(spte, level):
                 _check_leaf(
                     slots,
@@ -116,6 +126,7 @@ def check_live(
                     gfn,
                     sp.is_mirror,
                     fail,
+                    tdp_mmu.ad_bits,
                 )
                 leaves[PAGES_STAT.get(level, "pages_1g")] += 1
                 if sp.is_mirror:
@@ -225,8 +236,10 @@ def _check_leaf(
     gfn: int,
     mirror: bool,
     fail: Callable[[str], None],
+    ad_bits: bool = True,
 ) -> None:
-    """A present leaf maps the right page of one memslot, at a level its backing allows."""
+    """A present leaf maps the right page of one memslot, at a level its backing allows; with
+    ``ad_bits=False`` an access-tracked leaf is checked as the leaf its saved bits restore."""
     if level > PG_LEVEL_1G:
         fail(f"leaf at level {level} (gfn {gfn:#x})")
     end = gfn + pages_per_hpage(level)
@@ -263,7 +276,14 @@ def _check_leaf(
         | SPTE_MMU_WRITABLE
         | SPTE_HOST_WRITABLE
     )
-    if spte | optional != make_leaf_spte(spte_to_pfn(spte), level):
+    saved_field = SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
+    shape = spte
+    if is_access_track_spte(spte):
+        shape = restore_acc_track_spte(spte)  # the saved R must come back
+    elif spte & saved_field:
+        fail(f"leaf {spte:#x} at level {level} gfn {gfn:#x} has saved bits but is not tracked")
+    # (A/D-disabled leaves never have A or D: visit() checks that.)
+    if shape | optional != make_leaf_spte(spte_to_pfn(spte), level, ad=ad_bits) | optional:
         fail(f"leaf {spte:#x} at level {level} gfn {gfn:#x} is not a valid leaf")
     host_writable = bool(spte & SPTE_HOST_WRITABLE)
     if (spte & SPTE_WRITABLE and not spte & SPTE_MMU_WRITABLE) or (

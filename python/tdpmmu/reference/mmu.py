@@ -8,7 +8,8 @@ KVM_EXIT_MEMORY_FAULT, emulates a write to a read-only memslot, turns a write to
 page the host mapped read-only (``mprotect``) into a memory-fault exit, looks up the pfn
 (``faultin_pfn``), picks the level (no huge page over a write-tracked gfn) and maps.  A
 write to a present shared leaf is first tried on the lockless fast path
-(:meth:`Mmu.fast_page_fault`), which restores W on a leaf that dirty logging protected.
+(:meth:`Mmu.fast_page_fault`), which restores W on a leaf that dirty logging protected; with
+A/D bits off any fault is, and it also restores access-tracked leaves.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from .spte import (
     SPTE_MMU_WRITABLE,
     SPTE_WRITABLE,
     gfn_round_for_level,
+    is_access_track_spte,
+    is_hw_present,
     is_last_spte,
     is_mmio_spte,
     is_shadow_present_pte,
     mmio_spte_generation,
     pages_per_hpage,
+    restore_acc_track_spte,
+    spte_ad_enabled,
 )
 from .stats import Ctx
 from .tdp_mmu import KvmPageFault, TdpMmu, is_access_allowed
@@ -157,8 +162,15 @@ class Mmu:
                 return done(Ret.EMULATE, PG_LEVEL_4K, spte)
         if not prefetch:
             self.ctx.count("pf_taken")
-            # fast_page_fault: a write to a present shared leaf, fixed without mmu_lock.
-            if write and not is_private and not (self.confidential and self.attrs.is_private(gfn)):
+            # fast_page_fault: a write to a present shared leaf, fixed without mmu_lock; with
+            # A/D off also any fault on a leaf the CPU sees as not present, which may be
+            # access-tracked (page_fault_can_be_fast).
+            can_be_fast = write or not tdp_mmu.ad_bits
+            if (
+                can_be_fast
+                and not is_private
+                and not (self.confidential and self.attrs.is_private(gfn))
+            ):
                 ret = self.fast_page_fault(root, fault, gfn_bits)
                 if ret is not None:
                     return done(ret, fault.level, fault.spte)
@@ -281,6 +293,12 @@ class Mmu:
         The fix must make the access allowed (KVM's re-check ``is_access_allowed(fault,
         new_spte)``): restoring W does not give X, so a write that is also an instruction fetch,
         on a leaf without X (an NX huge page), goes to the slow path, which splits it.
+
+        With A/D bits off (``ad_bits=False``) any fault may come here (a read or fetch only if
+        the CPU saw no translation: an access-tracked leaf has no RWX).  An access-tracked
+        leaf gets its saved R and X back in the cmpxchg, and W too for a write to an
+        MMU-writable leaf; a write the restored leaf does not allow (not MMU-writable, e.g.
+        write-tracked) goes to the slow path.  A/D bits are neither set nor needed.
         """
         slot = fault.slot
         leaf = self.tdp_mmu.leaf_ptr(root, fault.gfn, gfn_bits)
@@ -288,11 +306,19 @@ class Mmu:
             return None
         level, sp, index = leaf
         spte = sp.spt[index]
+        # page_fault_can_be_fast: a fault on a translation the CPU sees must be a write.
+        if not fault.write and is_hw_present(spte):
+            return None
         if not is_shadow_present_pte(spte) or not is_last_spte(spte, level):
             return None
         fault.level = level
-        if is_access_allowed(spte, write=True, exec=fault.exec):
-            if not spte & SPTE_DIRTY and level == PG_LEVEL_4K:
+        if is_access_allowed(spte, write=fault.write, exec=fault.exec):
+            if (
+                fault.write
+                and spte_ad_enabled(spte)
+                and not spte & SPTE_DIRTY
+                and level == PG_LEVEL_4K
+            ):
                 sp.spt[index] = spte | SPTE_DIRTY | SPTE_ACCESSED  # the guest's write, by the CPU
                 if slot is not None and slot.pml_log(fault.gfn):
                     self.ctx.count("pml_logged")
@@ -301,18 +327,29 @@ class Mmu:
             self.ctx.count("pf_fast")
             self.ctx.count("pf_spurious")
             return Ret.SPURIOUS
-        # Write-protected for page tracking (MMU-writable clear), or a huge page in a logged
-        # slot (it must be split): the slow path decides.
-        if not spte & SPTE_MMU_WRITABLE or (
-            level > PG_LEVEL_4K and slot is not None and slot.dirty is not None
-        ):
-            return None
-        new = spte | SPTE_WRITABLE | SPTE_DIRTY | SPTE_ACCESSED
-        if not is_access_allowed(new, write=True, exec=fault.exec):
+        logged = slot is not None and slot.dirty is not None
+        if spte_ad_enabled(spte):
+            # Write-protected for page tracking (MMU-writable clear), or a huge page in a
+            # logged slot (it must be split): the slow path decides.
+            if not spte & SPTE_MMU_WRITABLE or (level > PG_LEVEL_4K and logged):
+                return None
+            new = spte | SPTE_WRITABLE | SPTE_DIRTY | SPTE_ACCESSED
+        else:
+            # A/D off: an access-tracked leaf gets R and X back; a write to an MMU-writable
+            # leaf gets W (not on a huge page of a logged slot).
+            new = restore_acc_track_spte(spte) if is_access_track_spte(spte) else spte
+            if fault.write and spte & SPTE_MMU_WRITABLE:
+                if level > PG_LEVEL_4K and logged:
+                    return None
+                new |= SPTE_WRITABLE
+            if new == spte:
+                return None
+        if not is_access_allowed(new, write=fault.write, exec=fault.exec):
             return None  # could not fix the fault here
         sp.spt[index] = new  # the cmpxchg: same pfn, same presence, no bookkeeping
         fault.spte = new
-        if slot is not None and slot.dirty is not None:
+        # fast_pf_fix_direct_spte: a leaf made writable marks the page dirty.
+        if new & SPTE_WRITABLE and not spte & SPTE_WRITABLE and slot is not None and logged:
             slot.mark_dirty(fault.gfn)
             self.ctx.count("dirty_pages_logged")
         self.ctx.charge("fast_fix_ns")

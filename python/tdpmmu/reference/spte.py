@@ -1,6 +1,7 @@
 """SPTE bits, encodings and page-table geometry (KVM's spte.h / spte.c, EPT flavour).
 
-Pure functions and constants: EPT with A/D bits, write-back memory type plus IPAT, the
+Pure functions and constants: EPT with A/D bits (or, with ``ad_bits=False``, the A/D-disabled
+SPTE type and access tracking), write-back memory type plus IPAT, the
 ``SHADOW_NONPRESENT_VALUE`` that fresh tables are filled with and zaps write, and the
 ``FROZEN_SPTE`` that marks an entry someone is updating (spec §1).
 """
@@ -51,6 +52,13 @@ SPTE_HOST_WRITABLE = 1 << 57  # EPT_SPTE_HOST_WRITABLE
 SPTE_MMU_WRITABLE = 1 << 58  # EPT_SPTE_MMU_WRITABLE
 SPTE_SUPPRESS_VE = 1 << 63
 SPTE_BASE_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
+#: The TDP A/D type of a present SPTE (bits 53:52); 1 = A/D disabled (``enable_ept_ad_bits=0``).
+SPTE_TDP_AD_SHIFT = 52
+SPTE_TDP_AD_MASK = 3 << SPTE_TDP_AD_SHIFT
+SPTE_TDP_AD_DISABLED = 1 << SPTE_TDP_AD_SHIFT
+#: Access tracking keeps R and X aside at bits 54 and 56 (W is not kept).
+SHADOW_ACC_TRACK_SAVED_BITS_MASK = SPTE_READABLE | SPTE_EXECUTABLE
+SHADOW_ACC_TRACK_SAVED_BITS_SHIFT = 54
 
 #: what zaps write and what fresh tables are filled with (spec §1.5).
 SHADOW_NONPRESENT_VALUE = SPTE_SUPPRESS_VE
@@ -111,11 +119,15 @@ def spte_to_pfn(spte: int) -> int:
     return (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
 
 
-def make_leaf_spte(pfn: int, level: int, *, exec: bool = True, prefetch: bool = False) -> int:
+def make_leaf_spte(
+    pfn: int, level: int, *, exec: bool = True, prefetch: bool = False, ad: bool = True
+) -> int:
     """``make_spte`` for a writable WB leaf of a direct (default-VM) root.
 
     ``exec=False`` models the NX huge page rule (huge leaves lose X); ``prefetch=True``
     leaves the Accessed bit clear, as pre-faulted mappings are marked for access tracking.
+    ``ad=False`` (A/D bits off): the leaf is of the A/D-disabled type, without A and D (a
+    pre-fault's leaf is marked for access tracking by the caller, after W is decided).
     """
     spte = _LEAF_BITS | (pfn << PAGE_SHIFT)
     if level > PG_LEVEL_4K:
@@ -124,12 +136,59 @@ def make_leaf_spte(pfn: int, level: int, *, exec: bool = True, prefetch: bool = 
         spte |= SPTE_ACCESSED
     if not exec:
         spte &= ~SPTE_EXECUTABLE
+    if not ad:
+        spte = (spte & ~(SPTE_ACCESSED | SPTE_DIRTY)) | SPTE_TDP_AD_DISABLED
     return spte
 
 
-def make_nonleaf_spte(child_pfn: int) -> int:
-    """Entry pointing to the table at host pfn ``child_pfn``."""
-    return (child_pfn << PAGE_SHIFT) | _NONLEAF_BITS
+def make_nonleaf_spte(child_pfn: int, *, ad: bool = True) -> int:
+    """Entry pointing to the table at host pfn ``child_pfn`` (``ad=False``: of the
+    A/D-disabled type, without A)."""
+    spte = (child_pfn << PAGE_SHIFT) | _NONLEAF_BITS
+    if not ad:
+        spte = (spte & ~SPTE_ACCESSED) | SPTE_TDP_AD_DISABLED
+    return spte
+
+
+def spte_ad_enabled(spte: int) -> bool:
+    """``spte_ad_enabled``: ``spte`` is not of the A/D-disabled type."""
+    return spte & SPTE_TDP_AD_MASK != SPTE_TDP_AD_DISABLED
+
+
+def is_access_track_spte(spte: int) -> bool:
+    """``is_access_track_spte``: an A/D-disabled SPTE without R, W and X (aged)."""
+    return not spte_ad_enabled(spte) and not spte & SPTE_RWX
+
+
+def is_accessed_spte(spte: int) -> bool:
+    """``is_accessed_spte``: A set (A/D on), or not access-tracked (A/D off)."""
+    if spte_ad_enabled(spte):
+        return bool(spte & SPTE_ACCESSED)
+    return not is_access_track_spte(spte)
+
+
+def mark_spte_for_access_track(spte: int) -> int:
+    """``mark_spte_for_access_track``: A/D on, clear A; A/D off, save R and X at bits 54/56
+    and clear RWX (an SPTE already tracked is returned as it is)."""
+    if spte_ad_enabled(spte):
+        return spte & ~SPTE_ACCESSED
+    if is_access_track_spte(spte):
+        return spte
+    saved = (spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
+    return (spte | saved) & ~SPTE_RWX
+
+
+def restore_acc_track_spte(spte: int) -> int:
+    """``restore_acc_track_spte``: the saved R and X back (W stays clear), the field emptied."""
+    field = SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
+    saved = (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_BITS_MASK
+    return (spte & ~field) | saved
+
+
+def is_hw_present(spte: int) -> bool:
+    """Whether the CPU sees the leaf as present (any of R, W, X): what a fault's error code
+    reports; an access-tracked SPTE is shadow-present but not present to hardware."""
+    return is_shadow_present_pte(spte) and bool(spte & SPTE_RWX)
 
 
 def make_mmio_spte(gfn: int, generation: int) -> int:
@@ -162,5 +221,9 @@ def make_small_spte(huge_spte: int, child_level: int, index: int, *, nx_huge_pag
     if child_level == PG_LEVEL_4K:
         child &= ~PT_PAGE_SIZE_MASK
         if nx_huge_pages:
-            child |= SPTE_EXECUTABLE
+            # make_spte_executable: an access-tracked SPTE gets X in its saved bits.
+            if is_access_track_spte(child):
+                child |= SPTE_EXECUTABLE << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
+            else:
+                child |= SPTE_EXECUTABLE
     return child

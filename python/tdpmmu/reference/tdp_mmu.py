@@ -39,14 +39,16 @@ from .spte import (
     PG_LEVEL_4K,
     PT64_ROOT_MAX_LEVEL,
     SHADOW_NONPRESENT_VALUE,
-    SPTE_ACCESSED,
     SPTE_DIRTY,
     SPTE_ENT_PER_PAGE,
     SPTE_EXECUTABLE,
     SPTE_HOST_WRITABLE,
     SPTE_LEVEL_BITS,
     SPTE_MMU_WRITABLE,
+    SPTE_READABLE,
     SPTE_WRITABLE,
+    is_access_track_spte,
+    is_accessed_spte,
     is_frozen_spte,
     is_large_pte,
     is_last_spte,
@@ -56,6 +58,7 @@ from .spte import (
     make_mmio_spte,
     make_nonleaf_spte,
     make_small_spte,
+    mark_spte_for_access_track,
     pages_per_hpage,
     spte_index,
     spte_to_pfn,
@@ -72,10 +75,15 @@ KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
 
 
 def is_access_allowed(spte: int, write: bool, exec: bool) -> bool:
-    """Whether the present leaf ``spte`` allows an access: a write needs W, an instruction
-    fetch X, a write that is also a fetch both (the engine's ``access_allowed``; KVM's
-    ``is_access_allowed`` looks at X alone for a fetch, as its faults are never both)."""
-    return (not write or bool(spte & SPTE_WRITABLE)) and (not exec or bool(spte & SPTE_EXECUTABLE))
+    """Whether the present leaf ``spte`` allows an access: R (which every leaf but an
+    access-tracked one has), and for a write W, for an instruction fetch X, for a write that
+    is also a fetch both (the engine's ``access_allowed``; KVM's ``is_access_allowed`` looks
+    at X alone for a fetch, as its faults are never both)."""
+    return (
+        bool(spte & SPTE_READABLE)
+        and (not write or bool(spte & SPTE_WRITABLE))
+        and (not exec or bool(spte & SPTE_EXECUTABLE))
+    )
 
 
 def tdp_root_role(levels: int, *, is_mirror: bool = False) -> int:
@@ -130,6 +138,7 @@ class TdpMmu:
         gfn_direct_bits: int,
         max_gfn: int,
         nx_huge_pages: bool,
+        ad_bits: bool = True,
     ) -> None:
         self.arena = arena
         self.ctx = ctx
@@ -143,6 +152,8 @@ class TdpMmu:
         self.gfn_direct_bits = gfn_direct_bits
         self.max_gfn = max_gfn
         self.nx_huge_pages = nx_huge_pages
+        #: KVM's ``enable_ept_ad_bits``; False: A/D-disabled SPTEs, aging by access tracking.
+        self.ad_bits = ad_bits
         self.roots: list[MmuPage] = []  # kvm->arch.tdp_mmu_roots, newest first
         self.vcpu_root: list[MmuPage | None] = [None] * vcpus  # mmu->root.hpa per vCPU
         self.vcpu_mirror_root: list[MmuPage | None] = [None] * vcpus  # mmu->mirror_root_hpa
@@ -463,7 +474,7 @@ class TdpMmu:
 
     def tdp_mmu_link_sp(self, it: TdpIter, sp: MmuPage, shared: bool) -> bool:
         """Publish ``sp`` in the entry under the iterator."""
-        spte = make_nonleaf_spte(sp.pfn)
+        spte = make_nonleaf_spte(sp.pfn, ad=self.ad_bits)
         if shared:
             if not self.tdp_mmu_set_spte_atomic(it, spte):
                 return False
@@ -494,16 +505,20 @@ class TdpMmu:
         """The leaf SPTE for ``fault`` at (``gfn``, ``level``): guest_memfd pfn if private, else the
         host page.  Without ``map_writable`` (a read-only memslot: no ACC_WRITE) it has no W,
         no D and is neither MMU- nor host-writable; for a write-tracked gfn it has no W, no D
-        and is not MMU-writable (so the fast path cannot make it writable)."""
+        and is not MMU-writable (so the fast path cannot make it writable).  With A/D bits off
+        the leaf is A/D-disabled, and a pre-fault's leaf is then marked for access tracking
+        last (``mark_spte_for_access_track``), as ``make_spte`` does."""
         slot = fault.slot
         assert slot is not None
         pfn = slot.private_pfn(gfn) if fault.private else slot.pfn(gfn)
         exec_ok = not (self.nx_huge_pages and level > PG_LEVEL_4K)
-        spte = make_leaf_spte(pfn, level, exec=exec_ok, prefetch=fault.prefetch)
+        spte = make_leaf_spte(pfn, level, exec=exec_ok, prefetch=fault.prefetch, ad=self.ad_bits)
         if not fault.map_writable:
-            return spte & ~(SPTE_WRITABLE | SPTE_DIRTY | SPTE_MMU_WRITABLE | SPTE_HOST_WRITABLE)
-        if fault.write_tracked:
-            return spte & ~(SPTE_WRITABLE | SPTE_DIRTY | SPTE_MMU_WRITABLE)
+            spte &= ~(SPTE_WRITABLE | SPTE_DIRTY | SPTE_MMU_WRITABLE | SPTE_HOST_WRITABLE)
+        elif fault.write_tracked:
+            spte &= ~(SPTE_WRITABLE | SPTE_DIRTY | SPTE_MMU_WRITABLE)
+        if fault.prefetch and not self.ad_bits:
+            spte = mark_spte_for_access_track(spte)
         return spte
 
     def tdp_mmu_map_handle_target_level(self, fault: KvmPageFault, it: TdpIter) -> Any:
@@ -639,7 +654,7 @@ class TdpMmu:
         for i in range(SPTE_ENT_PER_PAGE):
             sp.spt[i] = make_small_spte(huge, child_level, i, nx_huge_pages=self.nx_huge_pages)
         self.ctx.charge("spte_update_ns", SPTE_ENT_PER_PAGE)
-        link = make_nonleaf_spte(sp.pfn)
+        link = make_nonleaf_spte(sp.pfn, ad=self.ad_bits)
         it.write(link)
         it.old_spte = link
         self.tdp_account_mmu_page(sp)
@@ -775,10 +790,12 @@ class TdpMmu:
         return changed
 
     def kvm_tdp_mmu_age_gfn_range(self, start: int, end: int) -> bool:
-        """The MMU notifier's clear_young (lockless): clear A on every present leaf of
-        ``[start, end)`` with an atomic AND, counting ``sptes_aged`` and charging
-        ``spte_update_ns`` for each; no bookkeeping, no
-        flush.  Returns whether any leaf was young."""
+        """The MMU notifier's clear_young (lockless): age every young present leaf of
+        ``[start, end)`` (``is_accessed_spte``), counting ``sptes_aged`` and charging
+        ``spte_update_ns`` for each: with A/D on clear A with an atomic AND; with A/D off
+        (``kvm_tdp_mmu_age_spte``) mark it for access tracking with one cmpxchg (RWX
+        cleared, R and X saved).  A leaf already access-tracked is not young.  No
+        bookkeeping, no flush.  Returns whether any leaf was young."""
         young = False
         gfn_bits = self.root_gfn_bits(False)
         for root in self.valid_direct_roots():
@@ -787,9 +804,9 @@ class TdpMmu:
                 if (
                     is_shadow_present_pte(spte)
                     and is_last_spte(spte, it.level)
-                    and spte & SPTE_ACCESSED
+                    and is_accessed_spte(spte)
                 ):
-                    it.write(it.read() & ~SPTE_ACCESSED)
+                    it.write(mark_spte_for_access_track(it.read()))
                     it.old_spte = it.read()
                     young = True
                     self.ctx.count("sptes_aged")
@@ -798,7 +815,8 @@ class TdpMmu:
 
     def kvm_tdp_mmu_test_age_gfn(self, start: int, end: int) -> bool:
         """The MMU notifier's test_young (lockless): whether a present leaf of ``[start, end)``
-        has its Accessed bit set.  Changes nothing."""
+        is young (``is_accessed_spte``: A set; with A/D off, not access-tracked).  Changes
+        nothing."""
         gfn_bits = self.root_gfn_bits(False)
         for root in self.valid_direct_roots():
             for it in TdpIter(self.arena, root, PG_LEVEL_4K, start, end, gfn_bits):
@@ -806,7 +824,7 @@ class TdpMmu:
                 if (
                     is_shadow_present_pte(spte)
                     and is_last_spte(spte, it.level)
-                    and spte & SPTE_ACCESSED
+                    and is_accessed_spte(spte)
                 ):
                     return True
         return False
@@ -880,11 +898,14 @@ class TdpMmu:
                     continue
                 pfn = spte_to_pfn(leaf) & ~(span - 1)
                 exec_ok = not (self.nx_huge_pages and it.level > PG_LEVEL_4K)
-                huge = make_leaf_spte(pfn, it.level, exec=exec_ok, prefetch=False)
+                huge = make_leaf_spte(pfn, it.level, exec=exec_ok, prefetch=False, ad=self.ad_bits)
                 # make_huge_spte keeps the small SPTE's permissions: W, D, MMU- and
-                # host-writable come from the leaf (a read-only page stays read-only).
+                # host-writable come from the leaf (a read-only page stays read-only), and an
+                # access-tracked leaf (A/D off) makes an access-tracked huge one.
                 keep = SPTE_WRITABLE | SPTE_DIRTY | SPTE_MMU_WRITABLE | SPTE_HOST_WRITABLE
                 huge = (huge & ~keep) | (leaf & keep)
+                if not self.ad_bits and is_access_track_spte(leaf):
+                    huge = mark_spte_for_access_track(huge)
                 if self.tdp_mmu_set_spte_atomic(it, huge):
                     made += 1
                     self.ctx.count("huge_pages_recovered")

@@ -33,6 +33,7 @@ from .spte import (
     SPTE_DIRTY,
     gfn_round_for_level,
     pages_per_hpage,
+    spte_ad_enabled,
     spte_to_pfn,
 )
 from .stats import Ctx, TraceEvent
@@ -77,6 +78,7 @@ class ReferenceVM:
         tdx: Mapping[str, Any] | None = None,
         mirror: bool = False,
         folio: int | str = "4K",
+        ad_bits: bool = True,
     ) -> None:
         if not isinstance(mirror, bool):
             raise TypeError(f"mirror: expected bool, got {mirror!r}")
@@ -97,6 +99,16 @@ class ReferenceVM:
                 f"tdx: TDX options apply to tdx VMs (and sw_protected with mirror=True), "
                 f"not {variant.label}"
             )
+        if not isinstance(ad_bits, bool):
+            raise TypeError(f"ad_bits: expected bool, got {ad_bits!r}")
+        if not ad_bits and (vm_type == "snp" or variant.mirror_root):
+            why = "NPT always has A/D" if vm_type == "snp" else "KVM refuses TDX without them"
+            raise ConfigError(
+                f"ad_bits: EPT A/D bits cannot be off on a {variant.label} VM ({why}); "
+                "ad_bits=False applies to default and sw_protected VMs"
+            )
+        #: KVM's ``enable_ept_ad_bits`` (False: A/D-disabled SPTEs, aging by access tracking).
+        self.ad_bits = ad_bits
         folio_bytes = parse_size(folio, "folio")
         if folio_bytes not in (4096, 2 << 20):
             raise ConfigError(f"folio: guest_memfd folio size must be 4K or 2M, got {folio!r}")
@@ -162,6 +174,7 @@ class ReferenceVM:
             gfn_direct_bits=self.gfn_direct_bits,
             max_gfn=self.max_gfn,
             nx_huge_pages=self.nx_huge_pages,
+            ad_bits=self.ad_bits,
         )
         self.mmu = Mmu(
             ctx=self.ctx,
@@ -637,9 +650,10 @@ class ReferenceVM:
         and one remote TLB flush follows if an SPTE changed.  Doing what is already the state
         returns 0.  Returns the SPTEs changed (write-protected or D-cleared, or made huge
         again).  ``ConfigError`` for ``initially_set`` without ``manual_protect``, an unknown
-        slot, a guest_memfd slot (KVM refuses dirty logging of private memory) or, when
-        enabling, a read-only slot.  The bitmap's bytes count against the engine's budget
-        while logging; the reference keeps no budget.
+        slot, a guest_memfd slot (KVM refuses dirty logging of private memory), ``pml`` on a
+        VM with ``ad_bits=False`` (PML needs EPT A/D) or, when enabling, a read-only slot.
+        The bitmap's bytes count against the engine's budget while logging; the reference
+        keeps no budget.
         """
         slot_id = self._check_slot_id(slot)
         self._ensure_alive()
@@ -647,6 +661,11 @@ class ReferenceVM:
             raise ConfigError(
                 "initially_set: KVM_DIRTY_LOG_INITIALLY_SET needs manual_protect=True "
                 "(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)"
+            )
+        if enabled and pml and not self.ad_bits:
+            raise ConfigError(
+                "pml: PML needs EPT A/D bits (KVM turns enable_pml off when enable_ept_ad_bits "
+                "is off); this VM has ad_bits=False, so dirty logging write-protects"
             )
         memslot = self._memslot(slot_id)
         if memslot.gmem:
@@ -795,9 +814,10 @@ class ReferenceVM:
         return changed
 
     def age_gfn_range(self, gfn: int, npages: int) -> bool:
-        """The MMU notifier's clear_young (``kvm_tdp_mmu_age_gfn_range``): clear the Accessed
-        bit of every leaf of the direct roots in ``[gfn, gfn + npages)``; whether any was
-        young.  No bookkeeping, no flush (lockless in KVM).  ``npages`` >= 1."""
+        """The MMU notifier's clear_young (``kvm_tdp_mmu_age_gfn_range``): age every young leaf
+        of the direct roots in ``[gfn, gfn + npages)`` (clear A; with ``ad_bits=False`` mark it
+        for access tracking); whether any was young.  No bookkeeping, no flush (lockless in
+        KVM).  ``npages`` >= 1."""
         self._check_count_range(gfn, npages)
         self._ensure_alive()
         self._begin_operation()
@@ -807,7 +827,8 @@ class ReferenceVM:
 
     def test_age_gfn(self, gfn: int, npages: int | None = None) -> bool:
         """The MMU notifier's test_young (``kvm_tdp_mmu_test_age_gfn``): whether a leaf of the
-        direct roots in ``[gfn, gfn + npages)`` (default 1 page) has its Accessed bit set.
+        direct roots in ``[gfn, gfn + npages)`` (default 1 page) is young (A set; with
+        ``ad_bits=False``, not access-tracked).
         Changes nothing."""
         npages = 1 if npages is None else npages
         self._check_count_range(gfn, npages)
@@ -1297,9 +1318,10 @@ class ReferenceVM:
 
     def _hw_access(self, root: Any, gfn: int, gfn_bits: int, write: bool) -> bool | None:
         """The hardware's translation of one guest access in ``root``: None if the mapping does
-        not allow it; else the CPU sets the leaf's Accessed bit (and Dirty for a write), as
-        EPT A/D does, and the answer says whether this write set a clear Dirty bit of a 4K
-        leaf (what PML logs)."""
+        not allow it (an access-tracked leaf allows nothing); else the CPU sets the leaf's
+        Accessed bit (and Dirty for a write), as EPT A/D does, and the answer says whether this
+        write set a clear Dirty bit of a 4K leaf (what PML logs).  A leaf of the A/D-disabled
+        type gets no bits."""
         leaf = self.tdp_mmu.leaf_ptr(root, gfn, gfn_bits)
         if leaf is None:
             return None
@@ -1307,6 +1329,8 @@ class ReferenceVM:
         spte = sp.spt[index]
         if not is_access_allowed(spte, write=write, exec=False):
             return None
+        if not spte_ad_enabled(spte):
+            return False
         want = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
         if spte & want != want:
             sp.spt[index] = spte | want

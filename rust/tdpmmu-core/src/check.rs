@@ -34,6 +34,35 @@ fn fail(msg: String) -> Error {
 }
 
 impl Walk<'_> {
+    /// The A/D encoding of a present entry: of the VM's A/D type; with A/D off no A or D,
+    /// and a leaf either access-tracked (RWX clear, R saved) or with R and nothing saved.
+    fn ad_encoding(&self, s: u64, gfn: u64, level: u8) -> Result<()> {
+        let ad = self.mmu.tdp.shape.ad_bits;
+        let saved = s & (spte::ACC_TRACK_SAVED_BITS_MASK << spte::ACC_TRACK_SAVED_BITS_SHIFT);
+        let bad = if spte::spte_ad_enabled(s) != ad {
+            Some("of the wrong A/D type for the VM")
+        } else if ad {
+            None
+        } else if s & (spte::ACCESSED | spte::DIRTY) != 0 {
+            Some("A/D-disabled but has A or D")
+        } else if !is_last(s, level) {
+            None
+        } else if spte::is_access_track_spte(s) {
+            (saved & (spte::PT_READABLE << spte::ACC_TRACK_SAVED_BITS_SHIFT) == 0)
+                .then_some("access-tracked without a saved R bit")
+        } else if saved != 0 || s & spte::PT_READABLE == 0 {
+            Some("neither access-tracked nor a readable leaf with empty saved bits")
+        } else {
+            None
+        };
+        match bad {
+            Some(why) => Err(fail(format!(
+                "SPTE {s:#x} at gfn {gfn:#x} level {level} is {why}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn table(&mut self, t: u32, level: u8, base: u64, mirror: bool, gfn_bits: u64) -> Result<()> {
         if self.free.contains(&t) {
             return Err(fail(format!("table {t} is reachable but on a free list")));
@@ -78,6 +107,7 @@ impl Walk<'_> {
                 }
                 continue;
             }
+            self.ad_encoding(s, gfn, level)?;
             if is_last(s, level) {
                 if level > 3 {
                     return Err(fail(format!("huge leaf at level {level}")));

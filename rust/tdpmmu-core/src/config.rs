@@ -379,6 +379,10 @@ pub struct VmConfig {
     pub folio_given: bool,
     /// Bytes of page tables and per-page metadata the VM may commit (None = the host's RAM).
     pub budget: Option<u64>,
+    /// KVM's `enable_ept_ad_bits` (kvm_intel's `eptad`): EPT A/D bits on (default). Off, the
+    /// SPTEs are A/D-disabled and aging marks them for access tracking; NPT (SNP) always
+    /// has A/D, and TDX needs them.
+    pub ad_bits: bool,
 }
 
 impl Default for VmConfig {
@@ -400,6 +404,7 @@ impl Default for VmConfig {
             folio_level: 1,
             folio_given: false,
             budget: None,
+            ad_bits: true,
         }
     }
 }
@@ -439,6 +444,27 @@ impl VmConfig {
                     self.vm_type.name()
                 ),
             ));
+        }
+        if !self.ad_bits {
+            if self.vm_type == VmType::Snp {
+                return Err(bad_arg(
+                    "ad_bits",
+                    "an snp VM runs on AMD NPT, whose A/D bits are always on; ad_bits=False \
+                     (kvm_intel eptad=0) applies to default and sw_protected VMs",
+                ));
+            }
+            if v.mirror_root {
+                return Err(bad_arg(
+                    "ad_bits",
+                    format!(
+                        "KVM refuses TDX without EPT A/D bits (tdx_bringup needs \
+                         enable_ept_ad_bits: the mirror/external page tables assume them), so \
+                         a {} VM with a mirror root takes ad_bits=True only; ad_bits=False \
+                         applies to default and sw_protected VMs",
+                        self.vm_type.name()
+                    ),
+                ));
+            }
         }
         if !FOLIO_LEVELS.contains(&self.folio_level) {
             return Err(bad_arg("folio", "guest_memfd folio size must be 4K or 2M"));
@@ -507,5 +533,27 @@ mod tests {
         cfg.tdx.given = true;
         // sw_protected without mirror: the TDX options are what is wrong, not the hooks.
         assert!(cfg.resolve().unwrap_err().to_string().starts_with("tdx"));
+        // A/D bits off: Intel default and sw_protected VMs only.
+        for (vm_type, mirror, ok) in [
+            (VmType::Default, false, true),
+            (VmType::SwProtected, false, true),
+            (VmType::SwProtected, true, false),
+            (VmType::Tdx, false, false),
+            (VmType::Snp, false, false),
+        ] {
+            let cfg = VmConfig {
+                vm_type,
+                mirror,
+                ad_bits: false,
+                ..VmConfig::default()
+            };
+            match cfg.resolve() {
+                Ok(_) => assert!(ok, "{vm_type:?} took ad_bits=False"),
+                Err(e) => {
+                    assert!(!ok, "{vm_type:?}: {e}");
+                    assert!(e.to_string().starts_with("ad_bits"), "{e}");
+                }
+            }
+        }
     }
 }

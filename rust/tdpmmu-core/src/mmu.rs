@@ -145,8 +145,11 @@ impl Mmu {
         }
         if !prefetch {
             ctx.inc(C::pf_taken);
-            // fast_page_fault: a write to a present shared leaf fixed without mmu_lock.
-            if write
+            // fast_page_fault: a write to a present shared leaf fixed without mmu_lock; with
+            // A/D off also any fault on a leaf the CPU sees as not present, which may be
+            // access-tracked (page_fault_can_be_fast).
+            let can_be_fast = write || !tdp.shape.ad_bits;
+            if can_be_fast
                 && !is_private
                 && !(self.has_private_mem && st.attrs.is_private(gfn))
                 && let Some(ret) = self.fast_page_fault(ctx, slot, root, gfn, gfn_bits, &mut f)
@@ -291,8 +294,12 @@ impl Mmu {
 
     /// `fast_page_fault` on the direct root: a write to a present leaf that is MMU-writable
     /// but write-protected (dirty logging) gets W and D back with one cmpxchg and marks the
-    /// page dirty; a leaf that already allows the write is spurious. No lock, no pfn lookup;
-    /// up to 4 lost cmpxchgs, then the slow path. None: not fixable here.
+    /// page dirty; a leaf that already allows the access is spurious. With A/D off an
+    /// access-tracked leaf gets its saved R and X back in the same cmpxchg (and W, for a write
+    /// to an MMU-writable leaf), also for a read or a fetch; if the restored leaf still does
+    /// not allow the access (a write to a leaf that is not MMU-writable) the slow path
+    /// decides. A read or fetch whose leaf the CPU sees as present is never fast. No lock, no
+    /// pfn lookup; up to 4 lost cmpxchgs, then the slow path. None: not fixable here.
     fn fast_page_fault(
         &self,
         ctx: &mut Ctx,
@@ -304,15 +311,19 @@ impl Mmu {
     ) -> Option<Ret> {
         let (level, e) = self.tdp.leaf_ptr(root, gfn, gfn_bits)?;
         let mut s = e.load(std::sync::atomic::Ordering::Acquire);
+        // page_fault_can_be_fast: a fault on a present translation must be a write.
+        if !f.write && spte::is_hw_present(s) {
+            return None;
+        }
         for _ in 0..=4 {
             crate::sim::with(|env| env.spte_access(ctx, false));
             if !spte::is_shadow_present(s) || !spte::is_last(s, level) {
                 return None;
             }
             f.level = level;
-            if spte::access_allowed(s, true, f.exec) {
+            if spte::access_allowed(s, f.write, f.exec) {
                 // The write goes through after re-entry: with PML the CPU sets D and logs it.
-                if s & spte::DIRTY == 0 && level == 1 {
+                if f.write && spte::spte_ad_enabled(s) && s & spte::DIRTY == 0 && level == 1 {
                     e.fetch_or(
                         spte::DIRTY | spte::ACCESSED,
                         std::sync::atomic::Ordering::AcqRel,
@@ -327,16 +338,37 @@ impl Mmu {
                 ctx.inc(C::pf_spurious);
                 return Some(Ret::Spurious);
             }
-            // Write-protected for page tracking (MMU-writable clear), or a huge page in a
-            // logged slot (it must be split): the slow path decides.
-            if s & spte::MMU_WRITABLE == 0 || (level > 1 && slot.is_some_and(|m| m.dirty.is_some()))
-            {
-                return None;
-            }
-            let new = s | spte::PT_WRITABLE | spte::DIRTY | spte::ACCESSED;
+            let logged = slot.is_some_and(|m| m.dirty.is_some());
+            let new = if spte::spte_ad_enabled(s) {
+                // Write-protected for page tracking (MMU-writable clear), or a huge page in a
+                // logged slot (it must be split): the slow path decides.
+                if s & spte::MMU_WRITABLE == 0 || (level > 1 && logged) {
+                    return None;
+                }
+                s | spte::PT_WRITABLE | spte::DIRTY | spte::ACCESSED
+            } else {
+                // A/D off: an access-tracked leaf gets R and X back; a write to an
+                // MMU-writable leaf gets W (not on a huge page of a logged slot).
+                let mut new = if spte::is_access_track_spte(s) {
+                    spte::restore_acc_track_spte(s)
+                } else {
+                    s
+                };
+                if f.write && s & spte::MMU_WRITABLE != 0 {
+                    if level > 1 && logged {
+                        return None;
+                    }
+                    new |= spte::PT_WRITABLE;
+                }
+                if new == s {
+                    return None;
+                }
+                new
+            };
             // KVM re-checks that the fixed SPTE allows the access: an exec fault on a
-            // non-executable leaf (NX huge pages) is the slow path's business.
-            if !spte::access_allowed(new, true, f.exec) {
+            // non-executable leaf (NX huge pages), or a write the restored leaf does not
+            // allow, is the slow path's business.
+            if !spte::access_allowed(new, f.write, f.exec) {
                 return None;
             }
             crate::sim::with(|env| env.spte_access(ctx, true));
@@ -348,7 +380,10 @@ impl Mmu {
             ) {
                 Ok(_) => {
                     f.spte = new;
-                    if let Some(m) = slot
+                    // fast_pf_fix_direct_spte: a leaf made writable marks the page dirty.
+                    if spte::is_writable(new)
+                        && !spte::is_writable(s)
+                        && let Some(m) = slot
                         && m.dirty.is_some()
                     {
                         m.mark_dirty(gfn);

@@ -20,6 +20,15 @@ pub const MMU_PRESENT: u64 = 1 << 11;
 pub const HOST_WRITABLE: u64 = 1 << 57;
 pub const MMU_WRITABLE: u64 = 1 << 58;
 pub const SUPPRESS_VE: u64 = 1 << 63;
+/// The TDP A/D type of a present SPTE (bits 53:52): 0 = A/D enabled, 1 = A/D disabled (KVM
+/// runs with `enable_ept_ad_bits=0`: the CPU sets neither bit and aging uses access tracking).
+pub const SPTE_TDP_AD_SHIFT: u32 = 52;
+pub const SPTE_TDP_AD_MASK: u64 = 3 << SPTE_TDP_AD_SHIFT;
+pub const SPTE_TDP_AD_DISABLED: u64 = 1 << SPTE_TDP_AD_SHIFT;
+/// Access tracking (A/D disabled): the R and X bits an access-tracked SPTE keeps aside, and
+/// where (bits 54 and 56); W is not kept, the fast path gives it back to an MMU-writable SPTE.
+pub const ACC_TRACK_SAVED_BITS_MASK: u64 = PT_READABLE | PT_EXEC;
+pub const ACC_TRACK_SAVED_BITS_SHIFT: u32 = 54;
 /// Bits 51:12.
 pub const PFN_MASK: u64 = ((1u64 << 52) - 1) & !0xfff;
 
@@ -95,6 +104,84 @@ pub const fn make_nonleaf_spte(child_pfn: u64) -> u64 {
     NONLEAF_BASE | ((child_pfn << 12) & PFN_MASK)
 }
 
+/// `make_spte`'s leaf of a VM with A/D bits on (`ad`, as `make_leaf_spte`) or off: without A/D
+/// the leaf carries the A/D-disabled type and neither A nor D. A pre-fault's leaf (`prefetch`)
+/// is then not yet access-tracked: the caller marks it after deciding W
+/// (`mark_spte_for_access_track`).
+#[inline(always)]
+pub const fn make_leaf_spte_ad(pfn: u64, level: u8, exec: bool, prefetch: bool, ad: bool) -> u64 {
+    let spte = make_leaf_spte(pfn, level, exec, prefetch);
+    if ad {
+        spte
+    } else {
+        (spte & !(ACCESSED | DIRTY)) | SPTE_TDP_AD_DISABLED
+    }
+}
+
+/// `make_nonleaf_spte` of a VM with A/D bits on (`ad`) or off (A/D-disabled type, no A).
+#[inline(always)]
+pub const fn make_nonleaf_spte_ad(child_pfn: u64, ad: bool) -> u64 {
+    let spte = make_nonleaf_spte(child_pfn);
+    if ad {
+        spte
+    } else {
+        (spte & !ACCESSED) | SPTE_TDP_AD_DISABLED
+    }
+}
+
+/// `spte_ad_enabled`: the SPTE is not of the A/D-disabled type.
+#[inline(always)]
+pub const fn spte_ad_enabled(spte: u64) -> bool {
+    spte & SPTE_TDP_AD_MASK != SPTE_TDP_AD_DISABLED
+}
+
+/// `is_access_track_spte`: an A/D-disabled SPTE whose RWX bits aging took away.
+#[inline(always)]
+pub const fn is_access_track_spte(spte: u64) -> bool {
+    !spte_ad_enabled(spte) && spte & RWX_MASK == 0
+}
+
+/// `is_accessed_spte`: A set (A/D on), or not access-tracked (A/D off).
+#[inline(always)]
+pub const fn is_accessed_spte(spte: u64) -> bool {
+    if spte_ad_enabled(spte) {
+        spte & ACCESSED != 0
+    } else {
+        !is_access_track_spte(spte)
+    }
+}
+
+/// `mark_spte_for_access_track`: with A/D on, clear A; with A/D off, keep R and X in the
+/// saved-bits field and clear RWX, so the next access faults (an SPTE already tracked is
+/// returned unchanged).
+#[inline(always)]
+pub const fn mark_spte_for_access_track(spte: u64) -> u64 {
+    if spte_ad_enabled(spte) {
+        return spte & !ACCESSED;
+    }
+    if is_access_track_spte(spte) {
+        return spte;
+    }
+    let saved = (spte & ACC_TRACK_SAVED_BITS_MASK) << ACC_TRACK_SAVED_BITS_SHIFT;
+    (spte | saved) & !RWX_MASK
+}
+
+/// `restore_acc_track_spte`: put the saved R and X bits back (W stays clear) and empty the
+/// saved-bits field.
+#[inline(always)]
+pub const fn restore_acc_track_spte(spte: u64) -> u64 {
+    let field = ACC_TRACK_SAVED_BITS_MASK << ACC_TRACK_SAVED_BITS_SHIFT;
+    let saved = (spte >> ACC_TRACK_SAVED_BITS_SHIFT) & ACC_TRACK_SAVED_BITS_MASK;
+    (spte & !field) | saved
+}
+
+/// Whether the CPU sees the leaf as present (EPT: any of R, W, X), which is what a fault's
+/// error code reports; an access-tracked SPTE is shadow-present but not present to hardware.
+#[inline(always)]
+pub const fn is_hw_present(spte: u64) -> bool {
+    is_shadow_present(spte) && spte & RWX_MASK != 0
+}
+
 /// MMIO SPTE (EPT flavour): generation split over bits 3–10 and 52–62, GPA in 51:12.
 #[inline(always)]
 pub const fn make_mmio_spte(gfn: u64, generation: u64) -> u64 {
@@ -114,7 +201,12 @@ pub const fn make_small_spte(huge: u64, child_level: u8, index: usize, nx_huge_p
     if child_level == PG_LEVEL_4K {
         spte &= !PAGE_SIZE;
         if nx_huge_pages {
-            spte |= PT_EXEC;
+            // make_spte_executable: an access-tracked SPTE gets X in its saved bits.
+            if is_access_track_spte(spte) {
+                spte |= PT_EXEC << ACC_TRACK_SAVED_BITS_SHIFT;
+            } else {
+                spte |= PT_EXEC;
+            }
         }
     }
     spte
@@ -172,10 +264,11 @@ pub const fn mmio_gfn(spte: u64) -> u64 {
     spte_to_pfn(spte)
 }
 
-/// Does a present leaf already allow this access? (Reads are always allowed: R is set.)
+/// Does a present leaf already allow this access? A read needs R (set on every leaf but an
+/// access-tracked one), a write W, a fetch X.
 #[inline(always)]
 pub const fn access_allowed(spte: u64, write: bool, exec: bool) -> bool {
-    (!write || is_writable(spte)) && (!exec || is_executable(spte))
+    spte & PT_READABLE != 0 && (!write || is_writable(spte)) && (!exec || is_executable(spte))
 }
 
 /// A human-oriented breakdown, used by `tdpmmu.spte.decode`.
@@ -328,5 +421,47 @@ mod tests {
         assert_eq!(index(0x1ff, 1), 511);
         assert_eq!(index(1 << 35, 4), 256);
         assert_eq!(round_gfn(0x3ff, 2), 0x200);
+    }
+
+    #[test]
+    fn access_tracking_round_trip() {
+        // A/D-disabled leaf: no A, no D, type bits 53:52 = 1.
+        let leaf = make_leaf_spte_ad(0x1234, 1, true, false, false);
+        assert_eq!(leaf, (0x1234 << 12) | 0x8610_0000_0000_0877);
+        assert!(!spte_ad_enabled(leaf));
+        assert!(is_accessed_spte(leaf) && !is_access_track_spte(leaf));
+        let tracked = mark_spte_for_access_track(leaf);
+        // R and X saved at bits 54 and 56, RWX gone, everything else kept.
+        assert_eq!(tracked, (leaf & !RWX_MASK) | (1 << 54) | (1 << 56));
+        assert!(is_access_track_spte(tracked) && !is_accessed_spte(tracked));
+        assert!(is_shadow_present(tracked) && !is_hw_present(tracked) && !is_mmio(tracked));
+        assert!(!access_allowed(tracked, false, false));
+        assert_eq!(mark_spte_for_access_track(tracked), tracked);
+        // Restoring gives R and X back, not W.
+        let back = restore_acc_track_spte(tracked);
+        assert_eq!(back, leaf & !PT_WRITABLE);
+        assert!(access_allowed(back, false, true) && !access_allowed(back, true, false));
+        // A non-executable leaf saves no X.
+        let nx = mark_spte_for_access_track(make_leaf_spte_ad(0x200, 2, false, false, false));
+        assert_eq!(restore_acc_track_spte(nx) & RWX_MASK, PT_READABLE);
+        // Splitting an NX-huge access-tracked leaf to 4K gives X to the saved bits.
+        let child = make_small_spte(nx, 1, 3, true);
+        assert!(is_access_track_spte(child));
+        assert_eq!(
+            restore_acc_track_spte(child) & RWX_MASK,
+            PT_READABLE | PT_EXEC
+        );
+        // With A/D on, marking only clears A.
+        let on = make_leaf_spte(0x1234, 1, true, false);
+        assert_eq!(mark_spte_for_access_track(on), on & !ACCESSED);
+        assert!(spte_ad_enabled(on) && !is_access_track_spte(on & !ACCESSED));
+        assert_eq!(
+            make_leaf_spte_ad(7, 2, true, true, true),
+            make_leaf_spte(7, 2, true, true)
+        );
+        assert_eq!(
+            make_nonleaf_spte_ad(0x100, false),
+            (make_nonleaf_spte(0x100) & !ACCESSED) | SPTE_TDP_AD_DISABLED
+        );
     }
 }

@@ -262,6 +262,7 @@ impl Vm {
             gfn_direct_bits,
             max_gfn,
             nx_huge_pages: cfg.nx_huge_pages,
+            ad_bits: cfg.ad_bits,
         };
         let tdp = TdpMmu::new(arena, shape, Dispatch::new(design, cfg.tdx.interface, ext));
         let mmu = Mmu::new(tdp, vendor, has_private_mem, cfg.folio_level);
@@ -757,6 +758,13 @@ impl Vm {
                  (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
             ));
         }
+        if enable && pml && !self.cfg.ad_bits {
+            return Err(bad_arg(
+                "pml",
+                "PML needs EPT A/D bits (KVM turns enable_pml off when enable_ept_ad_bits is \
+                 off); this VM has ad_bits=False, so dirty logging write-protects (pml=False)",
+            ));
+        }
         self.ops.write(self.arena(), |st, ctx| {
             let (start, end) = Self::slot_range(st, id)?;
             let slot = st.memslots.by_id(id).expect("found above");
@@ -962,8 +970,9 @@ impl Vm {
         })
     }
 
-    /// The MMU notifier's clear_young (`kvm_tdp_mmu_age_gfn_range`): clear the Accessed bit of
-    /// every shared leaf in [gfn, gfn + npages); whether any was young. Lockless in KVM.
+    /// The MMU notifier's clear_young (`kvm_tdp_mmu_age_gfn_range`): age every young shared
+    /// leaf in [gfn, gfn + npages) (clear A; with A/D off, mark it for access tracking);
+    /// whether any was young. Lockless in KVM.
     pub fn age_gfn_range(&self, gfn: u64, npages: u64) -> Result<bool> {
         self.ops.ensure_alive()?;
         self.check_range(gfn, npages)?;
@@ -973,7 +982,7 @@ impl Vm {
     }
 
     /// The MMU notifier's test_young (`kvm_tdp_mmu_test_age_gfn`): whether a shared leaf in
-    /// [gfn, gfn + npages) has its Accessed bit set. Changes nothing.
+    /// [gfn, gfn + npages) is young (A set; with A/D off, not access-tracked). Changes nothing.
     pub fn test_age_gfn(&self, gfn: u64, npages: u64) -> Result<bool> {
         self.ops.ensure_alive()?;
         self.check_range(gfn, npages)?;

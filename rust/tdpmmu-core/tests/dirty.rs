@@ -434,3 +434,179 @@ fn clear_with_initially_set_stays_within_the_pages_it_clears() {
     }
     v.check().unwrap();
 }
+
+fn vm_no_ad(memory: u64, backing: u64) -> Vm {
+    Vm::new(VmConfig {
+        memory,
+        backing,
+        vcpus: 2,
+        ad_bits: false,
+        ..VmConfig::default()
+    })
+    .unwrap()
+}
+
+fn reads(vm: &Vm, pages: u64, write_percent: u32) -> Vec<tdpmmu_core::memstress::VcpuResult> {
+    vm.run_memstress(&MemstressArgs {
+        vcpus: 1,
+        pages_per_vcpu: pages,
+        base_gfn: 0,
+        overlap: false,
+        random_access: false,
+        write_percent,
+        seed: 0,
+        private: None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn without_ad_bits_leaves_have_no_a_d_and_the_cpu_sets_none() {
+    use tdpmmu_core::spte::{DIRTY, SPTE_TDP_AD_DISABLED, SPTE_TDP_AD_MASK};
+    let v = vm_no_ad(64 << 20, 4096);
+    assert_eq!(write(&v, 5), Ret::Fixed);
+    let s = v.spte(5, false).unwrap();
+    assert_eq!(s & SPTE_TDP_AD_MASK, SPTE_TDP_AD_DISABLED);
+    assert_eq!(s & (ACCESSED | DIRTY), 0);
+    assert_ne!(s & PT_WRITABLE, 0);
+    // The tables above it are A/D-disabled too, without A.
+    for (level, e) in v.walk(5, false).unwrap() {
+        assert_eq!(e & SPTE_TDP_AD_MASK, SPTE_TDP_AD_DISABLED, "level {level}");
+        assert_eq!(e & ACCESSED, 0, "level {level}");
+    }
+    // Hardware accesses hit and set nothing.
+    let r = reads(&v, 8, 100);
+    assert_eq!(r[0].faults, 7, "only the 7 pages not yet mapped fault");
+    assert_eq!(v.spte(5, false).unwrap(), s);
+    v.check().unwrap();
+}
+
+#[test]
+fn without_ad_bits_aging_access_tracks_and_the_fast_path_restores() {
+    use tdpmmu_core::spte::{PT_EXEC, PT_READABLE, RWX_MASK, is_access_track_spte};
+    let v = vm_no_ad(64 << 20, 4096);
+    // Map 64 pages by guest writes (the slow path), then age them all.
+    let r = reads(&v, 64, 100);
+    assert_eq!(r[0].faults, 64);
+    assert!(v.test_age_gfn(0, 64).unwrap(), "a fresh leaf is young");
+    let before = v.spte(10, false).unwrap();
+    let modeled = v.stats().iter().find(|s| s.0 == "modeled_ns").unwrap().1;
+    assert!(v.age_gfn_range(0, 64).unwrap());
+    assert_eq!(c(&v, C::sptes_aged), 64);
+    let k = CostModel::default();
+    let aged_ns = v.stats().iter().find(|s| s.0 == "modeled_ns").unwrap().1 - modeled;
+    assert_eq!(
+        aged_ns,
+        64.0 * k.spte_update_ns,
+        "one SPTE update each, as A-bit aging"
+    );
+    let t = v.spte(10, false).unwrap();
+    assert!(is_access_track_spte(t));
+    assert_eq!(t & RWX_MASK, 0);
+    assert_eq!(t >> 54 & 0b101, 0b101, "R and X saved");
+    assert_eq!(t & !(RWX_MASK | (0b101 << 54)), before & !RWX_MASK);
+    assert!(!v.test_age_gfn(0, 64).unwrap());
+    assert!(
+        !v.age_gfn_range(0, 64).unwrap(),
+        "a tracked leaf is not young"
+    );
+    assert_eq!(c(&v, C::sptes_aged), 64);
+    assert_eq!(c(&v, C::remote_tlb_flush), 0);
+    v.check().unwrap();
+    // A read faults (the leaf is not present to the CPU) and is fixed lockless: R and X back,
+    // W not (the next write takes another fast fault).
+    let r = v.fault(10, None, false, false, 0).unwrap();
+    assert_eq!(r.ret, Ret::Fixed);
+    assert_eq!(r.modeled_ns, k.exit_entry_ns + k.fast_fix_ns);
+    assert_eq!((c(&v, C::pf_fast), c(&v, C::pf_fixed)), (1, 65));
+    let s = v.spte(10, false).unwrap();
+    assert_eq!(s & RWX_MASK, PT_READABLE | PT_EXEC);
+    assert!(v.test_age_gfn(10, 1).unwrap());
+    assert!(!v.test_age_gfn(11, 1).unwrap());
+    assert_eq!(write(&v, 10), Ret::Fixed);
+    assert_eq!(c(&v, C::pf_fast), 2);
+    assert_eq!(v.spte(10, false).unwrap(), before);
+    // A write to a tracked leaf restores R, X and W in one cmpxchg.
+    assert_eq!(write(&v, 11), Ret::Fixed);
+    assert_eq!(c(&v, C::pf_fast), 3);
+    assert_eq!(v.spte(11, false).unwrap() & RWX_MASK, RWX_MASK);
+    // The guest's memstress pass over the rest: every access faults once, on the fast path.
+    let r = reads(&v, 64, 0);
+    assert_eq!(r[0].faults, 62);
+    assert_eq!(c(&v, C::pf_fast), 65);
+    assert_eq!(c(&v, C::pf_fixed), 64 + 65);
+    v.check().unwrap();
+}
+
+#[test]
+fn without_ad_bits_a_write_the_restored_leaf_does_not_allow_takes_the_slow_path() {
+    use tdpmmu_core::spte::is_access_track_spte;
+    let v = vm_no_ad(64 << 20, 4096);
+    // A write-tracked page is mapped read-only and not MMU-writable.
+    v.write_track_gfn(3, true).unwrap();
+    assert_eq!(v.fault(3, None, false, false, 0).unwrap().ret, Ret::Fixed);
+    assert!(v.age_gfn_range(3, 1).unwrap());
+    assert!(is_access_track_spte(v.spte(3, false).unwrap()));
+    let fast = c(&v, C::pf_fast);
+    // is_access_allowed on the restored leaf fails (no W): the slow path emulates the write.
+    assert_eq!(write(&v, 3), Ret::WriteProtected);
+    assert_eq!(c(&v, C::pf_fast), fast);
+    v.check().unwrap();
+}
+
+#[test]
+fn without_ad_bits_dirty_logging_write_protects_and_pml_is_refused() {
+    let v = vm_no_ad(64 << 20, 4096);
+    v.populate(0, 64, None, 0).unwrap();
+    // A pre-fault's leaf starts access-tracked with A/D off (make_spte marks it).
+    assert!(!v.test_age_gfn(0, 64).unwrap());
+    v.check().unwrap();
+    let e = v
+        .set_dirty_logging(0, true, false, false, true, true)
+        .unwrap_err();
+    assert!(e.to_string().starts_with("pml"), "{e}");
+    // Access-tracked leaves have no W to take: nothing to write-protect yet.
+    assert_eq!(
+        v.set_dirty_logging(0, true, false, false, true, false)
+            .unwrap(),
+        0
+    );
+    // A write to a tracked, MMU-writable leaf: fast path restores RWX and logs the page.
+    assert_eq!(write(&v, 7), Ret::Fixed);
+    assert_eq!(c(&v, C::dirty_pages_logged), 1);
+    // A read restores R/X only and logs nothing.
+    assert_eq!(v.fault(8, None, false, false, 0).unwrap().ret, Ret::Fixed);
+    assert_eq!(c(&v, C::dirty_pages_logged), 1);
+    let log = v.get_dirty_log(0).unwrap();
+    assert!(bit(&log, 7) && !bit(&log, 8));
+    assert_eq!(v.spte(7, false).unwrap() & PT_WRITABLE, 0, "re-protected");
+    v.check().unwrap();
+    assert_eq!(write(&v, 8), Ret::Fixed);
+    assert!(bit(&v.get_dirty_log(0).unwrap(), 8));
+    v.check().unwrap();
+}
+
+#[test]
+fn without_ad_bits_split_and_recovery_keep_access_tracking() {
+    use tdpmmu_core::spte::{PT_EXEC, is_access_track_spte, restore_acc_track_spte};
+    let v = Vm::new(VmConfig {
+        memory: 64 << 20,
+        backing: 2 << 20,
+        nx_huge_pages: true,
+        ad_bits: false,
+        ..VmConfig::default()
+    })
+    .unwrap();
+    assert_eq!(v.fault(5, None, true, false, 0).unwrap().level, 2);
+    assert!(v.age_gfn_range(0, 512).unwrap());
+    // The NX huge leaf splits to 4K children that stay tracked, with X in the saved bits.
+    assert_eq!(v.split_huge_pages(0, 512, 1).unwrap(), 1);
+    let child = v.spte(9, false).unwrap();
+    assert!(is_access_track_spte(child));
+    assert_ne!(restore_acc_track_spte(child) & PT_EXEC, 0);
+    v.check().unwrap();
+    // A fetch restores it on the fast path.
+    assert_eq!(v.fault(9, None, false, true, 0).unwrap().ret, Ret::Fixed);
+    assert_eq!(c(&v, C::pf_fast), 1);
+    v.check().unwrap();
+}

@@ -158,7 +158,7 @@ impl Vm {
     /// Sizes are in bytes, ``hooks`` is a design name or None, ``costs`` a dict of nanoseconds.
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all, *, tdx = None, mirror = false, folio = None, budget = None, hook_object = None))]
+    #[pyo3(signature = (vm_type, memory, vcpus, levels, backing, hooks, costs, seed, trace, nx_huge_pages, slot_zap_all, *, tdx = None, mirror = false, folio = None, budget = None, hook_object = None, ad_bits = true))]
     fn new(
         py: Python<'_>,
         vm_type: &str,
@@ -177,6 +177,7 @@ impl Vm {
         folio: Option<Int>,
         budget: Option<Int>,
         hook_object: Option<Bound<'_, PyAny>>,
+        ad_bits: bool,
     ) -> PyResult<Self> {
         let mut cm = core::CostModel::default();
         for (k, v) in costs.iter() {
@@ -210,6 +211,7 @@ impl Vm {
             nx_huge_pages,
             slot_zap_all,
             mirror,
+            ad_bits,
             ..VmConfig::default()
         };
         if let Some(b) = budget {
@@ -1040,6 +1042,7 @@ impl Vm {
     /// Raises:
     ///     ConfigError: naming ``slot`` for an unknown id or a guest_memfd slot (KVM refuses
     ///         dirty logging on private memory), ``initially_set`` without ``manual_protect``,
+    ///         ``pml`` when enabling on a VM with ``ad_bits=False`` (PML needs EPT A/D),
     ///         ``vm`` after ``destroy()``. The VM is unchanged.
     ///     OutOfMemory: the bitmap does not fit the VM's budget.
     ///     VmBugged: the VM was bugged.
@@ -1135,11 +1138,14 @@ impl Vm {
         self.run(py, |vm| vm.clear_dirty_log(slot, first, n))
     }
 
-    /// Clear the Accessed bit of a range's shared leaves (the MMU notifier's clear_young).
+    /// Age a range's shared leaves (the MMU notifier's clear_young).
     ///
-    /// Models ``kvm_tdp_mmu_age_gfn_range``: lockless in KVM, an atomic AND per young leaf,
-    /// no ``handle_changed_spte`` and no flush. Only the direct root (the notifier's SHARED
-    /// filter). Guest accesses set the bit again (EPT A/D).
+    /// Models ``kvm_tdp_mmu_age_gfn_range``: lockless in KVM, one SPTE update
+    /// (``spte_update_ns``, ``sptes_aged``) per young leaf, no ``handle_changed_spte`` and no
+    /// flush. Only the direct root (the notifier's SHARED filter). With A/D bits an atomic AND
+    /// clears Accessed and guest accesses set it again (EPT A/D); with ``ad_bits=False`` a
+    /// cmpxchg marks the leaf for access tracking (RWX cleared, R and X saved in bits 54/56),
+    /// so the next access faults and the fast path restores it.
     ///
     /// Args:
     ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
@@ -1167,7 +1173,8 @@ impl Vm {
     ///     npages: number of 4 KiB pages, >= 1 (default 1).
     ///
     /// Returns:
-    ///     bool: True if a present leaf in the range has its Accessed bit set.
+    ///     bool: True if a present leaf in the range is young: its Accessed bit is set (with
+    ///     ``ad_bits=False``: it is not access-tracked).
     ///
     /// Raises:
     ///     ConfigError: naming ``gfn`` or ``npages`` out of range; ``vm`` after ``destroy()``.

@@ -161,14 +161,24 @@ impl TdpMmu {
         changed
     }
 
-    /// `kvm_tdp_mmu_age_gfn_range` (lockless): clear A on every present leaf of [start, end)
-    /// with an atomic AND (one SPTE update each); no bookkeeping, no flush. Returns whether any
-    /// leaf was young.
+    /// `kvm_tdp_mmu_age_gfn_range` (lockless): every young present leaf of [start, end) is
+    /// aged, one SPTE update each: with A/D on, A is cleared with an atomic AND; with A/D off
+    /// (`kvm_tdp_mmu_age_spte`) one cmpxchg marks it for access tracking (RWX cleared, R and X
+    /// saved; a lost cmpxchg leaves it young). A leaf already access-tracked is not young. No
+    /// bookkeeping, no flush. Returns whether any leaf was young.
     pub fn age_gfn_range(&self, ctx: &mut Ctx, start: u64, end: u64) -> bool {
         let mut young = false;
         self.for_each_direct_leaf(start, end, 1, |it| {
-            if it.old_spte & ACCESSED != 0 {
-                it.sptep().fetch_and(!ACCESSED, Ordering::AcqRel);
+            let s = it.old_spte;
+            if spte::is_accessed_spte(s) {
+                if spte::spte_ad_enabled(s) {
+                    it.sptep().fetch_and(!ACCESSED, Ordering::AcqRel);
+                } else {
+                    let new = spte::mark_spte_for_access_track(s);
+                    let _ =
+                        it.sptep()
+                            .compare_exchange(s, new, Ordering::AcqRel, Ordering::Acquire);
+                }
                 young = true;
                 ctx.inc(C::sptes_aged);
                 ctx.charge(crate::cost::Cost::spte_update_ns, 1);
@@ -178,11 +188,12 @@ impl TdpMmu {
         young
     }
 
-    /// `kvm_tdp_mmu_test_age_gfn` (lockless): whether a present leaf of [start, end) has A.
+    /// `kvm_tdp_mmu_test_age_gfn` (lockless): whether a present leaf of [start, end) is young
+    /// (`is_accessed_spte`: A set, or with A/D off not access-tracked).
     pub fn test_age_gfn(&self, start: u64, end: u64) -> bool {
         let mut young = false;
         self.for_each_direct_leaf(start, end, 1, |it| {
-            young = it.old_spte & ACCESSED != 0;
+            young = spte::is_accessed_spte(it.old_spte);
             !young
         });
         young
@@ -260,11 +271,16 @@ impl TdpMmu {
                 let (leaf, _) = first;
                 let pfn = spte_to_pfn(leaf) & !(span - 1);
                 let exec = !(self.shape.nx_huge_pages && it.level > 1);
-                let mut huge = spte::make_leaf_spte(pfn, it.level, exec, false);
+                let ad = self.shape.ad_bits;
+                let mut huge = spte::make_leaf_spte_ad(pfn, it.level, exec, false, ad);
                 // make_huge_spte keeps the small SPTE's permissions: a read-only or tracked
                 // page stays read-only (W, D, MMU- and host-writable come from the leaf).
                 let keep = PT_WRITABLE | spte::DIRTY | spte::MMU_WRITABLE | spte::HOST_WRITABLE;
                 huge = (huge & !keep) | (leaf & keep);
+                // ... and an access-tracked one stays access-tracked (A/D off).
+                if !ad && spte::is_access_track_spte(leaf) {
+                    huge = spte::mark_spte_for_access_track(huge);
+                }
                 if self.set_spte_atomic(ctx, &mut it, huge).is_ok() {
                     made += 1;
                     ctx.inc(C::huge_pages_recovered);

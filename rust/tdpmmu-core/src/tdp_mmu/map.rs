@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::hooks::Busy;
 use crate::page_fault::{KvmPageFault, Ret};
 use crate::spte::{
-    self, access_allowed, is_frozen, is_large, is_last, is_shadow_present, make_leaf_spte,
+    self, access_allowed, is_frozen, is_large, is_last, is_shadow_present, make_leaf_spte_ad,
     make_mmio_spte, make_small_spte, pages_per_level,
 };
 use crate::stats::{C, Ctx};
@@ -116,13 +116,21 @@ impl TdpMmu {
             make_mmio_spte(f.gfn, generation)
         } else {
             let exec = !(self.shape.nx_huge_pages && it.level > 1);
-            let leaf = make_leaf_spte(f.pfn, it.level, exec, f.prefetch);
-            if !f.map_writable {
+            let ad = self.shape.ad_bits;
+            let leaf = make_leaf_spte_ad(f.pfn, it.level, exec, f.prefetch, ad);
+            let leaf = if !f.map_writable {
                 // make_spte without ACC_WRITE: no W, no D, not MMU- or host-writable.
                 leaf & !(spte::PT_WRITABLE | spte::DIRTY | spte::MMU_WRITABLE | spte::HOST_WRITABLE)
             } else if f.write_tracked {
                 // make_spte's write-protection for a tracked gfn: no W, no MMU-writable.
                 leaf & !(spte::PT_WRITABLE | spte::DIRTY | spte::MMU_WRITABLE)
+            } else {
+                leaf
+            };
+            // make_spte marks a pre-fault's leaf for access tracking last: with A/D on that is
+            // the clear A above; with A/D off the leaf starts access-tracked.
+            if f.prefetch && !ad {
+                spte::mark_spte_for_access_track(leaf)
             } else {
                 leaf
             }

@@ -38,6 +38,9 @@ pub struct TdpShape {
     /// Exclusive bound of guest gfns.
     pub max_gfn: u64,
     pub nx_huge_pages: bool,
+    /// KVM's `enable_ept_ad_bits`: leaves carry A/D and the CPU sets them; off, SPTEs are of
+    /// the A/D-disabled type and aging uses access tracking.
+    pub ad_bits: bool,
 }
 
 pub struct TdpMmu {
@@ -151,6 +154,7 @@ mod tests {
             gfn_direct_bits: 1 << 35,
             max_gfn: 1 << 35,
             nx_huge_pages: false,
+            ad_bits: true,
         };
         let hooks = Dispatch::new(Design::Mirror, Interface::FourHook, Some(rec));
         TdpMmu::new(Arena::new(64).unwrap(), shape, hooks)

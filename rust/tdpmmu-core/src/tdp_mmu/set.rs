@@ -11,7 +11,7 @@ use crate::cost::Cost;
 use crate::hooks::{Busy, HookRet};
 use crate::spte::{
     self, FROZEN_SPTE, SHADOW_NONPRESENT_VALUE, is_frozen, is_last, is_mmio, is_shadow_present,
-    make_nonleaf_spte, pages_per_level, spte_to_pfn,
+    pages_per_level, spte_to_pfn,
 };
 use crate::stats::{C, Ctx};
 use crate::tdp_iter::TdpIter;
@@ -238,7 +238,11 @@ impl TdpMmu {
         it: &mut TdpIter<'_>,
         child: u32,
     ) -> Result<(), Busy> {
-        self.set_spte_atomic(ctx, it, make_nonleaf_spte(Arena::pfn(child)))?;
+        self.set_spte_atomic(
+            ctx,
+            it,
+            spte::make_nonleaf_spte_ad(Arena::pfn(child), self.shape.ad_bits),
+        )?;
         ctx.inc(C::tdp_mmu_pages);
         Ok(())
     }

@@ -42,16 +42,20 @@ impl TdpMmu {
         }
     }
 
-    /// The "hardware" translation of one guest access: None if the mapping does not allow it;
-    /// otherwise the CPU sets the leaf's Accessed bit (and Dirty for a write) as EPT A/D does,
-    /// and the answer says whether this write set a clear Dirty bit of a 4K leaf (what PML
-    /// logs).
+    /// The "hardware" translation of one guest access: None if the mapping does not allow it
+    /// (no leaf, no W for a write, or an access-tracked leaf, which has no RWX); otherwise the
+    /// CPU sets the leaf's Accessed bit (and Dirty for a write) as EPT A/D does, and the answer
+    /// says whether this write set a clear Dirty bit of a 4K leaf (what PML logs). A leaf of
+    /// the A/D-disabled type gets no bits (the VM runs without EPT A/D).
     #[inline]
     pub fn hw_access(&self, root: u32, gfn: u64, gfn_bits: u64, write: bool) -> Option<bool> {
         let (level, e) = self.leaf_ptr(root, gfn, gfn_bits)?;
         let s = e.load(Ordering::Acquire);
         if !spte::access_allowed(s, write, false) {
             return None;
+        }
+        if !spte::spte_ad_enabled(s) {
+            return Some(false);
         }
         let want = spte::ACCESSED | if write { spte::DIRTY } else { 0 };
         if s & want != want {

@@ -190,14 +190,14 @@ impl TdpMmu {
             spte::ENTRIES_PER_TABLE as u64,
         );
         it.sptep().store(
-            spte::make_nonleaf_spte(Arena::pfn(child)),
+            spte::make_nonleaf_spte_ad(Arena::pfn(child), self.shape.ad_bits),
             Ordering::Release,
         );
         ctx.inc(C::tdp_mmu_pages);
         ctx.page_stats(it.level, -1);
         ctx.page_stats(child_level, spte::ENTRIES_PER_TABLE as i64);
         ctx.inc(C::huge_page_splits);
-        it.old_spte = spte::make_nonleaf_spte(Arena::pfn(child));
+        it.old_spte = spte::make_nonleaf_spte_ad(Arena::pfn(child), self.shape.ad_bits);
     }
 
     /// `tdp_mmu_zap_root`: four passes (4K, 2M, 1G, root level), finest first.
