@@ -46,8 +46,9 @@ pages and KVM_TDX_TERMINATE_VM that must reach each of them
 (``test_new_operations_scenario_matches_reference``), and fixed flows through guest
 accesses, MADV_DONTNEED and mprotect on every VM type
 (``test_host_mm_and_access_batch_scenario_matches_reference``), and a fixed access-tracking
-flow with A/D bits off and on (``test_access_tracking_scenario_matches_reference``).  The file is sized to stay
-under two minutes on two cores; with CI=true it is shorter (about 30 s) and derandomized.
+flow with A/D bits off and on (``test_access_tracking_scenario_matches_reference``).  The
+file is sized to stay under two minutes on two cores; with CI=true it is shorter (about 30 s)
+and derandomized.
 """
 
 from __future__ import annotations
@@ -2796,7 +2797,7 @@ def test_access_tracking_scenario_matches_reference(vm_type: str, ad_bits: bool)
     are answered by the mapping (spurious), as before."""
     cfg: dict[str, Any] = {"vm_type": vm_type, "memory": "64MiB", "ad_bits": ad_bits}
     steps = _access_tracking_steps()
-    ref, peak, outcomes = _run_flow(cfg, steps, (AT + 3, AT + 4, AT + 5, AT + 66, AT + 67))
+    _, peak, outcomes = _run_flow(cfg, steps, (AT + 3, AT + 4, AT + 5, AT + 66, AT + 67))
     ret = tdpmmu.Ret
 
     def outs(step: Step) -> list[tuple[Any, ...]]:

@@ -10,6 +10,8 @@ from tdpmmu.types import SpteFields
 
 __all__ = [
     "ACCESSED",
+    "ACC_TRACK_SAVED_SHIFT",
+    "AD_DISABLED",
     "DIRTY",
     "FROZEN_SPTE",
     "HOST_WRITABLE",
@@ -18,7 +20,9 @@ __all__ = [
     "PAGE_SIZE",
     "PFN_MASK",
     "SHADOW_NONPRESENT_VALUE",
+    "ad_enabled",
     "decode",
+    "is_access_tracked",
     "is_frozen",
     "is_last",
     "is_shadow_present",
@@ -26,6 +30,7 @@ __all__ = [
     "make_mmio",
     "make_nonleaf",
     "pfn",
+    "restore_access_tracked",
 ]
 
 #: BIT(63): suppress-#VE; also the value of every non-present entry (fresh tables, zaps).
@@ -45,6 +50,15 @@ HOST_WRITABLE = 1 << 57
 #: Bit 58: KVM may make the SPTE writable (KVM's shadow_mmu_writable_mask).
 MMU_WRITABLE = 1 << 58
 PFN_MASK = ((1 << 52) - 1) & ~0xFFF  # bits 51:12
+#: Bits 53:52 = 1: the A/D-disabled SPTE type of a VM with ``ad_bits=False`` (KVM's
+#: ``SPTE_TDP_AD_DISABLED``).
+AD_DISABLED = 1 << 52
+_AD_MASK = 3 << 52
+_RWX = 0x7
+#: Where an access-tracked SPTE keeps its R and X bits (bits 54 and 56; KVM's
+#: ``SHADOW_ACC_TRACK_SAVED_BITS_SHIFT``).
+ACC_TRACK_SAVED_SHIFT = 54
+_SAVED = 0x5  # R | X
 
 
 def decode(value: int) -> SpteFields:
@@ -174,3 +188,46 @@ def pfn(value: int) -> int:
         holds its gfn there). Never raises.
     """
     return (value & PFN_MASK) >> 12
+
+
+def ad_enabled(value: int) -> bool:
+    """Whether a present SPTE has EPT A/D bits, as KVM's ``spte_ad_enabled``.
+
+    Args:
+        value: the SPTE (an int), assumed present.
+
+    Returns:
+        bool: False for the A/D-disabled type (bits 53:52 = 1) that a VM built with
+        ``ad_bits=False`` uses. Never raises.
+    """
+    return value & _AD_MASK != AD_DISABLED
+
+
+def is_access_tracked(value: int) -> bool:
+    """Whether a present SPTE is access-tracked, as KVM's ``is_access_track_spte``.
+
+    Aging on a VM with ``ad_bits=False`` (``VM.age_gfn_range``) clears R, W and X of a leaf
+    and keeps R and X at bits 54/56, so the next access faults and ``fast_page_fault``
+    restores it.
+
+    Args:
+        value: the SPTE (an int), assumed present.
+
+    Returns:
+        bool: True for an A/D-disabled SPTE with none of R, W, X. Never raises.
+    """
+    return not ad_enabled(value) and not value & _RWX
+
+
+def restore_access_tracked(value: int) -> int:
+    """The SPTE with its saved R and X bits put back, as KVM's ``restore_acc_track_spte``.
+
+    Args:
+        value: an access-tracked SPTE (an int).
+
+    Returns:
+        int: the SPTE with R and X from bits 54/56 and those bits clear; W stays clear (the
+        fast path sets it only for a write to an MMU-writable leaf). Never raises.
+    """
+    saved = (value >> ACC_TRACK_SAVED_SHIFT) & _SAVED
+    return (value & ~(_SAVED << ACC_TRACK_SAVED_SHIFT)) | saved

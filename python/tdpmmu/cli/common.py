@@ -41,6 +41,7 @@ SIM_FLAGS = (
     "--cost",
     "--seed",
     "--levels",
+    "--no-ad-bits",
     "--clock",
     "--mmu-lock",
     "--machine",
@@ -324,6 +325,13 @@ def add_sim_flags(
     g = p.add_argument_group("simulated VM")
     add_vm_flags(g, default_vm_type)
     add_levels_seed_cost(g, cost_example)
+    g.add_argument(
+        "--no-ad-bits",
+        action="store_true",
+        help="run without EPT A/D bits (KVM's enable_ept_ad_bits=0, kvm_intel eptad=0; "
+        "default and sw_protected only): aging marks SPTEs for access tracking and the next "
+        "access takes a fast-path fault; PML is off",
+    )
     add_run_flags(p)
     add_output_flags(p.add_argument_group("output"))
 
@@ -343,8 +351,9 @@ def costs(args: argparse.Namespace) -> CostModel:
 
 
 def sim_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``SimArgs`` a workload subcommand's flags give (progress excluded)."""
-    return {
+    """The ``SimArgs`` a workload subcommand's flags give (progress excluded; ``ad_bits``
+    only with ``--no-ad-bits``, so a workload with its own keyword list is not handed it)."""
+    out: dict[str, Any] = {
         "vm_type": args.vm_type,
         "hooks": args.hooks,
         "tdx": dict(args.tdx) or None,
@@ -358,6 +367,9 @@ def sim_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(args),
         "tdx_module": args.tdx_module,
     }
+    if args.no_ad_bits:
+        out["ad_bits"] = False
+    return out
 
 
 # ----- output ---------------------------------------------------------------------------------

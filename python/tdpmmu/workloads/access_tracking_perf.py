@@ -8,7 +8,10 @@ path reaches KVM: the MMU notifier's clear_young (``VM.age_gfn_range``, KVM's
 parallel (with ``overlap`` only vCPU 0 marks, the whole region). The phase's modeled time is the
 slowest slice's ledger time; the host's own page_idle work (pagemap reads, bitmap writes, the
 rmap walk) has no CostModel figure and is not modeled. With EPT A/D bits the guest's later
-accesses set Accessed again without exits.
+accesses set Accessed again without exits. Without them (``ad_bits=False``, ``--no-ad-bits``:
+KVM's ``enable_ept_ad_bits=0``) marking idle makes each SPTE access-tracked, so the first
+access to every idle page takes an exit that ``fast_page_fault`` fixes lockless (``pf_fast``,
+``fast_fix_ns``): "Writing to idle memory" costs more than "Writing to populated memory".
 
 Sanity check (the selftest's): when memory is marked idle again, a page whose Accessed bit is
 still clear was not accessed since the last marking ("still idle"); more than 10 % of a slice

@@ -58,7 +58,8 @@ class Progress(Protocol):
 class SimArgs(TypedDict, total=False):
     """The simulator's keyword arguments, the same for every workload (all optional).
 
-    ``vm_type``, ``hooks``, ``tdx``, ``mirror``, ``folio``, ``costs``, ``seed`` and ``levels``
+    ``vm_type``, ``hooks``, ``tdx``, ``mirror``, ``folio``, ``costs``, ``seed``, ``levels`` and
+    ``ad_bits`` (KVM's ``enable_ept_ad_bits``; False only on default and sw_protected VMs)
     are ``tdpmmu.VM``'s (``VmSpec.create`` coerces them); ``clock``, ``mmu_lock``,
     ``machine`` and ``tdx_module`` are ``demand_paging``'s virtual-time options; ``progress``
     is called after each phase of the run (the CLI draws a progress bar with it).
@@ -72,6 +73,7 @@ class SimArgs(TypedDict, total=False):
     costs: CostModel | Mapping[str, float] | None
     seed: int
     levels: int
+    ad_bits: bool
     clock: str | None
     mmu_lock: str
     machine: Machine | Mapping[str, Any] | None
@@ -80,7 +82,7 @@ class SimArgs(TypedDict, total=False):
 
 
 #: ``SimArgs`` keys that describe the VM (``VmSpec.create``'s), the rest are run options.
-_SPEC_KEYS = ("vm_type", "hooks", "tdx", "mirror", "folio", "costs", "seed", "levels")
+_SPEC_KEYS = ("vm_type", "hooks", "tdx", "mirror", "folio", "costs", "seed", "levels", "ad_bits")
 
 
 def spec_args(sim: SimArgs) -> dict[str, Any]:
