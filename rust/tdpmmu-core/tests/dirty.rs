@@ -610,3 +610,26 @@ fn without_ad_bits_split_and_recovery_keep_access_tracking() {
     assert_eq!(c(&v, C::pf_fast), 1);
     v.check().unwrap();
 }
+
+#[test]
+fn without_ad_bits_check_rejects_a_malformed_access_tracked_leaf() {
+    use std::sync::atomic::Ordering;
+    use tdpmmu_core::spte::{ACC_TRACK_SAVED_BITS_SHIFT, restore_acc_track_spte};
+    let v = vm_no_ad(64 << 20, 4096);
+    write(&v, 3);
+    v.age_gfn_range(3, 1).unwrap();
+    v.check().unwrap();
+    let root = v.mmu.tdp.vcpu_root(0, false);
+    let (_, e) = v.mmu.tdp.leaf_ptr(root, 3, 0).unwrap();
+    let good = e.load(Ordering::Acquire);
+    for bad in [
+        good & !(1 << ACC_TRACK_SAVED_BITS_SHIFT), // the saved R bit lost
+        restore_acc_track_spte(good) | ACCESSED,   // A on an A/D-disabled leaf
+        restore_acc_track_spte(good) | (1 << 56),  // saved bits on a leaf that is not tracked
+    ] {
+        e.store(bad, Ordering::Release);
+        assert!(v.check().is_err(), "{bad:#x} passed check()");
+    }
+    e.store(good, Ordering::Release);
+    v.check().unwrap();
+}
