@@ -39,3 +39,11 @@ def test_sweep_plot_is_checked_before_the_run_and_a_bad_plot_keeps_the_table(
     assert main([*base, "--plot", "/tmp/tdpmmu-test-plot.png"]) == 2
     out, err = capsys.readouterr()
     assert "pre_fault_time" in out and "--plot: y:" in err
+
+
+def test_demand_paging_takes_every_simulator_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """demand_paging has its own keyword list (not SimArgs): it must still take each flag the
+    CLI adds to every workload, e.g. --no-ad-bits."""
+    assert main(["demand-paging", "-b", "1M", "--no-ad-bits", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["vm"]["ad_bits"] is False

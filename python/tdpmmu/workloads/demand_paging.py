@@ -493,6 +493,7 @@ def demand_paging(
     machine: Machine | Mapping[str, Any] | None = None,
     tdx_module: str = "1.5",
     cpus: Sequence[int] | None = None,
+    ad_bits: bool = True,
     progress: Progress | None = None,
 ) -> DemandPagingResult:
     """KVM's ``demand_paging_test``: every vCPU writes each page of its slice once, in order.
@@ -554,6 +555,8 @@ def demand_paging(
             selftest) keep CPUs of their own because the engine does not model CPU time-sharing.
             None (default): vCPU ``i`` on CPU ``i``. Virtual time only.
         progress: called after each phase (``done, total, label``).
+        ad_bits: ``tdpmmu.VM``'s ``ad_bits`` (False: EPT A/D bits off, KVM's
+            ``enable_ept_ad_bits=0``; default True).
 
     Returns:
         DemandPagingResult: the selftest's lines (modeled), both clocks' times and rates (guest
@@ -600,6 +603,7 @@ def demand_paging(
         "costs": costs,
         "seed": seed,
         "levels": levels,
+        "ad_bits": ad_bits,
     }
     vm, spec, layout = memstress.build(
         sim,
