@@ -412,9 +412,10 @@ impl Memslots {
 
     /// Every slot overlapping [gfn, end).
     pub fn overlapping(&self, gfn: u64, end: u64) -> impl Iterator<Item = &Memslot> {
-        self.slots
-            .iter()
-            .filter(move |s| s.gfn < end && gfn < s.end())
+        // Slots are sorted by gfn and disjoint: start at the first one ending after `gfn`
+        // (a binary search; thousands of slots are common) and stop at the first past `end`.
+        let first = self.slots.partition_point(|s| s.end() <= gfn);
+        self.slots[first..].iter().take_while(move |s| s.gfn < end)
     }
 
     pub fn remove(&mut self, id: u32) -> Option<Memslot> {
