@@ -10,6 +10,7 @@ import pytest
 import tdpmmu
 from tdpmmu import Ret, spte
 from tdpmmu.workloads import WORKLOADS, WorkloadResult
+from tdpmmu.workloads.memslot_perf import memslot_perf
 
 TIME = re.compile(r"\d+\.\d{9}s")
 
@@ -277,3 +278,17 @@ def test_memslot_perf_flags_and_refusals() -> None:
         memslot_perf(first_test=3, last_test=2)
     with pytest.raises(tdpmmu.ConfigError, match="scale"):
         memslot_perf(scale=3)
+
+
+def test_modeled_total_covers_every_run_and_the_guest_time() -> None:
+    """Each run builds its own VM: the result's counters and cost breakdown are the sum over
+    all of them plus the guest's own access time (virtual clock), so the total is at least the
+    phases' sum and the breakdown adds up to it (it was the last run's VM alone)."""
+    r = memslot_perf(scale=32, max_iterations=3)
+    phases = sum(p[1] for p in r.phases)
+    assert r.modeled_ns / 1e9 >= phases
+    assert r.cost_breakdown["guest_ns"] > 0
+    assert abs(sum(r.cost_breakdown.values()) - r.modeled_ns) < 1e-3
+    host = memslot_perf(scale=32, max_iterations=3, clock="host")
+    assert host.cost_breakdown.get("guest_ns", 0.0) == 0.0
+    assert host.modeled_ns / 1e9 >= sum(p[1] for p in host.phases)

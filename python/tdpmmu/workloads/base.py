@@ -13,7 +13,7 @@ import contextvars
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
 from tdpmmu._core import ConfigError
@@ -472,14 +472,24 @@ def finish(
     run_start: float,
     detail: Mapping[str, Any] | None = None,
     breakdown_extra: list[Mapping[str, float]] | None = None,
+    vms: Sequence[VM] | None = None,
 ) -> WorkloadResult:
     """Assemble a ``WorkloadResult`` from a finished run on ``vm`` (the workloads' last step).
 
-    ``breakdown_extra`` adds modeled time the VM's ledger does not hold (none today).
+    ``vms``: every VM the run used when it built several (``memslot_perf`` builds one per run):
+    their counters and cost breakdowns are summed (``vm`` is then one of them).
+    ``breakdown_extra`` adds modeled time no VM's ledger holds (e.g. the guest's own access
+    time on the virtual clock, by ``CostModel`` field or wait kind): to the breakdown and to
+    ``modeled_ns`` alike, so the two still agree.
     """
-    breakdown = dict(vm.cost_breakdown())
-    if breakdown_extra:
-        breakdown = sum_breakdowns([breakdown, *breakdown_extra])
+    used = list(vms) if vms else [vm]
+    totals: dict[str, int | float] = {}
+    for v in used:
+        for k, x in v.stats_dict().items():
+            totals[k] = totals.get(k, 0) + x
+    extra = list(breakdown_extra or [])
+    breakdown = sum_breakdowns([dict(v.cost_breakdown()) for v in used] + extra)
+    totals["modeled_ns"] = float(totals["modeled_ns"]) + sum(sum(e.values()) for e in extra)
     return WorkloadResult(
         workload=workload,
         spec=spec,
@@ -488,7 +498,7 @@ def finish(
         lines=tuple(lines),
         metrics={k: float(v) for k, v in metrics.items()},
         phases=tuple(clock.phases),
-        stats=vm.stats,
+        stats=Stats(totals),
         cost_breakdown=breakdown,
         wall_s=time.perf_counter() - run_start,
         detail=dict(json_safe(detail or {})),
