@@ -22,3 +22,14 @@ def test_a_failed_check_is_reported_per_point(capsys: pytest.CaptureFixture[str]
     assert main([*argv, "--set", "bytes_per_vcpu=1M", "--set", "vm_type=tdx"]) == 1
     out, err = capsys.readouterr()
     assert "private" in out and "a check failed in 1 of 2 points" in err
+
+
+def test_checks_column_in_records_and_table() -> None:
+    """The table, CSV and frame carry a ``checks`` column naming what failed."""
+    pytest.importorskip("pandas")
+    grid = {"hooks": ["mirror", "private"]}
+    base = {"bytes_per_vcpu": "1M", "vm_type": "tdx"}
+    res = tdpmmu.sweep("td_lifecycle", grid, base=base, processes=0)
+    df = res.to_pandas()
+    assert df["checks"][0] == "ok" and str(df["checks"][1]).startswith("FAIL: ")
+    assert "FAIL: " in res.table()

@@ -133,7 +133,8 @@ class SweepPoint:
     def record(self) -> dict[str, Any]:
         """The point as one flat table row: its grid values, then its run's record (whose
         canonical values, e.g. the resolved hook design, replace a grid value of the same
-        name), then ``error``.
+        name), then ``error`` and ``checks`` (``"ok"``, ``"FAIL: <names>"`` for the workload's
+        checks that failed, None for a point that did not run).
 
         Returns:
             dict[str, Any]: JSON scalars (nested grid values as JSON text). Never raises.
@@ -141,6 +142,8 @@ class SweepPoint:
         out = {k: _cell(v) for k, v in self.params.items()}
         out.update(self.row or {})
         out["error"] = self.error
+        failed = self.failed_checks()
+        out["checks"] = None if self.error else ("FAIL: " + "; ".join(failed) if failed else "ok")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -364,7 +367,8 @@ class SweepResult:
             width: the widest a line may be (default 100).
 
         Returns:
-            str: the lines, joined with newlines (a failed point shows its error).
+            str: the lines, joined with newlines (a failed point shows its error; when a
+            workload check failed anywhere, a ``checks`` column says which).
 
         Raises:
             ValueError: ``width`` is too small for the key columns.
@@ -379,6 +383,9 @@ class SweepResult:
         cols = [render.Column(_header(k), right=False, key=True) for k in keys]
         cols += [render.Column(_header(m)) for m in names]
         failed = any(not p.ok for p in self.points)
+        checked = any(p.failed_checks() for p in self.points)
+        if checked:
+            cols.append(render.Column("checks", right=False))
         if failed:
             cols.append(render.Column("error", right=False))
         rows = []
@@ -386,6 +393,8 @@ class SweepResult:
             rec = p.record()
             cells = [_fmt(p.params.get(k, rec.get(k))) for k in keys]
             cells += [_fmt(rec.get(m), m) if p.ok else "-" for m in names]
+            if checked:
+                cells.append(_short(rec["checks"] or "-", 40))
             if failed:
                 cells.append(_short(p.error or "", 60))
             rows.append(cells)
