@@ -47,3 +47,24 @@ def test_demand_paging_takes_every_simulator_flag(capsys: pytest.CaptureFixture[
     assert main(["demand-paging", "-b", "1M", "--no-ad-bits", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["config"]["vm"]["ad_bits"] is False
+
+
+@pytest.mark.parametrize("command", ["demand-paging", "pre-fault-memory"])
+def test_json_output_reads_back_as_the_class_that_wrote_it(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``result_from_json`` gives back an equal result of the right class; ``WorkloadResult``
+    refuses a demand_paging envelope (it would drop its fields) and names the right reader."""
+    from tdpmmu import ConfigError
+    from tdpmmu.workloads import DemandPagingResult, WorkloadResult, result_from_json
+
+    assert main([command, *(["-b", "1M"] if command == "demand-paging" else []), "--json"]) == 0
+    text = capsys.readouterr().out
+    r = result_from_json(text)
+    assert json.loads(r.to_json()) == json.loads(text)
+    if command == "demand-paging":
+        assert isinstance(r, DemandPagingResult)
+        with pytest.raises(ConfigError, match="DemandPagingResult"):
+            WorkloadResult.from_json(text)
+    else:
+        assert isinstance(r, WorkloadResult)

@@ -32,6 +32,30 @@ from tdpmmu.workloads.common import (
 from tdpmmu.workloads.conversions import ConversionsResult, private_mem_conversions
 from tdpmmu.workloads.demand_paging import DemandPagingResult, demand_paging
 
+
+def result_from_json(text: str) -> WorkloadResult | DemandPagingResult:
+    """Any workload's result from its JSON (what ``--json`` prints and ``to_json`` writes),
+    as the class that wrote it: ``DemandPagingResult`` for ``demand_paging``, else
+    ``WorkloadResult``.
+
+    Args:
+        text: the JSON text.
+
+    Returns:
+        WorkloadResult | DemandPagingResult: equal to the result that wrote it.
+
+    Raises:
+        ConfigError: not a tdpmmu envelope, another schema, or not a workload's result.
+        json.JSONDecodeError: ``text`` is not JSON.
+    """
+    from tdpmmu.results import Envelope
+
+    env = Envelope.from_json(text)
+    if env.workload == "demand_paging":
+        return DemandPagingResult.from_envelope(env)
+    return WorkloadResult.from_envelope(env)
+
+
 __all__ = [
     "BACKING_SOURCES",
     "OUTCOMES",
@@ -44,5 +68,6 @@ __all__ = [
     "WorkloadResult",
     "demand_paging",
     "private_mem_conversions",
+    "result_from_json",
     "virtual_options",
 ]

@@ -285,6 +285,11 @@ class Checks:
         return [dict(c) for c in self._items]
 
 
+#: Workloads whose results have a class of their own (read them with it, or with
+#: ``tdpmmu.workloads.result_from_json``, which dispatches on the envelope's workload).
+_OWN_RESULT_TYPES: dict[str, str] = {"demand_paging": "DemandPagingResult.from_json"}
+
+
 class Tabular:
     """``row()`` and ``to_pandas()`` for a result with ``workload``, ``spec``, ``seed``,
     ``params``, ``options``, ``metrics``, ``modeled_ns`` and ``wall_s`` (``WorkloadResult``,
@@ -422,8 +427,12 @@ class WorkloadResult(Tabular):
             ConfigError: ``env`` is not a ``WorkloadResult``'s (naming ``envelope``).
         """
         r = env.result
-        if "metrics" not in r or "lines" not in r:
-            raise ConfigError(f"envelope: a {env.workload} result is not a WorkloadResult")
+        if "metrics" not in r or "lines" not in r or env.workload in _OWN_RESULT_TYPES:
+            hint = _OWN_RESULT_TYPES.get(env.workload, "")
+            raise ConfigError(
+                f"envelope: a {env.workload} result is not a WorkloadResult"
+                + (f"; read it with {hint} (or tdpmmu.workloads.result_from_json)" if hint else "")
+            )
         params = dict(env.config["workload"])
         options = VirtualOptions.from_dict(params.pop("options", {"clock": "host"}))
         return cls(
