@@ -125,6 +125,7 @@ def dirty_log_perf(
     cpus: Sequence[int] | None = None,
     nested: bool = False,
     private: bool | None = None,
+    pml: bool = False,
     **sim: Unpack[SimArgs],
 ) -> WorkloadResult:
     """KVM's ``dirty_log_perf_test`` (module docstring: flow and differences).
@@ -151,6 +152,10 @@ def dirty_log_perf(
             default and sw_protected VMs, refused on tdx and snp (their guests' memory starts
             private); True: refused (KVM refuses dirty logging on guest_memfd memslots);
             False: shared memory on every type.
+        pml: log with Intel's Page Modification Logging (``VM.set_dirty_logging``'s ``pml``:
+            4K leaves armed by clearing D, the CPU logs writes without an exit, one exit per
+            512 logged pages) instead of write-protection (default False; KVM on Intel uses
+            PML when the CPU has it; refused with ``ad_bits=False``).
         **sim: the simulator's arguments (``SimArgs``).
 
     Returns:
@@ -228,7 +233,9 @@ def dirty_log_perf(
     metrics["populate_memory_time_s"] = t
     with clock.phase("Enabling dirty logging") as ph:
         for slot in layout.slot_ids:
-            vm.set_dirty_logging(slot, True, manual_protect=manual, initially_set=manual)
+            vm.set_dirty_logging(
+                slot, True, manual_protect=manual, initially_set=manual, pml=coerce.flag(pml, "pml")
+            )
     lines += [f"Enabling dirty logging time: {ph.modeled_s:.9f}s", ""]
     metrics["enabling_dirty_logging_time_s"] = ph.modeled_s
     get_total = clear_total = 0.0
@@ -318,6 +325,7 @@ def dirty_log_perf(
         "write_percent": wp,
         "random_access": rnd,
         "no_manual_protect": not manual,
+        "pml": pml,
         "run_while_disabling": evil,
         "overlap": layout.overlap,
         "offset": offset,
@@ -350,6 +358,12 @@ def dirty_log_perf(
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_memstress_flags(parser)
+    parser.add_argument(
+        "--pml",
+        action="store_true",
+        help="log with Intel PML (CPU-logged writes, an exit per 512) instead of "
+        "write-protection (simulator only; KVM uses PML where the CPU has it)",
+    )
     parser.add_argument(
         "--shared-memory",
         action="store_true",
@@ -416,6 +430,7 @@ def _from_args(ns: argparse.Namespace) -> dict[str, Any]:
         "write_percent": ns.write_percent,
         "random_access": ns.random_access,
         "no_manual_protect": ns.no_manual_protect,
+        "pml": ns.pml,
         "run_while_disabling": ns.run_while_disabling,
         "overlap": ns.overlap,
         "offset": ns.offset,
