@@ -68,3 +68,18 @@ def test_json_output_reads_back_as_the_class_that_wrote_it(
             WorkloadResult.from_json(text)
     else:
         assert isinstance(r, WorkloadResult)
+
+
+def test_the_mirror_label_is_a_vm_type_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """``sw_protected+mirror``, the label every table prints, is accepted where a VM type is
+    (the CLI, sweeps) and means ``--mirror``; rows keep the label."""
+    import tdpmmu
+
+    assert main(["pre-fault-memory", "--vm-type", "sw_protected+mirror", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["vm"]["vm_type"] == "sw_protected" and doc["config"]["vm"]["mirror"]
+    res = tdpmmu.sweep(
+        "pre_fault_memory", {"vm_type": ["sw_protected", "sw_protected+mirror"]}, processes=0
+    )
+    assert [p.row["vm_type"] for p in res.points] == ["sw_protected", "sw_protected+mirror"]
+    assert res.points[1].row["hooks"] == "mirror"

@@ -232,11 +232,17 @@ def ad_bits(value: object, variant: config.Variant) -> bool:
     return on
 
 
+#: The label of sw_protected's mirrored variant, accepted as a ``vm_type`` name.
+MIRROR_LABEL = "sw_protected+mirror"
+
+
 def vm_type(value: object, mirror: object = False) -> config.Variant:
     """The matrix row of ``(vm_type, mirror)`` (``tdpmmu.config.variant`` with type checks).
 
     Args:
-        value: the VM type name, one of ``tdpmmu.config.VM_TYPES``.
+        value: the VM type name, one of ``tdpmmu.config.VM_TYPES``, or
+            ``"sw_protected+mirror"`` (the label of sw_protected's mirrored variant, as
+            ``mirror=True``).
         mirror: True for sw_protected's mirrored variant (default False).
 
     Returns:
@@ -249,7 +255,11 @@ def vm_type(value: object, mirror: object = False) -> config.Variant:
     """
     if not isinstance(value, str):
         raise TypeError(f"vm_type: expected str, got {type(value).__name__}")
-    return config.variant(value, flag(mirror, "mirror"))
+    with_mirror = flag(mirror, "mirror")
+    if value == MIRROR_LABEL:
+        # The label the tables print (``VmSpec.label``) is accepted as a name too.
+        value, with_mirror = "sw_protected", True
+    return config.variant(value, with_mirror)
 
 
 def cost_model(costs: object, name: str = "costs") -> CostModel:

@@ -222,9 +222,10 @@ def add_vm_flags(p: "argparse._ActionsContainer", default_vm_type: str = "defaul
     --folio."""
     p.add_argument(
         "--vm-type",
-        choices=config.VM_TYPES,
+        choices=(*config.VM_TYPES, coerce.MIRROR_LABEL),
         default=default_vm_type,
-        help=f"simulated VM type: {', '.join(config.VM_TYPES)} (default: {default_vm_type})",
+        help=f"simulated VM type: {', '.join(config.VM_TYPES)}, or {coerce.MIRROR_LABEL} (the "
+        f"same as --mirror) (default: {default_vm_type})",
     )
     p.add_argument(
         "--mirror",

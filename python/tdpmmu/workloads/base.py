@@ -314,7 +314,7 @@ class Tabular:
         """
         out: dict[str, Any] = {
             "workload": self.workload,
-            "vm_type": self.spec.vm_type,
+            "vm_type": self.spec.label,
             "hooks": self.spec.hooks,
             "vcpus": self.spec.vcpus,
             "seed": self.seed,
