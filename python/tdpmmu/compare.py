@@ -1927,9 +1927,10 @@ def format_workload_text(result: WorkloadComparison) -> str:
     from tdpmmu.workloads import WORKLOADS as REGISTRY
 
     wl = REGISTRY.get(result.workload)
-    selftest = wl.selftest if wl is not None else result.workload
+    selftest = wl.selftest if wl is not None and wl.selftest != "tdpmmu" else result.workload
     swept = result.swept
-    params = ", ".join(f"{k}={v}" for k, v in result.params.items()) or "defaults"
+    given = {k: v for k, v in result.params.items() if v is not None}
+    params = ", ".join(f"{k}={v}" for k, v in given.items()) or "defaults"
     lines: list[str] = []
     for text in (
         f"SIMULATED by tdpmmu {__version__}: {selftest} on every valid (VM type x hook design) "
