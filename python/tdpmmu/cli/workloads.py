@@ -107,6 +107,8 @@ def result_lines(selftest: str, r: WorkloadResult) -> list[str]:
     out += list(r.lines)
     # The spec's memory is slot 0 (code and page tables); the test region is in the lines.
     vm_line = r.spec.describe().replace(", memory ", ", slot 0 ", 1)
+    # Which clock the modeled times come from (host: real threads, no concurrency modeled).
+    vm_line += f"; {r.options.clock} clock"
     out += ["", *render.wrap(f"# VM: {vm_line}")]
     if r.phases:
         out += ["", "Phases (simulated):"]
