@@ -1510,6 +1510,22 @@ class ConfidentialMatchesReference(DirtyLoggingRules, RuleBasedStateMachine):
         )
 
     @rule(data=st.data())
+    def map_gpa_range(self, data: st.DataObject) -> None:
+        """The guest's request: charged per exit even when the range is already so."""
+        if not self.alive():
+            return
+        gfn, npages = self.draw_slot_range(data)
+        private = data.draw(st.booleans(), label="private")
+        self.touch(gfn, gfn + npages - 1)
+        self.both(
+            f"map_gpa_range({gfn:#x}, {npages:#x}, private={private})",
+            "map_gpa_range",
+            gfn,
+            npages,
+            private,
+        )
+
+    @rule(data=st.data())
     def punch_hole(self, data: st.DataObject) -> None:
         if not self.alive():
             return
@@ -1902,6 +1918,31 @@ SHORT_SCENARIOS: list[tuple[dict[str, Any], list[tuple[str, tuple[Any, ...]]]]] 
             ("finalize", ()),
         ],
     ),
+    # The guest's conversion requests (map_gpa_range): charged per exit when nothing changes
+    # (a TD's MapGPA is one exit per 2 MiB: 3 for 1025 pages), a change zaps the old alias
+    # and, with 2M folios, splits a partly converted folio.
+    *(
+        (
+            cfg,
+            [
+                *([("finalize", ())] if cfg["vm_type"] == "tdx" else []),
+                ("fault", (700, True)),
+                ("map_gpa_range", (600, 1025, True)),
+                ("map_gpa_range", (600, 1025, False)),
+                ("fault", (700,)),
+                ("map_gpa_range", (700, 1, False)),
+                ("map_gpa_range", (0, 1, False)),
+                ("map_gpa_range", (1 << 30, 1, True)),
+                ("destroy", ()),
+                ("map_gpa_range", (0, 1, True)),
+            ],
+        )
+        for cfg in (
+            {"vm_type": "tdx"},
+            {"vm_type": "snp", "folio": "2M", "backing": "2M"},
+            {"vm_type": "sw_protected", "folio": "2M", "backing": "2M"},
+        )
+    ),
     # Batched tracking across two roots in one zap; SEPT.REMOVE teardown of several tables.
     (
         {"vm_type": "tdx", "tdx": {"track": "batched", "sept_free": "sept_remove"}},
@@ -1951,6 +1992,27 @@ def test_scenario_matches_reference(
                     gfn, private
                 ), f"{where}: walk({gfn:#x}, {private})"
         assert _outcome(native.check) == _outcome(ref.check), f"{where}: check()"
+
+
+def test_map_gpa_range_refusals_match_reference() -> None:
+    """A default VM has no private memory, and a range that is empty, runs past max_gfn or
+    leaves every memslot is refused (ConfigError; the reference's own ValueErrors), nothing
+    charged."""
+    for vm_type in ("default", "snp"):
+        native = tdpmmu.VM(vm_type=vm_type, memory="8MiB")
+        ref = ReferenceVM(vm_type=vm_type, memory="8MiB")
+        bad = [(0, 0, True), (native.max_gfn - 1, 2, True), (1 << 20, 1, True)]
+        if vm_type == "default":
+            for vm in (native, ref):
+                with pytest.raises(tdpmmu.ConfigError, match="private"):
+                    vm.map_gpa_range(0, 1, True)
+        for args in bad:
+            with pytest.raises(tdpmmu.ConfigError):
+                native.map_gpa_range(*args)
+            with pytest.raises(ValueError):  # the reference raises plain ValueErrors
+                ref.map_gpa_range(*args)
+        _same_counters(native, ref, f"{vm_type}: refused map_gpa_range")
+        assert native.stats["conversions"] == 0 and native.stats["modeled_ns"] == 0
 
 
 # --------------------------------------------------------------------------------------

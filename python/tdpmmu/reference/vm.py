@@ -953,6 +953,7 @@ class ReferenceVM:
         The guest's conversion request costs an exit plus guest_memfd's bookkeeping; a 2M
         folio only partly converted is split.  Before the attribute changes, the range is
         unmapped under the *old* attribute's filter (to-shared zaps private mappings).
+        A range already of the requested kind costs nothing.
         """
         self._check_confidential("private")
         self._check_range(gfn, npages)
@@ -965,6 +966,38 @@ class ReferenceVM:
         self._begin_operation()
         self.ctx.count("conversions")
         self.ctx.charge("psc_exit_ns")
+        zapped = self._change_attributes(gfn, end, private)
+        self._end_of_operation()
+        return zapped
+
+    def map_gpa_range(self, gfn: int, npages: int, private: bool = True) -> int:
+        """The guest's KVM_HC_MAP_GPA_RANGE request and the VMM's attribute ioctl.
+
+        Every exit to the VMM is charged (``psc_exit_ns``) and counted (``conversions``),
+        even when nothing changes: one per call (an SNP page-state-change run, a sw_protected
+        hypercall), or one per 2 MiB on a TD (KVM splits a MapGPA so).  A change, if any, is
+        ``set_memory_attributes``' without its exit.  Returns leaves zapped.
+        """
+        self._check_confidential("private")
+        self._check_range(gfn, npages)
+        if npages < 1:  # an empty request would still exit (the binding refuses it)
+            raise ValueError(f"npages must be >= 1, got {npages}")
+        self._ensure_alive()
+        end = gfn + npages
+        self._check_covered(gfn, end, gmem=False)
+        private = bool(private)
+        exits = -(-npages // 512) if self.vm_type == "tdx" else 1
+        self._begin_operation()
+        self.ctx.count("conversions", exits)
+        self.ctx.charge("psc_exit_ns", exits)
+        zapped = 0
+        if self.attrs.uniform(gfn, end) != private:
+            zapped = self._change_attributes(gfn, end, private)
+        self._end_of_operation()
+        return zapped
+
+    def _change_attributes(self, gfn: int, end: int, private: bool) -> int:
+        """guest_memfd's bookkeeping and split, the unmap of the old alias, the new attribute."""
         self.ctx.charge("gmem_convert_ns")
         if self.folio_level == PG_LEVEL_2M:
             splits = partly_converted_2m_folios(self.slots, gfn, end)
@@ -973,7 +1006,6 @@ class ReferenceVM:
         # kvm_arch_pre_set_memory_attributes: unmap the old alias.
         zapped = self._unmap_gfn_range(gfn, end, private=not private, shared=private)
         self.attrs.set(gfn, end, private)
-        self._end_of_operation()
         return zapped
 
     def punch_hole(self, gfn: int, npages: int) -> int:

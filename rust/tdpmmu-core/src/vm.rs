@@ -1235,31 +1235,76 @@ impl Vm {
                 return Ok(0);
             }
             // The guest's conversion request exits to the host (SNP page-state change, TDX
-            // MapGPA), and guest_memfd does its bookkeeping; a 2M folio only partly converted
-            // is split.
+            // MapGPA), and guest_memfd does its bookkeeping.
             ctx.inc(C::conversions);
             ctx.charge(Cost::psc_exit_ns, 1);
-            ctx.charge(Cost::gmem_convert_ns, 1);
-            if self.cfg.folio_level == 2 {
-                let mut splits = 0;
-                for edge in [gfn, end] {
-                    let inside_gmem = st.memslots.find(edge.min(end - 1)).is_some_and(|s| s.gmem);
-                    if !edge.is_multiple_of(512) && inside_gmem {
-                        splits += 1;
-                    }
+            Ok(self.change_attributes(st, ctx, gfn, end, private))
+        })
+    }
+
+    /// The attribute change itself, once the caller knows it changes something: guest_memfd's
+    /// bookkeeping (a 2M folio only partly converted is split), then the unmap under the old
+    /// attribute's filter (`kvm_arch_pre_set_memory_attributes`). Returns the leaves zapped.
+    fn change_attributes(
+        &self,
+        st: &mut MmuState,
+        ctx: &mut crate::stats::Ctx,
+        gfn: u64,
+        end: u64,
+        private: bool,
+    ) -> u64 {
+        ctx.charge(Cost::gmem_convert_ns, 1);
+        if self.cfg.folio_level == 2 {
+            let mut splits = 0;
+            for edge in [gfn, end] {
+                let inside_gmem = st.memslots.find(edge.min(end - 1)).is_some_and(|s| s.gmem);
+                if !edge.is_multiple_of(512) && inside_gmem {
+                    splits += 1;
                 }
-                if gfn / 512 == (end - 1) / 512 && splits == 2 {
-                    splits = 1; // both edges inside one folio
-                }
-                ctx.add(C::gmem_splits, splits);
-                ctx.charge(Cost::gmem_split_2m_ns, splits as u64);
             }
-            let zapped = self
-                .mmu
-                .tdp
-                .unmap_gfn_range(ctx, !private, private, gfn, end);
-            st.attrs.set(gfn, end, private);
-            Ok(zapped)
+            if gfn / 512 == (end - 1) / 512 && splits == 2 {
+                splits = 1; // both edges inside one folio
+            }
+            ctx.add(C::gmem_splits, splits);
+            ctx.charge(Cost::gmem_split_2m_ns, splits as u64);
+        }
+        let zapped = self
+            .mmu
+            .tdp
+            .unmap_gfn_range(ctx, !private, private, gfn, end);
+        st.attrs.set(gfn, end, private);
+        zapped
+    }
+
+    /// The guest's request to convert `[gfn, gfn + npages)` (`private`: to private, else to
+    /// shared), as KVM forwards it to the VMM: a KVM_HC_MAP_GPA_RANGE exit to userspace, which
+    /// answers with KVM_SET_MEMORY_ATTRIBUTES. An SEV-SNP guest asks with a page-state-change
+    /// VMGEXIT (`snp_begin_psc` makes one exit per run of contiguous entries of one page size
+    /// and operation: one call here); a TD asks with TDG.VP.VMCALL<MapGPA>, which KVM splits
+    /// into one exit per 2 MiB (`TDX_MAP_GPA_MAX_LEN`); a sw_protected guest makes the
+    /// hypercall directly (one exit). Every exit is charged (`psc_exit_ns`) and counted
+    /// (`conversions`) even when the range already has the requested attribute; the change
+    /// itself, if any, is `set_memory_attributes`' (guest_memfd's bookkeeping, the split of a
+    /// partly converted 2M folio, the unmap under the old attribute's filter), once per call.
+    /// Returns the number of leaves zapped.
+    pub fn map_gpa_range(&self, gfn: u64, npages: u64, private: bool) -> Result<u64> {
+        self.check_confidential("private")?;
+        self.ops.ensure_alive()?;
+        self.check_range(gfn, npages)?;
+        let end = gfn + npages;
+        let exits = if self.cfg.vm_type == VmType::Tdx {
+            npages.div_ceil(512)
+        } else {
+            1
+        };
+        self.ops.write(self.arena(), |st, ctx| {
+            Self::check_covered(st, gfn, end, false)?;
+            ctx.add(C::conversions, exits as i64);
+            ctx.charge(Cost::psc_exit_ns, exits);
+            if st.attrs.uniform(gfn, end) == Some(private) {
+                return Ok(0);
+            }
+            Ok(self.change_attributes(st, ctx, gfn, end, private))
         })
     }
 

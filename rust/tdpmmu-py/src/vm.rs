@@ -422,8 +422,9 @@ impl Vm {
     /// a TD removes each page with BLOCK, TRACK, kick, PAGE.REMOVE, WBINVD and clear), going
     /// private zaps shared ones (the direct root's); a VM without a mirror root has one root and
     /// loses every leaf of the range. One remote TLB flush if a valid root lost a leaf. A range
-    /// already all of the requested kind is a no-op that costs nothing. guest_memfd pages are not
-    /// freed (``punch_hole`` does that) and the RMP is not changed.
+    /// already all of the requested kind is a no-op that costs nothing (``map_gpa_range`` models
+    /// a guest request, whose exit is charged even then). guest_memfd pages are not freed
+    /// (``punch_hole`` does that) and the RMP is not changed.
     ///
     /// Args:
     ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
@@ -451,6 +452,46 @@ impl Vm {
     ) -> PyResult<u64> {
         let (gfn, npages) = self.range(py, &gfn, &npages)?;
         self.run(py, |vm| vm.set_memory_attributes(gfn, npages, private))
+    }
+
+    /// The guest's request to make a range private or shared, as KVM forwards it to the VMM.
+    ///
+    /// Models the KVM_HC_MAP_GPA_RANGE exit to userspace and the VMM's answer
+    /// (KVM_SET_MEMORY_ATTRIBUTES). An SEV-SNP guest asks with a page-state-change (PSC) VMGEXIT;
+    /// KVM (``snp_begin_psc``) makes one exit per run of contiguous entries of one page size and
+    /// operation, so one call models one such run (a Linux guest's ``__set_pages_state`` sends up
+    /// to 253 entries, 2 MiB ones where the range is 2 MiB-aligned). A TD asks with
+    /// TDG.VP.VMCALL<MapGPA>, which KVM splits into one exit per 2 MiB (``TDX_MAP_GPA_MAX_LEN``):
+    /// ``ceil(npages / 512)`` exits per call. A sw_protected guest makes the hypercall itself (one
+    /// exit). Unlike ``set_memory_attributes`` (the VMM's own ioctl), every exit is charged
+    /// ``psc_exit_ns`` and counted in ``conversions`` even when the whole range already has the
+    /// requested attribute (an SNP guest accepting memory that is already private still asks
+    /// before it PVALIDATEs). If any page's attribute changes, the call then does what
+    /// ``set_memory_attributes`` does (without a second exit): ``gmem_convert_ns``, with
+    /// ``folio="2M"`` ``gmem_split_2m_ns`` per partly covered 2 MiB folio (``gmem_splits``), and
+    /// the unmap under the old attribute's filter, with one remote TLB flush if a valid root lost
+    /// a leaf. guest_memfd pages are not freed and the RMP is not changed.
+    ///
+    /// Args:
+    ///     gfn: first 4 KiB guest page, in ``0..max_gfn``.
+    ///     npages: number of 4 KiB pages, >= 1; the range must end at or below ``max_gfn`` and
+    ///         every page must be in a memslot (with or without guest_memfd).
+    ///     private: True (default) to ask for private, False for shared.
+    ///
+    /// Returns:
+    ///     int: the number of present leaves zapped (0 when nothing changed).
+    ///
+    /// Raises:
+    ///     ConfigError: naming ``private`` on a default VM (no private memory); ``gfn`` or
+    ///         ``npages`` for a range beyond ``max_gfn`` or not covered by memslots; ``vm`` after
+    ///         ``destroy()``. The VM is unchanged (nothing charged).
+    ///     VmBugged: the VM was bugged, or a hook or SEAMCALL failed during the zap.
+    ///     TypeError: an argument of the wrong type.
+    ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
+    #[pyo3(signature = (gfn, npages, private = true))]
+    fn map_gpa_range(&self, py: Python<'_>, gfn: Int, npages: Int, private: bool) -> PyResult<u64> {
+        let (gfn, npages) = self.range(py, &gfn, &npages)?;
+        self.run(py, |vm| vm.map_gpa_range(gfn, npages, private))
     }
 
     /// Free the guest_memfd pages of a range (fallocate(PUNCH_HOLE) on the VM's guest_memfd).
