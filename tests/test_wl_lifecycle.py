@@ -8,7 +8,7 @@ import tdpmmu
 from tdpmmu.hooks import HookDesign
 from tdpmmu.workloads import WORKLOADS, WorkloadResult
 from tdpmmu.workloads.memstress import run_pass
-from tdpmmu.workloads.snp_boot import _rmp_census, snp_boot
+from tdpmmu.workloads.snp_boot import PSC_MAX_ENTRIES, _rmp_census, psc_requests, snp_boot
 from tdpmmu.workloads.td_lifecycle import (
     PHASES,
     _Checker,
@@ -284,6 +284,55 @@ def test_snp_eager_vs_lazy(page_size: str) -> None:
     # first touch as plain guest accesses.
     assert eager.metrics["accept_memory_time_s"] > lazy.metrics["first_touch_time_s"]
     assert eager.metrics["first_touch_time_s"] < lazy.metrics["first_touch_time_s"]
+
+
+def test_psc_requests_batch_as_linux() -> None:
+    # A 2M-aligned 4 MiB block: two 2M entries, one request, one exit (KVM joins the run).
+    assert psc_requests(0x800, 1024) == [[(0x800, 1024)]]
+    # No 2M alignment: 4K entries, at most PSC_MAX_ENTRIES (253) per request.
+    assert PSC_MAX_ENTRIES == 253
+    reqs = psc_requests(1, 600)
+    assert [sum(n for _, n in r) for r in reqs] == [253, 253, 94]
+    assert reqs[1] == [(254, 253)]
+    # A 4K entry then a 2M one: one request, two exits (runs of one entry size).
+    assert psc_requests(0x1FF, 513) == [[(0x1FF, 1), (0x200, 512)]]
+    # A 2M entry only with 512 pages left; the 4K tail after it shares its request.
+    assert psc_requests(0x200, 1023) == [[(0x200, 512), (0x400, 252)], [(0x4FC, 253)], [(0x5F9, 6)]]
+    assert psc_requests(5, 0) == []
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_snp_accepting_pays_psc_exits(eager: bool) -> None:
+    """Eager and lazy acceptance both make the guest's PSC requests, in 4 MiB blocks, each an
+    exit charged psc_exit_ns although the memory is private already (no conversion)."""
+    # Two vCPUs x 4 MiB, 4K pages: the region starts one page below a 4 MiB boundary, so the
+    # blocks are 1 page (1 request, 1 exit), 1024 pages (two 2M entries: 1 request, 1 exit)
+    # and 1023 pages (a 2M entry + 511 4K entries: 3 requests of 253 entries at most, 4 exits).
+    r = snp(eager=eager)
+    all_ok(r)
+    assert r.detail["region"][0] // 4096 % 1024 == 1023
+    phase = "accept_memory" if eager else "first_touch"
+    assert r.metrics["psc_requests"] == r.metrics[f"{phase}_psc_requests"] == 5
+    assert r.metrics["psc_exits"] == r.metrics[f"{phase}_psc_exits"] == 6
+    assert r.metrics["launch_image_psc_exits"] == 0
+    # 2M pages (2M-aligned region over hugetlb): blocks of 512, 1024, 512 pages, one exit each.
+    r2 = snp(eager=eager, page_size="2M")
+    assert r2.metrics["psc_requests"] == r2.metrics["psc_exits"] == 3
+    # One vCPU: its requests lengthen the phase by exactly their exits' cost.
+    one = {"vcpus": 1, "bytes_per_vcpu": "4M", "eager": eager, "vm_type": "snp"}
+    with_psc = snp_boot(**one)  # type: ignore[arg-type]
+    without = snp_boot(**one, costs={"psc_exit_ns": 0.0})  # type: ignore[arg-type]
+    exits = with_psc.metrics["psc_exits"]
+    assert exits == 5  # 1 page, then 1023: 4 requests, 5 exits
+    key = f"{phase}_time_s"
+    delta = with_psc.metrics[key] - without.metrics[key]
+    assert delta == pytest.approx(exits * tdpmmu.CostModel().psc_exit_ns / 1e9, rel=1e-9)
+    # Nothing converts (the memory is private already): guest_memfd's bookkeeping is charged
+    # once, for the VMM's setup (build makes the region private), never for the requests.
+    costs = tdpmmu.CostModel()
+    assert with_psc.cost_breakdown["gmem_convert_ns"] == costs.gmem_convert_ns
+    assert with_psc.stats["conversions"] == exits + 1
+    assert with_psc.metrics["rmpupdates"] == without.metrics["rmpupdates"] > 0
 
 
 def test_snp_2m_rmp_over_4k_backing() -> None:

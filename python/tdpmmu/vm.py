@@ -40,7 +40,8 @@ class VM(_core.Vm):
     allocated: a memslot gets a range of host page-frame numbers instead. Each operation is a
     method whose docstring says what it models in KVM (``fault``, ``fault_batch``,
     ``populate``, ``zap_gfn_range``, ``mmu_notifier_invalidate``, ``madvise_dontneed``,
-    ``mprotect``, ``set_memory_attributes``, ``punch_hole``, ``finalize``, ``destroy``, ...).
+    ``mprotect``, ``set_memory_attributes``, ``map_gpa_range``, ``punch_hole``, ``finalize``,
+    ``destroy``, ...).
     ``with tdpmmu.VM(...) as vm:`` destroys the VM in KVM's order when the block ends.
 
     Units everywhere: a gfn is the guest page-frame number of a 4 KiB guest page
