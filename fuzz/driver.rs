@@ -164,7 +164,7 @@ fn opt(p: Option<bool>) -> String {
 
 fn ms(a: &MemstressArgs) -> String {
     format!(
-        "MemstressArgs {{ vcpus: {}, pages_per_vcpu: {}, base_gfn: {:#x}, overlap: {}, random_access: {}, write_percent: {}, seed: {}, private: {} }}",
+        "MemstressArgs {{ vcpus: {}, pages_per_vcpu: {}, base_gfn: {:#x}, overlap: {}, random_access: {}, write_percent: {}, seed: {}, rng_skip: {}, private: {} }}",
         a.vcpus,
         a.pages_per_vcpu,
         a.base_gfn,
@@ -172,6 +172,7 @@ fn ms(a: &MemstressArgs) -> String {
         a.random_access,
         a.write_percent,
         a.seed,
+        a.rng_skip,
         opt(a.private)
     )
 }
@@ -380,6 +381,8 @@ impl Layout {
             random_access: b.bool(),
             write_percent: b.pick(&[0, 50, 100, 100, 30, 101]),
             seed: u64::from(b.u8()),
+            // Not drawn from the input: the stored corpus decodes as before.
+            rng_skip: 0,
             private: self.private(b),
         }
     }

@@ -2,6 +2,7 @@
 flows, the selftests' output lines, their own checks, flags, pinning and JSON round trips."""
 
 import argparse
+import dataclasses
 import re
 from typing import Any
 
@@ -12,7 +13,9 @@ import tdpmmu
 from tdpmmu.vm import VM
 from tdpmmu.vmspec import VmSpec
 from tdpmmu.workloads import WORKLOADS, DemandPagingResult, WorkloadResult, demand_paging, memstress
+from tdpmmu.workloads import dirty_log_perf as dlp
 from tdpmmu.workloads.access_tracking_perf import PHASES, access_tracking_perf
+from tdpmmu.workloads.base import sim_options
 from tdpmmu.workloads.dirty_log_perf import dirty_log_perf, guest_writes
 
 TIME = r"\d+\.\d{9}s"
@@ -297,6 +300,99 @@ def test_guest_writes_replays_the_generator() -> None:
     assert 90 < len(half) < 166
     rnd = guest_writes(layout, 0, 7, 100, True)
     assert len(rnd) < 256  # random order revisits pages
+    # rng_skip advances the generator: in order, page i's coin is draw i, so one draw on
+    # shifts the written pages down by one.
+    on = guest_writes(layout, 0, 7, 50, False, rng_skip=1)
+    assert [p + 1 for p in on if p + 1 < 256] == [p for p in half if p >= 1]
+    assert list(guest_writes(layout, 0, 7, 50, False, rng_skip=0)) == list(half)
+
+
+def _logged() -> tuple[VM, memstress.Layout, Any]:
+    """A populated 2-vCPU VM with logging on (every page write-protected, so exactly the pages
+    the guest writes get logged; GET_DIRTY_LOG re-protects), its layout and options."""
+    vm, _, layout = memstress.build({}, vcpus=2, bytes_per_vcpu="1M", slots=2)
+    opts = sim_options({})
+    memstress.run_pass(vm, layout, opts)
+    for slot in layout.slot_ids:
+        vm.set_dirty_logging(slot, True)
+    return vm, layout, opts
+
+
+def _bitmap(vm: VM, layout: memstress.Layout) -> np.ndarray:
+    parts = []
+    for slot, _, n in layout.slots():
+        words = vm.get_dirty_log(slot)
+        parts.append(np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool))
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize(
+    ("random_access", "write_percent", "per_access"),
+    [(True, 50, 2), (False, 50, 1), (True, 100, 1), (False, 100, 0), (True, 0, 2)],
+)
+def test_two_passes_in_one_call_equal_two_calls_with_rng_skip(
+    random_access: bool, write_percent: int, per_access: int
+) -> None:
+    # The guest's generator runs on across passes: a second call given the draws of the first
+    # (memstress.draws_per_pass) writes what the second pass of one two-pass call writes.
+    kw: dict[str, Any] = {"random_access": random_access, "write_percent": write_percent}
+    draws = memstress.draws_per_pass(256, **kw)
+    assert draws == 256 * per_access
+    one, layout, opts = _logged()
+    rec = memstress.run_pass(one, layout, opts, passes=2, seed=5, **kw)
+    assert [v["pages"] for v in rec.per_vcpu] == [512.0, 512.0]
+    together = _bitmap(one, layout)
+    for clock in ("virtual", "host"):
+        two, _, _ = _logged()
+        o = dataclasses.replace(opts, clock=clock)
+        memstress.run_pass(two, layout, o, seed=5, **kw)
+        first = _bitmap(two, layout)
+        memstress.run_pass(two, layout, o, seed=5, rng_skip=draws, **kw)
+        second = _bitmap(two, layout)
+        assert np.array_equal(first | second, together), clock
+        for k, (bits, skip) in enumerate([(first, 0), (second, draws)]):
+            want = np.zeros(layout.npages, dtype=bool)
+            for v in range(2):
+                want[guest_writes(layout, v, 5, write_percent, random_access, skip)] = True
+            assert np.array_equal(bits, want), (clock, k)
+        if draws and write_percent:
+            assert not np.array_equal(first, second), "pass 2 repeated pass 1"
+    # The host clock's passes continue the stream as virtual time's do.
+    host, _, _ = _logged()
+    memstress.run_pass(
+        host, layout, dataclasses.replace(opts, clock="host"), passes=2, seed=5, **kw
+    )
+    assert np.array_equal(_bitmap(host, layout), together)
+
+
+@pytest.mark.parametrize("clock", ["virtual", "host"])
+def test_dirty_log_perf_iterations_continue_the_guest_stream(
+    monkeypatch: pytest.MonkeyPatch, clock: str
+) -> None:
+    # Each iteration's bitmap, as GET_DIRTY_LOG returned it (-g: each holds exactly the pages
+    # written since the previous GET).
+    seen: list[np.ndarray] = []
+    real = dlp._region_bitmap
+
+    def spy(vm: Any, layout: memstress.Layout) -> np.ndarray:
+        seen.append(real(vm, layout))
+        return seen[-1]
+
+    monkeypatch.setattr(dlp, "_region_bitmap", spy)
+    kw: dict[str, Any] = {"random_access": True, "write_percent": 50}
+    r = dirty_log_perf(
+        vcpus=2, bytes_per_vcpu="1M", slots=2, no_manual_protect=True, clock=clock, **kw
+    )
+    assert r.ok
+    it1, it2 = seen
+    assert not np.array_equal(it1, it2), "iteration 2 repeated iteration 1's pages"
+    assert [p["rng_skip"] for p in r.detail["passes"]] == [0, 0, 512]
+    # The same guest as one memstress call of two passes after the populate pass: its first
+    # pass writes iteration 1's pages, and both write iterations 1 and 2's.
+    for passes, want in ((1, it1), (2, it1 | it2)):
+        vm, layout, opts = _logged()
+        memstress.run_pass(vm, layout, opts, passes=passes, seed=1, **kw)
+        assert np.array_equal(_bitmap(vm, layout), want), passes
 
 
 def test_dirty_log_perf_check_fails_on_a_wrong_bitmap(monkeypatch: pytest.MonkeyPatch) -> None:

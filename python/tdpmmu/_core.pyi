@@ -173,6 +173,8 @@ class Vm:
         write_percent: int,
         seed: int,
         private: bool | None = None,
+        *,
+        rng_skip: int = 0,
     ) -> list[VcpuRecord]: ...
     def set_dirty_logging(
         self,
@@ -202,6 +204,7 @@ class Vm:
         seed: int,
         private: bool | None = None,
         *,
+        rng_skip: int = 0,
         passes: int | None = None,
         mmu_lock: str = "shared",
         userfault: str = "none",

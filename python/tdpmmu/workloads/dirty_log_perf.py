@@ -11,10 +11,12 @@ the slowest vCPU's modeled time.
 
 Differences from the selftest, all documented where they apply:
 
-- the guest's generator is re-seeded per pass: vCPU ``i`` of iteration ``k`` draws from
-  ``seed + k * vcpus + i`` (the selftest's generator runs on across passes; the sequence here is
-  not the selftest's, but iterations do not repeat each other's page choices), and a 100 %
-  write pass draws no write coin;
+- the guest's generator: as in the selftest, vCPU ``i`` seeds it once (``seed + i``) and it
+  runs on across the populate pass, the iterations and the ``-e`` passes (each engine call
+  starts where the previous pass left it: ``memstress.run_pass``'s ``rng_skip``). The numbers
+  drawn are not the selftest's, though: the engine starts the state at ``(seed + i) mod
+  (2^31 - 2) + 1`` where memstress starts it at ``seed + i``, and a 100 % write pass (the
+  populate pass, ``-w 100``) draws no write coin where memstress draws one per access;
 - ``run_while_disabling`` (``-e``): the engine cannot run a host ioctl concurrently with the
   vCPUs, so the disable is timed alone, with one guest pass just before it (logging still on)
   and one right after it (the vCPUs re-faulting what the disable changed), reported as phases
@@ -63,18 +65,25 @@ _M31 = 0x7FFFFFFF
 
 
 def guest_writes(
-    layout: memstress.Layout, vcpu: int, seed: int, write_percent: int, random_access: bool
+    layout: memstress.Layout,
+    vcpu: int,
+    seed: int,
+    write_percent: int,
+    random_access: bool,
+    rng_skip: int = 0,
 ) -> npt.NDArray[np.int64]:
     """The pages (offsets from the region's start) one vCPU writes in one pass, replaying the
-    guest's Park-Miller generator as the engine runs it (seeded with ``seed + vcpu``; with
-    ``random_access`` a page draw, then a write draw unless ``write_percent`` is 100).
+    guest's Park-Miller generator as the engine runs it (seeded with ``seed + vcpu`` and
+    advanced by ``rng_skip`` draws; with ``random_access`` a page draw, then a write draw
+    unless ``write_percent`` is 100: ``memstress.draws_per_pass``).
 
     Args:
         layout: the run's layout.
         vcpu: the vCPU, ``0..layout.vcpus``.
-        seed: the pass's seed (vCPU ``i`` uses ``seed + i``).
+        seed: the guest seed (vCPU ``i`` uses ``seed + i``).
         write_percent: 0..100.
         random_access: random page order.
+        rng_skip: draws the vCPU's generator made before this pass, >= 0 (default 0).
 
     Returns:
         numpy.ndarray: sorted unique page offsets written. Never raises for valid arguments.
@@ -82,6 +91,8 @@ def guest_writes(
     first, pages = layout.slice(vcpu)
     off0 = first - layout.base_gfn
     state = ((seed + vcpu) % (1 << 64)) % (_M31 - 1) + 1
+    # Each draw multiplies the state by 48271 modulo 2**31 - 1.
+    state = state * pow(48271, rng_skip, _M31) % _M31
     out: list[int] = []
     for i in range(pages):
         if random_access:
@@ -221,14 +232,21 @@ def dirty_log_perf(
     metrics: dict[str, float] = {}
     checks = Checks()
     passes: list[dict[str, Any]] = []
+    # Draws each vCPU's generator has made so far: every pass continues its stream.
+    drawn = 0
 
-    def guest_pass(label: str, w: int, r: bool, s: int) -> float:
-        res = memstress.run_pass(vm, layout, opts, write_percent=w, random_access=r, seed=s)
+    def guest_pass(label: str, w: int, r: bool) -> float:
+        nonlocal drawn
+        res = memstress.run_pass(
+            vm, layout, opts, write_percent=w, random_access=r, seed=seed, rng_skip=drawn
+        )
         clock.record(label, res.modeled_s, res.wall_s)
-        passes.append({"label": label, "seed": s, "virtual": res.virtual})
+        passes.append({"label": label, "seed": seed, "rng_skip": drawn, "virtual": res.virtual})
+        drawn += memstress.draws_per_pass(layout.pages_per_vcpu, random_access=r, write_percent=w)
         return res.modeled_s
 
-    t = guest_pass("Populate memory", 100, False, seed)
+    # Sequential 100 % writes: the populate pass draws nothing, iteration 1 starts the stream.
+    t = guest_pass("Populate memory", 100, False)
     lines.append(f"Populate memory time: {t:.9f}s")
     metrics["populate_memory_time_s"] = t
     with clock.phase("Enabling dirty logging") as ph:
@@ -243,8 +261,8 @@ def dirty_log_perf(
     bitmap_ok: list[bool] = []
     dirtied: list[int] = []
     for k in range(1, iters + 1):
-        s = seed + k * nvcpus
-        t = guest_pass(f"Iteration {k} dirty memory", wp, rnd, s)
+        skip = drawn
+        t = guest_pass(f"Iteration {k} dirty memory", wp, rnd)
         lines.append(f"Iteration {k} dirty memory time: {t:.9f}s")
         metrics[f"iteration_{k}_dirty_memory_time_s"] = t
         with clock.phase(f"Iteration {k} get dirty log") as ph:
@@ -264,7 +282,7 @@ def dirty_log_perf(
         replay = range(nvcpus) if exact else range(1)
         written = np.zeros(layout.npages, dtype=bool)
         for v in replay:
-            written[guest_writes(layout, v, s, wp, rnd)] = True
+            written[guest_writes(layout, v, seed, wp, rnd, skip)] = True
         dirtied.append(int(dirty.sum()))
         metrics[f"iteration_{k}_dirty_pages"] = float(dirty.sum())
         if manual and k == 1:
@@ -279,13 +297,13 @@ def dirty_log_perf(
         # host ioctl with the vCPUs, so they run one pass just before it (logging still on:
         # the pages just re-protected take write-protection faults) and one right after it
         # (re-faulting what disabling changed); the disable's own time excludes contention.
-        guest_pass("vCPU pass before disabling (-e)", wp, rnd, seed + (iters + 1) * nvcpus)
+        guest_pass("vCPU pass before disabling (-e)", wp, rnd)
     with clock.phase("Disabling dirty logging") as ph:
         for slot in layout.slot_ids:
             vm.set_dirty_logging(slot, False)
     disable_s = ph.modeled_s
     if evil:
-        guest_pass("vCPU pass after disabling (-e)", wp, rnd, seed + (iters + 2) * nvcpus)
+        guest_pass("vCPU pass after disabling (-e)", wp, rnd)
     lines.append(f"Disabling dirty logging time: {disable_s:.9f}s")
     metrics["disabling_dirty_logging_time_s"] = disable_s
     lines.append(

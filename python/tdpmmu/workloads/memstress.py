@@ -12,6 +12,13 @@ Park-Miller generator seeded with ``seed + vcpu``, writing with probability ``wr
 (``rand % 100 < write_percent``), the rest 8-byte reads. ``run_pass`` runs one or more passes
 on every vCPU in virtual time (one simulated host thread, modeled-time order) or on real
 threads (``clock="host"``).
+
+The generator runs on across passes, as memstress's does (each vCPU seeds it once, before its
+endless loop): the passes of one call continue one stream, and a later call continues it when
+given ``rng_skip``, the draws each vCPU made before it (``draws_per_pass`` per pass). One
+difference from memstress: a pass with ``write_percent`` 100 draws no write coin (memstress
+draws one per access and always writes), so such a pass draws nothing in order and one draw
+per page with ``random_access``.
 """
 
 import dataclasses
@@ -27,11 +34,14 @@ from tdpmmu.vtime import VirtualOptions
 from tdpmmu.workloads.base import SimArgs, spec_args
 from tdpmmu.workloads.common import PAGE_SIZE, backing_source, virtual_summary
 
-__all__ = ["DEFAULT_GUEST_SEED", "Layout", "PassResult", "build", "run_pass"]
+__all__ = ["DEFAULT_GUEST_SEED", "Layout", "PassResult", "build", "draws_per_pass", "run_pass"]
 
 #: glibc's first ``random()`` value with its default state: the selftests' global seed
 #: ("Random seed: 0x6b8b4567") unless a test sets one (``dirty_log_perf_test``: 1).
 DEFAULT_GUEST_SEED = 0x6B8B4567
+
+#: The guest generator's period in draws (2**31 - 2: 48271 is a primitive root of 2**31 - 1).
+_RNG_PERIOD = (1 << 31) - 2
 
 #: Slot 0 (code and page tables) is this large, or one backing page if larger.
 _SLOT0_BYTES = 2 << 20
@@ -195,6 +205,34 @@ class PassResult:
     virtual: dict[str, Any]
 
 
+def draws_per_pass(pages_per_vcpu: int, *, random_access: bool, write_percent: int) -> int:
+    """Draws each vCPU's generator makes in one pass (the engine's rule, here and only here).
+
+    Per access: one draw for the page with ``random_access`` (``rand % pages``), then one for
+    the write coin (``rand % 100 < write_percent``) unless ``write_percent`` is 100, when
+    every access writes without a draw (memstress draws that coin too; see the module
+    docstring). A pass makes ``pages_per_vcpu`` accesses, so ``passes`` passes of one call
+    draw ``passes`` times this, and the next call continues the stream with ``rng_skip`` equal
+    to the draws made so far.
+
+    Args:
+        pages_per_vcpu: accesses per vCPU per pass (``Layout.pages_per_vcpu``), >= 1.
+        random_access: random page order (``-a``).
+        write_percent: share of writes, 0..100 (``-w``).
+
+    Returns:
+        int: draws per vCPU per pass (0, ``pages_per_vcpu`` or twice it).
+
+    Raises:
+        ConfigError: ``pages_per_vcpu`` < 1 or ``write_percent`` outside 0..100.
+        TypeError: a value of the wrong type.
+    """
+    pages = coerce.count(pages_per_vcpu, "pages_per_vcpu")
+    wp = coerce.count(write_percent, "write_percent", 0, 100)
+    per_access = int(coerce.flag(random_access, "random_access")) + int(wp < 100)
+    return pages * per_access
+
+
 def run_pass(
     vm: VM,
     layout: Layout,
@@ -205,6 +243,7 @@ def run_pass(
     seed: int = DEFAULT_GUEST_SEED,
     passes: int = 1,
     private: bool | None = None,
+    rng_skip: int = 0,
 ) -> PassResult:
     """Run ``passes`` memstress passes on every vCPU at once (one "iteration").
 
@@ -215,8 +254,11 @@ def run_pass(
         write_percent: 0..100, the share of writes (``-w``).
         random_access: ``rand % pages`` order instead of sequential (``-a``).
         seed: the guest seed; vCPU ``i`` draws from ``seed + i``.
-        passes: passes per vCPU, >= 1 (virtual time; the host clock runs one per call).
+        passes: passes per vCPU, >= 1; each continues the previous one's random stream (the
+            host clock runs one engine call per pass, each skipping the draws before it).
         private: the fault's kind (None: by the memory attributes).
+        rng_skip: draws each vCPU's generator made before this call, >= 0 (default 0: start
+            from the seed); a caller continuing a stream adds ``draws_per_pass`` per pass run.
 
     Returns:
         PassResult: times and per-vCPU records.
@@ -226,6 +268,7 @@ def run_pass(
         VmBugged: a KVM_BUG_ON during the pass.
     """
     coerce.count(passes, "passes")
+    skip = coerce.count(rng_skip, "rng_skip", 0, (1 << 64) - 1)
     args = (
         layout.vcpus,
         layout.pages_per_vcpu,
@@ -238,7 +281,7 @@ def run_pass(
     )
     start = time.perf_counter()
     if options.clock == "virtual":
-        rec = vm.run_virtual(*args, passes=passes, **options.run_kwargs())
+        rec = vm.run_virtual(*args, rng_skip=skip, passes=passes, **options.run_kwargs())
         wall_s = time.perf_counter() - start
         per = tuple(
             {
@@ -252,8 +295,12 @@ def run_pass(
         return PassResult(rec["elapsed_ns"] / 1e9, wall_s, per, virtual_summary(rec))
     modeled = 0.0
     recs: list[dict[str, float]] = []
-    for _ in range(passes):
-        out = vm.run_memstress(*args)
+    per_pass = draws_per_pass(
+        layout.pages_per_vcpu, random_access=random_access, write_percent=write_percent
+    )
+    for k in range(passes):
+        # The generator's period is 2**31 - 2 draws, so the skip is exact modulo it.
+        out = vm.run_memstress(*args, rng_skip=(skip + k * per_pass) % _RNG_PERIOD)
         modeled += max(float(d["modeled_ns"]) for d in out) / 1e9
         recs = [
             {

@@ -28,6 +28,10 @@ pub struct MemstressArgs {
     pub random_access: bool,
     pub write_percent: u32,
     pub seed: u64,
+    /// Draws each vCPU's generator has already made before this run (the guest's generator
+    /// runs on across passes, as memstress's does: it is seeded once, before its endless
+    /// loop); 0 starts from the seed. The generator starts advanced by this many draws.
+    pub rng_skip: u64,
     pub private: Option<bool>,
 }
 
@@ -59,15 +63,46 @@ impl Pml {
 }
 
 /// Park–Miller "minimal standard" generator, as the selftests' `guest_random_u32`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lcg(u32);
+
+/// The generator's modulus, 2^31 − 1 (prime).
+const LCG_M: u64 = 0x7fff_ffff;
+/// Its multiplier.
+const LCG_A: u64 = 48271;
+
 impl Lcg {
     pub fn new(seed: u64) -> Self {
         Self(((seed % 0x7fff_fffe) + 1) as u32)
     }
+
+    /// The generator of vCPU `v` of a memstress run: seeded with `seed + v`, then advanced
+    /// past the `rng_skip` draws it made before the run.
+    pub fn for_vcpu(a: &MemstressArgs, v: u32) -> Self {
+        let mut r = Self::new(a.seed.wrapping_add(v as u64));
+        r.skip(a.rng_skip);
+        r
+    }
+
+    /// Advance the generator by `n` draws at once: each draw multiplies the state by 48271
+    /// modulo 2^31 − 1, so `n` of them multiply it by 48271^n (mod 2^31 − 1), computed by
+    /// square-and-multiply in O(log n).
+    pub fn skip(&mut self, mut n: u64) {
+        let mut base = LCG_A;
+        let mut mult = 1u64;
+        while n > 0 {
+            if n & 1 == 1 {
+                mult = mult * base % LCG_M;
+            }
+            base = base * base % LCG_M;
+            n >>= 1;
+        }
+        self.0 = (self.0 as u64 * mult % LCG_M) as u32;
+    }
+
     #[inline(always)]
     pub fn next_u32(&mut self) -> u32 {
-        self.0 = ((self.0 as u64 * 48271) % 0x7fff_ffff) as u32;
+        self.0 = ((self.0 as u64 * LCG_A) % LCG_M) as u32;
         self.0
     }
 }
@@ -195,7 +230,7 @@ fn vcpu_thread(
 ) -> (VcpuResult, Option<Error>) {
     let _vcpu = ops.vcpu(v as usize);
     let mut ctx = ops.ctx();
-    let mut rng = Lcg::new(a.seed.wrapping_add(v as u64));
+    let mut rng = Lcg::for_vcpu(a, v);
     let base = if a.overlap {
         a.base_gfn
     } else {
@@ -301,4 +336,49 @@ fn vcpu_thread(
     res.wall_s = start.elapsed().as_secs_f64();
     res.modeled_ns = ctx.modeled_ns;
     (res, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lcg;
+
+    /// `skip(n)` lands where `n` single draws do, for small, odd, power-of-two and large
+    /// `n`, from several states (including the largest one, 2^31 − 2).
+    #[test]
+    fn skip_matches_single_steps() {
+        for seed in [0u64, 1, 6, 0x6b8b_4567, 0x7fff_fffd, u64::MAX] {
+            let mut step = Lcg::new(seed);
+            let mut done = 0u64;
+            for n in [0u64, 1, 2, 3, 7, 64, 100, 1000, 4097, 100_003] {
+                while done < n {
+                    step.next_u32();
+                    done += 1;
+                }
+                let mut jump = Lcg::new(seed);
+                jump.skip(n);
+                assert_eq!(jump, step, "seed {seed:#x}, n {n}");
+                // And both continue the same way.
+                let (mut a, mut b) = (jump, step);
+                assert_eq!(a.next_u32(), b.next_u32());
+            }
+        }
+    }
+
+    /// The generator's period is 2^31 − 2: skipping it is the identity, and skips compose.
+    #[test]
+    fn skip_period_and_composition() {
+        let mut r = Lcg::new(12345);
+        let start = r;
+        r.skip(0x7fff_fffe);
+        assert_eq!(r, start);
+        let (mut a, mut b) = (Lcg::new(99), Lcg::new(99));
+        a.skip(1 << 40);
+        a.skip(12_345_678_901);
+        b.skip((1 << 40) + 12_345_678_901);
+        assert_eq!(a, b);
+        // A skip that is not a multiple of the period moves the state.
+        let mut c = Lcg::new(99);
+        c.skip(5);
+        assert_ne!(c, Lcg::new(99));
+    }
 }

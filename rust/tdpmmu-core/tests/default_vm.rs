@@ -342,6 +342,7 @@ fn concurrent_vcpus_agree_with_check() {
                 random_access: overlap,
                 write_percent: 100,
                 seed: 1,
+                rng_skip: 0,
                 private: None,
             })
             .unwrap();

@@ -222,6 +222,7 @@ fn aging_clears_accessed_and_the_guest_sets_it_again() {
         random_access: false,
         write_percent: 0,
         seed: 0,
+        rng_skip: 0,
         private: None,
     };
     v.run_memstress(&a).unwrap();
@@ -381,6 +382,7 @@ fn pml_arms_pages_by_clearing_dirty_and_the_cpu_logs_writes_without_exits() {
         random_access: false,
         write_percent: 100,
         seed: 0,
+        rng_skip: 0,
         private: None,
     };
     v.run_memstress(&a).unwrap();
@@ -455,6 +457,7 @@ fn reads(vm: &Vm, pages: u64, write_percent: u32) -> Vec<tdpmmu_core::memstress:
         random_access: false,
         write_percent,
         seed: 0,
+        rng_skip: 0,
         private: None,
     })
     .unwrap()

@@ -28,6 +28,7 @@ fn args(vcpus: u32, pages: u64) -> VtArgs {
             random_access: false,
             write_percent: 100,
             seed: 1,
+            rng_skip: 0,
             private: None,
         },
         passes: 1,
@@ -688,4 +689,122 @@ fn bad_access_lists_are_refused_and_leave_the_vm_unchanged() {
         .contains("remove")
     );
     assert_eq!(v.stats(), before);
+}
+
+/// The pages each vCPU writes in each of `passes` passes of a memstress run, replaying one
+/// generator per vCPU that runs on across the passes (a page draw with random access, then a
+/// write draw unless every access writes), and the draws each vCPU made per pass.
+fn replay_writes(a: &MemstressArgs, passes: u32) -> (Vec<Vec<bool>>, u64) {
+    use tdpmmu_core::memstress::Lcg;
+    let pages = a.pages_per_vcpu;
+    let mut out = Vec::new();
+    let mut draws_per_pass = 0;
+    let mut rngs: Vec<Lcg> = (0..a.vcpus).map(|v| Lcg::for_vcpu(a, v)).collect();
+    for _ in 0..passes {
+        let mut written = vec![false; (pages * a.vcpus as u64) as usize];
+        let mut draws = 0;
+        for (v, rng) in rngs.iter_mut().enumerate() {
+            draws = 0;
+            for i in 0..pages {
+                let off = if a.random_access {
+                    draws += 1;
+                    rng.next_u32() as u64 % pages
+                } else {
+                    i
+                };
+                let write = a.write_percent == 100 || {
+                    draws += 1;
+                    rng.next_u32() % 100 < a.write_percent
+                };
+                if write {
+                    written[(v as u64 * pages + off) as usize] = true;
+                }
+            }
+        }
+        draws_per_pass = draws;
+        out.push(written);
+    }
+    (out, draws_per_pass)
+}
+
+/// Slot 0's dirty bitmap as one bool per page (`pages` of them).
+fn dirty_pages(v: &Vm, pages: u64) -> Vec<bool> {
+    let words = v.get_dirty_log(0).unwrap();
+    (0..pages)
+        .map(|g| words[(g / 64) as usize] >> (g % 64) & 1 == 1)
+        .collect()
+}
+
+/// The guest's generator runs on across passes (memstress seeds it once): the two passes of
+/// one call write what two calls write when the second starts `rng_skip` draws on (2 per
+/// page with random access and some reads), and pass 2 does not repeat pass 1. Checked on the
+/// dirty bitmaps of populated VMs (logging on, GET re-protects between the two calls), in
+/// virtual time and on host threads.
+#[test]
+fn rng_skip_continues_the_stream_across_calls() {
+    let mut a = args(2, 256);
+    a.ms.random_access = true;
+    a.ms.write_percent = 50;
+    a.ms.seed = 7;
+    let total = 512;
+    let (want, draws) = replay_writes(&a.ms, 2);
+    assert_eq!(draws, 2 * 256, "a page draw and a write draw per access");
+    assert_ne!(
+        want[0], want[1],
+        "pass 2 continues the stream, it does not repeat pass 1"
+    );
+    let union: Vec<bool> = want[0]
+        .iter()
+        .zip(&want[1])
+        .map(|(x, y)| *x || *y)
+        .collect();
+    // A populated VM (a read fault maps writable and logs the page, as KVM's does), then
+    // logging on: every page write-protected, so exactly the pages written get logged.
+    let fresh = || {
+        let v = vm("default", 2, 2 << 20);
+        v.run_virtual(&args(2, 256)).unwrap();
+        v.set_dirty_logging(0, true, false, false, true, false)
+            .unwrap();
+        v
+    };
+    // One call, two passes.
+    let one = fresh();
+    one.run_virtual(&VtArgs {
+        passes: 2,
+        ..a.clone()
+    })
+    .unwrap();
+    assert_eq!(dirty_pages(&one, total), union);
+    // Two calls, the second skipping the first's draws.
+    for host in [false, true] {
+        let two = fresh();
+        for (k, skip) in [0, draws].into_iter().enumerate() {
+            let mut b = a.clone();
+            b.ms.rng_skip = skip;
+            if host {
+                two.run_memstress(&b.ms).unwrap();
+            } else {
+                two.run_virtual(&b).unwrap();
+            }
+            assert_eq!(
+                dirty_pages(&two, total),
+                want[k],
+                "host {host}, call {}",
+                k + 1
+            );
+        }
+    }
+    // A skip off by one draw is another stream.
+    let off = fresh();
+    let mut b = a.clone();
+    b.ms.rng_skip = draws + 1;
+    off.run_virtual(&b).unwrap();
+    assert_ne!(dirty_pages(&off, total), want[1]);
+    // Sequential 100 % writes draw nothing: any skip writes every page.
+    let mut s = args(2, 256);
+    s.ms.rng_skip = 12345;
+    let v = fresh();
+    v.run_virtual(&s).unwrap();
+    assert!(dirty_pages(&v, total).iter().all(|d| *d));
+    assert_eq!(replay_writes(&s.ms, 1).1, 0);
 }

@@ -1546,6 +1546,11 @@ impl Vm {
     ///         ``0..2**64``.
     ///     private: True, False or None (default: by each gfn's memory attribute), as for
     ///         ``fault``.
+    ///     rng_skip: draws each vCPU's generator already made before this call, in
+    ///         ``0..2**64`` (default 0: start from the seed). The guest's generator runs on
+    ///         across passes, as memstress's (seeded once, before its endless loop): a caller
+    ///         continuing a previous call's stream passes the draws made so far
+    ///         (``tdpmmu.workloads.memstress.draws_per_pass``). Advanced in O(log n).
     ///
     /// Returns:
     ///     list[dict]: one ``tdpmmu.types.VcpuRecord`` per vCPU, in vCPU order: ``wall_s`` (float:
@@ -1554,8 +1559,8 @@ impl Vm {
     ///     (int: accesses made).
     ///
     /// Raises:
-    ///     ConfigError: naming ``vcpus``, ``pages_per_vcpu``, ``base_gfn``, ``write_percent`` or
-    ///         ``seed`` out of range; ``base_gfn`` when a page of the region is in no memslot;
+    ///     ConfigError: naming ``vcpus``, ``pages_per_vcpu``, ``base_gfn``, ``write_percent``,
+    ///         ``seed`` or ``rng_skip`` out of range; ``base_gfn`` when a page of the region is in no memslot;
     ///         ``npages`` when the region runs past ``max_gfn`` (the engine's range check names its
     ///         own argument); ``private`` (True) on a default VM; ``vm`` on a TD that is not
     ///         finalized or after ``destroy()``.
@@ -1569,7 +1574,10 @@ impl Vm {
     ///     TypeError: an argument of the wrong type.
     ///     TdpmmuError: called from one of this VM's own hook objects (hooks must not use it).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private = None))]
+    #[pyo3(signature = (vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private = None, *, rng_skip = Int::of(0)))]
+    #[pyo3(
+        text_signature = "(self, /, vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private=None, *, rng_skip=0)"
+    )]
     fn run_memstress<'py>(
         &self,
         py: Python<'py>,
@@ -1581,10 +1589,18 @@ impl Vm {
         write_percent: Int,
         seed: Int,
         private: Option<bool>,
+        rng_skip: Int,
     ) -> PyResult<Bound<'py, PyList>> {
         let a = self.memstress_args(
             py,
-            [&vcpus, &pages_per_vcpu, &base_gfn, &write_percent, &seed],
+            [
+                &vcpus,
+                &pages_per_vcpu,
+                &base_gfn,
+                &write_percent,
+                &seed,
+                &rng_skip,
+            ],
             overlap,
             random_access,
             private,
@@ -1632,6 +1648,10 @@ impl Vm {
     ///     seed: seed of the per-vCPU Park-Miller generator (vCPU ``v`` uses ``seed + v``), in
     ///         ``0..2**64``.
     ///     private: True, False or None (default: by each gfn's memory attribute).
+    ///     rng_skip: draws each vCPU's generator already made before this call, in ``0..2**64``
+    ///         (default 0), as for ``run_memstress``; the passes of one call continue one
+    ///         stream, so ``passes=2`` draws what two calls with ``rng_skip`` 0 and then
+    ///         ``tdpmmu.workloads.memstress.draws_per_pass`` draw.
     ///     passes: times each vCPU walks its accesses, >= 1 (default 1: first touch only); 0 runs
     ///         until the remover is done (needs ``remove``).
     ///     mmu_lock: ``"shared"`` (default: faults take ``mmu_lock`` for read, parallel TDP MMU
@@ -1676,7 +1696,10 @@ impl Vm {
     ///     TdpmmuError: a livelock (one access retried 2**20 times).
     ///     TypeError: an argument of the wrong type.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private = None, *, passes = None, mmu_lock = "shared", userfault = "none", uffd_all = false, uffd_readers = None, uffd_delay_ns = 0.0, machine = None, tdx_module = "1.5", remove = None, cpus = None))]
+    #[pyo3(signature = (vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private = None, *, rng_skip = Int::of(0), passes = None, mmu_lock = "shared", userfault = "none", uffd_all = false, uffd_readers = None, uffd_delay_ns = 0.0, machine = None, tdx_module = "1.5", remove = None, cpus = None))]
+    #[pyo3(
+        text_signature = "(self, /, vcpus, pages_per_vcpu, base_gfn, overlap, random_access, write_percent, seed, private=None, *, rng_skip=0, passes=None, mmu_lock='shared', userfault='none', uffd_all=False, uffd_readers=None, uffd_delay_ns=0.0, machine=None, tdx_module='1.5', remove=None, cpus=None)"
+    )]
     fn run_virtual<'py>(
         &self,
         py: Python<'py>,
@@ -1688,6 +1711,7 @@ impl Vm {
         write_percent: Int,
         seed: Int,
         private: Option<bool>,
+        rng_skip: Int,
         passes: Option<Int>,
         mmu_lock: &str,
         userfault: &str,
@@ -1701,7 +1725,14 @@ impl Vm {
     ) -> PyResult<Bound<'py, PyDict>> {
         let ms = self.memstress_args(
             py,
-            [&vcpus, &pages_per_vcpu, &base_gfn, &write_percent, &seed],
+            [
+                &vcpus,
+                &pages_per_vcpu,
+                &base_gfn,
+                &write_percent,
+                &seed,
+                &rng_skip,
+            ],
             overlap,
             random_access,
             private,
@@ -2021,12 +2052,19 @@ impl Vm {
     fn memstress_args(
         &self,
         py: Python<'_>,
-        ints: [&Int; 5],
+        ints: [&Int; 6],
         overlap: bool,
         random_access: bool,
         private: Option<bool>,
     ) -> PyResult<MemstressArgs> {
-        let [vcpus, pages_per_vcpu, base_gfn, write_percent, seed] = ints;
+        let [
+            vcpus,
+            pages_per_vcpu,
+            base_gfn,
+            write_percent,
+            seed,
+            rng_skip,
+        ] = ints;
         let max_gfn = self.inner.max_gfn();
         Ok(MemstressArgs {
             vcpus: count_arg(py, "vcpus", vcpus, self.inner.cfg.vcpus as u64)? as u32,
@@ -2036,6 +2074,7 @@ impl Vm {
             random_access,
             write_percent: in_range(py, "write_percent", write_percent, 101)? as u32,
             seed: in_range(py, "seed", seed, 1 << 64)?,
+            rng_skip: in_range(py, "rng_skip", rng_skip, 1 << 64)?,
             private,
         })
     }

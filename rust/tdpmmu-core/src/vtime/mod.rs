@@ -75,6 +75,7 @@ impl Default for VtArgs {
                 random_access: false,
                 write_percent: 100,
                 seed: 0,
+                rng_skip: 0,
                 private: None,
             },
             passes: 1,
@@ -435,7 +436,7 @@ fn run_source(
                     let feed = match src {
                         Source::Memstress => Feed::Memstress {
                             ms: &a.ms,
-                            rng: Lcg::new(a.ms.seed.wrapping_add(i as u64)),
+                            rng: Lcg::for_vcpu(&a.ms, i),
                             base: if a.ms.overlap {
                                 a.ms.base_gfn
                             } else {
