@@ -4,8 +4,8 @@ Every number here is MODELED: tdpmmu runs small simulated VMs and reads the engi
 (``VM.cost_breakdown()``: modeled ns charged to each ``tdpmmu.CostModel`` field) before and after
 each measured operation. A row's breakdown is that change, one term per field that moved
 (units x the field's ns); the report checks that the terms add up to the change of the modeled
-clock, and it adds one term of its own, marked, where the engine charges nothing (see
-``snp_private_fault``). The published bounds are the end-to-end figures of ``docs/costs.md`` §7
+clock (every term is the engine's: ``Component.engine`` would mark a term the report added, and
+no row adds one). The published bounds are the end-to-end figures of ``docs/costs.md`` §7
 (measurements of real machines, or arithmetic on them), cited by row.
 
 The rows:
@@ -40,15 +40,14 @@ The rows:
     its S-EPT tables are left to reclaim after the HKID release. This is what the model charges
     per page in the TD_TEARDOWN state.
 ``snp_private_fault``
-    An SNP guest's first touch of a private 4 KiB page: its page-state-change VMGEXIT
-    (``psc_exit_ns``, **added by this report**: the engine charges a conversion request only when
-    ``set_memory_attributes`` changes an attribute, and the page is private already), the NPF
-    exit, fault handling, host page allocation, RMPUPDATE (guest_memfd prepare) and the guest's
-    PVALIDATE.
+    An SNP guest's first touch of a private 4 KiB page: its page-state-change VMGEXIT asking for
+    the page to be private before it PVALIDATEs (``VM.map_gpa_range``: the exit, ``psc_exit_ns``,
+    is charged although the page is private already and nothing converts), the NPF exit, fault
+    handling, host page allocation, RMPUPDATE (guest_memfd prepare) and the guest's PVALIDATE.
 ``snp_private_fault_no_alloc``
     The same on a page whose host page already exists (private -> shared -> punch hole), measured
-    from the guest's request to make it private again: the engine charges that request
-    (``psc_exit_ns + gmem_convert_ns``), then the re-fault.
+    from the guest's request to make it private again (``VM.map_gpa_range``: ``psc_exit_ns +
+    gmem_convert_ns``), then the re-fault.
 """
 
 import dataclasses
@@ -167,8 +166,8 @@ class Component:
     """One term of a modeled total: ``ns`` charged to the CostModel field ``field`` (per page).
 
     ``ns`` is read from the engine's cost ledger; ``ns_each`` is the field's value, so ``count``
-    is the number of units charged. ``engine`` is False for terms this report adds itself (the
-    engine does not charge them).
+    is the number of units charged. ``engine`` is False for a term a report adds itself (one the
+    engine does not charge); every row's terms are the engine's today.
     """
 
     field: str
@@ -187,8 +186,8 @@ class Row:
     """One line of the report: a modeled all-in cost per page beside its published figure.
 
     ``components`` are the cost-ledger terms (CostModel field x units, per page) that make up
-    ``modeled_ns``; terms the engine did not charge (the SNP first-touch page-state-change
-    exit) are marked ``engine=False``.
+    ``modeled_ns``; a term the engine did not charge would be marked ``engine=False`` (none is:
+    the SNP first touch's page-state-change request is measured, ``VM.map_gpa_range``).
     """
 
     key: str
@@ -541,25 +540,23 @@ def tdx_teardown_rows(costs: CostModel, vcpus: int) -> tuple[Row, Row, Row]:
 _HOST_ALLOC_FIELDS = ("host_page_alloc_ns", "host_zero_4k_ns")
 
 
-def _snp_psc(costs: CostModel) -> Component:
-    return Component("psc_exit_ns", costs.psc_exit_ns, costs.psc_exit_ns, engine=False)
-
-
 def snp_private_fault(costs: CostModel, vcpus: int) -> Row:
     vm = VM("snp", memory="1GiB", vcpus=vcpus, costs=costs)
     before = _snapshot(vm)
+    vm.map_gpa_range(7, 1, private=True)  # the guest's PSC before PVALIDATE: nothing converts
     vm.fault(7)
+    assert (vm.stats - before[1])["conversions"] == 1
     comps, engine_ns = _measure(vm, before, "snp_private_fault")
     return Row(
         "snp_private_fault",
         "SNP private 4K fault, all-in, first touch",
-        (_snp_psc(costs), *comps),
+        comps,
         engine_ns,
         _SNP,
-        "the guest's PSC VMGEXIT is added by the report (psc_exit_ns; the page is private "
-        "already, so set_memory_attributes changes nothing and the engine charges no request), "
-        "then NPF exit, fault handling, host page allocation (the published figure includes gmem "
-        "allocation), RMPUPDATE by guest_memfd prepare, the guest's PVALIDATE",
+        "the guest's PSC VMGEXIT (its exit to the VMM, psc_exit_ns; the page is private "
+        "already, so nothing converts), then NPF exit, fault handling, host page allocation (the "
+        "published figure includes gmem allocation), RMPUPDATE by guest_memfd prepare, the "
+        "guest's PVALIDATE",
     )
 
 
@@ -569,7 +566,7 @@ def snp_private_fault_no_alloc(costs: CostModel, vcpus: int) -> Row:
     vm.set_memory_attributes(7, 1, private=False)
     vm.punch_hole(7, 1)
     before = _snapshot(vm)
-    vm.set_memory_attributes(7, 1, private=True)  # the guest's PSC: charged by the engine
+    vm.map_gpa_range(7, 1, private=True)  # the guest's PSC, which converts the page back
     vm.fault(7)
     assert (vm.stats - before[1])["conversions"] == 1
     comps, engine_ns = _measure(vm, before, "snp_private_fault_no_alloc")
