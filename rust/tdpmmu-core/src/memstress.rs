@@ -265,14 +265,14 @@ fn vcpu_thread(
             };
             let write = a.write_percent == 100 || (rng.next_u32() % 100) < a.write_percent;
             let gfn = base + off;
-            let mirror = tdp.shape.has_mirror && mmu.is_private(&st, gfn, a.private);
-            let bits = tdp.root_gfn_bits(mirror);
+            let acc = mmu.guest_access(&st, gfn, a.private);
             let mut retries = 0u64;
             loop {
                 // The "hardware" walk: no exit if the current mapping allows the access.
-                let root = tdp.vcpu_root(v as usize, mirror);
-                if root != crate::arena::NO_TABLE
-                    && let Some(logged) = tdp.hw_access(root, gfn, bits, write)
+                let root = tdp.vcpu_root(v as usize, acc.mirror);
+                if acc.may_hit
+                    && root != crate::arena::NO_TABLE
+                    && let Some(logged) = tdp.hw_access(root, gfn, acc.gfn_bits, write)
                 {
                     if logged {
                         pml.log(mmu, &st, &mut ctx, gfn);

@@ -15,6 +15,14 @@ use crate::stats::{C, Ctx};
 use crate::tdp_mmu::TdpMmu;
 use crate::vendor::Vendor;
 
+/// See `Mmu::guest_access`.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestAccess {
+    pub mirror: bool,
+    pub gfn_bits: u64,
+    pub may_hit: bool,
+}
+
 pub struct Mmu {
     pub tdp: TdpMmu,
     pub vendor: Box<dyn Vendor>,
@@ -57,6 +65,22 @@ impl Mmu {
         match private {
             Some(p) => p,
             None => self.has_private_mem && st.attrs.is_private(gfn),
+        }
+    }
+
+    /// How one guest access of kind `private` (None: by the attribute) to `gfn` meets the
+    /// tables: whether it walks the mirror root, that root's gfn bits, and whether the
+    /// hardware walk may complete it at all. An access of the other kind than the page's
+    /// attribute never does: without a mirror root the leaf would serve it, but the CPU's
+    /// own check (SNP's RMP) faults and KVM exits to userspace, so it takes the fault path.
+    #[inline(always)]
+    pub fn guest_access(&self, st: &MmuState, gfn: u64, private: Option<bool>) -> GuestAccess {
+        let kind = self.is_private(st, gfn, private);
+        let mirror = self.tdp.shape.has_mirror && kind;
+        GuestAccess {
+            mirror,
+            gfn_bits: self.tdp.root_gfn_bits(mirror),
+            may_hit: private.is_none() || kind == self.is_private(st, gfn, None),
         }
     }
 

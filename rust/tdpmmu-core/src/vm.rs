@@ -1763,19 +1763,13 @@ impl Vm {
                     return Err(Error::Interrupted);
                 }
                 let write = writes[if writes.len() == 1 { 0 } else { i }];
-                let kind = self.mmu.is_private(st, gfn, private);
-                let mirror = tdp.shape.has_mirror && kind;
-                // An access of the other kind than the page's attribute never completes in
-                // hardware: without a mirror root the leaf would serve it, but the CPU's
-                // check (SNP's RMP) faults, and KVM exits to userspace.
-                let may_hit = private.is_none() || kind == self.mmu.is_private(st, gfn, None);
-                let bits = tdp.root_gfn_bits(mirror);
+                let acc = self.mmu.guest_access(st, gfn, private);
                 let mut attempts = 0u64;
                 loop {
-                    let root = tdp.vcpu_root(v, mirror);
-                    if may_hit
+                    let root = tdp.vcpu_root(v, acc.mirror);
+                    if acc.may_hit
                         && root != crate::arena::NO_TABLE
-                        && let Some(logged) = tdp.hw_access(root, gfn, bits, write)
+                        && let Some(logged) = tdp.hw_access(root, gfn, acc.gfn_bits, write)
                     {
                         if logged {
                             pml.log(&self.mmu, st, ctx, gfn);

@@ -621,8 +621,7 @@ fn vcpu(
             let Some((gfn, write)) = feed.next() else {
                 break;
             };
-            let mirror = tdp.shape.has_mirror && mmu.is_private(st, gfn, private);
-            let bits = tdp.root_gfn_bits(mirror);
+            let acc = mmu.guest_access(st, gfn, private);
             r.accesses += 1;
             let mut attempts = 0u64;
             loop {
@@ -630,9 +629,10 @@ fn vcpu(
                 // mapping allows it; the guest's own time for the access follows.
                 e.step(ctx);
                 ctx.wait(Wait::guest_ns, ctx.rate(crate::cost::Cost::guest_access_ns));
-                let root = tdp.vcpu_root(v as usize, mirror);
-                if root != crate::arena::NO_TABLE
-                    && let Some(logged) = tdp.hw_access(root, gfn, bits, write)
+                let root = tdp.vcpu_root(v as usize, acc.mirror);
+                if acc.may_hit
+                    && root != crate::arena::NO_TABLE
+                    && let Some(logged) = tdp.hw_access(root, gfn, acc.gfn_bits, write)
                 {
                     if logged {
                         pml.log(mmu, st, ctx, gfn);
